@@ -1,0 +1,37 @@
+// Chooses the executor for a device, and holds the metal-emulation switch.
+#include "metal_launch.h"
+
+#include "emulator/emulator.h"
+
+#include <c10/util/Exception.h>
+
+#include <atomic>
+
+namespace my_mps_ops::metal {
+
+#ifdef MY_MPS_OPS_WITH_MPS
+Executor& mps_executor();  // csrc/mps/mps_executor.mm
+#endif
+
+Executor& executor_for(const c10::Device& device) {
+  if (device.is_mps()) {
+#ifdef MY_MPS_OPS_WITH_MPS
+    return mps_executor();
+#else
+    TORCH_CHECK(false, "my_mps_ops was built without MPS support (build it on macOS to run on mps tensors)");
+#endif
+  }
+  TORCH_CHECK(device.is_cpu(), "my_mps_ops: no Metal executor for device ", device,
+              " (mps tensors run on the GPU, cpu tensors on the Metal emulator)");
+  return emulator_executor();
+}
+
+namespace {
+// Global rather than thread-local: autograd may run backward on another thread.
+std::atomic<bool> g_metal_emulation{false};
+}  // namespace
+
+bool metal_emulation_enabled() { return g_metal_emulation.load(std::memory_order_relaxed); }
+void set_metal_emulation_enabled(bool enabled) { g_metal_emulation.store(enabled); }
+
+}  // namespace my_mps_ops::metal

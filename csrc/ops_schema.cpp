@@ -1,0 +1,11 @@
+// Every my_mps_ops operator schema, in one place. Kernels are registered per
+// op family (csrc/<family>.cpp) for CPU, Meta, Autograd and, on macOS, MPS.
+#include <torch/library.h>
+
+TORCH_LIBRARY(my_mps_ops, m) {
+  // RMSNorm over the last dimension, as torch.nn.functional.rms_norm.
+  m.def("rms_norm(Tensor input, Tensor? weight, float eps) -> Tensor");
+  // Returns (grad_input, grad_weight); an entry is an empty tensor when
+  // output_mask says it is not needed (grad_weight also when weight is None).
+  m.def("rms_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, float eps, bool[2] output_mask) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,15 @@
+"""my_mps_ops: fused PyTorch operators for Apple GPUs (MPS).
+
+Importing the package loads the native library, which registers the
+operators under ``torch.ops.my_mps_ops``. The functions here are thin
+wrappers; ``my_mps_ops.nn`` has drop-in modules.
+"""
+
+import torch  # noqa: F401  (the native library links against torch)
+
+from . import _C  # noqa: F401  registers torch.ops.my_mps_ops.*
+from .ops import rms_norm
+from . import nn
+
+__all__ = ["rms_norm", "nn"]
+__version__ = "0.1.0"

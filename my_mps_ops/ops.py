@@ -1,0 +1,17 @@
+"""Functional API: thin wrappers over torch.ops.my_mps_ops."""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.my_mps_ops
+
+
+def rms_norm(input: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
+    """RMSNorm over the last dimension: ``input * rsqrt(mean(input**2, -1) + eps) * weight``.
+
+    Works on cpu and mps tensors of float32, float16 and bfloat16 (float32
+    accumulation), supports autograd and torch.compile.
+    """
+    return _ops.rms_norm(input, weight, eps)
