@@ -1,0 +1,105 @@
+// Helpers shared by every op family: argument checks, the Metal type name of a
+// dtype, and float32-accumulating vector loads for the CPU kernels.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <type_traits>
+
+namespace my_mps_ops {
+
+// float32, float16 and bfloat16 everywhere; float64 too on CPU (for gradcheck).
+inline void check_float_dtype(const at::Tensor& t, const char* op, const char* arg) {
+  const auto dt = t.scalar_type();
+  const bool ok = dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 ||
+                  (dt == at::kDouble && !t.is_mps());
+  TORCH_CHECK(ok, op, ": ", arg, " must be float32, float16 or bfloat16 (float64 on cpu only), got ", dt,
+              " on ", t.device());
+}
+
+inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg,
+                             const char* ref_arg) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " must have the same dtype as ", ref_arg,
+              " (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg,
+                              const char* ref_arg) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " must be on the same device as ", ref_arg, " (",
+              ref.device(), "), got ", t.device());
+}
+
+// The MSL element type name used in [[host_name]] suffixes, e.g. "rms_norm_forward_bfloat".
+inline const char* metal_type_name(at::ScalarType dt) {
+  switch (dt) {
+    case at::kFloat: return "float";
+    case at::kHalf: return "half";
+    case at::kBFloat16: return "bfloat";
+    default: TORCH_CHECK(false, "my_mps_ops: no Metal kernels for dtype ", dt);
+  }
+}
+
+// Threads for a threadgroup that owns one row of n elements, each thread
+// reading `per_thread` of them per pass: a multiple of the SIMD width, at most
+// the pipeline's limit.
+inline uint32_t row_threadgroup_size(int64_t n, int64_t per_thread, uint32_t max_threads, uint32_t simd_width) {
+  const int64_t wanted = (n + per_thread - 1) / per_thread;
+  int64_t threads = ((wanted + simd_width - 1) / simd_width) * simd_width;
+  threads = std::max<int64_t>(threads, simd_width);
+  const int64_t cap = (max_threads / simd_width) * simd_width;
+  return static_cast<uint32_t>(std::min<int64_t>(threads, cap));
+}
+
+// Dispatch over the dtypes the CPU kernels take.
+#define MY_MPS_OPS_DISPATCH_CPU_TYPES(TYPE, NAME, ...)          \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)   \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+namespace cpu {
+
+// Accumulation type: float32 for float32/float16/bfloat16, float64 for float64.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Loads and stores kStep elements of T as two vectors of acc_t<T>.
+template <typename T>
+struct AccIO {
+  using Vec = at::vec::Vectorized<float>;
+  static constexpr int64_t kStep = 2 * Vec::size();
+  static inline std::tuple<Vec, Vec> load(const T* p) {
+    return at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+  }
+  static inline void store(T* p, const Vec& a, const Vec& b) { at::vec::convert_from_float<T>(a, b).store(p); }
+};
+
+template <typename T>
+struct WideIO {  // T is its own accumulation type
+  using Vec = at::vec::Vectorized<T>;
+  static constexpr int64_t kStep = 2 * Vec::size();
+  static inline std::tuple<Vec, Vec> load(const T* p) { return {Vec::loadu(p), Vec::loadu(p + Vec::size())}; }
+  static inline void store(T* p, const Vec& a, const Vec& b) {
+    a.store(p);
+    b.store(p + Vec::size());
+  }
+};
+template <>
+struct AccIO<float> : WideIO<float> {};
+template <>
+struct AccIO<double> : WideIO<double> {};
+
+// Rows per at::parallel_for task so that each task touches ~32K elements.
+inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
+
+}  // namespace cpu
+}  // namespace my_mps_ops

@@ -1,0 +1,433 @@
+// RMSNorm over the last dimension: y = x * rsqrt(mean(x^2) + eps) * w.
+//
+// One file for the op family: argument checks, the CPU kernels (fused, one
+// pass per row, float32 accumulation, at::vec + at::parallel_for), the Metal
+// path (launches of shaders/rms_norm.metal, encoded on MPS or run by the
+// emulator), Meta kernels, and the C++ autograd Function.
+#include "metal_launch.h"
+#include "op_common.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace my_mps_ops {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+constexpr const char* kOp = "my_mps_ops.rms_norm";
+constexpr const char* kBackwardOp = "my_mps_ops.rms_norm_backward";
+
+void check_inputs(const char* op, const Tensor& input, const OptTensor& weight, double eps) {
+  check_float_dtype(input, op, "input");
+  TORCH_CHECK(input.dim() >= 1, op, ": input must have at least one dimension");
+  TORCH_CHECK(eps >= 0 && std::isfinite(eps), op, ": eps must be finite and non-negative, got ", eps);
+  if (weight.has_value()) {
+    const Tensor& w = *weight;
+    TORCH_CHECK(w.dim() == 1 && w.sym_size(0) == input.sym_size(-1), op,
+                ": weight must have shape [input.size(-1)] = [", input.sym_size(-1), "], got ", w.sym_sizes());
+    check_same_dtype(w, input, op, "weight", "input");
+    check_same_device(w, input, op, "weight", "input");
+  }
+}
+
+void check_backward_inputs(const Tensor& grad_out, const Tensor& input, const OptTensor& weight, double eps) {
+  check_inputs(kBackwardOp, input, weight, eps);
+  TORCH_CHECK(grad_out.sym_sizes() == input.sym_sizes(), kBackwardOp, ": grad_out must have the shape of input ",
+              input.sym_sizes(), ", got ", grad_out.sym_sizes());
+  check_same_dtype(grad_out, input, kBackwardOp, "grad_out", "input");
+  check_same_device(grad_out, input, kBackwardOp, "grad_out", "input");
+}
+
+// Empty stand-in for a gradient that output_mask says is not wanted.
+Tensor no_grad_output(const Tensor& like) { return at::empty({0}, like.options()); }
+
+// ---------------------------------------------------------------- CPU kernels
+
+using cpu::acc_t;
+using cpu::AccIO;
+
+template <typename T>
+void forward_cpu_kernel(const T* x, const T* w, T* y, int64_t rows, int64_t n, acc_t<T> eps) {
+  using Acc = acc_t<T>;
+  using IO = AccIO<T>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kStep = IO::kStep;
+  at::parallel_for(0, rows, cpu::row_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * n;
+      T* yr = y + r * n;
+      Vec acc0(Acc(0)), acc1(Acc(0));
+      int64_t i = 0;
+      for (; i + kStep <= n; i += kStep) {
+        auto [a, b] = IO::load(xr + i);
+        acc0 = at::vec::fmadd(a, a, acc0);
+        acc1 = at::vec::fmadd(b, b, acc1);
+      }
+      Acc sum_sq = at::vec::vec_reduce_all<Acc>(std::plus<Vec>(), acc0 + acc1);
+      for (; i < n; ++i) {
+        const Acc v = static_cast<Acc>(xr[i]);
+        sum_sq += v * v;
+      }
+      const Acc rstd = Acc(1) / std::sqrt(sum_sq / static_cast<Acc>(n) + eps);
+      const Vec rstd_v(rstd);
+      i = 0;
+      for (; i + kStep <= n; i += kStep) {
+        auto [a, b] = IO::load(xr + i);
+        a = a * rstd_v;
+        b = b * rstd_v;
+        if (w != nullptr) {
+          auto [wa, wb] = IO::load(w + i);
+          a = a * wa;
+          b = b * wb;
+        }
+        IO::store(yr + i, a, b);
+      }
+      for (; i < n; ++i) {
+        Acc v = static_cast<Acc>(xr[i]) * rstd;
+        if (w != nullptr) v *= static_cast<Acc>(w[i]);
+        yr[i] = static_cast<T>(v);
+      }
+    }
+  });
+}
+
+// grad_input = rstd * (g - x * rstd^2 * mean(g * x)) with g = grad_out * w;
+// grad_weight = sum over rows of grad_out * x * rstd, accumulated per chunk of
+// rows in acc_t<T> (deterministic: fixed chunking, no atomics), then summed.
+template <typename T>
+void backward_cpu_kernel(const T* dy, const T* x, const T* w, T* dx, acc_t<T>* dw_partial, int64_t rows, int64_t n,
+                         int64_t chunks, acc_t<T> eps) {
+  using Acc = acc_t<T>;
+  using IO = AccIO<T>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kStep = IO::kStep;
+  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+      Acc* dw_acc = dw_partial ? dw_partial + c * n : nullptr;
+      const int64_t row_begin = rows * c / chunks, row_end = rows * (c + 1) / chunks;
+      for (int64_t r = row_begin; r < row_end; ++r) {
+        const T* xr = x + r * n;
+        const T* dyr = dy + r * n;
+        Vec sq0(Acc(0)), sq1(Acc(0)), dot0(Acc(0)), dot1(Acc(0));
+        int64_t i = 0;
+        for (; i + kStep <= n; i += kStep) {
+          auto [xa, xb] = IO::load(xr + i);
+          auto [ga, gb] = IO::load(dyr + i);
+          if (w != nullptr) {
+            auto [wa, wb] = IO::load(w + i);
+            ga = ga * wa;
+            gb = gb * wb;
+          }
+          sq0 = at::vec::fmadd(xa, xa, sq0);
+          sq1 = at::vec::fmadd(xb, xb, sq1);
+          dot0 = at::vec::fmadd(ga, xa, dot0);
+          dot1 = at::vec::fmadd(gb, xb, dot1);
+        }
+        Acc sum_sq = at::vec::vec_reduce_all<Acc>(std::plus<Vec>(), sq0 + sq1);
+        Acc dot = at::vec::vec_reduce_all<Acc>(std::plus<Vec>(), dot0 + dot1);
+        for (; i < n; ++i) {
+          const Acc xv = static_cast<Acc>(xr[i]);
+          Acc g = static_cast<Acc>(dyr[i]);
+          if (w != nullptr) g *= static_cast<Acc>(w[i]);
+          sum_sq += xv * xv;
+          dot += g * xv;
+        }
+        const Acc rstd = Acc(1) / std::sqrt(sum_sq * inv_n + eps);
+        const Acc coef = rstd * rstd * rstd * dot * inv_n;  // rstd * (rstd^2 * mean(g*x))
+        const Vec rstd_v(rstd), coef_v(coef);
+        T* dxr = dx ? dx + r * n : nullptr;
+        i = 0;
+        for (; i + kStep <= n; i += kStep) {
+          auto [xa, xb] = IO::load(xr + i);
+          auto [ga, gb] = IO::load(dyr + i);
+          if (dw_acc != nullptr) {
+            (Vec::loadu(dw_acc + i) + ga * xa * rstd_v).store(dw_acc + i);
+            (Vec::loadu(dw_acc + i + Vec::size()) + gb * xb * rstd_v).store(dw_acc + i + Vec::size());
+          }
+          if (dxr != nullptr) {
+            if (w != nullptr) {
+              auto [wa, wb] = IO::load(w + i);
+              ga = ga * wa;
+              gb = gb * wb;
+            }
+            IO::store(dxr + i, ga * rstd_v - xa * coef_v, gb * rstd_v - xb * coef_v);
+          }
+        }
+        for (; i < n; ++i) {
+          const Acc xv = static_cast<Acc>(xr[i]);
+          const Acc dyv = static_cast<Acc>(dyr[i]);
+          if (dw_acc != nullptr) dw_acc[i] += dyv * xv * rstd;
+          if (dxr != nullptr) {
+            const Acc g = w != nullptr ? dyv * static_cast<Acc>(w[i]) : dyv;
+            dxr[i] = static_cast<T>(g * rstd - xv * coef);
+          }
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------ Metal path
+// Shared by the MPS backend and the emulator (cpu tensors under
+// my_mps_ops.testing.metal_emulation()); see shaders/rms_norm.metal.
+
+constexpr const char* kLibrary = "rms_norm";
+constexpr int64_t kReadsPerThread = 4;  // N_READS in the shader
+
+Tensor forward_metal(const Tensor& input, const OptTensor& weight, double eps) {
+  const Tensor x = input.contiguous();
+  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t n = x.size(-1);
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  if (rows == 0) return out;
+  TORCH_CHECK(n <= UINT32_MAX, kOp, ": the last dimension is too large for the Metal kernel: ", n);
+  const Tensor w = weight.has_value() ? weight->contiguous() : x;  // bound but unread without weight
+
+  auto& executor = metal::executor_for(x.device());
+  const metal::PipelineInfo single = executor.pipeline_info(kLibrary, std::string("rms_norm_forward_") +
+                                                                         metal_type_name(x.scalar_type()));
+  // One threadgroup per row; rows longer than one pass of the largest
+  // threadgroup take the looped kernel, which reads x twice from memory.
+  const bool fits = n <= int64_t(single.max_threads_per_threadgroup) * kReadsPerThread;
+  const std::string kernel = std::string(fits ? "rms_norm_forward_" : "rms_norm_forward_looped_") +
+                             metal_type_name(x.scalar_type());
+  const metal::PipelineInfo info = fits ? single : executor.pipeline_info(kLibrary, kernel);
+  const uint32_t threads =
+      row_threadgroup_size(n, kReadsPerThread, info.max_threads_per_threadgroup, info.thread_execution_width);
+  metal::Launch launch(kLibrary, kernel);
+  launch.buffer(x)
+      .buffer(w)
+      .buffer(out)
+      .scalar<float>(static_cast<float>(eps))
+      .scalar<uint32_t>(static_cast<uint32_t>(n))
+      .scalar<uint32_t>(weight.has_value() ? 1u : 0u)
+      .dispatch_threadgroups({uint64_t(rows), 1, 1}, {threads, 1, 1});
+  executor.run(launch);
+  return out;
+}
+
+std::tuple<Tensor, Tensor> backward_metal(const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
+                                          double eps, std::array<bool, 2> output_mask) {
+  const Tensor x = input.contiguous();
+  const Tensor dy = grad_out.contiguous();
+  const bool want_dx = output_mask[0];
+  const bool want_dw = output_mask[1] && weight.has_value();
+  Tensor dx = want_dx ? at::empty_like(x, at::MemoryFormat::Contiguous) : no_grad_output(x);
+  Tensor dw = want_dw ? at::empty_like(*weight, at::MemoryFormat::Contiguous) : no_grad_output(x);
+  const int64_t n = x.size(-1);
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  if (want_dw && (rows == 0 || n == 0)) dw.zero_();
+  if (rows == 0 || (!want_dx && !want_dw)) return {dx, dw};
+  TORCH_CHECK(n <= UINT32_MAX && rows <= UINT32_MAX, kBackwardOp, ": input is too large for the Metal kernel");
+  const Tensor w = weight.has_value() ? weight->contiguous() : x;
+  const char* type = metal_type_name(x.scalar_type());
+  auto& executor = metal::executor_for(x.device());
+
+  // Pass 1, one threadgroup per row: grad_input (when wanted) and the row's
+  // rstd, which the grad_weight passes reuse.
+  Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  {
+    const std::string kernel = std::string("rms_norm_backward_input_") + type;
+    const metal::PipelineInfo info = executor.pipeline_info(kLibrary, kernel);
+    const uint32_t threads =
+        row_threadgroup_size(n, kReadsPerThread, info.max_threads_per_threadgroup, info.thread_execution_width);
+    metal::Launch launch(kLibrary, kernel);
+    launch.buffer(dy)
+        .buffer(x)
+        .buffer(w)
+        .buffer(want_dx ? dx : x)  // bound but unwritten without want_dx
+        .buffer(rstd)
+        .scalar<float>(static_cast<float>(eps))
+        .scalar<uint32_t>(static_cast<uint32_t>(n))
+        .scalar<uint32_t>((weight.has_value() ? 1u : 0u) | (want_dx ? 2u : 0u))
+        .dispatch_threadgroups({uint64_t(rows), 1, 1}, {threads, 1, 1});
+    executor.run(launch);
+  }
+  if (!want_dw) return {dx, dw};
+
+  // Pass 2: grad_weight without float atomics. Each thread sums one column
+  // over a chunk of rows into float partials; pass 3 sums the chunks.
+  const int64_t chunks = std::min<int64_t>(rows, 64);
+  const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+  Tensor partial = at::empty({chunks, n}, x.options().dtype(at::kFloat));
+  {
+    const std::string kernel = std::string("rms_norm_backward_weight_partial_") + type;
+    const metal::PipelineInfo info = executor.pipeline_info(kLibrary, kernel);
+    const uint32_t group_x = static_cast<uint32_t>(std::min<int64_t>(
+        info.max_threads_per_threadgroup, std::max<int64_t>(info.thread_execution_width, n)));
+    metal::Launch launch(kLibrary, kernel);
+    launch.buffer(dy)
+        .buffer(x)
+        .buffer(rstd)
+        .buffer(partial)
+        .scalar<uint32_t>(static_cast<uint32_t>(n))
+        .scalar<uint32_t>(static_cast<uint32_t>(rows))
+        .scalar<uint32_t>(static_cast<uint32_t>(rows_per_chunk))
+        .dispatch_threads({uint64_t(n), uint64_t(chunks), 1}, {std::min<uint32_t>(group_x, uint32_t(n)), 1, 1});
+    executor.run(launch);
+  }
+  {
+    const std::string kernel = std::string("rms_norm_backward_weight_reduce_") + type;
+    const metal::PipelineInfo info = executor.pipeline_info(kLibrary, kernel);
+    const uint32_t group_x = static_cast<uint32_t>(std::min<int64_t>(info.max_threads_per_threadgroup, n));
+    metal::Launch launch(kLibrary, kernel);
+    launch.buffer(partial)
+        .buffer(dw)
+        .scalar<uint32_t>(static_cast<uint32_t>(n))
+        .scalar<uint32_t>(static_cast<uint32_t>(chunks))
+        .dispatch_threads({uint64_t(n), 1, 1}, {group_x, 1, 1});
+    executor.run(launch);
+  }
+  return {dx, dw};
+}
+
+// -------------------------------------------------------- per-device kernels
+
+Tensor rms_norm_cpu(const Tensor& input, const OptTensor& weight, double eps) {
+  check_inputs(kOp, input, weight, eps);
+  if (metal::metal_emulation_enabled()) return forward_metal(input, weight, eps);
+  const Tensor x = input.contiguous();
+  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t n = x.size(-1);
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  if (rows == 0) return out;
+  const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
+  MY_MPS_OPS_DISPATCH_CPU_TYPES(x.scalar_type(), "rms_norm_cpu", [&] {
+    forward_cpu_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.defined() ? w.const_data_ptr<scalar_t>() : nullptr,
+                                 out.mutable_data_ptr<scalar_t>(), rows, n, static_cast<acc_t<scalar_t>>(eps));
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> rms_norm_backward_cpu(const Tensor& grad_out, const Tensor& input,
+                                                 const OptTensor& weight, double eps,
+                                                 std::array<bool, 2> output_mask) {
+  check_backward_inputs(grad_out, input, weight, eps);
+  if (metal::metal_emulation_enabled()) return backward_metal(grad_out, input, weight, eps, output_mask);
+  const Tensor x = input.contiguous();
+  const Tensor dy = grad_out.contiguous();
+  const bool want_dx = output_mask[0];
+  const bool want_dw = output_mask[1] && weight.has_value();
+  Tensor dx = want_dx ? at::empty_like(x, at::MemoryFormat::Contiguous) : no_grad_output(x);
+  const int64_t n = x.size(-1);
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor dw_partial = want_dw ? at::zeros({chunks, n}, x.options().dtype(acc_dtype)) : Tensor();
+  if (rows > 0 && (want_dx || want_dw)) {
+    const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
+    MY_MPS_OPS_DISPATCH_CPU_TYPES(x.scalar_type(), "rms_norm_backward_cpu", [&] {
+      backward_cpu_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                    w.defined() ? w.const_data_ptr<scalar_t>() : nullptr,
+                                    want_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr,
+                                    want_dw ? dw_partial.mutable_data_ptr<acc_t<scalar_t>>() : nullptr, rows, n,
+                                    chunks, static_cast<acc_t<scalar_t>>(eps));
+    });
+  }
+  Tensor dw = want_dw ? dw_partial.sum(0).to(weight->scalar_type()) : no_grad_output(x);
+  return {dx, dw};
+}
+
+Tensor rms_norm_mps(const Tensor& input, const OptTensor& weight, double eps) {
+  check_inputs(kOp, input, weight, eps);
+  return forward_metal(input, weight, eps);
+}
+
+std::tuple<Tensor, Tensor> rms_norm_backward_mps(const Tensor& grad_out, const Tensor& input,
+                                                 const OptTensor& weight, double eps,
+                                                 std::array<bool, 2> output_mask) {
+  check_backward_inputs(grad_out, input, weight, eps);
+  return backward_metal(grad_out, input, weight, eps, output_mask);
+}
+
+// Shapes only; works with symbolic sizes under torch.compile.
+Tensor rms_norm_meta(const Tensor& input, const OptTensor& weight, double eps) {
+  check_inputs(kOp, input, weight, eps);
+  return at::empty_like(input, at::MemoryFormat::Contiguous);
+}
+
+std::tuple<Tensor, Tensor> rms_norm_backward_meta(const Tensor& grad_out, const Tensor& input,
+                                                  const OptTensor& weight, double eps,
+                                                  std::array<bool, 2> output_mask) {
+  check_backward_inputs(grad_out, input, weight, eps);
+  Tensor dx = output_mask[0] ? at::empty_like(input, at::MemoryFormat::Contiguous) : no_grad_output(input);
+  Tensor dw = output_mask[1] && weight.has_value() ? at::empty_like(*weight, at::MemoryFormat::Contiguous)
+                                                    : no_grad_output(input);
+  return {dx, dw};
+}
+
+// ------------------------------------------------------------------ autograd
+
+class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
+                        double eps) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("my_mps_ops::rms_norm", "")
+                         .typed<Tensor(const Tensor&, const OptTensor&, double)>();
+    Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = op.call(input, weight, eps);
+    }
+    ctx->save_for_backward({input, weight.value_or(Tensor())});
+    ctx->saved_data["eps"] = eps;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("my_mps_ops::rms_norm_backward", "")
+                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, double,
+                                                           std::array<bool, 2>)>();
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& input = saved[0];
+    const OptTensor weight = saved[1].defined() ? OptTensor(saved[1]) : std::nullopt;
+    const std::array<bool, 2> mask{ctx->needs_input_grad(0), weight.has_value() && ctx->needs_input_grad(1)};
+    if (!grad_outputs[0].defined() || (!mask[0] && !mask[1])) return {Tensor(), Tensor(), Tensor()};
+    auto [grad_input, grad_weight] = op.call(grad_outputs[0], input, weight, ctx->saved_data["eps"].toDouble(), mask);
+    return {mask[0] ? grad_input : Tensor(), mask[1] ? grad_weight : Tensor(), Tensor()};
+  }
+};
+
+Tensor rms_norm_autograd(const Tensor& input, const OptTensor& weight, double eps) {
+  return RMSNormFunction::apply(input, weight, eps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(my_mps_ops, CPU, m) {
+  m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("rms_norm_backward", &rms_norm_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(my_mps_ops, MPS, m) {
+  m.impl("rms_norm", &rms_norm_mps);
+  m.impl("rms_norm_backward", &rms_norm_backward_mps);
+}
+
+TORCH_LIBRARY_IMPL(my_mps_ops, Meta, m) {
+  m.impl("rms_norm", &rms_norm_meta);
+  m.impl("rms_norm_backward", &rms_norm_backward_meta);
+}
+
+TORCH_LIBRARY_IMPL(my_mps_ops, Autograd, m) {
+  m.impl("rms_norm", &rms_norm_autograd);
+  // The backward has no derivative of its own: double backward raises clearly.
+  m.impl("rms_norm_backward", torch::autograd::autogradNotImplementedFallback());
+}
+
+}  // namespace my_mps_ops
