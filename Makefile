@@ -1,0 +1,18 @@
+# The README's commands. Each does all set-up first (scripts/setup.sh).
+PYTHON ?= python3
+
+.PHONY: setup demo test bench
+
+setup:
+	bash scripts/setup.sh
+
+# Main job: train a tiny Llama-style model with my_mps_ops and with plain PyTorch.
+demo: setup
+	$(PYTHON) demo/train_tiny_llama.py
+
+# The whole test suite (cpu, Metal emulator; mps cases run on a Mac).
+test: setup
+	$(PYTHON) -m pytest test -q -ra
+
+bench: setup
+	$(PYTHON) benchmarks/bench_ops.py

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs everything my_mps_ops needs on a fresh Linux or macOS machine, then
+# builds the extension in editable mode. Idempotent: re-running skips what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+
+# System packages (Linux): Boost.Context for the Metal emulator's fibers,
+# clang for the Objective-C++ compile check.
+if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1; then
+  missing=()
+  dpkg -s libboost-context-dev >/dev/null 2>&1 || missing+=(libboost-context-dev)
+  command -v clang++ >/dev/null 2>&1 || missing+=(clang)
+  if [ ${#missing[@]} -gt 0 ]; then
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+  fi
+fi
+
+# torch first, by exact version, so nothing below pulls another build.
+if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+  "$PYTHON" -m pip install -q "torch==${TORCH_VERSION}"
+fi
+"$PYTHON" -m pip install -q ninja pytest expecttest tqdm matplotlib
+
+# The extension itself, against the torch above.
+MAX_JOBS=${MAX_JOBS:-2} "$PYTHON" -m pip install -q --no-build-isolation -e .

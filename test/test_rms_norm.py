@@ -1,0 +1,207 @@
+"""my_mps_ops.rms_norm: values, gradients, registrations, compile, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import my_mps_ops
+from conftest import TOLERANCES, assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAST_DIMS = [1, 3, 127, 4096, 8191, 65536]
+ops = torch.ops.my_mps_ops
+
+
+def reference(x, weight, eps):
+    """float64 composite reference."""
+    x64 = x.double()
+    y = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+    return y * weight.double() if weight is not None else y
+
+
+def reference_grads(x, weight, eps, grad_out):
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_() if weight is not None else None
+    reference(x64, w64, eps).backward(grad_out.double())
+    return x64.grad, (w64.grad if w64 is not None else None)
+
+
+def grad_tol(dtype, n):
+    # Gradients sum over a row (dx) or over rows (dw): allow for the extra
+    # rounding of low-precision inputs.
+    tol = dict(TOLERANCES[dtype])
+    if dtype != torch.float64:
+        tol = {k: v * 4 for k, v in tol.items()}
+    return tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", LAST_DIMS)
+def test_forward_values(backend, dtype, n):
+    rows = 3 if n <= 8191 else 2
+    x = torch.randn(rows, n, dtype=dtype, device=backend.device)
+    w = torch.randn(n, dtype=dtype, device=backend.device)
+    assert_close(my_mps_ops.rms_norm(x, w, 1e-6), reference(x, w, 1e-6), dtype)
+    assert_close(my_mps_ops.rms_norm(x, None, 1e-6), reference(x, None, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("shape", [(17,), (4, 33), (2, 3, 40), (2, 2, 3, 130)])
+def test_ranks(backend, shape):
+    x = torch.randn(shape, device=backend.device)
+    w = torch.rand(shape[-1], device=backend.device) + 0.5
+    out = my_mps_ops.rms_norm(x, w, 1e-5)
+    assert out.shape == x.shape and out.is_contiguous()
+    assert_close(out, reference(x, w, 1e-5))
+
+
+def test_matches_torch_rms_norm(backend):
+    x = torch.randn(6, 250, device=backend.device)
+    w = torch.randn(250, device=backend.device)
+    torch.testing.assert_close(my_mps_ops.rms_norm(x, w, 1e-5), F.rms_norm(x, (250,), w, 1e-5),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_noncontiguous_and_offset_views(backend):
+    base = torch.randn(8, 2 * 96 + 5, device=backend.device)
+    transposed = torch.randn(96, 8, device=backend.device).t()  # stride (1, 8)
+    strided = base[:, 5::2]  # offset and step
+    offset_rows = base[3:, 5:101]  # storage offset, row stride != n
+    w = torch.randn(96, device=backend.device)[::1]
+    w_strided = torch.randn(192, device=backend.device)[::2]
+    for x in (transposed, strided, offset_rows):
+        assert not x.is_contiguous() or x.storage_offset() > 0
+        assert_close(my_mps_ops.rms_norm(x, w, 1e-6), reference(x, w, 1e-6))
+        assert_close(my_mps_ops.rms_norm(x, w_strided, 1e-6), reference(x, w_strided, 1e-6))
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (4, 0), (0,), (2, 0, 8)])
+def test_zero_size(backend, shape):
+    x = torch.randn(shape, device=backend.device, requires_grad=True)
+    w = torch.randn(shape[-1], device=backend.device, requires_grad=True)
+    out = my_mps_ops.rms_norm(x, w, 1e-6)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad.cpu(), torch.zeros(shape[-1]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 128, 1000, 5000])
+def test_gradients(backend, dtype, n):
+    x = torch.randn(5, n, dtype=dtype, device=backend.device, requires_grad=True)
+    w = torch.randn(n, dtype=dtype, device=backend.device, requires_grad=True)
+    g = torch.randn(5, n, dtype=dtype, device=backend.device)
+    my_mps_ops.rms_norm(x, w, 1e-6).backward(g)
+    dx_ref, dw_ref = reference_grads(x, w, 1e-6, g)
+    torch.testing.assert_close(x.grad.cpu().double(), dx_ref, **grad_tol(dtype, n))
+    torch.testing.assert_close(w.grad.cpu().double(), dw_ref, **grad_tol(dtype, n))
+
+
+def test_gradients_without_weight(backend):
+    x = torch.randn(4, 300, device=backend.device, requires_grad=True)
+    g = torch.randn(4, 300, device=backend.device)
+    my_mps_ops.rms_norm(x, None, 1e-6).backward(g)
+    dx_ref, _ = reference_grads(x, None, 1e-6, g)
+    torch.testing.assert_close(x.grad.cpu().double(), dx_ref, **grad_tol(torch.float32, 300))
+
+
+def test_only_requested_gradients(backend):
+    x = torch.randn(3, 64, device=backend.device)
+    w = torch.randn(64, device=backend.device, requires_grad=True)
+    my_mps_ops.rms_norm(x, w, 1e-6).sum().backward()
+    _, dw_ref = reference_grads(x, w, 1e-6, torch.ones(3, 64))
+    torch.testing.assert_close(w.grad.cpu().double(), dw_ref, atol=1e-4, rtol=1e-4)
+    grad_input, grad_weight = ops.rms_norm_backward(torch.ones_like(x), x, w.detach(), 1e-6, [False, True])
+    assert grad_input.numel() == 0 and grad_weight.shape == (64,)
+    grad_input, grad_weight = ops.rms_norm_backward(torch.ones_like(x), x, w.detach(), 1e-6, [True, False])
+    assert grad_input.shape == x.shape and grad_weight.numel() == 0
+
+
+def test_gradcheck_float64():
+    x = torch.randn(3, 2, 17, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(17, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: my_mps_ops.rms_norm(a, b, 1e-5), (x, w))
+    assert torch.autograd.gradcheck(lambda a: my_mps_ops.rms_norm(a, None, 1e-5), (x,))
+
+
+def test_double_backward_raises():
+    x = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(my_mps_ops.rms_norm(x, w, 1e-5).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_opcheck(with_weight):
+    x = torch.randn(4, 3, 40, requires_grad=True)
+    w = torch.randn(40, requires_grad=True) if with_weight else None
+    torch.library.opcheck(ops.rms_norm.default, (x, w, 1e-6))
+    g = torch.randn(4, 3, 40)
+    wd = w.detach() if w is not None else None
+    torch.library.opcheck(ops.rms_norm_backward.default, (g, x.detach(), wd, 1e-6, [True, True]))
+    torch.library.opcheck(ops.rms_norm_backward.default, (g, x.detach(), wd, 1e-6, [False, True]))
+
+
+def test_torch_compile_module_forward_backward():
+    torch._dynamo.reset()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(48, 48)
+            self.norm = my_mps_ops.nn.RMSNorm(48, eps=1e-6)
+
+        def forward(self, x):
+            return self.norm(self.proj(x)).relu()
+
+    torch.manual_seed(0)
+    eager = Block()
+    compiled_module = Block()
+    compiled_module.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_module, fullgraph=True, dynamic=True)
+    for rows in (5, 9):  # two sizes: the dynamic graph must serve both
+        x = torch.randn(rows, 48)
+        out_e, out_c = eager(x), compiled(x)
+        torch.testing.assert_close(out_c, out_e)
+        out_e.square().sum().backward()
+        out_c.square().sum().backward()
+        for pe, pc in zip(eager.parameters(), compiled_module.parameters()):
+            torch.testing.assert_close(pc.grad, pe.grad, atol=1e-5, rtol=1e-5)
+            pe.grad = pc.grad = None
+
+
+def test_nn_module_is_drop_in():
+    torch.manual_seed(0)
+    ours = my_mps_ops.nn.RMSNorm(24, eps=1e-5)
+    theirs = torch.nn.RMSNorm(24, eps=1e-5)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(ours(x), theirs(x))
+    no_affine = my_mps_ops.nn.RMSNorm(24, elementwise_affine=False)
+    torch.testing.assert_close(no_affine(x), torch.nn.RMSNorm(24, elementwise_affine=False)(x))
+    # eps=None uses the dtype's machine epsilon, like torch.nn.RMSNorm.
+    torch.testing.assert_close(my_mps_ops.nn.RMSNorm(24)(x), torch.nn.RMSNorm(24)(x))
+
+
+def test_bad_inputs_raise_naming_the_argument():
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        my_mps_ops.rms_norm(x, torch.randn(7), 1e-6)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        my_mps_ops.rms_norm(x, torch.randn(2, 8), 1e-6)
+    with pytest.raises(RuntimeError, match="weight must have the same dtype"):
+        my_mps_ops.rms_norm(x, torch.randn(8, dtype=torch.float16), 1e-6)
+    with pytest.raises(RuntimeError, match="weight must be on the same device"):
+        my_mps_ops.rms_norm(x, torch.randn(8, device="meta"), 1e-6)
+    with pytest.raises(RuntimeError, match="input must be float32, float16 or bfloat16"):
+        my_mps_ops.rms_norm(torch.ones(4, 8, dtype=torch.int32), None, 1e-6)
+    with pytest.raises(RuntimeError, match="eps must be finite and non-negative"):
+        my_mps_ops.rms_norm(x, None, -1.0)
+    with pytest.raises(RuntimeError, match="input must have at least one dimension"):
+        my_mps_ops.rms_norm(torch.tensor(1.0), None, 1e-6)
+    with pytest.raises(RuntimeError, match="grad_out must have the shape of input"):
+        ops.rms_norm_backward(torch.randn(4, 9), x, None, 1e-6, [True, True])
