@@ -84,7 +84,11 @@ template <class T> constexpr bool is_float_scalar_v = is_float_scalar<std::remov
 template <class T> constexpr bool is_int_scalar_v = std::is_integral<std::remove_cv_t<T>>::value;
 template <class T> constexpr bool is_scalar_v = is_float_scalar_v<T> || is_int_scalar_v<T>;
 
-template <class T> struct vec_traits { static constexpr bool is_vec = false; };
+template <class T> struct vec_traits {
+  static constexpr bool is_vec = false;
+  static constexpr int size = 0;
+  typedef void elem;
+};
 template <class T, int N, bool P> struct vec_traits<vec<T, N, P>> {
   static constexpr bool is_vec = true;
   static constexpr int size = N;
@@ -124,13 +128,12 @@ struct scalar_common<A, B, std::enable_if_t<is_scalar_v<A> && is_scalar_v<B>>> {
   };
   typedef std::conditional_t<std::is_same<A, B>::value, A, typename pick<A, B, fa, fb>::type> type;
 };
-template <class... T> struct scalar_common_n;
-template <class A> struct scalar_common_n<A> {
-  typedef std::enable_if_t<is_scalar_v<A>, A> type;
-};
-template <class A, class B, class... R> struct scalar_common_n<A, B, R...>
-    : scalar_common_n<typename scalar_common<A, B>::type, R...> {};
-template <class... T> using scalar_common_t = typename scalar_common_n<std::decay_t<T>...>::type;
+template <class Enable, class... T> struct scalar_common_n {};
+template <class A> struct scalar_common_n<std::enable_if_t<is_scalar_v<A>>, A> { typedef A type; };
+template <class A, class B, class... R>
+struct scalar_common_n<std::void_t<typename scalar_common<A, B>::type>, A, B, R...>
+    : scalar_common_n<void, typename scalar_common<A, B>::type, R...> {};
+template <class... T> using scalar_common_t = typename scalar_common_n<void, std::decay_t<T>...>::type;
 
 // Vector result of a call mixing vectors and scalars: every vector has the same length N and
 // element type T, scalars are broadcast (converted to T). No `type` unless at least one argument
@@ -145,7 +148,7 @@ template <class A, class... R> struct vec_common<A, R...> {
   typedef vec_common<R...> rest;
   static constexpr bool a_vec = is_vec_v<A>;
   static constexpr int an = a_vec ? vec_traits<A>::size : 0;
-  typedef std::conditional_t<a_vec, typename vec_traits<std::conditional_t<a_vec, A, vec<int, 2>>>::elem, void> aelem;
+  typedef typename vec_traits<A>::elem aelem;
   static constexpr int n = an ? an : rest::n;
   typedef std::conditional_t<a_vec, aelem, typename rest::elem> elem;
   static constexpr bool ok = rest::ok && (a_vec ? ((rest::n == 0 || rest::n == an) &&
