@@ -129,9 +129,10 @@ MTL_FLOAT1(log1p, __mtl::m_log1p(x))
 MTL_FLOAT1(sin, __mtl::m_sin(x))
 MTL_FLOAT1(cos, __mtl::m_cos(x))
 MTL_FLOAT1(tan, __mtl::m_tan(x))
-MTL_FLOAT1(sinpi, __mtl::m_sin(x * C(3.14159265358979323846)))
-MTL_FLOAT1(cospi, __mtl::m_cos(x * C(3.14159265358979323846)))
-MTL_FLOAT1(tanpi, __mtl::m_tan(x * C(3.14159265358979323846)))
+// x * pi in double: the float product alone would be off by up to an ulp of the argument.
+MTL_FLOAT1(sinpi, __mtl::m_sin(double(x) * 3.14159265358979323846))
+MTL_FLOAT1(cospi, __mtl::m_cos(double(x) * 3.14159265358979323846))
+MTL_FLOAT1(tanpi, __mtl::m_tan(double(x) * 3.14159265358979323846))
 MTL_FLOAT1(asin, __mtl::m_asin(x))
 MTL_FLOAT1(acos, __mtl::m_acos(x))
 MTL_FLOAT1(atan, __mtl::m_atan(x))
@@ -177,7 +178,8 @@ template <class T> inline std::enable_if_t<__mtl::is_float_scalar_v<T>, T> abs(T
   return T(__mtl::m_fabs(__mtl::compute_t<T>(x)));
 }
 template <class T> inline std::enable_if_t<__mtl::is_int_scalar_v<T>, T> abs(T x) {
-  return x < T(0) ? T(-x) : x;
+  typedef std::make_unsigned_t<T> U;
+  return x < T(0) ? T(U(0) - U(x)) : x;  // unsigned negation: no overflow for the minimum value
 }
 MTL_LIFT1(abs)
 
