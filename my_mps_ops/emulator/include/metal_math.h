@@ -6,6 +6,9 @@
 // metal::precise:: name the same (correctly rounded libm) implementations: the emulator does not
 // reproduce fast-math error, so tests comparing GPU results need tolerances anyway.
 //
+// Only functions Metal defines are declared: erf, lgamma, expm1, log1p, cbrt, hypot... are not
+// Metal functions, and shader libraries (PyTorch's c10/metal) define their own under those names.
+//
 // Mixed scalar arguments are accepted with the integer converted (`max(x, 0)`, `clamp(x, 0, 1)`);
 // vector arguments may be mixed with scalars, which are broadcast.
 #pragma once
@@ -21,14 +24,11 @@ namespace __mtl {
   inline float NAME(float x, float y) { return __builtin_##FB(x, y); }     \
   inline double NAME(double x, double y) { return __builtin_##DB(x, y); }
 MTL_LIBM1(m_sqrt, sqrtf, sqrt)
-MTL_LIBM1(m_cbrt, cbrtf, cbrt)
 MTL_LIBM1(m_exp, expf, exp)
 MTL_LIBM1(m_exp2, exp2f, exp2)
-MTL_LIBM1(m_expm1, expm1f, expm1)
 MTL_LIBM1(m_log, logf, log)
 MTL_LIBM1(m_log2, log2f, log2)
 MTL_LIBM1(m_log10, log10f, log10)
-MTL_LIBM1(m_log1p, log1pf, log1p)
 MTL_LIBM1(m_sin, sinf, sin)
 MTL_LIBM1(m_cos, cosf, cos)
 MTL_LIBM1(m_tan, tanf, tan)
@@ -47,10 +47,6 @@ MTL_LIBM1(m_round, roundf, round)
 MTL_LIBM1(m_trunc, truncf, trunc)
 MTL_LIBM1(m_rint, rintf, rint)
 MTL_LIBM1(m_fabs, fabsf, fabs)
-MTL_LIBM1(m_erf, erff, erf)
-MTL_LIBM1(m_erfc, erfcf, erfc)
-MTL_LIBM1(m_lgamma, lgammaf, lgamma)
-MTL_LIBM1(m_tgamma, tgammaf, tgamma)
 MTL_LIBM2(m_pow, powf, pow)
 MTL_LIBM2(m_atan2, atan2f, atan2)
 MTL_LIBM2(m_fmod, fmodf, fmod)
@@ -58,7 +54,6 @@ MTL_LIBM2(m_copysign, copysignf, copysign)
 MTL_LIBM2(m_fmin, fminf, fmin)
 MTL_LIBM2(m_fmax, fmaxf, fmax)
 MTL_LIBM2(m_fdim, fdimf, fdim)
-MTL_LIBM2(m_hypot, hypotf, hypot)
 MTL_LIBM2(m_nextafter, nextafterf, nextafter)
 #undef MTL_LIBM1
 #undef MTL_LIBM2
@@ -117,15 +112,12 @@ namespace metal {
   MTL_LIFT1(NAME)
 MTL_FLOAT1(sqrt, __mtl::m_sqrt(x))
 MTL_FLOAT1(rsqrt, C(1) / __mtl::m_sqrt(x))
-MTL_FLOAT1(cbrt, __mtl::m_cbrt(x))
 MTL_FLOAT1(exp, __mtl::m_exp(x))
 MTL_FLOAT1(exp2, __mtl::m_exp2(x))
 MTL_FLOAT1(exp10, __mtl::m_exp10(x))
-MTL_FLOAT1(expm1, __mtl::m_expm1(x))
 MTL_FLOAT1(log, __mtl::m_log(x))
 MTL_FLOAT1(log2, __mtl::m_log2(x))
 MTL_FLOAT1(log10, __mtl::m_log10(x))
-MTL_FLOAT1(log1p, __mtl::m_log1p(x))
 MTL_FLOAT1(sin, __mtl::m_sin(x))
 MTL_FLOAT1(cos, __mtl::m_cos(x))
 MTL_FLOAT1(tan, __mtl::m_tan(x))
@@ -148,10 +140,6 @@ MTL_FLOAT1(round, __mtl::m_round(x))  // halfway cases away from zero
 MTL_FLOAT1(trunc, __mtl::m_trunc(x))
 MTL_FLOAT1(rint, __mtl::m_rint(x))  // halfway cases to even
 MTL_FLOAT1(fabs, __mtl::m_fabs(x))
-MTL_FLOAT1(erf, __mtl::m_erf(x))
-MTL_FLOAT1(erfc, __mtl::m_erfc(x))
-MTL_FLOAT1(lgamma, __mtl::m_lgamma(x))
-MTL_FLOAT1(tgamma, __mtl::m_tgamma(x))
 // fract: x - floor(x), kept below 1 (Metal: fmin(x - floor(x), 0x1.fffffep-1f)).
 MTL_FLOAT1(fract, __mtl::m_fmin(x - __mtl::m_floor(x), C(0x1.fffffep-1)))
 MTL_FLOAT1(saturate, __mtl::m_fmin(__mtl::m_fmax(x, C(0)), C(1)))
@@ -172,6 +160,27 @@ MTL_CLASSIFY(isfinite, __builtin_isfinite(x))
 MTL_CLASSIFY(isnormal, __builtin_isnormal(x))
 MTL_CLASSIFY(signbit, __builtin_signbit(x) != 0)
 #undef MTL_CLASSIFY
+
+// ----- relational: bool for scalars, bool vectors for vectors -----
+#define MTL_RELATIONAL(NAME, EXPR)                                                                 \
+  template <class A, class B, class T = __mtl::scalar_common_t<A, B>,                              \
+            std::enable_if_t<__mtl::is_float_scalar_v<T>, int> = 0>                                \
+  inline bool NAME(A x_, B y_) {                                                                   \
+    typedef __mtl::compute_t<T> C;                                                                 \
+    const C x = C(T(x_)), y = C(T(y_));                                                            \
+    return EXPR;                                                                                   \
+  }                                                                                                \
+  MTL_LIFT2(NAME)
+MTL_RELATIONAL(isunordered, __builtin_isunordered(x, y))
+MTL_RELATIONAL(isordered, !__builtin_isunordered(x, y))
+MTL_RELATIONAL(isequal, x == y)
+MTL_RELATIONAL(isnotequal, x != y)
+MTL_RELATIONAL(isgreater, __builtin_isgreater(x, y))
+MTL_RELATIONAL(isgreaterequal, __builtin_isgreaterequal(x, y))
+MTL_RELATIONAL(isless, __builtin_isless(x, y))
+MTL_RELATIONAL(islessequal, __builtin_islessequal(x, y))
+MTL_RELATIONAL(islessgreater, __builtin_islessgreater(x, y))
+#undef MTL_RELATIONAL
 
 // ----- abs: floats and integers -----
 template <class T> inline std::enable_if_t<__mtl::is_float_scalar_v<T>, T> abs(T x) {
@@ -201,7 +210,6 @@ MTL_FLOAT2(copysign, __mtl::m_copysign(x, y))
 MTL_FLOAT2(fmin, __mtl::m_fmin(x, y))  // a NaN argument yields the other argument
 MTL_FLOAT2(fmax, __mtl::m_fmax(x, y))
 MTL_FLOAT2(fdim, __mtl::m_fdim(x, y))
-MTL_FLOAT2(hypot, __mtl::m_hypot(x, y))
 MTL_FLOAT2(nextafter, __mtl::m_nextafter(x, y))
 MTL_FLOAT2(step, y < x ? C(0) : C(1))  // step(edge, x)
 #undef MTL_FLOAT2
@@ -441,11 +449,42 @@ template <class T> inline __mtl::enable_int<T> insert_bits(T base, T insert, uin
   const U mask = U((bits >= uint(w) ? U(~U(0)) : U((U(1) << bits) - 1u)) << offset);
   return T((U(base) & U(~mask)) | ((U(insert) << offset) & mask));
 }
+// Metal spells it mulhi; mul_hi (OpenCL's name) is kept as an alias.
+template <class A, class B, class T = __mtl::scalar_common_t<A, B>> inline __mtl::enable_int<T> mulhi(A a, B b) {
+  return mul_hi(a, b);
+}
+// 24-bit multiplies: exact when the operands fit in 24 bits, which Metal requires.
+template <class T> inline __mtl::enable_int<T> mul24(T a, T b) { return T(a * b); }
+template <class T> inline __mtl::enable_int<T> mad24(T a, T b, T c) { return T(a * b + c); }
+template <class T> inline __mtl::enable_int<T> madhi(T a, T b, T c) { return T(mul_hi(a, b) + c); }
+template <class T> inline __mtl::enable_int<T> madsat(T a, T b, T c) {
+  T p;
+  if (__builtin_mul_overflow(a, b, &p)) {
+    const bool negative = std::is_signed<T>::value && ((a < T(0)) != (b < T(0)));
+    return negative ? numeric_limits<T>::min() : numeric_limits<T>::max();
+  }
+  return addsat(p, c);
+}
+template <class T> inline __mtl::enable_float<T> fmax3(T a, T b, T c) { return max3(a, b, c); }
+template <class T> inline __mtl::enable_float<T> fmin3(T a, T b, T c) { return min3(a, b, c); }
+template <class T> inline __mtl::enable_float<T> fmedian3(T a, T b, T c) { return median3(a, b, c); }
+template <class T> inline std::enable_if_t<__mtl::is_float_scalar_v<T>, int> ilogb(T x) {
+  return __builtin_ilogb(double(x));
+}
 MTL_LIFT1(popcount)
 MTL_LIFT1(clz)
 MTL_LIFT1(ctz)
 MTL_LIFT1(reverse_bits)
 MTL_LIFT2(mul_hi)
+MTL_LIFT2(mulhi)
+MTL_LIFT2(mul24)
+MTL_LIFT3(mad24)
+MTL_LIFT3(madhi)
+MTL_LIFT3(madsat)
+MTL_LIFT3(fmax3)
+MTL_LIFT3(fmin3)
+MTL_LIFT3(fmedian3)
+MTL_LIFT1(ilogb)
 MTL_LIFT2(rotate)
 MTL_LIFT2(addsat)
 MTL_LIFT2(subsat)
@@ -461,7 +500,6 @@ MTL_LIFT2(rhadd)
 #define MTL_MATH_NAMES                                                                            \
   using metal::sqrt;                                                                              \
   using metal::rsqrt;                                                                             \
-  using metal::cbrt;                                                                              \
   using metal::exp;                                                                               \
   using metal::exp2;                                                                              \
   using metal::exp10;                                                                             \
@@ -515,7 +553,17 @@ MTL_LIFT2(rhadd)
   using metal::dot;                                                                               \
   using metal::smoothstep;                                                                        \
   using metal::step;                                                                              \
-  using metal::sign;
+  using metal::sign;                                                                              \
+  using metal::fdim;                                                                              \
+  using metal::fmax3;                                                                             \
+  using metal::fmin3;                                                                             \
+  using metal::fmedian3;                                                                          \
+  using metal::max3;                                                                              \
+  using metal::min3;                                                                              \
+  using metal::median3;                                                                           \
+  using metal::isnan;                                                                             \
+  using metal::isinf;                                                                             \
+  using metal::isfinite;
 namespace fast {
 MTL_MATH_NAMES
 template <class A, class B> inline auto divide(const A& a, const B& b) -> decltype(a / b) { return a / b; }

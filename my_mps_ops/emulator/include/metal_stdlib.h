@@ -11,6 +11,14 @@
 // kernel compile pays little for the prelude.
 #pragma once
 
+// Shared headers test these to pick their Metal branch (PyTorch's c10/metal/common.h does).
+#ifndef __METAL__
+#define __METAL__ 1
+#endif
+#ifndef __METAL_VERSION__
+#define __METAL_VERSION__ 320
+#endif
+
 #include <cfloat>
 #include <climits>
 #include <cstddef>

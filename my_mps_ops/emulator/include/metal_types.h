@@ -370,6 +370,92 @@ MTL_BFLOAT_COMPARE(>=)
 #undef MTL_BFLOAT_COMPARE
 
 // ---------------------------------------------------------------------------------------------
+// Type traits (<metal_type_traits>): the std ones, with half and bfloat counted as floating point
+// and vectors distinguished from scalars as Metal does.
+// ---------------------------------------------------------------------------------------------
+using std::add_const;
+using std::add_const_t;
+using std::add_pointer;
+using std::add_pointer_t;
+using std::bool_constant;
+using std::conditional;
+using std::conditional_t;
+using std::decay;
+using std::decay_t;
+using std::declval;
+using std::enable_if;
+using std::enable_if_t;
+using std::false_type;
+using std::integral_constant;
+using std::is_base_of;
+using std::is_base_of_v;
+using std::is_class;
+using std::is_class_v;
+using std::is_const;
+using std::is_const_v;
+using std::is_convertible;
+using std::is_convertible_v;
+using std::is_enum;
+using std::is_enum_v;
+using std::is_integral;
+using std::is_integral_v;
+using std::is_pointer;
+using std::is_pointer_v;
+using std::is_same;
+using std::is_same_v;
+using std::is_trivially_copyable;
+using std::is_trivially_copyable_v;
+using std::is_void;
+using std::is_void_v;
+using std::make_signed;
+using std::make_signed_t;
+using std::make_unsigned;
+using std::make_unsigned_t;
+using std::remove_const;
+using std::remove_const_t;
+using std::remove_cv;
+using std::remove_cv_t;
+using std::remove_pointer;
+using std::remove_pointer_t;
+using std::remove_reference;
+using std::remove_reference_t;
+using std::remove_volatile;
+using std::remove_volatile_t;
+using std::true_type;
+using std::underlying_type;
+using std::underlying_type_t;
+using std::void_t;
+template <class T> struct is_floating_point : bool_constant<__mtl::is_float_scalar_v<T>> {};
+template <class T> constexpr bool is_floating_point_v = is_floating_point<T>::value;
+template <class T> struct is_arithmetic : bool_constant<__mtl::is_scalar_v<T>> {};
+template <class T> constexpr bool is_arithmetic_v = is_arithmetic<T>::value;
+template <class T> struct is_scalar : bool_constant<__mtl::is_scalar_v<T>> {};
+template <class T> constexpr bool is_scalar_v = is_scalar<T>::value;
+template <class T> struct is_vector : bool_constant<__mtl::is_vec_v<T>> {};
+template <class T> constexpr bool is_vector_v = is_vector<T>::value;
+template <class T>
+struct is_signed : bool_constant<__mtl::is_float_scalar_v<T> || std::is_signed<std::remove_cv_t<T>>::value> {};
+template <class T> constexpr bool is_signed_v = is_signed<T>::value;
+template <class T> struct is_unsigned : std::is_unsigned<T> {};
+template <class T> constexpr bool is_unsigned_v = is_unsigned<T>::value;
+// Number of components: 1 for scalars, N for vectors.
+template <class T> struct vec_elements : integral_constant<int, __mtl::is_vec_v<T> ? __mtl::vec_traits<std::remove_cv_t<T>>::size : 1> {};
+
+// metal::array<T, N> (<metal_array>): a fixed-size aggregate, brace-initialisable.
+template <class T, size_t N> struct array {
+  T __elements[N > 0 ? N : 1];
+  T& operator[](size_t i) { return __elements[i]; }
+  const T& operator[](size_t i) const { return __elements[i]; }
+  constexpr size_t size() const { return N; }
+  T* data() { return __elements; }
+  const T* data() const { return __elements; }
+  T* begin() { return __elements; }
+  T* end() { return __elements + N; }
+  const T* begin() const { return __elements; }
+  const T* end() const { return __elements + N; }
+};
+
+// ---------------------------------------------------------------------------------------------
 // Typedefs
 // ---------------------------------------------------------------------------------------------
 #define MTL_VEC_TYPEDEFS(T, NAME)                                                                   \
