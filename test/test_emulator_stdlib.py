@@ -580,6 +580,11 @@ def test_select_and_vector_math(tmp_path):
         out("hn0", hn.x); out("hn2", hn.z);
         float4 sq = sqrt(float4(4, 9, 16, 25)); out("sq", sq.x + sq.y + sq.z + sq.w);
         int3 ab = abs(int3(-1, 2, -3)); out("ab", ab.x + ab.y + ab.z);
+        float3 refl = reflect(float3(1, -1, 0), float3(0, 1, 0)); out("refl_y", refl.y); out("refl_x", refl.x);
+        float3 ff = faceforward(float3(0, 1, 0), float3(0, -1, 0), float3(0, 1, 0)); out("ff", ff.y);
+        float3 rf = refract(float3(0.6f, -0.8f, 0), float3(0, 1, 0), 1.0f); out("rf_x", rf.x); out("rf_y", rf.y);
+        bool2 nb = not(bool2(true, false)); out("not0", nb.x); out("not1", nb.y);   // Metal's not()
+        out("divide", divide(1.0f, 4.0f)); out("fast_divide", fast::divide(3.0f, 2.0f));
         """,
     )
     assert v["s"] == 10 * 1000 + 200 + 30 + 40
@@ -593,6 +598,9 @@ def test_select_and_vector_math(tmp_path):
     assert v["n0"] == pytest.approx(0.6, rel=1e-7) and v["n1"] == pytest.approx(0.8, rel=1e-7)
     assert v["hn0"] == to_half(0.6) and v["hn2"] == to_half(0.8)
     assert v["sq"] == 14.0 and v["ab"] == 6
+    assert (v["refl_x"], v["refl_y"], v["ff"]) == (1.0, 1.0, 1.0)
+    assert v["rf_x"] == pytest.approx(0.6, rel=1e-6) and v["rf_y"] == pytest.approx(-0.8, rel=1e-6)  # eta 1: unbent
+    assert (v["not0"], v["not1"], v["divide"], v["fast_divide"]) == (0, 1, 0.25, 1.5)
 
 
 def test_integer_functions(tmp_path):
@@ -649,7 +657,7 @@ def test_numeric_limits_and_constants(tmp_path):
         out("INF", isinf(INFINITY)); out("NAN_", isnan(NAN)); out("HUGE", isinf(HUGE_VALF));
         out("MAXFLOAT", MAXFLOAT); out("FLT_MAX", FLT_MAX); out("FLT_MIN", FLT_MIN); out("FLT_EPS", FLT_EPSILON);
         out("HALF_MAX", HALF_MAX); out("HALF_MIN", HALF_MIN); out("HALF_EPS", HALF_EPSILON);
-        out("PI", M_PI_F); out("PI_H", M_PI_H); out("E", M_E_F); out("LN2", M_LN2_F); out("SQRT2", M_SQRT2_F);
+        out("PI", M_PI_F); out("PI_H", M_PI_H); out("PI_BF", M_PI_BF); out("HUGE_BF", isinf(float(HUGE_VALBF))); out("E", M_E_F); out("LN2", M_LN2_F); out("SQRT2", M_SQRT2_F);
         out("kMax", kMax); out("INT_MAX_", INT_MAX); out("UINT_MAX_", UINT_MAX); out("CHAR_BIT_", CHAR_BIT);
         """,
         globals_src="const float kMax = numeric_limits<float>::max();  // usable in constant initializers\n",
@@ -663,6 +671,7 @@ def test_numeric_limits_and_constants(tmp_path):
     assert v["bmin"] == 2.0**-126 and v["blowest"] == -bfloat_value(0x7F7F)
     assert v["INF"] == 1 and v["NAN_"] == 1 and v["HUGE"] == 1
     assert v["PI"] == to_float32(math.pi) and v["PI_H"] == to_half(math.pi)
+    assert v["PI_BF"] == bfloat_value(bfloat_bits(math.pi)) and v["HUGE_BF"] == 1
     assert v["E"] == to_float32(math.e) and v["LN2"] == to_float32(math.log(2)) and v["SQRT2"] == to_float32(math.sqrt(2))
     assert v["INT_MAX_"] == 2**31 - 1 and v["UINT_MAX_"] == 2**32 - 1 and v["CHAR_BIT_"] == 8
 
@@ -869,7 +878,7 @@ def matmul(a, b):
 def test_simdgroup_matrix_float_multiply_accumulate(tmp_path):
     # A lives at origin (column 3, row 2) of a 12-column row-major buffer; B is read transposed
     # from a 8-column buffer; C is filled with 0.5. D = A*B + C is stored at origin (2, 1) of a
-    # 10-column buffer, and transposed into another one.
+    # 10-column buffer, and transposed into others (with zero and non-zero origins).
     v = run_program(
         tmp_path,
         r"""
@@ -890,6 +899,15 @@ def test_simdgroup_matrix_float_multiply_accumulate(tmp_path):
         simdgroup_float8x8 twice;
         simdgroup_multiply(twice, diag, a);        // diagonal 2: doubles every element of a
         simdgroup_multiply_accumulate(c, c, diag, c);   // destination aliasing its inputs
+        // transposed load and store with non-zero origins (origin in the matrix's coordinates)
+        float ebuf[10 * 10], ubuf[12 * 12];
+        for (int i = 0; i < 100; ++i) ebuf[i] = float(i);
+        for (int i = 0; i < 144; ++i) ubuf[i] = -7.0f;
+        simdgroup_float8x8 e;
+        simdgroup_load(e, ebuf, 10, ulong2(1, 2), true);
+        simdgroup_store(d, ubuf, 12, ulong2(2, 1), true);
+        for (int i = 0; i < 64; ++i) { char k[16]; std::snprintf(k, 16, "e%d", i); out(k, e.__elements[i / 8][i % 8]); }
+        for (int i = 0; i < 144; ++i) { char k[16]; std::snprintf(k, 16, "u%d", i); out(k, ubuf[i]); }
         for (int i = 0; i < 100; ++i) { char k[16]; std::snprintf(k, 16, "d%d", i); out(k, dbuf[i]); }
         for (int i = 0; i < 64; ++i) { char k[16]; std::snprintf(k, 16, "t%d", i); out(k, tbuf[i]); }
         for (int i = 0; i < 64; ++i) { char k[16]; std::snprintf(k, 16, "p%d", i); out(k, p.__elements[i / 8][i % 8]); }
@@ -913,6 +931,15 @@ def test_simdgroup_matrix_float_multiply_accumulate(tmp_path):
         assert v[f"p{i}"] == P[r][c]
         assert v[f"w{i}"] == 2 * A[r][c]
     assert v["alias"] == 0.5 * 2 + 0.5 and v["alias_off"] == 0.5 * 2 + 0.5
+    # transposed: element (r, c) lives at memory row origin.x + c, memory column origin.y + r
+    for i in range(64):
+        r, c = divmod(i, 8)
+        assert v[f"e{i}"] == (1 + c) * 10 + (2 + r)
+    expected_u = [-7.0] * 144
+    for r in range(8):
+        for c in range(8):
+            expected_u[(2 + c) * 12 + (1 + r)] = D[r][c]
+    assert [v[f"u{i}"] for i in range(144)] == expected_u
 
 
 def test_simdgroup_matrix_half_and_bfloat(tmp_path):

@@ -363,6 +363,24 @@ template <class T, int N, bool P> inline vec<T, N> normalize(const vec<T, N, P>&
   for (int i = 0; i < N; ++i) r[i] = T(C(a[i]) * inv);
   return r;
 }
+// faceforward / reflect / refract (graphics, but part of <metal_geometric>)
+template <class T, int N, bool P, bool Q, bool R>
+inline vec<T, N> faceforward(const vec<T, N, P>& n, const vec<T, N, Q>& i, const vec<T, N, R>& nref) {
+  return dot(nref, i) < T(0) ? vec<T, N>(n) : -n;
+}
+template <class T, int N, bool P, bool Q> inline vec<T, N> reflect(const vec<T, N, P>& i, const vec<T, N, Q>& n) {
+  return i - T(2) * dot(n, i) * n;
+}
+template <class T, int N, bool P, bool Q, class S>
+inline vec<T, N> refract(const vec<T, N, P>& i, const vec<T, N, Q>& n, S eta_) {
+  typedef __mtl::compute_t<T> C;
+  const C eta = C(eta_), d = C(dot(n, i));
+  const C k = C(1) - eta * eta * (C(1) - d * d);
+  if (k < C(0)) return vec<T, N>(T(0));
+  vec<T, N> r;
+  for (int j = 0; j < N; ++j) r[j] = T(eta * C(i[j]) - (eta * d + __mtl::m_sqrt(k)) * C(n[j]));
+  return r;
+}
 template <class T> inline __mtl::enable_float<T> dot(T a, T b) { return T(a * b); }
 template <class T> inline __mtl::enable_float<T> length(T a) { return abs(a); }
 
@@ -496,6 +514,8 @@ MTL_LIFT2(rhadd)
 #undef MTL_LIFT2
 #undef MTL_LIFT3
 
+template <class A, class B> inline auto divide(const A& a, const B& b) -> decltype(a / b) { return a / b; }
+
 // metal::fast:: and metal::precise:: spell the same functions (see the note at the top).
 #define MTL_MATH_NAMES                                                                            \
   using metal::sqrt;                                                                              \
@@ -566,11 +586,11 @@ MTL_LIFT2(rhadd)
   using metal::isfinite;
 namespace fast {
 MTL_MATH_NAMES
-template <class A, class B> inline auto divide(const A& a, const B& b) -> decltype(a / b) { return a / b; }
+using metal::divide;
 }  // namespace fast
 namespace precise {
 MTL_MATH_NAMES
-template <class A, class B> inline auto divide(const A& a, const B& b) -> decltype(a / b) { return a / b; }
+using metal::divide;
 }  // namespace precise
 #undef MTL_MATH_NAMES
 

@@ -39,30 +39,38 @@ inline simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(__mtl::type_
   return m;
 }
 
-// Loads the Rows x Cols block whose top-left element is at (column matrix_origin.x, row
-// matrix_origin.y) of a row-major source with elements_per_row elements per row. With
-// transpose_matrix the block is read transposed: d(r, c) = source(origin.y + c, origin.x + r).
+// Element (row r, column c) of the matrix is read from
+//   src[(origin.y + r) * elements_per_row + (origin.x + c)]      without transpose,
+//   src[(origin.x + c) * elements_per_row + (origin.y + r)]      with transpose_matrix,
+// i.e. matrix_origin is (column, row) of the matrix's top-left element in the matrix's own
+// (logical) coordinates, and a transposed source is stored column-major with elements_per_row
+// elements per column. The spec does not spell this out; it follows the AIR intrinsic's form
+// (origin applied through the same (column, row) strides as the element index, the strides
+// swapped for a transposed source) and the convention of public Metal GEMM code built on it.
+// With a zero origin (what kernels use almost always) both readings agree.
+namespace simdgroup_detail {
+inline ulong element_offset(ulong r, ulong c, ulong elements_per_row, ulong2 origin, bool transpose) {
+  return transpose ? (origin.x + c) * elements_per_row + (origin.y + r) : (origin.y + r) * elements_per_row + (origin.x + c);
+}
+}  // namespace simdgroup_detail
+
 template <class T, int Cols, int Rows, class U>
 inline void simdgroup_load(simdgroup_matrix<T, Cols, Rows>& d, const U* src, ulong elements_per_row = Cols,
                            ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
-  const U* base = src + matrix_origin.y * elements_per_row + matrix_origin.x;
   for (int r = 0; r < Rows; ++r)
     for (int c = 0; c < Cols; ++c)
-      d.__elements[r][c] = T(transpose_matrix ? base[ulong(c) * elements_per_row + ulong(r)]
-                                              : base[ulong(r) * elements_per_row + ulong(c)]);
+      d.__elements[r][c] =
+          T(src[simdgroup_detail::element_offset(ulong(r), ulong(c), elements_per_row, matrix_origin, transpose_matrix)]);
 }
 
-// Stores a into the block at matrix_origin of a row-major destination (transposed on request),
-// the inverse of simdgroup_load with the same arguments.
+// The inverse of simdgroup_load with the same arguments.
 template <class T, int Cols, int Rows, class U>
 inline void simdgroup_store(const simdgroup_matrix<T, Cols, Rows>& a, U* dst, ulong elements_per_row = Cols,
                             ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
-  U* base = dst + matrix_origin.y * elements_per_row + matrix_origin.x;
   for (int r = 0; r < Rows; ++r)
-    for (int c = 0; c < Cols; ++c) {
-      U& out = transpose_matrix ? base[ulong(c) * elements_per_row + ulong(r)] : base[ulong(r) * elements_per_row + ulong(c)];
-      out = U(a.__elements[r][c]);
-    }
+    for (int c = 0; c < Cols; ++c)
+      dst[simdgroup_detail::element_offset(ulong(r), ulong(c), elements_per_row, matrix_origin, transpose_matrix)] =
+          U(a.__elements[r][c]);
 }
 
 // d = a * b + c

@@ -645,6 +645,7 @@ template <int I0, class T, int N, bool P> inline T& swizzle_ref(metal::vec<T, N,
 #define BFLOAT_MAX (metal::bfloat::from_bits(0x7f7f))
 #define BFLOAT_MIN (metal::bfloat::from_bits(0x0080))
 #define BFLOAT_EPSILON (metal::bfloat::from_bits(0x3c00))
+#define HUGE_VALBF (metal::bfloat::from_bits(0x7f80))
 
 #define M_E_F 2.71828182845904523536f
 #define M_LOG2E_F 1.44269504088896340736f
@@ -672,3 +673,16 @@ template <int I0, class T, int N, bool P> inline T& swizzle_ref(metal::vec<T, N,
 #define M_2_SQRTPI_H (metal::half(M_2_SQRTPI_F))
 #define M_SQRT2_H (metal::half(M_SQRT2_F))
 #define M_SQRT1_2_H (metal::half(M_SQRT1_2_F))
+#define M_E_BF (metal::bfloat(M_E_F))
+#define M_LOG2E_BF (metal::bfloat(M_LOG2E_F))
+#define M_LOG10E_BF (metal::bfloat(M_LOG10E_F))
+#define M_LN2_BF (metal::bfloat(M_LN2_F))
+#define M_LN10_BF (metal::bfloat(M_LN10_F))
+#define M_PI_BF (metal::bfloat(M_PI_F))
+#define M_PI_2_BF (metal::bfloat(M_PI_2_F))
+#define M_PI_4_BF (metal::bfloat(M_PI_4_F))
+#define M_1_PI_BF (metal::bfloat(M_1_PI_F))
+#define M_2_PI_BF (metal::bfloat(M_2_PI_F))
+#define M_2_SQRTPI_BF (metal::bfloat(M_2_SQRTPI_F))
+#define M_SQRT2_BF (metal::bfloat(M_SQRT2_F))
+#define M_SQRT1_2_BF (metal::bfloat(M_SQRT1_2_F))
