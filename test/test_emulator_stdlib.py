@@ -388,6 +388,13 @@ def test_swizzle_read_and_write(tmp_path):
         out("t0", t.x); out("t1", t.y); out("t2", t.z); out("t3", t.w);
         out("conv", conv.x * 100 + conv.y);
         out("pq", pq.x * 1000 + pq.y * 100 + pq.z * 10 + pq.w);
+        // proxies used as operands and in component lists read as their vector value
+        float2 pa = __mtl::swizzle_ref<0, 1>(p) * 2.0f + __mtl::swizzle_ref<2, 3>(p);
+        float4 pb = float4(__mtl::swizzle_ref<3, 2>(p), 0, 1);
+        bool2 pc = __mtl::swizzle_ref<0, 1>(p) < float2(2, 2);
+        float2 pd = 1.0f - __mtl::swizzle_ref<1, 0>(p);
+        out("pa", pa.x * 10 + pa.y); out("pb", pb.x * 1000 + pb.y * 100 + pb.z * 10 + pb.w);
+        out("pc", pc.x * 10 + pc.y); out("pd0", pd.x); out("pd1", pd.y);
         """,
     )
     assert v["zyx"] == 321 and v["xxyy"] == 1122 and v["w"] == 4.0
@@ -397,6 +404,7 @@ def test_swizzle_read_and_write(tmp_path):
     assert (v["t0"], v["t1"], v["t2"], v["t3"]) == (2.0, 1.0, to_float32(3.0 / 3.0), 1.0)
     assert v["conv"] == 20.0 * 100 + 40.0
     assert v["pq"] == 4321
+    assert v["pa"] == 5 * 10 + 8 and v["pb"] == 4301 and v["pc"] == 10 and (v["pd0"], v["pd1"]) == (-1.0, 0.0)
 
 
 def test_swizzle_out_of_range_is_a_compile_error(tmp_path):

@@ -332,8 +332,8 @@ inline vec<T, N> select(const vec<T, N, P>& a, const vec<T, N, Q>& b, const vec<
 // ----- geometric (computed in float for half/bfloat, rounded once) -----
 template <class T, int N, bool P, bool Q> inline T dot(const vec<T, N, P>& a, const vec<T, N, Q>& b) {
   typedef __mtl::compute_t<T> C;
-  C s = C(0);
-  for (int i = 0; i < N; ++i) s += C(a[i]) * C(b[i]);
+  C s = C(a[0]) * C(b[0]);  // not 0 + ...: keeps the sign of a zero result, as x0*y0 + x1*y1 + ...
+  for (int i = 1; i < N; ++i) s += C(a[i]) * C(b[i]);
   return T(s);
 }
 template <class T, bool P, bool Q> inline vec<T, 3> cross(const vec<T, 3, P>& a, const vec<T, 3, Q>& b) {
@@ -344,8 +344,8 @@ template <class T, bool P, bool Q> inline vec<T, 3> cross(const vec<T, 3, P>& a,
 template <class T, int N, bool P> inline T length_squared(const vec<T, N, P>& a) { return dot(a, a); }
 template <class T, int N, bool P> inline T length(const vec<T, N, P>& a) {
   typedef __mtl::compute_t<T> C;
-  C s = C(0);
-  for (int i = 0; i < N; ++i) s += C(a[i]) * C(a[i]);
+  C s = C(a[0]) * C(a[0]);
+  for (int i = 1; i < N; ++i) s += C(a[i]) * C(a[i]);
   return T(__mtl::m_sqrt(s));
 }
 template <class T, int N, bool P, bool Q> inline T distance(const vec<T, N, P>& a, const vec<T, N, Q>& b) {
@@ -356,8 +356,8 @@ template <class T, int N, bool P, bool Q> inline T distance_squared(const vec<T,
 }
 template <class T, int N, bool P> inline vec<T, N> normalize(const vec<T, N, P>& a) {
   typedef __mtl::compute_t<T> C;
-  C s = C(0);
-  for (int i = 0; i < N; ++i) s += C(a[i]) * C(a[i]);
+  C s = C(a[0]) * C(a[0]);
+  for (int i = 1; i < N; ++i) s += C(a[i]) * C(a[i]);
   const C inv = C(1) / __mtl::m_sqrt(s);
   vec<T, N> r;
   for (int i = 0; i < N; ++i) r[i] = T(C(a[i]) * inv);

@@ -175,8 +175,13 @@ template <class T> struct vec_storage<T, 2, true> { T x, y; };
 template <class T> struct vec_storage<T, 3, true> { T x, y, z; };
 template <class T> struct vec_storage<T, 4, true> { T x, y, z, w; };
 
+template <class V, int... I> struct swizzle_proxy;
+template <class T> struct is_swizzle_proxy : std::false_type {};
+template <class V, int... I> struct is_swizzle_proxy<swizzle_proxy<V, I...>> : std::true_type {};
+
 template <class A> struct component_count { static constexpr int value = is_scalar_v<A> ? 1 : -1000; };
 template <class T, int N, bool P> struct component_count<vec<T, N, P>> { static constexpr int value = N; };
+template <class V, int... I> struct component_count<swizzle_proxy<V, I...>> { static constexpr int value = int(sizeof...(I)); };
 template <class... A> constexpr int component_total = (0 + ... + component_count<std::decay_t<A>>::value);
 
 }  // namespace __mtl
@@ -233,6 +238,7 @@ template <class T, int N, bool Packed> struct vec : __mtl::vec_storage<T, N, Pac
   template <class U, int M, bool Q> void put(int& k, const vec<U, M, Q>& v) {
     for (int i = 0; i < M; ++i) (*this)[k++] = T(v[i]);
   }
+  template <class V, int... I> void put(int& k, const __mtl::swizzle_proxy<V, I...>& p) { put(k, p.get()); }
 };
 
 // Elementwise operators: vector-vector (same element type and length, either layout) and
@@ -604,6 +610,43 @@ template <class V, int... I> struct swizzle_proxy {
     return v[idx[k]];
   }
 };
+
+// A proxy used as an operand reads as its vector value (for translators that emit swizzle_ref for
+// every swizzle of an lvalue). Function templates (max, dot, ...) still need __mtl::swizzle.
+#define MTL_PROXY_BINARY_OP(OP)                                                                     \
+  template <class V, int... I, class R, std::enable_if_t<!is_swizzle_proxy<R>::value, int> = 0>    \
+  inline auto operator OP(const swizzle_proxy<V, I...>& p, const R& r)->decltype(p.get() OP r) {   \
+    return p.get() OP r;                                                                           \
+  }                                                                                                \
+  template <class L, class V, int... I, std::enable_if_t<!is_swizzle_proxy<L>::value, int> = 0>    \
+  inline auto operator OP(const L& l, const swizzle_proxy<V, I...>& p)->decltype(l OP p.get()) {   \
+    return l OP p.get();                                                                           \
+  }                                                                                                \
+  template <class V, int... I, class W, int... J>                                                  \
+  inline auto operator OP(const swizzle_proxy<V, I...>& p, const swizzle_proxy<W, J...>& q)        \
+      ->decltype(p.get() OP q.get()) {                                                             \
+    return p.get() OP q.get();                                                                     \
+  }
+MTL_PROXY_BINARY_OP(+)
+MTL_PROXY_BINARY_OP(-)
+MTL_PROXY_BINARY_OP(*)
+MTL_PROXY_BINARY_OP(/)
+MTL_PROXY_BINARY_OP(%)
+MTL_PROXY_BINARY_OP(&)
+MTL_PROXY_BINARY_OP(|)
+MTL_PROXY_BINARY_OP(^)
+MTL_PROXY_BINARY_OP(<<)
+MTL_PROXY_BINARY_OP(>>)
+MTL_PROXY_BINARY_OP(==)
+MTL_PROXY_BINARY_OP(!=)
+MTL_PROXY_BINARY_OP(<)
+MTL_PROXY_BINARY_OP(>)
+MTL_PROXY_BINARY_OP(<=)
+MTL_PROXY_BINARY_OP(>=)
+#undef MTL_PROXY_BINARY_OP
+template <class V, int... I> inline auto operator-(const swizzle_proxy<V, I...>& p) -> decltype(-p.get()) { return -p.get(); }
+template <class V, int... I> inline auto operator!(const swizzle_proxy<V, I...>& p) -> decltype(!p.get()) { return !p.get(); }
+template <class V, int... I> inline auto operator~(const swizzle_proxy<V, I...>& p) -> decltype(~p.get()) { return ~p.get(); }
 
 template <int I0, int I1, int... I, class T, int N, bool P>
 inline swizzle_proxy<metal::vec<T, N, P>, I0, I1, I...> swizzle_ref(metal::vec<T, N, P>& v) {
