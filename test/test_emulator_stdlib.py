@@ -1312,3 +1312,100 @@ def test_msl_simdgroup_matrix_multiply_accumulate(dtype_name):
     expected = (a.double() @ b.double().T + 1).to(dtype)
     tol = {"float": (1e-5, 1e-5), "half": (2e-3, 2e-3), "bfloat": (1.6e-2, 1.6e-2)}[dtype_name]
     torch.testing.assert_close(c, expected, rtol=tol[0], atol=tol[1])
+
+
+LANE_HOOKS = r"""
+// A stand-in for the runtime: 32 OS threads are the lanes of one SIMD group; the hooks the header
+// declares weak are defined here as metal_runtime.h would define them.
+#include <cstring>
+#include <thread>
+#include <mutex>
+#include <condition_variable>
+#include <vector>
+struct LaneBarrier {
+  std::mutex m; std::condition_variable cv; int count = 0, generation = 0;
+  void wait() {
+    std::unique_lock<std::mutex> l(m);
+    int g = generation;
+    if (++count == 32) { count = 0; ++generation; cv.notify_all(); }
+    else cv.wait(l, [&] { return g != generation; });
+  }
+};
+static LaneBarrier lane_barrier;
+static unsigned char exchange_area[32 * 64];
+namespace __mtl {
+thread_local unsigned short current_lane;
+unsigned short simdgroup_lane_id() { return current_lane; }
+void simdgroup_allgather(const void* mine, void* all, unsigned long bytes) {
+  std::memcpy(exchange_area + current_lane * bytes, mine, bytes);
+  lane_barrier.wait();
+  std::memcpy(all, exchange_area, 32 * bytes);
+  lane_barrier.wait();
+}
+}  // namespace __mtl
+// PyTorch-gemm style: whole loads, results read per lane through thread_elements().
+void kernel_read(const float* a, const float* b, float* c, ushort lane) {
+  simdgroup_float8x8 ma, mb, mc = simdgroup_float8x8(0);
+  simdgroup_load(ma, a);
+  simdgroup_load(mb, b);
+  simdgroup_multiply_accumulate(mc, ma, mb, mc);
+  const short q = lane / 4, fm = (q & 4) + ((lane / 2) % 4), fn = (q & 2) * 2 + (lane % 2) * 2;
+  float2 e = mc.thread_elements();
+  c[fm * 8 + fn] = e[0];
+  c[fm * 8 + fn + 1] = mc.thread_elements()[1];
+}
+// MLX style: each lane writes its fragment, then the matrices are used whole (mixed precision).
+void kernel_write(const half* a, const half* b, float* c, ushort lane) {
+  simdgroup_half8x8 ma, mb;
+  simdgroup_float8x8 mc = make_filled_simdgroup_matrix<float, 8, 8>(0.5f);
+  const short q = lane / 4, fm = (q & 4) + ((lane / 2) % 4), fn = (q & 2) * 2 + (lane % 2) * 2;
+  ma.thread_elements() = half2(a[fm * 8 + fn], a[fm * 8 + fn + 1]);
+  mb.thread_elements()[0] = b[fm * 8 + fn];
+  mb.thread_elements()[1] = b[fm * 8 + fn + 1];
+  simdgroup_multiply_accumulate(mc, ma, mb, mc);
+  simdgroup_store(mc, c);
+}
+"""
+
+
+def test_simdgroup_matrix_thread_elements_with_runtime_hooks(tmp_path):
+    v = run_program(
+        tmp_path,
+        r"""
+        float a[64], b[64], c1[64] = {}, c2[64] = {};
+        half ah[64], bh[64];
+        for (int i = 0; i < 64; ++i) {
+          a[i] = float(i % 7) - 3; b[i] = float(i % 5) * 0.5f; ah[i] = half(a[i]); bh[i] = half(b[i]);
+        }
+        std::vector<std::thread> lanes;
+        for (int l = 0; l < 32; ++l)
+          lanes.emplace_back([&, l] { __mtl::current_lane = l; kernel_read(a, b, c1, l); kernel_write(ah, bh, c2, l); });
+        for (auto& t : lanes) t.join();
+        for (int i = 0; i < 64; ++i) { char k[16]; std::snprintf(k, 16, "r%d", i); out(k, c1[i]); }
+        for (int i = 0; i < 64; ++i) { char k[16]; std::snprintf(k, 16, "w%d", i); out(k, c2[i]); }
+        """,
+        globals_src=LANE_HOOKS,
+        extra_flags=("-pthread",),
+    )
+    a = [[float(i % 7) - 3 for i in range(r * 8, r * 8 + 8)] for r in range(8)]
+    b = [[float(i % 5) * 0.5 for i in range(r * 8, r * 8 + 8)] for r in range(8)]
+    product = matmul(a, b)  # small multiples of 0.5: exact in float and half
+    for i in range(64):
+        r, c = divmod(i, 8)
+        assert v[f"r{i}"] == product[r][c], i
+        assert v[f"w{i}"] == product[r][c] + 0.5, i
+
+
+def test_simdgroup_matrix_thread_elements_without_hooks_fails_clearly(tmp_path):
+    source = PRELUDE + r"""
+    int main() {
+      simdgroup_float8x8 m = simdgroup_float8x8(1.0f);
+      float2 e = m.thread_elements();
+      return int(e.x);
+    }
+    """
+    proc, exe = compile_cpp(tmp_path, source)
+    assert proc.returncode == 0, proc.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "needs the runtime's lane hooks" in run.stderr
