@@ -841,6 +841,17 @@ def test_atomics_from_several_threads(tmp_path):
         out("store_load", atomic_load_explicit(&ai, memory_order_relaxed));
         out("fetch_returns_old", atomic_fetch_add_explicit(&ai, 10, memory_order_relaxed));
         out("sizeof_atomic_uint", sizeof(atomic_uint)); out("sizeof_atomic_float", sizeof(atomic_float));
+        // atomic_bool occupies 4 bytes in Metal
+        uint flag_word = 0xFFFFFFFFu;
+        atomic_bool* flag = reinterpret_cast<atomic_bool*>(&flag_word);
+        atomic_store_explicit(flag, false, memory_order_relaxed);
+        out("bool_word_after_store", flag_word);
+        out("bool_exchange_old", atomic_exchange_explicit(flag, true, memory_order_relaxed));
+        bool expected_flag = false;
+        out("bool_cas", atomic_compare_exchange_weak_explicit(flag, &expected_flag, false, memory_order_relaxed,
+                                                              memory_order_relaxed));
+        out("bool_cas_expected", expected_flag); out("bool_load", atomic_load_explicit(flag, memory_order_relaxed));
+        out("sizeof_atomic_bool", sizeof(atomic_bool));
         """,
         globals_src=ATOMIC_WORKERS,
         extra_flags=("-pthread",),
@@ -859,6 +870,9 @@ def test_atomics_from_several_threads(tmp_path):
     assert v["old_from_exchange"] == 7 and v["after_exchange"] == 11
     assert v["store_load"] == -4 and v["fetch_returns_old"] == -4
     assert v["sizeof_atomic_uint"] == 4 and v["sizeof_atomic_float"] == 4
+    assert v["bool_word_after_store"] == 0 and v["bool_exchange_old"] == 0
+    assert v["bool_cas"] == 0 and v["bool_cas_expected"] == 1 and v["bool_load"] == 1
+    assert v["sizeof_atomic_bool"] == 4
 
 
 def test_mem_flags_and_memory_order(tmp_path):

@@ -38,10 +38,17 @@ enum class mem_flags : unsigned {
 constexpr mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags(unsigned(a) | unsigned(b)); }
 constexpr mem_flags operator&(mem_flags a, mem_flags b) { return mem_flags(unsigned(a) & unsigned(b)); }
 
+namespace atomic_detail {
+// What an atomic<T> stores: T itself, except bool, which Metal stores in 4 bytes.
+template <class T> struct repr { typedef T type; };
+template <> struct repr<bool> { typedef uint type; };
+template <class T> using repr_t = typename repr<T>::type;
+}  // namespace atomic_detail
+
 template <class T> struct atomic {
   static_assert(sizeof(T) == 1 || sizeof(T) == 2 || sizeof(T) == 4 || sizeof(T) == 8,
                 "atomic<T> needs a 1, 2, 4 or 8-byte T");
-  T __value;  // no members in Metal: all access goes through the atomic_*_explicit functions
+  atomic_detail::repr_t<T> __value;  // no members in Metal: all access goes through atomic_*_explicit
 };
 typedef atomic<int> atomic_int;
 typedef atomic<uint> atomic_uint;
@@ -52,14 +59,15 @@ typedef atomic<ulong> atomic_ulong;
 
 namespace atomic_detail {
 // Kernels may declare `volatile device atomic_uint*`; the builtins work on plain pointers.
-template <class T> inline T* storage(volatile atomic<T>* obj) { return const_cast<T*>(&obj->__value); }
-template <class T> inline T* storage(atomic<T>* obj) { return &obj->__value; }
+template <class T> inline repr_t<T>* storage(volatile atomic<T>* obj) {
+  return const_cast<repr_t<T>*>(&obj->__value);
+}
 
 // A read-modify-write by compare-exchange: new value = op(old).
-template <class T, class Op> inline T cas_loop(T* p, Op op, memory_order order) {
-  T old;
+template <class R, class Op> inline R cas_loop(R* p, Op op, memory_order order) {
+  R old;
   __atomic_load(p, &old, __ATOMIC_RELAXED);
-  T desired;
+  R desired;
   do {
     desired = op(old);
   } while (!__atomic_compare_exchange(p, &old, &desired, true, int(order), __ATOMIC_RELAXED));
@@ -69,34 +77,36 @@ template <class T, class Op> inline T cas_loop(T* p, Op op, memory_order order) 
 
 template <class T>
 inline void atomic_store_explicit(volatile atomic<T>* obj, __mtl::type_identity_t<T> desired, memory_order order) {
-  __atomic_store(atomic_detail::storage(obj), &desired, int(order));
+  atomic_detail::repr_t<T> d = atomic_detail::repr_t<T>(desired);
+  __atomic_store(atomic_detail::storage(obj), &d, int(order));
 }
 template <class T> inline T atomic_load_explicit(volatile atomic<T>* obj, memory_order order) {
-  T r;
+  atomic_detail::repr_t<T> r;
   __atomic_load(atomic_detail::storage(obj), &r, int(order));
-  return r;
+  return T(r);
 }
 template <class T>
 inline T atomic_exchange_explicit(volatile atomic<T>* obj, __mtl::type_identity_t<T> desired, memory_order order) {
-  T r;
-  __atomic_exchange(atomic_detail::storage(obj), &desired, &r, int(order));
-  return r;
+  atomic_detail::repr_t<T> d = atomic_detail::repr_t<T>(desired), r;
+  __atomic_exchange(atomic_detail::storage(obj), &d, &r, int(order));
+  return T(r);
 }
 // On failure *expected receives the current value, as in Metal and C11.
-template <class T>
-inline bool atomic_compare_exchange_weak_explicit(volatile atomic<T>* obj, __mtl::type_identity_t<T>* expected,
-                                                  __mtl::type_identity_t<T> desired, memory_order success,
-                                                  memory_order failure) {
-  // The strong form: no spurious failures, which the weak contract allows.
-  return __atomic_compare_exchange(atomic_detail::storage(obj), expected, &desired, false, int(success),
-                                   int(failure));
-}
 template <class T>
 inline bool atomic_compare_exchange_strong_explicit(volatile atomic<T>* obj, __mtl::type_identity_t<T>* expected,
                                                     __mtl::type_identity_t<T> desired, memory_order success,
                                                     memory_order failure) {
-  return __atomic_compare_exchange(atomic_detail::storage(obj), expected, &desired, false, int(success),
-                                   int(failure));
+  atomic_detail::repr_t<T> e = atomic_detail::repr_t<T>(*expected), d = atomic_detail::repr_t<T>(desired);
+  const bool ok = __atomic_compare_exchange(atomic_detail::storage(obj), &e, &d, false, int(success), int(failure));
+  *expected = T(e);
+  return ok;
+}
+// The strong form: no spurious failures, which the weak contract allows.
+template <class T>
+inline bool atomic_compare_exchange_weak_explicit(volatile atomic<T>* obj, __mtl::type_identity_t<T>* expected,
+                                                  __mtl::type_identity_t<T> desired, memory_order success,
+                                                  memory_order failure) {
+  return atomic_compare_exchange_strong_explicit(obj, expected, desired, success, failure);
 }
 
 template <class T>
