@@ -1423,3 +1423,44 @@ def test_simdgroup_matrix_thread_elements_without_hooks_fails_clearly(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     assert run.returncode != 0
     assert "needs the runtime's lane hooks" in run.stderr
+
+
+def test_matrix_types(tmp_path):
+    v = run_program(
+        tmp_path,
+        r"""
+        out("size3x3", sizeof(float3x3)); out("size4x4", sizeof(float4x4)); out("size2x3", sizeof(float2x3));
+        out("size_h3x3", sizeof(half3x3));
+        float2x2 id = float2x2(1.0f);
+        float3x2 m = float3x2(float2(1, 2), float2(3, 4), float2(5, 6));     // 3 columns, 2 rows
+        float2x3 t = transpose(m);                                           // 2 columns, 3 rows
+        float2 mv = m * float3(1, 1, 1);                                     // 2 rows
+        float3 vm = float2(1, 1) * m;                                        // 3 columns
+        float2x2 mt = m * t;                                                 // (2x3)(3x2)
+        float2x2 s = float2x2(1, 2, 3, 4);                                   // column-major scalars
+        float2x2 sum = s + id * 2.0f;
+        float4x4 big = float4x4(float4(2, 0, 0, 0), float4(1, 3, 0, 0), float4(0, 0, 1, 0), float4(5, 0, 0, 4));
+        half2x2 h = half2x2(s);
+        out("id01", id[0][1]); out("id11", id[1][1]);
+        out("t10", t[1][0]); out("t02", t[0][2]);
+        out("mv0", mv.x); out("mv1", mv.y);
+        out("vm0", vm.x); out("vm1", vm.y); out("vm2", vm.z);
+        out("mt00", mt[0][0]); out("mt01", mt[0][1]); out("mt10", mt[1][0]); out("mt11", mt[1][1]);
+        out("s10", s[1][0]); out("sum00", sum[0][0]); out("sum11", sum[1][1]);
+        out("det2", determinant(s)); out("det3", determinant(float3x3(float3(2, 0, 1), float3(1, 3, 2), float3(1, 1, 1))));
+        out("det4", determinant(big)); out("h11", h[1][1]);
+        """,
+    )
+    assert (v["size3x3"], v["size4x4"], v["size2x3"], v["size_h3x3"]) == (48, 64, 32, 24)
+    assert (v["id01"], v["id11"]) == (0.0, 1.0)
+    assert (v["t10"], v["t02"]) == (2.0, 5.0)  # t = rows of m as columns: t[1] = (2, 4, 6)
+    assert (v["mv0"], v["mv1"]) == (9.0, 12.0)
+    assert (v["vm0"], v["vm1"], v["vm2"]) == (3.0, 7.0, 11.0)
+    # m * m^T with m = [[1, 3, 5], [2, 4, 6]]: [[35, 44], [44, 56]]
+    assert (v["mt00"], v["mt01"], v["mt10"], v["mt11"]) == (35.0, 44.0, 44.0, 56.0)
+    assert v["s10"] == 3.0 and v["sum00"] == 3.0 and v["sum11"] == 6.0
+    assert v["det2"] == 1 * 4 - 3 * 2
+    # columns (2,0,1), (1,3,2), (1,1,1): rows [[2,1,1],[0,3,1],[1,2,1]] -> 2*(3-2) - 1*(0-1) + 1*(0-3) = 0
+    assert v["det3"] == 0.0
+    # upper triangular after reading columns as given: rows [[2,1,0,5],[0,3,0,0],[0,0,1,0],[0,0,0,4]]
+    assert v["det4"] == 2 * 3 * 1 * 4 and v["h11"] == 4.0

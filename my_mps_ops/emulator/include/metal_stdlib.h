@@ -27,5 +27,6 @@
 
 #include "metal_types.h"
 #include "metal_math.h"
+#include "metal_matrix.h"
 #include "metal_atomic.h"
 #include "metal_simdgroup_matrix.h"
