@@ -8,4 +8,12 @@ TORCH_LIBRARY(my_mps_ops, m) {
   // Returns (grad_input, grad_weight); an entry is an empty tensor when
   // output_mask says it is not needed (grad_weight also when weight is None).
   m.def("rms_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, float eps, bool[2] output_mask) -> (Tensor, Tensor)");
+
+  // ---- glu: gated activations of the Llama / Gemma MLPs. The backward ops
+  // recompute the activation from gate instead of saving it.
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");  // silu(gate) * up
+  m.def("swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  // gelu(gate, approximate) * up, approximate "none" (erf) or "tanh"
+  m.def("geglu(Tensor gate, Tensor up, str approximate=\"none\") -> Tensor");
+  m.def("geglu_backward(Tensor grad_out, Tensor gate, Tensor up, str approximate=\"none\") -> (Tensor, Tensor)");
 }
