@@ -18,6 +18,7 @@ otherwise. CLANGXX=/path/to/clang++ picks the compiler.
 
 import argparse
 import glob
+import re
 import os
 import shutil
 import subprocess
@@ -49,27 +50,57 @@ def find_clang():
     return None
 
 
-def include_flags():
+def torch_include_paths(torch_include=None):
+    """The installed torch's include dirs, or those under another torch's
+    include/ directory (to check against a different release's headers)."""
+    if torch_include:
+        return [torch_include, os.path.join(torch_include, "torch", "csrc", "api", "include")]
     from torch.utils.cpp_extension import include_paths
 
+    return include_paths()
+
+
+def torch_version(torch_include=None):
+    """(major, minor) of the torch whose headers are used."""
+    for include in torch_include_paths(torch_include)[:1]:
+        for rel in ("torch/headeronly/version.h", "torch/csrc/api/include/torch/version.h"):
+            path = os.path.join(include, rel)
+            if os.path.exists(path):
+                text = open(path).read()
+                major = re.search(r"#define TORCH_VERSION_MAJOR (\d+)", text)
+                minor = re.search(r"#define TORCH_VERSION_MINOR (\d+)", text)
+                if major and minor:
+                    return int(major.group(1)), int(minor.group(1))
+    raise RuntimeError(f"cannot find torch's version.h under {torch_include_paths(torch_include)[0]}")
+
+
+def default_std(torch_include=None):
+    # torch 2.14's headers need C++20 (operator<=>, concepts); older ones
+    # build with the c++17 setup.py passes.
+    return "c++20" if torch_version(torch_include) >= (2, 14) else "c++17"
+
+
+def include_flags(torch_include=None):
     flags = ["-isystem", SDK_DIR]
-    for path in include_paths():
+    for path in torch_include_paths(torch_include):
         flags += ["-isystem", path]
     flags += ["-isystem", sysconfig.get_paths()["include"]]
     flags += ["-I", os.path.join(ROOT, "csrc")]
     return flags
 
 
-def command(clang, source, std="c++17"):
-    return [clang, *OBJC_FLAGS, f"-std={std}", *WARNING_FLAGS, *include_flags(), "-DMY_MPS_OPS_WITH_MPS=1", source]
+def command(clang, source, std=None, torch_include=None):
+    std = std or default_std(torch_include)
+    return [clang, *OBJC_FLAGS, f"-std={std}", *WARNING_FLAGS, *include_flags(torch_include), "-DMY_MPS_OPS_WITH_MPS=1",
+            source]
 
 
-def check_file(source, clang=None, std="c++17"):
+def check_file(source, clang=None, std=None, torch_include=None):
     """Runs clang on one file; returns the CompletedProcess (stderr has the diagnostics)."""
     clang = clang or find_clang()
     if clang is None:
         raise RuntimeError("no clang++ found (apt-get install clang); set CLANGXX to choose one")
-    return subprocess.run(command(clang, source, std), capture_output=True, text=True)
+    return subprocess.run(command(clang, source, std, torch_include), capture_output=True, text=True)
 
 
 def default_sources():
@@ -79,7 +110,8 @@ def default_sources():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", nargs="*", help="Objective-C++ files (default: csrc/mps/*.mm)")
-    parser.add_argument("--std", default="c++17", help="C++ standard (setup.py builds with c++17)")
+    parser.add_argument("--std", help="C++ standard (default: c++17, c++20 for torch >= 2.14)")
+    parser.add_argument("--torch-include", help="another torch's include/ directory (default: the installed torch)")
     parser.add_argument("--print-command", action="store_true", help="print each clang command line")
     args = parser.parse_args(argv)
 
@@ -94,8 +126,8 @@ def main(argv=None):
     failed = 0
     for source in sources:
         if args.print_command:
-            print(" ".join(command(clang, source, args.std)))
-        result = check_file(source, clang, args.std)
+            print(" ".join(command(clang, source, args.std, args.torch_include)))
+        result = check_file(source, clang, args.std, args.torch_include)
         rel = os.path.relpath(source, ROOT)
         if result.returncode == 0:
             print(f"ok    {rel}")
