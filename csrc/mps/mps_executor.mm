@@ -89,7 +89,8 @@ class MPSExecutor final : public Executor {
         TORCH_CHECK(arg.tensor.device().is_mps(), "my_mps_ops: argument ", i, " of Metal kernel '", kernel,
                     "' is on ", arg.tensor.device(), "; the MPS kernel needs every tensor on mps");
       } else if (arg.kind == Arg::Kind::Bytes) {
-        // setBytes is meant for small constants; Metal caps it at 4 KB.
+        // Apple documents setBytes for constants under 4 KB; larger data
+        // belongs in a tensor.
         TORCH_CHECK(!arg.bytes.empty() && arg.bytes.size() <= 4096, "my_mps_ops: argument ", i,
                     " of Metal kernel '", kernel, "' passes ", arg.bytes.size(),
                     " bytes by value (must be 1..4096)");
@@ -174,10 +175,11 @@ class MPSExecutor final : public Executor {
     return *slot;
   }
 
-  id<MTLLibrary> library(const std::string& name) {
+  // `kernel` names the first kernel requested from the library, for the error message.
+  id<MTLLibrary> library(const std::string& name, const std::string& kernel) {
     CompiledLibrary& compiled = entry(libraries_, name);
     std::lock_guard<std::mutex> lock(compiled.mutex);
-    if (compiled.library == nil) compiled.library = compile_library(name);
+    if (compiled.library == nil) compiled.library = compile_library(name, kernel);
     return compiled.library;
   }
 
@@ -185,7 +187,7 @@ class MPSExecutor final : public Executor {
     CompiledPipeline& compiled = entry(pipelines_, library_name + '\0' + kernel);
     std::lock_guard<std::mutex> lock(compiled.mutex);
     if (compiled.state != nil) return compiled;
-    id<MTLLibrary> lib = library(library_name);
+    id<MTLLibrary> lib = library(library_name, kernel);
     id<MTLComputePipelineState> state = nil;
     bool found = false;
     std::string error_text;
@@ -213,7 +215,7 @@ class MPSExecutor final : public Executor {
     return compiled;
   }
 
-  static id<MTLLibrary> compile_library(const std::string& name) {
+  static id<MTLLibrary> compile_library(const std::string& name, const std::string& kernel) {
     const std::string& source = my_mps_ops::embedded_shader(name);
     // bfloat needs Metal Shading Language 3.1 (macOS 14).
     if (@available(macOS 14.0, *)) {
@@ -226,7 +228,9 @@ class MPSExecutor final : public Executor {
     std::string error_text;
     @autoreleasepool {
       MTLCompileOptions* options = [[MTLCompileOptions alloc] init];
-      options.languageVersion = MTLLanguageVersion3_1;
+      if (@available(macOS 14.0, *)) {  // always true here (checked above); guards the enum's use
+        options.languageVersion = MTLLanguageVersion3_1;
+      }
       // IEEE-conforming float arithmetic: results must match the CPU kernels.
       if (@available(macOS 15.0, *)) {
         options.mathMode = MTLMathModeSafe;
@@ -245,8 +249,8 @@ class MPSExecutor final : public Executor {
       [ns_source release];
       [options release];
     }
-    TORCH_CHECK(library != nil, "my_mps_ops: the Metal compiler rejected shader library '", name, "':\n",
-                error_text);
+    TORCH_CHECK(library != nil, "my_mps_ops: the Metal compiler rejected shader library '", name,
+                "' (needed for kernel '", kernel, "'):\n", error_text);
     return library;
   }
 
