@@ -1,84 +1,101 @@
-// Declaration subset of Apple's Metal framework (<Metal/Metal.h>), for the
-// Linux syntax check of my_mps_ops' Objective-C++ sources only: just the
-// types and methods they and PyTorch's MPS headers use, each with Apple's
-// signature. Not an SDK; nothing here links or runs.
+// Metal (Apple), declaration subset for the Linux syntax check of
+// csrc/mps/*.mm only: not the SDK, nothing here is ever linked. Signatures
+// follow the macOS SDK's Metal headers (MTLTypes.h, MTLDevice.h,
+// MTLLibrary.h, MTLComputePipeline.h, MTLCommandEncoder.h,
+// MTLComputeCommandEncoder.h, MTLResource.h, MTLAllocation.h, MTLBuffer.h,
+// MTLCommandQueue.h, MTLCommandBuffer.h, MTLEvent.h); availability and
+// deprecation attributes are left out. See test/objc_sdk/README.md.
 #pragma once
 
 #include <Foundation/Foundation.h>
 
+NS_ASSUME_NONNULL_BEGIN
+
+@protocol MTLDevice;
+@protocol MTLFunction;
+@protocol MTLLibrary;
+@protocol MTLComputePipelineState;
+@protocol MTLCommandBuffer;
+
+// MTLTypes.h
 typedef struct {
-  NSUInteger width, height, depth;
+    NSUInteger width, height, depth;
 } MTLSize;
 
 static inline MTLSize MTLSizeMake(NSUInteger width, NSUInteger height, NSUInteger depth) {
-  MTLSize size = {width, height, depth};
-  return size;
+    MTLSize size = {width, height, depth};
+    return size;
 }
 
-typedef NS_ENUM(NSUInteger, MTLLanguageVersion){
-    MTLLanguageVersion3_0 = (3 << 16) + 0,
-    MTLLanguageVersion3_1 = (3 << 16) + 1,
-    MTLLanguageVersion3_2 = (3 << 16) + 2,
-};
-
-@protocol MTLDevice;
-@protocol MTLCommandBuffer;
-
-@protocol MTLResource <NSObject>
+// MTLAllocation.h, MTLResource.h, MTLBuffer.h
+@protocol MTLAllocation <NSObject>
 @end
-
+@protocol MTLResource <MTLAllocation>
+@end
 @protocol MTLBuffer <MTLResource>
-@property(readonly) NSUInteger length;
-- (void* _Nonnull)contents;
 @end
 
+// MTLLibrary.h
 @protocol MTLFunction <NSObject>
 @end
 
+typedef NS_ENUM(NSUInteger, MTLLanguageVersion) {
+    MTLLanguageVersion3_1 = (3 << 16) + 1,
+};
+
+typedef NS_ENUM(NSInteger, MTLMathMode) {
+    MTLMathModeSafe = 0,
+    MTLMathModeRelaxed = 1,
+    MTLMathModeFast = 2,
+};
+
+@interface MTLCompileOptions : NSObject <NSCopying>
+@property (readwrite, nonatomic) BOOL fastMathEnabled;
+@property (readwrite, nonatomic) MTLMathMode mathMode;
+@property (readwrite, nonatomic) MTLLanguageVersion languageVersion;
+@end
+
 @protocol MTLLibrary <NSObject>
-@property(readonly) id<MTLDevice> _Nonnull device;
-- (nullable id<MTLFunction>)newFunctionWithName:(NSString* _Nonnull)functionName;
+- (nullable id <MTLFunction>) newFunctionWithName:(NSString *)functionName;
 @end
 
+// MTLComputePipeline.h
 @protocol MTLComputePipelineState <NSObject>
-@property(readonly) NSUInteger maxTotalThreadsPerThreadgroup;
-@property(readonly) NSUInteger threadExecutionWidth;
-@property(readonly) NSUInteger staticThreadgroupMemoryLength;
+@property (readonly) NSUInteger maxTotalThreadsPerThreadgroup;
+@property (readonly) NSUInteger threadExecutionWidth;
+@property (readonly) NSUInteger staticThreadgroupMemoryLength;
 @end
 
-@interface MTLCompileOptions : NSObject
-@property(readwrite, nonatomic) BOOL fastMathEnabled;
-@property(readwrite, nonatomic) MTLLanguageVersion languageVersion;
-@end
-
+// MTLDevice.h
 @protocol MTLDevice <NSObject>
-- (nullable id<MTLLibrary>)newLibraryWithSource:(NSString* _Nonnull)source
-                                        options:(nullable MTLCompileOptions*)options
-                                          error:(__autoreleasing NSError* _Nullable* _Nullable)error;
-- (nullable id<MTLComputePipelineState>)newComputePipelineStateWithFunction:(id<MTLFunction> _Nonnull)computeFunction
-                                                                      error:(__autoreleasing NSError* _Nullable* _Nullable)error;
+@property (readonly) NSUInteger maxThreadgroupMemoryLength;
+- (nullable id <MTLLibrary>)newLibraryWithSource:(NSString *)source options:(nullable MTLCompileOptions *)options error:(__autoreleasing NSError **)error;
+- (nullable id <MTLComputePipelineState>)newComputePipelineStateWithFunction:(id <MTLFunction>)computeFunction error:(__autoreleasing NSError **)error;
 @end
 
+// MTLCommandEncoder.h, MTLComputeCommandEncoder.h
 @protocol MTLCommandEncoder <NSObject>
-- (void)endEncoding;
 @end
 
 @protocol MTLComputeCommandEncoder <MTLCommandEncoder>
-- (void)setComputePipelineState:(id<MTLComputePipelineState> _Nonnull)state;
-- (void)setBytes:(const void* _Nonnull)bytes length:(NSUInteger)length atIndex:(NSUInteger)index;
-- (void)setBuffer:(nullable id<MTLBuffer>)buffer offset:(NSUInteger)offset atIndex:(NSUInteger)index;
+- (void)setComputePipelineState:(id <MTLComputePipelineState>)state;
+- (void)setBytes:(const void *)bytes length:(NSUInteger)length atIndex:(NSUInteger)index;
+- (void)setBuffer:(nullable id <MTLBuffer>)buffer offset:(NSUInteger)offset atIndex:(NSUInteger)index;
 - (void)setThreadgroupMemoryLength:(NSUInteger)length atIndex:(NSUInteger)index;
 - (void)dispatchThreadgroups:(MTLSize)threadgroupsPerGrid threadsPerThreadgroup:(MTLSize)threadsPerThreadgroup;
 - (void)dispatchThreads:(MTLSize)threadsPerGrid threadsPerThreadgroup:(MTLSize)threadsPerThreadgroup;
 @end
 
+// MTLCommandQueue.h, MTLCommandBuffer.h, MTLEvent.h: named by PyTorch's
+// MPSStream.h only.
 @protocol MTLCommandQueue <NSObject>
 @end
-
-@protocol MTLSharedEvent <NSObject>
-@end
-
 @protocol MTLCommandBuffer <NSObject>
 @end
+typedef void (^MTLCommandBufferHandler)(id <MTLCommandBuffer>);
+@protocol MTLEvent <NSObject>
+@end
+@protocol MTLSharedEvent <MTLEvent>
+@end
 
-typedef void (^MTLCommandBufferHandler)(id<MTLCommandBuffer> _Nonnull);
+NS_ASSUME_NONNULL_END

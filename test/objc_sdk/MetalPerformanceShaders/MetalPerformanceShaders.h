@@ -1,5 +1,7 @@
-// Declaration subset of Apple's MetalPerformanceShaders: only the class
-// PyTorch's ATen/mps/MPSStream.h names. For the Linux syntax check only.
+// MetalPerformanceShaders (Apple), declaration subset for the Linux syntax
+// check of csrc/mps/*.mm only: not the SDK, nothing here is ever linked.
+// Only the class PyTorch's ATen/mps/MPSStream.h names, as declared in the
+// macOS SDK's MPSCore/MPSCommandBuffer.h. See test/objc_sdk/README.md.
 #pragma once
 
 #include <Metal/Metal.h>

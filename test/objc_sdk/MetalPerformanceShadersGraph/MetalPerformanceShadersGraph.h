@@ -1,12 +1,20 @@
-// Declaration subset of Apple's MetalPerformanceShadersGraph: only the classes
-// PyTorch's ATen/mps/MPSStream.h names. For the Linux syntax check only.
+// MetalPerformanceShadersGraph (Apple), declaration subset for the Linux
+// syntax check of csrc/mps/*.mm only: not the SDK, nothing here is ever
+// linked. Only the classes PyTorch's ATen/mps/MPSStream.h names, with the
+// superclasses of the macOS SDK's MPSGraphCore.h, MPSGraph.h and
+// MPSGraphExecutable.h. See test/objc_sdk/README.md.
 #pragma once
 
 #include <MetalPerformanceShaders/MetalPerformanceShaders.h>
 
-@interface MPSGraph : NSObject
+@interface MPSGraphObject : NSObject
 @end
-@interface MPSGraphExecutionDescriptor : NSObject
+
+@interface MPSGraph : MPSGraphObject
 @end
-@interface MPSGraphCompilationDescriptor : NSObject
+
+@interface MPSGraphExecutionDescriptor : MPSGraphObject
+@end
+
+@interface MPSGraphCompilationDescriptor : MPSGraphObject <NSCopying>
 @end
