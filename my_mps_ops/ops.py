@@ -26,3 +26,9 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
 def geglu(gate: Tensor, up: Tensor, approximate: str = "none") -> Tensor:
     """``gelu(gate, approximate) * up`` in one pass; approximate is "none" (erf) or "tanh"."""
     return _ops.geglu(gate, up, approximate)
+
+
+def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6):
+    """``h = x + residual; return rms_norm(h, weight, eps), h`` in one pass (the
+    pre-norm residual stream of Llama blocks). Returns (out, residual_out)."""
+    return _ops.fused_add_rms_norm(x, residual, weight, eps)
