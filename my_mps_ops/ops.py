@@ -32,3 +32,9 @@ def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = N
     """``h = x + residual; return rms_norm(h, weight, eps), h`` in one pass (the
     pre-norm residual stream of Llama blocks). Returns (out, residual_out)."""
     return _ops.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def layer_norm(input: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last dimension, as ``F.layer_norm(input, (input.shape[-1],), weight, bias, eps)``."""
+    return _ops.layer_norm(input, weight, bias, eps)
