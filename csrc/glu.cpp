@@ -70,34 +70,16 @@ constexpr double kTanhCoef = 0.044715;
 constexpr int64_t kGrain = 32768;
 constexpr int64_t kBlock = 256;
 
-inline float exp_f32(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float t = x * 1.44269504088896341f;
-  const float k = static_cast<float>(static_cast<int>(t + (t >= 0.0f ? 0.5f : -0.5f)));
-  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 inline float erf_f32(float x) {
   const float a = std::fabs(x);
   const float t = 1.0f / (1.0f + 0.3275911f * a);
   const float poly =
       t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
-  const float y = 1.0f - poly * exp_f32(-a * a);
+  const float y = 1.0f - poly * cpu::exp_f32(-a * a);
   return x < 0.0f ? -y : y;
 }
 
-inline float exp_of(float x) { return exp_f32(x); }
+inline float exp_of(float x) { return cpu::exp_f32(x); }
 inline double exp_of(double x) { return std::exp(x); }
 inline float erf_of(float x) { return erf_f32(x); }
 inline double erf_of(double x) { return std::erf(x); }

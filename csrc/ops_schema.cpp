@@ -18,6 +18,12 @@ TORCH_LIBRARY(my_mps_ops, m) {
   // Returns (grad_input, grad_weight, grad_bias); empty tensors where not wanted.
   m.def("layer_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
+  // ---- cross_entropy: logits [N, V], int64 target [N], as F.cross_entropy.
+  // Returns (loss, lse): lse [N] float32 is the per-row log-sum-exp the
+  // backward reuses. reduction: "mean", "sum" or "none".
+  m.def("cross_entropy(Tensor logits, Tensor target, int ignore_index=-100, float label_smoothing=0.0, str reduction=\"mean\") -> (Tensor, Tensor)");
+  m.def("cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, int ignore_index, float label_smoothing, str reduction) -> Tensor");
+
   // ---- glu: gated activations of the Llama / Gemma MLPs. The backward ops
   // recompute the activation from gate instead of saving it.
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");  // silu(gate) * up

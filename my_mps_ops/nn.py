@@ -92,3 +92,28 @@ class LayerNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """Drop-in for ``torch.nn.CrossEntropyLoss`` on [N, V] logits with class
+    indices: ignore_index, label_smoothing and reduction run fused
+    (my_mps_ops.cross_entropy). Class weights, probability targets and other
+    shapes fall back to ``torch.nn.functional.cross_entropy``."""
+
+    def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100, reduce=None,
+                 reduction: str = "mean", label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        fused = (self.weight is None and input.dim() == 2 and target.dim() == 1 and target.dtype == torch.long
+                 and input.dtype in (torch.float32, torch.float16, torch.bfloat16))
+        if not fused:
+            return torch.nn.functional.cross_entropy(input, target, self.weight, ignore_index=self.ignore_index,
+                                                     reduction=self.reduction, label_smoothing=self.label_smoothing)
+        return ops.cross_entropy(input, target, self.ignore_index, self.label_smoothing, self.reduction)

@@ -38,3 +38,12 @@ def layer_norm(input: Tensor, weight: Optional[Tensor] = None, bias: Optional[Te
                eps: float = 1e-5) -> Tensor:
     """LayerNorm over the last dimension, as ``F.layer_norm(input, (input.shape[-1],), weight, bias, eps)``."""
     return _ops.layer_norm(input, weight, bias, eps)
+
+
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, label_smoothing: float = 0.0,
+                  reduction: str = "mean") -> Tensor:
+    """``F.cross_entropy(logits[N, V], target[N], ...)`` in one pass per row,
+    keeping only a per-row log-sum-exp for the backward (no [N, V] float32
+    intermediate). Out-of-range targets raise on cpu; on mps (no host sync)
+    their rows' loss is NaN."""
+    return _ops.cross_entropy(logits, target, ignore_index, label_smoothing, reduction)[0]
