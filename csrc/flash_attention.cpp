@@ -75,7 +75,10 @@ void check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor
               v.sym_size(1));
   TORCH_CHECK(v.sym_size(2) == k.sym_size(2), op, ": v must have the sequence length of k (", k.sym_size(2),
               "), got ", v.sym_size(2));
-  TORCH_CHECK(k.sym_size(1) >= 1 && q.sym_size(1) % k.sym_size(1) == 0, op,
+  // Zero heads on both sides is an empty (valid) problem.
+  const bool heads_divide =
+      k.sym_size(1) == 0 ? q.sym_size(1) == 0 : q.sym_size(1) % k.sym_size(1) == 0;
+  TORCH_CHECK(heads_divide, op,
               ": the number of k/v heads must divide the number of q heads (grouped-query attention), got q heads ",
               q.sym_size(1), " and k/v heads ", k.sym_size(1));
   if (scale.has_value()) {
@@ -120,7 +123,7 @@ Dims dims_of(const Tensor& q, const Tensor& k) {
   d.batch = q.size(0);
   d.q_heads = q.size(1);
   d.kv_heads = k.size(1);
-  d.group = d.q_heads / d.kv_heads;
+  d.group = d.kv_heads > 0 ? d.q_heads / d.kv_heads : 1;
   d.q_len = q.size(2);
   d.kv_len = k.size(2);
   d.head_dim = q.size(3);
