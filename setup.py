@@ -109,7 +109,7 @@ def extension():
     return CppExtension(
         name="my_mps_ops._C",
         sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "my_mps_ops", "emulator", "include")],
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=extra_link,
@@ -121,7 +121,7 @@ setup(
     version="0.1.0",
     description="Fused PyTorch operators for Apple GPUs (MPS), with a Metal emulator for testing on any CPU",
     packages=find_packages(include=["my_mps_ops", "my_mps_ops.*"]),
-    package_data={"my_mps_ops": ["emulator/include/*.h"]},
+    package_data={"my_mps_ops": ["emulator/include/*.h", "emulator/include/*.cpp"]},
     python_requires=">=3.9",
     install_requires=[f"torch>={MIN_TORCH}"],
     ext_modules=[extension()],

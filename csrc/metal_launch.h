@@ -55,6 +55,12 @@ struct Launch {
     args.push_back({Arg::Kind::Bytes, next_buffer_index_++, {}, std::move(b), 0});
     return *this;
   }
+  // Raw bytes at their exact width (e.g. from Python's compile_shader binding rules).
+  Launch& bytes(const void* data, size_t length) {
+    const auto* p = static_cast<const uint8_t*>(data);
+    args.push_back({Arg::Kind::Bytes, next_buffer_index_++, {}, std::vector<uint8_t>(p, p + length), 0});
+    return *this;
+  }
   Launch& threadgroup_memory(size_t length) {
     args.push_back({Arg::Kind::ThreadgroupMemory, next_threadgroup_index_++, {}, {}, length});
     return *this;

@@ -1,27 +1,434 @@
-// PLACEHOLDER until the emulator lands (issue 4): every call raises.
+// The Metal emulator's host side: runs metal::Launch descriptions on CPU
+// tensors with kernel libraries built by my_mps_ops/emulator (translated MSL
+// compiled to a .so), checking what the GPU would not:
+// - every [[buffer(n)]] the kernel declares is bound; a scalar's byte size
+//   equals the kernel parameter's; threadgroup size <= 1024; threadgroup
+//   memory <= 32 KB;
+// - out-of-bounds accesses: each buffer is copied into memory whose end abuts
+//   an inaccessible page (and whose start follows one); a fault there is
+//   reported with the kernel, the thread and the buffer, then the run stops;
+// - the runtime inside the library reports divergent barriers and SIMD-group
+//   functions, and early returns before barriers.
 #include "emulator/emulator.h"
 
+#include "metal_emulator_abi.h"
+
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
-namespace my_mps_ops::metal {
+#include <dlfcn.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
 
+#include <atomic>
+#include <csetjmp>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <sstream>
+
+namespace my_mps_ops::metal {
 namespace {
-class UnavailableEmulator final : public Executor {
- public:
-  PipelineInfo pipeline_info(const std::string&, const std::string&) override {
-    TORCH_CHECK(false, "my_mps_ops: the Metal emulator is not built yet");
+
+constexpr size_t kMaxThreadsPerThreadgroup = 1024;
+constexpr size_t kMaxThreadgroupMemory = 32 * 1024;
+constexpr uint32_t kSimdWidth = 32;
+
+struct EmulatedLibrary {
+  std::string path;
+  void* handle = nullptr;
+  const mtl_emu_kernel* kernels = nullptr;
+  int32_t count = 0;
+  mtl_emu_run_fn run = nullptr;
+  mtl_emu_current_fn current = nullptr;
+
+  const mtl_emu_kernel& kernel(const std::string& library, const std::string& name) const {
+    for (int32_t i = 0; i < count; ++i)
+      if (name == kernels[i].host_name) return kernels[i];
+    std::ostringstream known;
+    for (int32_t i = 0; i < count; ++i) known << (i ? ", " : "") << kernels[i].host_name;
+    TORCH_CHECK(false, "Metal emulator: no kernel named '", name, "' in library '", library, "' (it has: ",
+                known.str(), ")");
   }
-  void run(const Launch&) override { TORCH_CHECK(false, "my_mps_ops: the Metal emulator is not built yet"); }
 };
+
+std::mutex g_registry_mutex;
+std::map<std::string, std::shared_ptr<EmulatedLibrary>>& registry() {
+  static std::map<std::string, std::shared_ptr<EmulatedLibrary>> libraries;
+  return libraries;
+}
+
+std::shared_ptr<EmulatedLibrary> find_library(const std::string& library) {
+  std::lock_guard<std::mutex> lock(g_registry_mutex);
+  auto it = registry().find(library);
+  TORCH_CHECK(it != registry().end(), "Metal emulator: no shader library '", library,
+              "' is loaded (ops run their Metal path on cpu tensors only inside my_mps_ops.testing.metal_emulation())");
+  return it->second;
+}
+
+// ------------------------------------------------------- guarded buffers
+
+size_t page_size() {
+  static const size_t size = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  return size;
+}
+
+// A copy of [base, base + length) placed so that its end is 16-byte aligned
+// right before an inaccessible page; the few padding bytes between are
+// filled with a canary checked after the run.
+struct GuardedRegion {
+  unsigned char* source = nullptr;  // the tensor storage bytes this mirrors
+  size_t length = 0;
+  unsigned char* mapping = nullptr;
+  size_t mapping_length = 0;
+  unsigned char* data = nullptr;
+  size_t padding = 0;
+  std::string label;  // "buffer(0) 'x'"
+  static constexpr unsigned char kCanary = 0xA5;
+
+  void allocate() {
+    const size_t ps = page_size();
+    const size_t padded = (length + 15) / 16 * 16;
+    const size_t body = (padded + ps - 1) / ps * ps;
+    mapping_length = body + 2 * ps;
+    void* p = mmap(nullptr, mapping_length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(p != MAP_FAILED, "Metal emulator: cannot map ", mapping_length, " bytes");
+    mapping = static_cast<unsigned char*>(p);
+    TORCH_CHECK(mprotect(mapping + ps, body, PROT_READ | PROT_WRITE) == 0, "Metal emulator: mprotect failed");
+    data = mapping + ps + body - padded;
+    padding = padded - length;
+    if (length) std::memcpy(data, source, length);
+    std::memset(data + length, kCanary, padding);
+  }
+  bool canary_intact() const {
+    for (size_t i = 0; i < padding; ++i)
+      if (data[length + i] != kCanary) return false;
+    return true;
+  }
+  bool contains_guard(const unsigned char* addr) const {
+    return addr >= mapping && addr < mapping + mapping_length;
+  }
+  ~GuardedRegion() {
+    if (mapping) munmap(mapping, mapping_length);
+  }
+};
+
+// ------------------------------------------------------- fault handling
+
+struct FaultState {
+  std::vector<GuardedRegion*> regions;
+  mtl_emu_current_fn current = nullptr;
+  const char* kernel = "";
+  std::atomic<bool> faulted{false};
+  char message[1024] = {0};
+};
+
+FaultState* g_fault = nullptr;  // set while a launch runs (launches are serialised)
+thread_local sigjmp_buf* tls_recover = nullptr;
+std::mutex g_launch_mutex;
+
+void on_fault(int sig, siginfo_t* info, void* uctx) {
+  FaultState* fs = g_fault;
+  if (fs == nullptr || tls_recover == nullptr) {
+    signal(sig, SIG_DFL);
+    raise(sig);
+    return;
+  }
+  const unsigned char* addr = static_cast<const unsigned char*>(info->si_addr);
+  const char* access = "access";
+#if defined(__x86_64__)
+  if (sig == SIGSEGV) {
+    const auto* uc = static_cast<const ucontext_t*>(uctx);
+    access = (uc->uc_mcontext.gregs[REG_ERR] & 2) ? "write" : "read";
+  }
+#else
+  (void)uctx;
+#endif
+  uint32_t pos[3] = {0, 0, 0}, group[3] = {0, 0, 0};
+  const bool have_thread = fs->current && fs->current(pos, group);
+  if (!fs->faulted.exchange(true)) {
+    int n;
+    if (sig == SIGFPE) {
+      n = snprintf(fs->message, sizeof(fs->message), "kernel '%s': arithmetic fault (integer division by zero?)",
+                   fs->kernel);
+    } else {
+      const GuardedRegion* hit = nullptr;
+      for (const GuardedRegion* r : fs->regions)
+        if (r->contains_guard(addr)) hit = r;
+      if (hit != nullptr) {
+        const long offset = static_cast<long>(addr - hit->data);
+        n = snprintf(fs->message, sizeof(fs->message),
+                     "kernel '%s': out-of-bounds %s at byte offset %ld of a %zu-byte buffer bound at %s", fs->kernel,
+                     access, offset, hit->length, hit->label.c_str());
+      } else {
+        n = snprintf(fs->message, sizeof(fs->message), "kernel '%s': invalid memory %s at address %p", fs->kernel,
+                     access, static_cast<const void*>(addr));
+      }
+    }
+    if (have_thread && n > 0 && size_t(n) < sizeof(fs->message))
+      snprintf(fs->message + n, sizeof(fs->message) - size_t(n),
+               " by thread_position_in_grid (%u, %u, %u) in threadgroup (%u, %u, %u)", pos[0], pos[1], pos[2], group[0],
+               group[1], group[2]);
+  }
+  siglongjmp(*tls_recover, 1);
+}
+
+struct SignalScope {
+  struct sigaction old_segv {}, old_bus {}, old_fpe {};
+  SignalScope() {
+    struct sigaction sa {};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &old_segv);
+    sigaction(SIGBUS, &sa, &old_bus);
+    sigaction(SIGFPE, &sa, &old_fpe);
+  }
+  ~SignalScope() {
+    sigaction(SIGSEGV, &old_segv, nullptr);
+    sigaction(SIGBUS, &old_bus, nullptr);
+    sigaction(SIGFPE, &old_fpe, nullptr);
+  }
+};
+
+// The fault handler must not run on a fiber's stack.
+void ensure_alternate_signal_stack() {
+  thread_local bool installed = false;
+  if (installed) return;
+  stack_t current{};
+  if (sigaltstack(nullptr, &current) == 0 && !(current.ss_flags & SS_DISABLE) && current.ss_size >= 65536) {
+    installed = true;
+    return;
+  }
+  static constexpr size_t kSize = 256 * 1024;
+  stack_t st{};
+  st.ss_sp = mmap(nullptr, kSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  st.ss_size = kSize;
+  st.ss_flags = 0;
+  TORCH_CHECK(st.ss_sp != MAP_FAILED && sigaltstack(&st, nullptr) == 0, "Metal emulator: sigaltstack failed");
+  installed = true;
+}
+
+// --------------------------------------------------------------- executor
+
+class Emulator final : public Executor {
+ public:
+  PipelineInfo pipeline_info(const std::string& library, const std::string& kernel) override {
+    auto lib = find_library(library);
+    const mtl_emu_kernel& k = lib->kernel(library, kernel);
+    PipelineInfo info;
+    info.max_threads_per_threadgroup = kMaxThreadsPerThreadgroup;
+    info.thread_execution_width = kSimdWidth;
+    info.static_threadgroup_memory_length = static_cast<uint32_t>(k.threadgroup_layout(nullptr));
+    return info;
+  }
+
+  void run(const Launch& launch) override {
+    auto lib = find_library(launch.library);
+    const mtl_emu_kernel& k = lib->kernel(launch.library, launch.kernel);
+    const std::string where = "Metal emulator: kernel '" + launch.kernel + "'";
+
+    uint64_t threads_per_group = 1;
+    for (int d = 0; d < 3; ++d) {
+      TORCH_CHECK(launch.group[d] >= 1, where, ": threadgroup size must be at least 1 in every dimension");
+      threads_per_group *= launch.group[d];
+    }
+    TORCH_CHECK(threads_per_group <= kMaxThreadsPerThreadgroup, where, ": threadgroup of ", threads_per_group,
+                " threads (", launch.group[0], "x", launch.group[1], "x", launch.group[2],
+                ") exceeds the 1024 threads an Apple GPU threadgroup can have");
+    for (int d = 0; d < 3; ++d)
+      if (launch.grid[d] == 0) return;  // an empty grid runs nothing
+
+    mtl_emu_launch L{};
+    L.kernel = &k;
+    L.uniform = launch.uniform ? 1 : 0;
+    L.strict_barriers = 1;
+    for (int d = 0; d < 3; ++d) {
+      L.grid[d] = launch.grid[d];
+      L.group[d] = launch.group[d];
+    }
+
+    // Bindings, then the guarded copies of every buffer (one per storage, so
+    // aliasing arguments stay aliased).
+    enum class Bound { None, Tensor, Bytes };
+    Bound bound[MTL_EMU_MAX_BINDINGS] = {};
+    size_t bound_bytes[MTL_EMU_MAX_BINDINGS] = {};
+    std::vector<std::vector<uint8_t>> scalar_storage;
+    std::vector<std::unique_ptr<GuardedRegion>> regions;
+    std::map<const void*, GuardedRegion*> region_of_storage;
+    struct PendingBuffer {
+      int index;
+      GuardedRegion* region;
+      size_t offset;
+    };
+    std::vector<PendingBuffer> pending;
+    std::vector<std::string> labels(MTL_EMU_MAX_BINDINGS);
+    for (int32_t i = 0; i < k.num_params; ++i)
+      if (k.params[i].kind == MTL_EMU_PARAM_BUFFER && k.params[i].index < MTL_EMU_MAX_BINDINGS)
+        labels[k.params[i].index] = std::string("buffer(") + std::to_string(k.params[i].index) + ") '" +
+                                    k.params[i].name + "'";
+
+    for (const Arg& arg : launch.args) {
+      TORCH_CHECK(arg.index < MTL_EMU_MAX_BINDINGS, where, ": argument index ", arg.index, " is out of range");
+      if (arg.kind == Arg::Kind::ThreadgroupMemory) {
+        L.threadgroup_lengths[arg.index] = arg.threadgroup_length;
+        continue;
+      }
+      if (arg.kind == Arg::Kind::Bytes) {
+        scalar_storage.emplace_back(arg.bytes);
+        scalar_storage.back().resize(std::max<size_t>(arg.bytes.size(), 16));
+        L.buffers[arg.index] = scalar_storage.back().data();
+        bound[arg.index] = Bound::Bytes;
+        bound_bytes[arg.index] = arg.bytes.size();
+        continue;
+      }
+      const at::Tensor& t = arg.tensor;
+      TORCH_CHECK(t.defined(), where, ": buffer(", arg.index, ") is an undefined tensor");
+      TORCH_CHECK(t.device().is_cpu(), where, ": buffer(", arg.index, ") is on ", t.device(),
+                  "; the emulator runs cpu tensors");
+      const auto& storage = t.storage();
+      unsigned char* base = static_cast<unsigned char*>(storage.mutable_data());
+      const size_t total = storage.nbytes();
+      const size_t offset = static_cast<size_t>(t.storage_offset()) * t.element_size();
+      GuardedRegion*& region = region_of_storage[base];
+      if (region == nullptr) {
+        regions.push_back(std::make_unique<GuardedRegion>());
+        region = regions.back().get();
+        region->source = base;
+        region->length = total;
+        region->label = labels[arg.index].empty() ? "buffer(" + std::to_string(arg.index) + ")" : labels[arg.index];
+      }
+      pending.push_back({static_cast<int>(arg.index), region, offset});
+      bound[arg.index] = Bound::Tensor;
+      bound_bytes[arg.index] = offset <= total ? total - offset : 0;
+    }
+
+    size_t threadgroup_total = k.threadgroup_layout(nullptr);
+    for (int32_t i = 0; i < k.num_params; ++i) {
+      const mtl_emu_param& p = k.params[i];
+      if (p.kind == MTL_EMU_PARAM_BUFFER) {
+        TORCH_CHECK(p.index < MTL_EMU_MAX_BINDINGS && bound[p.index] != Bound::None, where, ": buffer(", p.index,
+                    ") for parameter '", p.name, "' (", p.type, ") is not bound");
+        if (p.bytes > 0 && bound[p.index] == Bound::Bytes) {
+          TORCH_CHECK(bound_bytes[p.index] == p.bytes, where, ": the scalar argument at buffer(", p.index, ") has ",
+                      bound_bytes[p.index], " bytes but parameter '", p.name, "' (", p.type, ") reads ", p.bytes,
+                      " (pass the kernel's exact width, e.g. arg_casts)");
+        } else if (p.bytes > 0) {
+          TORCH_CHECK(bound_bytes[p.index] >= p.bytes, where, ": buffer(", p.index, ") has ", bound_bytes[p.index],
+                      " bytes but parameter '", p.name, "' (", p.type, ") reads ", p.bytes);
+        }
+      } else if (p.kind == MTL_EMU_PARAM_THREADGROUP) {
+        TORCH_CHECK(p.index < MTL_EMU_MAX_BINDINGS && L.threadgroup_lengths[p.index] > 0, where, ": threadgroup(",
+                    p.index, ") for parameter '", p.name, "' has no memory length set");
+        threadgroup_total += L.threadgroup_lengths[p.index];
+      }
+    }
+    TORCH_CHECK(threadgroup_total <= kMaxThreadgroupMemory, where, ": ", threadgroup_total,
+                " bytes of threadgroup memory exceed the 32 KB an Apple GPU threadgroup can have");
+
+    std::lock_guard<std::mutex> launch_lock(g_launch_mutex);
+    for (auto& r : regions) r->allocate();
+    for (const PendingBuffer& b : pending) L.buffers[b.index] = b.region->data + b.offset;
+
+    FaultState fault;
+    for (auto& r : regions) fault.regions.push_back(r.get());
+    fault.current = lib->current;
+    fault.kernel = k.host_name;
+
+    uint64_t groups = 1;
+    for (int d = 0; d < 3; ++d)
+      groups *= L.uniform ? L.grid[d] : (L.grid[d] + L.group[d] - 1) / L.group[d];
+    mtl_emu_error error{};
+    std::mutex error_mutex;
+    {
+      SignalScope signals;
+      g_fault = &fault;
+      const int64_t workers = std::max<int64_t>(1, at::get_num_threads());
+      const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(groups) / (4 * workers));
+      at::parallel_for(0, static_cast<int64_t>(groups), grain, [&](int64_t first, int64_t last) {
+        ensure_alternate_signal_stack();
+        mtl_emu_error local{};
+        sigjmp_buf recover;
+        if (sigsetjmp(recover, 1) == 0) {
+          tls_recover = &recover;
+          lib->run(&L, static_cast<uint64_t>(first), static_cast<uint64_t>(last), &local);
+        }
+        tls_recover = nullptr;
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (local.failed && !error.failed) {
+          error.failed = 1;
+          std::memcpy(error.message, local.message, sizeof(error.message));
+        }
+        if (local.warnings && !error.warnings)
+          std::memcpy(error.first_warning, local.first_warning, sizeof(error.first_warning));
+        error.warnings += local.warnings;
+      });
+      g_fault = nullptr;
+    }
+    if (fault.faulted) {
+      // The worker that faulted left its lanes mid-flight: the next run on it
+      // abandons them (see metal_runtime.cpp).
+      TORCH_CHECK(false, "Metal emulator: ", fault.message);
+    }
+    TORCH_CHECK(!error.failed, "Metal emulator: ", error.message);
+    for (auto& r : regions)
+      TORCH_CHECK(r->canary_intact(), where, ": out-of-bounds write past the end of the ", r->length,
+                  "-byte buffer bound at ", r->label);
+    if (error.warnings) TORCH_WARN("Metal emulator: ", error.warnings, " warning(s); first: ", error.first_warning);
+    for (auto& r : regions)
+      if (r->length) std::memcpy(r->source, r->data, r->length);
+  }
+};
+
 }  // namespace
 
 Executor& emulator_executor() {
-  static UnavailableEmulator executor;
+  static Emulator executor;
   return executor;
 }
 
-void emulator_register_library(const std::string&, const std::string&) {
-  TORCH_CHECK(false, "my_mps_ops: the Metal emulator is not built yet");
+void emulator_register_library(const std::string& library, const std::string& so_path) {
+  std::lock_guard<std::mutex> lock(g_registry_mutex);
+  auto& libs = registry();
+  auto it = libs.find(library);
+  if (it != libs.end() && it->second->path == so_path) return;
+  auto lib = std::make_shared<EmulatedLibrary>();
+  lib->path = so_path;
+  lib->handle = dlopen(so_path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  TORCH_CHECK(lib->handle != nullptr, "Metal emulator: cannot load ", so_path, ": ", dlerror());
+  auto kernels = reinterpret_cast<mtl_emu_kernels_fn>(dlsym(lib->handle, "mtl_emu_kernels"));
+  lib->run = reinterpret_cast<mtl_emu_run_fn>(dlsym(lib->handle, "mtl_emu_run"));
+  lib->current = reinterpret_cast<mtl_emu_current_fn>(dlsym(lib->handle, "mtl_emu_current"));
+  TORCH_CHECK(kernels && lib->run && lib->current, "Metal emulator: ", so_path, " is not an emulator library");
+  int32_t abi = 0;
+  lib->kernels = kernels(&lib->count, &abi);
+  TORCH_CHECK(abi == MTL_EMU_ABI_VERSION, "Metal emulator: ", so_path, " was built for ABI ", abi, ", expected ",
+              MTL_EMU_ABI_VERSION);
+  libs[library] = lib;  // a replaced library stays loaded: launches may still hold it
+}
+
+std::vector<EmulatorKernelInfo> emulator_kernels(const std::string& library) {
+  auto lib = find_library(library);
+  std::vector<EmulatorKernelInfo> out;
+  for (int32_t i = 0; i < lib->count; ++i) {
+    const mtl_emu_kernel& k = lib->kernels[i];
+    EmulatorKernelInfo info;
+    info.name = k.host_name;
+    info.static_threadgroup_memory_length = k.threadgroup_layout(nullptr);
+    info.uses_sync = k.uses_sync != 0;
+    for (int32_t j = 0; j < k.num_params; ++j) {
+      const mtl_emu_param& p = k.params[j];
+      info.params.push_back({p.name, p.type, p.kind == MTL_EMU_PARAM_BUFFER        ? "buffer"
+                                             : p.kind == MTL_EMU_PARAM_THREADGROUP ? "threadgroup"
+                                                                                   : "builtin",
+                             p.index, p.bytes});
+    }
+    out.push_back(std::move(info));
+  }
+  return out;
 }
 
 }  // namespace my_mps_ops::metal

@@ -1,0 +1,159 @@
+"""The Metal emulator: runs Metal Shading Language kernels on the CPU.
+
+``compile_shader(source)`` mirrors ``torch.mps.compile_shader``: kernels are
+attributes of the returned library, called with cpu tensors::
+
+    lib = my_mps_ops.emulator.compile_shader(source)
+    lib.add_kernel(x, y, out, threads=out.numel(), group_size=256)
+
+Binding rules are torch.mps.compile_shader's: a Tensor binds a buffer (at its
+storage offset), a Python int 8 bytes (int64), a float 4 bytes (float32), a
+list/tuple an array of int64 (or float32 if any element is a float);
+``arg_casts`` ("fp16", "bf16", "int32", "int16", "int8", "uint8", for all
+scalars as a str or per argument index as a dict) narrows scalars. Kernels run
+with dispatchThreads semantics (non-uniform grids): only threads inside
+``threads`` run.
+
+Every GPU thread is run (fibers when the kernel synchronises), and what a GPU
+hides is raised as RuntimeError: out-of-bounds accesses, divergent barriers and
+SIMD-group functions, threads that returned before a barrier, scalars of the
+wrong width, unbound buffers, threadgroups over 1024 threads or 32 KB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+
+from .build import CompileError, build
+
+__all__ = ["compile_shader", "ShaderLibrary", "CompileError"]
+
+MAX_THREADS_PER_THREADGROUP = 1024
+THREAD_EXECUTION_WIDTH = 32
+
+_CASTS = {
+    "fp16": lambda v: struct.pack("<e", float(v)),
+    "bf16": lambda v: _bf16(v),
+    "int32": lambda v: struct.pack("<i", int(v)),
+    "int16": lambda v: struct.pack("<h", int(v)),
+    "int8": lambda v: struct.pack("<b", int(v)),
+    "uint8": lambda v: struct.pack("<B", int(v)),
+}
+
+
+def _bf16(v) -> bytes:
+    return torch.tensor([float(v)], dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()
+
+
+def _native():
+    from .. import _C
+
+    return _C
+
+
+def _pack_scalar(value, cast: Optional[str]) -> bytes:
+    if cast is not None:
+        if cast not in _CASTS:
+            raise ValueError(f"unknown arg_cast {cast!r}; expected one of {sorted(_CASTS)}")
+        if isinstance(value, (list, tuple)):
+            return b"".join(_CASTS[cast](v) for v in value)
+        return _CASTS[cast](value)
+    if isinstance(value, bool):
+        return struct.pack("<q", int(value))
+    if isinstance(value, int):
+        return struct.pack("<q", value)
+    if isinstance(value, float):
+        return struct.pack("<f", value)
+    if isinstance(value, (list, tuple)):
+        if any(isinstance(v, float) for v in value):
+            return struct.pack(f"<{len(value)}f", *map(float, value))
+        return struct.pack(f"<{len(value)}q", *map(int, value))
+    raise TypeError(f"cannot bind argument of type {type(value).__name__} to a Metal kernel")
+
+
+def _dims(value, name) -> tuple:
+    if isinstance(value, int):
+        value = (value,)
+    value = tuple(int(v) for v in value)
+    if not 1 <= len(value) <= 3:
+        raise ValueError(f"{name} must have 1 to 3 dimensions, got {value}")
+    return value
+
+
+class ShaderKernel:
+    def __init__(self, library: "ShaderLibrary", info: dict):
+        self._library = library
+        self._info = info
+        self.name = info["name"]
+
+    @property
+    def max_threads_per_threadgroup(self) -> int:
+        return MAX_THREADS_PER_THREADGROUP
+
+    @property
+    def thread_execution_width(self) -> int:
+        return THREAD_EXECUTION_WIDTH
+
+    @property
+    def static_thread_group_memory_length(self) -> int:
+        return int(self._info["static_thread_group_memory_length"])
+
+    def __call__(self, *args, threads=None, group_size=None,
+                 arg_casts: Optional[Union[str, Dict[int, str]]] = None) -> None:
+        bound = []
+        first_tensor = None
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                if a.device.type != "cpu":
+                    raise RuntimeError(f"Metal emulator: argument {i} is on {a.device}; the emulator runs cpu tensors")
+                bound.append(a)
+                if first_tensor is None:
+                    first_tensor = a
+            else:
+                cast = arg_casts if isinstance(arg_casts, str) else (arg_casts or {}).get(i)
+                bound.append(_pack_scalar(a, cast))
+        if threads is None:
+            if first_tensor is None:
+                raise ValueError("threads must be given when no tensor argument is passed")
+            threads = first_tensor.numel()
+        threads = _dims(threads, "threads")
+        if group_size is None:
+            group_size = (min(threads[0], MAX_THREADS_PER_THREADGROUP),) + (1,) * (len(threads) - 1)
+        group_size = _dims(group_size, "group_size")
+        if len(group_size) != len(threads):
+            raise ValueError(f"threads {threads} and group_size {group_size} must have the same rank")
+        grid = threads + (1,) * (3 - len(threads))
+        group = group_size + (1,) * (3 - len(group_size))
+        _native().emulator_launch(self._library._key, self.name, bound, list(grid), list(group), False)
+
+    def __repr__(self) -> str:
+        return f"<emulated Metal kernel {self.name}>"
+
+
+class ShaderLibrary:
+    """Kernels compiled from one MSL source, as attributes."""
+
+    def __init__(self, source: str, name: Optional[str] = None, include_dirs: Sequence[str] = ()):
+        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+        self._key = f"__compile_shader_{name or digest}"
+        self.path, self.translation = build(source, name or f"shader_{digest}", include_dirs)
+        _native().emulator_register_library(self._key, self.path)
+        self._kernels = {k["name"]: ShaderKernel(self, k) for k in _native().emulator_kernels(self._key)}
+
+    def __getattr__(self, name: str) -> ShaderKernel:
+        kernels = self.__dict__.get("_kernels", {})
+        if name in kernels:
+            return kernels[name]
+        raise AttributeError(f"no kernel named {name!r} in this library (it has: {', '.join(sorted(kernels))})")
+
+    def __dir__(self):
+        return list(super().__dir__()) + list(self._kernels)
+
+
+def compile_shader(source: str, include_dirs: Sequence[str] = ()) -> ShaderLibrary:
+    """Compiles MSL source for the emulator (cached on disk); mirrors torch.mps.compile_shader."""
+    return ShaderLibrary(source, include_dirs=include_dirs)

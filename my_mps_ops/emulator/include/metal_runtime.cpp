@@ -1,0 +1,426 @@
+// The Metal emulator's scheduler, linked into every emulated kernel library.
+//
+// A threadgroup runs on one OS thread. Kernels that never synchronise run as a
+// plain loop over their threads. Kernels with barriers or SIMD-group functions
+// run each GPU thread as a Boost.Context fiber: a thread runs until it reaches
+// a synchronisation point, then the next one runs; when every thread is
+// blocked, SIMD groups whose live lanes all wait in a SIMD-group function are
+// released together (at one call site, or it is an error), then a barrier
+// that every live thread of the group reached is released. What cannot
+// progress is reported: divergent barriers, divergent SIMD collectives,
+// threads that returned before a barrier, deadlock.
+#include "metal_runtime.h"
+
+#include <boost/context/fiber.hpp>
+
+#include <sys/mman.h>
+
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <new>
+#include <string>
+#include <vector>
+
+namespace __mtl {
+namespace {
+
+enum class State : uint8_t { Runnable, AtBarrier, AtSimd, Done };
+
+struct Site {
+  unsigned line = 0;
+  const char* file = "";
+  bool operator==(const Site& o) const { return line == o.line && (file == o.file || std::strcmp(file, o.file) == 0); }
+};
+
+struct Abort {};  // unwinds a lane after the error has been recorded
+
+struct Lane {
+  mtl_emu_lane info;
+  uint32_t grid_pos[3];
+  State state = State::Runnable;
+  Site site;
+  size_t deposit_bytes = 0;
+  alignas(16) unsigned char deposit[kSimdSlotBytes];
+  SimdExchange result{};
+  boost::context::fiber fiber;  // the lane while suspended
+  boost::context::fiber sched;  // the scheduler while the lane runs
+};
+
+struct SimdGroup {
+  alignas(16) unsigned char slots[2][kSimdWidth][kSimdSlotBytes];
+  unsigned generation = 0;
+};
+
+// Fiber stacks, reused across threadgroups of one OS thread.
+constexpr size_t kStackBytes = 256 * 1024;
+
+struct Worker {
+  std::vector<Lane> lanes;
+  std::vector<SimdGroup> simds;
+  std::vector<unsigned char*> stacks;
+  std::vector<unsigned char> tg_static;
+  std::vector<size_t> tg_offsets;
+  std::vector<unsigned char> tg_dynamic[MTL_EMU_MAX_BINDINGS];
+  const mtl_emu_launch* launch = nullptr;
+  mtl_emu_error* error = nullptr;
+  bool fibers = false;
+  bool abandoned = false;  // lanes of an aborted group still own fibers
+
+  ~Worker() {
+    for (unsigned char* s : stacks) munmap(s, kStackBytes);
+  }
+};
+
+thread_local Worker* tls_worker = nullptr;
+thread_local Lane* tls_lane = nullptr;
+
+struct StackPool {
+  Worker* worker;
+  boost::context::stack_context allocate() {
+    unsigned char* base;
+    if (!worker->stacks.empty()) {
+      base = worker->stacks.back();
+      worker->stacks.pop_back();
+    } else {
+      void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (p == MAP_FAILED) throw std::bad_alloc();
+      base = static_cast<unsigned char*>(p);
+    }
+    boost::context::stack_context sc;
+    sc.size = kStackBytes;
+    sc.sp = base + kStackBytes;
+    return sc;
+  }
+  void deallocate(boost::context::stack_context& sc) noexcept {
+    worker->stacks.push_back(static_cast<unsigned char*>(sc.sp) - kStackBytes);
+  }
+};
+
+void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+void fail(const char* fmt, ...) {
+  mtl_emu_error* err = tls_worker->error;
+  if (err->failed) return;
+  err->failed = 1;
+  const char* name = tls_worker->launch->kernel->host_name;
+  int n = std::snprintf(err->message, sizeof(err->message), "kernel '%s': ", name);
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(err->message + n, sizeof(err->message) - size_t(n), fmt, ap);
+  va_end(ap);
+}
+
+void warn(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+void warn(const char* fmt, ...) {
+  mtl_emu_error* err = tls_worker->error;
+  if (err->warnings++ == 0) {
+    va_list ap;
+    va_start(ap, fmt);
+    std::vsnprintf(err->first_warning, sizeof(err->first_warning), fmt, ap);
+    va_end(ap);
+  }
+}
+
+std::string lane_list(const std::vector<unsigned>& ids) {
+  std::string s;
+  for (size_t i = 0; i < ids.size() && i < 8; ++i) s += (i ? ", " : "") + std::to_string(ids[i]);
+  if (ids.size() > 8) s += ", ... (" + std::to_string(ids.size()) + " in all)";
+  return s;
+}
+
+Lane& current_lane(const char* what) {
+  Lane* lane = tls_lane;
+  if (lane == nullptr || tls_worker == nullptr) {
+    std::fprintf(stderr, "metal emulator: %s called outside a kernel\n", what);
+    std::abort();
+  }
+  return *lane;
+}
+
+// Suspends the calling lane until the scheduler releases it.
+void suspend(Lane& lane, State state, unsigned line, const char* file) {
+  if (!tls_worker->fibers) {
+    fail("%s at %s:%u was reached, but the kernel was classified as never synchronising (emulator bug)",
+         state == State::AtBarrier ? "a barrier" : "a SIMD-group function", file, line);
+    throw Abort{};
+  }
+  lane.state = state;
+  lane.site = Site{line, file};
+  lane.sched = std::move(lane.sched).resume();
+  tls_lane = &lane;
+  if (tls_worker->error->failed) throw Abort{};
+}
+
+void setup_lane(Lane& lane, const mtl_emu_launch* L, const uint32_t group_pos[3], const uint32_t size[3],
+                const uint32_t groups[3], const uint32_t grid_threads[3], uint32_t index) {
+  mtl_emu_lane& info = lane.info;
+  const uint32_t x = index % size[0], y = (index / size[0]) % size[1], z = index / (size[0] * size[1]);
+  const uint32_t tig[3] = {x, y, z};
+  const uint32_t count = size[0] * size[1] * size[2];
+  for (int d = 0; d < 3; ++d) {
+    info.thread_in_group[d] = tig[d];
+    info.group_pos[d] = group_pos[d];
+    info.group_size[d] = size[d];
+    info.groups[d] = groups[d];
+    info.grid_threads[d] = grid_threads[d];
+    lane.grid_pos[d] = group_pos[d] * uint32_t(L->group[d]) + tig[d];
+  }
+  info.index_in_group = index;
+  info.simd_lane = index % kSimdWidth;
+  info.simd_group = index / kSimdWidth;
+  info.simd_groups = (count + kSimdWidth - 1) / kSimdWidth;
+  lane.state = State::Runnable;
+  lane.deposit_bytes = 0;
+}
+
+void abandon_fibers(Worker& w) {
+  // Fibers of an aborted group are leaked, not unwound: their stacks may be
+  // in any state after a fault. Error paths only.
+  for (Lane& lane : w.lanes) {
+    if (lane.fiber) new (std::malloc(sizeof(boost::context::fiber))) boost::context::fiber(std::move(lane.fiber));
+    if (lane.sched) new (std::malloc(sizeof(boost::context::fiber))) boost::context::fiber(std::move(lane.sched));
+  }
+  w.abandoned = false;
+}
+
+// Releases SIMD groups whose live lanes all wait in a SIMD-group function.
+// Returns whether any lane became runnable; records divergence errors.
+bool release_simd_groups(Worker& w, uint32_t count) {
+  bool released = false;
+  const uint32_t nsimd = (count + kSimdWidth - 1) / kSimdWidth;
+  for (uint32_t s = 0; s < nsimd; ++s) {
+    const uint32_t first = s * kSimdWidth, last = std::min(count, first + kSimdWidth);
+    std::vector<unsigned> at_simd, at_barrier;
+    for (uint32_t i = first; i < last; ++i) {
+      if (w.lanes[i].state == State::AtSimd) at_simd.push_back(i - first);
+      else if (w.lanes[i].state == State::AtBarrier) at_barrier.push_back(i - first);
+    }
+    if (at_simd.empty()) continue;
+    const Lane& lead = w.lanes[first + at_simd[0]];
+    if (!at_barrier.empty()) {
+      const Lane& b = w.lanes[first + at_barrier[0]];
+      fail("divergent SIMD group %u of threadgroup (%u, %u, %u): lanes [%s] wait in a SIMD-group function at "
+           "%s:%u while lanes [%s] wait at a threadgroup barrier at %s:%u",
+           s, lead.info.group_pos[0], lead.info.group_pos[1], lead.info.group_pos[2], lane_list(at_simd).c_str(),
+           lead.site.file, lead.site.line, lane_list(at_barrier).c_str(), b.site.file, b.site.line);
+      return false;
+    }
+    std::vector<unsigned> other;
+    for (unsigned l : at_simd)
+      if (!(w.lanes[first + l].site == lead.site)) other.push_back(l);
+    if (!other.empty()) {
+      const Lane& o = w.lanes[first + other[0]];
+      fail("SIMD-group functions reached at different call sites by the lanes of SIMD group %u of threadgroup "
+           "(%u, %u, %u): %s:%u and %s:%u (lanes [%s]); every active lane must reach the same call",
+           s, lead.info.group_pos[0], lead.info.group_pos[1], lead.info.group_pos[2], lead.site.file,
+           lead.site.line, o.site.file, o.site.line, lane_list(other).c_str());
+      return false;
+    }
+    SimdGroup& sg = w.simds[s];
+    unsigned char(*slots)[kSimdSlotBytes] = sg.slots[sg.generation++ & 1u];
+    uint32_t active = 0;
+    for (unsigned l : at_simd) {
+      const Lane& lane = w.lanes[first + l];
+      std::memcpy(slots[l], lane.deposit, lane.deposit_bytes);
+      active |= 1u << l;
+    }
+    for (unsigned l : at_simd) {
+      Lane& lane = w.lanes[first + l];
+      lane.result = SimdExchange{&slots[0][0], active, l};
+      lane.state = State::Runnable;
+    }
+    released = true;
+  }
+  return released;
+}
+
+// Releases a barrier that every live thread of the group waits at.
+bool release_barrier(Worker& w, uint32_t count, const mtl_emu_launch* L) {
+  std::vector<unsigned> waiting, done;
+  for (uint32_t i = 0; i < count; ++i) {
+    if (w.lanes[i].state == State::AtBarrier) waiting.push_back(i);
+    else if (w.lanes[i].state == State::Done) done.push_back(i);
+  }
+  if (waiting.empty()) return false;
+  const Lane& lead = w.lanes[waiting[0]];
+  std::vector<unsigned> other;
+  for (unsigned i : waiting)
+    if (!(w.lanes[i].site == lead.site)) other.push_back(i);
+  if (!other.empty()) {
+    const Lane& o = w.lanes[other[0]];
+    fail("threadgroup barriers reached at different call sites in threadgroup (%u, %u, %u): %s:%u and %s:%u "
+         "(threads [%s] by index in threadgroup)",
+         lead.info.group_pos[0], lead.info.group_pos[1], lead.info.group_pos[2], lead.site.file, lead.site.line,
+         o.site.file, o.site.line, lane_list(other).c_str());
+    return false;
+  }
+  if (!done.empty()) {
+    const Lane& d = w.lanes[done[0]];
+    if (L->strict_barriers) {
+      fail("threadgroup barrier at %s:%u reached by %zu of %u threads of threadgroup (%u, %u, %u): threads [%s] "
+           "(by index in threadgroup; the first at thread_position_in_grid (%u, %u, %u)) had returned",
+           lead.site.file, lead.site.line, waiting.size(), count, lead.info.group_pos[0], lead.info.group_pos[1],
+           lead.info.group_pos[2], lane_list(done).c_str(), d.grid_pos[0], d.grid_pos[1], d.grid_pos[2]);
+      return false;
+    }
+    warn("kernel '%s': threadgroup barrier at %s:%u reached by %zu of %u threads (the others had returned)",
+         L->kernel->host_name, lead.site.file, lead.site.line, waiting.size(), count);
+  }
+  for (unsigned i : waiting) w.lanes[i].state = State::Runnable;
+  return true;
+}
+
+void run_group_fibers(Worker& w, const mtl_emu_launch* L, uint32_t count) {
+  for (uint32_t i = 0; i < count; ++i) {
+    Lane* lane = &w.lanes[i];
+    lane->fiber = boost::context::fiber(std::allocator_arg, StackPool{&w},
+                                        [lane, L](boost::context::fiber&& sched) {
+                                          lane->sched = std::move(sched);
+                                          tls_lane = lane;
+                                          try {
+                                            L->kernel->invoke(L, &lane->info);
+                                          } catch (const Abort&) {
+                                          } catch (...) {
+                                            fail("a C++ exception escaped the kernel");
+                                          }
+                                          lane->state = State::Done;
+                                          return std::move(lane->sched);
+                                        });
+  }
+  for (;;) {
+    bool all_done = true;
+    for (uint32_t i = 0; i < count; ++i) {
+      Lane& lane = w.lanes[i];
+      if (lane.state == State::Runnable) {
+        tls_lane = &lane;
+        lane.fiber = std::move(lane.fiber).resume();
+        tls_lane = nullptr;
+        if (w.error->failed) {
+          w.abandoned = true;
+          return;
+        }
+      }
+      all_done = all_done && lane.state == State::Done;
+    }
+    if (all_done) return;
+    if (release_simd_groups(w, count)) continue;
+    if (!w.error->failed && release_barrier(w, count, L)) continue;
+    if (!w.error->failed) fail("deadlock: no thread of threadgroup can make progress");
+    w.abandoned = true;
+    return;
+  }
+}
+
+}  // namespace
+
+// ----------------------------------------------------- kernel-side entries
+
+void sync_barrier(unsigned line, const char* file) {
+  Lane& lane = current_lane("threadgroup_barrier");
+  suspend(lane, State::AtBarrier, line, file);
+}
+
+SimdExchange simd_exchange(const void* value, size_t bytes, unsigned line, const char* file) {
+  Lane& lane = current_lane("a SIMD-group function");
+  if (bytes > kSimdSlotBytes) {
+    fail("SIMD-group function argument of %zu bytes is larger than the emulator supports", bytes);
+    throw Abort{};
+  }
+  if (bytes) std::memcpy(lane.deposit, value, bytes);
+  lane.deposit_bytes = bytes;
+  suspend(lane, State::AtSimd, line, file);
+  return lane.result;
+}
+
+void note_inactive_lane_read(unsigned line, const char* file, unsigned lane, unsigned src) {
+  warn("kernel '%s': lane %u read lane %u, which is not active, in a SIMD-group function at %s:%u (undefined "
+       "on the GPU; the emulator returns all bits set)",
+       tls_worker->launch->kernel->host_name, lane, src, file, line);
+}
+
+unsigned char* threadgroup_static_base(int site) {
+  Worker& w = *tls_worker;
+  return w.tg_static.data() + w.tg_offsets[size_t(site)];
+}
+
+unsigned char* threadgroup_dynamic_base(int index) { return tls_worker->tg_dynamic[index].data(); }
+
+unsigned short simdgroup_lane_id() { return (unsigned short)current_lane("simdgroup_lane_id").info.simd_lane; }
+
+void simdgroup_allgather(const void* mine, void* all, unsigned long bytes) {
+  const SimdExchange ex = simd_exchange(mine, bytes, __LINE__, __FILE__);
+  for (unsigned i = 0; i < kSimdWidth; ++i) {
+    if ((ex.active >> i) & 1u) std::memcpy(static_cast<unsigned char*>(all) + i * bytes, ex.slots + i * kSimdSlotBytes, bytes);
+    else std::memset(static_cast<unsigned char*>(all) + i * bytes, 0, bytes);
+  }
+}
+
+}  // namespace __mtl
+
+// ----------------------------------------------------------- host entries
+
+extern "C" __attribute__((visibility("default"))) void mtl_emu_run(const mtl_emu_launch* L, uint64_t first,
+                                                                   uint64_t last, mtl_emu_error* error) {
+  using namespace __mtl;
+  static thread_local Worker worker;
+  Worker& w = worker;
+  tls_worker = &w;
+  if (w.abandoned) abandon_fibers(w);
+  w.launch = L;
+  w.error = error;
+  w.fibers = L->kernel->uses_sync != 0;
+
+  uint32_t groups[3], grid_threads[3];
+  for (int d = 0; d < 3; ++d) {
+    groups[d] = uint32_t(L->uniform ? L->grid[d] : (L->grid[d] + L->group[d] - 1) / L->group[d]);
+    grid_threads[d] = uint32_t(L->uniform ? L->grid[d] * L->group[d] : L->grid[d]);
+  }
+  const size_t nominal = size_t(L->group[0] * L->group[1] * L->group[2]);
+  if (w.lanes.size() < nominal) w.lanes.resize(nominal);
+  if (w.simds.size() < (nominal + kSimdWidth - 1) / kSimdWidth) w.simds.resize((nominal + kSimdWidth - 1) / kSimdWidth);
+  const size_t static_bytes = L->kernel->threadgroup_layout(nullptr);
+  w.tg_offsets.assign(64, 0);
+  L->kernel->threadgroup_layout(w.tg_offsets.data());
+  w.tg_static.resize(static_bytes + 16);
+  for (int i = 0; i < MTL_EMU_MAX_BINDINGS; ++i) w.tg_dynamic[i].resize(L->threadgroup_lengths[i]);
+
+  for (uint64_t g = first; g < last && !error->failed; ++g) {
+    const uint32_t pos[3] = {uint32_t(g % groups[0]), uint32_t((g / groups[0]) % groups[1]),
+                             uint32_t(g / (uint64_t(groups[0]) * groups[1]))};
+    uint32_t size[3];
+    for (int d = 0; d < 3; ++d) {
+      const uint64_t start = uint64_t(pos[d]) * L->group[d];
+      size[d] = uint32_t(L->uniform ? L->group[d] : std::min<uint64_t>(L->group[d], L->grid[d] - start));
+    }
+    const uint32_t count = size[0] * size[1] * size[2];
+    // Poison threadgroup memory: reads before writes show up as NaN / all-ones.
+    std::memset(w.tg_static.data(), 0xFF, w.tg_static.size());
+    for (int i = 0; i < MTL_EMU_MAX_BINDINGS; ++i)
+      if (!w.tg_dynamic[i].empty()) std::memset(w.tg_dynamic[i].data(), 0xFF, w.tg_dynamic[i].size());
+    for (uint32_t i = 0; i < count; ++i) setup_lane(w.lanes[i], L, pos, size, groups, grid_threads, i);
+    if (w.fibers) {
+      run_group_fibers(w, L, count);
+    } else {
+      for (uint32_t i = 0; i < count && !error->failed; ++i) {
+        tls_lane = &w.lanes[i];
+        try {
+          L->kernel->invoke(L, &w.lanes[i].info);
+        } catch (const Abort&) {
+        }
+      }
+      tls_lane = nullptr;
+    }
+  }
+  tls_lane = nullptr;
+}
+
+extern "C" __attribute__((visibility("default"))) int mtl_emu_current(uint32_t thread_in_grid[3],
+                                                                      uint32_t group_pos[3]) {
+  __mtl::Lane* lane = __mtl::tls_lane;
+  if (lane == nullptr) return 0;
+  for (int d = 0; d < 3; ++d) {
+    thread_in_grid[d] = lane->grid_pos[d];
+    group_pos[d] = lane->info.group_pos[d];
+  }
+  return 1;
+}

@@ -1,0 +1,324 @@
+// The kernel side of the Metal emulator's runtime: thread builtins,
+// threadgroup_barrier / simdgroup_barrier, the simd_* functions and
+// threadgroup storage, over the scheduler in metal_runtime.cpp (fibers, one
+// per GPU thread, when a kernel synchronises; a plain loop otherwise).
+//
+// Every translated shader includes this first. Synchronisation points take
+// their call site from __builtin_LINE()/__builtin_FILE() default arguments, so
+// that lanes meeting at different places in the .metal source are reported.
+#pragma once
+
+#include "metal_emulator_abi.h"
+#include "metal_stdlib.h"
+
+#include <cstring>
+#include <tuple>
+#include <utility>
+
+namespace __mtl {
+
+// Bytes one lane can contribute to a SIMD-group exchange.
+constexpr size_t kSimdSlotBytes = 256;
+constexpr unsigned kSimdWidth = 32;
+
+struct SimdExchange {
+  const unsigned char* slots;  // lane i's value at slots + i * kSimdSlotBytes
+  uint32_t active;             // bit i: lane i took part
+  uint32_t lane;               // the calling lane
+};
+
+// Scheduler entry points (metal_runtime.cpp).
+void sync_barrier(unsigned line, const char* file);
+SimdExchange simd_exchange(const void* value, size_t bytes, unsigned line, const char* file);
+void note_inactive_lane_read(unsigned line, const char* file, unsigned lane, unsigned src);
+unsigned char* threadgroup_static_base(int site);
+unsigned char* threadgroup_dynamic_base(int index);
+
+// `threadgroup T x[N];` in a kernel becomes `auto& x = *threadgroup_static<T[N]>(site)`.
+template <class T>
+inline T* threadgroup_static(int site) {
+  return reinterpret_cast<T*>(threadgroup_static_base(site));
+}
+
+// Static threadgroup layout: appends T at its alignment, records its offset.
+template <class T>
+inline size_t threadgroup_place(size_t total, size_t* offsets, int site) {
+  const size_t align = alignof(T) < 16 ? 16 : alignof(T);
+  total = (total + align - 1) / align * align;
+  if (offsets != nullptr) offsets[site] = total;
+  return total + sizeof(T);
+}
+
+// ---------------------------------------------------------------- builtins
+
+inline void builtin_value(const mtl_emu_launch* L, const mtl_emu_lane* lane, int which, uint32_t v[3]) {
+  v[1] = v[2] = 0;
+  switch (which) {
+    case MTL_EMU_THREAD_POSITION_IN_GRID:
+      for (int d = 0; d < 3; ++d) v[d] = lane->group_pos[d] * uint32_t(L->group[d]) + lane->thread_in_group[d];
+      return;
+    case MTL_EMU_THREADGROUP_POSITION_IN_GRID: for (int d = 0; d < 3; ++d) v[d] = lane->group_pos[d]; return;
+    case MTL_EMU_THREAD_POSITION_IN_THREADGROUP: for (int d = 0; d < 3; ++d) v[d] = lane->thread_in_group[d]; return;
+    case MTL_EMU_THREADS_PER_THREADGROUP: for (int d = 0; d < 3; ++d) v[d] = lane->group_size[d]; return;
+    case MTL_EMU_THREADGROUPS_PER_GRID: for (int d = 0; d < 3; ++d) v[d] = lane->groups[d]; return;
+    case MTL_EMU_THREADS_PER_GRID: for (int d = 0; d < 3; ++d) v[d] = lane->grid_threads[d]; return;
+    case MTL_EMU_THREAD_INDEX_IN_THREADGROUP: v[0] = lane->index_in_group; return;
+    case MTL_EMU_THREAD_INDEX_IN_SIMDGROUP: v[0] = lane->simd_lane; return;
+    case MTL_EMU_SIMDGROUP_INDEX_IN_THREADGROUP: v[0] = lane->simd_group; return;
+    case MTL_EMU_THREADS_PER_SIMDGROUP: v[0] = kSimdWidth; return;
+    case MTL_EMU_SIMDGROUPS_PER_THREADGROUP: v[0] = lane->simd_groups; return;
+    default: v[0] = 0; return;
+  }
+}
+
+template <class P>
+inline P builtin(const mtl_emu_launch* L, const mtl_emu_lane* lane, int which) {
+  uint32_t v[3];
+  builtin_value(L, lane, which, v);
+  if constexpr (is_vec_v<P>) {
+    using E = typename vec_traits<P>::elem;
+    constexpr int n = vec_traits<P>::size;
+    if constexpr (n == 2) return P(E(v[0]), E(v[1]));
+    else if constexpr (n == 3) return P(E(v[0]), E(v[1]), E(v[2]));
+    else return P(E(v[0]), E(v[1]), E(v[2]), E(0));
+  } else {
+    return P(v[0]);
+  }
+}
+
+// ------------------------------------------------------- kernel invocation
+
+template <class F>
+struct kernel_signature;
+template <class... P>
+struct kernel_signature<void (*)(P...)> {
+  using args = std::tuple<P...>;
+  static constexpr size_t arity = sizeof...(P);
+};
+
+// Bytes a constant-reference parameter reads (0 for pointers and builtins).
+template <class F, size_t I>
+constexpr uint32_t param_bytes() {
+  using P = std::tuple_element_t<I, typename kernel_signature<F>::args>;
+  if constexpr (std::is_reference_v<P>) return uint32_t(sizeof(std::remove_reference_t<P>));
+  else return 0;
+}
+
+template <class P>
+inline P kernel_arg(const mtl_emu_launch* L, const mtl_emu_lane* lane, const mtl_emu_param& p) {
+  if constexpr (std::is_pointer_v<P>) {
+    void* base = p.kind == MTL_EMU_PARAM_THREADGROUP ? static_cast<void*>(threadgroup_dynamic_base(p.index))
+                                                      : L->buffers[p.index];
+    return reinterpret_cast<P>(base);
+  } else if constexpr (std::is_reference_v<P>) {
+    return *reinterpret_cast<std::remove_reference_t<P>*>(L->buffers[p.index]);
+  } else {
+    return builtin<P>(L, lane, p.index);
+  }
+}
+
+template <auto Fn, size_t... I>
+inline void invoke_kernel(const mtl_emu_param* params, const mtl_emu_launch* L, const mtl_emu_lane* lane,
+                          std::index_sequence<I...>) {
+  using Args = typename kernel_signature<decltype(Fn)>::args;
+  Fn(kernel_arg<std::tuple_element_t<I, Args>>(L, lane, params[I])...);
+}
+
+template <auto Fn>
+inline void invoke_kernel(const mtl_emu_param* params, const mtl_emu_launch* L, const mtl_emu_lane* lane) {
+  invoke_kernel<Fn>(params, L, lane, std::make_index_sequence<kernel_signature<decltype(Fn)>::arity>{});
+}
+
+// ------------------------------------------------------ SIMD-group helpers
+
+template <class T>
+inline T slot_value(const SimdExchange& ex, unsigned src) {
+  T v;
+  std::memcpy(&v, ex.slots + size_t(src) * kSimdSlotBytes, sizeof(T));
+  return v;
+}
+
+template <class T>
+inline SimdExchange exchange(const T& value, unsigned line, const char* file) {
+  static_assert(sizeof(T) <= kSimdSlotBytes, "SIMD-group function argument too large for the emulator");
+  return simd_exchange(&value, sizeof(T), line, file);
+}
+
+// The value lane `src` contributed, or poison (all bits set) with a warning
+// when that lane did not take part: hardware results there are undefined.
+template <class T>
+inline T read_lane(const SimdExchange& ex, const T& own, unsigned src, unsigned line, const char* file) {
+  (void)own;
+  if (src < kSimdWidth && (ex.active >> src) & 1u) return slot_value<T>(ex, src);
+  note_inactive_lane_read(line, file, ex.lane, src);
+  T poison;
+  std::memset(&poison, 0xFF, sizeof(T));
+  return poison;
+}
+
+template <class T, class Op>
+inline T reduce_lanes(const SimdExchange& ex, Op op) {
+  // Pairwise tree over the active lanes, like the hardware's reduction order.
+  T vals[kSimdWidth];
+  int n = 0;
+  for (unsigned i = 0; i < kSimdWidth; ++i)
+    if ((ex.active >> i) & 1u) vals[n++] = slot_value<T>(ex, i);
+  for (int width = 1; width < n; width *= 2)
+    for (int i = 0; i + width < n; i += 2 * width) vals[i] = op(vals[i], vals[i + width]);
+  return vals[0];
+}
+
+template <class T, class Op>
+inline T prefix_lanes(const SimdExchange& ex, Op op, T identity, bool inclusive) {
+  T acc = identity;
+  for (unsigned i = 0; i < ex.lane; ++i)
+    if ((ex.active >> i) & 1u) acc = op(acc, slot_value<T>(ex, i));
+  return inclusive ? op(acc, slot_value<T>(ex, ex.lane)) : acc;
+}
+
+}  // namespace __mtl
+
+namespace metal {
+
+#define MTL_EMU_SITE unsigned __line = __builtin_LINE(), const char* __file = __builtin_FILE()
+
+inline void threadgroup_barrier(mem_flags = mem_flags::mem_none, MTL_EMU_SITE) { __mtl::sync_barrier(__line, __file); }
+inline void simdgroup_barrier(mem_flags = mem_flags::mem_none, MTL_EMU_SITE) {
+  (void)__mtl::simd_exchange(nullptr, 0, __line, __file);
+}
+
+template <class T>
+inline T simd_sum(T x, MTL_EMU_SITE) {
+  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(a + b); });
+}
+template <class T>
+inline T simd_product(T x, MTL_EMU_SITE) {
+  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(a * b); });
+}
+template <class T>
+inline T simd_min(T x, MTL_EMU_SITE) {
+  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(min(a, b)); });
+}
+template <class T>
+inline T simd_max(T x, MTL_EMU_SITE) {
+  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(max(a, b)); });
+}
+template <class T>
+inline T simd_and(T x, MTL_EMU_SITE) {
+  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(a & b); });
+}
+template <class T>
+inline T simd_or(T x, MTL_EMU_SITE) {
+  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(a | b); });
+}
+template <class T>
+inline T simd_xor(T x, MTL_EMU_SITE) {
+  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(a ^ b); });
+}
+
+template <class T>
+inline T simd_prefix_inclusive_sum(T x, MTL_EMU_SITE) {
+  return __mtl::prefix_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(a + b); }, T(0), true);
+}
+template <class T>
+inline T simd_prefix_exclusive_sum(T x, MTL_EMU_SITE) {
+  return __mtl::prefix_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(a + b); }, T(0), false);
+}
+template <class T>
+inline T simd_prefix_inclusive_product(T x, MTL_EMU_SITE) {
+  return __mtl::prefix_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(a * b); }, T(1), true);
+}
+template <class T>
+inline T simd_prefix_exclusive_product(T x, MTL_EMU_SITE) {
+  return __mtl::prefix_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(a * b); }, T(1), false);
+}
+
+template <class T>
+inline T simd_shuffle(T x, ushort src, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(x, __line, __file);
+  return __mtl::read_lane(ex, x, src, __line, __file);
+}
+template <class T>
+inline T simd_broadcast(T x, ushort src, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(x, __line, __file);
+  return __mtl::read_lane(ex, x, src, __line, __file);
+}
+// Lanes whose source would fall outside the SIMD group keep their own value.
+template <class T>
+inline T simd_shuffle_up(T x, ushort delta, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(x, __line, __file);
+  return ex.lane < delta ? x : __mtl::read_lane(ex, x, ex.lane - delta, __line, __file);
+}
+template <class T>
+inline T simd_shuffle_down(T x, ushort delta, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(x, __line, __file);
+  return ex.lane + delta >= __mtl::kSimdWidth ? x : __mtl::read_lane(ex, x, ex.lane + delta, __line, __file);
+}
+template <class T>
+inline T simd_shuffle_xor(T x, ushort mask, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(x, __line, __file);
+  return __mtl::read_lane(ex, x, (ex.lane ^ mask) & (__mtl::kSimdWidth - 1), __line, __file);
+}
+template <class T>
+inline T simd_shuffle_rotate_up(T x, ushort delta, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(x, __line, __file);
+  return __mtl::read_lane(ex, x, (ex.lane + __mtl::kSimdWidth - delta % __mtl::kSimdWidth) % __mtl::kSimdWidth,
+                          __line, __file);
+}
+template <class T>
+inline T simd_shuffle_rotate_down(T x, ushort delta, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(x, __line, __file);
+  return __mtl::read_lane(ex, x, (ex.lane + delta) % __mtl::kSimdWidth, __line, __file);
+}
+template <class T>
+inline T simd_broadcast_first(T x, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(x, __line, __file);
+  return __mtl::slot_value<T>(ex, unsigned(__builtin_ctz(ex.active)));
+}
+
+// simd_vote: the ballot of the active lanes.
+struct simd_vote {
+  typedef ulong vote_t;
+  vote_t __bits;
+  explicit constexpr simd_vote(vote_t bits = 0) : __bits(bits) {}
+  explicit constexpr operator vote_t() const { return __bits; }
+  bool all() const { return __bits == __active; }
+  bool any() const { return __bits != 0; }
+  vote_t __active = ~vote_t(0);
+};
+
+inline simd_vote simd_ballot(bool predicate, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(predicate, __line, __file);
+  ulong bits = 0;
+  for (unsigned i = 0; i < __mtl::kSimdWidth; ++i)
+    if (((ex.active >> i) & 1u) && __mtl::slot_value<bool>(ex, i)) bits |= ulong(1) << i;
+  simd_vote vote(bits);
+  vote.__active = ex.active;
+  return vote;
+}
+inline simd_vote simd_active_threads_mask(MTL_EMU_SITE) {
+  const auto ex = __mtl::simd_exchange(nullptr, 0, __line, __file);
+  simd_vote vote(ex.active);
+  vote.__active = ex.active;
+  return vote;
+}
+inline bool simd_all(bool predicate, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(predicate, __line, __file);
+  for (unsigned i = 0; i < __mtl::kSimdWidth; ++i)
+    if (((ex.active >> i) & 1u) && !__mtl::slot_value<bool>(ex, i)) return false;
+  return true;
+}
+inline bool simd_any(bool predicate, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(predicate, __line, __file);
+  for (unsigned i = 0; i < __mtl::kSimdWidth; ++i)
+    if (((ex.active >> i) & 1u) && __mtl::slot_value<bool>(ex, i)) return true;
+  return false;
+}
+inline bool simd_is_first(MTL_EMU_SITE) {
+  const auto ex = __mtl::simd_exchange(nullptr, 0, __line, __file);
+  return ex.lane == unsigned(__builtin_ctz(ex.active));
+}
+
+#undef MTL_EMU_SITE
+
+}  // namespace metal

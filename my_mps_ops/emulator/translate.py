@@ -1,0 +1,508 @@
+"""Metal Shading Language -> C++ for the CPU emulator.
+
+A light, text-level translation of preprocessed MSL (the C preprocessor runs
+first, so macro-generated instantiations are visible and line markers point
+at the .metal source):
+
+- kernels (``kernel void`` / ``[[kernel]] void``, plain or templates with
+  ``template [[host_name("x")]] kernel void f<T>(...);`` instantiations) are
+  found, and each parameter's attribute is recorded: ``[[buffer(n)]]`` (or an
+  automatic index in declaration order), ``[[threadgroup(n)]]``, builtins;
+- address-space keywords are erased (``constant`` becomes ``const``);
+- ``threadgroup T x[N];`` declarations in kernels become per-threadgroup
+  storage with a layout known before any run;
+- literal suffixes (``1.0h``, ``1.0bf``) and unsuffixed floating literals
+  (float in MSL, double in C++) are rewritten;
+- multi-letter swizzles (``v.xy``, ``v.bgr``) become ``__mtl::swizzle<...>``
+  reads, or ``__mtl::swizzle_ref<...>`` where assigned;
+- a table of the kernels with their parameters is appended, which the host
+  reads after loading the compiled library.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+BUILTINS = {
+    "thread_position_in_grid": 0,
+    "threadgroup_position_in_grid": 1,
+    "thread_position_in_threadgroup": 2,
+    "thread_index_in_threadgroup": 3,
+    "threads_per_threadgroup": 4,
+    "threadgroups_per_grid": 5,
+    "threads_per_grid": 6,
+    "thread_index_in_simdgroup": 7,
+    "simdgroup_index_in_threadgroup": 8,
+    "threads_per_simdgroup": 9,
+    "simdgroups_per_threadgroup": 10,
+    # Aliases Metal also accepts.
+    "dispatch_threads_per_threadgroup": 4,
+    "thread_execution_width": 9,
+    "grid_size": 6,
+}
+
+PARAM_BUFFER, PARAM_THREADGROUP, PARAM_BUILTIN = 0, 1, 2
+
+# Identifiers that make a kernel synchronise (run its threads as fibers).
+SYNC_RE = re.compile(r"\b(threadgroup_barrier|simdgroup_barrier|simd_\w+|quad_\w+|thread_elements)\b")
+
+METAL_HEADERS = [
+    "metal_stdlib", "metal_math", "metal_simdgroup", "metal_simdgroup_matrix", "metal_atomic", "metal_compute",
+    "metal_integer", "metal_common", "metal_geometric", "metal_relational", "metal_types", "metal_numeric",
+    "metal_pack", "metal_array", "metal_limits", "metal_type_traits", "metal_utility", "metal_matrix",
+    "metal_texture", "metal_graphics", "metal_quadgroup", "metal_bfloat",
+]
+
+
+class TranslationError(RuntimeError):
+    pass
+
+
+@dataclass
+class Param:
+    name: str
+    type: str
+    kind: int
+    index: int
+
+
+@dataclass
+class Kernel:
+    host_name: str
+    function: str
+    template_args: str  # "<float>" or "" for a plain kernel
+    params: List[Param]
+    uses_sync: bool
+    max_threads: int = 1024
+
+
+@dataclass
+class Translation:
+    cpp: str
+    kernels: List[Kernel] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- utilities
+
+def _match_forward(s: str, i: int, open_c: str, close_c: str) -> int:
+    """Index of the bracket closing the one at s[i]."""
+    depth = 0
+    for j in range(i, len(s)):
+        c = s[j]
+        if c == open_c:
+            depth += 1
+        elif c == close_c:
+            depth -= 1
+            if depth == 0:
+                return j
+    raise TranslationError(f"unbalanced {open_c!r} at offset {i}")
+
+
+def _match_backward(s: str, i: int, open_c: str, close_c: str) -> int:
+    depth = 0
+    for j in range(i, -1, -1):
+        c = s[j]
+        if c == close_c:
+            depth += 1
+        elif c == open_c:
+            depth -= 1
+            if depth == 0:
+                return j
+    return -1
+
+
+def _split_top_level(s: str, sep: str = ",") -> List[str]:
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(s):
+        if c in "([{<":
+            depth += 1
+        elif c in ")]}>":
+            depth -= 1
+        elif c == sep and depth == 0:
+            parts.append(s[start:i])
+            start = i + 1
+    parts.append(s[start:])
+    return [p for p in (x.strip() for x in parts) if p]
+
+
+def _blank(text: str) -> str:
+    """Same number of newlines, so line numbers below stay right."""
+    return "\n" * text.count("\n")
+
+
+_STRING_RE = re.compile(r'"(?:\\.|[^"\\\n])*"' + r"|'(?:\\.|[^'\\\n])*'")
+
+
+def _protect_strings(s: str) -> Tuple[str, List[str]]:
+    saved: List[str] = []
+
+    def keep(m):
+        saved.append(m.group(0))
+        return f"\x01{len(saved) - 1}\x02"
+
+    return _STRING_RE.sub(keep, s), saved
+
+
+def _restore_strings(s: str, saved: List[str]) -> str:
+    return re.sub(r"\x01(\d+)\x02", lambda m: saved[int(m.group(1))], s)
+
+
+# ------------------------------------------------------------ preprocessing
+
+def _stub_dir() -> str:
+    d = os.path.join(tempfile.gettempdir(), f"my_mps_ops_metal_stubs_{os.getuid() if hasattr(os, 'getuid') else 0}")
+    os.makedirs(d, exist_ok=True)
+    for h in METAL_HEADERS:
+        p = os.path.join(d, h)
+        if not os.path.exists(p):
+            with open(p, "w") as f:
+                f.write("")
+    return d
+
+
+def preprocess(source: str, name: str, include_dirs: Sequence[str] = (), compiler: str = "g++") -> str:
+    """Runs the C preprocessor with empty stand-ins for <metal_*> headers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"{name}.metal")
+        with open(path, "w") as f:
+            f.write(source)
+        cmd = [compiler, "-E", "-x", "c++", "-std=c++17", "-nostdinc", "-D__METAL__=1", "-D__METAL_VERSION__=320",
+               "-D__HAVE_BFLOAT__=1", "-I", _stub_dir()]
+        for inc in include_dirs:
+            cmd += ["-I", inc]
+        cmd.append(path)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise TranslationError(f"preprocessing {name}.metal failed:\n{proc.stderr.replace(tmp + os.sep, '')}")
+        out = proc.stdout.replace(path, f"{name}.metal")
+        return out
+
+
+# ------------------------------------------------------------------ parsing
+
+_ATTR_RE = re.compile(r"\[\[\s*(.*?)\s*\]\]", re.S)
+_KERNEL_DEF_RE = re.compile(
+    r"(?P<template>template\s*<(?P<tparams>[^{};]*?)>\s*)?"
+    r"(?P<attrs>(?:\[\[[^\]]*\]\]\s*)*)"
+    r"(?P<kw>\[\[\s*kernel\s*\]\]|\bkernel\b)\s*"
+    r"(?P<attrs2>(?:\[\[[^\]]*\]\]\s*)*)"
+    r"void\s+(?P<name>\w+)\s*\(")
+_INSTANTIATION_RE = re.compile(
+    r"\btemplate\s*(?P<attrs>(?:\[\[[^\]]*\]\]\s*)*)(?:\bkernel\b\s*)?(?P<attrs2>(?:\[\[[^\]]*\]\]\s*)*)"
+    r"void\s+(?P<name>\w+)\s*(?P<targs><[^;{]*?>)\s*\((?P<params>[^;{]*)\)\s*;")
+_HOST_NAME_RE = re.compile(r'host_name\s*\(\s*"([^"]+)"\s*\)')
+_MAX_THREADS_RE = re.compile(r"max_total_threads_per_threadgroup\s*\(\s*(\d+)\s*\)")
+
+
+def _parse_params(text: str, kernel: str) -> List[Param]:
+    params: List[Param] = []
+    next_buffer = 0
+    next_threadgroup = 0
+    for raw in _split_top_level(text):
+        attrs = _ATTR_RE.findall(raw)
+        decl = _ATTR_RE.sub(" ", raw).strip()
+        m = re.match(r"(?P<type>.*?)(?P<name>\w+)\s*$", decl, re.S)
+        if not m:
+            raise TranslationError(f"kernel {kernel}: cannot parse parameter {raw!r}")
+        ptype, pname = " ".join(m.group("type").split()), m.group("name")
+        kind, index = None, None
+        for a in attrs:
+            b = re.match(r"buffer\s*\(\s*(\d+)\s*\)", a)
+            t = re.match(r"threadgroup\s*\(\s*(\d+)\s*\)", a)
+            if b:
+                kind, index = PARAM_BUFFER, int(b.group(1))
+            elif t:
+                kind, index = PARAM_THREADGROUP, int(t.group(1))
+            elif a in BUILTINS:
+                kind, index = PARAM_BUILTIN, BUILTINS[a]
+            elif a.startswith(("stage_in", "texture", "sampler")):
+                raise TranslationError(f"kernel {kernel}: parameter {pname!r}: [[{a}]] is not supported by the emulator")
+        if kind is None:
+            if re.search(r"\bthreadgroup\b", ptype):
+                kind, index = PARAM_THREADGROUP, next_threadgroup
+            elif "*" in ptype or "&" in ptype:
+                kind, index = PARAM_BUFFER, next_buffer
+            else:
+                raise TranslationError(
+                    f"kernel {kernel}: parameter {pname!r} ({ptype}) is neither a buffer, threadgroup memory nor a builtin")
+        if kind == PARAM_BUFFER:
+            next_buffer = max(next_buffer, index + 1)
+        elif kind == PARAM_THREADGROUP:
+            next_threadgroup = max(next_threadgroup, index + 1)
+        params.append(Param(pname, ptype, kind, index))
+    return params
+
+
+def _function_bodies(s: str) -> Dict[str, List[str]]:
+    """name -> bodies of the functions defined in s (a coarse scan)."""
+    bodies: Dict[str, List[str]] = {}
+    for m in re.finditer(r"\b(\w+)\s*\(", s):
+        name = m.group(1)
+        if name in ("if", "for", "while", "switch", "return", "sizeof", "catch", "alignof", "decltype"):
+            continue
+        try:
+            close = _match_forward(s, m.end() - 1, "(", ")")
+        except TranslationError:
+            continue
+        rest = s[close + 1:close + 200]
+        q = re.match(r"\s*(?:const\s*)?(?:noexcept\s*)?(?:->\s*[\w:<>,\s]+?)?\s*\{", rest)
+        if not q:
+            continue
+        open_brace = close + 1 + q.end() - 1
+        try:
+            end = _match_forward(s, open_brace, "{", "}")
+        except TranslationError:
+            continue
+        bodies.setdefault(name, []).append(s[open_brace:end + 1])
+    return bodies
+
+
+def _sync_functions(s: str) -> set:
+    bodies = _function_bodies(s)
+    syncing = {n for n, bs in bodies.items() if any(SYNC_RE.search(b) for b in bs)}
+    changed = True
+    while changed:
+        changed = False
+        for n, bs in bodies.items():
+            if n in syncing:
+                continue
+            if any(re.search(r"\b(" + "|".join(map(re.escape, syncing)) + r")\s*[<(]", b) for b in bs) if syncing else False:
+                syncing.add(n)
+                changed = True
+    return syncing
+
+
+# ----------------------------------------------------------- rewrite passes
+
+_TG_DECL_RE = re.compile(
+    r"\bthreadgroup\s+(?P<type>[A-Za-z_][\w:\s<>,]*?[\w>])\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\];]*\]\s*)*);")
+
+
+def _rewrite_threadgroup_decls(body: str, kernel: str) -> Tuple[str, List[str]]:
+    decls: List[str] = []
+
+    def repl(m):
+        if "," in m.group(0) and "<" not in m.group("type"):
+            raise TranslationError(f"kernel {kernel}: declare one threadgroup variable per statement")
+        type_id = m.group("type").strip() + " " + "".join(m.group("dims").split())
+        site = len(decls)
+        decls.append(type_id)
+        return f"auto& {m.group('name')} = *__mtl::threadgroup_static<{type_id}>({site});"
+
+    return _TG_DECL_RE.sub(repl, body), decls
+
+
+_FLOAT_CORE = r"(?:\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)"
+_SUFFIXED_RE = re.compile(r"(?<![\w.])(" + _FLOAT_CORE + r"|\d+)(h|H|bf|BF)(?![\w.])")
+_UNSUFFIXED_RE = re.compile(r"(?<![\w.])(" + _FLOAT_CORE + r")(?![\w.])")
+
+
+def _rewrite_literals(s: str) -> str:
+    def suffixed(m):
+        num = m.group(1)
+        if not re.search(r"[.eE]", num):
+            num += ".0"
+        kind = "half" if m.group(2) in ("h", "H") else "bfloat"
+        return f"{kind}({num}f)"
+
+    s = _SUFFIXED_RE.sub(suffixed, s)
+    return _UNSUFFIXED_RE.sub(lambda m: m.group(1) + "f", s)
+
+
+_SWIZZLE_RE = re.compile(r"\.\s*([xyzw]{2,4}|[rgba]{2,4})\b(?!\s*\()")
+_ASSIGN_RE = re.compile(r"\s*(?:=(?!=)|\+=|-=|\*=|/=|%=|&=|\|=|\^=|<<=|>>=)")
+_IDENT_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+_SWIZZLE_INDEX = {"x": 0, "y": 1, "z": 2, "w": 3, "r": 0, "g": 1, "b": 2, "a": 3}
+
+
+_KEYWORDS = {"return", "case", "else", "do", "throw", "co_return", "sizeof", "typename", "template", "new", "delete"}
+
+
+def _expression_start(s: str, dot: int) -> int:
+    """Start of the postfix expression that ends right before s[dot] == '.'."""
+    i = dot
+    state = "operand"  # what may stand left of s[i]: operand | postfix (after a () / [] group) | ident
+
+    def consume_identifier(j):
+        k = j
+        while k > 0 and s[k - 1] in _IDENT_CHARS:
+            k -= 1
+        return k
+
+    while True:
+        j = i - 1
+        while j >= 0 and s[j] in " \t\n":
+            j -= 1
+        if j < 0:
+            return i
+        c = s[j]
+        if c in ")]" and state in ("operand", "postfix"):
+            k = _match_backward(s, j, "(" if c == ")" else "[", c)
+            if k < 0:
+                return i
+            i, state = k, "postfix"
+            continue
+        if c == ">" and state == "postfix":
+            k = _match_backward(s, j, "<", ">")
+            if k > 0 and s[k - 1] in _IDENT_CHARS:
+                i, state = k, "ident"
+                continue
+            return i
+        if c in _IDENT_CHARS:
+            k = consume_identifier(j)
+            if s[k:j + 1] in _KEYWORDS or s[k].isdigit() and state != "operand":
+                return i
+            i = k
+            j = k - 1
+            while j >= 0 and s[j] in " \t\n":
+                j -= 1
+            if j >= 0 and s[j] == "." and not (j >= 1 and s[j - 1].isdigit()):
+                i, state = j, "operand"
+                continue
+            if j >= 1 and s[j - 1:j + 1] in ("->", "::"):
+                i, state = j - 1, "operand"
+                continue
+            return i
+        return i
+
+
+def _rewrite_swizzles(s: str) -> str:
+    pos = 0
+    while True:
+        m = _SWIZZLE_RE.search(s, pos)
+        if not m:
+            return s
+        start = _expression_start(s, m.start())
+        expr = s[start:m.start()].strip()
+        if not expr or expr[0].isdigit():
+            pos = m.end()
+            continue
+        idx = ",".join(str(_SWIZZLE_INDEX[c]) for c in m.group(1))
+        write = _ASSIGN_RE.match(s, m.end()) is not None
+        fn = "swizzle_ref" if write else "swizzle"
+        rep = f"__mtl::{fn}<{idx}>({expr})"
+        s = s[:start] + rep + s[m.end():]
+        pos = start
+
+
+def _erase_address_spaces(s: str) -> str:
+    s = re.sub(r"\bdevice\b", " ", s)
+    s = re.sub(r"\bthread\b", " ", s)
+    s = re.sub(r"\bthreadgroup\b", " ", s)
+    s = re.sub(r"\bconstant\b", "const", s)
+    s = re.sub(r"\bconst(\s+const\b)+", "const", s)
+    return s
+
+
+# -------------------------------------------------------------- translation
+
+def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (), compiler: str = "g++") -> Translation:
+    pre = preprocess(source, name, include_dirs, compiler)
+    s, saved = _protect_strings(pre)
+    sync_fns = _sync_functions(s)
+
+    # Explicit instantiations: record, then blank them (the table instantiates).
+    instantiations = []
+    for m in list(_INSTANTIATION_RE.finditer(s)):
+        attrs = _restore_strings(m.group("attrs") + m.group("attrs2"), saved)
+        hn = _HOST_NAME_RE.search(attrs)
+        host = hn.group(1) if hn else m.group("name") + m.group("targs")
+        instantiations.append((host, m.group("name"), " ".join(m.group("targs").split())))
+    s = _INSTANTIATION_RE.sub(lambda m: _blank(m.group(0)), s)
+
+    # Kernel definitions: parse the parameters, strip `kernel`, rewrite the
+    # body's threadgroup declarations, append a layout function.
+    definitions: Dict[str, dict] = {}
+    out, last = [], 0
+    for m in _KERNEL_DEF_RE.finditer(s):
+        if m.start() < last:
+            continue
+        fname = m.group("name")
+        open_paren = m.end() - 1
+        close_paren = _match_forward(s, open_paren, "(", ")")
+        after = s[close_paren + 1:]
+        q = re.match(r"\s*\{", after)
+        if not q:
+            continue
+        open_brace = close_paren + 1 + q.end() - 1
+        close_brace = _match_forward(s, open_brace, "{", "}")
+        params_text = s[open_paren + 1:close_paren]
+        params = _parse_params(_restore_strings(params_text, saved), fname)
+        body = s[open_brace:close_brace + 1]
+        body, tg_decls = _rewrite_threadgroup_decls(body, fname)
+        attrs = _restore_strings((m.group("attrs") or "") + (m.group("attrs2") or ""), saved)
+        mt = _MAX_THREADS_RE.search(attrs)
+        uses_sync = bool(SYNC_RE.search(body)) or any(
+            re.search(r"\b" + re.escape(fn) + r"\s*[<(]", body) for fn in sync_fns)
+        template = m.group("template") or ""
+        definitions[fname] = dict(params=params, uses_sync=uses_sync, template=bool(template),
+                                  max_threads=int(mt.group(1)) if mt else 1024,
+                                  host_name=(_HOST_NAME_RE.search(attrs).group(1) if _HOST_NAME_RE.search(attrs) else fname))
+        header = s[m.start():m.start("kw")] + " " + s[m.end("kw"):open_paren]
+        layout_lines = [f"{template}inline size_t __mtl_tg_layout_{fname}(size_t* offsets) {{", "  size_t total = 0;"]
+        for site, type_id in enumerate(tg_decls):
+            layout_lines.append(f"  total = __mtl::threadgroup_place<{type_id}>(total, offsets, {site});")
+        layout_lines += ["  return total;", "}"]
+        out.append(s[last:m.start()])
+        out.append(header + s[open_paren:open_brace] + body)
+        out.append(" " + " ".join(layout_lines))  # one line: keeps line numbers
+        last = close_brace + 1
+    out.append(s[last:])
+    s = "".join(out)
+
+    kernels: List[Kernel] = []
+    for host, fname, targs in instantiations:
+        if fname not in definitions:
+            raise TranslationError(f"host_name {host!r} instantiates {fname}, which is not a kernel defined in {name}.metal")
+        d = definitions[fname]
+        kernels.append(Kernel(host, fname, targs, d["params"], d["uses_sync"], d["max_threads"]))
+    for fname, d in definitions.items():
+        if not d["template"]:
+            kernels.append(Kernel(d["host_name"], fname, "", d["params"], d["uses_sync"], d["max_threads"]))
+    if not kernels:
+        raise TranslationError(f"{name}.metal defines no kernel")
+
+    s = _ATTR_RE.sub(" ", s)
+    s = _erase_address_spaces(s)
+    s = _rewrite_literals(s)
+    s = _rewrite_swizzles(s)
+    s = _restore_strings(s, saved)
+
+    table = _kernel_table(kernels)
+    cpp = f'#include "metal_runtime.h"\n{s}\n{table}'
+    return Translation(cpp, kernels)
+
+
+def _c_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _kernel_table(kernels: List[Kernel]) -> str:
+    lines = ["// ---- kernel table (generated by my_mps_ops.emulator.translate)", "using namespace metal;"]
+    entries = []
+    for i, k in enumerate(kernels):
+        fn = f"&{k.function}{k.template_args}"
+        lines.append(f"using __mtl_fn_{i} = decltype({fn});")
+        params = []
+        for j, p in enumerate(k.params):
+            bytes_expr = f"__mtl::param_bytes<__mtl_fn_{i}, {j}>()" if p.kind == PARAM_BUFFER else "0"
+            params.append(f"{{{p.kind}, {p.index}, {bytes_expr}, {_c_string(p.name)}, {_c_string(p.type)}}}")
+        if params:
+            lines.append(f"static const mtl_emu_param __mtl_params_{i}[] = {{{', '.join(params)}}};")
+        else:
+            lines.append(f"static const mtl_emu_param* const __mtl_params_{i} = nullptr;")
+        lines.append(f"static void __mtl_invoke_{i}(const mtl_emu_launch* L, const mtl_emu_lane* lane) "
+                     f"{{ __mtl::invoke_kernel<{fn}>(__mtl_params_{i}, L, lane); }}")
+        lines.append(f"static size_t __mtl_layout_{i}(size_t* o) {{ return __mtl_tg_layout_{k.function}{k.template_args}(o); }}")
+        entries.append(f"{{{_c_string(k.host_name)}, {len(k.params)}, __mtl_params_{i}, {int(k.uses_sync)}, "
+                       f"__mtl_layout_{i}, __mtl_invoke_{i}}}")
+    lines.append(f"static const mtl_emu_kernel __mtl_kernel_table[] = {{{', '.join(entries)}}};")
+    lines.append('extern "C" __attribute__((visibility("default"))) const mtl_emu_kernel* '
+                 "mtl_emu_kernels(int32_t* count, int32_t* abi) "
+                 f"{{ *count = {len(kernels)}; *abi = MTL_EMU_ABI_VERSION; return __mtl_kernel_table; }}")
+    return "\n".join(lines) + "\n"
