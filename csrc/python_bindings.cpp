@@ -1,6 +1,7 @@
 // The my_mps_ops._C Python module: importing it registers every operator
 // (TORCH_LIBRARY blocks in the other translation units); these bindings
 // expose what the Python layer needs beyond torch.ops.
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
@@ -51,8 +52,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     }
     if (uniform) launch.dispatch_threadgroups(grid, group);
     else launch.dispatch_threads(grid, group);
+    // Emulator warnings become Python warnings (the handler needs the GIL back).
+    HANDLE_TH_ERRORS
     pybind11::gil_scoped_release no_gil;
     my_mps_ops::metal::emulator_executor().run(launch);
+    END_HANDLE_TH_ERRORS_PYBIND
   }, pybind11::arg("library"), pybind11::arg("kernel"), pybind11::arg("args"), pybind11::arg("grid"),
      pybind11::arg("group"), pybind11::arg("uniform") = false,
      pybind11::arg("threadgroup_memory") = std::vector<std::pair<int64_t, size_t>>{},

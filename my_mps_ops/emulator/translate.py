@@ -195,7 +195,13 @@ _KERNEL_DEF_RE = re.compile(
 _INSTANTIATION_RE = re.compile(
     r"\btemplate\s*(?P<attrs>(?:\[\[[^\]]*\]\]\s*)*)(?:\bkernel\b\s*)?(?P<attrs2>(?:\[\[[^\]]*\]\]\s*)*)"
     r"void\s+(?P<name>\w+)\s*(?P<targs><[^;{]*?>)\s*\((?P<params>[^;{]*)\)\s*;")
-_HOST_NAME_RE = re.compile(r'host_name\s*\(\s*"([^"]+)"\s*\)')
+_HOST_NAME_RE = re.compile(r'host_name\s*\(\s*((?:"[^"]*"\s*)+)\)')
+
+
+def _host_name(attrs: str) -> Optional[str]:
+    """The host_name in attributes; adjacent literals ("a_" "float", from #T) are joined."""
+    m = _HOST_NAME_RE.search(attrs)
+    return "".join(re.findall(r'"([^"]*)"', m.group(1))) if m else None
 _MAX_THREADS_RE = re.compile(r"max_total_threads_per_threadgroup\s*\(\s*(\d+)\s*\)")
 
 
@@ -410,8 +416,7 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
     instantiations = []
     for m in list(_INSTANTIATION_RE.finditer(s)):
         attrs = _restore_strings(m.group("attrs") + m.group("attrs2"), saved)
-        hn = _HOST_NAME_RE.search(attrs)
-        host = hn.group(1) if hn else m.group("name") + m.group("targs")
+        host = _host_name(attrs) or m.group("name") + m.group("targs")
         instantiations.append((host, m.group("name"), " ".join(m.group("targs").split())))
     s = _INSTANTIATION_RE.sub(lambda m: _blank(m.group(0)), s)
 
@@ -442,7 +447,7 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
         template = m.group("template") or ""
         definitions[fname] = dict(params=params, uses_sync=uses_sync, template=bool(template),
                                   max_threads=int(mt.group(1)) if mt else 1024,
-                                  host_name=(_HOST_NAME_RE.search(attrs).group(1) if _HOST_NAME_RE.search(attrs) else fname))
+                                  host_name=_host_name(attrs) or fname)
         header = s[m.start():m.start("kw")] + " " + s[m.end("kw"):open_paren]
         layout_lines = [f"{template}inline size_t __mtl_tg_layout_{fname}(size_t* offsets) {{", "  size_t total = 0;"]
         for site, type_id in enumerate(tg_decls):

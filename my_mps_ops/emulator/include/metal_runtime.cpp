@@ -65,11 +65,11 @@ struct Worker {
   const mtl_emu_launch* launch = nullptr;
   mtl_emu_error* error = nullptr;
   bool fibers = false;
-  bool abandoned = false;  // lanes of an aborted group still own fibers
+  // A group that did not finish normally (an error, or a fault the host
+  // jumped out of) leaves lanes owning suspended fibers.
+  bool unfinished = false;
 
-  ~Worker() {
-    for (unsigned char* s : stacks) munmap(s, kStackBytes);
-  }
+  ~Worker();
 };
 
 thread_local Worker* tls_worker = nullptr;
@@ -174,13 +174,18 @@ void setup_lane(Lane& lane, const mtl_emu_launch* L, const uint32_t group_pos[3]
 }
 
 void abandon_fibers(Worker& w) {
-  // Fibers of an aborted group are leaked, not unwound: their stacks may be
-  // in any state after a fault. Error paths only.
+  // Fibers of an unfinished group are leaked, not unwound: after a fault
+  // their stacks may be in any state. Error paths only.
   for (Lane& lane : w.lanes) {
     if (lane.fiber) new (std::malloc(sizeof(boost::context::fiber))) boost::context::fiber(std::move(lane.fiber));
     if (lane.sched) new (std::malloc(sizeof(boost::context::fiber))) boost::context::fiber(std::move(lane.sched));
   }
-  w.abandoned = false;
+  w.unfinished = false;
+}
+
+Worker::~Worker() {
+  if (unfinished) abandon_fibers(*this);
+  for (unsigned char* s : stacks) munmap(s, kStackBytes);
 }
 
 // Releases SIMD groups whose live lanes all wait in a SIMD-group function.
@@ -280,6 +285,8 @@ void run_group_fibers(Worker& w, const mtl_emu_launch* L, uint32_t count) {
                                           try {
                                             L->kernel->invoke(L, &lane->info);
                                           } catch (const Abort&) {
+                                          } catch (const boost::context::detail::forced_unwind&) {
+                                            throw;  // the fiber is being destroyed
                                           } catch (...) {
                                             fail("a C++ exception escaped the kernel");
                                           }
@@ -295,10 +302,7 @@ void run_group_fibers(Worker& w, const mtl_emu_launch* L, uint32_t count) {
         tls_lane = &lane;
         lane.fiber = std::move(lane.fiber).resume();
         tls_lane = nullptr;
-        if (w.error->failed) {
-          w.abandoned = true;
-          return;
-        }
+        if (w.error->failed) return;
       }
       all_done = all_done && lane.state == State::Done;
     }
@@ -306,7 +310,6 @@ void run_group_fibers(Worker& w, const mtl_emu_launch* L, uint32_t count) {
     if (release_simd_groups(w, count)) continue;
     if (!w.error->failed && release_barrier(w, count, L)) continue;
     if (!w.error->failed) fail("deadlock: no thread of threadgroup can make progress");
-    w.abandoned = true;
     return;
   }
 }
@@ -365,7 +368,7 @@ extern "C" __attribute__((visibility("default"))) void mtl_emu_run(const mtl_emu
   static thread_local Worker worker;
   Worker& w = worker;
   tls_worker = &w;
-  if (w.abandoned) abandon_fibers(w);
+  if (w.unfinished) abandon_fibers(w);
   w.launch = L;
   w.error = error;
   w.fibers = L->kernel->uses_sync != 0;
@@ -398,6 +401,7 @@ extern "C" __attribute__((visibility("default"))) void mtl_emu_run(const mtl_emu
     for (int i = 0; i < MTL_EMU_MAX_BINDINGS; ++i)
       if (!w.tg_dynamic[i].empty()) std::memset(w.tg_dynamic[i].data(), 0xFF, w.tg_dynamic[i].size());
     for (uint32_t i = 0; i < count; ++i) setup_lane(w.lanes[i], L, pos, size, groups, grid_threads, i);
+    w.unfinished = true;
     if (w.fibers) {
       run_group_fibers(w, L, count);
     } else {
@@ -410,6 +414,7 @@ extern "C" __attribute__((visibility("default"))) void mtl_emu_run(const mtl_emu
       }
       tls_lane = nullptr;
     }
+    if (!error->failed) w.unfinished = false;
   }
   tls_lane = nullptr;
 }
