@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -134,11 +135,96 @@ Dims dims_of(const Tensor& q, const Tensor& k) {
 // ---------------------------------------------------------------- CPU kernels
 // The kernels work on contiguous acc_t<T> copies of the inputs (no copy for
 // float32/float64): O(B * H * seq * D) extra memory, linear in the sequence.
+// Each task owns a tile of queries x keys at a time; the tile products are
+// small row-major matrix multiplies on 16-byte vectors (matmul_acc), so no
+// [L, S] tensor ever exists.
 
 using cpu::acc_t;
 
 constexpr int64_t kCpuQueryBlock = 32;
 constexpr int64_t kCpuKeyBlock = 64;
+
+// 16-byte vectors (SSE2 / NEON width, every x86-64 and arm64 CPU) through
+// the GCC/Clang vector extension: explicit registers for the tile products.
+// (The attribute is ignored on a dependent type, hence one typedef per type.)
+typedef float Float4 __attribute__((vector_size(16)));
+typedef double Double2 __attribute__((vector_size(16)));
+template <typename A>
+struct Vec16Of;
+template <>
+struct Vec16Of<float> {
+  using type = Float4;
+};
+template <>
+struct Vec16Of<double> {
+  using type = Double2;
+};
+template <typename A>
+using Vec16 = typename Vec16Of<A>::type;
+static_assert(sizeof(Vec16<float>) == 16 && sizeof(Vec16<double>) == 16, "16-byte vectors");
+template <typename A>
+inline Vec16<A> load16(const A* p) {
+  Vec16<A> v;
+  std::memcpy(&v, p, 16);
+  return v;
+}
+template <typename A>
+inline void store16(A* p, Vec16<A> v) {
+  std::memcpy(p, &v, 16);
+}
+
+// C[0:R, 0:2L] += A[0:R, 0:k] * B[0:k, 0:2L] with L lanes per vector: the
+// 2R accumulators stay in registers over the whole k loop.
+template <typename A, int R>
+inline void matmul_acc_tile(A* C, int64_t ldc, const A* Am, int64_t lda, const A* B, int64_t ldb, int64_t k) {
+  using V = Vec16<A>;
+  constexpr int64_t L = 16 / sizeof(A);
+  V c[R][2];
+  for (int r = 0; r < R; ++r) {
+    c[r][0] = load16(C + r * ldc);
+    c[r][1] = load16(C + r * ldc + L);
+  }
+  for (int64_t p = 0; p < k; ++p) {
+    const V b0 = load16(B + p * ldb), b1 = load16(B + p * ldb + L);
+    for (int r = 0; r < R; ++r) {
+      const A a = Am[r * lda + p];
+      c[r][0] += a * b0;
+      c[r][1] += a * b1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    store16(C + r * ldc, c[r][0]);
+    store16(C + r * ldc + L, c[r][1]);
+  }
+}
+
+// C[m, n] += A[m, k] * B[k, n], row-major with leading dimensions lda, ldb, ldc:
+// strips of 32 bytes of columns, four rows at a time, then the leftovers.
+template <typename A>
+void matmul_acc(A* C, int64_t ldc, const A* Am, int64_t lda, const A* B, int64_t ldb, int64_t m, int64_t n,
+                int64_t k) {
+  constexpr int64_t W = 32 / sizeof(A);
+  int64_t j0 = 0;
+  for (; j0 + W <= n; j0 += W) {
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) matmul_acc_tile<A, 4>(C + i * ldc + j0, ldc, Am + i * lda, lda, B + j0, ldb, k);
+    for (; i < m; ++i) matmul_acc_tile<A, 1>(C + i * ldc + j0, ldc, Am + i * lda, lda, B + j0, ldb, k);
+  }
+  if (j0 == n) return;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t p = 0; p < k; ++p) {
+      const A a0 = Am[i * lda + p];
+      for (int64_t j = j0; j < n; ++j) C[i * ldc + j] += a0 * B[p * ldb + j];
+    }
+  }
+}
+
+// dst[c, r] = src[r, c] for r < rows, c < cols; dst has leading dimension ld_dst.
+template <typename A>
+void transpose_into(A* dst, int64_t ld_dst, const A* src, int64_t ld_src, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+}
 
 template <typename A>
 inline A dot(const A* __restrict a, const A* __restrict b, int64_t n) {
@@ -155,28 +241,6 @@ inline A dot(const A* __restrict a, const A* __restrict b, int64_t n) {
   return sum;
 }
 
-// y += alpha * x
-template <typename A>
-inline void axpy(A alpha, const A* __restrict x, A* __restrict y, int64_t n) {
-  using Vec = at::vec::Vectorized<A>;
-  constexpr int64_t kW = Vec::size();
-  const Vec a(alpha);
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) at::vec::fmadd(a, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
-  for (; i < n; ++i) y[i] += alpha * x[i];
-}
-
-// y *= alpha
-template <typename A>
-inline void scale_in_place(A alpha, A* y, int64_t n) {
-  using Vec = at::vec::Vectorized<A>;
-  constexpr int64_t kW = Vec::size();
-  const Vec a(alpha);
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) (a * Vec::loadu(y + i)).store(y + i);
-  for (; i < n; ++i) y[i] *= alpha;
-}
-
 // Keys visible to query row i: [0, visible_keys(i)).
 inline int64_t visible_keys(const Dims& d, bool causal, int64_t i) {
   if (!causal) return d.kv_len;
@@ -184,71 +248,66 @@ inline int64_t visible_keys(const Dims& d, bool causal, int64_t i) {
 }
 
 // Forward: one task per (batch, q head, block of kCpuQueryBlock queries);
-// each walks key blocks with an online softmax. Per task memory: the score
-// tile [query block, key block] and the output accumulator [query block, D].
+// each walks key blocks with an online softmax. Per task memory: K^T of one
+// key block, the score tile and the output accumulator [query block, D].
 template <typename A>
 void forward_cpu_kernel(const A* q, const A* k, const A* v, A* out, A* lse, const Dims& d, bool causal, A scale) {
   const int64_t D = d.head_dim;
-  const int64_t q_blocks = (d.q_len + kCpuQueryBlock - 1) / kCpuQueryBlock;
+  constexpr int64_t BQ = kCpuQueryBlock, BK = kCpuKeyBlock;
+  const int64_t q_blocks = (d.q_len + BQ - 1) / BQ;
   const int64_t tasks = d.batch * d.q_heads * q_blocks;
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
-    std::vector<A> scores(kCpuQueryBlock * kCpuKeyBlock);
-    std::vector<A> acc(kCpuQueryBlock * D);
-    std::vector<A> row_max(kCpuQueryBlock), row_sum(kCpuQueryBlock);
+    std::vector<A> k_t(D * BK), scores(BQ * BK), acc(BQ * D), row_max(BQ), row_sum(BQ);
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t qb = task % q_blocks;
       const int64_t bh = task / q_blocks;  // b * q_heads + h
       const int64_t b = bh / d.q_heads, h = bh % d.q_heads;
       const int64_t kv_bh = b * d.kv_heads + h / d.group;
-      const A* qh = q + bh * d.q_len * D;
       const A* kh = k + kv_bh * d.kv_len * D;
       const A* vh = v + kv_bh * d.kv_len * D;
-      const int64_t i0 = qb * kCpuQueryBlock, i1 = std::min(d.q_len, i0 + kCpuQueryBlock);
-      const int64_t rows = i1 - i0;
-      std::fill(acc.begin(), acc.begin() + rows * D, A(0));
+      const int64_t i0 = qb * BQ, rows = std::min(d.q_len, i0 + BQ) - i0;
+      const A* q_block = q + (bh * d.q_len + i0) * D;
+      std::fill(acc.begin(), acc.end(), A(0));
       std::fill(row_max.begin(), row_max.end(), kNegInf);
       std::fill(row_sum.begin(), row_sum.end(), A(0));
-      const int64_t key_end = visible_keys(d, causal, i1 - 1);  // the block's last row sees the most
-      for (int64_t j0 = 0; j0 < key_end; j0 += kCpuKeyBlock) {
-        const int64_t j1 = std::min(key_end, j0 + kCpuKeyBlock);
+      const int64_t key_end = visible_keys(d, causal, i0 + rows - 1);  // the block's last row sees the most
+      for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
+        const int64_t keys = std::min(key_end, j0 + BK) - j0;
+        transpose_into(k_t.data(), BK, kh + j0 * D, D, keys, D);
+        std::fill(scores.begin(), scores.end(), A(0));
+        matmul_acc(scores.data(), BK, q_block, D, k_t.data(), BK, rows, keys, D);
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t i = i0 + r;
-          const int64_t row_keys = std::min(j1, visible_keys(d, causal, i));
-          if (row_keys <= j0) continue;  // nothing visible in this key block
-          A* s = scores.data() + r * kCpuKeyBlock;
-          A block_max = kNegInf;
-          for (int64_t j = j0; j < row_keys; ++j) {
-            const A x = scale * dot(qh + i * D, kh + j * D, D);
-            s[j - j0] = x;
-            block_max = std::max(block_max, x);
+          const int64_t row_keys = std::min(keys, visible_keys(d, causal, i0 + r) - j0);
+          A* s = scores.data() + r * BK;
+          if (row_keys <= 0) {  // nothing visible in this block: contributes nothing
+            std::fill(s, s + keys, A(0));
+            continue;
           }
+          A block_max = kNegInf;
+          for (int64_t j = 0; j < row_keys; ++j) block_max = std::max(block_max, s[j] * scale);
           const A new_max = std::max(row_max[r], block_max);
           const A correction = std::exp(row_max[r] - new_max);  // 0 while row_max is -inf
-          A* acc_row = acc.data() + r * D;
-          if (correction != A(1)) scale_in_place(correction, acc_row, D);
           A block_sum = 0;
-          for (int64_t j = j0; j < row_keys; ++j) {
-            const A p = std::exp(s[j - j0] - new_max);
-            block_sum += p;
-            axpy(p, vh + j * D, acc_row, D);
+          for (int64_t j = 0; j < row_keys; ++j) {
+            s[j] = std::exp(s[j] * scale - new_max);
+            block_sum += s[j];
           }
+          std::fill(s + row_keys, s + keys, A(0));
+          A* acc_row = acc.data() + r * D;
+          for (int64_t c = 0; c < D; ++c) acc_row[c] *= correction;
           row_sum[r] = row_sum[r] * correction + block_sum;
           row_max[r] = new_max;
         }
+        matmul_acc(acc.data(), D, scores.data(), BK, vh + j0 * D, D, rows, D, keys);
       }
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = i0 + r;
-        A* out_row = out + (bh * d.q_len + i) * D;
+        const int64_t row = bh * d.q_len + i0 + r;
+        A* out_row = out + row * D;
         const A* acc_row = acc.data() + r * D;
-        if (row_sum[r] > A(0)) {
-          const A inv = A(1) / row_sum[r];
-          for (int64_t c = 0; c < D; ++c) out_row[c] = acc_row[c] * inv;
-          lse[bh * d.q_len + i] = row_max[r] + std::log(row_sum[r]);
-        } else {
-          std::fill(out_row, out_row + D, A(0));
-          lse[bh * d.q_len + i] = kNegInf;
-        }
+        const A inv = row_sum[r] > A(0) ? A(1) / row_sum[r] : A(0);
+        for (int64_t c = 0; c < D; ++c) out_row[c] = acc_row[c] * inv;
+        lse[row] = row_sum[r] > A(0) ? row_max[r] + std::log(row_sum[r]) : kNegInf;
       }
     }
   });
@@ -262,88 +321,107 @@ void row_dot_cpu(const A* grad_out, const A* out, A* delta, int64_t rows, int64_
   });
 }
 
-// Probability and dS of one (query i, key j) pair from the saved lse:
-// p = exp(scale * q.k - lse), dS = p * (dO.v - delta).
+// One tile of the backward: for queries [i0, i0 + rows) and keys [j0, j0 + keys)
+// (k_t, v_t: the keys' K^T and V^T, [D, BK]), fills p = exp(scale * q.k - lse)
+// and ds = p * (dO.v - delta), both [rows, BK], zero where masked.
 template <typename A>
-inline void recompute_pair(const A* q_row, const A* k_row, const A* v_row, const A* go_row, A lse_i, A delta_i,
-                           A scale, int64_t D, A& p, A& ds) {
-  p = std::exp(scale * dot(q_row, k_row, D) - lse_i);
-  ds = p * (dot(go_row, v_row, D) - delta_i);
+void backward_tile(const A* q_block, const A* go_block, const A* k_t, const A* v_t, const A* lse, const A* delta,
+                   int64_t i0, int64_t rows, int64_t j0, int64_t keys, const Dims& d, bool causal, A scale, A* p,
+                   A* ds) {
+  const int64_t D = d.head_dim;
+  constexpr int64_t BK = kCpuKeyBlock;
+  std::fill(p, p + rows * BK, A(0));
+  std::fill(ds, ds + rows * BK, A(0));
+  matmul_acc(p, BK, q_block, D, k_t, BK, rows, keys, D);
+  matmul_acc(ds, BK, go_block, D, v_t, BK, rows, keys, D);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row_keys = std::clamp<int64_t>(visible_keys(d, causal, i0 + r) - j0, 0, keys);
+    A* pr = p + r * BK;
+    A* dsr = ds + r * BK;
+    for (int64_t j = 0; j < row_keys; ++j) {
+      pr[j] = std::exp(pr[j] * scale - lse[r]);
+      dsr[j] = pr[j] * (dsr[j] - delta[r]);
+    }
+    std::fill(pr + row_keys, pr + keys, A(0));
+    std::fill(dsr + row_keys, dsr + keys, A(0));
+  }
 }
 
 // dK, dV: one task per (batch, k/v head, block of keys), accumulating over
-// every query of every q head sharing that k/v head. No atomics, no [L, S].
+// every query of every q head sharing that k/v head: dV += P^T dO,
+// dK += scale * dS^T Q. No atomics, no [L, S].
 template <typename A>
 void backward_kv_cpu_kernel(const A* grad_out, const A* q, const A* k, const A* v, const A* lse, const A* delta,
                             A* dk, A* dv, const Dims& d, bool causal, A scale) {
   const int64_t D = d.head_dim;
-  const int64_t k_blocks = (d.kv_len + kCpuKeyBlock - 1) / kCpuKeyBlock;
+  constexpr int64_t BQ = kCpuQueryBlock, BK = kCpuKeyBlock;
+  const int64_t k_blocks = (d.kv_len + BK - 1) / BK;
   const int64_t tasks = d.batch * d.kv_heads * k_blocks;
   at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    std::vector<A> k_t(D * BK), v_t(D * BK), p(BQ * BK), ds(BQ * BK), p_t(BK * BQ), ds_t(BK * BQ);
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t kb = task % k_blocks;
       const int64_t kv_bh = task / k_blocks;
       const int64_t b = kv_bh / d.kv_heads, kv_h = kv_bh % d.kv_heads;
-      const int64_t j0 = kb * kCpuKeyBlock, j1 = std::min(d.kv_len, j0 + kCpuKeyBlock);
-      const A* kh = k + kv_bh * d.kv_len * D;
-      const A* vh = v + kv_bh * d.kv_len * D;
-      A* dkh = dk + kv_bh * d.kv_len * D;
-      A* dvh = dv + kv_bh * d.kv_len * D;
-      std::fill(dkh + j0 * D, dkh + j1 * D, A(0));
-      std::fill(dvh + j0 * D, dvh + j1 * D, A(0));
+      const int64_t j0 = kb * BK, keys = std::min(d.kv_len, j0 + BK) - j0;
+      const int64_t kv_row0 = kv_bh * d.kv_len + j0;
+      transpose_into(k_t.data(), BK, k + kv_row0 * D, D, keys, D);
+      transpose_into(v_t.data(), BK, v + kv_row0 * D, D, keys, D);
+      A* dk_block = dk + kv_row0 * D;
+      A* dv_block = dv + kv_row0 * D;
+      std::fill(dk_block, dk_block + keys * D, A(0));
+      std::fill(dv_block, dv_block + keys * D, A(0));
       // First query that sees key j0: i + offset >= j0.
       const int64_t i_begin = causal ? std::clamp<int64_t>(j0 - d.causal_offset, 0, d.q_len) : 0;
       for (int64_t h = kv_h * d.group; h < (kv_h + 1) * d.group; ++h) {
         const int64_t bh = b * d.q_heads + h;
-        for (int64_t i = i_begin; i < d.q_len; ++i) {
-          const int64_t row = bh * d.q_len + i;
-          const A* q_row = q + row * D;
-          const A* go_row = grad_out + row * D;
-          const int64_t row_end = std::min(j1, visible_keys(d, causal, i));
-          for (int64_t j = j0; j < row_end; ++j) {
-            A p, ds;
-            recompute_pair(q_row, kh + j * D, vh + j * D, go_row, lse[row], delta[row], scale, D, p, ds);
-            axpy(p, go_row, dvh + j * D, D);
-            axpy(scale * ds, q_row, dkh + j * D, D);
-          }
+        for (int64_t i0 = i_begin; i0 < d.q_len; i0 += BQ) {
+          const int64_t rows = std::min(d.q_len, i0 + BQ) - i0;
+          const int64_t row0 = bh * d.q_len + i0;
+          backward_tile(q + row0 * D, grad_out + row0 * D, k_t.data(), v_t.data(), lse + row0, delta + row0, i0,
+                        rows, j0, keys, d, causal, scale, p.data(), ds.data());
+          transpose_into(p_t.data(), BQ, p.data(), BK, rows, keys);
+          transpose_into(ds_t.data(), BQ, ds.data(), BK, rows, keys);
+          matmul_acc(dv_block, D, p_t.data(), BQ, grad_out + row0 * D, D, keys, D, rows);
+          matmul_acc(dk_block, D, ds_t.data(), BQ, q + row0 * D, D, keys, D, rows);
         }
       }
+      for (int64_t e = 0; e < keys * D; ++e) dk_block[e] *= scale;
     }
   });
 }
 
-// dQ: one task per (batch, q head, block of queries), walking visible keys.
+// dQ: one task per (batch, q head, block of queries), walking visible key
+// blocks: dQ += scale * dS K.
 template <typename A>
 void backward_q_cpu_kernel(const A* grad_out, const A* q, const A* k, const A* v, const A* lse, const A* delta,
                            A* dq, const Dims& d, bool causal, A scale) {
   const int64_t D = d.head_dim;
-  const int64_t q_blocks = (d.q_len + kCpuQueryBlock - 1) / kCpuQueryBlock;
+  constexpr int64_t BQ = kCpuQueryBlock, BK = kCpuKeyBlock;
+  const int64_t q_blocks = (d.q_len + BQ - 1) / BQ;
   const int64_t tasks = d.batch * d.q_heads * q_blocks;
   at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    std::vector<A> k_t(D * BK), v_t(D * BK), p(BQ * BK), ds(BQ * BK);
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t qb = task % q_blocks;
       const int64_t bh = task / q_blocks;
       const int64_t b = bh / d.q_heads, h = bh % d.q_heads;
       const int64_t kv_bh = b * d.kv_heads + h / d.group;
-      const A* kh = k + kv_bh * d.kv_len * D;
-      const A* vh = v + kv_bh * d.kv_len * D;
-      const int64_t i0 = qb * kCpuQueryBlock, i1 = std::min(d.q_len, i0 + kCpuQueryBlock);
-      // Key blocks outermost so a block of k/v rows stays in cache for all queries.
-      for (int64_t i = i0; i < i1; ++i) std::fill(dq + (bh * d.q_len + i) * D, dq + (bh * d.q_len + i + 1) * D, A(0));
-      const int64_t key_end = visible_keys(d, causal, i1 - 1);
-      for (int64_t j0 = 0; j0 < key_end; j0 += kCpuKeyBlock) {
-        const int64_t j1 = std::min(key_end, j0 + kCpuKeyBlock);
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t row = bh * d.q_len + i;
-          const int64_t row_end = std::min(j1, visible_keys(d, causal, i));
-          for (int64_t j = j0; j < row_end; ++j) {
-            A p, ds;
-            recompute_pair(q + row * D, kh + j * D, vh + j * D, grad_out + row * D, lse[row], delta[row], scale,
-                           D, p, ds);
-            axpy(scale * ds, kh + j * D, dq + row * D, D);
-          }
-        }
+      const int64_t i0 = qb * BQ, rows = std::min(d.q_len, i0 + BQ) - i0;
+      const int64_t row0 = bh * d.q_len + i0;
+      A* dq_block = dq + row0 * D;
+      std::fill(dq_block, dq_block + rows * D, A(0));
+      const int64_t key_end = visible_keys(d, causal, i0 + rows - 1);
+      for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
+        const int64_t keys = std::min(key_end, j0 + BK) - j0;
+        const A* k_block = k + (kv_bh * d.kv_len + j0) * D;
+        transpose_into(k_t.data(), BK, k_block, D, keys, D);
+        transpose_into(v_t.data(), BK, v + (kv_bh * d.kv_len + j0) * D, D, keys, D);
+        backward_tile(q + row0 * D, grad_out + row0 * D, k_t.data(), v_t.data(), lse + row0, delta + row0, i0, rows,
+                      j0, keys, d, causal, scale, p.data(), ds.data());
+        matmul_acc(dq_block, D, ds.data(), BK, k_block, D, rows, D, keys);
       }
+      for (int64_t e = 0; e < rows * D; ++e) dq_block[e] *= scale;
     }
   });
 }
