@@ -164,6 +164,20 @@ def test_forward_backward(backend, dtype, case):
         assert_close(ours, ref, dtype, GRAD_FACTOR)
 
 
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_head_dim(backend, head_dim, causal):
+    # Small: one instantiation per head dim (the Metal tiles differ for 256).
+    q_len, kv_len = (27, 19) if causal else (19, 27)
+    q, k, v = inputs(2, 2, 1, q_len, kv_len, head_dim, torch.float16, backend.device, requires_grad=True, seed=3)
+    out = my_mps_ops.flash_attention(q, k, v, causal)
+    assert_close(out, reference(q, k, v, causal), torch.float16)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(out)
+    out.backward(grad_out)
+    for ours, expected in zip((q.grad, k.grad, v.grad), reference_grads(q, k, v, causal, grad_out)):
+        assert_close(ours, expected, torch.float16, GRAD_FACTOR)
+
+
 def test_rows_without_keys_are_zero(backend):
     q, k, v = inputs(1, 2, 2, 40, 16, 64, torch.float32, backend.device, requires_grad=True)
     out, lse = ops.flash_attention(q, k, v, True)
