@@ -9,7 +9,7 @@
 // accumulation; tiles are converted to float as they are staged in
 // threadgroup memory (so every matrix operand is float, whatever T is). A
 // simdgroup owns 8 rows (queries, or keys in the dK/dV kernel); threadgroups
-// have SIMDGROUPS of them: 4, or 2 for head_dim 256 (32 KB of threadgroup
+// have flash_simdgroups(D) of them: 4, or 2 for head_dim 256 (32 KB of threadgroup
 // memory). The host (csrc/flash_attention.cpp) sizes the [[threadgroup(n)]]
 // buffers from the same numbers.
 //
@@ -18,13 +18,12 @@
 #include <metal_stdlib>
 using namespace metal;
 
-template <uint D>
-struct FlashShape {
-  static constexpr uint SIMDGROUPS = D > 128 ? 2 : 4;
-  static constexpr uint ROWS = 8 * SIMDGROUPS;  // rows owned by one threadgroup
-  static constexpr uint THREADS = 32 * SIMDGROUPS;
-  static constexpr uint BLOCKS = D / 8;  // 8-wide column blocks of a head
-};
+// Simdgroups per threadgroup for head_dim d; a threadgroup owns 8 rows per
+// simdgroup and runs 32 threads per simdgroup. (constexpr functions rather
+// than static members: MSL puts program-scope data in the constant space.)
+constexpr uint flash_simdgroups(uint d) { return d > 128 ? 2 : 4; }
+constexpr uint flash_rows(uint d) { return 8 * flash_simdgroups(d); }
+constexpr uint flash_threads(uint d) { return 32 * flash_simdgroups(d); }
 
 // Loads rows [first_row, first_row + 8) x columns [col, col + 8) of a
 // row-major matrix with `stride` columns and `rows` rows into a float matrix,
@@ -64,7 +63,7 @@ inline void store_block(simdgroup_float8x8 m, device T* dst, uint first_row, uin
 template <typename T, uint D>
 inline void stage_rows(threadgroup float* tile, device const T* src, uint first_row, uint count, uint rows,
                        float factor, uint tid) {
-  for (uint idx = tid; idx < count * D; idx += FlashShape<D>::THREADS) {
+  for (uint idx = tid; idx < count * D; idx += flash_threads(D)) {
     const uint row = first_row + idx / D;
     tile[idx] = row < rows ? float(src[size_t(row) * D + idx % D]) * factor : 0.0f;
   }
@@ -104,9 +103,8 @@ kernel void flash_attention_forward(
     uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
-  typedef FlashShape<D> Shape;
-  constexpr uint ROWS = Shape::ROWS;
-  constexpr uint BLOCKS = Shape::BLOCKS;
+  constexpr uint ROWS = flash_rows(D);
+  constexpr uint BLOCKS = D / 8;  // 8-wide column blocks of a head
   const float neg_inf = -INFINITY;
   const uint h = block.y;
   const uint b = block.z;
@@ -269,11 +267,11 @@ kernel void flash_attention_backward_kv(
     uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
-  typedef FlashShape<D> Shape;
-  constexpr uint BLOCKS = Shape::BLOCKS;
+  constexpr uint ROWS = flash_rows(D);
+  constexpr uint BLOCKS = D / 8;  // 8-wide column blocks of a head
   const uint kv_h = block.y;
   const uint b = block.z;
-  const uint k0 = block.x * Shape::ROWS;  // the threadgroup's first key
+  const uint k0 = block.x * ROWS;  // the threadgroup's first key
   const uint key0 = k0 + sg * 8;          // this simdgroup's first key
   const uint kv_heads = q_heads / group;
   const size_t kv_offset = (size_t(b) * kv_heads + kv_h) * kv_len * D;
@@ -378,11 +376,11 @@ kernel void flash_attention_backward_q(
     uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
-  typedef FlashShape<D> Shape;
-  constexpr uint BLOCKS = Shape::BLOCKS;
+  constexpr uint ROWS = flash_rows(D);
+  constexpr uint BLOCKS = D / 8;  // 8-wide column blocks of a head
   const uint h = block.y;
   const uint b = block.z;
-  const uint q0 = block.x * Shape::ROWS;
+  const uint q0 = block.x * ROWS;
   const uint query0 = q0 + sg * 8;  // this simdgroup's first query
   const uint kv_heads = q_heads / group;
   const size_t q_row0 = (size_t(b) * q_heads + h) * q_len;
@@ -406,7 +404,7 @@ kernel void flash_attention_backward_q(
   const float my_lse = my_query < q_len ? lse[q_row0 + my_query] : 0.0f;
   const float my_delta = my_query < q_len ? delta[q_row0 + my_query] : 0.0f;
 
-  const uint key_end = visible_key_end(min(q_len, q0 + Shape::ROWS) - 1, q_len, kv_len, is_causal);
+  const uint key_end = visible_key_end(min(q_len, q0 + ROWS) - 1, q_len, kv_len, is_causal);
   for (uint k0 = 0; k0 < key_end; k0 += 8) {
     threadgroup_barrier(mem_flags::mem_threadgroup);  // everyone is done with the previous tiles
     stage_rows<T, D>(k_tile, k + kv_offset, k0, 8, kv_len, 1.0f, tid);
