@@ -1,8 +1,8 @@
 """Benchmark cases: my_mps_ops.flash_attention vs F.scaled_dot_product_attention.
 
-``CASES`` follows the common benchmark format (see the op-family notes); each
-shape is (batch, q_heads, kv_heads, seq, head_dim). ``shapes`` are the issue's
-sizes for mps (seq 512..8192); ``cpu_shapes`` are smaller, for the CPU kernels.
+``CASES`` follows the common benchmark format (benchmarks/bench_ops.py); each
+shape is (batch, q_heads, kv_heads, seq, head_dim). ``shapes`` are CPU-sized
+(seq 256..2048); ``device_shapes["mps"]`` are the issue's (seq 512..8192).
 
 Run directly for a table of forward and forward+backward time and peak memory
 on the best device here, and (on mps only) the issue's Mac ratios:
@@ -58,12 +58,15 @@ def _shapes(seqs: Sequence[int]) -> List[Tuple[int, ...]]:
 CASES = [
     {
         "op": f"flash_attention{'_causal' if causal else ''}",
-        "shapes": _shapes(MPS_SEQS),
-        "cpu_shapes": _shapes(CPU_SEQS),
-        "dtypes": [torch.float16, torch.bfloat16, torch.float32],
+        # The common runner (bench_ops.py) uses one list for every device: the
+        # CPU-sized one. device_shapes has the issue's mps sizes (seq 512..8192).
+        "shapes": _shapes(CPU_SEQS),
+        "quick_shapes": [(BATCH, Q_HEADS, KV_HEADS, 512, 64)],
+        "device_shapes": {"cpu": _shapes(CPU_SEQS), "mps": _shapes(MPS_SEQS)},
+        "dtypes": [torch.float32, torch.float16],
         "make_inputs": make_inputs,
         "ours": ours(causal),
-        "baselines": {"F.scaled_dot_product_attention": sdpa(causal)},
+        "baselines": {"sdpa": sdpa(causal)},
         "grad_inputs": [0, 1, 2],
     }
     for causal in (True, False)

@@ -9,6 +9,14 @@ TORCH_LIBRARY(my_mps_ops, m) {
   // output_mask says it is not needed (grad_weight also when weight is None).
   m.def("rms_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, float eps, bool[2] output_mask) -> (Tensor, Tensor)");
 
+  // ---- glu: gated activations of the Llama / Gemma MLPs. The backward ops
+  // recompute the activation from gate instead of saving it.
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");  // silu(gate) * up
+  m.def("swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  // gelu(gate, approximate) * up, approximate "none" (erf) or "tanh"
+  m.def("geglu(Tensor gate, Tensor up, str approximate=\"none\") -> Tensor");
+  m.def("geglu_backward(Tensor grad_out, Tensor gate, Tensor up, str approximate=\"none\") -> (Tensor, Tensor)");
+
   // ---- flash_attention
   // Fused softmax(scale * q k^T) v over (batch, heads, seq, head_dim) inputs,
   // grouped-query heads, causal aligned to the bottom right. Returns (out, lse)

@@ -45,3 +45,17 @@ class RMSNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+class SwiGLU(torch.nn.Module):
+    """The Llama MLP, ``w_down(silu(w_gate(x)) * w_up(x))``, with the gated
+    activation fused (my_mps_ops.swiglu). Parameters: w_gate, w_up, w_down."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        self.w_gate = torch.nn.Linear(dim, hidden_dim, bias=bias, device=device, dtype=dtype)
+        self.w_up = torch.nn.Linear(dim, hidden_dim, bias=bias, device=device, dtype=dtype)
+        self.w_down = torch.nn.Linear(hidden_dim, dim, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_down(ops.swiglu(self.w_gate(x), self.w_up(x)))

@@ -17,6 +17,17 @@ def rms_norm(input: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) 
     return _ops.rms_norm(input, weight, eps)
 
 
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up`` in one pass (the SwiGLU of Llama MLPs); the backward
+    recomputes the activation instead of saving it."""
+    return _ops.swiglu(gate, up)
+
+
+def geglu(gate: Tensor, up: Tensor, approximate: str = "none") -> Tensor:
+    """``gelu(gate, approximate) * up`` in one pass; approximate is "none" (erf) or "tanh"."""
+    return _ops.geglu(gate, up, approximate)
+
+
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
                     scale: Optional[float] = None) -> Tensor:
     """Fused attention ``softmax(scale * q @ k^T [masked]) @ v`` with memory linear in sequence length.

@@ -309,3 +309,42 @@ def test_compile_errors_point_at_the_metal_line():
     src = "#include <metal_stdlib>\nusing namespace metal;\nkernel void k(device float* x, uint i [[thread_position_in_grid]]) {\n  x[i] = undefined_name;\n}\n"
     with pytest.raises(RuntimeError, match=r"\.metal:4"):
         compile_shader(src)
+
+
+ADDRESS_SPACE_SRC = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+inline void bump(thread float* p) { *p += 1.0f; }
+inline float first(threadgroup const float* t) { return t[0]; }
+inline float scaled(constant float& s, device const float* x, uint i) { return s * x[i]; }
+
+kernel void spaces(device const float* x [[buffer(0)]], device float* out [[buffer(1)]],
+                   constant float& s [[buffer(2)]], threadgroup float* scratch [[threadgroup(0)]],
+                   uint i [[thread_position_in_grid]], uint tid [[thread_position_in_threadgroup]]) {
+  float local = scaled(s, x, i);
+  bump(&local);                       // thread address space
+  scratch[tid] = local;               // threadgroup memory sized at launch
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[i] = local + first(scratch);
+}
+"""
+
+
+def test_address_spaces_and_threadgroup_memory_sized_at_launch_uniform_grid():
+    from my_mps_ops import _C
+
+    lib = compile_shader(ADDRESS_SPACE_SRC)
+    kernel = [k for k in _C.emulator_kernels(lib._key) if k["name"] == "spaces"][0]
+    kinds = [(p["name"], p["kind"], p["index"], p["bytes"]) for p in kernel["params"]]
+    assert kinds[:4] == [("x", "buffer", 0, 0), ("out", "buffer", 1, 0), ("s", "buffer", 2, 4),
+                         ("scratch", "threadgroup", 0, 0)]
+    x = torch.arange(8, dtype=torch.float32)
+    out = torch.zeros(8)
+    scale = struct.pack("<f", 2.0)
+    # A uniform grid (dispatchThreadgroups): 2 groups of 4, 16 bytes of threadgroup memory each.
+    _C.emulator_launch(lib._key, "spaces", [x, out, scale], [2, 1, 1], [4, 1, 1], True, [(0, 16)])
+    local = 2 * x + 1
+    assert out.tolist() == (local + torch.tensor([local[0]] * 4 + [local[4]] * 4)).tolist()
+    with pytest.raises(RuntimeError, match=r"threadgroup\(0\) for parameter 'scratch' has no memory length"):
+        _C.emulator_launch(lib._key, "spaces", [x, out, scale], [2, 1, 1], [4, 1, 1], True, [])

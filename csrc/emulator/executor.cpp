@@ -139,7 +139,7 @@ void on_fault(int sig, siginfo_t* info, void* uctx) {
   }
   const unsigned char* addr = static_cast<const unsigned char*>(info->si_addr);
   const char* access = "access";
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(__linux__)
   if (sig == SIGSEGV) {
     const auto* uc = static_cast<const ucontext_t*>(uctx);
     access = (uc->uc_mcontext.gregs[REG_ERR] & 2) ? "write" : "read";

@@ -66,6 +66,8 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    """Plain PyTorch twin of my_mps_ops.nn.SwiGLU (same parameter names)."""
+
     def __init__(self, cfg: TinyLlamaConfig):
         super().__init__()
         self.w_gate = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
@@ -87,7 +89,7 @@ class Block(nn.Module):
         self.attn_norm = _norm(cfg, use_my_ops)
         self.attn = Attention(cfg)
         self.mlp_norm = _norm(cfg, use_my_ops)
-        self.mlp = SwiGLU(cfg)
+        self.mlp = my_nn.SwiGLU(cfg.dim, cfg.hidden_dim) if use_my_ops else SwiGLU(cfg)
 
     def forward(self, x, cos, sin):
         x = x + self.attn(self.attn_norm(x), cos, sin)

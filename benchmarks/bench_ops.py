@@ -1,0 +1,163 @@
+"""Benchmarks every my_mps_ops op against PyTorch on each available device.
+
+    python benchmarks/bench_ops.py [--quick] [--ops rms_norm,...] [--devices cpu,mps]
+
+Ops register cases in benchmarks/cases_*.py as a list CASES of dicts:
+op, shapes (and optional quick_shapes), dtypes, make_inputs(shape, dtype, device),
+ours(*inputs), baselines {name: f(*inputs)}, grad_inputs (indices needing grad for
+forward+backward), optional targets [(shape, dtype, mode, baseline, min_speedup)].
+
+Times are medians of repeated runs after warm-up, in one process; speedups are
+ratios from the same run. Writes benchmarks/results/results.{csv,json,md} and a
+bar chart speedups.png. MPS rows appear only when run on a Mac.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+
+
+def load_cases():
+    cases = []
+    for path in sorted(glob.glob(os.path.join(HERE, "cases_*.py"))):
+        spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        cases += module.CASES
+    return cases
+
+
+def sync(device):
+    if device == "mps":
+        torch.mps.synchronize()
+
+
+def time_fn(fn, device, min_runs=5, budget_s=1.5):
+    for _ in range(2):
+        fn()
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < budget_s and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_runner(fn, inputs, grad_inputs, backward):
+    if not backward:
+        def forward():
+            with torch.no_grad():
+                fn(*inputs)
+        return forward
+    leaves = [t.detach().requires_grad_(i in grad_inputs) if t.is_floating_point() else t
+              for i, t in enumerate(inputs)]
+
+    def forward_backward():
+        out = fn(*leaves)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        out.backward(torch.ones_like(out))
+        for t in leaves:
+            t.grad = None
+    return forward_backward
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer shapes")
+    p.add_argument("--ops", default="", help="comma-separated op names (default: all)")
+    p.add_argument("--devices", default="", help="comma-separated devices (default: cpu, and mps when available)")
+    args = p.parse_args(argv)
+
+    import my_mps_ops  # noqa: F401
+
+    devices = args.devices.split(",") if args.devices else ["cpu"] + (["mps"] if torch.backends.mps.is_available() else [])
+    wanted = set(filter(None, args.ops.split(",")))
+    rows = []
+    for case in load_cases():
+        if wanted and case["op"] not in wanted:
+            continue
+        shapes = case.get("quick_shapes", case["shapes"][:1]) if args.quick else case["shapes"]
+        for device in devices:
+            for dtype in case["dtypes"]:
+                for shape in shapes:
+                    torch.manual_seed(0)
+                    inputs = case["make_inputs"](shape, dtype, device)
+                    for mode in ("fwd", "fwd+bwd"):
+                        impls = {"my_mps_ops": case["ours"], **case["baselines"]}
+                        timings = {name: time_fn(make_runner(fn, inputs, case["grad_inputs"], mode == "fwd+bwd"), device)
+                                   for name, fn in impls.items()}
+                        for name, t in timings.items():
+                            if name == "my_mps_ops":
+                                continue
+                            rows.append(dict(op=case["op"], device=device, dtype=str(dtype).replace("torch.", ""),
+                                             shape="x".join(map(str, shape)), mode=mode, baseline=name,
+                                             ours_ms=timings["my_mps_ops"] * 1e3, baseline_ms=t * 1e3,
+                                             speedup=t / timings["my_mps_ops"]))
+                        print(f"{case['op']:<12} {device:<4} {str(dtype)[6:]:<9} {str(shape):<18} {mode:<8} " +
+                              "  ".join(f"{n} {v * 1e3:8.2f} ms" for n, v in timings.items()), flush=True)
+
+    os.makedirs(RESULTS, exist_ok=True)
+    header = ["op", "device", "dtype", "shape", "mode", "baseline", "ours_ms", "baseline_ms", "speedup"]
+    with open(os.path.join(RESULTS, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(RESULTS, "results.json"), "w") as f:
+        json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), rows=rows), f, indent=1)
+    table = ["| op | device | dtype | shape | mode | vs | ours (ms) | theirs (ms) | speedup |",
+             "|---|---|---|---|---|---|---:|---:|---:|"]
+    table += [f"| {r['op']} | {r['device']} | {r['dtype']} | {r['shape']} | {r['mode']} | {r['baseline']} | "
+              f"{r['ours_ms']:.2f} | {r['baseline_ms']:.2f} | {r['speedup']:.2f}x |" for r in rows]
+    with open(os.path.join(RESULTS, "results.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    print("\n" + "\n".join(table))
+
+    print("\nTargets (cpu, from this run):")
+    for case in load_cases():
+        for shape, dtype, mode, baseline, minimum in case.get("targets", []):
+            match = [r for r in rows if r["op"] == case["op"] and r["device"] == "cpu" and r["mode"] == mode and
+                     r["baseline"] == baseline and r["shape"] == "x".join(map(str, shape)) and
+                     r["dtype"] == str(dtype).replace("torch.", "")]
+            for r in match:
+                verdict = "met" if r["speedup"] >= minimum else "NOT met"
+                print(f"  {case['op']} {r['shape']} {r['dtype']} {mode} vs {baseline}: {r['speedup']:.2f}x "
+                      f"(target >= {minimum}x) {verdict}")
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels = [f"{r['op']}\n{r['device']} {r['dtype']}\n{r['shape']} {r['mode']}\nvs {r['baseline']}" for r in rows]
+        fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.7), 5))
+        ax.bar(range(len(rows)), [r["speedup"] for r in rows])
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, rotation=90, fontsize=6)
+        ax.set_ylabel("speedup of my_mps_ops (x)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(RESULTS, "speedups.png"), dpi=100)
+    except ImportError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

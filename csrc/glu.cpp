@@ -1,0 +1,396 @@
+// Gated activations of transformer MLPs: swiglu(gate, up) = silu(gate) * up
+// and geglu(gate, up, approximate) = gelu(gate) * up.
+//
+// One pass each way; the backward recomputes the activation from gate rather
+// than saving it (one tensor less kept alive per MLP in training). CPU kernels
+// (at::vec, parallel), the Metal path (shaders/glu.metal), Meta, autograd.
+#include "metal_launch.h"
+#include "op_common.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+namespace my_mps_ops {
+namespace {
+
+using at::Tensor;
+
+enum class Activation { SiLU, GeluErf, GeluTanh };
+
+Activation gelu_kind(const char* op, c10::string_view approximate) {
+  if (approximate == "none") return Activation::GeluErf;
+  if (approximate == "tanh") return Activation::GeluTanh;
+  TORCH_CHECK(false, op, ": approximate must be \"none\" or \"tanh\", got \"", approximate, "\"");
+}
+
+const char* op_name(Activation act, bool backward) {
+  if (act == Activation::SiLU) return backward ? "my_mps_ops.swiglu_backward" : "my_mps_ops.swiglu";
+  return backward ? "my_mps_ops.geglu_backward" : "my_mps_ops.geglu";
+}
+
+void check_inputs(const char* op, const Tensor& gate, const Tensor& up) {
+  check_float_dtype(gate, op, "gate");
+  check_same_dtype(up, gate, op, "up", "gate");
+  check_same_device(up, gate, op, "up", "gate");
+  TORCH_CHECK(up.sym_sizes() == gate.sym_sizes(), op, ": up must have the shape of gate ", gate.sym_sizes(),
+              ", got ", up.sym_sizes());
+}
+
+void check_backward_inputs(const char* op, const Tensor& grad_out, const Tensor& gate, const Tensor& up) {
+  check_inputs(op, gate, up);
+  check_same_dtype(grad_out, gate, op, "grad_out", "gate");
+  check_same_device(grad_out, gate, op, "grad_out", "gate");
+  TORCH_CHECK(grad_out.sym_sizes() == gate.sym_sizes(), op, ": grad_out must have the shape of gate ",
+              gate.sym_sizes(), ", got ", grad_out.sym_sizes());
+}
+
+// ------------------------------------------------------------- activations
+
+constexpr double kSqrtHalf = 0.70710678118654752440;
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+constexpr double kSqrt2OverPi = 0.79788456080286535588;
+constexpr double kTanhCoef = 0.044715;
+
+// ---------------------------------------------------------------- CPU kernels
+// Blocks of kBlock elements are widened to float32 (float64 stays float64),
+// then each activation is a branch-free loop the compiler vectorises. The
+// float32 path uses its own exp (Cody-Waite reduction + degree-6 polynomial,
+// ~2 ulp) and erf (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7): the libm
+// calls behind at::vec's portable build run one element at a time.
+
+constexpr int64_t kGrain = 32768;
+constexpr int64_t kBlock = 256;
+
+inline float exp_f32(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float t = x * 1.44269504088896341f;
+  const float k = static_cast<float>(static_cast<int>(t + (t >= 0.0f ? 0.5f : -0.5f)));
+  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline float erf_f32(float x) {
+  const float a = std::fabs(x);
+  const float t = 1.0f / (1.0f + 0.3275911f * a);
+  const float poly =
+      t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  const float y = 1.0f - poly * exp_f32(-a * a);
+  return x < 0.0f ? -y : y;
+}
+
+inline float exp_of(float x) { return exp_f32(x); }
+inline double exp_of(double x) { return std::exp(x); }
+inline float erf_of(float x) { return erf_f32(x); }
+inline double erf_of(double x) { return std::erf(x); }
+
+// act(x) and act'(x).
+template <Activation A, typename S>
+inline void activation(S x, S& value, S& grad) {
+  if constexpr (A == Activation::SiLU) {
+    const S s = S(1) / (S(1) + exp_of(-x));
+    value = x * s;
+    grad = s * (S(1) + x * (S(1) - s));
+  } else if constexpr (A == Activation::GeluErf) {
+    const S cdf = S(0.5) * (S(1) + erf_of(x * S(kSqrtHalf)));
+    value = x * cdf;
+    grad = cdf + x * S(kInvSqrt2Pi) * exp_of(S(-0.5) * x * x);
+  } else {
+    // tanh(u) = 1 - 2 / (exp(2u) + 1): saturates cleanly at both ends.
+    const S u = S(kSqrt2OverPi) * (x + S(kTanhCoef) * x * x * x);
+    const S t = S(1) - S(2) / (exp_of(S(2) * u) + S(1));
+    value = S(0.5) * x * (S(1) + t);
+    grad = S(0.5) * (S(1) + t) + S(0.5) * x * (S(1) - t * t) * S(kSqrt2OverPi) * (S(1) + S(3 * kTanhCoef) * x * x);
+  }
+}
+
+template <Activation A, typename T>
+void forward_cpu_kernel(const T* gate, const T* up, T* out, int64_t n) {
+  using Acc = cpu::acc_t<T>;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    Acc g[kBlock], u[kBlock];
+    for (int64_t b = begin; b < end; b += kBlock) {
+      const int64_t len = std::min(kBlock, end - b);
+      for (int64_t i = 0; i < len; ++i) {
+        g[i] = static_cast<Acc>(gate[b + i]);
+        u[i] = static_cast<Acc>(up[b + i]);
+      }
+      for (int64_t i = 0; i < len; ++i) {
+        Acc v, d;
+        activation<A>(g[i], v, d);
+        g[i] = v * u[i];
+      }
+      for (int64_t i = 0; i < len; ++i) out[b + i] = static_cast<T>(g[i]);
+    }
+  });
+}
+
+template <Activation A, typename T>
+void backward_cpu_kernel(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t n) {
+  using Acc = cpu::acc_t<T>;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    Acc g[kBlock], u[kBlock], y[kBlock];
+    for (int64_t b = begin; b < end; b += kBlock) {
+      const int64_t len = std::min(kBlock, end - b);
+      for (int64_t i = 0; i < len; ++i) {
+        g[i] = static_cast<Acc>(gate[b + i]);
+        u[i] = static_cast<Acc>(up[b + i]);
+        y[i] = static_cast<Acc>(dy[b + i]);
+      }
+      for (int64_t i = 0; i < len; ++i) {
+        Acc v, d;
+        activation<A>(g[i], v, d);
+        g[i] = y[i] * u[i] * d;  // grad_gate
+        u[i] = y[i] * v;         // grad_up
+      }
+      for (int64_t i = 0; i < len; ++i) {
+        dgate[b + i] = static_cast<T>(g[i]);
+        dup[b + i] = static_cast<T>(u[i]);
+      }
+    }
+  });
+}
+
+template <Activation A>
+Tensor forward_cpu(const Tensor& gate, const Tensor& up) {
+  const Tensor g = gate.contiguous(), u = up.contiguous();
+  Tensor out = at::empty_like(g, at::MemoryFormat::Contiguous);
+  if (out.numel() == 0) return out;
+  MY_MPS_OPS_DISPATCH_CPU_TYPES(g.scalar_type(), "glu_cpu", [&] {
+    forward_cpu_kernel<A, scalar_t>(g.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+                                    out.mutable_data_ptr<scalar_t>(), out.numel());
+  });
+  return out;
+}
+
+template <Activation A>
+std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_out, const Tensor& gate, const Tensor& up) {
+  const Tensor dy = grad_out.contiguous(), g = gate.contiguous(), u = up.contiguous();
+  Tensor dgate = at::empty_like(g, at::MemoryFormat::Contiguous);
+  Tensor dup = at::empty_like(g, at::MemoryFormat::Contiguous);
+  if (g.numel() == 0) return {dgate, dup};
+  MY_MPS_OPS_DISPATCH_CPU_TYPES(g.scalar_type(), "glu_backward_cpu", [&] {
+    backward_cpu_kernel<A, scalar_t>(dy.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+                                     u.const_data_ptr<scalar_t>(), dgate.mutable_data_ptr<scalar_t>(),
+                                     dup.mutable_data_ptr<scalar_t>(), g.numel());
+  });
+  return {dgate, dup};
+}
+
+// ------------------------------------------------------------ Metal path
+
+constexpr const char* kLibrary = "glu";
+constexpr int64_t kPerThread = 4;  // N_PER in the shader
+
+uint32_t metal_approximate(Activation act) { return act == Activation::GeluTanh ? 1u : 0u; }
+
+std::array<uint64_t, 3> elementwise_group(metal::Executor& executor, const std::string& kernel, int64_t threads) {
+  const metal::PipelineInfo info = executor.pipeline_info(kLibrary, kernel);
+  const uint64_t group = std::min<uint64_t>(info.max_threads_per_threadgroup, 256);
+  return {std::min<uint64_t>(group, uint64_t(threads)), 1, 1};
+}
+
+Tensor forward_metal(Activation act, const Tensor& gate, const Tensor& up) {
+  const Tensor g = gate.contiguous(), u = up.contiguous();
+  Tensor out = at::empty_like(g, at::MemoryFormat::Contiguous);
+  const int64_t n = g.numel();
+  if (n == 0) return out;
+  TORCH_CHECK(n <= UINT32_MAX, op_name(act, false), ": too many elements for the Metal kernel: ", n);
+  auto& executor = metal::executor_for(g.device());
+  const std::string kernel =
+      std::string(act == Activation::SiLU ? "swiglu_forward_" : "geglu_forward_") + metal_type_name(g.scalar_type());
+  const int64_t threads = (n + kPerThread - 1) / kPerThread;
+  metal::Launch launch(kLibrary, kernel);
+  launch.buffer(g).buffer(u).buffer(out).scalar<uint32_t>(static_cast<uint32_t>(n));
+  if (act != Activation::SiLU) launch.scalar<uint32_t>(metal_approximate(act));
+  launch.dispatch_threads({uint64_t(threads), 1, 1}, elementwise_group(executor, kernel, threads));
+  executor.run(launch);
+  return out;
+}
+
+std::tuple<Tensor, Tensor> backward_metal(Activation act, const Tensor& grad_out, const Tensor& gate,
+                                          const Tensor& up) {
+  const Tensor dy = grad_out.contiguous(), g = gate.contiguous(), u = up.contiguous();
+  Tensor dgate = at::empty_like(g, at::MemoryFormat::Contiguous);
+  Tensor dup = at::empty_like(g, at::MemoryFormat::Contiguous);
+  const int64_t n = g.numel();
+  if (n == 0) return {dgate, dup};
+  TORCH_CHECK(n <= UINT32_MAX, op_name(act, true), ": too many elements for the Metal kernel: ", n);
+  auto& executor = metal::executor_for(g.device());
+  const std::string kernel =
+      std::string(act == Activation::SiLU ? "swiglu_backward_" : "geglu_backward_") + metal_type_name(g.scalar_type());
+  const int64_t threads = (n + kPerThread - 1) / kPerThread;
+  metal::Launch launch(kLibrary, kernel);
+  launch.buffer(dy).buffer(g).buffer(u).buffer(dgate).buffer(dup).scalar<uint32_t>(static_cast<uint32_t>(n));
+  if (act != Activation::SiLU) launch.scalar<uint32_t>(metal_approximate(act));
+  launch.dispatch_threads({uint64_t(threads), 1, 1}, elementwise_group(executor, kernel, threads));
+  executor.run(launch);
+  return {dgate, dup};
+}
+
+// -------------------------------------------------------- per-device kernels
+
+Tensor forward_any(Activation act, const Tensor& gate, const Tensor& up) {
+  if (gate.is_mps() || metal::metal_emulation_enabled()) return forward_metal(act, gate, up);
+  switch (act) {
+    case Activation::SiLU: return forward_cpu<Activation::SiLU>(gate, up);
+    case Activation::GeluErf: return forward_cpu<Activation::GeluErf>(gate, up);
+    default: return forward_cpu<Activation::GeluTanh>(gate, up);
+  }
+}
+
+std::tuple<Tensor, Tensor> backward_any(Activation act, const Tensor& grad_out, const Tensor& gate,
+                                        const Tensor& up) {
+  if (gate.is_mps() || metal::metal_emulation_enabled()) return backward_metal(act, grad_out, gate, up);
+  switch (act) {
+    case Activation::SiLU: return backward_cpu<Activation::SiLU>(grad_out, gate, up);
+    case Activation::GeluErf: return backward_cpu<Activation::GeluErf>(grad_out, gate, up);
+    default: return backward_cpu<Activation::GeluTanh>(grad_out, gate, up);
+  }
+}
+
+Tensor swiglu_impl(const Tensor& gate, const Tensor& up) {
+  check_inputs(op_name(Activation::SiLU, false), gate, up);
+  return forward_any(Activation::SiLU, gate, up);
+}
+
+std::tuple<Tensor, Tensor> swiglu_backward_impl(const Tensor& grad_out, const Tensor& gate, const Tensor& up) {
+  check_backward_inputs(op_name(Activation::SiLU, true), grad_out, gate, up);
+  return backward_any(Activation::SiLU, grad_out, gate, up);
+}
+
+Tensor geglu_impl(const Tensor& gate, const Tensor& up, c10::string_view approximate) {
+  const Activation act = gelu_kind("my_mps_ops.geglu", approximate);
+  check_inputs(op_name(act, false), gate, up);
+  return forward_any(act, gate, up);
+}
+
+std::tuple<Tensor, Tensor> geglu_backward_impl(const Tensor& grad_out, const Tensor& gate, const Tensor& up,
+                                               c10::string_view approximate) {
+  const Activation act = gelu_kind("my_mps_ops.geglu_backward", approximate);
+  check_backward_inputs(op_name(act, true), grad_out, gate, up);
+  return backward_any(act, grad_out, gate, up);
+}
+
+// Shapes only; symbolic-size safe.
+Tensor swiglu_meta(const Tensor& gate, const Tensor& up) {
+  check_inputs(op_name(Activation::SiLU, false), gate, up);
+  return at::empty_like(gate, at::MemoryFormat::Contiguous);
+}
+
+std::tuple<Tensor, Tensor> swiglu_backward_meta(const Tensor& grad_out, const Tensor& gate, const Tensor& up) {
+  check_backward_inputs(op_name(Activation::SiLU, true), grad_out, gate, up);
+  return {at::empty_like(gate, at::MemoryFormat::Contiguous), at::empty_like(gate, at::MemoryFormat::Contiguous)};
+}
+
+Tensor geglu_meta(const Tensor& gate, const Tensor& up, c10::string_view approximate) {
+  check_inputs(op_name(gelu_kind("my_mps_ops.geglu", approximate), false), gate, up);
+  return at::empty_like(gate, at::MemoryFormat::Contiguous);
+}
+
+std::tuple<Tensor, Tensor> geglu_backward_meta(const Tensor& grad_out, const Tensor& gate, const Tensor& up,
+                                               c10::string_view approximate) {
+  check_backward_inputs(op_name(gelu_kind("my_mps_ops.geglu_backward", approximate), true), grad_out, gate, up);
+  return {at::empty_like(gate, at::MemoryFormat::Contiguous), at::empty_like(gate, at::MemoryFormat::Contiguous)};
+}
+
+// ------------------------------------------------------------------ autograd
+
+class SwiGLUFunction : public torch::autograd::Function<SwiGLUFunction> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& gate, const Tensor& up) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("my_mps_ops::swiglu", "")
+                         .typed<Tensor(const Tensor&, const Tensor&)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({gate, up});
+    return op.call(gate, up);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("my_mps_ops::swiglu_backward", "")
+                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>();
+    const auto saved = ctx->get_saved_variables();
+    if (!grads[0].defined()) return {Tensor(), Tensor()};
+    auto [dgate, dup] = op.call(grads[0], saved[0], saved[1]);
+    return {ctx->needs_input_grad(0) ? dgate : Tensor(), ctx->needs_input_grad(1) ? dup : Tensor()};
+  }
+};
+
+class GeGLUFunction : public torch::autograd::Function<GeGLUFunction> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& gate, const Tensor& up,
+                        c10::string_view approximate) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("my_mps_ops::geglu", "")
+                         .typed<Tensor(const Tensor&, const Tensor&, c10::string_view)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({gate, up});
+    ctx->saved_data["approximate"] = std::string(approximate);
+    return op.call(gate, up, approximate);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("my_mps_ops::geglu_backward", "")
+                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                           c10::string_view)>();
+    const auto saved = ctx->get_saved_variables();
+    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor()};
+    const std::string approximate = ctx->saved_data["approximate"].toStringRef();
+    auto [dgate, dup] = op.call(grads[0], saved[0], saved[1], approximate);
+    return {ctx->needs_input_grad(0) ? dgate : Tensor(), ctx->needs_input_grad(1) ? dup : Tensor(), Tensor()};
+  }
+};
+
+Tensor swiglu_autograd(const Tensor& gate, const Tensor& up) { return SwiGLUFunction::apply(gate, up); }
+Tensor geglu_autograd(const Tensor& gate, const Tensor& up, c10::string_view approximate) {
+  return GeGLUFunction::apply(gate, up, approximate);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(my_mps_ops, CPU, m) {
+  m.impl("swiglu", &swiglu_impl);
+  m.impl("swiglu_backward", &swiglu_backward_impl);
+  m.impl("geglu", &geglu_impl);
+  m.impl("geglu_backward", &geglu_backward_impl);
+}
+
+TORCH_LIBRARY_IMPL(my_mps_ops, MPS, m) {
+  m.impl("swiglu", &swiglu_impl);
+  m.impl("swiglu_backward", &swiglu_backward_impl);
+  m.impl("geglu", &geglu_impl);
+  m.impl("geglu_backward", &geglu_backward_impl);
+}
+
+TORCH_LIBRARY_IMPL(my_mps_ops, Meta, m) {
+  m.impl("swiglu", &swiglu_meta);
+  m.impl("swiglu_backward", &swiglu_backward_meta);
+  m.impl("geglu", &geglu_meta);
+  m.impl("geglu_backward", &geglu_backward_meta);
+}
+
+TORCH_LIBRARY_IMPL(my_mps_ops, Autograd, m) {
+  m.impl("swiglu", &swiglu_autograd);
+  m.impl("geglu", &geglu_autograd);
+  m.impl("swiglu_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("geglu_backward", torch::autograd::autogradNotImplementedFallback());
+}
+
+}  // namespace my_mps_ops

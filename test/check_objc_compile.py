@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Syntax-check the Objective-C++ sources (csrc/mps/*.mm) on Linux.
+
+No Apple SDK exists here, so clang compiles each file with -fsyntax-only
+against PyTorch's real headers and the declaration subset of Foundation,
+libdispatch, Metal, MetalPerformanceShaders(Graph) in test/objc_sdk/
+(Apple's exact signatures, only what the code uses).
+
+In Objective-C, messaging an unknown selector or passing an object of the
+wrong protocol is only a warning by default; -Werror makes every such
+diagnostic fail the check. Usage:
+
+    python test/check_objc_compile.py [file.mm ...]   # default: csrc/mps/*.mm
+
+Exit status 0 when every file compiles; clang's diagnostics are printed
+otherwise. CLANGXX=/path/to/clang++ picks the compiler.
+"""
+
+import argparse
+import glob
+import re
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SDK_DIR = os.path.join(ROOT, "test", "objc_sdk")
+CLANG_CANDIDATES = ["clang++", "clang++-19", "clang++-18", "clang++-17", "clang++-16", "clang++-15", "clang++-14"]
+
+# Objective-C++ as the macOS build compiles it (setup.py: no ARC), with
+# Apple's runtime semantics and blocks (both implicit on Darwin).
+OBJC_FLAGS = ["-x", "objective-c++", "-fsyntax-only", "-fno-objc-arc", "-fblocks", "-fobjc-runtime=macosx"]
+# Every warning is an error: "instance method not found" (-Wobjc-method-access)
+# and "sending 'id<A>' to parameter of incompatible type 'id<B>'" are warnings
+# in Objective-C.
+WARNING_FLAGS = ["-Wall", "-Wextra", "-Werror", "-Werror=objc-method-access", "-Werror=incompatible-pointer-types"]
+
+
+def find_clang():
+    """The clang++ to use, or None when none is installed."""
+    explicit = os.environ.get("CLANGXX")
+    if explicit:
+        return shutil.which(explicit) or (explicit if os.path.exists(explicit) else None)
+    for name in CLANG_CANDIDATES:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def torch_include_paths(torch_include=None):
+    """The installed torch's include dirs, or those under another torch's
+    include/ directory (to check against a different release's headers)."""
+    if torch_include:
+        return [torch_include, os.path.join(torch_include, "torch", "csrc", "api", "include")]
+    from torch.utils.cpp_extension import include_paths
+
+    return include_paths()
+
+
+def torch_version(torch_include=None):
+    """(major, minor) of the torch whose headers are used."""
+    for include in torch_include_paths(torch_include)[:1]:
+        for rel in ("torch/headeronly/version.h", "torch/csrc/api/include/torch/version.h"):
+            path = os.path.join(include, rel)
+            if os.path.exists(path):
+                text = open(path).read()
+                major = re.search(r"#define TORCH_VERSION_MAJOR (\d+)", text)
+                minor = re.search(r"#define TORCH_VERSION_MINOR (\d+)", text)
+                if major and minor:
+                    return int(major.group(1)), int(minor.group(1))
+    raise RuntimeError(f"cannot find torch's version.h under {torch_include_paths(torch_include)[0]}")
+
+
+def default_std(torch_include=None):
+    # torch 2.14's headers need C++20 (operator<=>, concepts); older ones
+    # build with the c++17 setup.py passes.
+    return "c++20" if torch_version(torch_include) >= (2, 14) else "c++17"
+
+
+def include_flags(torch_include=None):
+    flags = ["-isystem", SDK_DIR]
+    for path in torch_include_paths(torch_include):
+        flags += ["-isystem", path]
+    flags += ["-isystem", sysconfig.get_paths()["include"]]
+    flags += ["-I", os.path.join(ROOT, "csrc")]
+    return flags
+
+
+def command(clang, source, std=None, torch_include=None):
+    std = std or default_std(torch_include)
+    return [clang, *OBJC_FLAGS, f"-std={std}", *WARNING_FLAGS, *include_flags(torch_include), "-DMY_MPS_OPS_WITH_MPS=1",
+            source]
+
+
+def check_file(source, clang=None, std=None, torch_include=None):
+    """Runs clang on one file; returns the CompletedProcess (stderr has the diagnostics)."""
+    clang = clang or find_clang()
+    if clang is None:
+        raise RuntimeError("no clang++ found (apt-get install clang); set CLANGXX to choose one")
+    return subprocess.run(command(clang, source, std, torch_include), capture_output=True, text=True)
+
+
+def default_sources():
+    return sorted(glob.glob(os.path.join(ROOT, "csrc", "mps", "*.mm")))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sources", nargs="*", help="Objective-C++ files (default: csrc/mps/*.mm)")
+    parser.add_argument("--std", help="C++ standard (default: c++17, c++20 for torch >= 2.14)")
+    parser.add_argument("--torch-include", help="another torch's include/ directory (default: the installed torch)")
+    parser.add_argument("--print-command", action="store_true", help="print each clang command line")
+    args = parser.parse_args(argv)
+
+    clang = find_clang()
+    if clang is None:
+        print("check_objc_compile: no clang++ found (apt-get install clang)", file=sys.stderr)
+        return 2
+    sources = args.sources or default_sources()
+    if not sources:
+        print("check_objc_compile: no .mm files to check", file=sys.stderr)
+        return 2
+    failed = 0
+    for source in sources:
+        if args.print_command:
+            print(" ".join(command(clang, source, args.std, args.torch_include)))
+        result = check_file(source, clang, args.std, args.torch_include)
+        rel = os.path.relpath(source, ROOT)
+        if result.returncode == 0:
+            print(f"ok    {rel}")
+        else:
+            failed += 1
+            print(f"FAIL  {rel}")
+            sys.stderr.write(result.stderr)
+    print(f"{len(sources) - failed}/{len(sources)} Objective-C++ files pass the syntax check ({os.path.basename(clang)})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""my_mps_ops.swiglu / geglu: values, gradients, registrations, compile, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import my_mps_ops
+from conftest import TOLERANCES, assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ops = torch.ops.my_mps_ops
+
+
+def act(g, kind):
+    if kind == "swiglu":
+        return F.silu(g)
+    return F.gelu(g, approximate=kind.split("_")[1])
+
+
+def run(kind, gate, up):
+    if kind == "swiglu":
+        return my_mps_ops.swiglu(gate, up)
+    return my_mps_ops.geglu(gate, up, kind.split("_")[1])
+
+
+KINDS = ["swiglu", "geglu_none", "geglu_tanh"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (2, 7, 33), (4, 1000)])
+def test_forward_values(backend, kind, dtype, shape):
+    g = torch.randn(shape, dtype=dtype, device=backend.device) * 3
+    u = torch.randn(shape, dtype=dtype, device=backend.device)
+    expected = act(g.double(), kind) * u.double()
+    assert_close(run(kind, g, u), expected, dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradients(backend, kind, dtype):
+    g = (torch.randn(6, 131, dtype=dtype, device=backend.device) * 3).requires_grad_()
+    u = torch.randn(6, 131, dtype=dtype, device=backend.device, requires_grad=True)
+    dy = torch.randn(6, 131, dtype=dtype, device=backend.device)
+    run(kind, g, u).backward(dy)
+    g64 = g.detach().double().requires_grad_()
+    u64 = u.detach().double().requires_grad_()
+    (act(g64, kind) * u64).backward(dy.double())
+    tol = {k: v * 2 for k, v in TOLERANCES[dtype].items()}
+    torch.testing.assert_close(g.grad.cpu().double(), g64.grad.cpu(), **tol)
+    torch.testing.assert_close(u.grad.cpu().double(), u64.grad.cpu(), **tol)
+
+
+def test_noncontiguous_and_zero_size(backend):
+    base = torch.randn(8, 20, device=backend.device)
+    g, u = base[:, ::2], base.t()[:10, :8].t()
+    assert not g.is_contiguous() and not u.is_contiguous()
+    assert_close(my_mps_ops.swiglu(g, u), F.silu(g.double()) * u.double(), torch.float32)
+    offset = torch.randn(30, device=backend.device)[5:17]
+    assert_close(my_mps_ops.geglu(offset, offset), F.gelu(offset.double()) * offset.double(), torch.float32)
+    empty = torch.randn(0, 4, device=backend.device, requires_grad=True)
+    out = my_mps_ops.swiglu(empty, empty)
+    assert out.shape == (0, 4)
+    out.sum().backward()
+    assert empty.grad.shape == (0, 4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_float64(kind):
+    g = (torch.randn(3, 11, dtype=torch.float64) * 2).requires_grad_()
+    u = torch.randn(3, 11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: run(kind, a, b), (g, u))
+
+
+def test_opcheck():
+    g = torch.randn(4, 3, 10, requires_grad=True)
+    u = torch.randn(4, 3, 10, requires_grad=True)
+    dy = torch.randn(4, 3, 10)
+    torch.library.opcheck(ops.swiglu.default, (g, u))
+    torch.library.opcheck(ops.swiglu_backward.default, (dy, g.detach(), u.detach()))
+    for approximate in ("none", "tanh"):
+        torch.library.opcheck(ops.geglu.default, (g, u, approximate))
+        torch.library.opcheck(ops.geglu_backward.default, (dy, g.detach(), u.detach(), approximate))
+
+
+def test_torch_compile_forward_backward():
+    torch._dynamo.reset()
+
+    def mlp(x, w_gate, w_up):
+        return my_mps_ops.swiglu(x @ w_gate, x @ w_up).sum(-1) + my_mps_ops.geglu(x @ w_gate, x @ w_up, "tanh").sum(-1)
+
+    compiled = torch.compile(mlp, fullgraph=True, dynamic=True)
+    w_gate = torch.randn(16, 24, requires_grad=True)
+    w_up = torch.randn(16, 24, requires_grad=True)
+    for rows in (3, 7):
+        x = torch.randn(rows, 16)
+        out_e = mlp(x, w_gate, w_up)
+        grads_e = torch.autograd.grad(out_e.sum(), (w_gate, w_up))
+        out_c = compiled(x, w_gate, w_up)
+        grads_c = torch.autograd.grad(out_c.sum(), (w_gate, w_up))
+        torch.testing.assert_close(out_c, out_e)
+        for a, b in zip(grads_c, grads_e):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_inputs_raise_naming_the_argument():
+    g = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="up must have the shape of gate"):
+        my_mps_ops.swiglu(g, torch.randn(4, 9))
+    with pytest.raises(RuntimeError, match="up must have the same dtype as gate"):
+        my_mps_ops.swiglu(g, torch.randn(4, 8, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="up must be on the same device as gate"):
+        my_mps_ops.swiglu(g, torch.randn(4, 8, device="meta"))
+    with pytest.raises(RuntimeError, match="gate must be float32, float16 or bfloat16"):
+        my_mps_ops.geglu(torch.ones(4, dtype=torch.int64), torch.ones(4, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match='approximate must be "none" or "tanh"'):
+        my_mps_ops.geglu(g, g, "fast")
+    with pytest.raises(RuntimeError, match="grad_out must have the shape of gate"):
+        ops.swiglu_backward(torch.randn(3), g, g)
