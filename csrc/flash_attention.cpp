@@ -133,59 +133,65 @@ Dims dims_of(const Tensor& q, const Tensor& k) {
 }
 
 // ---------------------------------------------------------------- CPU kernels
-// The kernels work on contiguous acc_t<T> copies of the inputs (no copy for
-// float32/float64): O(B * H * seq * D) extra memory, linear in the sequence.
+// The kernels work on contiguous float32 (float64 for float64) copies of the
+// inputs, none for contiguous float32/float64: O(B * H * seq * D) extra
+// memory, linear in the sequence.
 // Each task owns a tile of queries x keys at a time; the tile products are
 // small row-major matrix multiplies on 16-byte vectors (matmul_acc), so no
 // [L, S] tensor ever exists.
 
-using cpu::acc_t;
-
 constexpr int64_t kCpuQueryBlock = 32;
 constexpr int64_t kCpuKeyBlock = 64;
 
-// 16-byte vectors (SSE2 / NEON width, every x86-64 and arm64 CPU) through
-// the GCC/Clang vector extension: explicit registers for the tile products.
-// (The attribute is ignored on a dependent type, hence one typedef per type.)
+// The tile products and exponentials run on GCC/Clang vector-extension types:
+// 16 bytes everywhere (SSE2 on x86-64, NEON on arm64), and on x86-64 CPUs with
+// AVX2+FMA a second compilation of the same code on 32-byte vectors, chosen at
+// run time (the extension is built for baseline x86-64).
+// (vector_size is ignored on a dependent type, hence one typedef per type.)
 typedef float Float4 __attribute__((vector_size(16)));
 typedef double Double2 __attribute__((vector_size(16)));
-template <typename A>
-struct Vec16Of;
-template <>
-struct Vec16Of<float> {
-  using type = Float4;
-};
-template <>
-struct Vec16Of<double> {
-  using type = Double2;
-};
-template <typename A>
-using Vec16 = typename Vec16Of<A>::type;
-static_assert(sizeof(Vec16<float>) == 16 && sizeof(Vec16<double>) == 16, "16-byte vectors");
-template <typename A>
-inline Vec16<A> load16(const A* p) {
-  Vec16<A> v;
-  std::memcpy(&v, p, 16);
+typedef int32_t Int4 __attribute__((vector_size(16)));
+typedef float Float8 __attribute__((vector_size(32)));
+typedef double Double4 __attribute__((vector_size(32)));
+typedef int32_t Int8 __attribute__((vector_size(32)));
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MY_MPS_OPS_FLASH_AVX2 1
+#define MY_MPS_OPS_TARGET_AVX2 __attribute__((target("avx2,fma")))
+// 32-byte vectors only ever live inside the AVX2 functions (always inlined).
+#pragma GCC diagnostic ignored "-Wpsabi"
+bool cpu_has_avx2_fma() {
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+}
+#endif
+
+#define MY_MPS_OPS_ALWAYS_INLINE inline __attribute__((always_inline))
+
+template <typename V, typename A>
+MY_MPS_OPS_ALWAYS_INLINE V load_vec(const A* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
   return v;
 }
-template <typename A>
-inline void store16(A* p, Vec16<A> v) {
-  std::memcpy(p, &v, 16);
+template <typename V, typename A>
+MY_MPS_OPS_ALWAYS_INLINE void store_vec(A* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
 }
 
-// C[0:R, 0:2L] += A[0:R, 0:k] * B[0:k, 0:2L] with L lanes per vector: the
+// C[0:R, 0:2L] += A[0:R, 0:k] * B[0:k, 0:2L] with L lanes per vector V: the
 // 2R accumulators stay in registers over the whole k loop.
-template <typename A, int R>
-inline void matmul_acc_tile(A* C, int64_t ldc, const A* Am, int64_t lda, const A* B, int64_t ldb, int64_t k) {
-  using V = Vec16<A>;
-  constexpr int64_t L = 16 / sizeof(A);
+template <typename A, typename V, int R>
+MY_MPS_OPS_ALWAYS_INLINE void matmul_acc_tile(A* C, int64_t ldc, const A* Am, int64_t lda, const A* B, int64_t ldb,
+                                              int64_t k) {
+  constexpr int64_t L = sizeof(V) / sizeof(A);
   V c[R][2];
   for (int r = 0; r < R; ++r) {
-    c[r][0] = load16(C + r * ldc);
-    c[r][1] = load16(C + r * ldc + L);
+    c[r][0] = load_vec<V>(C + r * ldc);
+    c[r][1] = load_vec<V>(C + r * ldc + L);
   }
   for (int64_t p = 0; p < k; ++p) {
-    const V b0 = load16(B + p * ldb), b1 = load16(B + p * ldb + L);
+    const V b0 = load_vec<V>(B + p * ldb), b1 = load_vec<V>(B + p * ldb + L);
     for (int r = 0; r < R; ++r) {
       const A a = Am[r * lda + p];
       c[r][0] += a * b0;
@@ -193,22 +199,22 @@ inline void matmul_acc_tile(A* C, int64_t ldc, const A* Am, int64_t lda, const A
     }
   }
   for (int r = 0; r < R; ++r) {
-    store16(C + r * ldc, c[r][0]);
-    store16(C + r * ldc + L, c[r][1]);
+    store_vec(C + r * ldc, c[r][0]);
+    store_vec(C + r * ldc + L, c[r][1]);
   }
 }
 
 // C[m, n] += A[m, k] * B[k, n], row-major with leading dimensions lda, ldb, ldc:
-// strips of 32 bytes of columns, four rows at a time, then the leftovers.
-template <typename A>
-void matmul_acc(A* C, int64_t ldc, const A* Am, int64_t lda, const A* B, int64_t ldb, int64_t m, int64_t n,
-                int64_t k) {
-  constexpr int64_t W = 32 / sizeof(A);
+// strips of two vectors of columns, four rows at a time, then the leftovers.
+template <typename A, typename V>
+MY_MPS_OPS_ALWAYS_INLINE void matmul_acc_impl(A* C, int64_t ldc, const A* Am, int64_t lda, const A* B, int64_t ldb,
+                                              int64_t m, int64_t n, int64_t k) {
+  constexpr int64_t W = 2 * sizeof(V) / sizeof(A);
   int64_t j0 = 0;
   for (; j0 + W <= n; j0 += W) {
     int64_t i = 0;
-    for (; i + 4 <= m; i += 4) matmul_acc_tile<A, 4>(C + i * ldc + j0, ldc, Am + i * lda, lda, B + j0, ldb, k);
-    for (; i < m; ++i) matmul_acc_tile<A, 1>(C + i * ldc + j0, ldc, Am + i * lda, lda, B + j0, ldb, k);
+    for (; i + 4 <= m; i += 4) matmul_acc_tile<A, V, 4>(C + i * ldc + j0, ldc, Am + i * lda, lda, B + j0, ldb, k);
+    for (; i < m; ++i) matmul_acc_tile<A, V, 1>(C + i * ldc + j0, ldc, Am + i * lda, lda, B + j0, ldb, k);
   }
   if (j0 == n) return;
   for (int64_t i = 0; i < m; ++i) {
@@ -219,25 +225,18 @@ void matmul_acc(A* C, int64_t ldc, const A* Am, int64_t lda, const A* B, int64_t
   }
 }
 
-// s[j] = exp(s[j] * scale - shift) for j < n, for arguments <= 0 (scores minus
-// their row maximum or log-sum-exp). float: four at a time with a Cody-Waite
-// range reduction and a degree-7 polynomial (relative error ~1e-7, arguments
-// below -87 give ~1.6e-38 instead of 0); float64: std::exp (gradcheck).
-template <typename A>
-void exp_shifted(A* s, int64_t n, A scale, A shift) {
-  for (int64_t j = 0; j < n; ++j) s[j] = std::exp(s[j] * scale - shift);
-}
-
-typedef int32_t Int4 __attribute__((vector_size(16)));
-
-inline Float4 exp_nonpositive4(Float4 x) {
-  const Float4 lowest = Float4{} - 87.0f;
-  const Int4 below = x < lowest;
-  x = (Float4)(((Int4)x & ~below) | ((Int4)lowest & below));
-  // x = n ln2 + r, |r| <= ln2 / 2; n rounded with the 1.5 * 2^23 trick.
-  const Float4 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const Float4 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  Float4 p = Float4{} + 1.0f / 5040;
+// exp(x) for x <= 0, lane-wise: a Cody-Waite range reduction x = n ln2 + r,
+// |r| <= ln2 / 2 (n rounded with the 1.5 * 2^23 trick), a degree-7 Taylor
+// polynomial (relative error ~1e-7), and 2^n built in the exponent bits.
+// Arguments below -87 give ~1.6e-38 instead of 0.
+template <typename V, typename IV>
+MY_MPS_OPS_ALWAYS_INLINE V exp_nonpositive(V x) {
+  const V lowest = V{} - 87.0f;
+  const IV below = x < lowest;
+  x = (V)(((IV)x & ~below) | ((IV)lowest & below));
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const V r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  V p = V{} + 1.0f / 5040;
   p = p * r + 1.0f / 720;
   p = p * r + 1.0f / 120;
   p = p * r + 1.0f / 24;
@@ -245,15 +244,65 @@ inline Float4 exp_nonpositive4(Float4 x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const Int4 two_to_n = (__builtin_convertvector(n, Int4) + 127) << 23;  // exponent bits of 2^n
-  return p * (Float4)two_to_n;
+  const IV two_to_n = (__builtin_convertvector(n, IV) + 127) << 23;
+  return p * (V)two_to_n;
+}
+
+template <typename V, typename IV>
+MY_MPS_OPS_ALWAYS_INLINE void exp_shifted_impl(float* s, int64_t n, float scale, float shift) {
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  int64_t j = 0;
+  for (; j + L <= n; j += L) store_vec(s + j, exp_nonpositive<V, IV>(load_vec<V>(s + j) * scale - shift));
+  for (; j < n; ++j) s[j] = std::exp(s[j] * scale - shift);
+}
+
+template <typename A>
+struct VectorsOf;
+template <>
+struct VectorsOf<float> {
+  using Narrow = Float4;
+  using Wide = Float8;
+};
+template <>
+struct VectorsOf<double> {
+  using Narrow = Double2;
+  using Wide = Double4;
+};
+
+#ifdef MY_MPS_OPS_FLASH_AVX2
+template <typename A>
+MY_MPS_OPS_TARGET_AVX2 void matmul_acc_avx2(A* C, int64_t ldc, const A* Am, int64_t lda, const A* B, int64_t ldb,
+                                            int64_t m, int64_t n, int64_t k) {
+  matmul_acc_impl<A, typename VectorsOf<A>::Wide>(C, ldc, Am, lda, B, ldb, m, n, k);
+}
+MY_MPS_OPS_TARGET_AVX2 void exp_shifted_avx2(float* s, int64_t n, float scale, float shift) {
+  exp_shifted_impl<Float8, Int8>(s, n, scale, shift);
+}
+#endif
+
+template <typename A>
+void matmul_acc(A* C, int64_t ldc, const A* Am, int64_t lda, const A* B, int64_t ldb, int64_t m, int64_t n,
+                int64_t k) {
+#ifdef MY_MPS_OPS_FLASH_AVX2
+  if (cpu_has_avx2_fma()) return matmul_acc_avx2<A>(C, ldc, Am, lda, B, ldb, m, n, k);
+#endif
+  matmul_acc_impl<A, typename VectorsOf<A>::Narrow>(C, ldc, Am, lda, B, ldb, m, n, k);
+}
+
+// s[j] = exp(s[j] * scale - shift) for j < n, for arguments <= 0 (scores minus
+// their row maximum or log-sum-exp): the vector exponential for float32,
+// std::exp for float64 (gradcheck).
+template <typename A>
+void exp_shifted(A* s, int64_t n, A scale, A shift) {
+  for (int64_t j = 0; j < n; ++j) s[j] = std::exp(s[j] * scale - shift);
 }
 
 template <>
 void exp_shifted<float>(float* s, int64_t n, float scale, float shift) {
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) store16(s + j, exp_nonpositive4(load16(s + j) * scale - shift));
-  for (; j < n; ++j) s[j] = std::exp(s[j] * scale - shift);
+#ifdef MY_MPS_OPS_FLASH_AVX2
+  if (cpu_has_avx2_fma()) return exp_shifted_avx2(s, n, scale, shift);
+#endif
+  exp_shifted_impl<Float4, Int4>(s, n, scale, shift);
 }
 
 // dst[c, r] = src[r, c] for r < rows, c < cols; dst has leading dimension ld_dst.
