@@ -141,9 +141,9 @@ def measure(attention: Callable, shape, dtype, device: str) -> Dict[str, float]:
             return attention(q, k, v)
 
     def forward_backward():
-        for t in leaves:
-            t.grad = None
-        attention(*leaves).backward(grad)
+        # autograd.grad rather than .backward: no .grad from an earlier run is
+        # freed inside a measurement (that would offset the peak).
+        torch.autograd.grad(attention(*leaves), leaves, grad)
 
     return {
         "fwd_ms": time_ms(forward, device),
