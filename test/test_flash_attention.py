@@ -136,12 +136,13 @@ def test_explicit_scale():
 
 # ---------------------------------------------------------------- every backend
 
-# Emulator-sized cases (seq 64..130, head_dim 64 and 128, causal and not, GQA).
+# Emulator-sized cases (seq 64..256, head_dim 64 and 128, causal and not, GQA).
 BACKEND_CASES = [  # (q_heads, kv_heads, q_len, kv_len, head_dim, causal)
     (2, 1, 64, 64, 64, True),
     (2, 2, 70, 130, 64, False),
     (4, 2, 130, 97, 128, True),  # L > S: rows 0..32 see no key
     (2, 1, 65, 100, 128, False),
+    (4, 2, 256, 256, 128, True),  # the largest emulator size
 ]
 
 
