@@ -94,12 +94,20 @@ const std::string& embedded_shader(const std::string& library) {{
     return out
 
 
+def _cxx_std():
+    # torch >= 2.14's headers need C++20; older ones build as C++17.
+    import torch
+
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/emulator/*.cpp"))
     sources.append(os.path.relpath(generate_embedded_shaders(), ROOT))
     # No errno or FP-trap side effects from math: lets the CPU loops vectorise
     # (IEEE results unchanged; this is not -ffast-math).
-    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fno-math-errno", "-fno-trapping-math"]
+    cxx_flags = ["-O3", _cxx_std(), "-fvisibility=hidden", "-fno-math-errno", "-fno-trapping-math"]
     extra_link = []
     define_macros = []
     if IS_MACOS:

@@ -36,3 +36,27 @@ CASES = [
                     ((4096, 4096), torch.float32, "fwd+bwd", "F.rms_norm", 1.0)],
     },
 ]
+
+
+def _fused_inputs(shape, dtype, device):
+    x, w = _inputs(shape, dtype, device)
+    return x, torch.randn(shape, dtype=dtype, device=device), w
+
+
+def _fused_composite(x, r, w):
+    h = x + r
+    return F.rms_norm(h, (h.shape[-1],), w, EPS) + h  # both outputs consumed
+
+
+CASES.append({
+    "op": "fused_add_rms_norm",
+    "shapes": [(4096, 4096), (16384, 1024)],
+    "quick_shapes": [(4096, 4096)],
+    "dtypes": [torch.float32, torch.bfloat16],
+    "make_inputs": _fused_inputs,
+    "ours": lambda x, r, w: (lambda o: o[0] + o[1])(my_mps_ops.fused_add_rms_norm(x, r, w, EPS)),
+    "baselines": {"add + F.rms_norm": _fused_composite,
+                  "add + composite": lambda x, r, w: (lambda h: _composite(h, w) + h)(x + r)},
+    "grad_inputs": [0, 1, 2],
+    "targets": [((4096, 4096), torch.float32, "fwd+bwd", "add + composite", 1.5)],
+})

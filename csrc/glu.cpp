@@ -122,50 +122,88 @@ inline void activation(S x, S& value, S& grad) {
   }
 }
 
+// One block of at most kBlock elements. always_inline: the body takes the
+// instruction set of the function it is inlined into (see below).
+template <Activation A, typename T>
+__attribute__((always_inline)) inline void forward_block(const T* gate, const T* up, T* out, int64_t len) {
+  using Acc = cpu::acc_t<T>;
+  Acc g[kBlock], u[kBlock];
+  for (int64_t i = 0; i < len; ++i) {
+    g[i] = static_cast<Acc>(gate[i]);
+    u[i] = static_cast<Acc>(up[i]);
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    Acc v, d;
+    activation<A>(g[i], v, d);
+    g[i] = v * u[i];
+  }
+  for (int64_t i = 0; i < len; ++i) out[i] = static_cast<T>(g[i]);
+}
+
+template <Activation A, typename T>
+__attribute__((always_inline)) inline void backward_block(const T* dy, const T* gate, const T* up, T* dgate, T* dup,
+                                                          int64_t len) {
+  using Acc = cpu::acc_t<T>;
+  Acc g[kBlock], u[kBlock], y[kBlock];
+  for (int64_t i = 0; i < len; ++i) {
+    g[i] = static_cast<Acc>(gate[i]);
+    u[i] = static_cast<Acc>(up[i]);
+    y[i] = static_cast<Acc>(dy[i]);
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    Acc v, d;
+    activation<A>(g[i], v, d);
+    g[i] = y[i] * u[i] * d;  // grad_gate
+    u[i] = y[i] * v;         // grad_up
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    dgate[i] = static_cast<T>(g[i]);
+    dup[i] = static_cast<T>(u[i]);
+  }
+}
+
+// The portable build targets the baseline instruction set; on x86-64 CPUs
+// with AVX2 and FMA the same loops run from an AVX2 copy (twice the width),
+// picked at run time.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MY_MPS_OPS_HAVE_AVX2_COPY 1
+template <Activation A, typename T>
+__attribute__((target("avx2,fma"))) void forward_range_avx2(const T* gate, const T* up, T* out, int64_t begin,
+                                                            int64_t end) {
+  for (int64_t b = begin; b < end; b += kBlock)
+    forward_block<A, T>(gate + b, up + b, out + b, std::min(kBlock, end - b));
+}
+template <Activation A, typename T>
+__attribute__((target("avx2,fma"))) void backward_range_avx2(const T* dy, const T* gate, const T* up, T* dgate,
+                                                             T* dup, int64_t begin, int64_t end) {
+  for (int64_t b = begin; b < end; b += kBlock)
+    backward_block<A, T>(dy + b, gate + b, up + b, dgate + b, dup + b, std::min(kBlock, end - b));
+}
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
 template <Activation A, typename T>
 void forward_cpu_kernel(const T* gate, const T* up, T* out, int64_t n) {
-  using Acc = cpu::acc_t<T>;
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    Acc g[kBlock], u[kBlock];
-    for (int64_t b = begin; b < end; b += kBlock) {
-      const int64_t len = std::min(kBlock, end - b);
-      for (int64_t i = 0; i < len; ++i) {
-        g[i] = static_cast<Acc>(gate[b + i]);
-        u[i] = static_cast<Acc>(up[b + i]);
-      }
-      for (int64_t i = 0; i < len; ++i) {
-        Acc v, d;
-        activation<A>(g[i], v, d);
-        g[i] = v * u[i];
-      }
-      for (int64_t i = 0; i < len; ++i) out[b + i] = static_cast<T>(g[i]);
-    }
+#ifdef MY_MPS_OPS_HAVE_AVX2_COPY
+    if (cpu_has_avx2()) return forward_range_avx2<A, T>(gate, up, out, begin, end);
+#endif
+    for (int64_t b = begin; b < end; b += kBlock)
+      forward_block<A, T>(gate + b, up + b, out + b, std::min(kBlock, end - b));
   });
 }
 
 template <Activation A, typename T>
 void backward_cpu_kernel(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t n) {
-  using Acc = cpu::acc_t<T>;
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    Acc g[kBlock], u[kBlock], y[kBlock];
-    for (int64_t b = begin; b < end; b += kBlock) {
-      const int64_t len = std::min(kBlock, end - b);
-      for (int64_t i = 0; i < len; ++i) {
-        g[i] = static_cast<Acc>(gate[b + i]);
-        u[i] = static_cast<Acc>(up[b + i]);
-        y[i] = static_cast<Acc>(dy[b + i]);
-      }
-      for (int64_t i = 0; i < len; ++i) {
-        Acc v, d;
-        activation<A>(g[i], v, d);
-        g[i] = y[i] * u[i] * d;  // grad_gate
-        u[i] = y[i] * v;         // grad_up
-      }
-      for (int64_t i = 0; i < len; ++i) {
-        dgate[b + i] = static_cast<T>(g[i]);
-        dup[b + i] = static_cast<T>(u[i]);
-      }
-    }
+#ifdef MY_MPS_OPS_HAVE_AVX2_COPY
+    if (cpu_has_avx2()) return backward_range_avx2<A, T>(dy, gate, up, dgate, dup, begin, end);
+#endif
+    for (int64_t b = begin; b < end; b += kBlock)
+      backward_block<A, T>(dy + b, gate + b, up + b, dgate + b, dup + b, std::min(kBlock, end - b));
   });
 }
 

@@ -8,6 +8,15 @@ TORCH_LIBRARY(my_mps_ops, m) {
   // Returns (grad_input, grad_weight); an entry is an empty tensor when
   // output_mask says it is not needed (grad_weight also when weight is None).
   m.def("rms_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, float eps, bool[2] output_mask) -> (Tensor, Tensor)");
+  // residual_out = x + residual; out = rms_norm(residual_out). Returns (out, residual_out).
+  m.def("fused_add_rms_norm(Tensor x, Tensor residual, Tensor? weight, float eps) -> (Tensor, Tensor)");
+  // Returns (grad_x, grad_weight); grad_residual equals grad_x.
+  m.def("fused_add_rms_norm_backward(Tensor grad_out, Tensor? grad_residual_out, Tensor residual_out, Tensor? weight, float eps, bool[2] output_mask) -> (Tensor, Tensor)");
+
+  // ---- layer_norm: over the last dimension, as torch.nn.functional.layer_norm.
+  m.def("layer_norm(Tensor input, Tensor? weight, Tensor? bias, float eps) -> Tensor");
+  // Returns (grad_input, grad_weight, grad_bias); empty tensors where not wanted.
+  m.def("layer_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
   // ---- glu: gated activations of the Llama / Gemma MLPs. The backward ops
   // recompute the activation from gate instead of saving it.

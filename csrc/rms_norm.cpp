@@ -13,6 +13,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -57,8 +58,11 @@ Tensor no_grad_output(const Tensor& like) { return at::empty({0}, like.options()
 using cpu::acc_t;
 using cpu::AccIO;
 
+// With `residual`, first h = x + residual (rounded to T, as PyTorch's add) is
+// written to residual_out, and h is normalised.
 template <typename T>
-void forward_cpu_kernel(const T* x, const T* w, T* y, int64_t rows, int64_t n, acc_t<T> eps) {
+void forward_cpu_kernel(const T* x, const T* w, T* y, int64_t rows, int64_t n, acc_t<T> eps,
+                        const T* residual = nullptr, T* residual_out = nullptr) {
   using Acc = acc_t<T>;
   using IO = AccIO<T>;
   using Vec = typename IO::Vec;
@@ -67,6 +71,18 @@ void forward_cpu_kernel(const T* x, const T* w, T* y, int64_t rows, int64_t n, a
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * n;
       T* yr = y + r * n;
+      if (residual != nullptr) {
+        const T* rr = residual + r * n;
+        T* hr = residual_out + r * n;
+        int64_t i = 0;
+        for (; i + kStep <= n; i += kStep) {
+          auto [a, b] = IO::load(xr + i);
+          auto [c, d] = IO::load(rr + i);
+          IO::store(hr + i, a + c, b + d);
+        }
+        for (; i < n; ++i) hr[i] = static_cast<T>(static_cast<Acc>(xr[i]) + static_cast<Acc>(rr[i]));
+        xr = hr;
+      }
       Vec acc0(Acc(0)), acc1(Acc(0));
       int64_t i = 0;
       for (; i + kStep <= n; i += kStep) {
@@ -107,7 +123,7 @@ void forward_cpu_kernel(const T* x, const T* w, T* y, int64_t rows, int64_t n, a
 // rows in acc_t<T> (deterministic: fixed chunking, no atomics), then summed.
 template <typename T>
 void backward_cpu_kernel(const T* dy, const T* x, const T* w, T* dx, acc_t<T>* dw_partial, int64_t rows, int64_t n,
-                         int64_t chunks, acc_t<T> eps) {
+                         int64_t chunks, acc_t<T> eps, const T* dx_add = nullptr) {
   using Acc = acc_t<T>;
   using IO = AccIO<T>;
   using Vec = typename IO::Vec;
@@ -162,7 +178,13 @@ void backward_cpu_kernel(const T* dy, const T* x, const T* w, T* dx, acc_t<T>* d
               ga = ga * wa;
               gb = gb * wb;
             }
-            IO::store(dxr + i, ga * rstd_v - xa * coef_v, gb * rstd_v - xb * coef_v);
+            Vec da = ga * rstd_v - xa * coef_v, db = gb * rstd_v - xb * coef_v;
+            if (dx_add != nullptr) {
+              auto [ea, eb] = IO::load(dx_add + r * n + i);
+              da = da + ea;
+              db = db + eb;
+            }
+            IO::store(dxr + i, da, db);
           }
         }
         for (; i < n; ++i) {
@@ -171,7 +193,8 @@ void backward_cpu_kernel(const T* dy, const T* x, const T* w, T* dx, acc_t<T>* d
           if (dw_acc != nullptr) dw_acc[i] += dyv * xv * rstd;
           if (dxr != nullptr) {
             const Acc g = w != nullptr ? dyv * static_cast<Acc>(w[i]) : dyv;
-            dxr[i] = static_cast<T>(g * rstd - xv * coef);
+            const Acc extra = dx_add != nullptr ? static_cast<Acc>(dx_add[r * n + i]) : Acc(0);
+            dxr[i] = static_cast<T>(g * rstd - xv * coef + extra);
           }
         }
       }
@@ -218,9 +241,12 @@ Tensor forward_metal(const Tensor& input, const OptTensor& weight, double eps) {
   return out;
 }
 
+// dx_add (fused_add_rms_norm's grad_residual_out) is added to grad_input.
 std::tuple<Tensor, Tensor> backward_metal(const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
-                                          double eps, std::array<bool, 2> output_mask) {
+                                          double eps, std::array<bool, 2> output_mask,
+                                          const OptTensor& dx_add = std::nullopt) {
   const Tensor x = input.contiguous();
+  const Tensor extra = dx_add.has_value() ? dx_add->contiguous() : x;  // bound but unread without dx_add
   const Tensor dy = grad_out.contiguous();
   const bool want_dx = output_mask[0];
   const bool want_dw = output_mask[1] && weight.has_value();
@@ -251,7 +277,8 @@ std::tuple<Tensor, Tensor> backward_metal(const Tensor& grad_out, const Tensor& 
         .buffer(rstd)
         .scalar<float>(static_cast<float>(eps))
         .scalar<uint32_t>(static_cast<uint32_t>(n))
-        .scalar<uint32_t>((weight.has_value() ? 1u : 0u) | (want_dx ? 2u : 0u))
+        .scalar<uint32_t>((weight.has_value() ? 1u : 0u) | (want_dx ? 2u : 0u) | (dx_add.has_value() ? 4u : 0u))
+        .buffer(extra)
         .dispatch_threadgroups({uint64_t(rows), 1, 1}, {threads, 1, 1});
     executor.run(launch);
   }
@@ -311,11 +338,10 @@ Tensor rms_norm_cpu(const Tensor& input, const OptTensor& weight, double eps) {
   return out;
 }
 
-std::tuple<Tensor, Tensor> rms_norm_backward_cpu(const Tensor& grad_out, const Tensor& input,
-                                                 const OptTensor& weight, double eps,
-                                                 std::array<bool, 2> output_mask) {
-  check_backward_inputs(grad_out, input, weight, eps);
-  if (metal::metal_emulation_enabled()) return backward_metal(grad_out, input, weight, eps, output_mask);
+std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
+                                        double eps, std::array<bool, 2> output_mask, const OptTensor& dx_add) {
+  if (metal::metal_emulation_enabled()) return backward_metal(grad_out, input, weight, eps, output_mask, dx_add);
+  const Tensor extra = dx_add.has_value() ? dx_add->contiguous() : Tensor();
   const Tensor x = input.contiguous();
   const Tensor dy = grad_out.contiguous();
   const bool want_dx = output_mask[0];
@@ -333,11 +359,19 @@ std::tuple<Tensor, Tensor> rms_norm_backward_cpu(const Tensor& grad_out, const T
                                     w.defined() ? w.const_data_ptr<scalar_t>() : nullptr,
                                     want_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr,
                                     want_dw ? dw_partial.mutable_data_ptr<acc_t<scalar_t>>() : nullptr, rows, n,
-                                    chunks, static_cast<acc_t<scalar_t>>(eps));
+                                    chunks, static_cast<acc_t<scalar_t>>(eps),
+                                    extra.defined() ? extra.const_data_ptr<scalar_t>() : nullptr);
     });
   }
   Tensor dw = want_dw ? dw_partial.sum(0).to(weight->scalar_type()) : no_grad_output(x);
   return {dx, dw};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_backward_cpu(const Tensor& grad_out, const Tensor& input,
+                                                 const OptTensor& weight, double eps,
+                                                 std::array<bool, 2> output_mask) {
+  check_backward_inputs(grad_out, input, weight, eps);
+  return backward_cpu(grad_out, input, weight, eps, output_mask, std::nullopt);
 }
 
 Tensor rms_norm_mps(const Tensor& input, const OptTensor& weight, double eps) {
@@ -407,27 +441,187 @@ Tensor rms_norm_autograd(const Tensor& input, const OptTensor& weight, double ep
   return RMSNormFunction::apply(input, weight, eps);
 }
 
+// ------------------------------------------------- fused_add_rms_norm
+// residual_out = x + residual; out = rms_norm(residual_out). One pass over the
+// inputs for the add and the statistics; the backward adds grad_residual_out
+// to the normalisation's grad_input in the same pass (grad_x = grad_residual).
+
+constexpr const char* kFusedOp = "my_mps_ops.fused_add_rms_norm";
+constexpr const char* kFusedBackwardOp = "my_mps_ops.fused_add_rms_norm_backward";
+
+void check_fused_inputs(const Tensor& x, const Tensor& residual, const OptTensor& weight, double eps) {
+  check_inputs(kFusedOp, x, weight, eps);
+  TORCH_CHECK(residual.sym_sizes() == x.sym_sizes(), kFusedOp, ": residual must have the shape of x ", x.sym_sizes(),
+              ", got ", residual.sym_sizes());
+  check_same_dtype(residual, x, kFusedOp, "residual", "x");
+  check_same_device(residual, x, kFusedOp, "residual", "x");
+}
+
+std::tuple<Tensor, Tensor> fused_add_forward_metal(const Tensor& input, const Tensor& residual,
+                                                   const OptTensor& weight, double eps) {
+  const Tensor x = input.contiguous(), r = residual.contiguous();
+  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor h = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t n = x.size(-1);
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  if (rows == 0) return {out, h};
+  TORCH_CHECK(n <= UINT32_MAX, kFusedOp, ": the last dimension is too large for the Metal kernel: ", n);
+  const Tensor w = weight.has_value() ? weight->contiguous() : x;
+  auto& executor = metal::executor_for(x.device());
+  const std::string kernel = std::string("fused_add_rms_norm_forward_") + metal_type_name(x.scalar_type());
+  const metal::PipelineInfo info = executor.pipeline_info(kLibrary, kernel);
+  const uint32_t threads =
+      row_threadgroup_size(n, kReadsPerThread, info.max_threads_per_threadgroup, info.thread_execution_width);
+  metal::Launch launch(kLibrary, kernel);
+  launch.buffer(x)
+      .buffer(r)
+      .buffer(w)
+      .buffer(out)
+      .buffer(h)
+      .scalar<float>(static_cast<float>(eps))
+      .scalar<uint32_t>(static_cast<uint32_t>(n))
+      .scalar<uint32_t>(weight.has_value() ? 1u : 0u)
+      .dispatch_threadgroups({uint64_t(rows), 1, 1}, {threads, 1, 1});
+  executor.run(launch);
+  return {out, h};
+}
+
+std::tuple<Tensor, Tensor> fused_add_rms_norm_cpu(const Tensor& input, const Tensor& residual,
+                                                  const OptTensor& weight, double eps) {
+  check_fused_inputs(input, residual, weight, eps);
+  if (metal::metal_emulation_enabled()) return fused_add_forward_metal(input, residual, weight, eps);
+  const Tensor x = input.contiguous(), r = residual.contiguous();
+  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor h = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t n = x.size(-1);
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  if (rows == 0) return {out, h};
+  const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
+  MY_MPS_OPS_DISPATCH_CPU_TYPES(x.scalar_type(), "fused_add_rms_norm_cpu", [&] {
+    forward_cpu_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.defined() ? w.const_data_ptr<scalar_t>() : nullptr,
+                                 out.mutable_data_ptr<scalar_t>(), rows, n, static_cast<acc_t<scalar_t>>(eps),
+                                 r.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>());
+  });
+  return {out, h};
+}
+
+std::tuple<Tensor, Tensor> fused_add_rms_norm_mps(const Tensor& input, const Tensor& residual,
+                                                  const OptTensor& weight, double eps) {
+  check_fused_inputs(input, residual, weight, eps);
+  return fused_add_forward_metal(input, residual, weight, eps);
+}
+
+std::tuple<Tensor, Tensor> fused_add_rms_norm_meta(const Tensor& input, const Tensor& residual,
+                                                   const OptTensor& weight, double eps) {
+  check_fused_inputs(input, residual, weight, eps);
+  return {at::empty_like(input, at::MemoryFormat::Contiguous), at::empty_like(input, at::MemoryFormat::Contiguous)};
+}
+
+void check_fused_backward_inputs(const Tensor& grad_out, const OptTensor& grad_residual_out,
+                                 const Tensor& residual_out, const OptTensor& weight, double eps) {
+  check_backward_inputs(grad_out, residual_out, weight, eps);
+  if (grad_residual_out.has_value()) {
+    TORCH_CHECK(grad_residual_out->sym_sizes() == residual_out.sym_sizes(), kFusedBackwardOp,
+                ": grad_residual_out must have the shape of residual_out ", residual_out.sym_sizes(), ", got ",
+                grad_residual_out->sym_sizes());
+    check_same_dtype(*grad_residual_out, residual_out, kFusedBackwardOp, "grad_residual_out", "residual_out");
+    check_same_device(*grad_residual_out, residual_out, kFusedBackwardOp, "grad_residual_out", "residual_out");
+  }
+}
+
+std::tuple<Tensor, Tensor> fused_add_rms_norm_backward_cpu(const Tensor& grad_out, const OptTensor& grad_residual_out,
+                                                           const Tensor& residual_out, const OptTensor& weight,
+                                                           double eps, std::array<bool, 2> output_mask) {
+  check_fused_backward_inputs(grad_out, grad_residual_out, residual_out, weight, eps);
+  return backward_cpu(grad_out, residual_out, weight, eps, output_mask, grad_residual_out);
+}
+
+std::tuple<Tensor, Tensor> fused_add_rms_norm_backward_mps(const Tensor& grad_out, const OptTensor& grad_residual_out,
+                                                           const Tensor& residual_out, const OptTensor& weight,
+                                                           double eps, std::array<bool, 2> output_mask) {
+  check_fused_backward_inputs(grad_out, grad_residual_out, residual_out, weight, eps);
+  return backward_metal(grad_out, residual_out, weight, eps, output_mask, grad_residual_out);
+}
+
+std::tuple<Tensor, Tensor> fused_add_rms_norm_backward_meta(const Tensor& grad_out,
+                                                            const OptTensor& grad_residual_out,
+                                                            const Tensor& residual_out, const OptTensor& weight,
+                                                            double eps, std::array<bool, 2> output_mask) {
+  check_fused_backward_inputs(grad_out, grad_residual_out, residual_out, weight, eps);
+  return rms_norm_backward_meta(grad_out, residual_out, weight, eps, output_mask);
+}
+
+class FusedAddRMSNormFunction : public torch::autograd::Function<FusedAddRMSNormFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
+                                                const Tensor& residual, const OptTensor& weight, double eps) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("my_mps_ops::fused_add_rms_norm", "")
+                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, double)>();
+    Tensor out, h;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(out, h) = op.call(x, residual, weight, eps);
+    }
+    ctx->save_for_backward({h, weight.value_or(Tensor())});
+    ctx->saved_data["eps"] = eps;
+    return {out, h};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("my_mps_ops::fused_add_rms_norm_backward", "")
+                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, const Tensor&,
+                                                           const OptTensor&, double, std::array<bool, 2>)>();
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& h = saved[0];
+    const OptTensor weight = saved[1].defined() ? OptTensor(saved[1]) : std::nullopt;
+    const bool want_input = ctx->needs_input_grad(0) || ctx->needs_input_grad(1);
+    const std::array<bool, 2> mask{want_input, weight.has_value() && ctx->needs_input_grad(2)};
+    const Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(h);
+    const OptTensor grad_h = grads[1].defined() ? OptTensor(grads[1]) : std::nullopt;
+    auto [grad_input, grad_weight] = op.call(grad_out, grad_h, h, weight, ctx->saved_data["eps"].toDouble(), mask);
+    return {ctx->needs_input_grad(0) ? grad_input : Tensor(), ctx->needs_input_grad(1) ? grad_input : Tensor(),
+            mask[1] ? grad_weight : Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> fused_add_rms_norm_autograd(const Tensor& x, const Tensor& residual,
+                                                       const OptTensor& weight, double eps) {
+  auto outs = FusedAddRMSNormFunction::apply(x, residual, weight, eps);
+  return {outs[0], outs[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(my_mps_ops, CPU, m) {
   m.impl("rms_norm", &rms_norm_cpu);
   m.impl("rms_norm_backward", &rms_norm_backward_cpu);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm_cpu);
+  m.impl("fused_add_rms_norm_backward", &fused_add_rms_norm_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(my_mps_ops, MPS, m) {
   m.impl("rms_norm", &rms_norm_mps);
   m.impl("rms_norm_backward", &rms_norm_backward_mps);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm_mps);
+  m.impl("fused_add_rms_norm_backward", &fused_add_rms_norm_backward_mps);
 }
 
 TORCH_LIBRARY_IMPL(my_mps_ops, Meta, m) {
   m.impl("rms_norm", &rms_norm_meta);
   m.impl("rms_norm_backward", &rms_norm_backward_meta);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm_meta);
+  m.impl("fused_add_rms_norm_backward", &fused_add_rms_norm_backward_meta);
 }
 
 TORCH_LIBRARY_IMPL(my_mps_ops, Autograd, m) {
   m.impl("rms_norm", &rms_norm_autograd);
   // The backward has no derivative of its own: double backward raises clearly.
   m.impl("rms_norm_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm_autograd);
+  m.impl("fused_add_rms_norm_backward", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace my_mps_ops

@@ -28,6 +28,18 @@ def geglu(gate: Tensor, up: Tensor, approximate: str = "none") -> Tensor:
     return _ops.geglu(gate, up, approximate)
 
 
+def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6):
+    """``h = x + residual; return rms_norm(h, weight, eps), h`` in one pass (the
+    pre-norm residual stream of Llama blocks). Returns (out, residual_out)."""
+    return _ops.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def layer_norm(input: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last dimension, as ``F.layer_norm(input, (input.shape[-1],), weight, bias, eps)``."""
+    return _ops.layer_norm(input, weight, bias, eps)
+
+
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
                     scale: Optional[float] = None) -> Tensor:
     """Fused attention ``softmax(scale * q @ k^T [masked]) @ v`` with memory linear in sequence length.

@@ -86,7 +86,8 @@ kernel void rms_norm_forward_looped(
 
 // grad_input = rstd * (g - x * rstd^2 * mean(g * x)), g = dy * w; also stores
 // the row's rstd for the grad_weight passes. flags: bit 0 has_weight, bit 1
-// write dx (dx is bound but unwritten otherwise).
+// write dx (dx is bound but unwritten otherwise), bit 2 add dx_add to dx
+// (fused_add_rms_norm's grad of residual_out).
 template <typename T>
 kernel void rms_norm_backward_input(
     device const T* dy [[buffer(0)]],
@@ -97,6 +98,7 @@ kernel void rms_norm_backward_input(
     constant float& eps [[buffer(5)]],
     constant uint& n [[buffer(6)]],
     constant uint& flags [[buffer(7)]],
+    device const T* dx_add [[buffer(8)]],
     uint row [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint threads [[threads_per_threadgroup]],
@@ -106,6 +108,7 @@ kernel void rms_norm_backward_input(
   threadgroup float2 partials[32];
   const bool has_weight = (flags & 1u) != 0;
   const bool write_dx = (flags & 2u) != 0;
+  const bool add_dx = (flags & 4u) != 0;
   const size_t offset = size_t(row) * n;
   const uint stride = threads * N_READS;
 
@@ -134,7 +137,53 @@ kernel void rms_norm_backward_input(
       const uint i = base + k;
       if (i < n) {
         const float g = float(dy[offset + i]) * (has_weight ? float(w[i]) : 1.0f);
-        dx[offset + i] = T(g * rstd - float(x[offset + i]) * coef);
+        const float extra = add_dx ? float(dx_add[offset + i]) : 0.0f;
+        dx[offset + i] = T(g * rstd - float(x[offset + i]) * coef + extra);
+      }
+    }
+  }
+}
+
+// residual_out = x + residual (rounded to T), out = rms_norm(residual_out).
+// Each thread re-reads only the elements it wrote itself: no barrier needed.
+template <typename T>
+kernel void fused_add_rms_norm_forward(
+    device const T* x [[buffer(0)]],
+    device const T* residual [[buffer(1)]],
+    device const T* w [[buffer(2)]],
+    device T* y [[buffer(3)]],
+    device T* residual_out [[buffer(4)]],
+    constant float& eps [[buffer(5)]],
+    constant uint& n [[buffer(6)]],
+    constant uint& has_weight [[buffer(7)]],
+    uint row [[threadgroup_position_in_grid]],
+    uint tid [[thread_position_in_threadgroup]],
+    uint threads [[threads_per_threadgroup]],
+    uint simd_lane [[thread_index_in_simdgroup]],
+    uint simd_group [[simdgroup_index_in_threadgroup]],
+    uint simd_groups [[simdgroups_per_threadgroup]]) {
+  threadgroup float partials[32];
+  const size_t offset = size_t(row) * n;
+  const uint stride = threads * N_READS;
+  float sum_sq = 0.0f;
+  for (uint base = tid * N_READS; base < n; base += stride) {
+    for (uint k = 0; k < N_READS; ++k) {
+      const uint i = base + k;
+      if (i < n) {
+        const T h = T(float(x[offset + i]) + float(residual[offset + i]));
+        residual_out[offset + i] = h;
+        sum_sq += float(h) * float(h);
+      }
+    }
+  }
+  const float total = threadgroup_sum(sum_sq, partials, simd_lane, simd_group, simd_groups);
+  const float rstd = rsqrt(total / float(n) + eps);
+  for (uint base = tid * N_READS; base < n; base += stride) {
+    for (uint k = 0; k < N_READS; ++k) {
+      const uint i = base + k;
+      if (i < n) {
+        const float scale = has_weight != 0 ? float(w[i]) : 1.0f;
+        y[offset + i] = T(float(residual_out[offset + i]) * rstd * scale);
       }
     }
   }
@@ -187,6 +236,9 @@ kernel void rms_norm_backward_weight_reduce(
       uint, uint, uint, uint, uint, uint);                                                           \
   template [[host_name("rms_norm_backward_input_" #T)]] kernel void rms_norm_backward_input<T>(     \
       device const T*, device const T*, device const T*, device T*, device float*, constant float&, \
+      constant uint&, constant uint&, device const T*, uint, uint, uint, uint, uint, uint);          \
+  template [[host_name("fused_add_rms_norm_forward_" #T)]] kernel void fused_add_rms_norm_forward<T>( \
+      device const T*, device const T*, device const T*, device T*, device T*, constant float&,     \
       constant uint&, constant uint&, uint, uint, uint, uint, uint, uint);                           \
   template [[host_name("rms_norm_backward_weight_partial_" #T)]] kernel void                         \
   rms_norm_backward_weight_partial<T>(device const T*, device const T*, device const float*,        \

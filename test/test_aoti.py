@@ -9,20 +9,11 @@ import textwrap
 import pytest
 import torch
 
-import my_mps_ops
+import my_mps_ops  # noqa: F401
+from my_mps_ops.models import TinyLlama, TinyLlamaConfig
 
 DEVICES = ["cpu", "mps"]
-
-
-class NormMLP(torch.nn.Module):
-    def __init__(self, dim=32):
-        super().__init__()
-        self.up = torch.nn.Linear(dim, 2 * dim)
-        self.norm = my_mps_ops.nn.RMSNorm(2 * dim, eps=1e-6)
-        self.down = torch.nn.Linear(2 * dim, dim)
-
-    def forward(self, x):
-        return self.down(self.norm(self.up(x)).relu())
+CFG = TinyLlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -30,14 +21,15 @@ def test_aoti_package_runs_in_fresh_process(device, tmp_path):
     if device == "mps" and not torch.backends.mps.is_available():
         pytest.skip("no MPS device here (needs an Apple GPU)")
     torch.manual_seed(0)
-    model = NormMLP().to(device).eval()
-    x = torch.randn(5, 32, device=device)
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    exported = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
-    assert any("my_mps_ops.rms_norm" in str(node.target) for node in exported.graph.nodes)
+    model = TinyLlama(CFG, use_my_ops=True).to(device).eval()
+    x = torch.randint(0, CFG.vocab_size, (2, 11), device=device)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(model, (x,), dynamic_shapes={"tokens": {0: batch}})
+    targets = {str(node.target) for node in exported.graph.nodes}
+    assert "my_mps_ops.rms_norm.default" in targets and "my_mps_ops.swiglu.default" in targets
     package = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "model.pt2"))
 
-    x2 = torch.randn(9, 32, device=device)  # another batch size: dynamic shape
+    x2 = torch.randint(0, CFG.vocab_size, (5, 11), device=device)  # another batch size: dynamic shape
     torch.save({"x": x.cpu(), "x2": x2.cpu()}, tmp_path / "inputs.pt")
     with torch.no_grad():
         expected = {"x": model(x).cpu(), "x2": model(x2).cpu()}

@@ -205,3 +205,89 @@ def test_bad_inputs_raise_naming_the_argument():
         my_mps_ops.rms_norm(torch.tensor(1.0), None, 1e-6)
     with pytest.raises(RuntimeError, match="grad_out must have the shape of input"):
         ops.rms_norm_backward(torch.randn(4, 9), x, None, 1e-6, [True, True])
+
+
+# ------------------------------------------------------- fused_add_rms_norm
+
+def fused_reference(x, residual, weight, eps):
+    h = (x + residual)  # rounded to the dtype, as the op does
+    return reference(h, weight, eps), h
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 3, 127, 4096, 8191])
+def test_fused_add_forward(backend, dtype, n):
+    x = torch.randn(3, n, dtype=dtype, device=backend.device)
+    r = torch.randn(3, n, dtype=dtype, device=backend.device)
+    w = torch.randn(n, dtype=dtype, device=backend.device)
+    out, h = my_mps_ops.fused_add_rms_norm(x, r, w, 1e-6)
+    ref_out, ref_h = fused_reference(x, r, w, 1e-6)
+    assert torch.equal(h.cpu(), ref_h.cpu())
+    assert_close(out, ref_out, dtype)
+    out, h = my_mps_ops.fused_add_rms_norm(x, r, None, 1e-6)
+    assert_close(out, fused_reference(x, r, None, 1e-6)[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("use_residual_out", [True, False])
+def test_fused_add_gradients(backend, dtype, use_residual_out):
+    n = 300
+    x = torch.randn(4, n, dtype=dtype, device=backend.device, requires_grad=True)
+    r = torch.randn(4, n, dtype=dtype, device=backend.device, requires_grad=True)
+    w = torch.randn(n, dtype=dtype, device=backend.device, requires_grad=True)
+    g_out = torch.randn(4, n, dtype=dtype, device=backend.device)
+    g_h = torch.randn(4, n, dtype=dtype, device=backend.device)
+    out, h = my_mps_ops.fused_add_rms_norm(x, r, w, 1e-6)
+    loss = (out * g_out).sum() + ((h * g_h).sum() if use_residual_out else 0)
+    loss.backward()
+    x64, r64, w64 = (t.detach().double().requires_grad_() for t in (x, r, w))
+    h64 = x64 + r64
+    loss64 = (reference(h64, w64, 1e-6) * g_out.double()).sum() + ((h64 * g_h.double()).sum() if use_residual_out else 0)
+    loss64.backward()
+    tol = grad_tol(dtype, n)
+    torch.testing.assert_close(x.grad.cpu().double(), x64.grad.cpu(), **tol)
+    torch.testing.assert_close(r.grad.cpu().double(), r64.grad.cpu(), **tol)
+    torch.testing.assert_close(w.grad.cpu().double(), w64.grad.cpu(), **tol)
+
+
+def test_fused_add_gradcheck_opcheck_and_compile():
+    x = torch.randn(3, 2, 17, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 2, 17, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(17, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: my_mps_ops.fused_add_rms_norm(a, b, c, 1e-5), (x, r, w))
+    xf, rf, wf = (t.detach().float().requires_grad_() for t in (x, r, w))
+    torch.library.opcheck(ops.fused_add_rms_norm.default, (xf, rf, wf, 1e-6))
+    g = torch.randn(3, 2, 17)
+    torch.library.opcheck(ops.fused_add_rms_norm_backward.default,
+                          (g, g.clone(), xf.detach(), wf.detach(), 1e-6, [True, True]))
+    torch.library.opcheck(ops.fused_add_rms_norm_backward.default, (g, None, xf.detach(), None, 1e-6, [True, False]))
+
+    torch._dynamo.reset()
+
+    def block(x, r, w):
+        out, h = my_mps_ops.fused_add_rms_norm(x, r, w, 1e-6)
+        return (out * 2 + h).sum()
+
+    compiled = torch.compile(block, fullgraph=True, dynamic=True)
+    for rows in (3, 6):
+        args = [torch.randn(rows, 17, requires_grad=True), torch.randn(rows, 17, requires_grad=True), wf]
+        eager = block(*args)
+        ge = torch.autograd.grad(eager, args)
+        comp = compiled(*args)
+        gc = torch.autograd.grad(comp, args)
+        torch.testing.assert_close(comp, eager)
+        for a, b in zip(gc, ge):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_add_bad_inputs_and_zero_size():
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="residual must have the shape of x"):
+        my_mps_ops.fused_add_rms_norm(x, torch.randn(4, 9), None, 1e-6)
+    with pytest.raises(RuntimeError, match="residual must have the same dtype as x"):
+        my_mps_ops.fused_add_rms_norm(x, torch.randn(4, 8, dtype=torch.float16), None, 1e-6)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        my_mps_ops.fused_add_rms_norm(x, x, torch.randn(3), 1e-6)
+    e = torch.randn(0, 8, requires_grad=True)
+    out, h = my_mps_ops.fused_add_rms_norm(e, e, None, 1e-6)
+    assert out.shape == h.shape == (0, 8)

@@ -1,0 +1,408 @@
+// LayerNorm over the last dimension, matching torch.nn.functional.layer_norm:
+// y = (x - mean) * rsqrt(var + eps) * w + b.
+//
+// CPU kernels (per row, float32 accumulation, two-pass statistics, at::vec,
+// parallel), the Metal path (shaders/layer_norm.metal), Meta kernels and the
+// C++ autograd Function whose backward is the registered layer_norm_backward.
+#include "metal_launch.h"
+#include "op_common.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace my_mps_ops {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using cpu::acc_t;
+using cpu::AccIO;
+
+constexpr const char* kOp = "my_mps_ops.layer_norm";
+constexpr const char* kBackwardOp = "my_mps_ops.layer_norm_backward";
+
+void check_param(const char* op, const OptTensor& p, const char* name, const Tensor& input) {
+  if (!p.has_value()) return;
+  TORCH_CHECK(p->dim() == 1 && p->sym_size(0) == input.sym_size(-1), op, ": ", name,
+              " must have shape [input.size(-1)] = [", input.sym_size(-1), "], got ", p->sym_sizes());
+  check_same_dtype(*p, input, op, name, "input");
+  check_same_device(*p, input, op, name, "input");
+}
+
+void check_inputs(const char* op, const Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps) {
+  check_float_dtype(input, op, "input");
+  TORCH_CHECK(input.dim() >= 1, op, ": input must have at least one dimension");
+  TORCH_CHECK(eps >= 0 && std::isfinite(eps), op, ": eps must be finite and non-negative, got ", eps);
+  check_param(op, weight, "weight", input);
+  check_param(op, bias, "bias", input);
+}
+
+void check_backward_inputs(const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
+                           const OptTensor& bias, double eps) {
+  check_inputs(kBackwardOp, input, weight, bias, eps);
+  TORCH_CHECK(grad_out.sym_sizes() == input.sym_sizes(), kBackwardOp, ": grad_out must have the shape of input ",
+              input.sym_sizes(), ", got ", grad_out.sym_sizes());
+  check_same_dtype(grad_out, input, kBackwardOp, "grad_out", "input");
+  check_same_device(grad_out, input, kBackwardOp, "grad_out", "input");
+}
+
+Tensor no_grad_output(const Tensor& like) { return at::empty({0}, like.options()); }
+
+// ---------------------------------------------------------------- CPU kernels
+
+// (mean, rstd) of one row: mean first, then the variance of x - mean.
+template <typename T>
+inline std::pair<acc_t<T>, acc_t<T>> row_stats(const T* xr, int64_t n, acc_t<T> eps) {
+  using Acc = acc_t<T>;
+  using IO = AccIO<T>;
+  using Vec = typename IO::Vec;
+  Vec s0(Acc(0)), s1(Acc(0));
+  int64_t i = 0;
+  for (; i + IO::kStep <= n; i += IO::kStep) {
+    auto [a, b] = IO::load(xr + i);
+    s0 = s0 + a;
+    s1 = s1 + b;
+  }
+  Acc sum = at::vec::vec_reduce_all<Acc>(std::plus<Vec>(), s0 + s1);
+  for (; i < n; ++i) sum += static_cast<Acc>(xr[i]);
+  const Acc mean = sum / static_cast<Acc>(n);
+  const Vec mean_v(mean);
+  Vec q0(Acc(0)), q1(Acc(0));
+  i = 0;
+  for (; i + IO::kStep <= n; i += IO::kStep) {
+    auto [a, b] = IO::load(xr + i);
+    a = a - mean_v;
+    b = b - mean_v;
+    q0 = at::vec::fmadd(a, a, q0);
+    q1 = at::vec::fmadd(b, b, q1);
+  }
+  Acc sq = at::vec::vec_reduce_all<Acc>(std::plus<Vec>(), q0 + q1);
+  for (; i < n; ++i) {
+    const Acc d = static_cast<Acc>(xr[i]) - mean;
+    sq += d * d;
+  }
+  return {mean, Acc(1) / std::sqrt(sq / static_cast<Acc>(n) + eps)};
+}
+
+template <typename T>
+void forward_cpu_kernel(const T* x, const T* w, const T* b, T* y, int64_t rows, int64_t n, acc_t<T> eps) {
+  using Acc = acc_t<T>;
+  using IO = AccIO<T>;
+  using Vec = typename IO::Vec;
+  at::parallel_for(0, rows, cpu::row_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * n;
+      T* yr = y + r * n;
+      const auto [mean, rstd] = row_stats(xr, n, eps);
+      const Vec mean_v(mean), rstd_v(rstd);
+      int64_t i = 0;
+      for (; i + IO::kStep <= n; i += IO::kStep) {
+        auto [a0, a1] = IO::load(xr + i);
+        a0 = (a0 - mean_v) * rstd_v;
+        a1 = (a1 - mean_v) * rstd_v;
+        if (w != nullptr) {
+          auto [w0, w1] = IO::load(w + i);
+          a0 = a0 * w0;
+          a1 = a1 * w1;
+        }
+        if (b != nullptr) {
+          auto [b0, b1] = IO::load(b + i);
+          a0 = a0 + b0;
+          a1 = a1 + b1;
+        }
+        IO::store(yr + i, a0, a1);
+      }
+      for (; i < n; ++i) {
+        Acc v = (static_cast<Acc>(xr[i]) - mean) * rstd;
+        if (w != nullptr) v *= static_cast<Acc>(w[i]);
+        if (b != nullptr) v += static_cast<Acc>(b[i]);
+        yr[i] = static_cast<T>(v);
+      }
+    }
+  });
+}
+
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w;
+// dw = sum dy * xhat, db = sum dy over rows, per fixed chunk of rows (no
+// atomics, deterministic), summed afterwards.
+template <typename T>
+void backward_cpu_kernel(const T* dy, const T* x, const T* w, T* dx, acc_t<T>* dw_partial, acc_t<T>* db_partial,
+                         int64_t rows, int64_t n, int64_t chunks, acc_t<T> eps) {
+  using Acc = acc_t<T>;
+  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+      Acc* dw_acc = dw_partial ? dw_partial + c * n : nullptr;
+      Acc* db_acc = db_partial ? db_partial + c * n : nullptr;
+      for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; ++r) {
+        const T* xr = x + r * n;
+        const T* dyr = dy + r * n;
+        const auto [mean, rstd] = row_stats(xr, n, eps);
+        Acc sum_g = 0, sum_gx = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          const Acc xhat = (static_cast<Acc>(xr[i]) - mean) * rstd;
+          const Acc dyv = static_cast<Acc>(dyr[i]);
+          const Acc g = w != nullptr ? dyv * static_cast<Acc>(w[i]) : dyv;
+          sum_g += g;
+          sum_gx += g * xhat;
+          if (dw_acc != nullptr) dw_acc[i] += dyv * xhat;
+          if (db_acc != nullptr) db_acc[i] += dyv;
+        }
+        if (dx == nullptr) continue;
+        const Acc mean_g = sum_g * inv_n, mean_gx = sum_gx * inv_n;
+        T* dxr = dx + r * n;
+        for (int64_t i = 0; i < n; ++i) {
+          const Acc xhat = (static_cast<Acc>(xr[i]) - mean) * rstd;
+          const Acc dyv = static_cast<Acc>(dyr[i]);
+          const Acc g = w != nullptr ? dyv * static_cast<Acc>(w[i]) : dyv;
+          dxr[i] = static_cast<T>(rstd * (g - mean_g - xhat * mean_gx));
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------ Metal path
+
+constexpr const char* kLibrary = "layer_norm";
+constexpr int64_t kReadsPerThread = 4;
+
+Tensor forward_metal(const Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps) {
+  const Tensor x = input.contiguous();
+  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t n = x.size(-1);
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  if (rows == 0) return out;
+  TORCH_CHECK(n <= UINT32_MAX, kOp, ": the last dimension is too large for the Metal kernel: ", n);
+  const Tensor w = weight.has_value() ? weight->contiguous() : x;  // bound but unread without weight
+  const Tensor b = bias.has_value() ? bias->contiguous() : x;
+  auto& executor = metal::executor_for(x.device());
+  const std::string kernel = std::string("layer_norm_forward_") + metal_type_name(x.scalar_type());
+  const metal::PipelineInfo info = executor.pipeline_info(kLibrary, kernel);
+  const uint32_t threads =
+      row_threadgroup_size(n, kReadsPerThread, info.max_threads_per_threadgroup, info.thread_execution_width);
+  metal::Launch launch(kLibrary, kernel);
+  launch.buffer(x).buffer(w).buffer(b).buffer(out)
+      .scalar<float>(static_cast<float>(eps))
+      .scalar<uint32_t>(static_cast<uint32_t>(n))
+      .scalar<uint32_t>((weight.has_value() ? 1u : 0u) | (bias.has_value() ? 2u : 0u))
+      .dispatch_threadgroups({uint64_t(rows), 1, 1}, {threads, 1, 1});
+  executor.run(launch);
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_metal(const Tensor& grad_out, const Tensor& input,
+                                                  const OptTensor& weight, const OptTensor& bias, double eps,
+                                                  std::array<bool, 3> mask) {
+  const Tensor x = input.contiguous(), dy = grad_out.contiguous();
+  const bool want_dx = mask[0], want_dw = mask[1] && weight.has_value(), want_db = mask[2] && bias.has_value();
+  Tensor dx = want_dx ? at::empty_like(x, at::MemoryFormat::Contiguous) : no_grad_output(x);
+  Tensor dw = want_dw ? at::empty_like(*weight, at::MemoryFormat::Contiguous) : no_grad_output(x);
+  Tensor db = want_db ? at::empty_like(*bias, at::MemoryFormat::Contiguous) : no_grad_output(x);
+  const int64_t n = x.size(-1);
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  if (rows == 0) {
+    if (want_dw) dw.zero_();
+    if (want_db) db.zero_();
+    return {dx, dw, db};
+  }
+  if (!want_dx && !want_dw && !want_db) return {dx, dw, db};
+  TORCH_CHECK(n <= UINT32_MAX && rows <= UINT32_MAX, kBackwardOp, ": input is too large for the Metal kernel");
+  const Tensor w = weight.has_value() ? weight->contiguous() : x;
+  const char* type = metal_type_name(x.scalar_type());
+  auto& executor = metal::executor_for(x.device());
+  Tensor stats = at::empty({rows, 2}, x.options().dtype(at::kFloat));
+  {
+    const std::string kernel = std::string("layer_norm_backward_input_") + type;
+    const metal::PipelineInfo info = executor.pipeline_info(kLibrary, kernel);
+    const uint32_t threads =
+        row_threadgroup_size(n, kReadsPerThread, info.max_threads_per_threadgroup, info.thread_execution_width);
+    metal::Launch launch(kLibrary, kernel);
+    launch.buffer(dy).buffer(x).buffer(w).buffer(want_dx ? dx : x).buffer(stats)
+        .scalar<float>(static_cast<float>(eps))
+        .scalar<uint32_t>(static_cast<uint32_t>(n))
+        .scalar<uint32_t>((weight.has_value() ? 1u : 0u) | (want_dx ? 2u : 0u))
+        .dispatch_threadgroups({uint64_t(rows), 1, 1}, {threads, 1, 1});
+    executor.run(launch);
+  }
+  if (!want_dw && !want_db) return {dx, dw, db};
+  const int64_t chunks = std::min<int64_t>(rows, 64);
+  const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+  Tensor partial = at::empty({2, chunks, n}, x.options().dtype(at::kFloat));
+  {
+    const std::string kernel = std::string("layer_norm_backward_params_partial_") + type;
+    const metal::PipelineInfo info = executor.pipeline_info(kLibrary, kernel);
+    const uint64_t group_x = std::min<uint64_t>(info.max_threads_per_threadgroup, uint64_t(n));
+    metal::Launch launch(kLibrary, kernel);
+    launch.buffer(dy).buffer(x).buffer(stats).buffer(partial)
+        .scalar<uint32_t>(static_cast<uint32_t>(n))
+        .scalar<uint32_t>(static_cast<uint32_t>(rows))
+        .scalar<uint32_t>(static_cast<uint32_t>(rows_per_chunk))
+        .scalar<uint32_t>(static_cast<uint32_t>(chunks))
+        .dispatch_threads({uint64_t(n), uint64_t(chunks), 1}, {group_x, 1, 1});
+    executor.run(launch);
+  }
+  {
+    const std::string kernel = std::string("layer_norm_backward_params_reduce_") + type;
+    const metal::PipelineInfo info = executor.pipeline_info(kLibrary, kernel);
+    const uint64_t group_x = std::min<uint64_t>(info.max_threads_per_threadgroup, uint64_t(n));
+    metal::Launch launch(kLibrary, kernel);
+    launch.buffer(partial).buffer(want_dw ? dw : partial).buffer(want_db ? db : partial)
+        .scalar<uint32_t>(static_cast<uint32_t>(n))
+        .scalar<uint32_t>(static_cast<uint32_t>(chunks))
+        .scalar<uint32_t>((want_dw ? 1u : 0u) | (want_db ? 2u : 0u))
+        .dispatch_threads({uint64_t(n), 1, 1}, {group_x, 1, 1});
+    executor.run(launch);
+  }
+  return {dx, dw, db};
+}
+
+// -------------------------------------------------------- per-device kernels
+
+Tensor layer_norm_cpu(const Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps) {
+  check_inputs(kOp, input, weight, bias, eps);
+  if (metal::metal_emulation_enabled()) return forward_metal(input, weight, bias, eps);
+  const Tensor x = input.contiguous();
+  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t n = x.size(-1);
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  if (rows == 0) return out;
+  const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
+  const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
+  MY_MPS_OPS_DISPATCH_CPU_TYPES(x.scalar_type(), "layer_norm_cpu", [&] {
+    forward_cpu_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.defined() ? w.const_data_ptr<scalar_t>() : nullptr,
+                                 b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                                 out.mutable_data_ptr<scalar_t>(), rows, n, static_cast<acc_t<scalar_t>>(eps));
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cpu(const Tensor& grad_out, const Tensor& input,
+                                                           const OptTensor& weight, const OptTensor& bias,
+                                                           double eps, std::array<bool, 3> mask) {
+  check_backward_inputs(grad_out, input, weight, bias, eps);
+  if (metal::metal_emulation_enabled()) return backward_metal(grad_out, input, weight, bias, eps, mask);
+  const Tensor x = input.contiguous(), dy = grad_out.contiguous();
+  const bool want_dx = mask[0], want_dw = mask[1] && weight.has_value(), want_db = mask[2] && bias.has_value();
+  Tensor dx = want_dx ? at::empty_like(x, at::MemoryFormat::Contiguous) : no_grad_output(x);
+  const int64_t n = x.size(-1);
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor dw_partial = want_dw ? at::zeros({chunks, n}, x.options().dtype(acc_dtype)) : Tensor();
+  Tensor db_partial = want_db ? at::zeros({chunks, n}, x.options().dtype(acc_dtype)) : Tensor();
+  if (rows > 0 && (want_dx || want_dw || want_db)) {
+    const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
+    MY_MPS_OPS_DISPATCH_CPU_TYPES(x.scalar_type(), "layer_norm_backward_cpu", [&] {
+      using Acc = acc_t<scalar_t>;
+      backward_cpu_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                    w.defined() ? w.const_data_ptr<scalar_t>() : nullptr,
+                                    want_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr,
+                                    want_dw ? dw_partial.mutable_data_ptr<Acc>() : nullptr,
+                                    want_db ? db_partial.mutable_data_ptr<Acc>() : nullptr, rows, n, chunks,
+                                    static_cast<Acc>(eps));
+    });
+  }
+  Tensor dw = want_dw ? dw_partial.sum(0).to(weight->scalar_type()) : no_grad_output(x);
+  Tensor db = want_db ? db_partial.sum(0).to(bias->scalar_type()) : no_grad_output(x);
+  return {dx, dw, db};
+}
+
+Tensor layer_norm_mps(const Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps) {
+  check_inputs(kOp, input, weight, bias, eps);
+  return forward_metal(input, weight, bias, eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_mps(const Tensor& grad_out, const Tensor& input,
+                                                           const OptTensor& weight, const OptTensor& bias,
+                                                           double eps, std::array<bool, 3> mask) {
+  check_backward_inputs(grad_out, input, weight, bias, eps);
+  return backward_metal(grad_out, input, weight, bias, eps, mask);
+}
+
+Tensor layer_norm_meta(const Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps) {
+  check_inputs(kOp, input, weight, bias, eps);
+  return at::empty_like(input, at::MemoryFormat::Contiguous);
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_meta(const Tensor& grad_out, const Tensor& input,
+                                                            const OptTensor& weight, const OptTensor& bias,
+                                                            double eps, std::array<bool, 3> mask) {
+  check_backward_inputs(grad_out, input, weight, bias, eps);
+  return {mask[0] ? at::empty_like(input, at::MemoryFormat::Contiguous) : no_grad_output(input),
+          mask[1] && weight.has_value() ? at::empty_like(*weight, at::MemoryFormat::Contiguous)
+                                        : no_grad_output(input),
+          mask[2] && bias.has_value() ? at::empty_like(*bias, at::MemoryFormat::Contiguous) : no_grad_output(input)};
+}
+
+// ------------------------------------------------------------------ autograd
+
+class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
+                        const OptTensor& bias, double eps) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("my_mps_ops::layer_norm", "")
+                         .typed<Tensor(const Tensor&, const OptTensor&, const OptTensor&, double)>();
+    Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = op.call(input, weight, bias, eps);
+    }
+    ctx->save_for_backward({input, weight.value_or(Tensor()), bias.value_or(Tensor())});
+    ctx->saved_data["eps"] = eps;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("my_mps_ops::layer_norm_backward", "")
+                         .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
+                                                                   const OptTensor&, double, std::array<bool, 3>)>();
+    const auto saved = ctx->get_saved_variables();
+    const OptTensor weight = saved[1].defined() ? OptTensor(saved[1]) : std::nullopt;
+    const OptTensor bias = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0), weight.has_value() && ctx->needs_input_grad(1),
+                                   bias.has_value() && ctx->needs_input_grad(2)};
+    if (!grads[0].defined() || (!mask[0] && !mask[1] && !mask[2])) return {Tensor(), Tensor(), Tensor(), Tensor()};
+    auto [dx, dw, db] = op.call(grads[0], saved[0], weight, bias, ctx->saved_data["eps"].toDouble(), mask);
+    return {mask[0] ? dx : Tensor(), mask[1] ? dw : Tensor(), mask[2] ? db : Tensor(), Tensor()};
+  }
+};
+
+Tensor layer_norm_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps) {
+  return LayerNormFunction::apply(input, weight, bias, eps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(my_mps_ops, CPU, m) {
+  m.impl("layer_norm", &layer_norm_cpu);
+  m.impl("layer_norm_backward", &layer_norm_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(my_mps_ops, MPS, m) {
+  m.impl("layer_norm", &layer_norm_mps);
+  m.impl("layer_norm_backward", &layer_norm_backward_mps);
+}
+
+TORCH_LIBRARY_IMPL(my_mps_ops, Meta, m) {
+  m.impl("layer_norm", &layer_norm_meta);
+  m.impl("layer_norm_backward", &layer_norm_backward_meta);
+}
+
+TORCH_LIBRARY_IMPL(my_mps_ops, Autograd, m) {
+  m.impl("layer_norm", &layer_norm_autograd);
+  m.impl("layer_norm_backward", torch::autograd::autogradNotImplementedFallback());
+}
+
+}  // namespace my_mps_ops

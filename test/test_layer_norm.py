@@ -1,0 +1,110 @@
+"""my_mps_ops.layer_norm: values, gradients, registrations, compile, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import my_mps_ops
+from conftest import TOLERANCES, assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ops = torch.ops.my_mps_ops
+
+
+def reference(x, w, b, eps):
+    return F.layer_norm(x.double(), (x.shape[-1],), None if w is None else w.double(),
+                        None if b is None else b.double(), eps)
+
+
+def grad_tol(dtype):
+    return {k: v * 4 for k, v in TOLERANCES[dtype].items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 3, 127, 4096, 8191])
+def test_forward_values(backend, dtype, n):
+    x = torch.randn(3, n, dtype=dtype, device=backend.device) * 2 + 1
+    w = torch.randn(n, dtype=dtype, device=backend.device)
+    b = torch.randn(n, dtype=dtype, device=backend.device)
+    assert_close(my_mps_ops.layer_norm(x, w, b, 1e-5), reference(x, w, b, 1e-5), dtype)
+    assert_close(my_mps_ops.layer_norm(x, None, None, 1e-5), reference(x, None, None, 1e-5), dtype)
+    assert_close(my_mps_ops.layer_norm(x, w, None, 1e-5), reference(x, w, None, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 1000, 5000])
+def test_gradients(backend, dtype, n):
+    x = torch.randn(5, n, dtype=dtype, device=backend.device, requires_grad=True)
+    w = torch.randn(n, dtype=dtype, device=backend.device, requires_grad=True)
+    b = torch.randn(n, dtype=dtype, device=backend.device, requires_grad=True)
+    g = torch.randn(5, n, dtype=dtype, device=backend.device)
+    my_mps_ops.layer_norm(x, w, b, 1e-5).backward(g)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    F.layer_norm(x64, (n,), w64, b64, 1e-5).backward(g.double())
+    for ours, ref in ((x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
+        torch.testing.assert_close(ours.cpu().double(), ref.cpu(), **grad_tol(dtype))
+
+
+def test_noncontiguous_offset_and_zero_size(backend):
+    base = torch.randn(9, 70, device=backend.device)
+    for x in (base[1:, 3:67], base.t()[:64, :8].t(), base[:, ::2]):
+        w = torch.randn(x.shape[-1], device=backend.device)
+        assert_close(my_mps_ops.layer_norm(x, w, w, 1e-5), reference(x, w, w, 1e-5), torch.float32)
+    e = torch.randn(0, 5, device=backend.device, requires_grad=True)
+    w = torch.randn(5, device=backend.device, requires_grad=True)
+    out = my_mps_ops.layer_norm(e, w, w, 1e-5)
+    assert out.shape == (0, 5)
+    out.sum().backward()
+    assert torch.equal(w.grad.cpu(), torch.zeros(5))
+
+
+def test_gradcheck_opcheck():
+    x = torch.randn(3, 2, 13, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(13, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, c, d: my_mps_ops.layer_norm(a, c, d, 1e-5), (x, w, b))
+    assert torch.autograd.gradcheck(lambda a: my_mps_ops.layer_norm(a, None, None, 1e-5), (x,))
+    xf, wf, bf = (t.detach().float().requires_grad_() for t in (x, w, b))
+    torch.library.opcheck(ops.layer_norm.default, (xf, wf, bf, 1e-5))
+    torch.library.opcheck(ops.layer_norm.default, (xf, None, None, 1e-5))
+    g = torch.randn(3, 2, 13)
+    torch.library.opcheck(ops.layer_norm_backward.default, (g, xf.detach(), wf.detach(), bf.detach(), 1e-5,
+                                                            [True, True, True]))
+    torch.library.opcheck(ops.layer_norm_backward.default, (g, xf.detach(), None, None, 1e-5, [True, False, False]))
+
+
+def test_torch_compile_and_module():
+    torch._dynamo.reset()
+    ours = my_mps_ops.nn.LayerNorm(24)
+    theirs = torch.nn.LayerNorm(24)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.uniform_(-0.5, 0.5)
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    compiled = torch.compile(ours, fullgraph=True, dynamic=True)
+    for rows in (3, 8):
+        x = torch.randn(rows, 24)
+        torch.testing.assert_close(compiled(x), theirs(x), atol=1e-5, rtol=1e-5)
+        compiled(x).square().sum().backward()
+        theirs(x).square().sum().backward()
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, atol=1e-4, rtol=1e-4)
+        ours.zero_grad()
+        theirs.zero_grad()
+    no_bias = my_mps_ops.nn.LayerNorm(24, bias=False)
+    assert no_bias.bias is None and set(no_bias.state_dict()) == {"weight"}
+
+
+def test_bad_inputs_raise_naming_the_argument():
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        my_mps_ops.layer_norm(x, torch.randn(7), None, 1e-5)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        my_mps_ops.layer_norm(x, None, torch.randn(9), 1e-5)
+    with pytest.raises(RuntimeError, match="bias must have the same dtype"):
+        my_mps_ops.layer_norm(x, None, torch.randn(8, dtype=torch.float16), 1e-5)
+    with pytest.raises(RuntimeError, match="input must be float32, float16 or bfloat16"):
+        my_mps_ops.layer_norm(torch.ones(4, 8, dtype=torch.int32), None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="eps must be finite and non-negative"):
+        my_mps_ops.layer_norm(x, None, None, -1.0)
