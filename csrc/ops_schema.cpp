@@ -31,4 +31,12 @@ TORCH_LIBRARY(my_mps_ops, m) {
   // gelu(gate, approximate) * up, approximate "none" (erf) or "tanh"
   m.def("geglu(Tensor gate, Tensor up, str approximate=\"none\") -> Tensor");
   m.def("geglu_backward(Tensor grad_out, Tensor gate, Tensor up, str approximate=\"none\") -> (Tensor, Tensor)");
+
+  // ---- flash_attention
+  // Fused softmax(scale * q k^T) v over (batch, heads, seq, head_dim) inputs,
+  // grouped-query heads, causal aligned to the bottom right. Returns (out, lse)
+  // with lse the per-row log-sum-exp (float32; float64 for float64 inputs).
+  m.def("flash_attention(Tensor q, Tensor k, Tensor v, bool causal=False, float? scale=None) -> (Tensor out, Tensor lse)");
+  // Returns (grad_q, grad_k, grad_v), recomputing probabilities from lse.
+  m.def("flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float? scale) -> (Tensor, Tensor, Tensor)");
 }

@@ -47,3 +47,20 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, labe
     intermediate). Out-of-range targets raise on cpu; on mps (no host sync)
     their rows' loss is NaN."""
     return _ops.cross_entropy(logits, target, ignore_index, label_smoothing, reduction)[0]
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
+                    scale: Optional[float] = None) -> Tensor:
+    """Fused attention ``softmax(scale * q @ k^T [masked]) @ v`` with memory linear in sequence length.
+
+    Inputs are (batch, heads, seq, head_dim); k and v may have fewer heads than q
+    (grouped-query attention: their head count must divide q's). Query and key
+    lengths may differ; ``causal`` masks with the diagonal aligned to the bottom
+    right (query i sees key j iff ``j <= i + k_len - q_len``, as
+    ``torch.nn.attention.bias.causal_lower_right``; the same as
+    ``F.scaled_dot_product_attention(is_causal=True)`` when the lengths are equal).
+    Rows that see no key give zeros. ``scale`` defaults to ``1/sqrt(head_dim)``.
+    head_dim 32, 64, 80, 96, 128 or 256; float32, float16, bfloat16 (float64 on
+    cpu). Supports autograd (FlashAttention-2 backward) and torch.compile.
+    """
+    return _ops.flash_attention(q, k, v, causal, scale)[0]
