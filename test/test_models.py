@@ -11,7 +11,7 @@ import my_mps_ops
 from my_mps_ops.models import TinyLlama, TinyLlamaConfig
 from my_mps_ops.patch import patch_model
 
-CFG = TinyLlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=80, max_seq_len=32)
+CFG = TinyLlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=96, max_seq_len=32)
 
 
 def pair(device="cpu"):

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import my_mps_ops
+
 from .. import nn as my_nn
 
 
@@ -44,8 +46,9 @@ def apply_rotary(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: TinyLlamaConfig):
+    def __init__(self, cfg: TinyLlamaConfig, use_my_ops: bool = False):
         super().__init__()
+        self.use_my_ops = use_my_ops
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
         self.head_dim = cfg.dim // cfg.n_heads
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
@@ -59,9 +62,12 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos[:s], sin[:s]), apply_rotary(k, cos[:s], sin[:s])
-        rep = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.use_my_ops:  # grouped-query attention without repeating k and v
+            out = my_mps_ops.flash_attention(q, k, v, causal=True)
+        else:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -87,7 +93,7 @@ class Block(nn.Module):
     def __init__(self, cfg: TinyLlamaConfig, use_my_ops: bool):
         super().__init__()
         self.attn_norm = _norm(cfg, use_my_ops)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, use_my_ops)
         self.mlp_norm = _norm(cfg, use_my_ops)
         self.mlp = my_nn.SwiGLU(cfg.dim, cfg.hidden_dim) if use_my_ops else SwiGLU(cfg)
 
