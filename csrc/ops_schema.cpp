@@ -24,6 +24,14 @@ TORCH_LIBRARY(my_mps_ops, m) {
   m.def("cross_entropy(Tensor logits, Tensor target, int ignore_index=-100, float label_smoothing=0.0, str reduction=\"mean\") -> (Tensor, Tensor)");
   m.def("cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, int ignore_index, float label_smoothing, str reduction) -> Tensor");
 
+  // ---- rotary: RoPE on 4-D x, (batch, seq, heads, dim) with seq_dim=1 or
+  // (batch, heads, seq, dim) with seq_dim=2; cos/sin [seq, rot/2] or
+  // [batch, seq, rot/2]; NeoX half-split or GPT-J interleaved pairs.
+  m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin, bool interleaved=False, int seq_dim=1) -> Tensor");
+  m.def("rotary_embedding_backward(Tensor grad_out, Tensor cos, Tensor sin, bool interleaved=False, int seq_dim=1) -> Tensor");
+  m.def("rotary_embedding_qk(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved=False, int seq_dim=1) -> (Tensor, Tensor)");
+  m.def("rotary_embedding_qk_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin, bool interleaved=False, int seq_dim=1) -> (Tensor, Tensor)");
+
   // ---- glu: gated activations of the Llama / Gemma MLPs. The backward ops
   // recompute the activation from gate instead of saving it.
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");  // silu(gate) * up

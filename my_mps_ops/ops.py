@@ -64,3 +64,20 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
     cpu). Supports autograd (FlashAttention-2 backward) and torch.compile.
     """
     return _ops.flash_attention(q, k, v, causal, scale)[0]
+
+
+def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, seq_dim: int = 1) -> Tensor:
+    """Rotary position embedding of 4-D ``x``: (batch, seq, heads, head_dim) with
+    ``seq_dim=1`` or (batch, heads, seq, head_dim) with ``seq_dim=2``.
+
+    ``cos``/``sin`` are [seq, rot/2] (shared by the batch) or [batch, seq, rot/2];
+    the first ``rot = 2 * cos.size(-1)`` elements of each head rotate, the rest
+    pass through. ``interleaved=False`` pairs (i, i + rot/2) (GPT-NeoX / Llama),
+    ``True`` pairs (2i, 2i+1) (GPT-J). cos and sin receive no gradient."""
+    return _ops.rotary_embedding(x, cos, sin, interleaved, seq_dim)
+
+
+def rotary_embedding_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False,
+                        seq_dim: int = 1):
+    """``rotary_embedding`` of q and k (k may have fewer heads) in one launch; returns (q, k)."""
+    return _ops.rotary_embedding_qk(q, k, cos, sin, interleaved, seq_dim)

@@ -1,0 +1,78 @@
+// Rotary position embedding (RoPE) of rows of head_dim elements: NeoX
+// (half-split) or GPT-J (interleaved) pairing, partial rotary (the first
+// 2 * half elements rotate, the rest pass through), layouts (batch, seq,
+// heads, dim) and (batch, heads, seq, dim), cos/sin [seq, half] shared by the
+// batch or [batch, seq, half]. conj = 1 rotates by -angle (the backward).
+// One thread per row; rotary_qk handles q's rows then k's in one launch.
+#include <metal_stdlib>
+using namespace metal;
+
+struct RotaryShape {
+  uint batch, seq, heads, head_dim, half;
+  uint cos_batch_stride;  // 0 when cos/sin are shared by the batch
+  uint seq_dim;           // 1: (b, s, h, d); 2: (b, h, s, d)
+  uint interleaved;
+  uint conj;
+};
+
+template <typename T>
+inline void rotate_row(device const T* x, device T* out, device const float* cos_t, device const float* sin_t,
+                       constant RotaryShape& p, uint row) {
+  uint b, s;
+  if (p.seq_dim == 1) {
+    s = (row / p.heads) % p.seq;
+    b = row / (p.heads * p.seq);
+  } else {
+    s = row % p.seq;
+    b = row / (p.seq * p.heads);
+  }
+  const size_t base = size_t(row) * p.head_dim;
+  const size_t cbase = size_t(b) * p.cos_batch_stride + size_t(s) * p.half;
+  const float sign = p.conj != 0 ? -1.0f : 1.0f;
+  for (uint i = 0; i < p.half; ++i) {
+    const float c = cos_t[cbase + i];
+    const float sn = sign * sin_t[cbase + i];
+    const uint i0 = p.interleaved != 0 ? 2 * i : i;
+    const uint i1 = p.interleaved != 0 ? 2 * i + 1 : i + p.half;
+    const float x0 = float(x[base + i0]);
+    const float x1 = float(x[base + i1]);
+    out[base + i0] = T(x0 * c - x1 * sn);
+    out[base + i1] = T(x1 * c + x0 * sn);
+  }
+  for (uint i = 2 * p.half; i < p.head_dim; ++i) {
+    out[base + i] = x[base + i];
+  }
+}
+
+template <typename T>
+kernel void rotary(device const T* x [[buffer(0)]], device T* out [[buffer(1)]],
+                   device const float* cos_t [[buffer(2)]], device const float* sin_t [[buffer(3)]],
+                   constant RotaryShape& p [[buffer(4)]], uint row [[thread_position_in_grid]]) {
+  rotate_row(x, out, cos_t, sin_t, p, row);
+}
+
+// Rows [0, q_rows) of q, then the rows of k (same shape but for heads).
+template <typename T>
+kernel void rotary_qk(device const T* q [[buffer(0)]], device T* q_out [[buffer(1)]],
+                      device const T* k [[buffer(2)]], device T* k_out [[buffer(3)]],
+                      device const float* cos_t [[buffer(4)]], device const float* sin_t [[buffer(5)]],
+                      constant RotaryShape& pq [[buffer(6)]], constant RotaryShape& pk [[buffer(7)]],
+                      constant uint& q_rows [[buffer(8)]], uint row [[thread_position_in_grid]]) {
+  if (row < q_rows) {
+    rotate_row(q, q_out, cos_t, sin_t, pq, row);
+  } else {
+    rotate_row(k, k_out, cos_t, sin_t, pk, row - q_rows);
+  }
+}
+
+#define INSTANTIATE_ROTARY(T)                                                                          \
+  template [[host_name("rotary_" #T)]] kernel void rotary<T>(device const T*, device T*,              \
+                                                               device const float*, device const float*, \
+                                                               constant RotaryShape&, uint);           \
+  template [[host_name("rotary_qk_" #T)]] kernel void rotary_qk<T>(                                   \
+      device const T*, device T*, device const T*, device T*, device const float*, device const float*, \
+      constant RotaryShape&, constant RotaryShape&, constant uint&, uint);
+
+INSTANTIATE_ROTARY(float)
+INSTANTIATE_ROTARY(half)
+INSTANTIATE_ROTARY(bfloat)

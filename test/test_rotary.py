@@ -1,0 +1,128 @@
+"""my_mps_ops.rotary_embedding(_qk): NeoX and GPT-J styles, partial rotary,
+both layouts, per-batch tables; gradients, registrations, compile, errors."""
+
+import pytest
+import torch
+
+import my_mps_ops
+from conftest import TOLERANCES, assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ops = torch.ops.my_mps_ops
+
+
+def tables(seq, half, batch=None, device="cpu"):
+    inv = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float64) / half))
+    pos = torch.arange(seq, dtype=torch.float64)
+    ang = torch.outer(pos, inv)
+    if batch is not None:  # per-batch positions (e.g. packed sequences)
+        ang = torch.stack([ang + b * 0.37 for b in range(batch)])
+    return ang.cos().float().to(device), ang.sin().float().to(device)
+
+
+def reference(x, cos, sin, interleaved, seq_dim):
+    """float64 composite: torch.cat / rotate_half style."""
+    x = x.double()
+    c, s = cos.double(), sin.double()
+    if c.dim() == 2:
+        c, s = c[None], s[None]
+    # to [batch, seq, 1, half] or [batch, 1, seq, half]
+    c, s = (c[:, :, None], s[:, :, None]) if seq_dim == 1 else (c[:, None], s[:, None])
+    half = c.shape[-1]
+    rot, rest = x[..., :2 * half], x[..., 2 * half:]
+    if interleaved:
+        x0, x1 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2)
+    else:
+        x0, x1 = rot[..., :half], rot[..., half:]
+        out = torch.cat((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1)
+    return torch.cat((out, rest), dim=-1)
+
+
+CONFIGS = [  # (interleaved, seq_dim, head_dim, rot_half, per_batch)
+    (False, 1, 64, 32, False), (True, 1, 64, 32, False), (False, 2, 64, 32, False), (True, 2, 48, 16, False),
+    (False, 1, 80, 16, True), (False, 2, 6, 1, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved,seq_dim,head_dim,half,per_batch", CONFIGS)
+def test_forward_and_backward(backend, dtype, interleaved, seq_dim, head_dim, half, per_batch):
+    batch, seq, heads = 2, 7, 3
+    shape = (batch, seq, heads, head_dim) if seq_dim == 1 else (batch, heads, seq, head_dim)
+    x = torch.randn(shape, dtype=dtype, device=backend.device, requires_grad=True)
+    cos, sin = tables(seq, half, batch if per_batch else None, backend.device)
+    out = my_mps_ops.rotary_embedding(x, cos, sin, interleaved, seq_dim)
+    assert_close(out, reference(x.detach(), cos, sin, interleaved, seq_dim), dtype)
+    g = torch.randn(shape, dtype=dtype, device=backend.device)
+    out.backward(g)
+    x64 = x.detach().double().requires_grad_()
+    reference(x64, cos, sin, interleaved, seq_dim).backward(g.double())
+    torch.testing.assert_close(x.grad.cpu().double(), x64.grad.cpu(), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_qk_in_one_launch_with_fewer_k_heads(backend, interleaved):
+    q = torch.randn(2, 5, 4, 32, device=backend.device, requires_grad=True)
+    k = torch.randn(2, 5, 2, 32, device=backend.device, requires_grad=True)
+    cos, sin = tables(5, 16, device=backend.device)
+    qo, ko = my_mps_ops.rotary_embedding_qk(q, k, cos, sin, interleaved)
+    assert_close(qo, reference(q.detach(), cos, sin, interleaved, 1))
+    assert_close(ko, reference(k.detach(), cos, sin, interleaved, 1))
+    (qo.sum() * 2 + ko.square().sum()).backward()
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    (reference(q64, cos, sin, interleaved, 1).sum() * 2 + reference(k64, cos, sin, interleaved, 1).square().sum()).backward()
+    torch.testing.assert_close(q.grad.cpu().double(), q64.grad.cpu(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(k.grad.cpu().double(), k64.grad.cpu(), atol=1e-4, rtol=1e-4)
+    # Only k used: q's gradient stays None.
+    q.grad = k.grad = None
+    my_mps_ops.rotary_embedding_qk(q, k, cos, sin, interleaved)[1].sum().backward()
+    assert q.grad is None and k.grad is not None
+
+
+def test_noncontiguous_and_zero_size(backend):
+    x = torch.randn(2, 3, 5, 16, device=backend.device).transpose(1, 2)  # (2, 5, 3, 16), not contiguous
+    cos, sin = tables(5, 8, device=backend.device)
+    assert_close(my_mps_ops.rotary_embedding(x, cos, sin), reference(x, cos, sin, False, 1))
+    e = torch.randn(0, 5, 3, 16, device=backend.device)
+    assert my_mps_ops.rotary_embedding(e, cos, sin).shape == e.shape
+
+
+def test_gradcheck_opcheck_compile():
+    x = torch.randn(1, 3, 2, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = tables(3, 3)
+    assert torch.autograd.gradcheck(lambda a: my_mps_ops.rotary_embedding(a, cos, sin, True), (x,))
+    xf = x.detach().float().requires_grad_()
+    torch.library.opcheck(ops.rotary_embedding.default, (xf, cos, sin, False, 1))
+    torch.library.opcheck(ops.rotary_embedding_backward.default, (xf.detach(), cos, sin, True, 1))
+    k = torch.randn(1, 3, 1, 8, requires_grad=True)
+    torch.library.opcheck(ops.rotary_embedding_qk.default, (xf, k, cos, sin, False, 1))
+    torch._dynamo.reset()
+    fn = torch.compile(lambda a, c, s: my_mps_ops.rotary_embedding(a, c, s).square().sum(), fullgraph=True,
+                       dynamic=True)
+    for seq in (3, 6):
+        a = torch.randn(2, seq, 2, 8, requires_grad=True)
+        c, s = tables(seq, 4)
+        eager = my_mps_ops.rotary_embedding(a, c, s).square().sum()
+        (ge,) = torch.autograd.grad(eager, a)
+        comp = fn(a, c, s)
+        (gc,) = torch.autograd.grad(comp, a)
+        torch.testing.assert_close(comp, eager)
+        torch.testing.assert_close(gc, ge)
+
+
+def test_bad_inputs():
+    x = torch.randn(2, 5, 3, 16)
+    cos, sin = tables(5, 8)
+    with pytest.raises(RuntimeError, match="x must be 4-D"):
+        my_mps_ops.rotary_embedding(x[0], cos, sin)
+    with pytest.raises(RuntimeError, match="rotary dim .* exceeds head_dim"):
+        my_mps_ops.rotary_embedding(x, *tables(5, 9))
+    with pytest.raises(RuntimeError, match=r"cos must be \[seq, rotary_dim / 2\]"):
+        my_mps_ops.rotary_embedding(x, *tables(4, 8))
+    with pytest.raises(RuntimeError, match="seq_dim must be 1"):
+        my_mps_ops.rotary_embedding(x, cos, sin, False, 3)
+    with pytest.raises(RuntimeError, match="cos and sin receive no gradient"):
+        my_mps_ops.rotary_embedding(x, cos.requires_grad_(), sin)
+    with pytest.raises(RuntimeError, match="k must match q"):
+        my_mps_ops.rotary_embedding_qk(x, torch.randn(2, 5, 3, 8), *tables(5, 4))
