@@ -3,7 +3,7 @@
     python benchmarks/bench_ops.py [--quick] [--ops rms_norm,...] [--devices cpu,mps]
 
 Ops register cases in benchmarks/cases_*.py as a list CASES of dicts:
-op, shapes (and optional quick_shapes), dtypes, make_inputs(shape, dtype, device),
+op, shapes (and optional quick_shapes, device_shapes {device: shapes}), dtypes, make_inputs(shape, dtype, device),
 ours(*inputs), baselines {name: f(*inputs)}, grad_inputs (indices needing grad for
 forward+backward), optional targets [(shape, dtype, mode, baseline, min_speedup)].
 
@@ -92,8 +92,11 @@ def main(argv=None) -> int:
     for case in load_cases():
         if wanted and case["op"] not in wanted:
             continue
-        shapes = case.get("quick_shapes", case["shapes"][:1]) if args.quick else case["shapes"]
         for device in devices:
+            if args.quick:
+                shapes = case.get("quick_shapes", case["shapes"][:1])
+            else:  # a case may give other sizes per device (e.g. longer sequences on mps)
+                shapes = case.get("device_shapes", {}).get(device, case["shapes"])
             for dtype in case["dtypes"]:
                 for shape in shapes:
                     torch.manual_seed(0)

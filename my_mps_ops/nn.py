@@ -117,3 +117,27 @@ class CrossEntropyLoss(torch.nn.Module):
             return torch.nn.functional.cross_entropy(input, target, self.weight, ignore_index=self.ignore_index,
                                                      reduction=self.reduction, label_smoothing=self.label_smoothing)
         return ops.cross_entropy(input, target, self.ignore_index, self.label_smoothing, self.reduction)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Rotary position embedding for q and k of shape (batch, seq, heads, head_dim)
+    (or (batch, heads, seq, head_dim) with ``seq_dim=2``): cos/sin tables as
+    non-persistent buffers, applied to q and k in one launch
+    (my_mps_ops.rotary_embedding_qk). ``rotary_dim`` < head_dim rotates only the
+    first rotary_dim elements (partial rotary)."""
+
+    def __init__(self, rotary_dim: int, max_seq_len: int = 4096, base: float = 10000.0, interleaved: bool = False,
+                 seq_dim: int = 1, device=None) -> None:
+        super().__init__()
+        if rotary_dim % 2:
+            raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
+        self.rotary_dim, self.interleaved, self.seq_dim = rotary_dim, interleaved, seq_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
+        angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, q: Tensor, k: Tensor, offset: int = 0):
+        seq = q.shape[self.seq_dim]
+        cos, sin = self.cos[offset:offset + seq], self.sin[offset:offset + seq]
+        return ops.rotary_embedding_qk(q, k, cos, sin, self.interleaved, self.seq_dim)

@@ -126,3 +126,13 @@ def test_bad_inputs():
         my_mps_ops.rotary_embedding(x, cos.requires_grad_(), sin)
     with pytest.raises(RuntimeError, match="k must match q"):
         my_mps_ops.rotary_embedding_qk(x, torch.randn(2, 5, 3, 8), *tables(5, 4))
+
+
+def test_rotary_module_matches_reference():
+    rope = my_mps_ops.nn.RotaryEmbedding(16, max_seq_len=32)
+    q, k = torch.randn(2, 9, 4, 24), torch.randn(2, 9, 2, 24)
+    qo, ko = rope(q, k, offset=3)
+    cos, sin = rope.cos[3:12], rope.sin[3:12]
+    torch.testing.assert_close(qo.double(), reference(q, cos, sin, False, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ko.double(), reference(k, cos, sin, False, 1), atol=1e-5, rtol=1e-5)
+    assert list(rope.state_dict()) == []

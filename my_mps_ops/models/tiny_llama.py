@@ -1,5 +1,6 @@
 """A tiny Llama-style decoder: pre-norm RMSNorm, rotary causal attention with
-grouped-query heads, SwiGLU MLP. ``use_my_ops`` picks my_mps_ops kernels or
+grouped-query heads, SwiGLU MLP. ``use_my_ops`` picks my_mps_ops kernels
+(rms_norm, rotary_embedding_qk, flash_attention, swiglu, cross_entropy) or
 plain PyTorch for the same weights (identical state_dict keys)."""
 
 from __future__ import annotations
@@ -58,13 +59,16 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin):
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos[:s], sin[:s]), apply_rotary(k, cos[:s], sin[:s])
-        if self.use_my_ops:  # grouped-query attention without repeating k and v
-            out = my_mps_ops.flash_attention(q, k, v, causal=True)
+        if self.use_my_ops:
+            # RoPE on q and k in one launch; grouped-query attention without repeating k and v.
+            q, k = my_mps_ops.rotary_embedding_qk(q, k, cos[:s], sin[:s])
+            out = my_mps_ops.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v, causal=True)
         else:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            q, k = apply_rotary(q, cos[:s], sin[:s]), apply_rotary(k, cos[:s], sin[:s])
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -106,6 +110,7 @@ class TinyLlama(nn.Module):
     def __init__(self, cfg: TinyLlamaConfig = TinyLlamaConfig(), use_my_ops: bool = True):
         super().__init__()
         self.cfg = cfg
+        self.use_my_ops = use_my_ops
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, use_my_ops) for _ in range(cfg.n_layers))
         self.norm = _norm(cfg, use_my_ops)
@@ -122,4 +127,5 @@ class TinyLlama(nn.Module):
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         logits = self(tokens[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        flat, target = logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
+        return my_mps_ops.cross_entropy(flat, target) if self.use_my_ops else F.cross_entropy(flat, target)
