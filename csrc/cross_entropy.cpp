@@ -119,14 +119,10 @@ __attribute__((always_inline)) inline std::pair<cpu::acc_t<T>, cpu::acc_t<T>> ro
   return {m + std::log(s), sum_z};
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef MY_MPS_OPS_X86_AVX2_COPIES
 template <typename T>
 __attribute__((target("avx2,fma"))) std::pair<cpu::acc_t<T>, cpu::acc_t<T>> row_lse_avx2(const T* z, int64_t v) {
   return row_lse<T>(z, v);
-}
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
 }
 #endif
 
@@ -138,8 +134,8 @@ void forward_cpu_kernel(const T* logits, const int64_t* target, cpu::acc_t<T>* l
   at::parallel_for(0, rows, cpu::row_grain(v), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* z = logits + r * v;
-#if defined(__x86_64__) && defined(__GNUC__)
-      const auto [lse, sum_z] = cpu_has_avx2() ? row_lse_avx2<T>(z, v) : row_lse<T>(z, v);
+#ifdef MY_MPS_OPS_X86_AVX2_COPIES
+      const auto [lse, sum_z] = cpu::has_avx2_fma() ? row_lse_avx2<T>(z, v) : row_lse<T>(z, v);
 #else
       const auto [lse, sum_z] = row_lse<T>(z, v);
 #endif
@@ -189,7 +185,7 @@ __attribute__((always_inline)) inline void backward_rows(const T* logits, const 
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef MY_MPS_OPS_X86_AVX2_COPIES
 template <typename T>
 __attribute__((target("avx2,fma"))) void backward_rows_avx2(const T* logits, const int64_t* target,
                                                             const cpu::acc_t<T>* lse, const cpu::acc_t<T>* scale,
@@ -204,8 +200,8 @@ void backward_cpu_kernel(const T* logits, const int64_t* target, const cpu::acc_
                          const cpu::acc_t<T>* scale, T* grad, int64_t rows, int64_t v, int64_t ignore_index,
                          float smoothing) {
   at::parallel_for(0, rows, cpu::row_grain(v), [&](int64_t begin, int64_t end) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (cpu_has_avx2())
+#ifdef MY_MPS_OPS_X86_AVX2_COPIES
+    if (cpu::has_avx2_fma())
       return backward_rows_avx2<T>(logits, target, lse, scale, grad, begin, end, v, ignore_index, smoothing);
 #endif
     backward_rows<T>(logits, target, lse, scale, grad, begin, end, v, ignore_index, smoothing);

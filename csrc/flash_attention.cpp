@@ -160,10 +160,6 @@ typedef int32_t Int8 __attribute__((vector_size(32)));
 #define MY_MPS_OPS_TARGET_AVX2 __attribute__((target("avx2,fma")))
 // 32-byte vectors only ever live inside the AVX2 functions (always inlined).
 #pragma GCC diagnostic ignored "-Wpsabi"
-bool cpu_has_avx2_fma() {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-}
 #endif
 
 #define MY_MPS_OPS_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -284,7 +280,7 @@ template <typename A>
 void matmul_acc(A* C, int64_t ldc, const A* Am, int64_t lda, const A* B, int64_t ldb, int64_t m, int64_t n,
                 int64_t k) {
 #ifdef MY_MPS_OPS_FLASH_AVX2
-  if (cpu_has_avx2_fma()) return matmul_acc_avx2<A>(C, ldc, Am, lda, B, ldb, m, n, k);
+  if (cpu::has_avx2_fma()) return matmul_acc_avx2<A>(C, ldc, Am, lda, B, ldb, m, n, k);
 #endif
   matmul_acc_impl<A, typename VectorsOf<A>::Narrow>(C, ldc, Am, lda, B, ldb, m, n, k);
 }
@@ -300,7 +296,7 @@ void exp_shifted(A* s, int64_t n, A scale, A shift) {
 template <>
 void exp_shifted<float>(float* s, int64_t n, float scale, float shift) {
 #ifdef MY_MPS_OPS_FLASH_AVX2
-  if (cpu_has_avx2_fma()) return exp_shifted_avx2(s, n, scale, shift);
+  if (cpu::has_avx2_fma()) return exp_shifted_avx2(s, n, scale, shift);
 #endif
   exp_shifted_impl<Float4, Int4>(s, n, scale, shift);
 }

@@ -147,8 +147,7 @@ __attribute__((always_inline)) inline void backward_block(const T* dy, const T* 
 // The portable build targets the baseline instruction set; on x86-64 CPUs
 // with AVX2 and FMA the same loops run from an AVX2 copy (twice the width),
 // picked at run time.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define MY_MPS_OPS_HAVE_AVX2_COPY 1
+#ifdef MY_MPS_OPS_X86_AVX2_COPIES
 template <Activation A, typename T>
 __attribute__((target("avx2,fma"))) void forward_range_avx2(const T* gate, const T* up, T* out, int64_t begin,
                                                             int64_t end) {
@@ -161,17 +160,13 @@ __attribute__((target("avx2,fma"))) void backward_range_avx2(const T* dy, const 
   for (int64_t b = begin; b < end; b += kBlock)
     backward_block<A, T>(dy + b, gate + b, up + b, dgate + b, dup + b, std::min(kBlock, end - b));
 }
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
 #endif
 
 template <Activation A, typename T>
 void forward_cpu_kernel(const T* gate, const T* up, T* out, int64_t n) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-#ifdef MY_MPS_OPS_HAVE_AVX2_COPY
-    if (cpu_has_avx2()) return forward_range_avx2<A, T>(gate, up, out, begin, end);
+#ifdef MY_MPS_OPS_X86_AVX2_COPIES
+    if (cpu::has_avx2_fma()) return forward_range_avx2<A, T>(gate, up, out, begin, end);
 #endif
     for (int64_t b = begin; b < end; b += kBlock)
       forward_block<A, T>(gate + b, up + b, out + b, std::min(kBlock, end - b));
@@ -181,8 +176,8 @@ void forward_cpu_kernel(const T* gate, const T* up, T* out, int64_t n) {
 template <Activation A, typename T>
 void backward_cpu_kernel(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t n) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-#ifdef MY_MPS_OPS_HAVE_AVX2_COPY
-    if (cpu_has_avx2()) return backward_range_avx2<A, T>(dy, gate, up, dgate, dup, begin, end);
+#ifdef MY_MPS_OPS_X86_AVX2_COPIES
+    if (cpu::has_avx2_fma()) return backward_range_avx2<A, T>(dy, gate, up, dgate, dup, begin, end);
 #endif
     for (int64_t b = begin; b < end; b += kBlock)
       backward_block<A, T>(dy + b, gate + b, up + b, dgate + b, dup + b, std::min(kBlock, end - b));

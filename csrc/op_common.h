@@ -120,6 +120,16 @@ inline float exp_f32(float x) {
   return p * scale;
 }
 
+// Whether this CPU runs the AVX2+FMA copies of the hot loops (x86-64 only;
+// those copies are compiled with __attribute__((target("avx2,fma")))).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MY_MPS_OPS_X86_AVX2_COPIES 1
+inline bool has_avx2_fma() {
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+}
+#endif
+
 // Rows per at::parallel_for task so that each task touches ~32K elements.
 inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
