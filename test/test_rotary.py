@@ -97,6 +97,7 @@ def test_gradcheck_opcheck_compile():
     torch.library.opcheck(ops.rotary_embedding_backward.default, (xf.detach(), cos, sin, True, 1))
     k = torch.randn(1, 3, 1, 8, requires_grad=True)
     torch.library.opcheck(ops.rotary_embedding_qk.default, (xf, k, cos, sin, False, 1))
+    torch.library.opcheck(ops.rotary_embedding_qk_backward.default, (xf.detach(), k.detach(), cos, sin, True, 1))
     torch._dynamo.reset()
     fn = torch.compile(lambda a, c, s: my_mps_ops.rotary_embedding(a, c, s).square().sum(), fullgraph=True,
                        dynamic=True)
