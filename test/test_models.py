@@ -56,6 +56,18 @@ def test_patch_model_swaps_rms_norms_and_keeps_outputs():
     torch.testing.assert_close(model(tokens), before, atol=1e-5, rtol=1e-5)
 
 
+def test_patch_model_training_step_gradients_agree():
+    torch.manual_seed(0)
+    reference = TinyLlama(CFG, use_my_ops=False)
+    patched = copy.deepcopy(reference)
+    patch_model(patched)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 15))
+    reference.loss(tokens).backward()
+    patched.loss(tokens).backward()
+    for (name, p_ref), p_patched in zip(reference.named_parameters(), patched.parameters()):
+        torch.testing.assert_close(p_patched.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_patch_model_on_transformers_llama():
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
