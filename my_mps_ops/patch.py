@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from . import nn as my_nn
+from . import ops
 
 
 def _rms_norm_eps(module: nn.Module):
@@ -27,12 +28,59 @@ def _is_rms_norm(module: nn.Module) -> bool:
             and _rms_norm_eps(module) is not None)
 
 
+# Gated MLPs with a SiLU gate: (gate, up, down) Linear attribute names.
+_GATED_MLP_NAMES = (("gate_proj", "up_proj", "down_proj"),  # Hugging Face Llama, Mistral, Qwen2, ...
+                    ("w_gate", "w_up", "w_down"))           # my_mps_ops.models.TinyLlama's plain twin
+
+
+class FusedSwiGLUMLP(nn.Module):
+    """``down(swiglu(gate(x), up(x)))`` over the original Linear modules, kept
+    under their original names (same state_dict keys)."""
+
+    def __init__(self, names, gate: nn.Linear, up: nn.Linear, down: nn.Linear):
+        super().__init__()
+        self._names = names
+        for name, linear in zip(names, (gate, up, down)):
+            setattr(self, name, linear)
+
+    def forward(self, x):
+        gate, up, down = (getattr(self, n) for n in self._names)
+        return down(ops.swiglu(gate(x), up(x)))
+
+
+def _silu_gated_mlp(module: nn.Module):
+    if isinstance(module, (FusedSwiGLUMLP, my_nn.SwiGLU)):
+        return None
+    for names in _GATED_MLP_NAMES:
+        linears = [getattr(module, n, None) for n in names]
+        if not all(isinstance(l, nn.Linear) for l in linears):
+            continue
+        act = getattr(module, "act_fn", None)
+        if names[0] == "gate_proj" and not (isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLU", "SiLUActivation")):
+            return None  # another activation (e.g. GELU): leave it
+        if names[0] == "w_gate" and type(module).__name__ != "SwiGLU":
+            return None
+        return names, linears
+    return None
+
+
 def patch_model(model: nn.Module) -> nn.Module:
-    """Replaces RMSNorm modules (torch.nn.RMSNorm, transformers' LlamaRMSNorm)
-    with my_mps_ops.nn.RMSNorm sharing the same weight Parameter. In place;
-    returns the model."""
+    """Swaps my_mps_ops kernels into a Llama-style model, in place, keeping every
+    Parameter (optimizers keep working) and state_dict key:
+
+    - RMSNorm modules (torch.nn.RMSNorm, transformers' LlamaRMSNorm and copies)
+      become my_mps_ops.nn.RMSNorm;
+    - SiLU-gated MLPs (transformers' LlamaMLP-style gate_proj/up_proj/down_proj
+      with act_fn SiLU) run their gate through the fused my_mps_ops.swiglu.
+
+    Returns the model."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
+            mlp = _silu_gated_mlp(child)
+            if mlp is not None:
+                names, (gate, up, down) = mlp
+                setattr(module, child_name, FusedSwiGLUMLP(names, gate, up, down))
+                continue
             if not _is_rms_norm(child):
                 continue
             weight = getattr(child, "weight", None)

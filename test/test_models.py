@@ -9,7 +9,7 @@ import torch
 
 import my_mps_ops
 from my_mps_ops.models import TinyLlama, TinyLlamaConfig
-from my_mps_ops.patch import patch_model
+from my_mps_ops.patch import FusedSwiGLUMLP, patch_model
 
 CFG = TinyLlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=96, max_seq_len=32)
 
@@ -49,10 +49,13 @@ def test_patch_model_swaps_rms_norms_and_keeps_outputs():
     before = model(tokens)
     norms_before = sum(isinstance(m, torch.nn.RMSNorm) for m in model.modules())
     weights = {n: p for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
     patch_model(model)
+    assert list(model.state_dict()) == keys
     assert sum(isinstance(m, my_mps_ops.nn.RMSNorm) for m in model.modules()) == norms_before == 2 * CFG.n_layers + 1
     assert not any(type(m) is torch.nn.RMSNorm for m in model.modules())
     assert all(p is weights[n] for n, p in model.named_parameters())  # same Parameters
+    assert sum(isinstance(m, FusedSwiGLUMLP) for m in model.modules()) == CFG.n_layers
     torch.testing.assert_close(model(tokens), before, atol=1e-5, rtol=1e-5)
 
 
@@ -79,6 +82,7 @@ def test_patch_model_on_transformers_llama():
         before = model(tokens).logits
     patch_model(model)
     assert sum(isinstance(m, my_mps_ops.nn.RMSNorm) for m in model.modules()) == 2 * 2 + 1
+    assert sum(isinstance(m, FusedSwiGLUMLP) for m in model.modules()) == 2
     with torch.no_grad():
         torch.testing.assert_close(model(tokens).logits, before, atol=1e-5, rtol=1e-5)
 
