@@ -102,6 +102,12 @@ def _cxx_std():
     return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
 
 
+def _torch_uses_openmp():
+    import torch
+
+    return bool(getattr(torch._C, "has_openmp", False))
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/emulator/*.cpp"))
     sources.append(os.path.relpath(generate_embedded_shaders(), ROOT))
@@ -110,6 +116,12 @@ def extension():
     cxx_flags = ["-O3", _cxx_std(), "-fvisibility=hidden", "-fno-math-errno", "-fno-trapping-math"]
     extra_link = []
     define_macros = []
+    if not IS_MACOS and _torch_uses_openmp():
+        # at::parallel_for is an inline template that only fans out when the
+        # including file is compiled with OpenMP; without this flag every CPU
+        # kernel runs on one thread. libgomp resolves to the copy torch loads.
+        cxx_flags += ["-fopenmp"]
+        extra_link += ["-fopenmp"]
     if IS_MACOS:
         sources += sorted(glob.glob("csrc/mps/*.mm"))
         # PyTorch's MPS headers use manual retain/release: no ARC.
