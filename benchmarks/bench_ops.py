@@ -5,10 +5,12 @@
 Ops register cases in benchmarks/cases_*.py as a list CASES of dicts:
 op, shapes (and optional quick_shapes, device_shapes {device: shapes}), dtypes, make_inputs(shape, dtype, device),
 ours(*inputs), baselines {name: f(*inputs)}, grad_inputs (indices needing grad for
-forward+backward), optional targets [(shape, dtype, mode, baseline, min_speedup)].
+forward+backward), optional targets [(shape, dtype, mode, baseline, min_speedup)] and
+memory_targets [(shape, dtype, mode, baseline, max_peak_ratio)].
 
 Times are medians of repeated runs after warm-up, in one process; speedups are
-ratios from the same run. Writes benchmarks/results/results.{csv,json,md} and a
+ratios from the same run. Peak memory is measured on one further call of each
+implementation (see peak_memory_mb). Writes benchmarks/results/results.{csv,json,md} and a
 bar chart speedups.png. MPS rows appear only when run on a Mac.
 """
 
@@ -59,6 +61,33 @@ def time_fn(fn, device, min_runs=5, budget_s=1.5):
     return statistics.median(times)
 
 
+def peak_memory_mb(fn, device):
+    """Peak memory allocated above what existed before one call of fn.
+
+    CPU: the PyTorch profiler's allocation records (every allocation and free,
+    in order; the running sum's maximum). MPS: growth of the driver's
+    allocation after emptying the cache (the caching allocator keeps the peak's
+    blocks until the next empty_cache, so this is the high-water mark)."""
+    if device == "mps":
+        torch.mps.synchronize()
+        torch.mps.empty_cache()
+        base = torch.mps.driver_allocated_memory()
+        fn()
+        torch.mps.synchronize()
+        return (torch.mps.driver_allocated_memory() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    current = peak = 0
+    for _, nbytes in records:
+        current += nbytes
+        peak = max(peak, current)
+    return peak / 2**20
+
+
 def make_runner(fn, inputs, grad_inputs, backward):
     if not backward:
         def forward():
@@ -103,30 +132,37 @@ def main(argv=None) -> int:
                     inputs = case["make_inputs"](shape, dtype, device)
                     for mode in ("fwd", "fwd+bwd"):
                         impls = {"my_mps_ops": case["ours"], **case["baselines"]}
-                        timings = {name: time_fn(make_runner(fn, inputs, case["grad_inputs"], mode == "fwd+bwd"), device)
+                        runners = {name: make_runner(fn, inputs, case["grad_inputs"], mode == "fwd+bwd")
                                    for name, fn in impls.items()}
+                        timings = {name: time_fn(run, device) for name, run in runners.items()}
+                        peaks = {name: peak_memory_mb(run, device) for name, run in runners.items()}
                         for name, t in timings.items():
                             if name == "my_mps_ops":
                                 continue
                             rows.append(dict(op=case["op"], device=device, dtype=str(dtype).replace("torch.", ""),
                                              shape="x".join(map(str, shape)), mode=mode, baseline=name,
                                              ours_ms=timings["my_mps_ops"] * 1e3, baseline_ms=t * 1e3,
-                                             speedup=t / timings["my_mps_ops"]))
+                                             speedup=t / timings["my_mps_ops"], ours_peak_mb=peaks["my_mps_ops"],
+                                             baseline_peak_mb=peaks[name]))
                         print(f"{case['op']:<12} {device:<4} {str(dtype)[6:]:<9} {str(shape):<18} {mode:<8} " +
-                              "  ".join(f"{n} {v * 1e3:8.2f} ms" for n, v in timings.items()), flush=True)
+                              "  ".join(f"{n} {v * 1e3:8.2f} ms {peaks[n]:7.0f} MB" for n, v in timings.items()),
+                              flush=True)
 
     os.makedirs(RESULTS, exist_ok=True)
-    header = ["op", "device", "dtype", "shape", "mode", "baseline", "ours_ms", "baseline_ms", "speedup"]
+    header = ["op", "device", "dtype", "shape", "mode", "baseline", "ours_ms", "baseline_ms", "speedup",
+              "ours_peak_mb", "baseline_peak_mb"]
     with open(os.path.join(RESULTS, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=header)
         w.writeheader()
         w.writerows(rows)
     with open(os.path.join(RESULTS, "results.json"), "w") as f:
         json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), rows=rows), f, indent=1)
-    table = ["| op | device | dtype | shape | mode | vs | ours (ms) | theirs (ms) | speedup |",
-             "|---|---|---|---|---|---|---:|---:|---:|"]
+    table = ["| op | device | dtype | shape | mode | vs | ours (ms) | theirs (ms) | speedup "
+             "| ours peak (MB) | theirs peak (MB) |",
+             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     table += [f"| {r['op']} | {r['device']} | {r['dtype']} | {r['shape']} | {r['mode']} | {r['baseline']} | "
-              f"{r['ours_ms']:.2f} | {r['baseline_ms']:.2f} | {r['speedup']:.2f}x |" for r in rows]
+              f"{r['ours_ms']:.2f} | {r['baseline_ms']:.2f} | {r['speedup']:.2f}x | "
+              f"{r['ours_peak_mb']:.0f} | {r['baseline_peak_mb']:.0f} |" for r in rows]
     with open(os.path.join(RESULTS, "results.md"), "w") as f:
         f.write("\n".join(table) + "\n")
     print("\n" + "\n".join(table))
@@ -141,6 +177,16 @@ def main(argv=None) -> int:
                 verdict = "met" if r["speedup"] >= minimum else "NOT met"
                 print(f"  {case['op']} {r['shape']} {r['dtype']} {mode} vs {baseline}: {r['speedup']:.2f}x "
                       f"(target >= {minimum}x) {verdict}")
+        for shape, dtype, mode, baseline, max_ratio in case.get("memory_targets", []):
+            match = [r for r in rows if r["op"] == case["op"] and r["device"] == "cpu" and r["mode"] == mode and
+                     r["baseline"] == baseline and r["shape"] == "x".join(map(str, shape)) and
+                     r["dtype"] == str(dtype).replace("torch.", "")]
+            for r in match:
+                ratio = r["ours_peak_mb"] / max(r["baseline_peak_mb"], 1e-9)
+                verdict = "met" if ratio <= max_ratio else "NOT met"
+                print(f"  {case['op']} {r['shape']} {r['dtype']} {mode} peak memory vs {baseline}: "
+                      f"{r['ours_peak_mb']:.0f} / {r['baseline_peak_mb']:.0f} MB = {ratio:.2f} "
+                      f"(target <= {max_ratio}) {verdict}")
 
     try:
         import matplotlib

@@ -28,6 +28,8 @@ CASES = [{
                   "log_softmax + nll": lambda z, t: F.nll_loss(torch.log_softmax(z, -1), t)},
     "grad_inputs": [0],
     "targets": [((1024, 32768), torch.float32, "fwd+bwd", "log_softmax + nll", 1.5)],
+    "memory_targets": [((4096, 131072), torch.float32, "fwd+bwd", "F.cross_entropy", 0.5),
+                       ((1024, 32768), torch.float32, "fwd+bwd", "F.cross_entropy", 0.5)],
 }]
 
 _PROBE = r"""

@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 namespace my_mps_ops {
 namespace {
@@ -85,11 +86,18 @@ template <typename T>
 __attribute__((always_inline)) inline std::pair<cpu::acc_t<T>, cpu::acc_t<T>> row_lse(const T* z, int64_t v) {
   using Acc = cpu::acc_t<T>;
   constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
-  Acc block[kBlock];
+  Acc staged[kBlock];
   Acc m = kNegInf, s = 0, sum_z = 0;
   for (int64_t b = 0; b < v; b += kBlock) {
     const int64_t len = std::min(kBlock, v - b);
-    for (int64_t i = 0; i < len; ++i) block[i] = static_cast<Acc>(z[b + i]);
+    // Narrow types are widened into a staging block; wide ones are read in
+    // place (a copy here would compile to rep movs and cost more than the math).
+    const Acc* block = staged;
+    if constexpr (std::is_same_v<T, Acc>) {
+      block = z + b;
+    } else {
+      for (int64_t i = 0; i < len; ++i) staged[i] = static_cast<Acc>(z[b + i]);
+    }
     Acc lane_max[kLanes], lane_sum[kLanes];
     for (int j = 0; j < kLanes; ++j) lane_max[j] = kNegInf, lane_sum[j] = 0;
     int64_t i = 0;
@@ -170,6 +178,12 @@ __attribute__((always_inline)) inline void backward_rows(const T* logits, const 
         continue;
       }
       const Acc g = scale[r], row_lse = lse[r], uniform = Acc(smoothing) / static_cast<Acc>(v);
+      if constexpr (std::is_same_v<T, Acc> && std::is_same_v<Acc, float>) {
+        // float32: one loop straight from the logits to the gradient.
+        for (int64_t i = 0; i < v; ++i) gr[i] = g * (cpu::exp_f32(z[i] - row_lse) - uniform);
+        if (t >= 0 && t < v) gr[t] -= g * (Acc(1) - smoothing);
+        continue;
+      }
       for (int64_t b = 0; b < v; b += kBlock) {
         const int64_t len = std::min(kBlock, v - b);
         for (int64_t i = 0; i < len; ++i) block[i] = static_cast<Acc>(z[b + i]) - row_lse;

@@ -101,11 +101,13 @@ struct AccIO<double> : WideIO<double> {};
 
 // exp for float32 loops the compiler can vectorise (libm's expf is a call per
 // element): Cody-Waite range reduction and a degree-6 polynomial, ~2 ulp;
-// saturates outside [-87, 88].
+// saturates outside [-87, 88]. k = round(x / ln 2) comes from adding 1.5 * 2^23,
+// which leaves k in the low mantissa bits (no float->int->float round trip).
 inline float exp_f32(float x) {
+  constexpr float kRoundShift = 12582912.0f;  // 1.5 * 2^23
   x = std::min(std::max(x, -87.0f), 88.0f);
-  const float t = x * 1.44269504088896341f;
-  const float k = static_cast<float>(static_cast<int>(t + (t >= 0.0f ? 0.5f : -0.5f)));
+  const float shifted = x * 1.44269504088896341f + kRoundShift;
+  const float k = shifted - kRoundShift;
   const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -114,7 +116,9 @@ inline float exp_f32(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  int32_t k_int;
+  std::memcpy(&k_int, &shifted, sizeof(k_int));
+  const int32_t bits = (k_int - 0x4B400000 + 127) << 23;  // 0x4B400000: the bits of kRoundShift
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
