@@ -78,7 +78,46 @@ Tensor reduce_rows(const Tensor& losses, const Tensor& target, int64_t ignore_in
 // ---------------------------------------------------------------- CPU kernels
 
 constexpr int64_t kBlock = 512;
-constexpr int kLanes = 16;  // independent accumulators: lets the reductions vectorise
+
+// Max and sum of one in-cache block, then the sum of exp(x - m) over it.
+// float32 blocks go through eight-lane vectors (lane arrays with a max do not
+// auto-vectorise); float64 (gradcheck) stays scalar.
+__attribute__((always_inline)) inline void block_max_sum(const float* x, int64_t len, float& max_out,
+                                                         float& sum_out) {
+  cpu::f32x8 m0 = cpu::splat8(-std::numeric_limits<float>::infinity()), m1 = m0, s0 = {}, s1 = {};
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const cpu::f32x8 a = cpu::load8(x + i), b = cpu::load8(x + i + 8);
+    m0 = cpu::max8(m0, a), m1 = cpu::max8(m1, b);
+    s0 += a, s1 += b;
+  }
+  float m = cpu::reduce_max8(cpu::max8(m0, m1)), sum = cpu::reduce_sum8(s0 + s1);
+  for (; i < len; ++i) m = std::max(m, x[i]), sum += x[i];
+  max_out = m, sum_out = sum;
+}
+__attribute__((always_inline)) inline void block_max_sum(const double* x, int64_t len, double& max_out,
+                                                         double& sum_out) {
+  double m = -std::numeric_limits<double>::infinity(), sum = 0;
+  for (int64_t i = 0; i < len; ++i) m = std::max(m, x[i]), sum += x[i];
+  max_out = m, sum_out = sum;
+}
+__attribute__((always_inline)) inline float block_exp_sum(const float* x, int64_t len, float m) {
+  const cpu::f32x8 mv = cpu::splat8(m);
+  cpu::f32x8 e0 = {}, e1 = {};
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    e0 += cpu::exp8(cpu::load8(x + i) - mv);
+    e1 += cpu::exp8(cpu::load8(x + i + 8) - mv);
+  }
+  float sum = cpu::reduce_sum8(e0 + e1);
+  for (; i < len; ++i) sum += cpu::exp_f32(x[i] - m);
+  return sum;
+}
+__attribute__((always_inline)) inline double block_exp_sum(const double* x, int64_t len, double m) {
+  double sum = 0;
+  for (int64_t i = 0; i < len; ++i) sum += std::exp(x[i] - m);
+  return sum;
+}
 
 // Online log-sum-exp over one row, a block at a time (each block is read from
 // memory once, then reduced in cache). Returns (lse, sum of z).
@@ -98,29 +137,12 @@ __attribute__((always_inline)) inline std::pair<cpu::acc_t<T>, cpu::acc_t<T>> ro
     } else {
       for (int64_t i = 0; i < len; ++i) staged[i] = static_cast<Acc>(z[b + i]);
     }
-    Acc lane_max[kLanes], lane_sum[kLanes];
-    for (int j = 0; j < kLanes; ++j) lane_max[j] = kNegInf, lane_sum[j] = 0;
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        lane_max[j] = std::max(lane_max[j], block[i + j]);
-        lane_sum[j] += block[i + j];
-      }
-    Acc bm = kNegInf;
-    for (int j = 0; j < kLanes; ++j) bm = std::max(bm, lane_max[j]), sum_z += lane_sum[j];
-    for (; i < len; ++i) bm = std::max(bm, block[i]), sum_z += block[i];
-    const Acc new_m = std::max(m, bm);
+    Acc block_max, block_sum;
+    block_max_sum(block, len, block_max, block_sum);
+    sum_z += block_sum;
+    const Acc new_m = std::max(m, block_max);
     if (new_m == kNegInf) continue;
-    Acc lane_exp[kLanes] = {};
-    i = 0;
-    for (; i + kLanes <= len; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        if constexpr (std::is_same_v<Acc, float>) lane_exp[j] += cpu::exp_f32(block[i + j] - new_m);
-        else lane_exp[j] += std::exp(block[i + j] - new_m);
-      }
-    Acc bs = 0;
-    for (int j = 0; j < kLanes; ++j) bs += lane_exp[j];
-    for (; i < len; ++i) bs += std::exp(block[i] - new_m);
+    const Acc bs = block_exp_sum(block, len, new_m);
     s = (m == kNegInf ? Acc(0) : s * std::exp(m - new_m)) + bs;
     m = new_m;
   }
@@ -180,7 +202,10 @@ __attribute__((always_inline)) inline void backward_rows(const T* logits, const 
       const Acc g = scale[r], row_lse = lse[r], uniform = Acc(smoothing) / static_cast<Acc>(v);
       if constexpr (std::is_same_v<T, Acc> && std::is_same_v<Acc, float>) {
         // float32: one loop straight from the logits to the gradient.
-        for (int64_t i = 0; i < v; ++i) gr[i] = g * (cpu::exp_f32(z[i] - row_lse) - uniform);
+        const cpu::f32x8 lse8 = cpu::splat8(row_lse);
+        int64_t i = 0;
+        for (; i + 8 <= v; i += 8) cpu::store8(gr + i, g * (cpu::exp8(cpu::load8(z + i) - lse8) - uniform));
+        for (; i < v; ++i) gr[i] = g * (cpu::exp_f32(z[i] - row_lse) - uniform);
         if (t >= 0 && t < v) gr[t] -= g * (Acc(1) - smoothing);
         continue;
       }

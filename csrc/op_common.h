@@ -124,6 +124,51 @@ inline float exp_f32(float x) {
   return p * scale;
 }
 
+// Eight float32 lanes as a GCC/Clang vector type: plain operators that become
+// one AVX instruction in the AVX2 copies of a loop and two SSE/NEON ones
+// elsewhere. Used where auto-vectorisation of lane arrays fails (reductions
+// with a max, the exp of a reduction).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // no vector crosses a non-inlined call
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline f32x8 splat8(float x) { return f32x8{} + x; }
+__attribute__((always_inline)) inline f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+__attribute__((always_inline)) inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof(v)); }
+__attribute__((always_inline)) inline f32x8 max8(f32x8 a, f32x8 b) { return a > b ? a : b; }
+__attribute__((always_inline)) inline float reduce_max8(f32x8 v) {
+  float m = v[0];
+  for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+__attribute__((always_inline)) inline float reduce_sum8(f32x8 v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+// exp_f32 on eight lanes (same reduction and polynomial).
+__attribute__((always_inline)) inline f32x8 exp8(f32x8 x) {
+  const f32x8 shift = splat8(12582912.0f);
+  x = x < -87.0f ? splat8(-87.0f) : x;
+  x = x > 88.0f ? splat8(88.0f) : x;
+  const f32x8 shifted = x * 1.44269504088896341f + shift;
+  const f32x8 k = shifted - shift;
+  const f32x8 r = x - k * 0.693359375f + k * 2.12194440e-4f;
+  f32x8 p = splat8(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const i32x8 bits = (reinterpret_cast<const i32x8&>(shifted) - 0x4B400000 + 127) << 23;
+  return p * reinterpret_cast<const f32x8&>(bits);
+}
+#pragma GCC diagnostic pop
+
 // Whether this CPU runs the AVX2+FMA copies of the hot loops (x86-64 only;
 // those copies are compiled with __attribute__((target("avx2,fma")))).
 #if defined(__x86_64__) && defined(__GNUC__)
