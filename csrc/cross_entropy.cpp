@@ -183,7 +183,7 @@ void forward_cpu_kernel(const T* logits, const int64_t* target, cpu::acc_t<T>* l
   });
 }
 
-template <typename T>
+template <typename T, bool kStream = false>
 __attribute__((always_inline)) inline void backward_rows(const T* logits, const int64_t* target,
                                                          const cpu::acc_t<T>* lse, const cpu::acc_t<T>* scale,
                                                          T* grad, int64_t begin, int64_t end, int64_t v,
@@ -204,6 +204,11 @@ __attribute__((always_inline)) inline void backward_rows(const T* logits, const 
         // float32: one loop straight from the logits to the gradient.
         const cpu::f32x8 lse8 = cpu::splat8(row_lse);
         int64_t i = 0;
+        if constexpr (kStream) {  // large outputs: streaming stores from the first aligned element
+          for (const int64_t head = std::min(v, cpu::floats_to_align32(gr)); i < head; ++i)
+            gr[i] = g * (cpu::exp_f32(z[i] - row_lse) - uniform);
+          for (; i + 8 <= v; i += 8) cpu::stream8(gr + i, g * (cpu::exp8(cpu::load8(z + i) - lse8) - uniform));
+        }
         for (; i + 8 <= v; i += 8) cpu::store8(gr + i, g * (cpu::exp8(cpu::load8(z + i) - lse8) - uniform));
         for (; i < v; ++i) gr[i] = g * (cpu::exp_f32(z[i] - row_lse) - uniform);
         if (t >= 0 && t < v) gr[t] -= g * (Acc(1) - smoothing);
@@ -230,6 +235,10 @@ __attribute__((target("avx2,fma"))) void backward_rows_avx2(const T* logits, con
                                                             const cpu::acc_t<T>* lse, const cpu::acc_t<T>* scale,
                                                             T* grad, int64_t begin, int64_t end, int64_t v,
                                                             int64_t ignore_index, float smoothing) {
+  if (int64_t(sizeof(T)) * v * (end - begin) >= cpu::kStreamMinBytes) {
+    backward_rows<T, true>(logits, target, lse, scale, grad, begin, end, v, ignore_index, smoothing);
+    return cpu::stream_fence();
+  }
   backward_rows<T>(logits, target, lse, scale, grad, begin, end, v, ignore_index, smoothing);
 }
 #endif

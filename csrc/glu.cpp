@@ -136,13 +136,19 @@ __attribute__((always_inline)) inline void activation8(cpu::f32x8 x, cpu::f32x8&
 // float32 loops; out may alias gate and the gradients may alias gate / up
 // (the staged narrow-type path reuses its blocks): each element is read
 // before it is written.
-template <Activation A>
+template <bool kStream>
+__attribute__((always_inline)) inline void put8(float* p, cpu::f32x8 v) {
+  if constexpr (kStream) cpu::stream8(p, v);
+  else cpu::store8(p, v);
+}
+
+template <Activation A, bool kStream = false>
 __attribute__((always_inline)) inline void forward_f32(const float* gate, const float* up, float* out, int64_t len) {
   int64_t i = 0;
   for (; i + 8 <= len; i += 8) {
     cpu::f32x8 v, d;
     activation8<A>(cpu::load8(gate + i), v, d);
-    cpu::store8(out + i, v * cpu::load8(up + i));
+    put8<kStream>(out + i, v * cpu::load8(up + i));
   }
   for (; i < len; ++i) {
     float v, d;
@@ -151,7 +157,7 @@ __attribute__((always_inline)) inline void forward_f32(const float* gate, const 
   }
 }
 
-template <Activation A>
+template <Activation A, bool kStream = false>
 __attribute__((always_inline)) inline void backward_f32(const float* dy, const float* gate, const float* up,
                                                         float* dgate, float* dup, int64_t len) {
   int64_t i = 0;
@@ -159,8 +165,8 @@ __attribute__((always_inline)) inline void backward_f32(const float* dy, const f
     cpu::f32x8 v, d;
     activation8<A>(cpu::load8(gate + i), v, d);
     const cpu::f32x8 y = cpu::load8(dy + i), u = cpu::load8(up + i);
-    cpu::store8(dgate + i, y * u * d);
-    cpu::store8(dup + i, y * v);
+    put8<kStream>(dgate + i, y * u * d);
+    put8<kStream>(dup + i, y * v);
   }
   for (; i < len; ++i) {
     float v, d;
@@ -221,15 +227,36 @@ __attribute__((always_inline)) inline void backward_block(const T* dy, const T* 
 // with AVX2 and FMA the same loops run from an AVX2 copy (twice the width),
 // picked at run time.
 #ifdef MY_MPS_OPS_X86_AVX2_COPIES
+// float32 outputs of kStreamMinBytes or more are written with streaming
+// stores: a short head up to 32-byte alignment, then aligned blocks (dgate and
+// dup come from the same allocator alignment, so one head serves both).
 template <Activation A, typename T>
 __attribute__((target("avx2,fma"))) void forward_range_avx2(const T* gate, const T* up, T* out, int64_t begin,
-                                                            int64_t end) {
+                                                            int64_t end, bool stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream) {
+      const int64_t head = std::min(end, begin + cpu::floats_to_align32(out + begin));
+      forward_f32<A>(gate + begin, up + begin, out + begin, head - begin);
+      for (int64_t b = head; b < end; b += kBlock)
+        forward_f32<A, true>(gate + b, up + b, out + b, std::min(kBlock, end - b));
+      return cpu::stream_fence();
+    }
+  }
   for (int64_t b = begin; b < end; b += kBlock)
     forward_block<A, T>(gate + b, up + b, out + b, std::min(kBlock, end - b));
 }
 template <Activation A, typename T>
 __attribute__((target("avx2,fma"))) void backward_range_avx2(const T* dy, const T* gate, const T* up, T* dgate,
-                                                             T* dup, int64_t begin, int64_t end) {
+                                                             T* dup, int64_t begin, int64_t end, bool stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream && cpu::floats_to_align32(dgate) == cpu::floats_to_align32(dup)) {
+      const int64_t head = std::min(end, begin + cpu::floats_to_align32(dgate + begin));
+      backward_f32<A>(dy + begin, gate + begin, up + begin, dgate + begin, dup + begin, head - begin);
+      for (int64_t b = head; b < end; b += kBlock)
+        backward_f32<A, true>(dy + b, gate + b, up + b, dgate + b, dup + b, std::min(kBlock, end - b));
+      return cpu::stream_fence();
+    }
+  }
   for (int64_t b = begin; b < end; b += kBlock)
     backward_block<A, T>(dy + b, gate + b, up + b, dgate + b, dup + b, std::min(kBlock, end - b));
 }
@@ -237,9 +264,10 @@ __attribute__((target("avx2,fma"))) void backward_range_avx2(const T* dy, const 
 
 template <Activation A, typename T>
 void forward_cpu_kernel(const T* gate, const T* up, T* out, int64_t n) {
+  [[maybe_unused]] const bool stream = n * int64_t(sizeof(T)) >= cpu::kStreamMinBytes;
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
 #ifdef MY_MPS_OPS_X86_AVX2_COPIES
-    if (cpu::has_avx2_fma()) return forward_range_avx2<A, T>(gate, up, out, begin, end);
+    if (cpu::has_avx2_fma()) return forward_range_avx2<A, T>(gate, up, out, begin, end, stream);
 #endif
     for (int64_t b = begin; b < end; b += kBlock)
       forward_block<A, T>(gate + b, up + b, out + b, std::min(kBlock, end - b));
@@ -248,9 +276,10 @@ void forward_cpu_kernel(const T* gate, const T* up, T* out, int64_t n) {
 
 template <Activation A, typename T>
 void backward_cpu_kernel(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t n) {
+  [[maybe_unused]] const bool stream = n * int64_t(sizeof(T)) >= cpu::kStreamMinBytes;
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
 #ifdef MY_MPS_OPS_X86_AVX2_COPIES
-    if (cpu::has_avx2_fma()) return backward_range_avx2<A, T>(dy, gate, up, dgate, dup, begin, end);
+    if (cpu::has_avx2_fma()) return backward_range_avx2<A, T>(dy, gate, up, dgate, dup, begin, end, stream);
 #endif
     for (int64_t b = begin; b < end; b += kBlock)
       backward_block<A, T>(dy + b, gate + b, up + b, dgate + b, dup + b, std::min(kBlock, end - b));

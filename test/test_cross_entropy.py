@@ -70,6 +70,17 @@ def test_large_vocabulary_bfloat16():
     torch.testing.assert_close(loss.double(), F.cross_entropy(logits.double(), target), atol=2e-2, rtol=1e-2)
 
 
+def test_large_gradient_streamed_cpu():
+    # A float32 gradient of 16 MiB or more per thread takes the streaming-store
+    # path; V = 40_003 makes every row start at a different alignment.
+    logits, target = make(240, 40_003, torch.float32, "cpu")
+    logits.requires_grad_()
+    my_mps_ops.cross_entropy(logits, target, label_smoothing=0.1).backward()
+    z64 = logits.detach().double().requires_grad_()
+    F.cross_entropy(z64, target, label_smoothing=0.1).backward()
+    torch.testing.assert_close(logits.grad.double(), z64.grad, atol=1e-9, rtol=1e-4)
+
+
 def test_gradcheck_opcheck_compile():
     logits, target = make(5, 11, torch.float64, "cpu")
     logits.requires_grad_()

@@ -51,6 +51,26 @@ def test_gradients(backend, kind, dtype):
     torch.testing.assert_close(u.grad.cpu().double(), u64.grad.cpu(), **tol)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_large_outputs_streamed_cpu(kind):
+    # float32 outputs of 16 MiB or more take the CPU kernel's streaming-store
+    # path; an odd size puts each thread's chunk at an unaligned start.
+    n = (16 << 20) // 4 + 4099
+    g = torch.randn(n) * 3
+    u = torch.randn(n)
+    dy = torch.randn(n)
+    gr, ur = g.clone().requires_grad_(), u.clone().requires_grad_()
+    out = run(kind, gr, ur)
+    out.backward(dy)
+    g64, u64 = g.double().requires_grad_(), u.double().requires_grad_()
+    expected = act(g64, kind) * u64
+    expected.backward(dy.double())
+    tol = dict(atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out.double(), expected.detach(), **tol)
+    torch.testing.assert_close(gr.grad.double(), g64.grad, **tol)
+    torch.testing.assert_close(ur.grad.double(), u64.grad, **tol)
+
+
 def test_noncontiguous_and_zero_size(backend):
     base = torch.randn(8, 20, device=backend.device)
     g, u = base[:, ::2], base.t()[:10, :8].t()
