@@ -17,6 +17,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
+#include <vector>
 
 namespace my_mps_ops {
 namespace {
@@ -92,8 +94,179 @@ inline std::pair<acc_t<T>, acc_t<T>> row_stats(const T* xr, int64_t n, acc_t<T> 
   return {mean, Acc(1) / std::sqrt(sq / static_cast<Acc>(n) + eps)};
 }
 
+// ---- float32-accumulating rows (float32 / float16 / bfloat16) on f32x8 lanes.
+// float32 rows are read in place; narrow rows are widened into a per-thread
+// float row first (and the result narrowed from it). Weight and bias are
+// widened once per call. float64 (gradcheck) keeps the at::vec kernels below.
+
+__attribute__((always_inline)) inline float sum_f32(const float* x, int64_t n) {
+  cpu::f32x8 s0{}, s1{};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) s0 += cpu::load8(x + i), s1 += cpu::load8(x + i + 8);
+  float s = cpu::reduce_sum8(s0 + s1);
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+// (mean, rstd), two-pass like row_stats.
+__attribute__((always_inline)) inline std::pair<float, float> row_stats_f32(const float* x, int64_t n, float eps) {
+  const float mean = sum_f32(x, n) / static_cast<float>(n);
+  const cpu::f32x8 mv = cpu::splat8(mean);
+  cpu::f32x8 q0{}, q1{};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const cpu::f32x8 a = cpu::load8(x + i) - mv, b = cpu::load8(x + i + 8) - mv;
+    q0 += a * a, q1 += b * b;
+  }
+  float sq = cpu::reduce_sum8(q0 + q1);
+  for (; i < n; ++i) sq += (x[i] - mean) * (x[i] - mean);
+  return {mean, 1.0f / std::sqrt(sq / static_cast<float>(n) + eps)};
+}
+
+template <typename T>
+__attribute__((always_inline)) inline const float* widened(const T* src, float* buffer, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(src[i]);
+    return buffer;
+  }
+}
+
+template <typename T>
+std::vector<float> widened_param(const T* p, int64_t n) {
+  return p == nullptr ? std::vector<float>() : std::vector<float>(p, p + n);
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void forward_rows_f32(const T* x, const float* w, const float* b, T* y,
+                                                            int64_t begin, int64_t end, int64_t n, float eps,
+                                                            float* row) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* xr = widened(x + r * n, row, n);
+    float* yr = std::is_same_v<T, float> ? reinterpret_cast<float*>(y + r * n) : row;  // row: read then written
+    const auto [mean, rstd] = row_stats_f32(xr, n, eps);
+    const cpu::f32x8 mv = cpu::splat8(mean), rv = cpu::splat8(rstd);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      cpu::f32x8 v = (cpu::load8(xr + i) - mv) * rv;
+      if (w != nullptr) v *= cpu::load8(w + i);
+      if (b != nullptr) v += cpu::load8(b + i);
+      cpu::store8(yr + i, v);
+    }
+    for (; i < n; ++i) {
+      float v = (xr[i] - mean) * rstd;
+      if (w != nullptr) v *= w[i];
+      if (b != nullptr) v += b[i];
+      yr[i] = v;
+    }
+    if constexpr (!std::is_same_v<T, float>)
+      for (int64_t j = 0; j < n; ++j) y[r * n + j] = static_cast<T>(row[j]);
+  }
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void backward_rows_f32(const T* dy, const T* x, const float* w, T* dx,
+                                                             float* dw_acc, float* db_acc, int64_t begin,
+                                                             int64_t end, int64_t n, float eps, float* x_row,
+                                                             float* dy_row) {
+  const float inv_n = 1.0f / static_cast<float>(n);
+  for (int64_t r = begin; r < end; ++r) {
+    const float* xr = widened(x + r * n, x_row, n);
+    const float* dyr = widened(dy + r * n, dy_row, n);
+    const auto [mean, rstd] = row_stats_f32(xr, n, eps);
+    const cpu::f32x8 mv = cpu::splat8(mean), rv = cpu::splat8(rstd);
+    cpu::f32x8 sg{}, sgx{};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const cpu::f32x8 xhat = (cpu::load8(xr + i) - mv) * rv, d = cpu::load8(dyr + i);
+      const cpu::f32x8 g = w != nullptr ? d * cpu::load8(w + i) : d;
+      sg += g, sgx += g * xhat;
+      if (dw_acc != nullptr) cpu::store8(dw_acc + i, cpu::load8(dw_acc + i) + d * xhat);
+      if (db_acc != nullptr) cpu::store8(db_acc + i, cpu::load8(db_acc + i) + d);
+    }
+    float sum_g = cpu::reduce_sum8(sg), sum_gx = cpu::reduce_sum8(sgx);
+    for (; i < n; ++i) {
+      const float xhat = (xr[i] - mean) * rstd, d = dyr[i], g = w != nullptr ? d * w[i] : d;
+      sum_g += g, sum_gx += g * xhat;
+      if (dw_acc != nullptr) dw_acc[i] += d * xhat;
+      if (db_acc != nullptr) db_acc[i] += d;
+    }
+    if (dx == nullptr) continue;
+    const float mean_g = sum_g * inv_n, mean_gx = sum_gx * inv_n;
+    const cpu::f32x8 mgv = cpu::splat8(mean_g), mgxv = cpu::splat8(mean_gx);
+    float* dxr = std::is_same_v<T, float> ? reinterpret_cast<float*>(dx + r * n) : x_row;  // read then written
+    for (i = 0; i + 8 <= n; i += 8) {
+      const cpu::f32x8 xhat = (cpu::load8(xr + i) - mv) * rv, d = cpu::load8(dyr + i);
+      const cpu::f32x8 g = w != nullptr ? d * cpu::load8(w + i) : d;
+      cpu::store8(dxr + i, rv * (g - mgv - xhat * mgxv));
+    }
+    for (; i < n; ++i) {
+      const float xhat = (xr[i] - mean) * rstd, d = dyr[i], g = w != nullptr ? d * w[i] : d;
+      dxr[i] = rstd * (g - mean_g - xhat * mean_gx);
+    }
+    if constexpr (!std::is_same_v<T, float>)
+      for (int64_t j = 0; j < n; ++j) dx[r * n + j] = static_cast<T>(x_row[j]);
+  }
+}
+
+#ifdef MY_MPS_OPS_X86_AVX2_COPIES
+template <typename T>
+__attribute__((target("avx2,fma"))) void forward_rows_f32_avx2(const T* x, const float* w, const float* b, T* y,
+                                                               int64_t begin, int64_t end, int64_t n, float eps,
+                                                               float* row) {
+  forward_rows_f32<T>(x, w, b, y, begin, end, n, eps, row);
+}
+template <typename T>
+__attribute__((target("avx2,fma"))) void backward_rows_f32_avx2(const T* dy, const T* x, const float* w, T* dx,
+                                                                float* dw_acc, float* db_acc, int64_t begin,
+                                                                int64_t end, int64_t n, float eps, float* x_row,
+                                                                float* dy_row) {
+  backward_rows_f32<T>(dy, x, w, dx, dw_acc, db_acc, begin, end, n, eps, x_row, dy_row);
+}
+#endif
+
+template <typename T>
+void forward_f32_kernel(const T* x, const T* w, const T* b, T* y, int64_t rows, int64_t n, float eps) {
+  const std::vector<float> wf = widened_param(w, n), bf = widened_param(b, n);
+  const float* wp = w != nullptr ? wf.data() : nullptr;
+  const float* bp = b != nullptr ? bf.data() : nullptr;
+  at::parallel_for(0, rows, cpu::row_grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(std::is_same_v<T, float> ? 0 : n);
+#ifdef MY_MPS_OPS_X86_AVX2_COPIES
+    if (cpu::has_avx2_fma()) return forward_rows_f32_avx2<T>(x, wp, bp, y, begin, end, n, eps, row.data());
+#endif
+    forward_rows_f32<T>(x, wp, bp, y, begin, end, n, eps, row.data());
+  });
+}
+
+template <typename T>
+void backward_f32_kernel(const T* dy, const T* x, const T* w, T* dx, float* dw_partial, float* db_partial,
+                         int64_t rows, int64_t n, int64_t chunks, float eps) {
+  const std::vector<float> wf = widened_param(w, n);
+  const float* wp = w != nullptr ? wf.data() : nullptr;
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<float> rows_buffer(std::is_same_v<T, float> ? 0 : 2 * n);
+    float* x_row = rows_buffer.data();
+    float* dy_row = x_row + (std::is_same_v<T, float> ? 0 : n);
+    for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+      float* dw_acc = dw_partial ? dw_partial + c * n : nullptr;
+      float* db_acc = db_partial ? db_partial + c * n : nullptr;
+      const int64_t begin = rows * c / chunks, end = rows * (c + 1) / chunks;
+#ifdef MY_MPS_OPS_X86_AVX2_COPIES
+      if (cpu::has_avx2_fma()) {
+        backward_rows_f32_avx2<T>(dy, x, wp, dx, dw_acc, db_acc, begin, end, n, eps, x_row, dy_row);
+        continue;
+      }
+#endif
+      backward_rows_f32<T>(dy, x, wp, dx, dw_acc, db_acc, begin, end, n, eps, x_row, dy_row);
+    }
+  });
+}
+
 template <typename T>
 void forward_cpu_kernel(const T* x, const T* w, const T* b, T* y, int64_t rows, int64_t n, acc_t<T> eps) {
+  if constexpr (!std::is_same_v<T, double>) return forward_f32_kernel<T>(x, w, b, y, rows, n, eps);
   using Acc = acc_t<T>;
   using IO = AccIO<T>;
   using Vec = typename IO::Vec;
@@ -136,6 +309,8 @@ void forward_cpu_kernel(const T* x, const T* w, const T* b, T* y, int64_t rows, 
 template <typename T>
 void backward_cpu_kernel(const T* dy, const T* x, const T* w, T* dx, acc_t<T>* dw_partial, acc_t<T>* db_partial,
                          int64_t rows, int64_t n, int64_t chunks, acc_t<T> eps) {
+  if constexpr (!std::is_same_v<T, double>)
+    return backward_f32_kernel<T>(dy, x, w, dx, dw_partial, db_partial, rows, n, chunks, eps);
   using Acc = acc_t<T>;
   const Acc inv_n = Acc(1) / static_cast<Acc>(n);
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
