@@ -124,26 +124,11 @@ __attribute__((always_inline)) inline std::pair<float, float> row_stats_f32(cons
 }
 
 template <typename T>
-__attribute__((always_inline)) inline const float* widened(const T* src, float* buffer, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(src[i]);
-    return buffer;
-  }
-}
-
-template <typename T>
-std::vector<float> widened_param(const T* p, int64_t n) {
-  return p == nullptr ? std::vector<float>() : std::vector<float>(p, p + n);
-}
-
-template <typename T>
 __attribute__((always_inline)) inline void forward_rows_f32(const T* x, const float* w, const float* b, T* y,
                                                             int64_t begin, int64_t end, int64_t n, float eps,
                                                             float* row) {
   for (int64_t r = begin; r < end; ++r) {
-    const float* xr = widened(x + r * n, row, n);
+    const float* xr = cpu::widened(x + r * n, row, n);
     float* yr = std::is_same_v<T, float> ? reinterpret_cast<float*>(y + r * n) : row;  // row: read then written
     const auto [mean, rstd] = row_stats_f32(xr, n, eps);
     const cpu::f32x8 mv = cpu::splat8(mean), rv = cpu::splat8(rstd);
@@ -172,8 +157,8 @@ __attribute__((always_inline)) inline void backward_rows_f32(const T* dy, const 
                                                              float* dy_row) {
   const float inv_n = 1.0f / static_cast<float>(n);
   for (int64_t r = begin; r < end; ++r) {
-    const float* xr = widened(x + r * n, x_row, n);
-    const float* dyr = widened(dy + r * n, dy_row, n);
+    const float* xr = cpu::widened(x + r * n, x_row, n);
+    const float* dyr = cpu::widened(dy + r * n, dy_row, n);
     const auto [mean, rstd] = row_stats_f32(xr, n, eps);
     const cpu::f32x8 mv = cpu::splat8(mean), rv = cpu::splat8(rstd);
     cpu::f32x8 sg{}, sgx{};
@@ -228,7 +213,7 @@ __attribute__((target("avx2,fma"))) void backward_rows_f32_avx2(const T* dy, con
 
 template <typename T>
 void forward_f32_kernel(const T* x, const T* w, const T* b, T* y, int64_t rows, int64_t n, float eps) {
-  const std::vector<float> wf = widened_param(w, n), bf = widened_param(b, n);
+  const std::vector<float> wf = cpu::widened_param(w, n), bf = cpu::widened_param(b, n);
   const float* wp = w != nullptr ? wf.data() : nullptr;
   const float* bp = b != nullptr ? bf.data() : nullptr;
   at::parallel_for(0, rows, cpu::row_grain(n), [&](int64_t begin, int64_t end) {
@@ -243,7 +228,7 @@ void forward_f32_kernel(const T* x, const T* w, const T* b, T* y, int64_t rows, 
 template <typename T>
 void backward_f32_kernel(const T* dy, const T* x, const T* w, T* dx, float* dw_partial, float* db_partial,
                          int64_t rows, int64_t n, int64_t chunks, float eps) {
-  const std::vector<float> wf = widened_param(w, n);
+  const std::vector<float> wf = cpu::widened_param(w, n);
   const float* wp = w != nullptr ? wf.data() : nullptr;
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<float> rows_buffer(std::is_same_v<T, float> ? 0 : 2 * n);

@@ -14,6 +14,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 namespace my_mps_ops {
 
@@ -190,6 +191,24 @@ inline int64_t floats_to_align32(const float* p) {
   return int64_t((32 - reinterpret_cast<uintptr_t>(p) % 32) % 32) / int64_t(sizeof(float));
 }
 #pragma GCC diagnostic pop
+
+// A row as float32: float32 rows are used in place, narrow ones are widened
+// into `buffer` (n floats).
+template <typename T>
+__attribute__((always_inline)) inline const float* widened(const T* src, float* buffer, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(src[i]);
+    return buffer;
+  }
+}
+
+// A small parameter (weight, bias) widened once per call; empty for nullptr.
+template <typename T>
+std::vector<float> widened_param(const T* p, int64_t n) {
+  return p == nullptr ? std::vector<float>() : std::vector<float>(p, p + n);
+}
 
 // Whether this CPU runs the AVX2+FMA copies of the hot loops (x86-64 only;
 // those copies are compiled with __attribute__((target("avx2,fma")))).

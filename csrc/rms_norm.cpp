@@ -19,6 +19,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
+#include <vector>
 
 namespace my_mps_ops {
 namespace {
@@ -58,11 +60,168 @@ Tensor no_grad_output(const Tensor& like) { return at::empty({0}, like.options()
 using cpu::acc_t;
 using cpu::AccIO;
 
+// ---- float32-accumulating rows (float32 / float16 / bfloat16) on f32x8 lanes,
+// with AVX2 copies; float64 (gradcheck) keeps the at::vec kernels below.
+// Narrow rows are widened into per-thread float rows (cpu::widened).
+
+__attribute__((always_inline)) inline float sum_sq_f32(const float* x, int64_t n) {
+  cpu::f32x8 s0{}, s1{};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const cpu::f32x8 a = cpu::load8(x + i), b = cpu::load8(x + i + 8);
+    s0 += a * a, s1 += b * b;
+  }
+  float s = cpu::reduce_sum8(s0 + s1);
+  for (; i < n; ++i) s += x[i] * x[i];
+  return s;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void forward_rows_f32(const T* x, const float* w, T* y, int64_t begin,
+                                                            int64_t end, int64_t n, float eps, const T* residual,
+                                                            T* residual_out, float* row) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* xr;
+    if (residual != nullptr) {
+      // h = x + residual rounded to T (as PyTorch's add), normalised as rounded.
+      const T* a = x + r * n;
+      const T* b = residual + r * n;
+      T* h = residual_out + r * n;
+      for (int64_t i = 0; i < n; ++i) {
+        h[i] = static_cast<T>(static_cast<float>(a[i]) + static_cast<float>(b[i]));
+        row[i] = static_cast<float>(h[i]);
+      }
+      xr = row;
+    } else {
+      xr = cpu::widened(x + r * n, row, n);
+    }
+    const float rstd = 1.0f / std::sqrt(sum_sq_f32(xr, n) / static_cast<float>(n) + eps);
+    float* yr = std::is_same_v<T, float> ? reinterpret_cast<float*>(y + r * n) : row;  // row: read then written
+    const cpu::f32x8 rv = cpu::splat8(rstd);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      cpu::f32x8 v = cpu::load8(xr + i) * rv;
+      if (w != nullptr) v *= cpu::load8(w + i);
+      cpu::store8(yr + i, v);
+    }
+    for (; i < n; ++i) yr[i] = w != nullptr ? xr[i] * rstd * w[i] : xr[i] * rstd;
+    if constexpr (!std::is_same_v<T, float>)
+      for (int64_t j = 0; j < n; ++j) y[r * n + j] = static_cast<T>(row[j]);
+  }
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void backward_rows_f32(const T* dy, const T* x, const float* w, T* dx,
+                                                             float* dw_acc, int64_t begin, int64_t end, int64_t n,
+                                                             float eps, const T* dx_add, float* x_row,
+                                                             float* dy_row) {
+  const float inv_n = 1.0f / static_cast<float>(n);
+  for (int64_t r = begin; r < end; ++r) {
+    const float* xr = cpu::widened(x + r * n, x_row, n);
+    const float* dyr = cpu::widened(dy + r * n, dy_row, n);
+    cpu::f32x8 sq{}, dot{};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const cpu::f32x8 xv = cpu::load8(xr + i), d = cpu::load8(dyr + i);
+      const cpu::f32x8 g = w != nullptr ? d * cpu::load8(w + i) : d;
+      sq += xv * xv, dot += g * xv;
+    }
+    float sum_sq = cpu::reduce_sum8(sq), sum_dot = cpu::reduce_sum8(dot);
+    for (; i < n; ++i) {
+      const float g = w != nullptr ? dyr[i] * w[i] : dyr[i];
+      sum_sq += xr[i] * xr[i], sum_dot += g * xr[i];
+    }
+    const float rstd = 1.0f / std::sqrt(sum_sq * inv_n + eps);
+    const float coef = rstd * rstd * rstd * sum_dot * inv_n;  // rstd * (rstd^2 * mean(g*x))
+    const cpu::f32x8 rv = cpu::splat8(rstd), cv = cpu::splat8(coef);
+    const T* extra = dx_add != nullptr ? dx_add + r * n : nullptr;
+    float* dxr = std::is_same_v<T, float> ? reinterpret_cast<float*>(dx != nullptr ? dx + r * n : nullptr) : x_row;
+    for (i = 0; i + 8 <= n; i += 8) {
+      const cpu::f32x8 xv = cpu::load8(xr + i), d = cpu::load8(dyr + i);
+      if (dw_acc != nullptr) cpu::store8(dw_acc + i, cpu::load8(dw_acc + i) + d * xv * rv);
+      if (dx == nullptr) continue;
+      const cpu::f32x8 g = w != nullptr ? d * cpu::load8(w + i) : d;
+      cpu::f32x8 v = g * rv - xv * cv;
+      if (extra != nullptr) {
+        float e[8];
+        for (int j = 0; j < 8; ++j) e[j] = static_cast<float>(extra[i + j]);
+        v += cpu::load8(e);
+      }
+      cpu::store8(dxr + i, v);
+    }
+    for (; i < n; ++i) {
+      if (dw_acc != nullptr) dw_acc[i] += dyr[i] * xr[i] * rstd;
+      if (dx == nullptr) continue;
+      const float g = w != nullptr ? dyr[i] * w[i] : dyr[i];
+      dxr[i] = g * rstd - xr[i] * coef + (extra != nullptr ? static_cast<float>(extra[i]) : 0.0f);
+    }
+    if constexpr (!std::is_same_v<T, float>)
+      if (dx != nullptr)
+        for (int64_t j = 0; j < n; ++j) dx[r * n + j] = static_cast<T>(x_row[j]);
+  }
+}
+
+#ifdef MY_MPS_OPS_X86_AVX2_COPIES
+template <typename T>
+__attribute__((target("avx2,fma"))) void forward_rows_f32_avx2(const T* x, const float* w, T* y, int64_t begin,
+                                                               int64_t end, int64_t n, float eps, const T* residual,
+                                                               T* residual_out, float* row) {
+  forward_rows_f32<T>(x, w, y, begin, end, n, eps, residual, residual_out, row);
+}
+template <typename T>
+__attribute__((target("avx2,fma"))) void backward_rows_f32_avx2(const T* dy, const T* x, const float* w, T* dx,
+                                                                float* dw_acc, int64_t begin, int64_t end, int64_t n,
+                                                                float eps, const T* dx_add, float* x_row,
+                                                                float* dy_row) {
+  backward_rows_f32<T>(dy, x, w, dx, dw_acc, begin, end, n, eps, dx_add, x_row, dy_row);
+}
+#endif
+
+template <typename T>
+void forward_f32_kernel(const T* x, const T* w, T* y, int64_t rows, int64_t n, float eps, const T* residual,
+                        T* residual_out) {
+  const std::vector<float> wf = cpu::widened_param(w, n);
+  const float* wp = w != nullptr ? wf.data() : nullptr;
+  at::parallel_for(0, rows, cpu::row_grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(std::is_same_v<T, float> && residual == nullptr ? 0 : n);
+#ifdef MY_MPS_OPS_X86_AVX2_COPIES
+    if (cpu::has_avx2_fma())
+      return forward_rows_f32_avx2<T>(x, wp, y, begin, end, n, eps, residual, residual_out, row.data());
+#endif
+    forward_rows_f32<T>(x, wp, y, begin, end, n, eps, residual, residual_out, row.data());
+  });
+}
+
+template <typename T>
+void backward_f32_kernel(const T* dy, const T* x, const T* w, T* dx, float* dw_partial, int64_t rows, int64_t n,
+                         int64_t chunks, float eps, const T* dx_add) {
+  const std::vector<float> wf = cpu::widened_param(w, n);
+  const float* wp = w != nullptr ? wf.data() : nullptr;
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<float> buffers(std::is_same_v<T, float> ? 0 : 2 * n);
+    float* x_row = buffers.data();
+    float* dy_row = x_row + (std::is_same_v<T, float> ? 0 : n);
+    for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+      float* dw_acc = dw_partial ? dw_partial + c * n : nullptr;
+      const int64_t begin = rows * c / chunks, end = rows * (c + 1) / chunks;
+#ifdef MY_MPS_OPS_X86_AVX2_COPIES
+      if (cpu::has_avx2_fma()) {
+        backward_rows_f32_avx2<T>(dy, x, wp, dx, dw_acc, begin, end, n, eps, dx_add, x_row, dy_row);
+        continue;
+      }
+#endif
+      backward_rows_f32<T>(dy, x, wp, dx, dw_acc, begin, end, n, eps, dx_add, x_row, dy_row);
+    }
+  });
+}
+
 // With `residual`, first h = x + residual (rounded to T, as PyTorch's add) is
 // written to residual_out, and h is normalised.
 template <typename T>
 void forward_cpu_kernel(const T* x, const T* w, T* y, int64_t rows, int64_t n, acc_t<T> eps,
                         const T* residual = nullptr, T* residual_out = nullptr) {
+  if constexpr (!std::is_same_v<T, double>)
+    return forward_f32_kernel<T>(x, w, y, rows, n, eps, residual, residual_out);
   using Acc = acc_t<T>;
   using IO = AccIO<T>;
   using Vec = typename IO::Vec;
@@ -124,6 +283,8 @@ void forward_cpu_kernel(const T* x, const T* w, T* y, int64_t rows, int64_t n, a
 template <typename T>
 void backward_cpu_kernel(const T* dy, const T* x, const T* w, T* dx, acc_t<T>* dw_partial, int64_t rows, int64_t n,
                          int64_t chunks, acc_t<T> eps, const T* dx_add = nullptr) {
+  if constexpr (!std::is_same_v<T, double>)
+    return backward_f32_kernel<T>(dy, x, w, dx, dw_partial, rows, n, chunks, eps, dx_add);
   using Acc = acc_t<T>;
   using IO = AccIO<T>;
   using Vec = typename IO::Vec;
