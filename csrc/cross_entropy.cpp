@@ -135,7 +135,7 @@ __attribute__((always_inline)) inline std::pair<cpu::acc_t<T>, cpu::acc_t<T>> ro
     if constexpr (std::is_same_v<T, Acc>) {
       block = z + b;
     } else {
-      for (int64_t i = 0; i < len; ++i) staged[i] = static_cast<Acc>(z[b + i]);
+      cpu::widen(z + b, staged, len);
     }
     Acc block_max, block_sum;
     block_max_sum(block, len, block_max, block_sum);
@@ -216,14 +216,20 @@ __attribute__((always_inline)) inline void backward_rows(const T* logits, const 
       }
       for (int64_t b = 0; b < v; b += kBlock) {
         const int64_t len = std::min(kBlock, v - b);
-        for (int64_t i = 0; i < len; ++i) block[i] = static_cast<Acc>(z[b + i]) - row_lse;
-        if constexpr (std::is_same_v<Acc, float>) {
-          for (int64_t i = 0; i < len; ++i) block[i] = g * (cpu::exp_f32(block[i]) - uniform);
+        if constexpr (std::is_same_v<Acc, float>) {  // float16 / bfloat16 through a float32 block
+          cpu::widen(z + b, block, len);
+          const cpu::f32x8 lse8 = cpu::splat8(row_lse);
+          int64_t i = 0;
+          for (; i + 8 <= len; i += 8)
+            cpu::store8(block + i, g * (cpu::exp8(cpu::load8(block + i) - lse8) - uniform));
+          for (; i < len; ++i) block[i] = g * (cpu::exp_f32(block[i] - row_lse) - uniform);
+          if (t >= b && t < b + len) block[t - b] -= g * (Acc(1) - smoothing);
+          cpu::narrow(block, gr + b, len);
         } else {
-          for (int64_t i = 0; i < len; ++i) block[i] = g * (std::exp(block[i]) - uniform);
+          for (int64_t i = 0; i < len; ++i) block[i] = g * (std::exp(static_cast<Acc>(z[b + i]) - row_lse) - uniform);
+          if (t >= b && t < b + len) block[t - b] -= g * (Acc(1) - smoothing);
+          for (int64_t i = 0; i < len; ++i) gr[b + i] = static_cast<T>(block[i]);
         }
-        if (t >= b && t < b + len) block[t - b] -= g * (Acc(1) - smoothing);
-        for (int64_t i = 0; i < len; ++i) gr[b + i] = static_cast<T>(block[i]);
       }
     }
   }

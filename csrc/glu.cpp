@@ -193,9 +193,10 @@ __attribute__((always_inline)) inline void forward_block(const T* gate, const T*
     }
   } else {
     float g[kBlock], u[kBlock];
-    for (int64_t i = 0; i < len; ++i) g[i] = static_cast<float>(gate[i]), u[i] = static_cast<float>(up[i]);
+    cpu::widen(gate, g, len);
+    cpu::widen(up, u, len);
     forward_f32<A>(g, u, g, len);
-    for (int64_t i = 0; i < len; ++i) out[i] = static_cast<T>(g[i]);
+    cpu::narrow(g, out, len);
   }
 }
 
@@ -213,13 +214,12 @@ __attribute__((always_inline)) inline void backward_block(const T* dy, const T* 
     }
   } else {
     float g[kBlock], u[kBlock], y[kBlock];
-    for (int64_t i = 0; i < len; ++i) {
-      g[i] = static_cast<float>(gate[i]);
-      u[i] = static_cast<float>(up[i]);
-      y[i] = static_cast<float>(dy[i]);
-    }
+    cpu::widen(gate, g, len);
+    cpu::widen(up, u, len);
+    cpu::widen(dy, y, len);
     backward_f32<A>(y, g, u, g, u, len);
-    for (int64_t i = 0; i < len; ++i) dgate[i] = static_cast<T>(g[i]), dup[i] = static_cast<T>(u[i]);
+    cpu::narrow(g, dgate, len);
+    cpu::narrow(u, dup, len);
   }
 }
 

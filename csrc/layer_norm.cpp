@@ -145,8 +145,7 @@ __attribute__((always_inline)) inline void forward_rows_f32(const T* x, const fl
       if (b != nullptr) v += b[i];
       yr[i] = v;
     }
-    if constexpr (!std::is_same_v<T, float>)
-      for (int64_t j = 0; j < n; ++j) y[r * n + j] = static_cast<T>(row[j]);
+    if constexpr (!std::is_same_v<T, float>) cpu::narrow(row, y + r * n, n);
   }
 }
 
@@ -190,8 +189,7 @@ __attribute__((always_inline)) inline void backward_rows_f32(const T* dy, const 
       const float xhat = (xr[i] - mean) * rstd, d = dyr[i], g = w != nullptr ? d * w[i] : d;
       dxr[i] = rstd * (g - mean_g - xhat * mean_gx);
     }
-    if constexpr (!std::is_same_v<T, float>)
-      for (int64_t j = 0; j < n; ++j) dx[r * n + j] = static_cast<T>(x_row[j]);
+    if constexpr (!std::is_same_v<T, float>) cpu::narrow(x_row, dx + r * n, n);
   }
 }
 

@@ -192,6 +192,45 @@ inline int64_t floats_to_align32(const float* p) {
 }
 #pragma GCC diagnostic pop
 
+// Conversions between T and float32 over n elements. bfloat16 goes eight
+// lanes at a time with integer ops (c10::BFloat16's scalar conversion has a
+// NaN branch that keeps loops scalar): widening is a 16-bit shift; narrowing
+// rounds to nearest even and keeps NaN a quiet NaN, like c10.
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+template <typename T>
+__attribute__((always_inline)) inline void widen(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (; i + 8 <= n; i += 8) {
+      u16x8 h;
+      std::memcpy(&h, src + i, sizeof(h));
+      const u32x8 bits = __builtin_convertvector(h, u32x8) << 16;
+      std::memcpy(dst + i, &bits, sizeof(bits));
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void narrow(const float* src, T* dst, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (; i + 8 <= n; i += 8) {
+      f32x8 v;
+      u32x8 bits;
+      std::memcpy(&v, src + i, sizeof(v));
+      std::memcpy(&bits, &v, sizeof(bits));
+      const u32x8 rounded = (bits + (0x7FFFu + ((bits >> 16) & 1u))) >> 16;
+      const u32x8 out = v != v ? u32x8{} + 0x7FC0u : rounded;
+      const u16x8 h = __builtin_convertvector(out, u16x8);
+      std::memcpy(dst + i, &h, sizeof(h));
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
 // A row as float32: float32 rows are used in place, narrow ones are widened
 // into `buffer` (n floats).
 template <typename T>
@@ -199,7 +238,7 @@ __attribute__((always_inline)) inline const float* widened(const T* src, float* 
   if constexpr (std::is_same_v<T, float>) {
     return src;
   } else {
-    for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(src[i]);
+    widen(src, buffer, n);
     return buffer;
   }
 }

@@ -105,8 +105,7 @@ __attribute__((always_inline)) inline void forward_rows_f32(const T* x, const fl
       cpu::store8(yr + i, v);
     }
     for (; i < n; ++i) yr[i] = w != nullptr ? xr[i] * rstd * w[i] : xr[i] * rstd;
-    if constexpr (!std::is_same_v<T, float>)
-      for (int64_t j = 0; j < n; ++j) y[r * n + j] = static_cast<T>(row[j]);
+    if constexpr (!std::is_same_v<T, float>) cpu::narrow(row, y + r * n, n);
   }
 }
 
@@ -156,8 +155,7 @@ __attribute__((always_inline)) inline void backward_rows_f32(const T* dy, const 
       dxr[i] = g * rstd - xr[i] * coef + (extra != nullptr ? static_cast<float>(extra[i]) : 0.0f);
     }
     if constexpr (!std::is_same_v<T, float>)
-      if (dx != nullptr)
-        for (int64_t j = 0; j < n; ++j) dx[r * n + j] = static_cast<T>(x_row[j]);
+      if (dx != nullptr) cpu::narrow(x_row, dx + r * n, n);
   }
 }
 

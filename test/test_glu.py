@@ -71,6 +71,23 @@ def test_large_outputs_streamed_cpu(kind):
     torch.testing.assert_close(ur.grad.double(), u64.grad, **tol)
 
 
+def test_bfloat16_rounding_matches_pytorch_exactly_cpu():
+    # For gate >= 20, silu(gate) == gate in float32, so swiglu's float32 result
+    # is exactly gate * up and only the final rounding to bfloat16 remains:
+    # the vectorised conversion must round like PyTorch's (to nearest even,
+    # ties included) and keep inf, NaN and signed zeros.
+    g = torch.Generator().manual_seed(0)
+    gate = (20 + torch.rand(4099, generator=g) * 100).bfloat16()
+    up = (torch.randn(4099, generator=g) * torch.logspace(-30, 30, 4099)).bfloat16()
+    up[:6] = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1.0])
+    out = my_mps_ops.swiglu(gate, up)
+    expected = (gate.float() * up.float()).bfloat16()
+    assert torch.equal(out.view(torch.int16)[3:], expected.view(torch.int16)[3:])
+    assert out[0] == float("inf") and out[1] == float("-inf") and out[2].isnan()
+    ties = ((gate.float() * up.float()).view(torch.int32) & 0xFFFF) == 0x8000
+    assert ties.any()  # the data does exercise round-half-to-even
+
+
 def test_noncontiguous_and_zero_size(backend):
     base = torch.randn(8, 20, device=backend.device)
     g, u = base[:, ::2], base.t()[:10, :8].t()
