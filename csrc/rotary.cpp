@@ -17,6 +17,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <type_traits>
+#include <vector>
+
 namespace my_mps_ops {
 namespace {
 
@@ -60,50 +63,63 @@ RotaryShape check_and_shape(const char* op, const char* name, const Tensor& x, c
 
 // ---------------------------------------------------------------- CPU kernel
 
-// Rows [begin, end). always_inline: the body takes the instruction set of the
-// function it is inlined into (the AVX2 copy below, or the portable one).
+// One row of head_dim elements in the accumulation type S.
+template <typename S>
+__attribute__((always_inline)) inline void rotate_row(const S* xr, S* yr, const float* c, const float* sn,
+                                                      const RotaryShape& p) {
+  const S sign = p.conj ? S(-1) : S(1);
+  if (p.interleaved) {
+    for (uint32_t i = 0; i < p.half; ++i) {
+      const S x0 = xr[2 * i], x1 = xr[2 * i + 1], cv = c[i], sv = sign * sn[i];
+      yr[2 * i] = x0 * cv - x1 * sv;
+      yr[2 * i + 1] = x1 * cv + x0 * sv;
+    }
+  } else {
+    for (uint32_t i = 0; i < p.half; ++i) {  // contiguous halves: vectorises
+      const S x0 = xr[i], x1 = xr[i + p.half], cv = c[i], sv = sign * sn[i];
+      yr[i] = x0 * cv - x1 * sv;
+      yr[i + p.half] = x1 * cv + x0 * sv;
+    }
+  }
+  for (uint32_t i = 2 * p.half; i < p.head_dim; ++i) yr[i] = xr[i];
+}
+
+// Rows [begin, end); float16/bfloat16 rows are widened into `row` (2 *
+// head_dim floats) and narrowed back. always_inline: the body takes the
+// instruction set of the function it is inlined into (the AVX2 copy below, or
+// the portable one).
 template <typename T>
 __attribute__((always_inline)) inline void rotate_rows(const T* x, T* out, const float* cos_t, const float* sin_t,
-                                                       const RotaryShape& p, int64_t begin, int64_t end) {
-  using Acc = cpu::acc_t<T>;
-  for (int64_t row = begin; row < end; ++row) {
+                                                       const RotaryShape& p, int64_t begin, int64_t end, float* row) {
+  for (int64_t r = begin; r < end; ++r) {
     int64_t b, s;
     if (p.seq_dim == 1) {
-      s = (row / p.heads) % p.seq;
-      b = row / (int64_t(p.heads) * p.seq);
+      s = (r / p.heads) % p.seq;
+      b = r / (int64_t(p.heads) * p.seq);
     } else {
-      s = row % p.seq;
-      b = row / (int64_t(p.seq) * p.heads);
+      s = r % p.seq;
+      b = r / (int64_t(p.seq) * p.heads);
     }
-    const T* xr = x + row * p.head_dim;
-    T* yr = out + row * p.head_dim;
     const float* c = cos_t + b * p.cos_batch_stride + s * p.half;
     const float* sn = sin_t + b * p.cos_batch_stride + s * p.half;
-    const Acc sign = p.conj ? Acc(-1) : Acc(1);
-    if (p.interleaved) {
-      for (uint32_t i = 0; i < p.half; ++i) {
-        const Acc x0 = static_cast<Acc>(xr[2 * i]), x1 = static_cast<Acc>(xr[2 * i + 1]);
-        const Acc cv = c[i], sv = sign * sn[i];
-        yr[2 * i] = static_cast<T>(x0 * cv - x1 * sv);
-        yr[2 * i + 1] = static_cast<T>(x1 * cv + x0 * sv);
-      }
+    const T* xr = x + r * p.head_dim;
+    T* yr = out + r * p.head_dim;
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+      rotate_row<T>(xr, yr, c, sn, p);
     } else {
-      for (uint32_t i = 0; i < p.half; ++i) {  // contiguous halves: vectorises
-        const Acc x0 = static_cast<Acc>(xr[i]), x1 = static_cast<Acc>(xr[i + p.half]);
-        const Acc cv = c[i], sv = sign * sn[i];
-        yr[i] = static_cast<T>(x0 * cv - x1 * sv);
-        yr[i + p.half] = static_cast<T>(x1 * cv + x0 * sv);
-      }
+      cpu::widen(xr, row, p.head_dim);
+      rotate_row<float>(row, row + p.head_dim, c, sn, p);
+      cpu::narrow(row + p.head_dim, yr, p.head_dim);
     }
-    for (uint32_t i = 2 * p.half; i < p.head_dim; ++i) yr[i] = xr[i];
   }
 }
 
 #ifdef MY_MPS_OPS_X86_AVX2_COPIES
 template <typename T>
 __attribute__((target("avx2,fma"))) void rotate_rows_avx2(const T* x, T* out, const float* cos_t, const float* sin_t,
-                                                          const RotaryShape& p, int64_t begin, int64_t end) {
-  rotate_rows<T>(x, out, cos_t, sin_t, p, begin, end);
+                                                          const RotaryShape& p, int64_t begin, int64_t end,
+                                                          float* row) {
+  rotate_rows<T>(x, out, cos_t, sin_t, p, begin, end, row);
 }
 #endif
 
@@ -111,10 +127,11 @@ template <typename T>
 void rotate_cpu(const T* x, T* out, const float* cos_t, const float* sin_t, const RotaryShape& p) {
   const int64_t rows = int64_t(p.batch) * p.seq * p.heads;
   at::parallel_for(0, rows, cpu::row_grain(p.head_dim), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(std::is_same_v<T, float> || std::is_same_v<T, double> ? 0 : 2 * p.head_dim);
 #ifdef MY_MPS_OPS_X86_AVX2_COPIES
-    if (cpu::has_avx2_fma()) return rotate_rows_avx2<T>(x, out, cos_t, sin_t, p, begin, end);
+    if (cpu::has_avx2_fma()) return rotate_rows_avx2<T>(x, out, cos_t, sin_t, p, begin, end, row.data());
 #endif
-    rotate_rows<T>(x, out, cos_t, sin_t, p, begin, end);
+    rotate_rows<T>(x, out, cos_t, sin_t, p, begin, end, row.data());
   });
 }
 
