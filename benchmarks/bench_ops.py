@@ -156,7 +156,8 @@ def main(argv=None) -> int:
         w.writeheader()
         w.writerows(rows)
     with open(os.path.join(RESULTS, "results.json"), "w") as f:
-        json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), rows=rows), f, indent=1)
+        json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(),
+                       thp_mem_alloc_enable=os.environ.get("THP_MEM_ALLOC_ENABLE", ""), rows=rows), f, indent=1)
     table = ["| op | device | dtype | shape | mode | vs | ours (ms) | theirs (ms) | speedup "
              "| ours peak (MB) | theirs peak (MB) |",
              "|---|---|---|---|---|---|---:|---:|---:|---:|---:|"]
@@ -165,7 +166,9 @@ def main(argv=None) -> int:
               f"{r['ours_peak_mb']:.0f} | {r['baseline_peak_mb']:.0f} |" for r in rows]
     with open(os.path.join(RESULTS, "results.md"), "w") as f:
         f.write("\n".join(table) + "\n")
-    print("\n" + "\n".join(table))
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, huge pages for PyTorch allocations: "
+          f"{'on' if os.environ.get('THP_MEM_ALLOC_ENABLE') == '1' else 'off'} (THP_MEM_ALLOC_ENABLE)")
+    print("\n".join(table))
 
     print("\nTargets (cpu, from this run):")
     for case in load_cases():
