@@ -1202,6 +1202,40 @@ kernel void select_math(device const float* x [[buffer(0)]],
 """
 
 
+MSL_COLOUR_COMPONENTS = r"""
+#include <metal_stdlib>
+using namespace metal;
+struct Params { float a; float r; };  // members named like colour components stay members
+kernel void colours(const device float4* x, device float4* out, device half2* hout, constant Params& p,
+                    uint i [[thread_position_in_grid]]) {
+  float4 v = x[i];
+  float4 o;
+  o.r = v.a * p.a; o.g = v.b + p.r; o.b = v.g; o.a = v.r;
+  half2 h = half2(v.xy);
+  h.g += h.r;
+  packed_float3 pk = packed_float3(v.xyz);
+  o.x += pk.b - v.z;  // .b of a packed vector is its z
+  out[i] = o;
+  hout[i] = h;
+}
+"""
+
+
+def test_msl_single_colour_components():
+    # .r .g .b .a on vectors (reads and writes, float/half/packed), next to a
+    # struct whose members are called a and r.
+    torch = pytest.importorskip("torch")
+    lib = _compile_shader()(MSL_COLOUR_COMPONENTS)
+    x = torch.randn(40, 4)
+    out = torch.empty(40, 4)
+    hout = torch.empty(40, 2, dtype=torch.float16)
+    lib.colours(x, out, hout, torch.tensor([2.0, 3.0]), threads=40, group_size=32)
+    expected = torch.stack([x[:, 3] * 2, x[:, 2] + 3, x[:, 1], x[:, 0]], 1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    h = x[:, :2].half()
+    assert torch.equal(hout[:, 0], h[:, 0]) and torch.equal(hout[:, 1], (h[:, 1].float() + h[:, 0].float()).half())
+
+
 def test_msl_vectors_swizzles_packed_and_struct_layout():
     torch = pytest.importorskip("torch")
     lib = _compile_shader()(MSL_VECTORS)

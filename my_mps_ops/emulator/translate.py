@@ -14,7 +14,8 @@ at the .metal source):
 - literal suffixes (``1.0h``, ``1.0bf``) and unsuffixed floating literals
   (float in MSL, double in C++) are rewritten;
 - multi-letter swizzles (``v.xy``, ``v.bgr``) become ``__mtl::swizzle<...>``
-  reads, or ``__mtl::swizzle_ref<...>`` where assigned;
+  reads, or ``__mtl::swizzle_ref<...>`` where assigned (single components,
+  ``.x`` or ``.r``, are members of the vector types and need no rewriting);
 - a table of the kernels with their parameters is appended, which the host
   reads after loading the compiled library.
 """

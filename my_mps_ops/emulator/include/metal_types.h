@@ -167,13 +167,26 @@ template <class T, class S, std::enable_if_t<is_scalar_v<S>, int> = 0> inline T 
 // Storage: plain members x, y, z, w so that `.x` in shader code needs no rewriting. Metal lays
 // out vectors of 3 like vectors of 4 (float3: 16 bytes, aligned to 16); packed vectors have the
 // element's alignment and no padding (packed_float3: 12 bytes).
+// The colour names .r .g .b .a share each component's storage through an
+// anonymous union, so they need no rewriting either (a translator rewrite of a
+// single `.a` could not tell a vector from a user struct's member `a`).
+#define MTL_COMPONENT(xyzw, rgba) union { T xyzw; T rgba; }
 template <class T, int N, bool P> struct vec_storage;
-template <class T> struct alignas(2 * sizeof(T)) vec_storage<T, 2, false> { T x, y; };
-template <class T> struct alignas(4 * sizeof(T)) vec_storage<T, 3, false> { T x, y, z; };
-template <class T> struct alignas(4 * sizeof(T)) vec_storage<T, 4, false> { T x, y, z, w; };
-template <class T> struct vec_storage<T, 2, true> { T x, y; };
-template <class T> struct vec_storage<T, 3, true> { T x, y, z; };
-template <class T> struct vec_storage<T, 4, true> { T x, y, z, w; };
+template <class T> struct alignas(2 * sizeof(T)) vec_storage<T, 2, false> {
+  MTL_COMPONENT(x, r); MTL_COMPONENT(y, g);
+};
+template <class T> struct alignas(4 * sizeof(T)) vec_storage<T, 3, false> {
+  MTL_COMPONENT(x, r); MTL_COMPONENT(y, g); MTL_COMPONENT(z, b);
+};
+template <class T> struct alignas(4 * sizeof(T)) vec_storage<T, 4, false> {
+  MTL_COMPONENT(x, r); MTL_COMPONENT(y, g); MTL_COMPONENT(z, b); MTL_COMPONENT(w, a);
+};
+template <class T> struct vec_storage<T, 2, true> { MTL_COMPONENT(x, r); MTL_COMPONENT(y, g); };
+template <class T> struct vec_storage<T, 3, true> { MTL_COMPONENT(x, r); MTL_COMPONENT(y, g); MTL_COMPONENT(z, b); };
+template <class T> struct vec_storage<T, 4, true> {
+  MTL_COMPONENT(x, r); MTL_COMPONENT(y, g); MTL_COMPONENT(z, b); MTL_COMPONENT(w, a);
+};
+#undef MTL_COMPONENT
 
 template <class V, int... I> struct swizzle_proxy;
 template <class T> struct is_swizzle_proxy : std::false_type {};
