@@ -167,6 +167,37 @@ def test_static_threadgroup_memory_and_barrier():
     assert torch.equal(out.view(3, 64), x.view(3, 64).flip(1))
 
 
+LOCAL_SIZE_SRC = r"""
+#include <metal_stdlib>
+using namespace metal;
+// A one-letter element type and a size from kernel-local constants.
+template <typename T>
+kernel void reverse_padded(const device T* x, device T* out, uint i [[thread_position_in_threadgroup]],
+                           uint g [[threadgroup_position_in_grid]]) {
+  constexpr int kWidth = 64;
+  constexpr constant int kPad = 1;
+  const int kUnused = 3;  // not part of any size
+  threadgroup T buf[kWidth + kPad];
+  buf[i] = x[g * kWidth + i];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[g * kWidth + i] = buf[kWidth - 1 - i] + T(kUnused - 3);
+}
+template [[host_name("reverse_padded_float")]] kernel void reverse_padded<float>(
+    const device float*, device float*, uint, uint);
+"""
+
+
+def test_threadgroup_array_of_template_type_sized_by_local_constants():
+    # Such an array once became a per-thread local array (silently wrong
+    # results): it must be threadgroup memory, 65 floats, shared by the group.
+    lib = compile_shader(LOCAL_SIZE_SRC)
+    assert lib.reverse_padded_float.static_thread_group_memory_length == 65 * 4
+    x = torch.randn(2 * 64)
+    out = torch.empty_like(x)
+    lib.reverse_padded_float(x, out, threads=2 * 64, group_size=64)
+    assert torch.equal(out.view(2, 64), x.view(2, 64).flip(1))
+
+
 def test_storage_offset_views_bind_at_their_offset():
     lib = compile_shader(BINDING_SRC)
     base = torch.arange(12, dtype=torch.float32)

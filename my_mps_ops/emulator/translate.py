@@ -287,7 +287,29 @@ def _sync_functions(s: str) -> set:
 # ----------------------------------------------------------- rewrite passes
 
 _TG_DECL_RE = re.compile(
-    r"\bthreadgroup\s+(?P<type>[A-Za-z_][\w:\s<>,]*?[\w>])\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\];]*\]\s*)*);")
+    r"\bthreadgroup\s+(?P<type>[A-Za-z_](?:[\w:\s<>,]*?[\w>])?)\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\];]*\]\s*)*);")
+
+
+_LOCAL_CONSTANT_RE = re.compile(
+    r"(?:\bstatic\s+)?(?:\bconstexpr\b[^;{}()=]*?|\bconst\s+(?:unsigned\s+)?(?:int|uint|short|ushort|long|ulong|"
+    r"size_t|int32_t|uint32_t|int64_t|uint64_t))\s+(?P<name>\w+)\s*=\s*(?P<init>[^;{}]+);")
+_IDENT_RE = re.compile(r"\b[A-Za-z_]\w*\b")
+
+
+def _local_constants_for(body: str, type_ids: List[str]) -> List[str]:
+    """The kernel-local constant declarations (`constexpr int N = 64;`) that the
+    threadgroup declarations' sizes use, directly or through each other, in
+    source order: the layout function outside the kernel repeats them."""
+    decls: Dict[str, Tuple[int, str, str]] = {}
+    for m in _LOCAL_CONSTANT_RE.finditer(body):
+        decls.setdefault(m.group("name"), (m.start(), m.group(0), m.group("init")))
+    needed, todo = set(), [i for t in type_ids for i in _IDENT_RE.findall(t)]
+    while todo:
+        name = todo.pop()
+        if name in decls and name not in needed:
+            needed.add(name)
+            todo += _IDENT_RE.findall(decls[name][2])
+    return [text for _, text, _ in sorted(decls[n] for n in needed)]
 
 
 def _rewrite_threadgroup_decls(body: str, kernel: str) -> Tuple[str, List[str]]:
@@ -451,6 +473,7 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
                                   host_name=_host_name(attrs) or fname)
         header = s[m.start():m.start("kw")] + " " + s[m.end("kw"):open_paren]
         layout_lines = [f"{template}inline size_t __mtl_tg_layout_{fname}(size_t* offsets) {{", "  size_t total = 0;"]
+        layout_lines += ["  " + " ".join(decl.split()) for decl in _local_constants_for(body, tg_decls)]
         for site, type_id in enumerate(tg_decls):
             layout_lines.append(f"  total = __mtl::threadgroup_place<{type_id}>(total, offsets, {site});")
         layout_lines += ["  return total;", "}"]
