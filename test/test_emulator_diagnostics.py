@@ -187,3 +187,20 @@ def test_shipped_shaders_raise_no_diagnostics():
         w = torch.randn(5000, requires_grad=True)
         my_mps_ops.rms_norm(x, w, 1e-6).sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+
+
+def test_unsupported_threadgroup_declaration_is_refused():
+    # Metal forbids initialisers on threadgroup variables; the translator must
+    # refuse rather than erase `threadgroup` and make a per-thread variable.
+    from my_mps_ops.emulator.build import CompileError
+
+    src = """
+#include <metal_stdlib>
+using namespace metal;
+kernel void k(device float* out, uint i [[thread_position_in_grid]]) {
+  threadgroup float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  out[i] = acc[i % 4];
+}
+"""
+    with pytest.raises(CompileError, match="unsupported threadgroup declaration"):
+        compile_shader(src)

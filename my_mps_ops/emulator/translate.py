@@ -463,6 +463,10 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
         params = _parse_params(_restore_strings(params_text, saved), fname)
         body = s[open_brace:close_brace + 1]
         body, tg_decls = _rewrite_threadgroup_decls(body, fname)
+        leftover = re.search(r"\bthreadgroup\s+[^;*&]*;", body)
+        if leftover:  # erasing `threadgroup` here would make a per-thread variable: refuse
+            raise TranslationError(f"kernel {fname}: unsupported threadgroup declaration "
+                                   f"{' '.join(leftover.group(0).split())!r} (Metal allows `threadgroup T name[N];`)")
         attrs = _restore_strings((m.group("attrs") or "") + (m.group("attrs2") or ""), saved)
         mt = _MAX_THREADS_RE.search(attrs)
         uses_sync = bool(SYNC_RE.search(body)) or any(
