@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -100,31 +101,6 @@ struct AccIO<float> : WideIO<float> {};
 template <>
 struct AccIO<double> : WideIO<double> {};
 
-// exp for float32 loops the compiler can vectorise (libm's expf is a call per
-// element): Cody-Waite range reduction and a degree-6 polynomial, ~2 ulp;
-// saturates outside [-87, 88]. k = round(x / ln 2) comes from adding 1.5 * 2^23,
-// which leaves k in the low mantissa bits (no float->int->float round trip).
-inline float exp_f32(float x) {
-  constexpr float kRoundShift = 12582912.0f;  // 1.5 * 2^23
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float shifted = x * 1.44269504088896341f + kRoundShift;
-  const float k = shifted - kRoundShift;
-  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t k_int;
-  std::memcpy(&k_int, &shifted, sizeof(k_int));
-  const int32_t bits = (k_int - 0x4B400000 + 127) << 23;  // 0x4B400000: the bits of kRoundShift
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 // Eight float32 lanes as a GCC/Clang vector type: plain operators that become
 // one AVX instruction in the AVX2 copies of a loop and two SSE/NEON ones
 // elsewhere. Used where auto-vectorisation of lane arrays fails (reductions
@@ -150,24 +126,46 @@ __attribute__((always_inline)) inline float reduce_max8(f32x8 v) {
 __attribute__((always_inline)) inline float reduce_sum8(f32x8 v) {
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
-// exp_f32 on eight lanes (same reduction and polynomial).
-__attribute__((always_inline)) inline f32x8 exp8(f32x8 x) {
-  const f32x8 shift = splat8(12582912.0f);
-  x = x < -87.0f ? splat8(-87.0f) : x;
-  x = x > 88.0f ? splat8(88.0f) : x;
-  const f32x8 shifted = x * 1.44269504088896341f + shift;
-  const f32x8 k = shifted - shift;
-  const f32x8 r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  f32x8 p = splat8(1.9875691500e-4f);
+// exp for float32, one lane (exp_f32) or eight (exp8), from one definition:
+// libm's expf is a call per element, this vectorises. Cody-Waite range
+// reduction and a degree-6 polynomial, ~2 ulp; saturates outside [-87, 88];
+// k = round(x / ln 2) comes from adding 1.5 * 2^23, which leaves k in the low
+// mantissa bits (no float->int->float round trip). NaN stays NaN.
+template <typename V> struct Lanes;
+template <> struct Lanes<float> {
+  using Int = int32_t;
+  static float splat(float c) { return c; }
+};
+template <> struct Lanes<f32x8> {
+  using Int = i32x8;
+  static f32x8 splat(float c) { return splat8(c); }
+};
+
+template <typename V>
+__attribute__((always_inline)) inline V exp_poly(V x) {
+  using L = Lanes<V>;
+  constexpr float kRoundShift = 12582912.0f;  // 1.5 * 2^23; its bits are 0x4B400000
+  x = x < -87.0f ? L::splat(-87.0f) : x;
+  x = x > 88.0f ? L::splat(88.0f) : x;
+  const V shifted = x * 1.44269504088896341f + kRoundShift;
+  const V k = shifted - kRoundShift;
+  const V r = x - k * 0.693359375f + k * 2.12194440e-4f;
+  V p = L::splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const i32x8 bits = (reinterpret_cast<const i32x8&>(shifted) - 0x4B400000 + 127) << 23;
-  return p * reinterpret_cast<const f32x8&>(bits);
+  typename L::Int k_int;
+  std::memcpy(&k_int, &shifted, sizeof(k_int));
+  const typename L::Int bits = (k_int - 0x4B400000 + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
 }
+__attribute__((always_inline)) inline float exp_f32(float x) { return exp_poly(x); }
+__attribute__((always_inline)) inline f32x8 exp8(f32x8 x) { return exp_poly(x); }
 
 // Streaming (non-temporal) stores for outputs much larger than the caches:
 // they skip the read-for-ownership of each written line, about a quarter of
@@ -247,6 +245,18 @@ __attribute__((always_inline)) inline const float* widened(const T* src, float* 
 template <typename T>
 std::vector<float> widened_param(const T* p, int64_t n) {
   return p == nullptr ? std::vector<float>() : std::vector<float>(p, p + n);
+}
+
+// Runs fn(chunk, row_begin, row_end, scratch) over `chunks` fixed chunks of
+// `rows` rows, in parallel. Fixed chunks keep per-chunk partial sums (weight
+// gradients) deterministic; `scratch` is scratch_floats floats per task.
+template <typename F>
+void parallel_row_chunks(int64_t rows, int64_t chunks, int64_t scratch_floats, const F& fn) {
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<float> scratch(scratch_floats);
+    for (int64_t c = chunk_begin; c < chunk_end; ++c)
+      fn(c, rows * c / chunks, rows * (c + 1) / chunks, scratch.data());
+  });
 }
 
 // Whether this CPU runs the AVX2+FMA copies of the hot loops (x86-64 only;

@@ -195,21 +195,14 @@ void backward_f32_kernel(const T* dy, const T* x, const T* w, T* dx, float* dw_p
                          int64_t chunks, float eps, const T* dx_add) {
   const std::vector<float> wf = cpu::widened_param(w, n);
   const float* wp = w != nullptr ? wf.data() : nullptr;
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<float> buffers(std::is_same_v<T, float> ? 0 : 2 * n);
-    float* x_row = buffers.data();
-    float* dy_row = x_row + (std::is_same_v<T, float> ? 0 : n);
-    for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-      float* dw_acc = dw_partial ? dw_partial + c * n : nullptr;
-      const int64_t begin = rows * c / chunks, end = rows * (c + 1) / chunks;
+  // Scratch: the widened x and dy rows of narrow types.
+  cpu::parallel_row_chunks(rows, chunks, 2 * n, [&](int64_t c, int64_t begin, int64_t end, float* scratch) {
+    float* dw_acc = dw_partial ? dw_partial + c * n : nullptr;
 #ifdef MY_MPS_OPS_X86_AVX2_COPIES
-      if (cpu::has_avx2_fma()) {
-        backward_rows_f32_avx2<T>(dy, x, wp, dx, dw_acc, begin, end, n, eps, dx_add, x_row, dy_row);
-        continue;
-      }
+    if (cpu::has_avx2_fma())
+      return backward_rows_f32_avx2<T>(dy, x, wp, dx, dw_acc, begin, end, n, eps, dx_add, scratch, scratch + n);
 #endif
-      backward_rows_f32<T>(dy, x, wp, dx, dw_acc, begin, end, n, eps, dx_add, x_row, dy_row);
-    }
+    backward_rows_f32<T>(dy, x, wp, dx, dw_acc, begin, end, n, eps, dx_add, scratch, scratch + n);
   });
 }
 
