@@ -9,6 +9,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -262,52 +263,84 @@ __attribute__((target("avx2,fma"))) void backward_range_avx2(const T* dy, const 
 }
 #endif
 
+// Inputs are row views (cpu::row_view): rows of `cols` elements, each input
+// with its own row stride; outputs are contiguous. Contiguous inputs run as one
+// flat range (no per-row overhead for narrow rows), strided ones row by row.
 template <Activation A, typename T>
-void forward_cpu_kernel(const T* gate, const T* up, T* out, int64_t n) {
+void forward_cpu_kernel(const T* gate, int64_t gate_stride, const T* up, int64_t up_stride, T* out, int64_t rows,
+                        int64_t cols) {
+  const int64_t n = rows * cols;
   [[maybe_unused]] const bool stream = n * int64_t(sizeof(T)) >= cpu::kStreamMinBytes;
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+  auto run = [&](const T* g, const T* u, T* o, int64_t begin, int64_t end) {
 #ifdef MY_MPS_OPS_X86_AVX2_COPIES
-    if (cpu::has_avx2_fma()) return forward_range_avx2<A, T>(gate, up, out, begin, end, stream);
+    if (cpu::has_avx2_fma()) return forward_range_avx2<A, T>(g, u, o, begin, end, stream);
 #endif
-    for (int64_t b = begin; b < end; b += kBlock)
-      forward_block<A, T>(gate + b, up + b, out + b, std::min(kBlock, end - b));
+    for (int64_t b = begin; b < end; b += kBlock) forward_block<A, T>(g + b, u + b, o + b, std::min(kBlock, end - b));
+  };
+  if (gate_stride == cols && up_stride == cols) {
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { run(gate, up, out, begin, end); });
+    return;
+  }
+  at::parallel_for(0, rows, cpu::row_grain(cols), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) run(gate + r * gate_stride, up + r * up_stride, out + r * cols, 0, cols);
   });
 }
 
 template <Activation A, typename T>
-void backward_cpu_kernel(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t n) {
+void backward_cpu_kernel(const T* dy, int64_t dy_stride, const T* gate, int64_t gate_stride, const T* up,
+                         int64_t up_stride, T* dgate, T* dup, int64_t rows, int64_t cols) {
+  const int64_t n = rows * cols;
   [[maybe_unused]] const bool stream = n * int64_t(sizeof(T)) >= cpu::kStreamMinBytes;
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+  auto run = [&](const T* y, const T* g, const T* u, T* dg, T* du, int64_t begin, int64_t end) {
 #ifdef MY_MPS_OPS_X86_AVX2_COPIES
-    if (cpu::has_avx2_fma()) return backward_range_avx2<A, T>(dy, gate, up, dgate, dup, begin, end, stream);
+    if (cpu::has_avx2_fma()) return backward_range_avx2<A, T>(y, g, u, dg, du, begin, end, stream);
 #endif
     for (int64_t b = begin; b < end; b += kBlock)
-      backward_block<A, T>(dy + b, gate + b, up + b, dgate + b, dup + b, std::min(kBlock, end - b));
+      backward_block<A, T>(y + b, g + b, u + b, dg + b, du + b, std::min(kBlock, end - b));
+  };
+  if (dy_stride == cols && gate_stride == cols && up_stride == cols) {
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { run(dy, gate, up, dgate, dup, begin, end); });
+    return;
+  }
+  at::parallel_for(0, rows, cpu::row_grain(cols), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      run(dy + r * dy_stride, gate + r * gate_stride, up + r * up_stride, dgate + r * cols, dup + r * cols, 0, cols);
   });
+}
+
+// An input as a row view: in place when it is one, else a contiguous copy.
+std::pair<Tensor, cpu::RowView> as_rows(const Tensor& t) {
+  if (auto view = cpu::row_view(t)) return {t, *view};
+  Tensor c = t.contiguous();
+  return {c, *cpu::row_view(c)};
 }
 
 template <Activation A>
 Tensor forward_cpu(const Tensor& gate, const Tensor& up) {
-  const Tensor g = gate.contiguous(), u = up.contiguous();
-  Tensor out = at::empty_like(g, at::MemoryFormat::Contiguous);
+  Tensor out = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
+  const auto [g, gv] = as_rows(gate);
+  const auto [u, uv] = as_rows(up);
   MY_MPS_OPS_DISPATCH_CPU_TYPES(g.scalar_type(), "glu_cpu", [&] {
-    forward_cpu_kernel<A, scalar_t>(g.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
-                                    out.mutable_data_ptr<scalar_t>(), out.numel());
+    forward_cpu_kernel<A, scalar_t>(g.const_data_ptr<scalar_t>(), gv.row_stride, u.const_data_ptr<scalar_t>(),
+                                    uv.row_stride, out.mutable_data_ptr<scalar_t>(), gv.rows, gv.cols);
   });
   return out;
 }
 
 template <Activation A>
 std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_out, const Tensor& gate, const Tensor& up) {
-  const Tensor dy = grad_out.contiguous(), g = gate.contiguous(), u = up.contiguous();
-  Tensor dgate = at::empty_like(g, at::MemoryFormat::Contiguous);
-  Tensor dup = at::empty_like(g, at::MemoryFormat::Contiguous);
-  if (g.numel() == 0) return {dgate, dup};
+  const auto options = gate.options().memory_format(at::MemoryFormat::Contiguous);
+  Tensor dgate = at::empty(gate.sizes(), options), dup = at::empty(gate.sizes(), options);
+  if (gate.numel() == 0) return {dgate, dup};
+  const auto [dy, dyv] = as_rows(grad_out);
+  const auto [g, gv] = as_rows(gate);
+  const auto [u, uv] = as_rows(up);
   MY_MPS_OPS_DISPATCH_CPU_TYPES(g.scalar_type(), "glu_backward_cpu", [&] {
-    backward_cpu_kernel<A, scalar_t>(dy.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-                                     u.const_data_ptr<scalar_t>(), dgate.mutable_data_ptr<scalar_t>(),
-                                     dup.mutable_data_ptr<scalar_t>(), g.numel());
+    backward_cpu_kernel<A, scalar_t>(dy.const_data_ptr<scalar_t>(), dyv.row_stride, g.const_data_ptr<scalar_t>(),
+                                     gv.row_stride, u.const_data_ptr<scalar_t>(), uv.row_stride,
+                                     dgate.mutable_data_ptr<scalar_t>(), dup.mutable_data_ptr<scalar_t>(), gv.rows,
+                                     gv.cols);
   });
   return {dgate, dup};
 }

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstring>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -257,6 +258,28 @@ void parallel_row_chunks(int64_t rows, int64_t chunks, int64_t scratch_floats, c
     for (int64_t c = chunk_begin; c < chunk_end; ++c)
       fn(c, rows * c / chunks, rows * (c + 1) / chunks, scratch.data());
   });
+}
+
+// A tensor read as `rows` rows of `cols` contiguous elements, row_stride apart:
+// a contiguous tensor, or a slice of one along the last dimension (the halves
+// of a fused gate/up projection from chunk(2, -1)). Elementwise kernels read
+// such views in place instead of copying them; nullopt for any other layout.
+struct RowView {
+  int64_t rows, cols, row_stride;
+};
+inline std::optional<RowView> row_view(const at::Tensor& t) {
+  const int64_t dim = t.dim();
+  const int64_t cols = dim == 0 ? 1 : t.size(-1);
+  if (dim > 0 && cols > 1 && t.stride(-1) != 1) return std::nullopt;
+  int64_t rows = 1, row_stride = -1, expected = -1;
+  for (int64_t d = dim - 2; d >= 0; --d) {
+    rows *= t.size(d);
+    if (t.size(d) == 1) continue;  // any stride
+    if (row_stride < 0) row_stride = expected = t.stride(d);
+    if (t.stride(d) != expected) return std::nullopt;
+    expected = t.stride(d) * t.size(d);
+  }
+  return RowView{rows, cols, row_stride < 0 ? cols : row_stride};
 }
 
 // Whether this CPU runs the AVX2+FMA copies of the hot loops (x86-64 only;

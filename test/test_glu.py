@@ -88,6 +88,37 @@ def test_bfloat16_rounding_matches_pytorch_exactly_cpu():
     assert ties.any()  # the data does exercise round-half-to-even
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_projection_halves_and_other_layouts(backend, kind, dtype):
+    # gate and up as the two halves of one fused projection (chunk(2, -1):
+    # rows of H elements, 2H apart), read in place on cpu; also a broadcast
+    # (stride-0) up, a transposed (copied) gate, and gradients through them.
+    h = 37
+    gate_up = (torch.randn(3, 5, 2 * h, dtype=dtype, device=backend.device) * 3).requires_grad_()
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert not gate.is_contiguous()
+    out = run(kind, gate, up)
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    gu64 = gate_up.detach().double().requires_grad_()
+    g64, u64 = gu64.chunk(2, dim=-1)
+    expected = act(g64, kind) * u64
+    expected.backward(dy.double())
+    assert_close(out, expected.detach(), dtype)
+    tol = {k: v * 2 for k, v in TOLERANCES[dtype].items()}
+    torch.testing.assert_close(gate_up.grad.cpu().double(), gu64.grad.cpu(), **tol)
+
+    if backend.name == "cpu":  # the halves are read in place: no copy
+        with torch.profiler.profile() as prof:
+            run(kind, gate.detach(), up.detach())
+        assert not {e.name for e in prof.events()} & {"aten::copy_", "aten::contiguous", "aten::clone"}
+
+    row = torch.randn(h, dtype=dtype, device=backend.device)
+    wide = torch.randn(h, 4, dtype=dtype, device=backend.device).t()  # [4, h], stride (1, 4)
+    assert_close(run(kind, wide, row.expand(4, h)), act(wide.double(), kind) * row.double(), dtype)
+
+
 def test_noncontiguous_and_zero_size(backend):
     base = torch.randn(8, 20, device=backend.device)
     g, u = base[:, ::2], base.t()[:10, :8].t()
