@@ -352,46 +352,66 @@ constexpr int64_t kPerThread = 4;  // N_PER in the shader
 
 uint32_t metal_approximate(Activation act) { return act == Activation::GeluTanh ? 1u : 0u; }
 
-std::array<uint64_t, 3> elementwise_group(metal::Executor& executor, const std::string& kernel, int64_t threads) {
+// Mirrors GluShape in shaders/glu.metal.
+struct GluShape {
+  uint32_t rows, cols, gate_stride, up_stride, grad_stride, approximate;
+};
+
+uint32_t metal_extent(int64_t v, const char* op, const char* what) {
+  TORCH_CHECK(v >= 0 && v <= UINT32_MAX, op, ": ", what, " ", v, " is too large for the Metal kernel");
+  return static_cast<uint32_t>(v);
+}
+
+// Grid (ceil(cols / N_PER), rows); threadgroups of up to 256 threads, widest
+// along the row.
+void dispatch_rows(metal::Launch& launch, metal::Executor& executor, const std::string& kernel, uint64_t rows,
+                   uint64_t cols) {
   const metal::PipelineInfo info = executor.pipeline_info(kLibrary, kernel);
-  const uint64_t group = std::min<uint64_t>(info.max_threads_per_threadgroup, 256);
-  return {std::min<uint64_t>(group, uint64_t(threads)), 1, 1};
+  const uint64_t limit = std::min<uint64_t>(info.max_threads_per_threadgroup, 256);
+  const uint64_t threads_x = (cols + kPerThread - 1) / kPerThread;
+  const uint64_t group_x = std::min(limit, threads_x);
+  const uint64_t group_y = std::min<uint64_t>(rows, std::max<uint64_t>(1, limit / group_x));
+  launch.dispatch_threads({threads_x, rows, 1}, {group_x, group_y, 1});
 }
 
 Tensor forward_metal(Activation act, const Tensor& gate, const Tensor& up) {
-  const Tensor g = gate.contiguous(), u = up.contiguous();
-  Tensor out = at::empty_like(g, at::MemoryFormat::Contiguous);
-  const int64_t n = g.numel();
-  if (n == 0) return out;
-  TORCH_CHECK(n <= UINT32_MAX, op_name(act, false), ": too many elements for the Metal kernel: ", n);
+  const char* op = op_name(act, false);
+  Tensor out = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const auto [g, gv] = as_rows(gate);
+  const auto [u, uv] = as_rows(up);
+  const GluShape shape{metal_extent(gv.rows, op, "rows"), metal_extent(gv.cols, op, "row length"),
+                       metal_extent(gv.row_stride, op, "gate row stride"),
+                       metal_extent(uv.row_stride, op, "up row stride"), 0, metal_approximate(act)};
   auto& executor = metal::executor_for(g.device());
   const std::string kernel =
       std::string(act == Activation::SiLU ? "swiglu_forward_" : "geglu_forward_") + metal_type_name(g.scalar_type());
-  const int64_t threads = (n + kPerThread - 1) / kPerThread;
   metal::Launch launch(kLibrary, kernel);
-  launch.buffer(g).buffer(u).buffer(out).scalar<uint32_t>(static_cast<uint32_t>(n));
-  if (act != Activation::SiLU) launch.scalar<uint32_t>(metal_approximate(act));
-  launch.dispatch_threads({uint64_t(threads), 1, 1}, elementwise_group(executor, kernel, threads));
+  launch.buffer(g).buffer(u).buffer(out).scalar(shape);
+  dispatch_rows(launch, executor, kernel, gv.rows, gv.cols);
   executor.run(launch);
   return out;
 }
 
 std::tuple<Tensor, Tensor> backward_metal(Activation act, const Tensor& grad_out, const Tensor& gate,
                                           const Tensor& up) {
-  const Tensor dy = grad_out.contiguous(), g = gate.contiguous(), u = up.contiguous();
-  Tensor dgate = at::empty_like(g, at::MemoryFormat::Contiguous);
-  Tensor dup = at::empty_like(g, at::MemoryFormat::Contiguous);
-  const int64_t n = g.numel();
-  if (n == 0) return {dgate, dup};
-  TORCH_CHECK(n <= UINT32_MAX, op_name(act, true), ": too many elements for the Metal kernel: ", n);
+  const char* op = op_name(act, true);
+  const auto options = gate.options().memory_format(at::MemoryFormat::Contiguous);
+  Tensor dgate = at::empty(gate.sizes(), options), dup = at::empty(gate.sizes(), options);
+  if (gate.numel() == 0) return {dgate, dup};
+  const auto [dy, dyv] = as_rows(grad_out);
+  const auto [g, gv] = as_rows(gate);
+  const auto [u, uv] = as_rows(up);
+  const GluShape shape{metal_extent(gv.rows, op, "rows"), metal_extent(gv.cols, op, "row length"),
+                       metal_extent(gv.row_stride, op, "gate row stride"),
+                       metal_extent(uv.row_stride, op, "up row stride"),
+                       metal_extent(dyv.row_stride, op, "grad_out row stride"), metal_approximate(act)};
   auto& executor = metal::executor_for(g.device());
   const std::string kernel =
       std::string(act == Activation::SiLU ? "swiglu_backward_" : "geglu_backward_") + metal_type_name(g.scalar_type());
-  const int64_t threads = (n + kPerThread - 1) / kPerThread;
   metal::Launch launch(kLibrary, kernel);
-  launch.buffer(dy).buffer(g).buffer(u).buffer(dgate).buffer(dup).scalar<uint32_t>(static_cast<uint32_t>(n));
-  if (act != Activation::SiLU) launch.scalar<uint32_t>(metal_approximate(act));
-  launch.dispatch_threads({uint64_t(threads), 1, 1}, elementwise_group(executor, kernel, threads));
+  launch.buffer(dy).buffer(g).buffer(u).buffer(dgate).buffer(dup).scalar(shape);
+  dispatch_rows(launch, executor, kernel, gv.rows, gv.cols);
   executor.run(launch);
   return {dgate, dup};
 }

@@ -1,5 +1,5 @@
 // Gated activations: swiglu = silu(gate) * up, geglu = gelu(gate) * up.
-// Elementwise over a non-uniform grid; each thread handles N_PER elements.
+// Elementwise over a non-uniform 2-D grid; each thread handles N_PER elements.
 // The backward kernels recompute the activation from gate.
 #include <metal_stdlib>
 using namespace metal;
@@ -34,15 +34,29 @@ inline float2 gelu_and_grad(float x, uint approximate) {
   return float2(0.5f * x * (1.0f + t), 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * d_inner);
 }
 
+// Rows of `cols` elements; each input's rows are its own stride apart (a
+// contiguous tensor, or a slice of one along its last dimension such as the
+// halves of a fused gate/up projection); outputs are contiguous. Grid:
+// (ceil(cols / N_PER), rows); each thread handles N_PER columns of one row.
+struct GluShape {
+  uint rows;
+  uint cols;
+  uint gate_stride;
+  uint up_stride;
+  uint grad_stride;  // backward: grad_out's row stride
+  uint approximate;  // geglu: 0 = erf, 1 = tanh
+};
+
 template <typename T>
 kernel void swiglu_forward(device const T* gate [[buffer(0)]], device const T* up [[buffer(1)]],
-                           device T* out [[buffer(2)]], constant uint& n [[buffer(3)]],
-                           uint tid [[thread_position_in_grid]]) {
+                           device T* out [[buffer(2)]], constant GluShape& s [[buffer(3)]],
+                           uint2 tid [[thread_position_in_grid]]) {
+  const ulong row = tid.y;
   for (uint k = 0; k < N_PER; ++k) {
-    const uint i = tid * N_PER + k;
-    if (i < n) {
-      const float g = float(gate[i]);
-      out[i] = T(g * sigmoid(g) * float(up[i]));
+    const uint col = tid.x * N_PER + k;
+    if (col < s.cols) {
+      const float g = float(gate[row * s.gate_stride + col]);
+      out[row * s.cols + col] = T(g * sigmoid(g) * float(up[row * s.up_stride + col]));
     }
   }
 }
@@ -50,28 +64,32 @@ kernel void swiglu_forward(device const T* gate [[buffer(0)]], device const T* u
 template <typename T>
 kernel void swiglu_backward(device const T* grad_out [[buffer(0)]], device const T* gate [[buffer(1)]],
                             device const T* up [[buffer(2)]], device T* grad_gate [[buffer(3)]],
-                            device T* grad_up [[buffer(4)]], constant uint& n [[buffer(5)]],
-                            uint tid [[thread_position_in_grid]]) {
+                            device T* grad_up [[buffer(4)]], constant GluShape& s [[buffer(5)]],
+                            uint2 tid [[thread_position_in_grid]]) {
+  const ulong row = tid.y;
   for (uint k = 0; k < N_PER; ++k) {
-    const uint i = tid * N_PER + k;
-    if (i < n) {
-      const float g = float(gate[i]);
-      const float dy = float(grad_out[i]);
-      const float s = sigmoid(g);
-      grad_gate[i] = T(dy * float(up[i]) * s * (1.0f + g * (1.0f - s)));
-      grad_up[i] = T(dy * g * s);
+    const uint col = tid.x * N_PER + k;
+    if (col < s.cols) {
+      const float g = float(gate[row * s.gate_stride + col]);
+      const float dy = float(grad_out[row * s.grad_stride + col]);
+      const float sg = sigmoid(g);
+      const ulong i = row * s.cols + col;
+      grad_gate[i] = T(dy * float(up[row * s.up_stride + col]) * sg * (1.0f + g * (1.0f - sg)));
+      grad_up[i] = T(dy * g * sg);
     }
   }
 }
 
 template <typename T>
 kernel void geglu_forward(device const T* gate [[buffer(0)]], device const T* up [[buffer(1)]],
-                          device T* out [[buffer(2)]], constant uint& n [[buffer(3)]],
-                          constant uint& approximate [[buffer(4)]], uint tid [[thread_position_in_grid]]) {
+                          device T* out [[buffer(2)]], constant GluShape& s [[buffer(3)]],
+                          uint2 tid [[thread_position_in_grid]]) {
+  const ulong row = tid.y;
   for (uint k = 0; k < N_PER; ++k) {
-    const uint i = tid * N_PER + k;
-    if (i < n) {
-      out[i] = T(gelu_and_grad(float(gate[i]), approximate).x * float(up[i]));
+    const uint col = tid.x * N_PER + k;
+    if (col < s.cols) {
+      const float gelu = gelu_and_grad(float(gate[row * s.gate_stride + col]), s.approximate).x;
+      out[row * s.cols + col] = T(gelu * float(up[row * s.up_stride + col]));
     }
   }
 }
@@ -79,14 +97,16 @@ kernel void geglu_forward(device const T* gate [[buffer(0)]], device const T* up
 template <typename T>
 kernel void geglu_backward(device const T* grad_out [[buffer(0)]], device const T* gate [[buffer(1)]],
                            device const T* up [[buffer(2)]], device T* grad_gate [[buffer(3)]],
-                           device T* grad_up [[buffer(4)]], constant uint& n [[buffer(5)]],
-                           constant uint& approximate [[buffer(6)]], uint tid [[thread_position_in_grid]]) {
+                           device T* grad_up [[buffer(4)]], constant GluShape& s [[buffer(5)]],
+                           uint2 tid [[thread_position_in_grid]]) {
+  const ulong row = tid.y;
   for (uint k = 0; k < N_PER; ++k) {
-    const uint i = tid * N_PER + k;
-    if (i < n) {
-      const float2 gg = gelu_and_grad(float(gate[i]), approximate);
-      const float dy = float(grad_out[i]);
-      grad_gate[i] = T(dy * float(up[i]) * gg.y);
+    const uint col = tid.x * N_PER + k;
+    if (col < s.cols) {
+      const float2 gg = gelu_and_grad(float(gate[row * s.gate_stride + col]), s.approximate);
+      const float dy = float(grad_out[row * s.grad_stride + col]);
+      const ulong i = row * s.cols + col;
+      grad_gate[i] = T(dy * float(up[row * s.up_stride + col]) * gg.y);
       grad_up[i] = T(dy * gg.x);
     }
   }
@@ -94,14 +114,13 @@ kernel void geglu_backward(device const T* grad_out [[buffer(0)]], device const 
 
 #define INSTANTIATE_GLU(T)                                                                                   \
   template [[host_name("swiglu_forward_" #T)]] kernel void swiglu_forward<T>(                               \
-      device const T*, device const T*, device T*, constant uint&, uint);                                   \
+      device const T*, device const T*, device T*, constant GluShape&, uint2);                              \
   template [[host_name("swiglu_backward_" #T)]] kernel void swiglu_backward<T>(                             \
-      device const T*, device const T*, device const T*, device T*, device T*, constant uint&, uint);       \
+      device const T*, device const T*, device const T*, device T*, device T*, constant GluShape&, uint2);  \
   template [[host_name("geglu_forward_" #T)]] kernel void geglu_forward<T>(                                 \
-      device const T*, device const T*, device T*, constant uint&, constant uint&, uint);                   \
+      device const T*, device const T*, device T*, constant GluShape&, uint2);                              \
   template [[host_name("geglu_backward_" #T)]] kernel void geglu_backward<T>(                               \
-      device const T*, device const T*, device const T*, device T*, device T*, constant uint&, constant uint&, \
-      uint);
+      device const T*, device const T*, device const T*, device T*, device T*, constant GluShape&, uint2);
 
 INSTANTIATE_GLU(float)
 INSTANTIATE_GLU(half)
