@@ -48,6 +48,34 @@ class FusedSwiGLUMLP(nn.Module):
         return down(ops.swiglu(gate(x), up(x)))
 
 
+class FusedGateUpSwiGLUMLP(nn.Module):
+    """``down(swiglu(*gate_up(x).chunk(2, -1)))`` for MLPs with one fused
+    gate/up projection (transformers' Phi3MLP); swiglu reads the two halves in
+    place. The Linear modules keep their names (same state_dict keys)."""
+
+    def __init__(self, gate_up_proj: nn.Linear, down_proj: nn.Linear):
+        super().__init__()
+        self.gate_up_proj = gate_up_proj
+        self.down_proj = down_proj
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(ops.swiglu(gate, up))
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
+def _fused_gate_up_mlp(module: nn.Module):
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if isinstance(module, FusedGateUpSwiGLUMLP) or not (isinstance(gate_up, nn.Linear) and isinstance(down, nn.Linear)):
+        return None
+    if gate_up.out_features != 2 * down.in_features or not _is_silu(getattr(module, "activation_fn", None)):
+        return None
+    return gate_up, down
+
+
 def _silu_gated_mlp(module: nn.Module):
     if isinstance(module, (FusedSwiGLUMLP, my_nn.SwiGLU)):
         return None
@@ -56,7 +84,7 @@ def _silu_gated_mlp(module: nn.Module):
         if not all(isinstance(l, nn.Linear) for l in linears):
             continue
         act = getattr(module, "act_fn", None)
-        if names[0] == "gate_proj" and not (isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLU", "SiLUActivation")):
+        if names[0] == "gate_proj" and not _is_silu(act):
             return None  # another activation (e.g. GELU): leave it
         if names[0] == "w_gate" and type(module).__name__ != "SwiGLU":
             return None
@@ -71,7 +99,8 @@ def patch_model(model: nn.Module) -> nn.Module:
     - RMSNorm modules (torch.nn.RMSNorm, transformers' LlamaRMSNorm and copies)
       become my_mps_ops.nn.RMSNorm;
     - SiLU-gated MLPs (transformers' LlamaMLP-style gate_proj/up_proj/down_proj
-      with act_fn SiLU) run their gate through the fused my_mps_ops.swiglu.
+      with act_fn SiLU, or Phi3MLP-style gate_up_proj/down_proj with
+      activation_fn SiLU) run their gate through the fused my_mps_ops.swiglu.
 
     Returns the model."""
     for name, module in list(model.named_modules()):
@@ -80,6 +109,10 @@ def patch_model(model: nn.Module) -> nn.Module:
             if mlp is not None:
                 names, (gate, up, down) = mlp
                 setattr(module, child_name, FusedSwiGLUMLP(names, gate, up, down))
+                continue
+            fused = _fused_gate_up_mlp(child)
+            if fused is not None:
+                setattr(module, child_name, FusedGateUpSwiGLUMLP(*fused))
                 continue
             if not _is_rms_norm(child):
                 continue

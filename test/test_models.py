@@ -87,6 +87,29 @@ def test_patch_model_on_transformers_llama():
         torch.testing.assert_close(model(tokens).logits, before, atol=1e-5, rtol=1e-5)
 
 
+def test_patch_model_on_transformers_phi3_fused_gate_up():
+    transformers = pytest.importorskip("transformers")
+    from my_mps_ops.patch import FusedGateUpSwiGLUMLP
+
+    config = transformers.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(config)
+    reference = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    tokens = torch.randint(0, 64, (2, 11))
+    patch_model(model)
+    assert list(model.state_dict()) == keys
+    assert sum(isinstance(m, FusedGateUpSwiGLUMLP) for m in model.modules()) == 2
+    out, ref = model(tokens).logits, reference(tokens).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    ref.sum().backward()
+    for (name, p_ref), p in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_compiled_training_step_has_no_graph_breaks_and_matches_eager():
     torch._dynamo.reset()
     reference, ours = pair()
