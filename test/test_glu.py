@@ -117,6 +117,10 @@ def test_fused_projection_halves_and_other_layouts(backend, kind, dtype):
     row = torch.randn(h, dtype=dtype, device=backend.device)
     wide = torch.randn(h, 4, dtype=dtype, device=backend.device).t()  # [4, h], stride (1, 4)
     assert_close(run(kind, wide, row.expand(4, h)), act(wide.double(), kind) * row.double(), dtype)
+    # Leading dimensions that do not collapse into one row index (copied, then read).
+    swapped = torch.randn(5, 3, 2 * h, dtype=dtype, device=backend.device).transpose(0, 1)
+    g2, u2 = swapped.chunk(2, dim=-1)
+    assert_close(run(kind, g2, u2), act(g2.double(), kind) * u2.double(), dtype)
 
 
 def test_noncontiguous_and_zero_size(backend):
