@@ -315,34 +315,35 @@ std::pair<Tensor, cpu::RowView> as_rows(const Tensor& t) {
   return {c, *cpu::row_view(c)};
 }
 
+// What the CPU and Metal paths take, prepared once by forward_any /
+// backward_any: inputs as row views (gv.rows x gv.cols), contiguous outputs.
+struct ForwardIO {
+  Tensor gate, up, out;
+  cpu::RowView gv, uv;
+};
+struct BackwardIO {
+  Tensor grad_out, gate, up, dgate, dup;
+  cpu::RowView dyv, gv, uv;
+};
+
 template <Activation A>
-Tensor forward_cpu(const Tensor& gate, const Tensor& up) {
-  Tensor out = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out;
-  const auto [g, gv] = as_rows(gate);
-  const auto [u, uv] = as_rows(up);
-  MY_MPS_OPS_DISPATCH_CPU_TYPES(g.scalar_type(), "glu_cpu", [&] {
-    forward_cpu_kernel<A, scalar_t>(g.const_data_ptr<scalar_t>(), gv.row_stride, u.const_data_ptr<scalar_t>(),
-                                    uv.row_stride, out.mutable_data_ptr<scalar_t>(), gv.rows, gv.cols);
+void forward_cpu(const ForwardIO& io) {
+  MY_MPS_OPS_DISPATCH_CPU_TYPES(io.gate.scalar_type(), "glu_cpu", [&] {
+    forward_cpu_kernel<A, scalar_t>(io.gate.const_data_ptr<scalar_t>(), io.gv.row_stride,
+                                    io.up.const_data_ptr<scalar_t>(), io.uv.row_stride,
+                                    io.out.mutable_data_ptr<scalar_t>(), io.gv.rows, io.gv.cols);
   });
-  return out;
 }
 
 template <Activation A>
-std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_out, const Tensor& gate, const Tensor& up) {
-  const auto options = gate.options().memory_format(at::MemoryFormat::Contiguous);
-  Tensor dgate = at::empty(gate.sizes(), options), dup = at::empty(gate.sizes(), options);
-  if (gate.numel() == 0) return {dgate, dup};
-  const auto [dy, dyv] = as_rows(grad_out);
-  const auto [g, gv] = as_rows(gate);
-  const auto [u, uv] = as_rows(up);
-  MY_MPS_OPS_DISPATCH_CPU_TYPES(g.scalar_type(), "glu_backward_cpu", [&] {
-    backward_cpu_kernel<A, scalar_t>(dy.const_data_ptr<scalar_t>(), dyv.row_stride, g.const_data_ptr<scalar_t>(),
-                                     gv.row_stride, u.const_data_ptr<scalar_t>(), uv.row_stride,
-                                     dgate.mutable_data_ptr<scalar_t>(), dup.mutable_data_ptr<scalar_t>(), gv.rows,
-                                     gv.cols);
+void backward_cpu(const BackwardIO& io) {
+  MY_MPS_OPS_DISPATCH_CPU_TYPES(io.gate.scalar_type(), "glu_backward_cpu", [&] {
+    backward_cpu_kernel<A, scalar_t>(io.grad_out.const_data_ptr<scalar_t>(), io.dyv.row_stride,
+                                     io.gate.const_data_ptr<scalar_t>(), io.gv.row_stride,
+                                     io.up.const_data_ptr<scalar_t>(), io.uv.row_stride,
+                                     io.dgate.mutable_data_ptr<scalar_t>(), io.dup.mutable_data_ptr<scalar_t>(),
+                                     io.gv.rows, io.gv.cols);
   });
-  return {dgate, dup};
 }
 
 // ------------------------------------------------------------ Metal path
@@ -374,67 +375,74 @@ void dispatch_rows(metal::Launch& launch, metal::Executor& executor, const std::
   launch.dispatch_threads({threads_x, rows, 1}, {group_x, group_y, 1});
 }
 
-Tensor forward_metal(Activation act, const Tensor& gate, const Tensor& up) {
+void forward_metal(Activation act, const ForwardIO& io) {
   const char* op = op_name(act, false);
+  const GluShape shape{metal_extent(io.gv.rows, op, "rows"), metal_extent(io.gv.cols, op, "row length"),
+                       metal_extent(io.gv.row_stride, op, "gate row stride"),
+                       metal_extent(io.uv.row_stride, op, "up row stride"), 0, metal_approximate(act)};
+  auto& executor = metal::executor_for(io.gate.device());
+  const std::string kernel = std::string(act == Activation::SiLU ? "swiglu_forward_" : "geglu_forward_") +
+                             metal_type_name(io.gate.scalar_type());
+  metal::Launch launch(kLibrary, kernel);
+  launch.buffer(io.gate).buffer(io.up).buffer(io.out).scalar(shape);
+  dispatch_rows(launch, executor, kernel, io.gv.rows, io.gv.cols);
+  executor.run(launch);
+}
+
+void backward_metal(Activation act, const BackwardIO& io) {
+  const char* op = op_name(act, true);
+  const GluShape shape{metal_extent(io.gv.rows, op, "rows"), metal_extent(io.gv.cols, op, "row length"),
+                       metal_extent(io.gv.row_stride, op, "gate row stride"),
+                       metal_extent(io.uv.row_stride, op, "up row stride"),
+                       metal_extent(io.dyv.row_stride, op, "grad_out row stride"), metal_approximate(act)};
+  auto& executor = metal::executor_for(io.gate.device());
+  const std::string kernel = std::string(act == Activation::SiLU ? "swiglu_backward_" : "geglu_backward_") +
+                             metal_type_name(io.gate.scalar_type());
+  metal::Launch launch(kLibrary, kernel);
+  launch.buffer(io.grad_out).buffer(io.gate).buffer(io.up).buffer(io.dgate).buffer(io.dup).scalar(shape);
+  dispatch_rows(launch, executor, kernel, io.gv.rows, io.gv.cols);
+  executor.run(launch);
+}
+
+// -------------------------------------------------------- per-device kernels
+
+Tensor forward_any(Activation act, const Tensor& gate, const Tensor& up) {
   Tensor out = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const auto [g, gv] = as_rows(gate);
   const auto [u, uv] = as_rows(up);
-  const GluShape shape{metal_extent(gv.rows, op, "rows"), metal_extent(gv.cols, op, "row length"),
-                       metal_extent(gv.row_stride, op, "gate row stride"),
-                       metal_extent(uv.row_stride, op, "up row stride"), 0, metal_approximate(act)};
-  auto& executor = metal::executor_for(g.device());
-  const std::string kernel =
-      std::string(act == Activation::SiLU ? "swiglu_forward_" : "geglu_forward_") + metal_type_name(g.scalar_type());
-  metal::Launch launch(kLibrary, kernel);
-  launch.buffer(g).buffer(u).buffer(out).scalar(shape);
-  dispatch_rows(launch, executor, kernel, gv.rows, gv.cols);
-  executor.run(launch);
+  const ForwardIO io{g, u, out, gv, uv};
+  if (gate.is_mps() || metal::metal_emulation_enabled()) {
+    forward_metal(act, io);
+  } else if (act == Activation::SiLU) {
+    forward_cpu<Activation::SiLU>(io);
+  } else if (act == Activation::GeluErf) {
+    forward_cpu<Activation::GeluErf>(io);
+  } else {
+    forward_cpu<Activation::GeluTanh>(io);
+  }
   return out;
 }
 
-std::tuple<Tensor, Tensor> backward_metal(Activation act, const Tensor& grad_out, const Tensor& gate,
-                                          const Tensor& up) {
-  const char* op = op_name(act, true);
+std::tuple<Tensor, Tensor> backward_any(Activation act, const Tensor& grad_out, const Tensor& gate,
+                                        const Tensor& up) {
   const auto options = gate.options().memory_format(at::MemoryFormat::Contiguous);
   Tensor dgate = at::empty(gate.sizes(), options), dup = at::empty(gate.sizes(), options);
   if (gate.numel() == 0) return {dgate, dup};
   const auto [dy, dyv] = as_rows(grad_out);
   const auto [g, gv] = as_rows(gate);
   const auto [u, uv] = as_rows(up);
-  const GluShape shape{metal_extent(gv.rows, op, "rows"), metal_extent(gv.cols, op, "row length"),
-                       metal_extent(gv.row_stride, op, "gate row stride"),
-                       metal_extent(uv.row_stride, op, "up row stride"),
-                       metal_extent(dyv.row_stride, op, "grad_out row stride"), metal_approximate(act)};
-  auto& executor = metal::executor_for(g.device());
-  const std::string kernel =
-      std::string(act == Activation::SiLU ? "swiglu_backward_" : "geglu_backward_") + metal_type_name(g.scalar_type());
-  metal::Launch launch(kLibrary, kernel);
-  launch.buffer(dy).buffer(g).buffer(u).buffer(dgate).buffer(dup).scalar(shape);
-  dispatch_rows(launch, executor, kernel, gv.rows, gv.cols);
-  executor.run(launch);
+  const BackwardIO io{dy, g, u, dgate, dup, dyv, gv, uv};
+  if (gate.is_mps() || metal::metal_emulation_enabled()) {
+    backward_metal(act, io);
+  } else if (act == Activation::SiLU) {
+    backward_cpu<Activation::SiLU>(io);
+  } else if (act == Activation::GeluErf) {
+    backward_cpu<Activation::GeluErf>(io);
+  } else {
+    backward_cpu<Activation::GeluTanh>(io);
+  }
   return {dgate, dup};
-}
-
-// -------------------------------------------------------- per-device kernels
-
-Tensor forward_any(Activation act, const Tensor& gate, const Tensor& up) {
-  if (gate.is_mps() || metal::metal_emulation_enabled()) return forward_metal(act, gate, up);
-  switch (act) {
-    case Activation::SiLU: return forward_cpu<Activation::SiLU>(gate, up);
-    case Activation::GeluErf: return forward_cpu<Activation::GeluErf>(gate, up);
-    default: return forward_cpu<Activation::GeluTanh>(gate, up);
-  }
-}
-
-std::tuple<Tensor, Tensor> backward_any(Activation act, const Tensor& grad_out, const Tensor& gate,
-                                        const Tensor& up) {
-  if (gate.is_mps() || metal::metal_emulation_enabled()) return backward_metal(act, grad_out, gate, up);
-  switch (act) {
-    case Activation::SiLU: return backward_cpu<Activation::SiLU>(grad_out, gate, up);
-    case Activation::GeluErf: return backward_cpu<Activation::GeluErf>(grad_out, gate, up);
-    default: return backward_cpu<Activation::GeluTanh>(grad_out, gate, up);
-  }
 }
 
 Tensor swiglu_impl(const Tensor& gate, const Tensor& up) {
