@@ -9,7 +9,8 @@ forward+backward), optional targets [(shape, dtype, mode, baseline, min_speedup)
 memory_targets [(shape, dtype, mode, baseline, max_peak_ratio)].
 
 Times are medians of repeated runs after warm-up, in one process; speedups are
-ratios from the same run. Peak memory is measured on one further call of each
+ratios from the same run. Forward+backward runs the forward and out.backward(grad)
+with a gradient made once before timing (see make_runner). Peak memory is measured on one further call of each
 implementation (see peak_memory_mb). Writes benchmarks/results/results.{csv,json,md} and a
 bar chart speedups.png. MPS rows appear only when run on a Mac.
 """
@@ -47,18 +48,26 @@ def sync(device):
         torch.mps.synchronize()
 
 
-def time_fn(fn, device, min_runs=5, budget_s=1.5):
-    for _ in range(2):
+def time_fns(fns, device, min_rounds=5, budget_s=3.0, max_rounds=50):
+    """Median time of each fn in fns (a dict), measured in interleaved rounds.
+
+    Each round runs every fn once, so a slow spell of a shared machine lands on
+    all implementations alike instead of on whichever was being timed then."""
+    for fn in fns.values():
+        fn()
         fn()
     sync(device)
-    times = []
+    times = {name: [] for name in fns}
     start = time.perf_counter()
-    while len(times) < min_runs or (time.perf_counter() - start < budget_s and len(times) < 50):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < max_rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def peak_memory_mb(fn, device):
@@ -97,10 +106,23 @@ def make_runner(fn, inputs, grad_inputs, backward):
     leaves = [t.detach().requires_grad_(i in grad_inputs) if t.is_floating_point() else t
               for i, t in enumerate(inputs)]
 
-    def forward_backward():
+    def first_output():
         out = fn(*leaves)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        out.backward(torch.ones_like(out))
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    # The upstream gradient is an input of the backward, made before timing like
+    # the forward inputs (in training it comes from the layers above). Made inside
+    # the timed call it would add one fresh output-sized allocation and fill to
+    # every implementation alike; the same seed gives every implementation the
+    # same values.
+    with torch.no_grad():
+        like = first_output()
+    generator = torch.Generator(device=like.device).manual_seed(1)
+    grad_out = torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+    del like
+
+    def forward_backward():
+        first_output().backward(grad_out)
         for t in leaves:
             t.grad = None
     return forward_backward
@@ -134,7 +156,7 @@ def main(argv=None) -> int:
                         impls = {"my_mps_ops": case["ours"], **case["baselines"]}
                         runners = {name: make_runner(fn, inputs, case["grad_inputs"], mode == "fwd+bwd")
                                    for name, fn in impls.items()}
-                        timings = {name: time_fn(run, device) for name, run in runners.items()}
+                        timings = time_fns(runners, device)
                         peaks = {name: peak_memory_mb(run, device) for name, run in runners.items()}
                         for name, t in timings.items():
                             if name == "my_mps_ops":

@@ -207,7 +207,7 @@ __attribute__((always_inline)) inline void backward_rows(const T* logits, const 
         if constexpr (kStream) {  // large outputs: streaming stores from the first aligned element
           for (const int64_t head = std::min(v, cpu::floats_to_align32(gr)); i < head; ++i)
             gr[i] = g * (cpu::exp_f32(z[i] - row_lse) - uniform);
-          for (; i + 8 <= v; i += 8) cpu::stream8(gr + i, g * (cpu::exp8(cpu::load8(z + i) - lse8) - uniform));
+          for (; i + 8 <= v; i += 8) cpu::streamv(gr + i, g * (cpu::exp8(cpu::load8(z + i) - lse8) - uniform));
         }
         for (; i + 8 <= v; i += 8) cpu::store8(gr + i, g * (cpu::exp8(cpu::load8(z + i) - lse8) - uniform));
         for (; i < v; ++i) gr[i] = g * (cpu::exp_f32(z[i] - row_lse) - uniform);

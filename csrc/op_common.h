@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <cstdint>
 #include <optional>
@@ -142,6 +143,29 @@ template <> struct Lanes<f32x8> {
   static f32x8 splat(float c) { return splat8(c); }
 };
 
+// Sixteen float32 lanes: the same loops in AVX-512 copies (x86-64 CPUs with
+// AVX-512F, see has_avx512). Only ever inlined into functions compiled for it.
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+template <> struct Lanes<f32x16> {
+  using Int = i32x16;
+  static f32x16 splat(float c) { return f32x16{} + c; }
+};
+
+// Loads and stores of one vector of either width.
+template <typename V>
+__attribute__((always_inline)) inline V loadv(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename V>
+__attribute__((always_inline)) inline void storev(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename V>
+constexpr int64_t kLanes = int64_t(sizeof(V) / sizeof(float));
+
 template <typename V>
 __attribute__((always_inline)) inline V exp_poly(V x) {
   using L = Lanes<V>;
@@ -171,24 +195,31 @@ __attribute__((always_inline)) inline f32x8 exp8(f32x8 x) { return exp_poly(x); 
 // Streaming (non-temporal) stores for outputs much larger than the caches:
 // they skip the read-for-ownership of each written line, about a quarter of
 // the traffic of an elementwise backward. x86-64 AVX copies only; elsewhere a
-// plain store. stream8 needs a 32-byte aligned address; stream_fence orders
+// plain store. streamv needs an address aligned to the vector size; stream_fence orders
 // the streamed lines before the thread's work is handed back.
 constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
 #if defined(__x86_64__) && defined(__GNUC__)
-// Inline asm rather than the builtin: the builtin would tie every always_inline
-// caller to the AVX target; this is only ever inlined into AVX2 copies.
-__attribute__((always_inline)) inline void stream8(float* p, f32x8 v) {
-  asm volatile("vmovntps %1, %0" : "=m"(*reinterpret_cast<f32x8*>(p)) : "x"(v));
+// Inline asm rather than the builtins: a builtin would tie every always_inline
+// caller to the AVX target; these are only ever inlined into AVX2 / AVX-512
+// copies. streamv needs an address aligned to the vector's size.
+template <typename V>
+__attribute__((always_inline)) inline void streamv(float* p, V v) {
+  static_assert(sizeof(V) == 32 || sizeof(V) == 64);
+  asm volatile("vmovntps %1, %0" : "=m"(*reinterpret_cast<V*>(p)) : "v"(v));
 }
 __attribute__((always_inline)) inline void stream_fence() { __builtin_ia32_sfence(); }
 #else
-__attribute__((always_inline)) inline void stream8(float* p, f32x8 v) { store8(p, v); }
+template <typename V>
+__attribute__((always_inline)) inline void streamv(float* p, V v) {
+  storev(p, v);
+}
 __attribute__((always_inline)) inline void stream_fence() {}
 #endif
-// Elements of float before p reaches 32-byte alignment.
-inline int64_t floats_to_align32(const float* p) {
-  return int64_t((32 - reinterpret_cast<uintptr_t>(p) % 32) % 32) / int64_t(sizeof(float));
+// Elements of float before p reaches an alignment of `bytes`.
+inline int64_t floats_to_align(const float* p, int64_t bytes) {
+  return int64_t((bytes - reinterpret_cast<uintptr_t>(p) % bytes) % bytes) / int64_t(sizeof(float));
 }
+inline int64_t floats_to_align32(const float* p) { return floats_to_align(p, 32); }
 #pragma GCC diagnostic pop
 
 // Conversions between T and float32 over n elements. bfloat16 goes eight
@@ -283,14 +314,40 @@ inline std::optional<RowView> row_view(const at::Tensor& t) {
 }
 
 // Whether this CPU runs the AVX2+FMA copies of the hot loops (x86-64 only;
-// those copies are compiled with __attribute__((target("avx2,fma")))).
+// those copies are compiled with __attribute__((target("avx2,fma")))), and the
+// AVX-512 copies (target("avx512f,avx2,fma"), sixteen lanes per vector).
+// MY_MPS_OPS_CPU_ISA=baseline|avx2|avx512, read once, caps the copies used so
+// that the tests run every copy on one machine (the baseline copy is the code
+// non-x86 CPUs run); unset means the best the CPU has.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define MY_MPS_OPS_X86_AVX2_COPIES 1
-inline bool has_avx2_fma() {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
+enum class CpuIsa { Baseline, Avx2, Avx512 };
+inline CpuIsa cpu_isa() {
+  static const CpuIsa isa = [] {
+    CpuIsa best = CpuIsa::Baseline;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      best = __builtin_cpu_supports("avx512f") ? CpuIsa::Avx512 : CpuIsa::Avx2;
+    const char* cap = std::getenv("MY_MPS_OPS_CPU_ISA");
+    if (cap == nullptr || *cap == 0 || std::strcmp(cap, "avx512") == 0) return best;
+    if (std::strcmp(cap, "avx2") == 0) return std::min(best, CpuIsa::Avx2);
+    TORCH_CHECK(std::strcmp(cap, "baseline") == 0,
+                "MY_MPS_OPS_CPU_ISA must be baseline, avx2 or avx512, got \"", cap, "\"");
+    return CpuIsa::Baseline;
+  }();
+  return isa;
 }
+inline bool has_avx2_fma() { return cpu_isa() >= CpuIsa::Avx2; }
+inline bool has_avx512() { return cpu_isa() >= CpuIsa::Avx512; }
 #endif
+
+// Which copies of the CPU loops run here: "avx512", "avx2" or "baseline".
+inline const char* cpu_isa_name() {
+#ifdef MY_MPS_OPS_X86_AVX2_COPIES
+  if (has_avx512()) return "avx512";
+  if (has_avx2_fma()) return "avx2";
+#endif
+  return "baseline";
+}
 
 // Rows per at::parallel_for task so that each task touches ~32K elements.
 inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }

@@ -8,6 +8,7 @@
 #include "embedded_shaders.h"
 #include "emulator/emulator.h"
 #include "metal_launch.h"
+#include "op_common.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "my_mps_ops native library";
@@ -61,6 +62,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
      pybind11::arg("group"), pybind11::arg("uniform") = false,
      pybind11::arg("threadgroup_memory") = std::vector<std::pair<int64_t, size_t>>{},
      "Runs one kernel of an emulator library: args are tensors (buffers) or bytes (scalars), in buffer-index order");
+  m.def("cpu_isa", &my_mps_ops::cpu::cpu_isa_name,
+        "Which copies of the CPU loops run: avx512, avx2 or baseline (capped by MY_MPS_OPS_CPU_ISA)");
   m.attr("built_with_mps") =
 #ifdef MY_MPS_OPS_WITH_MPS
       true;
