@@ -280,6 +280,51 @@ def test_simd_functions_skip_lanes_outside_the_grid():
     assert torch.all(o[32:, 3] == 8)
 
 
+PARTIAL_SIMD_SRC = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+// Part of a SIMD group runs simd_sum while the rest waits at the barrier:
+// the sum is over the active lanes only (Metal's rule).
+kernel void partial_simd_sum(device float* out, uint lane [[thread_index_in_simdgroup]],
+                             uint tid [[thread_position_in_threadgroup]]) {
+  float v = float(lane + 1);
+  if (lane < 12) v = simd_sum(v);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[tid] = v;
+}
+
+// A loop whose trip count depends on the lane, with a collective inside: each
+// iteration runs over the lanes still in the loop; lanes that left it wait at
+// the barrier meanwhile.
+kernel void simd_sum_in_divergent_loop(device float* out, uint lane [[thread_index_in_simdgroup]],
+                                       uint tid [[thread_position_in_threadgroup]]) {
+  float acc = 0.0f;
+  for (uint k = 0; k <= lane / 8; ++k) acc += simd_sum(1.0f);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[tid] = acc;
+}
+"""
+
+
+def test_simd_function_over_the_active_lanes_of_a_simd_group():
+    lib = compile_shader(PARTIAL_SIMD_SRC)
+    out = torch.zeros(64)
+    lib.partial_simd_sum(out, threads=64, group_size=64)
+    lanes = torch.arange(64) % 32
+    expected = torch.where(lanes < 12, torch.tensor(float(sum(range(1, 13)))), (lanes + 1).float())
+    assert torch.equal(out, expected)
+
+
+def test_simd_function_in_a_loop_with_lane_dependent_trip_count():
+    lib = compile_shader(PARTIAL_SIMD_SRC)
+    out = torch.zeros(64)
+    lib.simd_sum_in_divergent_loop(out, threads=64, group_size=64)
+    # Iteration k runs with the lanes whose lane / 8 >= k: 32 - 8k of them.
+    expected = [float(sum(32 - 8 * k for k in range(lane % 32 // 8 + 1))) for lane in range(64)]
+    assert out.tolist() == expected
+
+
 ATOMIC_SRC = r"""
 #include <metal_stdlib>
 using namespace metal;

@@ -15,8 +15,10 @@ with dispatchThreads semantics (non-uniform grids): only threads inside
 ``threads`` run.
 
 Every GPU thread is run (fibers when the kernel synchronises), and what a GPU
-hides is raised as RuntimeError: out-of-bounds accesses, divergent barriers and
-SIMD-group functions, threads that returned before a barrier, scalars of the
+hides is raised as RuntimeError: out-of-bounds accesses, divergent barriers,
+SIMD-group functions waited on at two call sites by lanes of one SIMD group
+(each runs over its active lanes otherwise), threads that returned before a
+barrier, scalars of the
 wrong width, unbound buffers, threadgroups over 1024 threads or 32 KB.
 """
 
