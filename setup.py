@@ -108,6 +108,25 @@ def _torch_uses_openmp():
     return bool(getattr(torch._C, "has_openmp", False))
 
 
+def _macos_openmp():
+    """Compile and link flags for OpenMP on macOS, or None.
+
+    Apple clang has no -fopenmp driver flag, but its front end takes
+    -Xclang -fopenmp; PyTorch's macOS wheels ship omp.h and libomp.dylib
+    (torch/include, torch/lib), which is how torch.compile builds OpenMP code
+    there. Linking that same libomp keeps one OpenMP runtime in the process."""
+    import torch
+
+    if not _torch_uses_openmp():
+        return None
+    torch_dir = os.path.dirname(torch.__file__)
+    lib_dir = os.path.join(torch_dir, "lib")
+    if not (os.path.exists(os.path.join(torch_dir, "include", "omp.h")) and
+            os.path.exists(os.path.join(lib_dir, "libomp.dylib"))):
+        return None
+    return ["-Xclang", "-fopenmp"], ["-L" + lib_dir, "-lomp", "-Wl,-rpath," + lib_dir]
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/emulator/*.cpp"))
     sources.append(os.path.relpath(generate_embedded_shaders(), ROOT))
@@ -126,6 +145,11 @@ def extension():
         # kernel runs on one thread. libgomp resolves to the copy torch loads.
         cxx_flags += ["-fopenmp"]
         extra_link += ["-fopenmp"]
+    if IS_MACOS and _macos_openmp() is not None:
+        # As above; without it the CPU kernels run single-threaded on macOS.
+        omp_compile, omp_link = _macos_openmp()
+        cxx_flags += omp_compile
+        extra_link += omp_link
     if IS_MACOS:
         sources += sorted(glob.glob("csrc/mps/*.mm"))
         # PyTorch's MPS headers use manual retain/release: no ARC.

@@ -31,7 +31,10 @@ CLANG_CANDIDATES = ["clang++", "clang++-19", "clang++-18", "clang++-17", "clang+
 
 # Objective-C++ as the macOS build compiles it (setup.py: no ARC), with
 # Apple's runtime semantics and blocks (both implicit on Darwin).
-OBJC_FLAGS = ["-x", "objective-c++", "-fsyntax-only", "-fno-objc-arc", "-fblocks", "-fobjc-runtime=macosx"]
+# -Xclang -fopenmp: setup.py builds every source, the .mm included, in OpenMP
+# mode on macOS when the torch wheel ships libomp.
+OBJC_FLAGS = ["-x", "objective-c++", "-fsyntax-only", "-fno-objc-arc", "-fblocks", "-fobjc-runtime=macosx",
+              "-Xclang", "-fopenmp"]
 # Every warning is an error: "instance method not found" (-Wobjc-method-access)
 # and "sending 'id<A>' to parameter of incompatible type 'id<B>'" are warnings
 # in Objective-C.

@@ -1,5 +1,6 @@
 """How the extension is built, where it changes what users get."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -20,3 +21,21 @@ def test_cpu_kernels_are_compiled_with_openmp():
     symbols = subprocess.run(["nm", "-D", "--undefined-only", my_mps_ops._C.__file__], capture_output=True,
                              text=True, check=True).stdout
     assert "GOMP_parallel" in symbols
+
+
+def _torch_ships_libomp():
+    torch_dir = torch.__path__[0]
+    return (getattr(torch._C, "has_openmp", False) and
+            os.path.exists(os.path.join(torch_dir, "include", "omp.h")) and
+            os.path.exists(os.path.join(torch_dir, "lib", "libomp.dylib")))
+
+
+@pytest.mark.skipif(sys.platform != "darwin" or not _torch_ships_libomp(),
+                    reason="macOS with a torch wheel that ships omp.h and libomp.dylib")
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm")
+def test_cpu_kernels_are_compiled_with_openmp_on_macos():
+    # setup.py builds with -Xclang -fopenmp against torch's own libomp there:
+    # parallel regions call __kmpc_fork_call (Mach-O adds a leading underscore).
+    symbols = subprocess.run(["nm", "-u", my_mps_ops._C.__file__], capture_output=True, text=True,
+                             check=True).stdout
+    assert "__kmpc_fork_call" in symbols
