@@ -3,7 +3,7 @@
 //
 // One pass each way; the backward recomputes the activation from gate rather
 // than saving it (one tensor less kept alive per MLP in training). CPU kernels
-// (at::vec, parallel), the Metal path (shaders/glu.metal), Meta, autograd.
+// (explicit float32 vectors, parallel), the Metal path (shaders/glu.metal), Meta, autograd.
 #include "metal_launch.h"
 #include "op_common.h"
 

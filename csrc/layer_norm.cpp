@@ -1,7 +1,7 @@
 // LayerNorm over the last dimension, matching torch.nn.functional.layer_norm:
 // y = (x - mean) * rsqrt(var + eps) * w + b.
 //
-// CPU kernels (per row, float32 accumulation, two-pass statistics, at::vec,
+// CPU kernels (per row, float32 accumulation, two-pass statistics, vectorised,
 // parallel), the Metal path (shaders/layer_norm.metal), Meta kernels and the
 // C++ autograd Function whose backward is the registered layer_norm_backward.
 #include "metal_launch.h"
@@ -26,7 +26,6 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using cpu::acc_t;
-using cpu::AccIO;
 
 constexpr const char* kOp = "my_mps_ops.layer_norm";
 constexpr const char* kBackwardOp = "my_mps_ops.layer_norm_backward";
@@ -60,44 +59,20 @@ Tensor no_grad_output(const Tensor& like) { return at::empty({0}, like.options()
 
 // ---------------------------------------------------------------- CPU kernels
 
-// (mean, rstd) of one row: mean first, then the variance of x - mean.
-template <typename T>
-inline std::pair<acc_t<T>, acc_t<T>> row_stats(const T* xr, int64_t n, acc_t<T> eps) {
-  using Acc = acc_t<T>;
-  using IO = AccIO<T>;
-  using Vec = typename IO::Vec;
-  Vec s0(Acc(0)), s1(Acc(0));
-  int64_t i = 0;
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    auto [a, b] = IO::load(xr + i);
-    s0 = s0 + a;
-    s1 = s1 + b;
-  }
-  Acc sum = at::vec::vec_reduce_all<Acc>(std::plus<Vec>(), s0 + s1);
-  for (; i < n; ++i) sum += static_cast<Acc>(xr[i]);
-  const Acc mean = sum / static_cast<Acc>(n);
-  const Vec mean_v(mean);
-  Vec q0(Acc(0)), q1(Acc(0));
-  i = 0;
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    auto [a, b] = IO::load(xr + i);
-    a = a - mean_v;
-    b = b - mean_v;
-    q0 = at::vec::fmadd(a, a, q0);
-    q1 = at::vec::fmadd(b, b, q1);
-  }
-  Acc sq = at::vec::vec_reduce_all<Acc>(std::plus<Vec>(), q0 + q1);
-  for (; i < n; ++i) {
-    const Acc d = static_cast<Acc>(xr[i]) - mean;
-    sq += d * d;
-  }
-  return {mean, Acc(1) / std::sqrt(sq / static_cast<Acc>(n) + eps)};
+// (mean, rstd) of one float64 row: mean first, then the variance of x - mean.
+inline std::pair<double, double> row_stats_f64(const double* xr, int64_t n, double eps) {
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += xr[i];
+  const double mean = sum / static_cast<double>(n);
+  double sq = 0;
+  for (int64_t i = 0; i < n; ++i) sq += (xr[i] - mean) * (xr[i] - mean);
+  return {mean, 1.0 / std::sqrt(sq / static_cast<double>(n) + eps)};
 }
 
 // ---- float32-accumulating rows (float32 / float16 / bfloat16) on f32x8 lanes.
 // float32 rows are read in place; narrow rows are widened into a per-thread
 // float row first (and the result narrowed from it). Weight and bias are
-// widened once per call. float64 (gradcheck) keeps the at::vec kernels below.
+// widened once per call. float64 (gradcheck) runs the plain loops below.
 
 __attribute__((always_inline)) inline float sum_f32(const float* x, int64_t n) {
   cpu::f32x8 s0{}, s1{};
@@ -108,7 +83,7 @@ __attribute__((always_inline)) inline float sum_f32(const float* x, int64_t n) {
   return s;
 }
 
-// (mean, rstd), two-pass like row_stats.
+// (mean, rstd), two-pass like row_stats_f64.
 __attribute__((always_inline)) inline std::pair<float, float> row_stats_f32(const float* x, int64_t n, float eps) {
   const float mean = sum_f32(x, n) / static_cast<float>(n);
   const cpu::f32x8 mv = cpu::splat8(mean);
@@ -240,43 +215,26 @@ void backward_f32_kernel(const T* dy, const T* x, const T* w, T* dx, float* dw_p
   });
 }
 
+// float64 (gradcheck) runs plain loops.
 template <typename T>
 void forward_cpu_kernel(const T* x, const T* w, const T* b, T* y, int64_t rows, int64_t n, acc_t<T> eps) {
-  if constexpr (!std::is_same_v<T, double>) return forward_f32_kernel<T>(x, w, b, y, rows, n, eps);
-  using Acc = acc_t<T>;
-  using IO = AccIO<T>;
-  using Vec = typename IO::Vec;
-  at::parallel_for(0, rows, cpu::row_grain(n), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * n;
-      T* yr = y + r * n;
-      const auto [mean, rstd] = row_stats(xr, n, eps);
-      const Vec mean_v(mean), rstd_v(rstd);
-      int64_t i = 0;
-      for (; i + IO::kStep <= n; i += IO::kStep) {
-        auto [a0, a1] = IO::load(xr + i);
-        a0 = (a0 - mean_v) * rstd_v;
-        a1 = (a1 - mean_v) * rstd_v;
-        if (w != nullptr) {
-          auto [w0, w1] = IO::load(w + i);
-          a0 = a0 * w0;
-          a1 = a1 * w1;
+  if constexpr (!std::is_same_v<T, double>) {
+    forward_f32_kernel<T>(x, w, b, y, rows, n, eps);
+  } else {
+    at::parallel_for(0, rows, cpu::row_grain(n), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const double* xr = x + r * n;
+        double* yr = y + r * n;
+        const auto [mean, rstd] = row_stats_f64(xr, n, eps);
+        for (int64_t i = 0; i < n; ++i) {
+          double v = (xr[i] - mean) * rstd;
+          if (w != nullptr) v *= w[i];
+          if (b != nullptr) v += b[i];
+          yr[i] = v;
         }
-        if (b != nullptr) {
-          auto [b0, b1] = IO::load(b + i);
-          a0 = a0 + b0;
-          a1 = a1 + b1;
-        }
-        IO::store(yr + i, a0, a1);
       }
-      for (; i < n; ++i) {
-        Acc v = (static_cast<Acc>(xr[i]) - mean) * rstd;
-        if (w != nullptr) v *= static_cast<Acc>(w[i]);
-        if (b != nullptr) v += static_cast<Acc>(b[i]);
-        yr[i] = static_cast<T>(v);
-      }
-    }
-  });
+    });
+  }
 }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w;
@@ -285,40 +243,38 @@ void forward_cpu_kernel(const T* x, const T* w, const T* b, T* y, int64_t rows, 
 template <typename T>
 void backward_cpu_kernel(const T* dy, const T* x, const T* w, T* dx, acc_t<T>* dw_partial, acc_t<T>* db_partial,
                          int64_t rows, int64_t n, int64_t chunks, acc_t<T> eps) {
-  if constexpr (!std::is_same_v<T, double>)
-    return backward_f32_kernel<T>(dy, x, w, dx, dw_partial, db_partial, rows, n, chunks, eps);
-  using Acc = acc_t<T>;
-  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-      Acc* dw_acc = dw_partial ? dw_partial + c * n : nullptr;
-      Acc* db_acc = db_partial ? db_partial + c * n : nullptr;
-      for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; ++r) {
-        const T* xr = x + r * n;
-        const T* dyr = dy + r * n;
-        const auto [mean, rstd] = row_stats(xr, n, eps);
-        Acc sum_g = 0, sum_gx = 0;
-        for (int64_t i = 0; i < n; ++i) {
-          const Acc xhat = (static_cast<Acc>(xr[i]) - mean) * rstd;
-          const Acc dyv = static_cast<Acc>(dyr[i]);
-          const Acc g = w != nullptr ? dyv * static_cast<Acc>(w[i]) : dyv;
-          sum_g += g;
-          sum_gx += g * xhat;
-          if (dw_acc != nullptr) dw_acc[i] += dyv * xhat;
-          if (db_acc != nullptr) db_acc[i] += dyv;
-        }
-        if (dx == nullptr) continue;
-        const Acc mean_g = sum_g * inv_n, mean_gx = sum_gx * inv_n;
-        T* dxr = dx + r * n;
-        for (int64_t i = 0; i < n; ++i) {
-          const Acc xhat = (static_cast<Acc>(xr[i]) - mean) * rstd;
-          const Acc dyv = static_cast<Acc>(dyr[i]);
-          const Acc g = w != nullptr ? dyv * static_cast<Acc>(w[i]) : dyv;
-          dxr[i] = static_cast<T>(rstd * (g - mean_g - xhat * mean_gx));
+  if constexpr (!std::is_same_v<T, double>) {
+    backward_f32_kernel<T>(dy, x, w, dx, dw_partial, db_partial, rows, n, chunks, eps);
+  } else {
+    const double inv_n = 1.0 / static_cast<double>(n);
+    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+        double* dw_acc = dw_partial ? dw_partial + c * n : nullptr;
+        double* db_acc = db_partial ? db_partial + c * n : nullptr;
+        for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; ++r) {
+          const double* xr = x + r * n;
+          const double* dyr = dy + r * n;
+          const auto [mean, rstd] = row_stats_f64(xr, n, eps);
+          double sum_g = 0, sum_gx = 0;
+          for (int64_t i = 0; i < n; ++i) {
+            const double xhat = (xr[i] - mean) * rstd;
+            const double g = w != nullptr ? dyr[i] * w[i] : dyr[i];
+            sum_g += g;
+            sum_gx += g * xhat;
+            if (dw_acc != nullptr) dw_acc[i] += dyr[i] * xhat;
+            if (db_acc != nullptr) db_acc[i] += dyr[i];
+          }
+          if (dx == nullptr) continue;
+          const double mean_g = sum_g * inv_n, mean_gx = sum_gx * inv_n;
+          for (int64_t i = 0; i < n; ++i) {
+            const double xhat = (xr[i] - mean) * rstd;
+            const double g = w != nullptr ? dyr[i] * w[i] : dyr[i];
+            dx[r * n + i] = rstd * (g - mean_g - xhat * mean_gx);
+          }
         }
       }
-    }
-  });
+    });
+  }
 }
 
 // ------------------------------------------------------------ Metal path

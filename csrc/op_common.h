@@ -1,12 +1,10 @@
 // Helpers shared by every op family: argument checks, the Metal type name of a
-// dtype, and float32-accumulating vector loads for the CPU kernels.
+// dtype, and the vector helpers of the CPU kernels.
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -76,32 +74,6 @@ namespace cpu {
 // Accumulation type: float32 for float32/float16/bfloat16, float64 for float64.
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// Loads and stores kStep elements of T as two vectors of acc_t<T>.
-template <typename T>
-struct AccIO {
-  using Vec = at::vec::Vectorized<float>;
-  static constexpr int64_t kStep = 2 * Vec::size();
-  static inline std::tuple<Vec, Vec> load(const T* p) {
-    return at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
-  }
-  static inline void store(T* p, const Vec& a, const Vec& b) { at::vec::convert_from_float<T>(a, b).store(p); }
-};
-
-template <typename T>
-struct WideIO {  // T is its own accumulation type
-  using Vec = at::vec::Vectorized<T>;
-  static constexpr int64_t kStep = 2 * Vec::size();
-  static inline std::tuple<Vec, Vec> load(const T* p) { return {Vec::loadu(p), Vec::loadu(p + Vec::size())}; }
-  static inline void store(T* p, const Vec& a, const Vec& b) {
-    a.store(p);
-    b.store(p + Vec::size());
-  }
-};
-template <>
-struct AccIO<float> : WideIO<float> {};
-template <>
-struct AccIO<double> : WideIO<double> {};
 
 // Eight float32 lanes as a GCC/Clang vector type: plain operators that become
 // one AVX instruction in the AVX2 copies of a loop and two SSE/NEON ones

@@ -1,7 +1,7 @@
 // RMSNorm over the last dimension: y = x * rsqrt(mean(x^2) + eps) * w.
 //
 // One file for the op family: argument checks, the CPU kernels (fused, one
-// pass per row, float32 accumulation, at::vec + at::parallel_for), the Metal
+// pass per row, float32 accumulation, eight-lane vectors + at::parallel_for), the Metal
 // path (launches of shaders/rms_norm.metal, encoded on MPS or run by the
 // emulator), Meta kernels, and the C++ autograd Function.
 #include "metal_launch.h"
@@ -58,10 +58,9 @@ Tensor no_grad_output(const Tensor& like) { return at::empty({0}, like.options()
 // ---------------------------------------------------------------- CPU kernels
 
 using cpu::acc_t;
-using cpu::AccIO;
 
 // ---- float32-accumulating rows (float32 / float16 / bfloat16) on f32x8 lanes,
-// with AVX2 copies; float64 (gradcheck) keeps the at::vec kernels below.
+// with AVX2 copies; float64 (gradcheck) runs the plain loops below.
 // Narrow rows are widened into per-thread float rows (cpu::widened).
 
 __attribute__((always_inline)) inline float sum_sq_f32(const float* x, int64_t n) {
@@ -207,65 +206,30 @@ void backward_f32_kernel(const T* dy, const T* x, const T* w, T* dx, float* dw_p
 }
 
 // With `residual`, first h = x + residual (rounded to T, as PyTorch's add) is
-// written to residual_out, and h is normalised.
+// written to residual_out, and h is normalised. float64 (gradcheck) runs plain
+// loops.
 template <typename T>
 void forward_cpu_kernel(const T* x, const T* w, T* y, int64_t rows, int64_t n, acc_t<T> eps,
                         const T* residual = nullptr, T* residual_out = nullptr) {
-  if constexpr (!std::is_same_v<T, double>)
-    return forward_f32_kernel<T>(x, w, y, rows, n, eps, residual, residual_out);
-  using Acc = acc_t<T>;
-  using IO = AccIO<T>;
-  using Vec = typename IO::Vec;
-  constexpr int64_t kStep = IO::kStep;
-  at::parallel_for(0, rows, cpu::row_grain(n), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * n;
-      T* yr = y + r * n;
-      if (residual != nullptr) {
-        const T* rr = residual + r * n;
-        T* hr = residual_out + r * n;
-        int64_t i = 0;
-        for (; i + kStep <= n; i += kStep) {
-          auto [a, b] = IO::load(xr + i);
-          auto [c, d] = IO::load(rr + i);
-          IO::store(hr + i, a + c, b + d);
+  if constexpr (!std::is_same_v<T, double>) {
+    forward_f32_kernel<T>(x, w, y, rows, n, eps, residual, residual_out);
+  } else {
+    at::parallel_for(0, rows, cpu::row_grain(n), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const double* xr = x + r * n;
+        if (residual != nullptr) {
+          double* hr = residual_out + r * n;
+          for (int64_t i = 0; i < n; ++i) hr[i] = xr[i] + residual[r * n + i];
+          xr = hr;
         }
-        for (; i < n; ++i) hr[i] = static_cast<T>(static_cast<Acc>(xr[i]) + static_cast<Acc>(rr[i]));
-        xr = hr;
+        double sum_sq = 0;
+        for (int64_t i = 0; i < n; ++i) sum_sq += xr[i] * xr[i];
+        const double rstd = 1.0 / std::sqrt(sum_sq / static_cast<double>(n) + eps);
+        double* yr = y + r * n;
+        for (int64_t i = 0; i < n; ++i) yr[i] = w != nullptr ? xr[i] * rstd * w[i] : xr[i] * rstd;
       }
-      Vec acc0(Acc(0)), acc1(Acc(0));
-      int64_t i = 0;
-      for (; i + kStep <= n; i += kStep) {
-        auto [a, b] = IO::load(xr + i);
-        acc0 = at::vec::fmadd(a, a, acc0);
-        acc1 = at::vec::fmadd(b, b, acc1);
-      }
-      Acc sum_sq = at::vec::vec_reduce_all<Acc>(std::plus<Vec>(), acc0 + acc1);
-      for (; i < n; ++i) {
-        const Acc v = static_cast<Acc>(xr[i]);
-        sum_sq += v * v;
-      }
-      const Acc rstd = Acc(1) / std::sqrt(sum_sq / static_cast<Acc>(n) + eps);
-      const Vec rstd_v(rstd);
-      i = 0;
-      for (; i + kStep <= n; i += kStep) {
-        auto [a, b] = IO::load(xr + i);
-        a = a * rstd_v;
-        b = b * rstd_v;
-        if (w != nullptr) {
-          auto [wa, wb] = IO::load(w + i);
-          a = a * wa;
-          b = b * wb;
-        }
-        IO::store(yr + i, a, b);
-      }
-      for (; i < n; ++i) {
-        Acc v = static_cast<Acc>(xr[i]) * rstd;
-        if (w != nullptr) v *= static_cast<Acc>(w[i]);
-        yr[i] = static_cast<T>(v);
-      }
-    }
-  });
+    });
+  }
 }
 
 // grad_input = rstd * (g - x * rstd^2 * mean(g * x)) with g = grad_out * w;
@@ -274,84 +238,35 @@ void forward_cpu_kernel(const T* x, const T* w, T* y, int64_t rows, int64_t n, a
 template <typename T>
 void backward_cpu_kernel(const T* dy, const T* x, const T* w, T* dx, acc_t<T>* dw_partial, int64_t rows, int64_t n,
                          int64_t chunks, acc_t<T> eps, const T* dx_add = nullptr) {
-  if constexpr (!std::is_same_v<T, double>)
-    return backward_f32_kernel<T>(dy, x, w, dx, dw_partial, rows, n, chunks, eps, dx_add);
-  using Acc = acc_t<T>;
-  using IO = AccIO<T>;
-  using Vec = typename IO::Vec;
-  constexpr int64_t kStep = IO::kStep;
-  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-      Acc* dw_acc = dw_partial ? dw_partial + c * n : nullptr;
-      const int64_t row_begin = rows * c / chunks, row_end = rows * (c + 1) / chunks;
-      for (int64_t r = row_begin; r < row_end; ++r) {
-        const T* xr = x + r * n;
-        const T* dyr = dy + r * n;
-        Vec sq0(Acc(0)), sq1(Acc(0)), dot0(Acc(0)), dot1(Acc(0));
-        int64_t i = 0;
-        for (; i + kStep <= n; i += kStep) {
-          auto [xa, xb] = IO::load(xr + i);
-          auto [ga, gb] = IO::load(dyr + i);
-          if (w != nullptr) {
-            auto [wa, wb] = IO::load(w + i);
-            ga = ga * wa;
-            gb = gb * wb;
+  if constexpr (!std::is_same_v<T, double>) {
+    backward_f32_kernel<T>(dy, x, w, dx, dw_partial, rows, n, chunks, eps, dx_add);
+  } else {
+    const double inv_n = 1.0 / static_cast<double>(n);
+    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+        double* dw_acc = dw_partial ? dw_partial + c * n : nullptr;
+        for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; ++r) {
+          const double* xr = x + r * n;
+          const double* dyr = dy + r * n;
+          double sum_sq = 0, dot = 0;
+          for (int64_t i = 0; i < n; ++i) {
+            const double g = w != nullptr ? dyr[i] * w[i] : dyr[i];
+            sum_sq += xr[i] * xr[i];
+            dot += g * xr[i];
           }
-          sq0 = at::vec::fmadd(xa, xa, sq0);
-          sq1 = at::vec::fmadd(xb, xb, sq1);
-          dot0 = at::vec::fmadd(ga, xa, dot0);
-          dot1 = at::vec::fmadd(gb, xb, dot1);
-        }
-        Acc sum_sq = at::vec::vec_reduce_all<Acc>(std::plus<Vec>(), sq0 + sq1);
-        Acc dot = at::vec::vec_reduce_all<Acc>(std::plus<Vec>(), dot0 + dot1);
-        for (; i < n; ++i) {
-          const Acc xv = static_cast<Acc>(xr[i]);
-          Acc g = static_cast<Acc>(dyr[i]);
-          if (w != nullptr) g *= static_cast<Acc>(w[i]);
-          sum_sq += xv * xv;
-          dot += g * xv;
-        }
-        const Acc rstd = Acc(1) / std::sqrt(sum_sq * inv_n + eps);
-        const Acc coef = rstd * rstd * rstd * dot * inv_n;  // rstd * (rstd^2 * mean(g*x))
-        const Vec rstd_v(rstd), coef_v(coef);
-        T* dxr = dx ? dx + r * n : nullptr;
-        i = 0;
-        for (; i + kStep <= n; i += kStep) {
-          auto [xa, xb] = IO::load(xr + i);
-          auto [ga, gb] = IO::load(dyr + i);
-          if (dw_acc != nullptr) {
-            (Vec::loadu(dw_acc + i) + ga * xa * rstd_v).store(dw_acc + i);
-            (Vec::loadu(dw_acc + i + Vec::size()) + gb * xb * rstd_v).store(dw_acc + i + Vec::size());
-          }
-          if (dxr != nullptr) {
-            if (w != nullptr) {
-              auto [wa, wb] = IO::load(w + i);
-              ga = ga * wa;
-              gb = gb * wb;
+          const double rstd = 1.0 / std::sqrt(sum_sq * inv_n + eps);
+          const double coef = rstd * rstd * rstd * dot * inv_n;  // rstd * (rstd^2 * mean(g*x))
+          for (int64_t i = 0; i < n; ++i) {
+            if (dw_acc != nullptr) dw_acc[i] += dyr[i] * xr[i] * rstd;
+            if (dx != nullptr) {
+              const double g = w != nullptr ? dyr[i] * w[i] : dyr[i];
+              dx[r * n + i] = g * rstd - xr[i] * coef + (dx_add != nullptr ? dx_add[r * n + i] : 0.0);
             }
-            Vec da = ga * rstd_v - xa * coef_v, db = gb * rstd_v - xb * coef_v;
-            if (dx_add != nullptr) {
-              auto [ea, eb] = IO::load(dx_add + r * n + i);
-              da = da + ea;
-              db = db + eb;
-            }
-            IO::store(dxr + i, da, db);
-          }
-        }
-        for (; i < n; ++i) {
-          const Acc xv = static_cast<Acc>(xr[i]);
-          const Acc dyv = static_cast<Acc>(dyr[i]);
-          if (dw_acc != nullptr) dw_acc[i] += dyv * xv * rstd;
-          if (dxr != nullptr) {
-            const Acc g = w != nullptr ? dyv * static_cast<Acc>(w[i]) : dyv;
-            const Acc extra = dx_add != nullptr ? static_cast<Acc>(dx_add[r * n + i]) : Acc(0);
-            dxr[i] = static_cast<T>(g * rstd - xv * coef + extra);
           }
         }
       }
-    }
-  });
+    });
+  }
 }
 
 // ------------------------------------------------------------ Metal path
