@@ -34,7 +34,7 @@ void check_param(const char* op, const OptTensor& p, const char* name, const Ten
   if (!p.has_value()) return;
   TORCH_CHECK(p->dim() == 1 && p->sym_size(0) == input.sym_size(-1), op, ": ", name,
               " must have shape [input.size(-1)] = [", input.sym_size(-1), "], got ", p->sym_sizes());
-  check_same_dtype(*p, input, op, name, "input");
+  check_param_dtype(*p, input, op, name);
   check_same_device(*p, input, op, name, "input");
 }
 
@@ -43,6 +43,8 @@ void check_inputs(const char* op, const Tensor& input, const OptTensor& weight, 
   TORCH_CHECK(input.dim() >= 1, op, ": input must have at least one dimension");
   TORCH_CHECK(eps >= 0 && std::isfinite(eps), op, ": eps must be finite and non-negative, got ", eps);
   check_param(op, weight, "weight", input);
+  if (weight.has_value() && bias.has_value())  // one grad kernel writes both in one dtype
+    check_same_dtype(*bias, *weight, op, "bias", "weight");
   check_param(op, bias, "bias", input);
 }
 
@@ -185,10 +187,7 @@ __attribute__((target("avx2,fma"))) void backward_rows_f32_avx2(const T* dy, con
 #endif
 
 template <typename T>
-void forward_f32_kernel(const T* x, const T* w, const T* b, T* y, int64_t rows, int64_t n, float eps) {
-  const std::vector<float> wf = cpu::widened_param(w, n), bf = cpu::widened_param(b, n);
-  const float* wp = w != nullptr ? wf.data() : nullptr;
-  const float* bp = b != nullptr ? bf.data() : nullptr;
+void forward_f32_kernel(const T* x, const float* wp, const float* bp, T* y, int64_t rows, int64_t n, float eps) {
   at::parallel_for(0, rows, cpu::row_grain(n), [&](int64_t begin, int64_t end) {
     std::vector<float> row(std::is_same_v<T, float> ? 0 : n);
 #ifdef MY_MPS_OPS_X86_AVX2_COPIES
@@ -199,10 +198,8 @@ void forward_f32_kernel(const T* x, const T* w, const T* b, T* y, int64_t rows, 
 }
 
 template <typename T>
-void backward_f32_kernel(const T* dy, const T* x, const T* w, T* dx, float* dw_partial, float* db_partial,
+void backward_f32_kernel(const T* dy, const T* x, const float* wp, T* dx, float* dw_partial, float* db_partial,
                          int64_t rows, int64_t n, int64_t chunks, float eps) {
-  const std::vector<float> wf = cpu::widened_param(w, n);
-  const float* wp = w != nullptr ? wf.data() : nullptr;
   // Scratch: the widened x and dy rows of narrow types.
   cpu::parallel_row_chunks(rows, chunks, 2 * n, [&](int64_t c, int64_t begin, int64_t end, float* scratch) {
     float* dw_acc = dw_partial ? dw_partial + c * n : nullptr;
@@ -217,7 +214,8 @@ void backward_f32_kernel(const T* dy, const T* x, const T* w, T* dx, float* dw_p
 
 // float64 (gradcheck) runs plain loops.
 template <typename T>
-void forward_cpu_kernel(const T* x, const T* w, const T* b, T* y, int64_t rows, int64_t n, acc_t<T> eps) {
+void forward_cpu_kernel(const T* x, const acc_t<T>* w, const acc_t<T>* b, T* y, int64_t rows, int64_t n,
+                        acc_t<T> eps) {
   if constexpr (!std::is_same_v<T, double>) {
     forward_f32_kernel<T>(x, w, b, y, rows, n, eps);
   } else {
@@ -241,7 +239,7 @@ void forward_cpu_kernel(const T* x, const T* w, const T* b, T* y, int64_t rows, 
 // dw = sum dy * xhat, db = sum dy over rows, per fixed chunk of rows (no
 // atomics, deterministic), summed afterwards.
 template <typename T>
-void backward_cpu_kernel(const T* dy, const T* x, const T* w, T* dx, acc_t<T>* dw_partial, acc_t<T>* db_partial,
+void backward_cpu_kernel(const T* dy, const T* x, const acc_t<T>* w, T* dx, acc_t<T>* dw_partial, acc_t<T>* db_partial,
                          int64_t rows, int64_t n, int64_t chunks, acc_t<T> eps) {
   if constexpr (!std::is_same_v<T, double>) {
     backward_f32_kernel<T>(dy, x, w, dx, dw_partial, db_partial, rows, n, chunks, eps);
@@ -289,8 +287,8 @@ Tensor forward_metal(const Tensor& input, const OptTensor& weight, const OptTens
   const int64_t rows = n == 0 ? 0 : x.numel() / n;
   if (rows == 0) return out;
   TORCH_CHECK(n <= UINT32_MAX, kOp, ": the last dimension is too large for the Metal kernel: ", n);
-  const Tensor w = weight.has_value() ? weight->contiguous() : x;  // bound but unread without weight
-  const Tensor b = bias.has_value() ? bias->contiguous() : x;
+  const Tensor w = param_for_metal(weight, x, x);  // x: bound but unread without weight
+  const Tensor b = param_for_metal(bias, x, x);
   auto& executor = metal::executor_for(x.device());
   const std::string kernel = std::string("layer_norm_forward_") + metal_type_name(x.scalar_type());
   const metal::PipelineInfo info = executor.pipeline_info(kLibrary, kernel);
@@ -323,7 +321,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_metal(const Tensor& grad_out, const 
   }
   if (!want_dx && !want_dw && !want_db) return {dx, dw, db};
   TORCH_CHECK(n <= UINT32_MAX && rows <= UINT32_MAX, kBackwardOp, ": input is too large for the Metal kernel");
-  const Tensor w = weight.has_value() ? weight->contiguous() : x;
+  const Tensor w = param_for_metal(weight, x, x);
   const char* type = metal_type_name(x.scalar_type());
   auto& executor = metal::executor_for(x.device());
   Tensor stats = at::empty({rows, 2}, x.options().dtype(at::kFloat));
@@ -358,7 +356,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_metal(const Tensor& grad_out, const 
     executor.run(launch);
   }
   {
-    const std::string kernel = std::string("layer_norm_backward_params_reduce_") + type;
+    // Written in the parameters' dtype (float32 for float32 parameters of a narrow input).
+    const std::string kernel =
+        std::string("layer_norm_backward_params_reduce_") + metal_type_name((want_dw ? dw : db).scalar_type());
     const metal::PipelineInfo info = executor.pipeline_info(kLibrary, kernel);
     const uint64_t group_x = std::min<uint64_t>(info.max_threads_per_threadgroup, uint64_t(n));
     metal::Launch launch(kLibrary, kernel);
@@ -382,11 +382,10 @@ Tensor layer_norm_cpu(const Tensor& input, const OptTensor& weight, const OptTen
   const int64_t n = x.size(-1);
   const int64_t rows = n == 0 ? 0 : x.numel() / n;
   if (rows == 0) return out;
-  const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
-  const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
+  const Tensor w = param_for_cpu(weight, x), b = param_for_cpu(bias, x);
   MY_MPS_OPS_DISPATCH_CPU_TYPES(x.scalar_type(), "layer_norm_cpu", [&] {
-    forward_cpu_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.defined() ? w.const_data_ptr<scalar_t>() : nullptr,
-                                 b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+    forward_cpu_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.defined() ? w.const_data_ptr<acc_t<scalar_t>>() : nullptr,
+                                 b.defined() ? b.const_data_ptr<acc_t<scalar_t>>() : nullptr,
                                  out.mutable_data_ptr<scalar_t>(), rows, n, static_cast<acc_t<scalar_t>>(eps));
   });
   return out;
@@ -407,11 +406,11 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cpu(const Tensor& grad_ou
   Tensor dw_partial = want_dw ? at::zeros({chunks, n}, x.options().dtype(acc_dtype)) : Tensor();
   Tensor db_partial = want_db ? at::zeros({chunks, n}, x.options().dtype(acc_dtype)) : Tensor();
   if (rows > 0 && (want_dx || want_dw || want_db)) {
-    const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
+    const Tensor w = param_for_cpu(weight, x);
     MY_MPS_OPS_DISPATCH_CPU_TYPES(x.scalar_type(), "layer_norm_backward_cpu", [&] {
       using Acc = acc_t<scalar_t>;
       backward_cpu_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                    w.defined() ? w.const_data_ptr<scalar_t>() : nullptr,
+                                    w.defined() ? w.const_data_ptr<acc_t<scalar_t>>() : nullptr,
                                     want_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr,
                                     want_dw ? dw_partial.mutable_data_ptr<Acc>() : nullptr,
                                     want_db ? db_partial.mutable_data_ptr<Acc>() : nullptr, rows, n, chunks,

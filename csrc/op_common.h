@@ -40,6 +40,30 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
               ref.device(), "), got ", t.device());
 }
 
+// Norm parameters (weight, bias) have the input's dtype, or are float32 for a
+// float16 / bfloat16 input, as torch.nn.functional.layer_norm and rms_norm
+// accept (e.g. float32 weights under autocast); the output keeps the input's
+// dtype and a parameter's gradient has the parameter's dtype.
+inline void check_param_dtype(const at::Tensor& p, const at::Tensor& input, const char* op, const char* arg) {
+  const auto pt = p.scalar_type(), it = input.scalar_type();
+  TORCH_CHECK(pt == it || (pt == at::kFloat && (it == at::kHalf || it == at::kBFloat16)), op, ": ", arg,
+              " must have the dtype of input (", it, "), or be float32 when input is float16 or bfloat16; got ", pt);
+}
+
+// A parameter as the CPU kernels read it: in the accumulation dtype (float32;
+// float64 for float64 input). Undefined when absent.
+inline at::Tensor param_for_cpu(const std::optional<at::Tensor>& p, const at::Tensor& input) {
+  if (!p.has_value()) return at::Tensor();
+  return p->to(input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
+// A parameter as the Metal kernels read it: in the input's dtype (a float32
+// parameter of a narrow input is rounded to it); `absent` when there is none.
+inline at::Tensor param_for_metal(const std::optional<at::Tensor>& p, const at::Tensor& input,
+                                  const at::Tensor& absent) {
+  return p.has_value() ? p->to(input.scalar_type()).contiguous() : absent;
+}
+
 // The MSL element type name used in [[host_name]] suffixes, e.g. "rms_norm_forward_bfloat".
 inline const char* metal_type_name(at::ScalarType dt) {
   switch (dt) {
@@ -243,12 +267,6 @@ __attribute__((always_inline)) inline const float* widened(const T* src, float* 
     widen(src, buffer, n);
     return buffer;
   }
-}
-
-// A small parameter (weight, bias) widened once per call; empty for nullptr.
-template <typename T>
-std::vector<float> widened_param(const T* p, int64_t n) {
-  return p == nullptr ? std::vector<float>() : std::vector<float>(p, p + n);
 }
 
 // Runs fn(chunk, row_begin, row_end, scratch) over `chunks` fixed chunks of

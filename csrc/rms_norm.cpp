@@ -39,7 +39,7 @@ void check_inputs(const char* op, const Tensor& input, const OptTensor& weight, 
     const Tensor& w = *weight;
     TORCH_CHECK(w.dim() == 1 && w.sym_size(0) == input.sym_size(-1), op,
                 ": weight must have shape [input.size(-1)] = [", input.sym_size(-1), "], got ", w.sym_sizes());
-    check_same_dtype(w, input, op, "weight", "input");
+    check_param_dtype(w, input, op, "weight");
     check_same_device(w, input, op, "weight", "input");
   }
 }
@@ -175,10 +175,8 @@ __attribute__((target("avx2,fma"))) void backward_rows_f32_avx2(const T* dy, con
 #endif
 
 template <typename T>
-void forward_f32_kernel(const T* x, const T* w, T* y, int64_t rows, int64_t n, float eps, const T* residual,
+void forward_f32_kernel(const T* x, const float* wp, T* y, int64_t rows, int64_t n, float eps, const T* residual,
                         T* residual_out) {
-  const std::vector<float> wf = cpu::widened_param(w, n);
-  const float* wp = w != nullptr ? wf.data() : nullptr;
   at::parallel_for(0, rows, cpu::row_grain(n), [&](int64_t begin, int64_t end) {
     std::vector<float> row(std::is_same_v<T, float> && residual == nullptr ? 0 : n);
 #ifdef MY_MPS_OPS_X86_AVX2_COPIES
@@ -190,10 +188,8 @@ void forward_f32_kernel(const T* x, const T* w, T* y, int64_t rows, int64_t n, f
 }
 
 template <typename T>
-void backward_f32_kernel(const T* dy, const T* x, const T* w, T* dx, float* dw_partial, int64_t rows, int64_t n,
+void backward_f32_kernel(const T* dy, const T* x, const float* wp, T* dx, float* dw_partial, int64_t rows, int64_t n,
                          int64_t chunks, float eps, const T* dx_add) {
-  const std::vector<float> wf = cpu::widened_param(w, n);
-  const float* wp = w != nullptr ? wf.data() : nullptr;
   // Scratch: the widened x and dy rows of narrow types.
   cpu::parallel_row_chunks(rows, chunks, 2 * n, [&](int64_t c, int64_t begin, int64_t end, float* scratch) {
     float* dw_acc = dw_partial ? dw_partial + c * n : nullptr;
@@ -209,7 +205,7 @@ void backward_f32_kernel(const T* dy, const T* x, const T* w, T* dx, float* dw_p
 // written to residual_out, and h is normalised. float64 (gradcheck) runs plain
 // loops.
 template <typename T>
-void forward_cpu_kernel(const T* x, const T* w, T* y, int64_t rows, int64_t n, acc_t<T> eps,
+void forward_cpu_kernel(const T* x, const acc_t<T>* w, T* y, int64_t rows, int64_t n, acc_t<T> eps,
                         const T* residual = nullptr, T* residual_out = nullptr) {
   if constexpr (!std::is_same_v<T, double>) {
     forward_f32_kernel<T>(x, w, y, rows, n, eps, residual, residual_out);
@@ -236,7 +232,7 @@ void forward_cpu_kernel(const T* x, const T* w, T* y, int64_t rows, int64_t n, a
 // grad_weight = sum over rows of grad_out * x * rstd, accumulated per chunk of
 // rows in acc_t<T> (deterministic: fixed chunking, no atomics), then summed.
 template <typename T>
-void backward_cpu_kernel(const T* dy, const T* x, const T* w, T* dx, acc_t<T>* dw_partial, int64_t rows, int64_t n,
+void backward_cpu_kernel(const T* dy, const T* x, const acc_t<T>* w, T* dx, acc_t<T>* dw_partial, int64_t rows, int64_t n,
                          int64_t chunks, acc_t<T> eps, const T* dx_add = nullptr) {
   if constexpr (!std::is_same_v<T, double>) {
     backward_f32_kernel<T>(dy, x, w, dx, dw_partial, rows, n, chunks, eps, dx_add);
@@ -283,7 +279,7 @@ Tensor forward_metal(const Tensor& input, const OptTensor& weight, double eps) {
   const int64_t rows = n == 0 ? 0 : x.numel() / n;
   if (rows == 0) return out;
   TORCH_CHECK(n <= UINT32_MAX, kOp, ": the last dimension is too large for the Metal kernel: ", n);
-  const Tensor w = weight.has_value() ? weight->contiguous() : x;  // bound but unread without weight
+  const Tensor w = param_for_metal(weight, x, x);  // x: bound but unread without weight
 
   auto& executor = metal::executor_for(x.device());
   const metal::PipelineInfo single = executor.pipeline_info(kLibrary, std::string("rms_norm_forward_") +
@@ -324,7 +320,7 @@ std::tuple<Tensor, Tensor> backward_metal(const Tensor& grad_out, const Tensor& 
   if (want_dw && (rows == 0 || n == 0)) dw.zero_();
   if (rows == 0 || (!want_dx && !want_dw)) return {dx, dw};
   TORCH_CHECK(n <= UINT32_MAX && rows <= UINT32_MAX, kBackwardOp, ": input is too large for the Metal kernel");
-  const Tensor w = weight.has_value() ? weight->contiguous() : x;
+  const Tensor w = param_for_metal(weight, x, x);
   const char* type = metal_type_name(x.scalar_type());
   auto& executor = metal::executor_for(x.device());
 
@@ -373,7 +369,8 @@ std::tuple<Tensor, Tensor> backward_metal(const Tensor& grad_out, const Tensor& 
     executor.run(launch);
   }
   {
-    const std::string kernel = std::string("rms_norm_backward_weight_reduce_") + type;
+    // Written in grad_weight's dtype: the weight's, float32 for a float32 weight of a narrow input.
+    const std::string kernel = std::string("rms_norm_backward_weight_reduce_") + metal_type_name(dw.scalar_type());
     const metal::PipelineInfo info = executor.pipeline_info(kLibrary, kernel);
     const uint32_t group_x = static_cast<uint32_t>(std::min<int64_t>(info.max_threads_per_threadgroup, n));
     metal::Launch launch(kLibrary, kernel);
@@ -397,9 +394,9 @@ Tensor rms_norm_cpu(const Tensor& input, const OptTensor& weight, double eps) {
   const int64_t n = x.size(-1);
   const int64_t rows = n == 0 ? 0 : x.numel() / n;
   if (rows == 0) return out;
-  const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
+  const Tensor w = param_for_cpu(weight, x);
   MY_MPS_OPS_DISPATCH_CPU_TYPES(x.scalar_type(), "rms_norm_cpu", [&] {
-    forward_cpu_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.defined() ? w.const_data_ptr<scalar_t>() : nullptr,
+    forward_cpu_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.defined() ? w.const_data_ptr<acc_t<scalar_t>>() : nullptr,
                                  out.mutable_data_ptr<scalar_t>(), rows, n, static_cast<acc_t<scalar_t>>(eps));
   });
   return out;
@@ -420,10 +417,10 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_out, const Tensor& in
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor dw_partial = want_dw ? at::zeros({chunks, n}, x.options().dtype(acc_dtype)) : Tensor();
   if (rows > 0 && (want_dx || want_dw)) {
-    const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
+    const Tensor w = param_for_cpu(weight, x);
     MY_MPS_OPS_DISPATCH_CPU_TYPES(x.scalar_type(), "rms_norm_backward_cpu", [&] {
       backward_cpu_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                    w.defined() ? w.const_data_ptr<scalar_t>() : nullptr,
+                                    w.defined() ? w.const_data_ptr<acc_t<scalar_t>>() : nullptr,
                                     want_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr,
                                     want_dw ? dw_partial.mutable_data_ptr<acc_t<scalar_t>>() : nullptr, rows, n,
                                     chunks, static_cast<acc_t<scalar_t>>(eps),
@@ -533,7 +530,7 @@ std::tuple<Tensor, Tensor> fused_add_forward_metal(const Tensor& input, const Te
   const int64_t rows = n == 0 ? 0 : x.numel() / n;
   if (rows == 0) return {out, h};
   TORCH_CHECK(n <= UINT32_MAX, kFusedOp, ": the last dimension is too large for the Metal kernel: ", n);
-  const Tensor w = weight.has_value() ? weight->contiguous() : x;
+  const Tensor w = param_for_metal(weight, x, x);
   auto& executor = metal::executor_for(x.device());
   const std::string kernel = std::string("fused_add_rms_norm_forward_") + metal_type_name(x.scalar_type());
   const metal::PipelineInfo info = executor.pipeline_info(kLibrary, kernel);
@@ -563,9 +560,9 @@ std::tuple<Tensor, Tensor> fused_add_rms_norm_cpu(const Tensor& input, const Ten
   const int64_t n = x.size(-1);
   const int64_t rows = n == 0 ? 0 : x.numel() / n;
   if (rows == 0) return {out, h};
-  const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
+  const Tensor w = param_for_cpu(weight, x);
   MY_MPS_OPS_DISPATCH_CPU_TYPES(x.scalar_type(), "fused_add_rms_norm_cpu", [&] {
-    forward_cpu_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.defined() ? w.const_data_ptr<scalar_t>() : nullptr,
+    forward_cpu_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.defined() ? w.const_data_ptr<acc_t<scalar_t>>() : nullptr,
                                  out.mutable_data_ptr<scalar_t>(), rows, n, static_cast<acc_t<scalar_t>>(eps),
                                  r.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>());
   });

@@ -45,6 +45,51 @@ def test_gradients(backend, dtype, n):
         torch.testing.assert_close(ours.cpu().double(), ref.cpu(), **grad_tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_parameters_of_a_narrow_input(backend, dtype):
+    # As F.layer_norm: float32 weight and bias with a float16/bfloat16 input
+    # (e.g. under autocast) give an output in the input's dtype and parameter
+    # gradients in float32.
+    n = 300
+    x = (torch.randn(6, n, device=backend.device) * 2 + 1).to(dtype).requires_grad_()
+    w = torch.randn(n, device=backend.device, requires_grad=True)
+    b = torch.randn(n, device=backend.device, requires_grad=True)
+    g = torch.randn(6, n, device=backend.device).to(dtype)
+    out = my_mps_ops.layer_norm(x, w, b, 1e-5)
+    assert out.dtype == dtype
+    assert_close(out, reference(x, w, b, 1e-5), dtype)
+    out.backward(g)
+    assert w.grad.dtype == b.grad.dtype == torch.float32 and x.grad.dtype == dtype
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    F.layer_norm(x64, (n,), w64, b64, 1e-5).backward(g.double())
+    for ours, ref in ((x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
+        torch.testing.assert_close(ours.cpu().double(), ref.cpu(), **grad_tol(dtype))
+
+
+def test_float32_parameters_opcheck():
+    x = torch.randn(4, 40).half().requires_grad_()
+    w, b = torch.randn(40, requires_grad=True), torch.randn(40, requires_grad=True)
+    g = torch.randn(4, 40).half()
+    torch.library.opcheck(ops.layer_norm.default, (x, w, b, 1e-5))
+    torch.library.opcheck(ops.layer_norm_backward.default, (g, x.detach(), w.detach(), b.detach(), 1e-5,
+                                                           [True, True, True]))
+
+
+def test_module_under_cpu_autocast_matches_torch():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 32)
+    ours, theirs = my_mps_ops.nn.LayerNorm(32), torch.nn.LayerNorm(32)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(32))
+        theirs.weight.copy_(ours.weight)
+    x = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = lin(x)
+        a, b = ours(h), theirs(h)
+    assert a.dtype == b.dtype == torch.bfloat16
+    assert_close(a, b.double(), torch.bfloat16)
+
+
 def test_noncontiguous_offset_and_zero_size(backend):
     base = torch.randn(9, 70, device=backend.device)
     for x in (base[1:, 3:67], base.t()[:64, :8].t(), base[:, ::2]):
@@ -102,8 +147,12 @@ def test_bad_inputs_raise_naming_the_argument():
         my_mps_ops.layer_norm(x, torch.randn(7), None, 1e-5)
     with pytest.raises(RuntimeError, match="bias must have shape"):
         my_mps_ops.layer_norm(x, None, torch.randn(9), 1e-5)
-    with pytest.raises(RuntimeError, match="bias must have the same dtype"):
+    with pytest.raises(RuntimeError, match="bias must have the dtype of input"):
         my_mps_ops.layer_norm(x, None, torch.randn(8, dtype=torch.float16), 1e-5)
+    with pytest.raises(RuntimeError, match="weight must have the dtype of input"):  # float32 only for narrow input
+        my_mps_ops.layer_norm(x.half(), torch.randn(8, dtype=torch.float64), None, 1e-5)
+    with pytest.raises(RuntimeError, match="bias must have the same dtype as weight"):
+        my_mps_ops.layer_norm(x.half(), torch.randn(8), torch.randn(8).half(), 1e-5)
     with pytest.raises(RuntimeError, match="input must be float32, float16 or bfloat16"):
         my_mps_ops.layer_norm(torch.ones(4, 8, dtype=torch.int32), None, None, 1e-5)
     with pytest.raises(RuntimeError, match="eps must be finite and non-negative"):

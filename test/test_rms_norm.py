@@ -193,8 +193,10 @@ def test_bad_inputs_raise_naming_the_argument():
         my_mps_ops.rms_norm(x, torch.randn(7), 1e-6)
     with pytest.raises(RuntimeError, match="weight must have shape"):
         my_mps_ops.rms_norm(x, torch.randn(2, 8), 1e-6)
-    with pytest.raises(RuntimeError, match="weight must have the same dtype"):
+    with pytest.raises(RuntimeError, match="weight must have the dtype of input"):
         my_mps_ops.rms_norm(x, torch.randn(8, dtype=torch.float16), 1e-6)
+    with pytest.raises(RuntimeError, match="weight must have the dtype of input"):  # float32 only for narrow input
+        my_mps_ops.rms_norm(x.bfloat16(), torch.randn(8, dtype=torch.float64), 1e-6)
     with pytest.raises(RuntimeError, match="weight must be on the same device"):
         my_mps_ops.rms_norm(x, torch.randn(8, device="meta"), 1e-6)
     with pytest.raises(RuntimeError, match="input must be float32, float16 or bfloat16"):
@@ -248,6 +250,63 @@ def test_fused_add_gradients(backend, dtype, use_residual_out):
     torch.testing.assert_close(x.grad.cpu().double(), x64.grad.cpu(), **tol)
     torch.testing.assert_close(r.grad.cpu().double(), r64.grad.cpu(), **tol)
     torch.testing.assert_close(w.grad.cpu().double(), w64.grad.cpu(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_weight_of_a_narrow_input(backend, dtype):
+    # As F.rms_norm: a float32 weight with a float16/bfloat16 input (e.g. under
+    # autocast) gives an output in the input's dtype and a float32 grad_weight;
+    # fused_add_rms_norm likewise.
+    n = 300
+    x = torch.randn(4, n, device=backend.device).to(dtype).requires_grad_()
+    r = torch.randn(4, n, device=backend.device).to(dtype).requires_grad_()
+    w = torch.randn(n, device=backend.device, requires_grad=True)
+    g = torch.randn(4, n, device=backend.device).to(dtype)
+    out = my_mps_ops.rms_norm(x, w, 1e-6)
+    assert out.dtype == dtype
+    assert_close(out, reference(x, w, 1e-6), dtype)
+    out.backward(g)
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == dtype
+    ref_dx, ref_dw = reference_grads(x, w, 1e-6, g)
+    tol = grad_tol(dtype, n)
+    torch.testing.assert_close(x.grad.cpu().double(), ref_dx.cpu(), **tol)
+    torch.testing.assert_close(w.grad.cpu().double(), ref_dw.cpu(), **tol)
+
+    w.grad = None
+    out, h = my_mps_ops.fused_add_rms_norm(x, r, w, 1e-6)
+    assert out.dtype == h.dtype == dtype
+    ref_out, ref_h = fused_reference(x.detach(), r.detach(), w.detach(), 1e-6)
+    assert torch.equal(h.detach().cpu(), ref_h.cpu())
+    assert_close(out, ref_out, dtype)
+    out.backward(g)
+    h64 = ref_h.double()
+    _, ref_dw = reference_grads(h64, w, 1e-6, g)
+    assert w.grad.dtype == torch.float32
+    torch.testing.assert_close(w.grad.cpu().double(), ref_dw.cpu(), **tol)
+
+
+def test_float32_weight_opcheck():
+    x = torch.randn(4, 40).bfloat16().requires_grad_()
+    w = torch.randn(40, requires_grad=True)
+    g = torch.randn(4, 40).bfloat16()
+    torch.library.opcheck(ops.rms_norm.default, (x, w, 1e-6))
+    torch.library.opcheck(ops.rms_norm_backward.default, (g, x.detach(), w.detach(), 1e-6, [True, True]))
+    torch.library.opcheck(ops.fused_add_rms_norm.default, (x, x.detach().clone().requires_grad_(), w, 1e-6))
+
+
+def test_module_under_cpu_autocast_matches_torch():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 32)
+    ours, theirs = my_mps_ops.nn.RMSNorm(32, eps=1e-6), torch.nn.RMSNorm(32, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(32))
+        theirs.weight.copy_(ours.weight)
+    x = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = lin(x)
+        a, b = ours(h), theirs(h)
+    assert a.dtype == b.dtype == torch.bfloat16
+    assert_close(a, b.double(), torch.bfloat16)
 
 
 def test_fused_add_gradcheck_opcheck_and_compile():
