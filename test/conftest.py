@@ -71,3 +71,20 @@ def no_emulation():
 def assert_close(actual, expected, dtype=None):
     tol = TOLERANCES[dtype or actual.dtype]
     torch.testing.assert_close(actual.cpu().double(), expected.cpu().double(), **tol)
+
+
+def assert_matches_torch_under_cpu_autocast(ours, theirs, features=32):
+    """A norm module of ours and torch's twin, same float32 weight, fed a Linear
+    layer's output under CPU autocast (bfloat16 input, float32 parameters):
+    same dtype out, values within bfloat16 tolerance."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(features, features)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(features))
+        theirs.weight.copy_(ours.weight)
+    x = torch.randn(4, features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = lin(x)
+        a, b = ours(h), theirs(h)
+    assert a.dtype == b.dtype == torch.bfloat16
+    assert_close(a, b.double(), torch.bfloat16)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import my_mps_ops
-from conftest import TOLERANCES, assert_close
+from conftest import TOLERANCES, assert_close, assert_matches_torch_under_cpu_autocast
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.my_mps_ops
@@ -76,18 +76,7 @@ def test_float32_parameters_opcheck():
 
 
 def test_module_under_cpu_autocast_matches_torch():
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(32, 32)
-    ours, theirs = my_mps_ops.nn.LayerNorm(32), torch.nn.LayerNorm(32)
-    with torch.no_grad():
-        ours.weight.copy_(torch.randn(32))
-        theirs.weight.copy_(ours.weight)
-    x = torch.randn(4, 32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        h = lin(x)
-        a, b = ours(h), theirs(h)
-    assert a.dtype == b.dtype == torch.bfloat16
-    assert_close(a, b.double(), torch.bfloat16)
+    assert_matches_torch_under_cpu_autocast(my_mps_ops.nn.LayerNorm(32), torch.nn.LayerNorm(32))
 
 
 def test_noncontiguous_offset_and_zero_size(backend):

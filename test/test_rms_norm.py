@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import my_mps_ops
-from conftest import TOLERANCES, assert_close
+from conftest import TOLERANCES, assert_close, assert_matches_torch_under_cpu_autocast
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAST_DIMS = [1, 3, 127, 4096, 8191, 65536]
@@ -295,18 +295,7 @@ def test_float32_weight_opcheck():
 
 
 def test_module_under_cpu_autocast_matches_torch():
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(32, 32)
-    ours, theirs = my_mps_ops.nn.RMSNorm(32, eps=1e-6), torch.nn.RMSNorm(32, eps=1e-6)
-    with torch.no_grad():
-        ours.weight.copy_(torch.randn(32))
-        theirs.weight.copy_(ours.weight)
-    x = torch.randn(4, 32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        h = lin(x)
-        a, b = ours(h), theirs(h)
-    assert a.dtype == b.dtype == torch.bfloat16
-    assert_close(a, b.double(), torch.bfloat16)
+    assert_matches_torch_under_cpu_autocast(my_mps_ops.nn.RMSNorm(32, eps=1e-6), torch.nn.RMSNorm(32, eps=1e-6))
 
 
 def test_fused_add_gradcheck_opcheck_and_compile():
