@@ -310,6 +310,62 @@ void transpose_into(A* dst, int64_t ld_dst, const A* src, int64_t ld_src, int64_
     for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
 }
 
+// Every key block of every (batch, k/v head) [len, D] slab transposed to a
+// [D, BK] tile (the layout matmul_acc reads as B; one tile per block keeps its
+// rows BK apart, where a whole-slab [D, len] transpose puts them len apart and
+// makes them collide in the L1 sets): made once per call rather than once per
+// (query block, key block) of every task.
+template <typename A>
+std::vector<A> transposed_key_blocks(const A* x, int64_t slabs, int64_t len, int64_t D) {
+  constexpr int64_t BK = kCpuKeyBlock;
+  const int64_t blocks = (len + BK - 1) / BK;
+  std::vector<A> xt(slabs * blocks * D * BK);
+  at::parallel_for(0, slabs * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = t / blocks, j0 = (t % blocks) * BK;
+      transpose_into(xt.data() + t * D * BK, BK, x + (s * len + j0) * D, D, std::min(len, j0 + BK) - j0, D);
+    }
+  });
+  return xt;
+}
+
+// max_j s[j] * scale and sum_j s[j] over a score row: eight independent lanes
+// for float32 (a scalar max or sum is one long dependency chain), as two
+// 16-byte vectors, which the baseline build keeps in registers (8-lane GCC
+// vectors without AVX go through the stack).
+template <typename A>
+inline A max_scaled(const A* s, int64_t n, A scale) {
+  int64_t j = 0;
+  A m = -std::numeric_limits<A>::infinity();
+  if constexpr (std::is_same_v<A, float>) {
+    if (n >= 8) {
+      Float4 m0 = load_vec<Float4>(s) * scale, m1 = load_vec<Float4>(s + 4) * scale;
+      for (j = 8; j + 8 <= n; j += 8) {
+        const Float4 a = load_vec<Float4>(s + j) * scale, b = load_vec<Float4>(s + j + 4) * scale;
+        m0 = a > m0 ? a : m0;
+        m1 = b > m1 ? b : m1;
+      }
+      m0 = m1 > m0 ? m1 : m0;
+      m = std::max(std::max(m0[0], m0[1]), std::max(m0[2], m0[3]));
+    }
+  }
+  for (; j < n; ++j) m = std::max(m, s[j] * scale);
+  return m;
+}
+template <typename A>
+inline A sum_of(const A* s, int64_t n) {
+  int64_t j = 0;
+  A sum = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    Float4 s0{}, s1{};
+    for (; j + 8 <= n; j += 8) s0 += load_vec<Float4>(s + j), s1 += load_vec<Float4>(s + j + 4);
+    s0 += s1;
+    sum = (s0[0] + s0[1]) + (s0[2] + s0[3]);
+  }
+  for (; j < n; ++j) sum += s[j];
+  return sum;
+}
+
 template <typename A>
 inline A dot(const A* __restrict a, const A* __restrict b, int64_t n) {
   using Vec = at::vec::Vectorized<A>;
@@ -341,14 +397,16 @@ void forward_cpu_kernel(const A* q, const A* k, const A* v, A* out, A* lse, cons
   const int64_t q_blocks = (d.q_len + BQ - 1) / BQ;
   const int64_t tasks = d.batch * d.q_heads * q_blocks;
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  const std::vector<A> k_tiles = transposed_key_blocks(k, d.batch * d.kv_heads, d.kv_len, D);
+  const int64_t k_blocks = (d.kv_len + BK - 1) / BK;
   at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
-    std::vector<A> k_t(D * BK), scores(BQ * BK), acc(BQ * D), row_max(BQ), row_sum(BQ);
+    std::vector<A> scores(BQ * BK), acc(BQ * D), row_max(BQ), row_sum(BQ);
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t qb = task % q_blocks;
       const int64_t bh = task / q_blocks;  // b * q_heads + h
       const int64_t b = bh / d.q_heads, h = bh % d.q_heads;
       const int64_t kv_bh = b * d.kv_heads + h / d.group;
-      const A* kh = k + kv_bh * d.kv_len * D;
+      const A* k_t = k_tiles.data() + kv_bh * k_blocks * D * BK;  // this head's [D, BK] tiles
       const A* vh = v + kv_bh * d.kv_len * D;
       const int64_t i0 = qb * BQ, rows = std::min(d.q_len, i0 + BQ) - i0;
       const A* q_block = q + (bh * d.q_len + i0) * D;
@@ -358,9 +416,8 @@ void forward_cpu_kernel(const A* q, const A* k, const A* v, A* out, A* lse, cons
       const int64_t key_end = visible_keys(d, causal, i0 + rows - 1);  // the block's last row sees the most
       for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
         const int64_t keys = std::min(key_end, j0 + BK) - j0;
-        transpose_into(k_t.data(), BK, kh + j0 * D, D, keys, D);
         std::fill(scores.begin(), scores.end(), A(0));
-        matmul_acc(scores.data(), BK, q_block, D, k_t.data(), BK, rows, keys, D);
+        matmul_acc(scores.data(), BK, q_block, D, k_t + (j0 / BK) * D * BK, BK, rows, keys, D);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t row_keys = std::min(keys, visible_keys(d, causal, i0 + r) - j0);
           A* s = scores.data() + r * BK;
@@ -368,13 +425,11 @@ void forward_cpu_kernel(const A* q, const A* k, const A* v, A* out, A* lse, cons
             std::fill(s, s + keys, A(0));
             continue;
           }
-          A block_max = kNegInf;
-          for (int64_t j = 0; j < row_keys; ++j) block_max = std::max(block_max, s[j] * scale);
+          const A block_max = max_scaled(s, row_keys, scale);
           const A new_max = std::max(row_max[r], block_max);
           const A correction = std::exp(row_max[r] - new_max);  // 0 while row_max is -inf
           exp_shifted(s, row_keys, scale, new_max);
-          A block_sum = 0;
-          for (int64_t j = 0; j < row_keys; ++j) block_sum += s[j];
+          const A block_sum = sum_of(s, row_keys);
           std::fill(s + row_keys, s + keys, A(0));
           A* acc_row = acc.data() + r * D;
           for (int64_t c = 0; c < D; ++c) acc_row[c] *= correction;
@@ -480,8 +535,11 @@ void backward_q_cpu_kernel(const A* grad_out, const A* q, const A* k, const A* v
   constexpr int64_t BQ = kCpuQueryBlock, BK = kCpuKeyBlock;
   const int64_t q_blocks = (d.q_len + BQ - 1) / BQ;
   const int64_t tasks = d.batch * d.q_heads * q_blocks;
+  const int64_t k_blocks = (d.kv_len + BK - 1) / BK;
+  const std::vector<A> k_tiles = transposed_key_blocks(k, d.batch * d.kv_heads, d.kv_len, D);
+  const std::vector<A> v_tiles = transposed_key_blocks(v, d.batch * d.kv_heads, d.kv_len, D);
   at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
-    std::vector<A> k_t(D * BK), v_t(D * BK), p(BQ * BK), ds(BQ * BK);
+    std::vector<A> p(BQ * BK), ds(BQ * BK);
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t qb = task % q_blocks;
       const int64_t bh = task / q_blocks;
@@ -495,10 +553,9 @@ void backward_q_cpu_kernel(const A* grad_out, const A* q, const A* k, const A* v
       for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
         const int64_t keys = std::min(key_end, j0 + BK) - j0;
         const A* k_block = k + (kv_bh * d.kv_len + j0) * D;
-        transpose_into(k_t.data(), BK, k_block, D, keys, D);
-        transpose_into(v_t.data(), BK, v + (kv_bh * d.kv_len + j0) * D, D, keys, D);
-        backward_tile(q + row0 * D, grad_out + row0 * D, k_t.data(), v_t.data(), lse + row0, delta + row0, i0, rows,
-                      j0, keys, d, causal, scale, p.data(), ds.data());
+        const int64_t tile = (kv_bh * k_blocks + j0 / BK) * D * BK;
+        backward_tile(q + row0 * D, grad_out + row0 * D, k_tiles.data() + tile, v_tiles.data() + tile, lse + row0,
+                      delta + row0, i0, rows, j0, keys, d, causal, scale, p.data(), ds.data());
         matmul_acc(dq_block, D, ds.data(), BK, k_block, D, rows, D, keys);
       }
       for (int64_t e = 0; e < rows * D; ++e) dq_block[e] *= scale;
