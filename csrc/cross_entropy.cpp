@@ -82,37 +82,45 @@ constexpr int64_t kBlock = 512;
 // Max and sum of one in-cache block, then the sum of exp(x - m) over it.
 // float32 blocks go through eight-lane vectors (lane arrays with a max do not
 // auto-vectorise); float64 (gradcheck) stays scalar.
+// float32 blocks on vectors V (cpu::f32x8 in the AVX2 copies, cpu::f32x4 in
+// the baseline ones), two accumulators each.
+template <typename V>
 __attribute__((always_inline)) inline void block_max_sum(const float* x, int64_t len, float& max_out,
                                                          float& sum_out) {
-  cpu::f32x8 m0 = cpu::splat8(-std::numeric_limits<float>::infinity()), m1 = m0, s0 = {}, s1 = {};
+  constexpr int64_t L = cpu::kLanes<V>;
+  V m0 = cpu::splatv<V>(-std::numeric_limits<float>::infinity()), m1 = m0, s0 = {}, s1 = {};
   int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    const cpu::f32x8 a = cpu::load8(x + i), b = cpu::load8(x + i + 8);
-    m0 = cpu::max8(m0, a), m1 = cpu::max8(m1, b);
+  for (; i + 2 * L <= len; i += 2 * L) {
+    const V a = cpu::loadv<V>(x + i), b = cpu::loadv<V>(x + i + L);
+    m0 = cpu::maxv(m0, a), m1 = cpu::maxv(m1, b);
     s0 += a, s1 += b;
   }
-  float m = cpu::reduce_max8(cpu::max8(m0, m1)), sum = cpu::reduce_sum8(s0 + s1);
+  float m = cpu::reduce_maxv(cpu::maxv(m0, m1)), sum = cpu::reduce_sumv(s0 + s1);
   for (; i < len; ++i) m = std::max(m, x[i]), sum += x[i];
   max_out = m, sum_out = sum;
 }
+template <typename V>
 __attribute__((always_inline)) inline void block_max_sum(const double* x, int64_t len, double& max_out,
                                                          double& sum_out) {
   double m = -std::numeric_limits<double>::infinity(), sum = 0;
   for (int64_t i = 0; i < len; ++i) m = std::max(m, x[i]), sum += x[i];
   max_out = m, sum_out = sum;
 }
+template <typename V>
 __attribute__((always_inline)) inline float block_exp_sum(const float* x, int64_t len, float m) {
-  const cpu::f32x8 mv = cpu::splat8(m);
-  cpu::f32x8 e0 = {}, e1 = {};
+  constexpr int64_t L = cpu::kLanes<V>;
+  const V mv = cpu::splatv<V>(m);
+  V e0 = {}, e1 = {};
   int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    e0 += cpu::exp8(cpu::load8(x + i) - mv);
-    e1 += cpu::exp8(cpu::load8(x + i + 8) - mv);
+  for (; i + 2 * L <= len; i += 2 * L) {
+    e0 += cpu::exp_poly(cpu::loadv<V>(x + i) - mv);
+    e1 += cpu::exp_poly(cpu::loadv<V>(x + i + L) - mv);
   }
-  float sum = cpu::reduce_sum8(e0 + e1);
+  float sum = cpu::reduce_sumv(e0 + e1);
   for (; i < len; ++i) sum += cpu::exp_f32(x[i] - m);
   return sum;
 }
+template <typename V>
 __attribute__((always_inline)) inline double block_exp_sum(const double* x, int64_t len, double m) {
   double sum = 0;
   for (int64_t i = 0; i < len; ++i) sum += std::exp(x[i] - m);
@@ -121,7 +129,7 @@ __attribute__((always_inline)) inline double block_exp_sum(const double* x, int6
 
 // Online log-sum-exp over one row, a block at a time (each block is read from
 // memory once, then reduced in cache). Returns (lse, sum of z).
-template <typename T>
+template <typename T, typename V = cpu::f32x4>
 __attribute__((always_inline)) inline std::pair<cpu::acc_t<T>, cpu::acc_t<T>> row_lse(const T* z, int64_t v) {
   using Acc = cpu::acc_t<T>;
   constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
@@ -138,11 +146,11 @@ __attribute__((always_inline)) inline std::pair<cpu::acc_t<T>, cpu::acc_t<T>> ro
       cpu::widen(z + b, staged, len);
     }
     Acc block_max, block_sum;
-    block_max_sum(block, len, block_max, block_sum);
+    block_max_sum<V>(block, len, block_max, block_sum);
     sum_z += block_sum;
     const Acc new_m = std::max(m, block_max);
     if (new_m == kNegInf) continue;
-    const Acc bs = block_exp_sum(block, len, new_m);
+    const Acc bs = block_exp_sum<V>(block, len, new_m);
     s = (m == kNegInf ? Acc(0) : s * std::exp(m - new_m)) + bs;
     m = new_m;
   }
@@ -152,7 +160,7 @@ __attribute__((always_inline)) inline std::pair<cpu::acc_t<T>, cpu::acc_t<T>> ro
 #ifdef MY_MPS_OPS_X86_AVX2_COPIES
 template <typename T>
 __attribute__((target("avx2,fma"))) std::pair<cpu::acc_t<T>, cpu::acc_t<T>> row_lse_avx2(const T* z, int64_t v) {
-  return row_lse<T>(z, v);
+  return row_lse<T, cpu::f32x8>(z, v);
 }
 #endif
 
@@ -183,7 +191,7 @@ void forward_cpu_kernel(const T* logits, const int64_t* target, cpu::acc_t<T>* l
   });
 }
 
-template <typename T, bool kStream = false>
+template <typename T, bool kStream = false, typename V = cpu::f32x4>
 __attribute__((always_inline)) inline void backward_rows(const T* logits, const int64_t* target,
                                                          const cpu::acc_t<T>* lse, const cpu::acc_t<T>* scale,
                                                          T* grad, int64_t begin, int64_t end, int64_t v,
@@ -202,14 +210,15 @@ __attribute__((always_inline)) inline void backward_rows(const T* logits, const 
       const Acc g = scale[r], row_lse = lse[r], uniform = Acc(smoothing) / static_cast<Acc>(v);
       if constexpr (std::is_same_v<T, Acc> && std::is_same_v<Acc, float>) {
         // float32: one loop straight from the logits to the gradient.
-        const cpu::f32x8 lse8 = cpu::splat8(row_lse);
+        constexpr int64_t L = cpu::kLanes<V>;
+        const V lse_v = cpu::splatv<V>(row_lse);
         int64_t i = 0;
         if constexpr (kStream) {  // large outputs: streaming stores from the first aligned element
-          for (const int64_t head = std::min(v, cpu::floats_to_align32(gr)); i < head; ++i)
+          for (const int64_t head = std::min(v, cpu::floats_to_align(gr, sizeof(V))); i < head; ++i)
             gr[i] = g * (cpu::exp_f32(z[i] - row_lse) - uniform);
-          for (; i + 8 <= v; i += 8) cpu::streamv(gr + i, g * (cpu::exp8(cpu::load8(z + i) - lse8) - uniform));
+          for (; i + L <= v; i += L) cpu::streamv(gr + i, g * (cpu::exp_poly(cpu::loadv<V>(z + i) - lse_v) - uniform));
         }
-        for (; i + 8 <= v; i += 8) cpu::store8(gr + i, g * (cpu::exp8(cpu::load8(z + i) - lse8) - uniform));
+        for (; i + L <= v; i += L) cpu::storev(gr + i, g * (cpu::exp_poly(cpu::loadv<V>(z + i) - lse_v) - uniform));
         for (; i < v; ++i) gr[i] = g * (cpu::exp_f32(z[i] - row_lse) - uniform);
         if (t >= 0 && t < v) gr[t] -= g * (Acc(1) - smoothing);
         continue;
@@ -218,10 +227,11 @@ __attribute__((always_inline)) inline void backward_rows(const T* logits, const 
         const int64_t len = std::min(kBlock, v - b);
         if constexpr (std::is_same_v<Acc, float>) {  // float16 / bfloat16 through a float32 block
           cpu::widen(z + b, block, len);
-          const cpu::f32x8 lse8 = cpu::splat8(row_lse);
+          constexpr int64_t L = cpu::kLanes<V>;
+          const V lse_v = cpu::splatv<V>(row_lse);
           int64_t i = 0;
-          for (; i + 8 <= len; i += 8)
-            cpu::store8(block + i, g * (cpu::exp8(cpu::load8(block + i) - lse8) - uniform));
+          for (; i + L <= len; i += L)
+            cpu::storev(block + i, g * (cpu::exp_poly(cpu::loadv<V>(block + i) - lse_v) - uniform));
           for (; i < len; ++i) block[i] = g * (cpu::exp_f32(block[i] - row_lse) - uniform);
           if (t >= b && t < b + len) block[t - b] -= g * (Acc(1) - smoothing);
           cpu::narrow(block, gr + b, len);
@@ -242,10 +252,10 @@ __attribute__((target("avx2,fma"))) void backward_rows_avx2(const T* logits, con
                                                             T* grad, int64_t begin, int64_t end, int64_t v,
                                                             int64_t ignore_index, float smoothing) {
   if (int64_t(sizeof(T)) * v * (end - begin) >= cpu::kStreamMinBytes) {
-    backward_rows<T, true>(logits, target, lse, scale, grad, begin, end, v, ignore_index, smoothing);
+    backward_rows<T, true, cpu::f32x8>(logits, target, lse, scale, grad, begin, end, v, ignore_index, smoothing);
     return cpu::stream_fence();
   }
-  backward_rows<T>(logits, target, lse, scale, grad, begin, end, v, ignore_index, smoothing);
+  backward_rows<T, false, cpu::f32x8>(logits, target, lse, scale, grad, begin, end, v, ignore_index, smoothing);
 }
 #endif
 

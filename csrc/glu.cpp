@@ -184,7 +184,7 @@ __attribute__((always_inline)) inline void backward_f32(const float* dy, const f
 // instruction set of the function it is inlined into (see below). float32 is
 // read and written in place; float16/bfloat16 are widened into float32 blocks
 // in cache; float64 (gradcheck) runs the scalar form.
-template <Activation A, typename T, typename V = cpu::f32x8>
+template <Activation A, typename T, typename V = cpu::f32x4>
 __attribute__((always_inline)) inline void forward_block(const T* gate, const T* up, T* out, int64_t len) {
   if constexpr (std::is_same_v<T, float>) {
     forward_f32<A, V>(gate, up, out, len);
@@ -203,7 +203,7 @@ __attribute__((always_inline)) inline void forward_block(const T* gate, const T*
   }
 }
 
-template <Activation A, typename T, typename V = cpu::f32x8>
+template <Activation A, typename T, typename V = cpu::f32x4>
 __attribute__((always_inline)) inline void backward_block(const T* dy, const T* gate, const T* up, T* dgate, T* dup,
                                                           int64_t len) {
   if constexpr (std::is_same_v<T, float>) {

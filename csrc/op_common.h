@@ -139,6 +139,16 @@ template <> struct Lanes<f32x8> {
   static f32x8 splat(float c) { return splat8(c); }
 };
 
+// Four float32 lanes: one SSE2 / NEON register. The baseline copies of
+// templated loops use it: GCC lowers the 8-lane type without AVX through the
+// stack (about ten times slower than SSE code).
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x4 __attribute__((vector_size(16)));
+template <> struct Lanes<f32x4> {
+  using Int = i32x4;
+  static f32x4 splat(float c) { return f32x4{} + c; }
+};
+
 // Sixteen float32 lanes: the same loops in AVX-512 copies (x86-64 CPUs with
 // AVX-512F, see has_avx512). Only ever inlined into functions compiled for it.
 typedef float f32x16 __attribute__((vector_size(64)));
@@ -161,6 +171,26 @@ __attribute__((always_inline)) inline void storev(float* p, V v) {
 }
 template <typename V>
 constexpr int64_t kLanes = int64_t(sizeof(V) / sizeof(float));
+template <typename V>
+__attribute__((always_inline)) inline V splatv(float c) {
+  return V{} + c;
+}
+template <typename V>
+__attribute__((always_inline)) inline V maxv(V a, V b) {
+  return a > b ? a : b;
+}
+template <typename V>
+__attribute__((always_inline)) inline float reduce_maxv(V v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes<V>; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+template <typename V>
+__attribute__((always_inline)) inline float reduce_sumv(V v) {
+  float s = 0;
+  for (int i = 0; i < kLanes<V>; ++i) s += v[i];
+  return s;
+}
 
 template <typename V>
 __attribute__((always_inline)) inline V exp_poly(V x) {
