@@ -71,50 +71,56 @@ inline std::pair<double, double> row_stats_f64(const double* xr, int64_t n, doub
   return {mean, 1.0 / std::sqrt(sq / static_cast<double>(n) + eps)};
 }
 
-// ---- float32-accumulating rows (float32 / float16 / bfloat16) on f32x8 lanes.
+// ---- float32-accumulating rows (float32 / float16 / bfloat16) on vectors V:
+// cpu::f32x8 in the AVX2 copies, cpu::f32x4 in the baseline ones.
 // float32 rows are read in place; narrow rows are widened into a per-thread
-// float row first (and the result narrowed from it). Weight and bias are
-// widened once per call. float64 (gradcheck) runs the plain loops below.
+// float row first (and the result narrowed from it). Weight and bias arrive
+// as float32 (param_for_cpu). float64 (gradcheck) runs the plain loops below.
 
+template <typename V>
 __attribute__((always_inline)) inline float sum_f32(const float* x, int64_t n) {
-  cpu::f32x8 s0{}, s1{};
+  constexpr int64_t L = cpu::kLanes<V>;
+  V s0{}, s1{};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) s0 += cpu::load8(x + i), s1 += cpu::load8(x + i + 8);
-  float s = cpu::reduce_sum8(s0 + s1);
+  for (; i + 2 * L <= n; i += 2 * L) s0 += cpu::loadv<V>(x + i), s1 += cpu::loadv<V>(x + i + L);
+  float s = cpu::reduce_sumv(s0 + s1);
   for (; i < n; ++i) s += x[i];
   return s;
 }
 
 // (mean, rstd), two-pass like row_stats_f64.
+template <typename V>
 __attribute__((always_inline)) inline std::pair<float, float> row_stats_f32(const float* x, int64_t n, float eps) {
-  const float mean = sum_f32(x, n) / static_cast<float>(n);
-  const cpu::f32x8 mv = cpu::splat8(mean);
-  cpu::f32x8 q0{}, q1{};
+  constexpr int64_t L = cpu::kLanes<V>;
+  const float mean = sum_f32<V>(x, n) / static_cast<float>(n);
+  const V mv = cpu::splatv<V>(mean);
+  V q0{}, q1{};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const cpu::f32x8 a = cpu::load8(x + i) - mv, b = cpu::load8(x + i + 8) - mv;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    const V a = cpu::loadv<V>(x + i) - mv, b = cpu::loadv<V>(x + i + L) - mv;
     q0 += a * a, q1 += b * b;
   }
-  float sq = cpu::reduce_sum8(q0 + q1);
+  float sq = cpu::reduce_sumv(q0 + q1);
   for (; i < n; ++i) sq += (x[i] - mean) * (x[i] - mean);
   return {mean, 1.0f / std::sqrt(sq / static_cast<float>(n) + eps)};
 }
 
-template <typename T>
+template <typename T, typename V = cpu::f32x4>
 __attribute__((always_inline)) inline void forward_rows_f32(const T* x, const float* w, const float* b, T* y,
                                                             int64_t begin, int64_t end, int64_t n, float eps,
                                                             float* row) {
+  constexpr int64_t L = cpu::kLanes<V>;
   for (int64_t r = begin; r < end; ++r) {
     const float* xr = cpu::widened(x + r * n, row, n);
     float* yr = std::is_same_v<T, float> ? reinterpret_cast<float*>(y + r * n) : row;  // row: read then written
-    const auto [mean, rstd] = row_stats_f32(xr, n, eps);
-    const cpu::f32x8 mv = cpu::splat8(mean), rv = cpu::splat8(rstd);
+    const auto [mean, rstd] = row_stats_f32<V>(xr, n, eps);
+    const V mv = cpu::splatv<V>(mean), rv = cpu::splatv<V>(rstd);
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      cpu::f32x8 v = (cpu::load8(xr + i) - mv) * rv;
-      if (w != nullptr) v *= cpu::load8(w + i);
-      if (b != nullptr) v += cpu::load8(b + i);
-      cpu::store8(yr + i, v);
+    for (; i + L <= n; i += L) {
+      V v = (cpu::loadv<V>(xr + i) - mv) * rv;
+      if (w != nullptr) v *= cpu::loadv<V>(w + i);
+      if (b != nullptr) v += cpu::loadv<V>(b + i);
+      cpu::storev(yr + i, v);
     }
     for (; i < n; ++i) {
       float v = (xr[i] - mean) * rstd;
@@ -126,27 +132,28 @@ __attribute__((always_inline)) inline void forward_rows_f32(const T* x, const fl
   }
 }
 
-template <typename T>
+template <typename T, typename V = cpu::f32x4>
 __attribute__((always_inline)) inline void backward_rows_f32(const T* dy, const T* x, const float* w, T* dx,
                                                              float* dw_acc, float* db_acc, int64_t begin,
                                                              int64_t end, int64_t n, float eps, float* x_row,
                                                              float* dy_row) {
+  constexpr int64_t L = cpu::kLanes<V>;
   const float inv_n = 1.0f / static_cast<float>(n);
   for (int64_t r = begin; r < end; ++r) {
     const float* xr = cpu::widened(x + r * n, x_row, n);
     const float* dyr = cpu::widened(dy + r * n, dy_row, n);
-    const auto [mean, rstd] = row_stats_f32(xr, n, eps);
-    const cpu::f32x8 mv = cpu::splat8(mean), rv = cpu::splat8(rstd);
-    cpu::f32x8 sg{}, sgx{};
+    const auto [mean, rstd] = row_stats_f32<V>(xr, n, eps);
+    const V mv = cpu::splatv<V>(mean), rv = cpu::splatv<V>(rstd);
+    V sg{}, sgx{};
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const cpu::f32x8 xhat = (cpu::load8(xr + i) - mv) * rv, d = cpu::load8(dyr + i);
-      const cpu::f32x8 g = w != nullptr ? d * cpu::load8(w + i) : d;
+    for (; i + L <= n; i += L) {
+      const V xhat = (cpu::loadv<V>(xr + i) - mv) * rv, d = cpu::loadv<V>(dyr + i);
+      const V g = w != nullptr ? d * cpu::loadv<V>(w + i) : d;
       sg += g, sgx += g * xhat;
-      if (dw_acc != nullptr) cpu::store8(dw_acc + i, cpu::load8(dw_acc + i) + d * xhat);
-      if (db_acc != nullptr) cpu::store8(db_acc + i, cpu::load8(db_acc + i) + d);
+      if (dw_acc != nullptr) cpu::storev(dw_acc + i, cpu::loadv<V>(dw_acc + i) + d * xhat);
+      if (db_acc != nullptr) cpu::storev(db_acc + i, cpu::loadv<V>(db_acc + i) + d);
     }
-    float sum_g = cpu::reduce_sum8(sg), sum_gx = cpu::reduce_sum8(sgx);
+    float sum_g = cpu::reduce_sumv(sg), sum_gx = cpu::reduce_sumv(sgx);
     for (; i < n; ++i) {
       const float xhat = (xr[i] - mean) * rstd, d = dyr[i], g = w != nullptr ? d * w[i] : d;
       sum_g += g, sum_gx += g * xhat;
@@ -155,12 +162,12 @@ __attribute__((always_inline)) inline void backward_rows_f32(const T* dy, const 
     }
     if (dx == nullptr) continue;
     const float mean_g = sum_g * inv_n, mean_gx = sum_gx * inv_n;
-    const cpu::f32x8 mgv = cpu::splat8(mean_g), mgxv = cpu::splat8(mean_gx);
+    const V mgv = cpu::splatv<V>(mean_g), mgxv = cpu::splatv<V>(mean_gx);
     float* dxr = std::is_same_v<T, float> ? reinterpret_cast<float*>(dx + r * n) : x_row;  // read then written
-    for (i = 0; i + 8 <= n; i += 8) {
-      const cpu::f32x8 xhat = (cpu::load8(xr + i) - mv) * rv, d = cpu::load8(dyr + i);
-      const cpu::f32x8 g = w != nullptr ? d * cpu::load8(w + i) : d;
-      cpu::store8(dxr + i, rv * (g - mgv - xhat * mgxv));
+    for (i = 0; i + L <= n; i += L) {
+      const V xhat = (cpu::loadv<V>(xr + i) - mv) * rv, d = cpu::loadv<V>(dyr + i);
+      const V g = w != nullptr ? d * cpu::loadv<V>(w + i) : d;
+      cpu::storev(dxr + i, rv * (g - mgv - xhat * mgxv));
     }
     for (; i < n; ++i) {
       const float xhat = (xr[i] - mean) * rstd, d = dyr[i], g = w != nullptr ? d * w[i] : d;
@@ -175,14 +182,14 @@ template <typename T>
 __attribute__((target("avx2,fma"))) void forward_rows_f32_avx2(const T* x, const float* w, const float* b, T* y,
                                                                int64_t begin, int64_t end, int64_t n, float eps,
                                                                float* row) {
-  forward_rows_f32<T>(x, w, b, y, begin, end, n, eps, row);
+  forward_rows_f32<T, cpu::f32x8>(x, w, b, y, begin, end, n, eps, row);
 }
 template <typename T>
 __attribute__((target("avx2,fma"))) void backward_rows_f32_avx2(const T* dy, const T* x, const float* w, T* dx,
                                                                 float* dw_acc, float* db_acc, int64_t begin,
                                                                 int64_t end, int64_t n, float eps, float* x_row,
                                                                 float* dy_row) {
-  backward_rows_f32<T>(dy, x, w, dx, dw_acc, db_acc, begin, end, n, eps, x_row, dy_row);
+  backward_rows_f32<T, cpu::f32x8>(dy, x, w, dx, dw_acc, db_acc, begin, end, n, eps, x_row, dy_row);
 }
 #endif
 

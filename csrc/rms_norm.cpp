@@ -59,26 +59,30 @@ Tensor no_grad_output(const Tensor& like) { return at::empty({0}, like.options()
 
 using cpu::acc_t;
 
-// ---- float32-accumulating rows (float32 / float16 / bfloat16) on f32x8 lanes,
-// with AVX2 copies; float64 (gradcheck) runs the plain loops below.
+// ---- float32-accumulating rows (float32 / float16 / bfloat16) on vectors V:
+// cpu::f32x8 in the AVX2 copies, cpu::f32x4 in the baseline ones. float64
+// (gradcheck) runs the plain loops below.
 // Narrow rows are widened into per-thread float rows (cpu::widened).
 
+template <typename V>
 __attribute__((always_inline)) inline float sum_sq_f32(const float* x, int64_t n) {
-  cpu::f32x8 s0{}, s1{};
+  constexpr int64_t L = cpu::kLanes<V>;
+  V s0{}, s1{};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const cpu::f32x8 a = cpu::load8(x + i), b = cpu::load8(x + i + 8);
+  for (; i + 2 * L <= n; i += 2 * L) {
+    const V a = cpu::loadv<V>(x + i), b = cpu::loadv<V>(x + i + L);
     s0 += a * a, s1 += b * b;
   }
-  float s = cpu::reduce_sum8(s0 + s1);
+  float s = cpu::reduce_sumv(s0 + s1);
   for (; i < n; ++i) s += x[i] * x[i];
   return s;
 }
 
-template <typename T>
+template <typename T, typename V = cpu::f32x4>
 __attribute__((always_inline)) inline void forward_rows_f32(const T* x, const float* w, T* y, int64_t begin,
                                                             int64_t end, int64_t n, float eps, const T* residual,
                                                             T* residual_out, float* row) {
+  constexpr int64_t L = cpu::kLanes<V>;
   for (int64_t r = begin; r < end; ++r) {
     const float* xr;
     if (residual != nullptr) {
@@ -94,58 +98,59 @@ __attribute__((always_inline)) inline void forward_rows_f32(const T* x, const fl
     } else {
       xr = cpu::widened(x + r * n, row, n);
     }
-    const float rstd = 1.0f / std::sqrt(sum_sq_f32(xr, n) / static_cast<float>(n) + eps);
+    const float rstd = 1.0f / std::sqrt(sum_sq_f32<V>(xr, n) / static_cast<float>(n) + eps);
     float* yr = std::is_same_v<T, float> ? reinterpret_cast<float*>(y + r * n) : row;  // row: read then written
-    const cpu::f32x8 rv = cpu::splat8(rstd);
+    const V rv = cpu::splatv<V>(rstd);
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      cpu::f32x8 v = cpu::load8(xr + i) * rv;
-      if (w != nullptr) v *= cpu::load8(w + i);
-      cpu::store8(yr + i, v);
+    for (; i + L <= n; i += L) {
+      V v = cpu::loadv<V>(xr + i) * rv;
+      if (w != nullptr) v *= cpu::loadv<V>(w + i);
+      cpu::storev(yr + i, v);
     }
     for (; i < n; ++i) yr[i] = w != nullptr ? xr[i] * rstd * w[i] : xr[i] * rstd;
     if constexpr (!std::is_same_v<T, float>) cpu::narrow(row, y + r * n, n);
   }
 }
 
-template <typename T>
+template <typename T, typename V = cpu::f32x4>
 __attribute__((always_inline)) inline void backward_rows_f32(const T* dy, const T* x, const float* w, T* dx,
                                                              float* dw_acc, int64_t begin, int64_t end, int64_t n,
                                                              float eps, const T* dx_add, float* x_row,
                                                              float* dy_row) {
+  constexpr int64_t L = cpu::kLanes<V>;
   const float inv_n = 1.0f / static_cast<float>(n);
   for (int64_t r = begin; r < end; ++r) {
     const float* xr = cpu::widened(x + r * n, x_row, n);
     const float* dyr = cpu::widened(dy + r * n, dy_row, n);
-    cpu::f32x8 sq{}, dot{};
+    V sq{}, dot{};
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const cpu::f32x8 xv = cpu::load8(xr + i), d = cpu::load8(dyr + i);
-      const cpu::f32x8 g = w != nullptr ? d * cpu::load8(w + i) : d;
+    for (; i + L <= n; i += L) {
+      const V xv = cpu::loadv<V>(xr + i), d = cpu::loadv<V>(dyr + i);
+      const V g = w != nullptr ? d * cpu::loadv<V>(w + i) : d;
       sq += xv * xv, dot += g * xv;
     }
-    float sum_sq = cpu::reduce_sum8(sq), sum_dot = cpu::reduce_sum8(dot);
+    float sum_sq = cpu::reduce_sumv(sq), sum_dot = cpu::reduce_sumv(dot);
     for (; i < n; ++i) {
       const float g = w != nullptr ? dyr[i] * w[i] : dyr[i];
       sum_sq += xr[i] * xr[i], sum_dot += g * xr[i];
     }
     const float rstd = 1.0f / std::sqrt(sum_sq * inv_n + eps);
     const float coef = rstd * rstd * rstd * sum_dot * inv_n;  // rstd * (rstd^2 * mean(g*x))
-    const cpu::f32x8 rv = cpu::splat8(rstd), cv = cpu::splat8(coef);
+    const V rv = cpu::splatv<V>(rstd), cv = cpu::splatv<V>(coef);
     const T* extra = dx_add != nullptr ? dx_add + r * n : nullptr;
     float* dxr = std::is_same_v<T, float> ? reinterpret_cast<float*>(dx != nullptr ? dx + r * n : nullptr) : x_row;
-    for (i = 0; i + 8 <= n; i += 8) {
-      const cpu::f32x8 xv = cpu::load8(xr + i), d = cpu::load8(dyr + i);
-      if (dw_acc != nullptr) cpu::store8(dw_acc + i, cpu::load8(dw_acc + i) + d * xv * rv);
+    for (i = 0; i + L <= n; i += L) {
+      const V xv = cpu::loadv<V>(xr + i), d = cpu::loadv<V>(dyr + i);
+      if (dw_acc != nullptr) cpu::storev(dw_acc + i, cpu::loadv<V>(dw_acc + i) + d * xv * rv);
       if (dx == nullptr) continue;
-      const cpu::f32x8 g = w != nullptr ? d * cpu::load8(w + i) : d;
-      cpu::f32x8 v = g * rv - xv * cv;
+      const V g = w != nullptr ? d * cpu::loadv<V>(w + i) : d;
+      V v = g * rv - xv * cv;
       if (extra != nullptr) {
-        float e[8];
-        for (int j = 0; j < 8; ++j) e[j] = static_cast<float>(extra[i + j]);
-        v += cpu::load8(e);
+        float e[L];
+        for (int j = 0; j < L; ++j) e[j] = static_cast<float>(extra[i + j]);
+        v += cpu::loadv<V>(e);
       }
-      cpu::store8(dxr + i, v);
+      cpu::storev(dxr + i, v);
     }
     for (; i < n; ++i) {
       if (dw_acc != nullptr) dw_acc[i] += dyr[i] * xr[i] * rstd;
@@ -163,14 +168,14 @@ template <typename T>
 __attribute__((target("avx2,fma"))) void forward_rows_f32_avx2(const T* x, const float* w, T* y, int64_t begin,
                                                                int64_t end, int64_t n, float eps, const T* residual,
                                                                T* residual_out, float* row) {
-  forward_rows_f32<T>(x, w, y, begin, end, n, eps, residual, residual_out, row);
+  forward_rows_f32<T, cpu::f32x8>(x, w, y, begin, end, n, eps, residual, residual_out, row);
 }
 template <typename T>
 __attribute__((target("avx2,fma"))) void backward_rows_f32_avx2(const T* dy, const T* x, const float* w, T* dx,
                                                                 float* dw_acc, int64_t begin, int64_t end, int64_t n,
                                                                 float eps, const T* dx_add, float* x_row,
                                                                 float* dy_row) {
-  backward_rows_f32<T>(dy, x, w, dx, dw_acc, begin, end, n, eps, dx_add, x_row, dy_row);
+  backward_rows_f32<T, cpu::f32x8>(dy, x, w, dx, dw_acc, begin, end, n, eps, dx_add, x_row, dy_row);
 }
 #endif
 
