@@ -98,11 +98,15 @@ inline void activation(S x, S& value, S& grad) {
     value = x * cdf;
     grad = cdf + x * S(kInvSqrt2Pi) * exp_of(S(-0.5) * x * x);
   } else {
-    // tanh(u) = 1 - 2 / (exp(2u) + 1): saturates cleanly at both ends.
+    // 0.5 * (1 + tanh(u)) = sigmoid(2u) = s: written this way the negative
+    // tail keeps its digits (1 + tanh(u) cancels to nothing there), and
+    // 0.5 * (1 - tanh(u)^2) = 2 s (1 - s), with 1 - s = e * s where e <= 1.
     const S u = S(kSqrt2OverPi) * (x + S(kTanhCoef) * x * x * x);
-    const S t = S(1) - S(2) / (exp_of(S(2) * u) + S(1));
-    value = S(0.5) * x * (S(1) + t);
-    grad = S(0.5) * (S(1) + t) + S(0.5) * x * (S(1) - t * t) * S(kSqrt2OverPi) * (S(1) + S(3 * kTanhCoef) * x * x);
+    const S e = exp_of(S(-2) * u);
+    const S sig = S(1) / (S(1) + e);
+    const S one_minus = x < S(0) ? S(1) - sig : e * sig;
+    value = x * sig;
+    grad = sig + S(2) * x * sig * one_minus * S(kSqrt2OverPi) * (S(1) + S(3 * kTanhCoef) * x * x);
   }
 }
 
@@ -128,9 +132,11 @@ __attribute__((always_inline)) inline void activation_v(V x, V& value, V& grad) 
     grad = cdf + x * float(kInvSqrt2Pi) * exp_poly(-0.5f * x * x);
   } else {
     const V u = float(kSqrt2OverPi) * (x + float(kTanhCoef) * x * x * x);
-    const V t = 1.0f - 2.0f / (exp_poly(2.0f * u) + 1.0f);
-    value = 0.5f * x * (1.0f + t);
-    grad = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * float(kSqrt2OverPi) * (1.0f + float(3 * kTanhCoef) * x * x);
+    const V e = exp_poly(-2.0f * u);
+    const V sig = 1.0f / (1.0f + e);
+    const V one_minus = x < 0.0f ? 1.0f - sig : e * sig;
+    value = x * sig;
+    grad = sig + 2.0f * x * sig * one_minus * float(kSqrt2OverPi) * (1.0f + float(3 * kTanhCoef) * x * x);
   }
 }
 

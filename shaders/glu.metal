@@ -28,10 +28,15 @@ inline float2 gelu_and_grad(float x, uint approximate) {
     const float cdf = 0.5f * (1.0f + erf_approx(x * kSqrtHalf));
     return float2(x * cdf, cdf + x * kInvSqrt2Pi * precise::exp(-0.5f * x * x));
   }
+  // 0.5 * (1 + tanh(inner)) = sigmoid(2 * inner) = s, so the negative tail
+  // keeps its digits (1 + tanh cancels there); 0.5 * (1 - tanh^2) = 2 s (1 - s)
+  // with 1 - s = e * s where e <= 1 (e may be inf where x < 0).
   const float inner = kSqrt2OverPi * (x + kTanhCoef * x * x * x);
-  const float t = precise::tanh(inner);
+  const float e = precise::exp(-2.0f * inner);
+  const float s = 1.0f / (1.0f + e);
+  const float one_minus = x < 0.0f ? 1.0f - s : e * s;
   const float d_inner = kSqrt2OverPi * (1.0f + 3.0f * kTanhCoef * x * x);
-  return float2(0.5f * x * (1.0f + t), 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * d_inner);
+  return float2(x * s, s + 2.0f * x * s * one_minus * d_inner);
 }
 
 // Rows of `cols` elements; each input's rows are its own stride apart (a

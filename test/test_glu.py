@@ -71,6 +71,23 @@ def test_large_outputs_streamed_cpu(kind):
     torch.testing.assert_close(ur.grad.double(), u64.grad, **tol)
 
 
+def test_geglu_tanh_keeps_its_digits_in_the_tails(backend):
+    # gelu_tanh(x) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): the
+    # float64 reference in that form (0.5 x (1 + tanh(u)) cancels to 0 in the
+    # negative tail even in float64). float32 must keep relative accuracy where
+    # gelu is tiny, and its gradient an absolute error far below the old
+    # 1 + tanh(u) form's (~2e-6 here).
+    g = torch.linspace(-9, 9, 20001, device=backend.device)
+    gr = g.clone().requires_grad_()
+    out = my_mps_ops.geglu(gr, torch.ones_like(g), "tanh")
+    out.backward(torch.ones_like(g))
+    g64 = g.cpu().double().requires_grad_()
+    ref = g64 * torch.sigmoid(2 * 0.7978845608028654 * (g64 + 0.044715 * g64 ** 3))
+    ref.backward(torch.ones_like(g64))
+    torch.testing.assert_close(out.detach().cpu().double(), ref.detach(), rtol=3e-5, atol=1e-30)
+    torch.testing.assert_close(gr.grad.cpu().double(), g64.grad, rtol=3e-5, atol=5e-7)
+
+
 def test_bfloat16_rounding_matches_pytorch_exactly_cpu():
     # For gate >= 20, silu(gate) == gate in float32, so swiglu's float32 result
     # is exactly gate * up and only the final rounding to bfloat16 remains:
