@@ -331,22 +331,20 @@ std::vector<A> transposed_key_blocks(const A* x, int64_t slabs, int64_t len, int
 
 // max_j s[j] * scale and sum_j s[j] over a score row: eight independent lanes
 // for float32 (a scalar max or sum is one long dependency chain), as two
-// 16-byte vectors, which the baseline build keeps in registers (8-lane GCC
-// vectors without AVX go through the stack).
+// cpu::f32x4, which the baseline build keeps in registers.
 template <typename A>
 inline A max_scaled(const A* s, int64_t n, A scale) {
+  using V = cpu::f32x4;
   int64_t j = 0;
   A m = -std::numeric_limits<A>::infinity();
   if constexpr (std::is_same_v<A, float>) {
     if (n >= 8) {
-      Float4 m0 = load_vec<Float4>(s) * scale, m1 = load_vec<Float4>(s + 4) * scale;
+      V m0 = cpu::loadv<V>(s) * scale, m1 = cpu::loadv<V>(s + 4) * scale;
       for (j = 8; j + 8 <= n; j += 8) {
-        const Float4 a = load_vec<Float4>(s + j) * scale, b = load_vec<Float4>(s + j + 4) * scale;
-        m0 = a > m0 ? a : m0;
-        m1 = b > m1 ? b : m1;
+        m0 = cpu::maxv(cpu::loadv<V>(s + j) * scale, m0);
+        m1 = cpu::maxv(cpu::loadv<V>(s + j + 4) * scale, m1);
       }
-      m0 = m1 > m0 ? m1 : m0;
-      m = std::max(std::max(m0[0], m0[1]), std::max(m0[2], m0[3]));
+      m = cpu::reduce_maxv(cpu::maxv(m1, m0));
     }
   }
   for (; j < n; ++j) m = std::max(m, s[j] * scale);
@@ -354,13 +352,13 @@ inline A max_scaled(const A* s, int64_t n, A scale) {
 }
 template <typename A>
 inline A sum_of(const A* s, int64_t n) {
+  using V = cpu::f32x4;
   int64_t j = 0;
   A sum = 0;
   if constexpr (std::is_same_v<A, float>) {
-    Float4 s0{}, s1{};
-    for (; j + 8 <= n; j += 8) s0 += load_vec<Float4>(s + j), s1 += load_vec<Float4>(s + j + 4);
-    s0 += s1;
-    sum = (s0[0] + s0[1]) + (s0[2] + s0[3]);
+    V s0{}, s1{};
+    for (; j + 8 <= n; j += 8) s0 += cpu::loadv<V>(s + j), s1 += cpu::loadv<V>(s + j + 4);
+    sum = cpu::reduce_sumv(s0 + s1);
   }
   for (; j < n; ++j) sum += s[j];
   return sum;

@@ -294,8 +294,8 @@ Tensor forward_metal(const Tensor& input, const OptTensor& weight, const OptTens
   const int64_t rows = n == 0 ? 0 : x.numel() / n;
   if (rows == 0) return out;
   TORCH_CHECK(n <= UINT32_MAX, kOp, ": the last dimension is too large for the Metal kernel: ", n);
-  const Tensor w = param_for_metal(weight, x, x);  // x: bound but unread without weight
-  const Tensor b = param_for_metal(bias, x, x);
+  const Tensor w = param_for_metal(weight, x);
+  const Tensor b = param_for_metal(bias, x);
   auto& executor = metal::executor_for(x.device());
   const std::string kernel = std::string("layer_norm_forward_") + metal_type_name(x.scalar_type());
   const metal::PipelineInfo info = executor.pipeline_info(kLibrary, kernel);
@@ -328,7 +328,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_metal(const Tensor& grad_out, const 
   }
   if (!want_dx && !want_dw && !want_db) return {dx, dw, db};
   TORCH_CHECK(n <= UINT32_MAX && rows <= UINT32_MAX, kBackwardOp, ": input is too large for the Metal kernel");
-  const Tensor w = param_for_metal(weight, x, x);
+  const Tensor w = param_for_metal(weight, x);
   const char* type = metal_type_name(x.scalar_type());
   auto& executor = metal::executor_for(x.device());
   Tensor stats = at::empty({rows, 2}, x.options().dtype(at::kFloat));

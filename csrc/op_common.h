@@ -58,10 +58,10 @@ inline at::Tensor param_for_cpu(const std::optional<at::Tensor>& p, const at::Te
 }
 
 // A parameter as the Metal kernels read it: in the input's dtype (a float32
-// parameter of a narrow input is rounded to it); `absent` when there is none.
-inline at::Tensor param_for_metal(const std::optional<at::Tensor>& p, const at::Tensor& input,
-                                  const at::Tensor& absent) {
-  return p.has_value() ? p->to(input.scalar_type()).contiguous() : absent;
+// parameter of a narrow input is rounded to it). Without one, `input` itself
+// (the kernels bind a buffer there but do not read it).
+inline at::Tensor param_for_metal(const std::optional<at::Tensor>& p, const at::Tensor& input) {
+  return p.has_value() ? p->to(input.scalar_type()).contiguous() : input;
 }
 
 // The MSL element type name used in [[host_name]] suffixes, e.g. "rms_norm_forward_bfloat".
@@ -99,66 +99,30 @@ namespace cpu {
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// Eight float32 lanes as a GCC/Clang vector type: plain operators that become
-// one AVX instruction in the AVX2 copies of a loop and two SSE/NEON ones
-// elsewhere. Used where auto-vectorisation of lane arrays fails (reductions
-// with a max, the exp of a reduction).
+// float32 vectors as GCC/Clang vector types: plain operators that become one
+// instruction per vector. Used where auto-vectorisation of lane arrays fails
+// (reductions with a max, the exp of a reduction). The loops are templates on
+// the vector type V: f32x8 in the AVX2 copies, f32x16 in the AVX-512 ones,
+// f32x4 (one SSE2 / NEON register) in the baseline ones — GCC lowers the wider
+// types without AVX through the stack, about ten times slower.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"  // no vector crosses a non-inlined call
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-
-__attribute__((always_inline)) inline f32x8 splat8(float x) { return f32x8{} + x; }
-__attribute__((always_inline)) inline f32x8 load8(const float* p) {
-  f32x8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-__attribute__((always_inline)) inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof(v)); }
-__attribute__((always_inline)) inline f32x8 max8(f32x8 a, f32x8 b) { return a > b ? a : b; }
-__attribute__((always_inline)) inline float reduce_max8(f32x8 v) {
-  float m = v[0];
-  for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
-__attribute__((always_inline)) inline float reduce_sum8(f32x8 v) {
-  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-}
-// exp for float32, one lane (exp_f32) or eight (exp8), from one definition:
-// libm's expf is a call per element, this vectorises. Cody-Waite range
-// reduction and a degree-6 polynomial, ~2 ulp; saturates outside [-87, 88];
-// k = round(x / ln 2) comes from adding 1.5 * 2^23, which leaves k in the low
-// mantissa bits (no float->int->float round trip). NaN stays NaN.
-template <typename V> struct Lanes;
-template <> struct Lanes<float> {
-  using Int = int32_t;
-  static float splat(float c) { return c; }
-};
-template <> struct Lanes<f32x8> {
-  using Int = i32x8;
-  static f32x8 splat(float c) { return splat8(c); }
-};
-
-// Four float32 lanes: one SSE2 / NEON register. The baseline copies of
-// templated loops use it: GCC lowers the 8-lane type without AVX through the
-// stack (about ten times slower than SSE code).
 typedef float f32x4 __attribute__((vector_size(16)));
 typedef int32_t i32x4 __attribute__((vector_size(16)));
-template <> struct Lanes<f32x4> {
-  using Int = i32x4;
-  static f32x4 splat(float c) { return f32x4{} + c; }
-};
-
-// Sixteen float32 lanes: the same loops in AVX-512 copies (x86-64 CPUs with
-// AVX-512F, see has_avx512). Only ever inlined into functions compiled for it.
-typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));  // only inlined into AVX-512 copies
 typedef int32_t i32x16 __attribute__((vector_size(64)));
-template <> struct Lanes<f32x16> {
-  using Int = i32x16;
-  static f32x16 splat(float c) { return f32x16{} + c; }
-};
 
-// Loads and stores of one vector of either width.
+// The same-width int32 vector of V (float for scalar code).
+template <typename V> struct IntLanes;
+template <> struct IntLanes<float> { using type = int32_t; };
+template <> struct IntLanes<f32x4> { using type = i32x4; };
+template <> struct IntLanes<f32x8> { using type = i32x8; };
+template <> struct IntLanes<f32x16> { using type = i32x16; };
+
+template <typename V>
+constexpr int64_t kLanes = int64_t(sizeof(V) / sizeof(float));
 template <typename V>
 __attribute__((always_inline)) inline V loadv(const float* p) {
   V v;
@@ -169,8 +133,6 @@ template <typename V>
 __attribute__((always_inline)) inline void storev(float* p, V v) {
   std::memcpy(p, &v, sizeof(v));
 }
-template <typename V>
-constexpr int64_t kLanes = int64_t(sizeof(V) / sizeof(float));
 template <typename V>
 __attribute__((always_inline)) inline V splatv(float c) {
   return V{} + c;
@@ -192,37 +154,41 @@ __attribute__((always_inline)) inline float reduce_sumv(V v) {
   return s;
 }
 
+// exp for float32, one lane (exp_f32) or a vector, from one definition:
+// libm's expf is a call per element, this vectorises. Cody-Waite range
+// reduction and a degree-6 polynomial, ~2 ulp; saturates outside [-87, 88];
+// k = round(x / ln 2) comes from adding 1.5 * 2^23, which leaves k in the low
+// mantissa bits (no float->int->float round trip). NaN stays NaN.
 template <typename V>
 __attribute__((always_inline)) inline V exp_poly(V x) {
-  using L = Lanes<V>;
+  using Int = typename IntLanes<V>::type;
   constexpr float kRoundShift = 12582912.0f;  // 1.5 * 2^23; its bits are 0x4B400000
-  x = x < -87.0f ? L::splat(-87.0f) : x;
-  x = x > 88.0f ? L::splat(88.0f) : x;
+  x = x < -87.0f ? splatv<V>(-87.0f) : x;
+  x = x > 88.0f ? splatv<V>(88.0f) : x;
   const V shifted = x * 1.44269504088896341f + kRoundShift;
   const V k = shifted - kRoundShift;
   const V r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  V p = L::splat(1.9875691500e-4f);
+  V p = splatv<V>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  typename L::Int k_int;
+  Int k_int;
   std::memcpy(&k_int, &shifted, sizeof(k_int));
-  const typename L::Int bits = (k_int - 0x4B400000 + 127) << 23;
+  const Int bits = (k_int - 0x4B400000 + 127) << 23;
   V scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
 __attribute__((always_inline)) inline float exp_f32(float x) { return exp_poly(x); }
-__attribute__((always_inline)) inline f32x8 exp8(f32x8 x) { return exp_poly(x); }
 
 // Streaming (non-temporal) stores for outputs much larger than the caches:
 // they skip the read-for-ownership of each written line, about a quarter of
 // the traffic of an elementwise backward. x86-64 AVX copies only; elsewhere a
-// plain store. streamv needs an address aligned to the vector size; stream_fence orders
-// the streamed lines before the thread's work is handed back.
+// plain store. stream_fence orders the streamed lines before the thread's work
+// is handed back.
 constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
 #if defined(__x86_64__) && defined(__GNUC__)
 // Inline asm rather than the builtins: a builtin would tie every always_inline
@@ -245,7 +211,6 @@ __attribute__((always_inline)) inline void stream_fence() {}
 inline int64_t floats_to_align(const float* p, int64_t bytes) {
   return int64_t((bytes - reinterpret_cast<uintptr_t>(p) % bytes) % bytes) / int64_t(sizeof(float));
 }
-inline int64_t floats_to_align32(const float* p) { return floats_to_align(p, 32); }
 #pragma GCC diagnostic pop
 
 // Conversions between T and float32 over n elements. bfloat16 goes eight

@@ -284,7 +284,7 @@ Tensor forward_metal(const Tensor& input, const OptTensor& weight, double eps) {
   const int64_t rows = n == 0 ? 0 : x.numel() / n;
   if (rows == 0) return out;
   TORCH_CHECK(n <= UINT32_MAX, kOp, ": the last dimension is too large for the Metal kernel: ", n);
-  const Tensor w = param_for_metal(weight, x, x);  // x: bound but unread without weight
+  const Tensor w = param_for_metal(weight, x);
 
   auto& executor = metal::executor_for(x.device());
   const metal::PipelineInfo single = executor.pipeline_info(kLibrary, std::string("rms_norm_forward_") +
@@ -325,7 +325,7 @@ std::tuple<Tensor, Tensor> backward_metal(const Tensor& grad_out, const Tensor& 
   if (want_dw && (rows == 0 || n == 0)) dw.zero_();
   if (rows == 0 || (!want_dx && !want_dw)) return {dx, dw};
   TORCH_CHECK(n <= UINT32_MAX && rows <= UINT32_MAX, kBackwardOp, ": input is too large for the Metal kernel");
-  const Tensor w = param_for_metal(weight, x, x);
+  const Tensor w = param_for_metal(weight, x);
   const char* type = metal_type_name(x.scalar_type());
   auto& executor = metal::executor_for(x.device());
 
@@ -535,7 +535,7 @@ std::tuple<Tensor, Tensor> fused_add_forward_metal(const Tensor& input, const Te
   const int64_t rows = n == 0 ? 0 : x.numel() / n;
   if (rows == 0) return {out, h};
   TORCH_CHECK(n <= UINT32_MAX, kFusedOp, ": the last dimension is too large for the Metal kernel: ", n);
-  const Tensor w = param_for_metal(weight, x, x);
+  const Tensor w = param_for_metal(weight, x);
   auto& executor = metal::executor_for(x.device());
   const std::string kernel = std::string("fused_add_rms_norm_forward_") + metal_type_name(x.scalar_type());
   const metal::PipelineInfo info = executor.pipeline_info(kLibrary, kernel);
