@@ -110,9 +110,9 @@ inline void activation(S x, S& value, S& grad) {
   }
 }
 
-// The same activations on float32 vectors (cpu::f32x8, or cpu::f32x16 in the
-// AVX-512 copies; explicit vectors: the scalar form above auto-vectorises to
-// less than half this speed).
+// The same activations on float32 vectors V (cpu::f32x4 / f32x8 / f32x16 in
+// the baseline / AVX2 / AVX-512 copies; explicit vectors: the scalar form
+// above auto-vectorises to less than half this speed).
 template <Activation A, typename V>
 __attribute__((always_inline)) inline void activation_v(V x, V& value, V& grad) {
   using cpu::exp_poly;
