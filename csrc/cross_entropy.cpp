@@ -6,7 +6,7 @@
 // cache, with a running log-sum-exp) and keeps only the per-row lse [N] for
 // the backward, which writes grad_logits in the logits' dtype directly: no
 // [N, V] float32 intermediate (F.cross_entropy keeps log_softmax's [N, V]).
-#include "metal_launch.h"
+#include "metal/launch.h"
 #include "op_common.h"
 
 #include <ATen/Parallel.h>

@@ -16,7 +16,7 @@
 // One file for the op family: checks, CPU kernels, the Metal path
 // (shaders/flash_attention.metal, encoded on MPS or run by the emulator), Meta
 // kernels and the C++ autograd Function.
-#include "metal_launch.h"
+#include "metal/launch.h"
 #include "op_common.h"
 
 #include <ATen/Dispatch.h>

@@ -4,7 +4,7 @@
 // CPU kernels (per row, float32 accumulation, two-pass statistics, vectorised,
 // parallel), the Metal path (shaders/layer_norm.metal), Meta kernels and the
 // C++ autograd Function whose backward is the registered layer_norm_backward.
-#include "metal_launch.h"
+#include "metal/launch.h"
 #include "op_common.h"
 
 #include <ATen/Parallel.h>

@@ -5,13 +5,15 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
-#include "embedded_shaders.h"
+#include "metal/embedded_shaders.h"
 #include "emulator/emulator.h"
-#include "metal_launch.h"
-#include "op_common.h"
+#include "metal/launch.h"
+#include "cpu/dispatch.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "my_mps_ops native library";
+  // Transitional: the emulator still lives in this module.
+  my_mps_ops::metal::set_cpu_executor(&my_mps_ops::metal::emulator_executor());
   m.def("embedded_shaders", [] {
     pybind11::dict out;
     for (const auto& [name, source] : my_mps_ops::embedded_shaders()) out[name.c_str()] = source;

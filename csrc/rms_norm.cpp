@@ -4,7 +4,7 @@
 // pass per row, float32 accumulation, eight-lane vectors + at::parallel_for), the Metal
 // path (launches of shaders/rms_norm.metal, encoded on MPS or run by the
 // emulator), Meta kernels, and the C++ autograd Function.
-#include "metal_launch.h"
+#include "metal/launch.h"
 #include "op_common.h"
 
 #include <ATen/Dispatch.h>

@@ -7,7 +7,7 @@
 // elements of each head rotate (NeoX half-split pairs (i, i+half), or GPT-J
 // interleaved pairs (2i, 2i+1)), the rest pass through. The backward is the
 // rotation transposed: the same kernel with -sin. cos and sin get no gradient.
-#include "metal_launch.h"
+#include "metal/launch.h"
 #include "op_common.h"
 
 #include <ATen/Parallel.h>

@@ -1,30 +1,24 @@
 // Gated activations: swiglu = silu(gate) * up, geglu = gelu(gate) * up.
-// Elementwise over a non-uniform 2-D grid; each thread handles N_PER elements.
+// Elementwise over a 2-D grid of threads (rows x column groups, see GluShape).
 // The backward kernels recompute the activation from gate.
 #include <metal_stdlib>
+#include "glu.h"
 using namespace metal;
 
-constant constexpr uint N_PER = 4;
-
-// Metal has no erf: Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7).
+// Metal has no erf: Abramowitz & Stegun 7.1.26 (constants in glu.h).
 inline float erf_approx(float x) {
   const float sign = x < 0.0f ? -1.0f : 1.0f;
   const float a = fabs(x);
-  const float t = 1.0f / (1.0f + 0.3275911f * a);
-  const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  const float t = 1.0f / (1.0f + kErfP * a);
+  const float poly = t * (kErfA1 + t * (kErfA2 + t * (kErfA3 + t * (kErfA4 + t * kErfA5))));
   return sign * (1.0f - poly * precise::exp(-a * a));
 }
 
 inline float sigmoid(float x) { return 1.0f / (1.0f + precise::exp(-x)); }
 
-constant constexpr float kSqrtHalf = 0.70710678118654752f;
-constant constexpr float kInvSqrt2Pi = 0.39894228040143268f;
-constant constexpr float kSqrt2OverPi = 0.79788456080286536f;
-constant constexpr float kTanhCoef = 0.044715f;
-
-// (gelu(x), gelu'(x)); approximate: 0 = erf, 1 = tanh.
+// (gelu(x), gelu'(x)).
 inline float2 gelu_and_grad(float x, uint approximate) {
-  if (approximate == 0) {
+  if (approximate == kGeluErf) {
     const float cdf = 0.5f * (1.0f + erf_approx(x * kSqrtHalf));
     return float2(x * cdf, cdf + x * kInvSqrt2Pi * precise::exp(-0.5f * x * x));
   }
@@ -39,26 +33,13 @@ inline float2 gelu_and_grad(float x, uint approximate) {
   return float2(x * s, s + 2.0f * x * s * one_minus * d_inner);
 }
 
-// Rows of `cols` elements; each input's rows are its own stride apart (a
-// contiguous tensor, or a slice of one along its last dimension such as the
-// halves of a fused gate/up projection); outputs are contiguous. Grid:
-// (ceil(cols / N_PER), rows); each thread handles N_PER columns of one row.
-struct GluShape {
-  uint rows;
-  uint cols;
-  uint gate_stride;
-  uint up_stride;
-  uint grad_stride;  // backward: grad_out's row stride
-  uint approximate;  // geglu: 0 = erf, 1 = tanh
-};
-
 template <typename T>
 kernel void swiglu_forward(device const T* gate [[buffer(0)]], device const T* up [[buffer(1)]],
                            device T* out [[buffer(2)]], constant GluShape& s [[buffer(3)]],
                            uint2 tid [[thread_position_in_grid]]) {
   const ulong row = tid.y;
-  for (uint k = 0; k < N_PER; ++k) {
-    const uint col = tid.x * N_PER + k;
+  for (uint k = 0; k < kGluColumnsPerThread; ++k) {
+    const uint col = tid.x * kGluColumnsPerThread + k;
     if (col < s.cols) {
       const float g = float(gate[row * s.gate_stride + col]);
       out[row * s.cols + col] = T(g * sigmoid(g) * float(up[row * s.up_stride + col]));
@@ -72,8 +53,8 @@ kernel void swiglu_backward(device const T* grad_out [[buffer(0)]], device const
                             device T* grad_up [[buffer(4)]], constant GluShape& s [[buffer(5)]],
                             uint2 tid [[thread_position_in_grid]]) {
   const ulong row = tid.y;
-  for (uint k = 0; k < N_PER; ++k) {
-    const uint col = tid.x * N_PER + k;
+  for (uint k = 0; k < kGluColumnsPerThread; ++k) {
+    const uint col = tid.x * kGluColumnsPerThread + k;
     if (col < s.cols) {
       const float g = float(gate[row * s.gate_stride + col]);
       const float dy = float(grad_out[row * s.grad_stride + col]);
@@ -90,8 +71,8 @@ kernel void geglu_forward(device const T* gate [[buffer(0)]], device const T* up
                           device T* out [[buffer(2)]], constant GluShape& s [[buffer(3)]],
                           uint2 tid [[thread_position_in_grid]]) {
   const ulong row = tid.y;
-  for (uint k = 0; k < N_PER; ++k) {
-    const uint col = tid.x * N_PER + k;
+  for (uint k = 0; k < kGluColumnsPerThread; ++k) {
+    const uint col = tid.x * kGluColumnsPerThread + k;
     if (col < s.cols) {
       const float gelu = gelu_and_grad(float(gate[row * s.gate_stride + col]), s.approximate).x;
       out[row * s.cols + col] = T(gelu * float(up[row * s.up_stride + col]));
@@ -105,8 +86,8 @@ kernel void geglu_backward(device const T* grad_out [[buffer(0)]], device const 
                            device T* grad_up [[buffer(4)]], constant GluShape& s [[buffer(5)]],
                            uint2 tid [[thread_position_in_grid]]) {
   const ulong row = tid.y;
-  for (uint k = 0; k < N_PER; ++k) {
-    const uint col = tid.x * N_PER + k;
+  for (uint k = 0; k < kGluColumnsPerThread; ++k) {
+    const uint col = tid.x * kGluColumnsPerThread + k;
     if (col < s.cols) {
       const float2 gg = gelu_and_grad(float(gate[row * s.gate_stride + col]), s.approximate);
       const float dy = float(grad_out[row * s.grad_stride + col]);
@@ -117,15 +98,11 @@ kernel void geglu_backward(device const T* grad_out [[buffer(0)]], device const 
   }
 }
 
-#define INSTANTIATE_GLU(T)                                                                                   \
-  template [[host_name("swiglu_forward_" #T)]] kernel void swiglu_forward<T>(                               \
-      device const T*, device const T*, device T*, constant GluShape&, uint2);                              \
-  template [[host_name("swiglu_backward_" #T)]] kernel void swiglu_backward<T>(                             \
-      device const T*, device const T*, device const T*, device T*, device T*, constant GluShape&, uint2);  \
-  template [[host_name("geglu_forward_" #T)]] kernel void geglu_forward<T>(                                 \
-      device const T*, device const T*, device T*, constant GluShape&, uint2);                              \
-  template [[host_name("geglu_backward_" #T)]] kernel void geglu_backward<T>(                               \
-      device const T*, device const T*, device const T*, device T*, device T*, constant GluShape&, uint2);
+#define INSTANTIATE_GLU(T)                        \
+  MY_MPS_OPS_INSTANTIATE_KERNEL(swiglu_forward, T)  \
+  MY_MPS_OPS_INSTANTIATE_KERNEL(swiglu_backward, T) \
+  MY_MPS_OPS_INSTANTIATE_KERNEL(geglu_forward, T)   \
+  MY_MPS_OPS_INSTANTIATE_KERNEL(geglu_backward, T)
 
 INSTANTIATE_GLU(float)
 INSTANTIATE_GLU(half)

@@ -2,7 +2,7 @@
 // libraries on CPU tensors (see my_mps_ops/emulator/ for the translator).
 #pragma once
 
-#include "metal_launch.h"
+#include "metal/launch.h"
 
 #include <string>
 #include <vector>

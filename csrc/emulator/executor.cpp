@@ -244,7 +244,7 @@ class Emulator final : public Executor {
 
     mtl_emu_launch L{};
     L.kernel = &k;
-    L.uniform = launch.uniform ? 1 : 0;
+    L.uniform = launch.grid_counts_threadgroups ? 1 : 0;
     L.strict_barriers = 1;
     for (int d = 0; d < 3; ++d) {
       L.grid[d] = launch.grid[d];

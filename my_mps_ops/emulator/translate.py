@@ -5,7 +5,8 @@ first, so macro-generated instantiations are visible and line markers point
 at the .metal source):
 
 - kernels (``kernel void`` / ``[[kernel]] void``, plain or templates with
-  ``template [[host_name("x")]] kernel void f<T>(...);`` instantiations) are
+  ``template [[host_name("x")]] kernel void f<T>(...);`` or
+  ``template [[host_name("x")]] [[kernel]] decltype(f<T>) f<T>;`` instantiations) are
   found, and each parameter's attribute is recorded: ``[[buffer(n)]]`` (or an
   automatic index in declaration order), ``[[threadgroup(n)]]``, builtins;
 - address-space keywords are erased (``constant`` becomes ``const``);
@@ -196,6 +197,11 @@ _KERNEL_DEF_RE = re.compile(
 _INSTANTIATION_RE = re.compile(
     r"\btemplate\s*(?P<attrs>(?:\[\[[^\]]*\]\]\s*)*)(?:\bkernel\b\s*)?(?P<attrs2>(?:\[\[[^\]]*\]\]\s*)*)"
     r"void\s+(?P<name>\w+)\s*(?P<targs><[^;{]*?>)\s*\((?P<params>[^;{]*)\)\s*;")
+# The form whose signature comes from the template itself (as MLX's
+# instantiate_kernel): template [[host_name("n")]] [[kernel]] decltype(f<T>) f<T>;
+_DECLTYPE_INSTANTIATION_RE = re.compile(
+    r"\btemplate\s*(?P<attrs>(?:\[\[[^\]]*\]\]\s*)*)(?:\bkernel\b\s*)?(?P<attrs2>(?:\[\[[^\]]*\]\]\s*)*)"
+    r"decltype\s*\(\s*(?P<name>\w+)\s*(?P<targs><[^;{()]*?>)\s*\)\s*(?P=name)\s*<[^;{()]*?>\s*;")
 _HOST_NAME_RE = re.compile(r'host_name\s*\(\s*((?:"[^"]*"\s*)+)\)')
 
 
@@ -437,11 +443,12 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
 
     # Explicit instantiations: record, then blank them (the table instantiates).
     instantiations = []
-    for m in list(_INSTANTIATION_RE.finditer(s)):
-        attrs = _restore_strings(m.group("attrs") + m.group("attrs2"), saved)
-        host = _host_name(attrs) or m.group("name") + m.group("targs")
-        instantiations.append((host, m.group("name"), " ".join(m.group("targs").split())))
-    s = _INSTANTIATION_RE.sub(lambda m: _blank(m.group(0)), s)
+    for pattern in (_INSTANTIATION_RE, _DECLTYPE_INSTANTIATION_RE):
+        for m in list(pattern.finditer(s)):
+            attrs = _restore_strings(m.group("attrs") + m.group("attrs2"), saved)
+            host = _host_name(attrs) or m.group("name") + m.group("targs")
+            instantiations.append((host, m.group("name"), " ".join(m.group("targs").split())))
+        s = pattern.sub(lambda m: _blank(m.group(0)), s)
 
     # Kernel definitions: parse the parameters, strip `kernel`, rewrite the
     # body's threadgroup declarations, append a layout function.

@@ -2,7 +2,7 @@
 //
 // Each embedded shader library is compiled once per process; pipeline states
 // are cached per (library, kernel). Encoding follows PyTorch's rules for
-// kernels that share its stream (see /work/shared/notes/pytorch-mps-facts.md):
+// kernels that share its stream:
 // encode inside a synchronous dispatch on the stream's serial queue, reuse
 // the stream's shared compute encoder (never end it), never commit or wait
 // (.cpu(), .item() and torch.mps.synchronize() do), and never call ATen MPS
@@ -10,8 +10,8 @@
 //
 // Compiled without ARC (PyTorch's MPS headers use manual retain/release):
 // objects from new/alloc are owned here, others are autoreleased.
-#include "embedded_shaders.h"
-#include "metal_launch.h"
+#include "metal/embedded_shaders.h"
+#include "metal/launch.h"
 
 #include <ATen/mps/MPSDevice.h>
 #include <ATen/mps/MPSStream.h>
@@ -148,7 +148,7 @@ class MPSExecutor final : public Executor {
       }
       const MTLSize grid = MTLSizeMake(launch_ptr->grid[0], launch_ptr->grid[1], launch_ptr->grid[2]);
       const MTLSize group = MTLSizeMake(launch_ptr->group[0], launch_ptr->group[1], launch_ptr->group[2]);
-      if (launch_ptr->uniform) {
+      if (launch_ptr->grid_counts_threadgroups) {
         [encoder dispatchThreadgroups:grid threadsPerThreadgroup:group];
       } else {
         [encoder dispatchThreads:grid threadsPerThreadgroup:group];

@@ -1,7 +1,5 @@
 // Chooses the executor for a device, and holds the metal-emulation switch.
-#include "metal_launch.h"
-
-#include "emulator/emulator.h"
+#include "metal/launch.h"
 
 #include <c10/util/Exception.h>
 
@@ -10,8 +8,14 @@
 namespace my_mps_ops::metal {
 
 #ifdef MY_MPS_OPS_WITH_MPS
-Executor& mps_executor();  // csrc/mps/mps_executor.mm
+Executor& mps_executor();  // metal/mps_executor.mm
 #endif
+
+namespace {
+std::atomic<Executor*> g_cpu_executor{nullptr};
+// Global rather than thread-local: autograd may run backward on another thread.
+std::atomic<bool> g_metal_emulation{false};
+}  // namespace
 
 Executor& executor_for(const c10::Device& device) {
   if (device.is_mps()) {
@@ -23,13 +27,13 @@ Executor& executor_for(const c10::Device& device) {
   }
   TORCH_CHECK(device.is_cpu(), "my_mps_ops: no Metal executor for device ", device,
               " (mps tensors run on the GPU, cpu tensors on the Metal emulator)");
-  return emulator_executor();
+  Executor* cpu = g_cpu_executor.load();
+  TORCH_CHECK(cpu != nullptr, "my_mps_ops: Metal kernels on cpu tensors run on the Metal emulator, which is not "
+              "loaded (use my_mps_ops.testing.metal_emulation() or import my_mps_ops.emulator)");
+  return *cpu;
 }
 
-namespace {
-// Global rather than thread-local: autograd may run backward on another thread.
-std::atomic<bool> g_metal_emulation{false};
-}  // namespace
+void set_cpu_executor(Executor* executor) { g_cpu_executor.store(executor); }
 
 bool metal_emulation_enabled() { return g_metal_emulation.load(std::memory_order_relaxed); }
 void set_metal_emulation_enabled(bool enabled) { g_metal_emulation.store(enabled); }

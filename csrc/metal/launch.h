@@ -1,14 +1,19 @@
 // One Metal kernel launch, described portably.
 //
-// Op code builds a Launch and hands it to an Executor. Two executors exist:
-// the MPS executor (csrc/mps/, Objective-C++) encodes it on PyTorch's current
-// MPS stream, and the Metal emulator (csrc/emulator/) runs the same kernel on
-// CPU threads. Because op code is identical for both, the emulator's tests
-// cover the argument packing and grid choice that a Mac runs.
+// Launch building (csrc/metal/<family>.cpp) makes a Launch and hands it to an
+// Executor. Two executors exist: the MPS executor (metal/mps_executor.mm)
+// encodes it on PyTorch's current MPS stream, and the Metal emulator (its own
+// extension module, my_mps_ops._emulator, registered at run time as the
+// executor for cpu tensors) runs the same kernel on CPU threads. Because the
+// launch building is identical for both, the emulator's tests cover the
+// argument packing and grid choice that a Mac runs.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/util/Exception.h>
+
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstring>
@@ -32,11 +37,11 @@ struct Launch {
   std::string library;  // embedded shader file stem, e.g. "rms_norm"
   std::string kernel;   // the [[host_name]] of the instantiation
   std::vector<Arg> args;
-  // uniform == true: grid counts threadgroups (dispatchThreadgroups);
-  // uniform == false: grid counts threads (dispatchThreads, non-uniform).
+  // grid_counts_threadgroups: dispatchThreadgroups; otherwise grid counts
+  // threads (dispatchThreads, edge threadgroups may be partial).
   std::array<uint64_t, 3> grid{1, 1, 1};
   std::array<uint64_t, 3> group{1, 1, 1};
-  bool uniform = true;
+  bool grid_counts_threadgroups = true;
 
   Launch(std::string library_, std::string kernel_)
       : library(std::move(library_)), kernel(std::move(kernel_)) {}
@@ -68,13 +73,13 @@ struct Launch {
   Launch& dispatch_threadgroups(std::array<uint64_t, 3> groups, std::array<uint64_t, 3> threads_per_group) {
     grid = groups;
     group = threads_per_group;
-    uniform = true;
+    grid_counts_threadgroups = true;
     return *this;
   }
   Launch& dispatch_threads(std::array<uint64_t, 3> threads, std::array<uint64_t, 3> threads_per_group) {
     grid = threads;
     group = threads_per_group;
-    uniform = false;
+    grid_counts_threadgroups = false;
     return *this;
   }
 
@@ -100,8 +105,43 @@ class Executor {
 };
 
 // The executor for tensors on `device`: the MPS executor for mps tensors, the
-// Metal emulator for cpu tensors. Throws with a clear message otherwise.
+// registered CPU-side executor (the Metal emulator) for cpu tensors. Throws
+// with a clear message otherwise.
 Executor& executor_for(const c10::Device& device);
+
+// Makes `executor` the one executor_for() returns for cpu tensors (the Metal
+// emulator's module calls this through _C when it loads; it outlives the process's
+// use of it). nullptr unregisters.
+void set_cpu_executor(Executor* executor);
+
+// The MSL element type name used in [[host_name]] suffixes, e.g. "rms_norm_forward_bfloat".
+inline const char* metal_type_name(at::ScalarType dt) {
+  switch (dt) {
+    case at::kFloat: return "float";
+    case at::kHalf: return "half";
+    case at::kBFloat16: return "bfloat";
+    default: TORCH_CHECK(false, "my_mps_ops: no Metal kernels for dtype ", dt);
+  }
+}
+
+// `value` as the 32-bit unsigned integer a kernel parameter holds; an error
+// naming `what` when it does not fit.
+inline uint32_t checked_u32(int64_t value, const char* op, const char* what) {
+  TORCH_CHECK(value >= 0 && value <= int64_t(UINT32_MAX), op, ": ", what, " ", value,
+              " is too large for the Metal kernel");
+  return static_cast<uint32_t>(value);
+}
+
+// Threads for a threadgroup that owns one row of n elements, each thread
+// reading `per_thread` of them per pass: a multiple of the SIMD width, at most
+// the pipeline's limit.
+inline uint32_t row_threadgroup_size(int64_t n, int64_t per_thread, uint32_t max_threads, uint32_t simd_width) {
+  const int64_t wanted = (n + per_thread - 1) / per_thread;
+  int64_t threads = ((wanted + simd_width - 1) / simd_width) * simd_width;
+  threads = std::max<int64_t>(threads, simd_width);
+  const int64_t cap = (max_threads / simd_width) * simd_width;
+  return static_cast<uint32_t>(std::min<int64_t>(threads, cap));
+}
 
 // True while my_mps_ops.testing.metal_emulation() is active: CPU kernels then
 // take their Metal path through the emulator instead of the native C++ kernel.
