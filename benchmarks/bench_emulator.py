@@ -3,7 +3,7 @@ barrier-free elementwise kernel and a row reduction with barriers and
 simd_sum, the compile time of one shader file, and the cached reload time.
 
     python benchmarks/bench_emulator.py
-Targets (issue 4, one core): >= 20 M threads/s barrier-free, >= 2 M threads/s
+Targets (one core): >= 20 M threads/s barrier-free, >= 2 M threads/s
 with barriers, a shader file compiled in < 10 s, a cached reload < 50 ms.
 """
 

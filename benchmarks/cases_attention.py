@@ -2,10 +2,10 @@
 
 ``CASES`` follows the common benchmark format (benchmarks/bench_ops.py); each
 shape is (batch, q_heads, kv_heads, seq, head_dim). ``shapes`` are CPU-sized
-(seq 256..2048); ``device_shapes["mps"]`` are the issue's (seq 512..8192).
+(seq 256..2048); ``device_shapes["mps"]`` are Mac-sized (seq 512..8192).
 
 Run directly for a table of forward and forward+backward time and peak memory
-on the best device here, and (on mps only) the issue's Mac ratios:
+on the best device here, and (on mps only) the Mac goal's ratios:
 
     PYTHONPATH=. python benchmarks/cases_attention.py [--device cpu|mps] [--quick]
 """
@@ -27,7 +27,7 @@ MPS_SEQS = (512, 1024, 2048, 4096, 8192)
 CPU_SEQS = (256, 512, 1024, 2048)
 BATCH, Q_HEADS, KV_HEADS = 1, 8, 2  # grouped-query attention, 4 q heads per k/v head
 
-# The issue's goal on a Mac, forward+backward at seq 4096.
+# The goal on a Mac, forward+backward at seq 4096.
 TARGET_SEQ = 4096
 TARGET_SPEEDUP = 2.0
 TARGET_MEMORY_FRACTION = 0.25
@@ -59,7 +59,7 @@ CASES = [
     {
         "op": f"flash_attention{'_causal' if causal else ''}",
         # The common runner (bench_ops.py) uses one list for every device: the
-        # CPU-sized one. device_shapes has the issue's mps sizes (seq 512..8192).
+        # CPU-sized one. device_shapes has the Mac sizes (seq 512..8192).
         "shapes": _shapes(CPU_SEQS),
         "quick_shapes": [(BATCH, Q_HEADS, KV_HEADS, 512, 64)],
         "device_shapes": {"cpu": _shapes(CPU_SEQS), "mps": _shapes(MPS_SEQS)},
@@ -170,14 +170,14 @@ def run(device: str, dtype: torch.dtype, shapes, causal: bool = True) -> List[di
 
 def targets() -> List[str]:
     return [
-        f"flash_attention goal (issue 6), on an Apple GPU (mps), forward+backward at seq {TARGET_SEQ}, "
+        f"flash_attention goal on an Apple GPU (mps), forward+backward at seq {TARGET_SEQ}, "
         f"head_dim 64 and 128, float16: at least {TARGET_SPEEDUP:.0f}x the speed of F.scaled_dot_product_attention "
         f"and at most {TARGET_MEMORY_FRACTION:.0%} of its peak memory.",
     ]
 
 
 def mac_ratios(dtype: torch.dtype = torch.float16) -> List[str]:
-    """The issue's ratios, measured; only on mps (elsewhere the lines say why not)."""
+    """The goal's ratios, measured; only on mps (elsewhere the lines say why not)."""
     if not torch.backends.mps.is_available():
         return ["mac ratios: no MPS device here; not measured (CPU figures are not Mac figures)"]
     lines = []
@@ -194,7 +194,7 @@ def mac_ratios(dtype: torch.dtype = torch.float16) -> List[str]:
 
 
 def print_mac_ratios() -> None:
-    """Prints the issue's Mac ratios when an MPS device is present; prints nothing elsewhere."""
+    """Prints the goal's Mac ratios when an MPS device is present; prints nothing elsewhere."""
     if torch.backends.mps.is_available():
         for line in mac_ratios():
             print(line)

@@ -31,7 +31,7 @@ CASES = [
             "composite": _composite,
         },
         "grad_inputs": [0, 1],
-        # Issue targets, checked on cpu: (shape, dtype, mode, baseline, minimum speedup)
+        # Speed targets, checked on cpu: (shape, dtype, mode, baseline, minimum speedup)
         "targets": [((4096, 4096), torch.float32, "fwd+bwd", "composite", 2.0),
                     ((4096, 4096), torch.float32, "fwd+bwd", "F.rms_norm", 1.0)],
     },

@@ -1,5 +1,5 @@
 // The shaders/*.metal sources, embedded at build time by setup.py with their
-// #include "..." lines resolved (see csrc/generated/, never hand-edited).
+// #include "..." lines resolved (generated into build/generated/, never hand-edited).
 #pragma once
 
 #include <string>
