@@ -143,7 +143,13 @@ constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
 template <typename V>
 __attribute__((always_inline)) inline void streamv(float* p, V v) {
   static_assert(sizeof(V) == 32 || sizeof(V) == 64);
+#if defined(__clang__)
+  // clang checks an asm operand against the target of the function it is
+  // written in (baseline here), so it takes its builtin instead.
+  __builtin_nontemporal_store(v, reinterpret_cast<V*>(p));
+#else
   asm volatile("vmovntps %1, %0" : "=m"(*reinterpret_cast<V*>(p)) : "v"(v));
+#endif
 }
 __attribute__((always_inline)) inline void stream_fence() { __builtin_ia32_sfence(); }
 #else
