@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Syntax-check the Objective-C++ sources (csrc/mps/*.mm) on Linux.
+"""Syntax-check the Objective-C++ sources (csrc/**/*.mm) on Linux.
 
 No Apple SDK exists here, so clang compiles each file with -fsyntax-only
 against PyTorch's real headers and the declaration subset of Foundation,
@@ -10,7 +10,7 @@ In Objective-C, messaging an unknown selector or passing an object of the
 wrong protocol is only a warning by default; -Werror makes every such
 diagnostic fail the check. Usage:
 
-    python test/check_objc_compile.py [file.mm ...]   # default: csrc/mps/*.mm
+    python test/check_objc_compile.py [file.mm ...]   # default: csrc/**/*.mm
 
 Exit status 0 when every file compiles; clang's diagnostics are printed
 otherwise. CLANGXX=/path/to/clang++ picks the compiler.
@@ -107,12 +107,12 @@ def check_file(source, clang=None, std=None, torch_include=None):
 
 
 def default_sources():
-    return sorted(glob.glob(os.path.join(ROOT, "csrc", "mps", "*.mm")))
+    return sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*.mm"), recursive=True))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sources", nargs="*", help="Objective-C++ files (default: csrc/mps/*.mm)")
+    parser.add_argument("sources", nargs="*", help="Objective-C++ files (default: csrc/**/*.mm)")
     parser.add_argument("--std", help="C++ standard (default: c++17, c++20 for torch >= 2.14)")
     parser.add_argument("--torch-include", help="another torch's include/ directory (default: the installed torch)")
     parser.add_argument("--print-command", action="store_true", help="print each clang command line")

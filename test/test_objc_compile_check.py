@@ -1,6 +1,6 @@
 """The Linux syntax check of the Objective-C++ sources (test/check_objc_compile.py).
 
-The real csrc/mps/*.mm files must pass; deliberately broken snippets must
+The real csrc/**/*.mm files must pass; deliberately broken snippets must
 fail with clang's diagnostic, proving the check catches a misspelled
 selector, a wrong argument type, and calls to APIs the code must not use.
 Needs clang++ (Debian/Ubuntu package `clang`) and torch's headers; skipped
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(CLANG is None, reason="clang++ is not installed 
 
 # The headers the executor includes; the snippets see the same declarations.
 PRELUDE = """
-#include "metal_launch.h"
+#include "metal/launch.h"
 #include <ATen/mps/MPSStream.h>
 #include <Metal/Metal.h>
 """
@@ -38,7 +38,7 @@ def compile_snippet(tmp_path, body, name="snippet.mm"):
 
 def test_every_mm_file_passes():
     sources = checker.default_sources()
-    assert sources, "no csrc/mps/*.mm files found"
+    assert sources, "no csrc/**/*.mm files found"
     for source in sources:
         result = checker.check_file(source, CLANG)
         assert result.returncode == 0, f"{source}:\n{result.stderr}"

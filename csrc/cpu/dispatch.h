@@ -9,8 +9,9 @@
 //   it. Non-x86 builds (Apple Silicon) make the baseline copy only.
 // - After its #includes a loop file opens MY_MPS_OPS_CPU_KERNELS_BEGIN: from
 //   there on, every function is compiled for the copy's target and lives in
-//   the namespace my_mps_ops::cpu::<capability>, where `Vec` is the copy's
-//   float32 vector type (cpu/vec.h). It ends with MY_MPS_OPS_CPU_KERNELS_END.
+//   the namespace my_mps_ops::cpu::<capability>, where `vec::` is the SIMD
+//   dialect (cpu/vec.h, compiled into each copy for its target) and `Vec` the
+//   copy's float32 vector type. It ends with MY_MPS_OPS_CPU_KERNELS_END.
 // - Entry points are plain function pointers in DispatchStubs declared by the
 //   family's header (csrc/cpu/<family>.h); after END, each copy registers
 //   its entries with MY_MPS_OPS_REGISTER_CPU_KERNEL. Calling a stub runs the best registered
@@ -53,7 +54,13 @@ struct DispatchStub {
 
 // ---- inside a loop file's copy (MY_MPS_OPS_CPU_CAPABILITY defined by the wrapper)
 #ifdef MY_MPS_OPS_CPU_CAPABILITY
-#include "cpu/vec.h"
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
 
 #define MY_MPS_OPS_CPU_CAPABILITY_baseline 0
 #define MY_MPS_OPS_CPU_CAPABILITY_avx2 1
@@ -87,17 +94,26 @@ struct DispatchStub {
 #define MY_MPS_OPS_CPU_TARGET_POP _Pragma("GCC pop_options")
 #endif
 
-namespace my_mps_ops::cpu {
-template <int kIndex> struct CopyTraits;
-template <> struct CopyTraits<0> { using Vec = f32x4; };
-template <> struct CopyTraits<1> { using Vec = f32x8; };
-template <> struct CopyTraits<2> { using Vec = f32x16; };
-}  // namespace my_mps_ops::cpu
+// The copy's own vector helpers (cpu/vec.h), compiled for its target.
+MY_MPS_OPS_CPU_TARGET_PUSH
+namespace my_mps_ops::cpu::MY_MPS_OPS_CPU_CAPABILITY::vec {
+#include "cpu/vec.h"
+#if MY_MPS_OPS_CPU_INDEX == 0
+using Vec = f32x4;
+#elif MY_MPS_OPS_CPU_INDEX == 1
+using Vec = f32x8;
+#else
+using Vec = f32x16;
+#endif
+}  // namespace my_mps_ops::cpu::MY_MPS_OPS_CPU_CAPABILITY::vec
+MY_MPS_OPS_CPU_TARGET_POP
 
-#define MY_MPS_OPS_CPU_KERNELS_BEGIN                                    \
-  MY_MPS_OPS_CPU_TARGET_PUSH                                            \
-  namespace my_mps_ops::cpu::MY_MPS_OPS_CPU_CAPABILITY {                \
-  using Vec = ::my_mps_ops::cpu::CopyTraits<MY_MPS_OPS_CPU_INDEX>::Vec;
+// Opens the copy's target region and namespace, where `vec::` names its
+// helpers and `Vec` its float32 vector type.
+#define MY_MPS_OPS_CPU_KERNELS_BEGIN                     \
+  MY_MPS_OPS_CPU_TARGET_PUSH                             \
+  namespace my_mps_ops::cpu::MY_MPS_OPS_CPU_CAPABILITY { \
+  using vec::Vec;
 
 #define MY_MPS_OPS_CPU_KERNELS_END \
   }                                \

@@ -4,14 +4,13 @@
 //
 // Blocks of kBlock elements are widened to float32 (float64 stays float64),
 // then each activation runs on the copy's float32 vectors. The float32 path
-// uses cpu::exp_poly and the erf of Abramowitz & Stegun 7.1.26 (as the
+// uses vec::exp_poly and the erf of Abramowitz & Stegun 7.1.26 (as the
 // shader, constants in shaders/include/glu.h): libm calls run one element at
 // a time. AVX-512 pays here (about a quarter less time per element in cache
 // than AVX2, which is what is left above memory bandwidth in the backward).
 #include "cpu/dispatch.h"
 #include "cpu/glu.h"
 #include "cpu/parallel.h"
-#include "cpu/vec.h"
 #include "shaders/include/glu.h"
 
 #include <algorithm>
@@ -60,7 +59,7 @@ inline void activation_f64(double x, double& value, double& grad) {
 // tails (the same arithmetic, one lane).
 template <GluActivation A, typename V>
 __attribute__((always_inline)) inline void activation(V x, V& value, V& grad) {
-  using cpu::exp_poly;
+  using vec::exp_poly;
   if constexpr (A == GluActivation::SiLU) {
     const V s = 1.0f / (1.0f + exp_poly(-x));
     value = x * s;
@@ -91,8 +90,8 @@ __attribute__((always_inline)) inline void activation(V x, V& value, V& grad) {
 // A vector store, streaming (non-temporal) when kStream.
 template <bool kStream>
 __attribute__((always_inline)) inline void store(float* p, Vec v) {
-  if constexpr (kStream) cpu::streamv(p, v);
-  else cpu::storev(p, v);
+  if constexpr (kStream) vec::streamv(p, v);
+  else vec::storev(p, v);
 }
 
 // float32 rows; out may alias gate and the gradients may alias gate / up
@@ -100,12 +99,12 @@ __attribute__((always_inline)) inline void store(float* p, Vec v) {
 // written.
 template <GluActivation A, bool kStream = false>
 __attribute__((always_inline)) inline void forward_f32(const float* gate, const float* up, float* out, int64_t len) {
-  constexpr int64_t L = cpu::kLanes<Vec>;
+  constexpr int64_t L = vec::kLanes<Vec>;
   int64_t i = 0;
   for (; i + L <= len; i += L) {
     Vec v, d;
-    activation<A>(cpu::loadv<Vec>(gate + i), v, d);
-    store<kStream>(out + i, v * cpu::loadv<Vec>(up + i));
+    activation<A>(vec::loadv<Vec>(gate + i), v, d);
+    store<kStream>(out + i, v * vec::loadv<Vec>(up + i));
   }
   for (; i < len; ++i) {
     float v, d;
@@ -117,12 +116,12 @@ __attribute__((always_inline)) inline void forward_f32(const float* gate, const 
 template <GluActivation A, bool kStream = false>
 __attribute__((always_inline)) inline void backward_f32(const float* dy, const float* gate, const float* up,
                                                         float* dgate, float* dup, int64_t len) {
-  constexpr int64_t L = cpu::kLanes<Vec>;
+  constexpr int64_t L = vec::kLanes<Vec>;
   int64_t i = 0;
   for (; i + L <= len; i += L) {
     Vec v, d;
-    activation<A>(cpu::loadv<Vec>(gate + i), v, d);
-    const Vec y = cpu::loadv<Vec>(dy + i), u = cpu::loadv<Vec>(up + i);
+    activation<A>(vec::loadv<Vec>(gate + i), v, d);
+    const Vec y = vec::loadv<Vec>(dy + i), u = vec::loadv<Vec>(up + i);
     store<kStream>(dgate + i, y * u * d);
     store<kStream>(dup + i, y * v);
   }
@@ -150,10 +149,10 @@ inline void forward_block(const T* gate, const T* up, T* out, int64_t len) {
     }
   } else {
     float g[kBlock], u[kBlock];
-    cpu::widen(gate, g, len);
-    cpu::widen(up, u, len);
+    vec::widen(gate, g, len);
+    vec::widen(up, u, len);
     forward_f32<A>(g, u, g, len);
-    cpu::narrow(g, out, len);
+    vec::narrow(g, out, len);
   }
 }
 
@@ -170,12 +169,12 @@ inline void backward_block(const T* dy, const T* gate, const T* up, T* dgate, T*
     }
   } else {
     float g[kBlock], u[kBlock], y[kBlock];
-    cpu::widen(gate, g, len);
-    cpu::widen(up, u, len);
-    cpu::widen(dy, y, len);
+    vec::widen(gate, g, len);
+    vec::widen(up, u, len);
+    vec::widen(dy, y, len);
     backward_f32<A>(y, g, u, g, u, len);
-    cpu::narrow(g, dgate, len);
-    cpu::narrow(u, dup, len);
+    vec::narrow(g, dgate, len);
+    vec::narrow(u, dup, len);
   }
 }
 
@@ -190,11 +189,11 @@ template <GluActivation A, typename T>
 void forward_range(const T* gate, const T* up, T* out, int64_t begin, int64_t end, bool stream) {
   if constexpr (std::is_same_v<T, float> && kCanStream) {
     if (stream) {
-      const int64_t head = std::min(end, begin + cpu::floats_to_align(out + begin, sizeof(Vec)));
+      const int64_t head = std::min(end, begin + vec::floats_to_align(out + begin, sizeof(Vec)));
       forward_f32<A>(gate + begin, up + begin, out + begin, head - begin);
       for (int64_t b = head; b < end; b += kBlock)
         forward_f32<A, true>(gate + b, up + b, out + b, std::min(kBlock, end - b));
-      return cpu::stream_fence();
+      return vec::stream_fence();
     }
   }
   for (int64_t b = begin; b < end; b += kBlock)
@@ -205,12 +204,12 @@ template <GluActivation A, typename T>
 void backward_range(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t begin, int64_t end,
                     bool stream) {
   if constexpr (std::is_same_v<T, float> && kCanStream) {
-    if (stream && cpu::floats_to_align(dgate, sizeof(Vec)) == cpu::floats_to_align(dup, sizeof(Vec))) {
-      const int64_t head = std::min(end, begin + cpu::floats_to_align(dgate + begin, sizeof(Vec)));
+    if (stream && vec::floats_to_align(dgate, sizeof(Vec)) == vec::floats_to_align(dup, sizeof(Vec))) {
+      const int64_t head = std::min(end, begin + vec::floats_to_align(dgate + begin, sizeof(Vec)));
       backward_f32<A>(dy + begin, gate + begin, up + begin, dgate + begin, dup + begin, head - begin);
       for (int64_t b = head; b < end; b += kBlock)
         backward_f32<A, true>(dy + b, gate + b, up + b, dgate + b, dup + b, std::min(kBlock, end - b));
-      return cpu::stream_fence();
+      return vec::stream_fence();
     }
   }
   for (int64_t b = begin; b < end; b += kBlock)
@@ -225,7 +224,7 @@ void forward_rows(const GluForwardArgs& a) {
   const auto* up = static_cast<const T*>(a.up);
   auto* out = static_cast<T*>(a.out);
   const int64_t n = a.rows * a.cols;
-  const bool stream = n * int64_t(sizeof(T)) >= cpu::kStreamMinBytes;
+  const bool stream = n * int64_t(sizeof(T)) >= vec::kStreamMinBytes;
   if (a.gate_stride == a.cols && a.up_stride == a.cols) {
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       forward_range<A, T>(gate, up, out, begin, end, stream);
@@ -246,7 +245,7 @@ void backward_rows(const GluBackwardArgs& a) {
   auto* dgate = static_cast<T*>(a.grad_gate);
   auto* dup = static_cast<T*>(a.grad_up);
   const int64_t n = a.rows * a.cols;
-  const bool stream = n * int64_t(sizeof(T)) >= cpu::kStreamMinBytes;
+  const bool stream = n * int64_t(sizeof(T)) >= vec::kStreamMinBytes;
   if (a.grad_out_stride == a.cols && a.gate_stride == a.cols && a.up_stride == a.cols) {
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       backward_range<A, T>(dy, gate, up, dgate, dup, begin, end, stream);

@@ -1,26 +1,26 @@
-// The one SIMD dialect of the CPU loop files: float32 vectors as GCC/Clang
-// vector types (plain operators, one instruction per vector), lane helpers, a
-// vectorisable exp, streaming stores and float16/bfloat16 <-> float32 rows.
+// The one SIMD dialect of the CPU loop files: float32 (and float64) vectors
+// as GCC/Clang vector types (plain operators, one instruction per vector),
+// lane helpers, a vectorisable exp, streaming stores and float16/bfloat16 <->
+// float32 rows.
 //
-// Loop files are compiled once per instruction set (see cpu/dispatch.h); each
-// copy sees `Vec`, the natural float32 vector of its target: f32x4 (one
+// Not an ordinary header: cpu/dispatch.h includes it inside each copy's
+// namespace (my_mps_ops::cpu::<capability>::vec) and target region, so every
+// copy of a loop file gets its own helpers compiled for its instruction set
+// (nothing is shared between copies, so no inline function compiled for AVX2
+// can stand in for the baseline one), and a helper taking a 32-byte vector is
+// itself an AVX2 function (clang rejects passing one to a baseline function).
+// Its prerequisites (<cstdint>, <cstring>, <type_traits>, <utility>, c10's
+// Half and BFloat16) are included by cpu/dispatch.h before it.
+//
+// Each copy sees `Vec`, the natural float32 vector of its target: f32x4 (one
 // SSE2 / NEON register) in the baseline copy, f32x8 in the AVX2 copy, f32x16
 // in the AVX-512 copy. GCC lowers a type wider than the target's registers
-// through the stack (about ten times slower), so a loop uses the Vec of the
-// copy it is compiled in, never a wider one.
-//
-// Light on purpose: no ATen headers, so the per-ISA copies build fast.
-#pragma once
+// through the stack (about ten times slower), so a loop uses its copy's Vec.
+#ifndef MY_MPS_OPS_CPU_CAPABILITY
+#error "cpu/vec.h is included by cpu/dispatch.h inside a loop file's copy"
+#endif
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
-#include <cstdint>
-#include <cstring>
-#include <type_traits>
-#include <utility>
-
-namespace my_mps_ops::cpu {
 
 // Accumulation type: float32 for float32/float16/bfloat16, float64 for float64.
 template <typename T>
@@ -216,4 +216,3 @@ __attribute__((always_inline)) inline const float* widened(const T* src, float* 
   }
 }
 
-}  // namespace my_mps_ops::cpu

@@ -1,5 +1,5 @@
 // Foundation (Apple), declaration subset for the Linux syntax check of
-// csrc/mps/*.mm only: not the SDK, nothing here is ever linked. Signatures
+// csrc/metal/*.mm only: not the SDK, nothing here is ever linked. Signatures
 // follow the macOS SDK's Foundation headers (NSObject.h, NSString.h,
 // NSError.h, NSDictionary.h, NSObjCRuntime.h); see test/objc_sdk/README.md.
 #pragma once

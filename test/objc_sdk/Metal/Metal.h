@@ -1,5 +1,5 @@
 // Metal (Apple), declaration subset for the Linux syntax check of
-// csrc/mps/*.mm only: not the SDK, nothing here is ever linked. Signatures
+// csrc/metal/*.mm only: not the SDK, nothing here is ever linked. Signatures
 // follow the macOS SDK's Metal headers (MTLTypes.h, MTLDevice.h,
 // MTLLibrary.h, MTLComputePipeline.h, MTLCommandEncoder.h,
 // MTLComputeCommandEncoder.h, MTLResource.h, MTLAllocation.h, MTLBuffer.h,

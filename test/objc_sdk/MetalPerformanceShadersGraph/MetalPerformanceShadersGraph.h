@@ -1,5 +1,5 @@
 // MetalPerformanceShadersGraph (Apple), declaration subset for the Linux
-// syntax check of csrc/mps/*.mm only: not the SDK, nothing here is ever
+// syntax check of csrc/metal/*.mm only: not the SDK, nothing here is ever
 // linked. Only the classes PyTorch's ATen/mps/MPSStream.h names, with the
 // superclasses of the macOS SDK's MPSGraphCore.h, MPSGraph.h and
 // MPSGraphExecutable.h. See test/objc_sdk/README.md.

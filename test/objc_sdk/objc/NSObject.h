@@ -1,5 +1,5 @@
 // Objective-C runtime (Apple), declaration subset for the Linux syntax check
-// of csrc/mps/*.mm only: not the SDK, nothing here is ever linked. Signatures
+// of csrc/metal/*.mm only: not the SDK, nothing here is ever linked. Signatures
 // follow the macOS SDK's objc/objc.h and objc/NSObject.h (manual
 // retain/release declarations included: the .mm files are built without
 // ARC); see test/objc_sdk/README.md.
