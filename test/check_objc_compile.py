@@ -10,7 +10,7 @@ In Objective-C, messaging an unknown selector or passing an object of the
 wrong protocol is only a warning by default; -Werror makes every such
 diagnostic fail the check. Usage:
 
-    python test/check_objc_compile.py [file.mm ...]   # default: csrc/**/*.mm
+    python test/check_objc_compile.py [--sdk 14|15] [file.mm ...]   # default: csrc/**/*.mm, both SDKs
 
 Exit status 0 when every file compiles; clang's diagnostics are printed
 otherwise. CLANGXX=/path/to/clang++ picks the compiler.
@@ -92,18 +92,28 @@ def include_flags(torch_include=None):
     return flags
 
 
-def command(clang, source, std=None, torch_include=None):
+# The macOS SDK generations the .mm files must compile against: the oldest
+# supported (14: Metal Shading Language 3.1, bfloat) and the newest modelled.
+# The declarations in test/objc_sdk/ leave out what a generation lacks.
+SDK_GENERATIONS = (14, 15)
+NEWEST_SDK = max(SDK_GENERATIONS)
+
+
+def command(clang, source, std=None, torch_include=None, sdk=NEWEST_SDK):
     std = std or default_std(torch_include)
     return [clang, *OBJC_FLAGS, f"-std={std}", *WARNING_FLAGS, *include_flags(torch_include), "-DMY_MPS_OPS_WITH_MPS=1",
-            source]
+            f"-DSDK_SUBSET_MACOS={sdk}", source]
 
 
-def check_file(source, clang=None, std=None, torch_include=None):
-    """Runs clang on one file; returns the CompletedProcess (stderr has the diagnostics)."""
+def check_file(source, clang=None, std=None, torch_include=None, sdk=NEWEST_SDK):
+    """Runs clang on one file against the declarations of macOS SDK generation
+    `sdk`; returns the CompletedProcess (stderr has the diagnostics)."""
     clang = clang or find_clang()
     if clang is None:
         raise RuntimeError("no clang++ found (apt-get install clang); set CLANGXX to choose one")
-    return subprocess.run(command(clang, source, std, torch_include), capture_output=True, text=True)
+    if sdk not in SDK_GENERATIONS:
+        raise ValueError(f"sdk must be one of {SDK_GENERATIONS}, got {sdk!r}")
+    return subprocess.run(command(clang, source, std, torch_include, sdk), capture_output=True, text=True)
 
 
 def default_sources():
@@ -115,6 +125,8 @@ def main(argv=None):
     parser.add_argument("sources", nargs="*", help="Objective-C++ files (default: csrc/**/*.mm)")
     parser.add_argument("--std", help="C++ standard (default: c++17, c++20 for torch >= 2.14)")
     parser.add_argument("--torch-include", help="another torch's include/ directory (default: the installed torch)")
+    parser.add_argument("--sdk", type=int, choices=SDK_GENERATIONS, action="append",
+                        help="macOS SDK generation to check against (repeatable; default: all)")
     parser.add_argument("--print-command", action="store_true", help="print each clang command line")
     args = parser.parse_args(argv)
 
@@ -126,19 +138,22 @@ def main(argv=None):
     if not sources:
         print("check_objc_compile: no .mm files to check", file=sys.stderr)
         return 2
+    sdks = args.sdk or list(SDK_GENERATIONS)
     failed = 0
     for source in sources:
-        if args.print_command:
-            print(" ".join(command(clang, source, args.std, args.torch_include)))
-        result = check_file(source, clang, args.std, args.torch_include)
         rel = os.path.relpath(source, ROOT)
-        if result.returncode == 0:
-            print(f"ok    {rel}")
-        else:
-            failed += 1
-            print(f"FAIL  {rel}")
-            sys.stderr.write(result.stderr)
-    print(f"{len(sources) - failed}/{len(sources)} Objective-C++ files pass the syntax check ({os.path.basename(clang)})")
+        for sdk in sdks:
+            if args.print_command:
+                print(" ".join(command(clang, source, args.std, args.torch_include, sdk)))
+            result = check_file(source, clang, args.std, args.torch_include, sdk)
+            if result.returncode == 0:
+                print(f"ok    {rel} (macOS {sdk} SDK)")
+            else:
+                failed += 1
+                print(f"FAIL  {rel} (macOS {sdk} SDK)")
+                sys.stderr.write(result.stderr)
+    checks = len(sources) * len(sdks)
+    print(f"{checks - failed}/{checks} Objective-C++ file x SDK checks pass the syntax check ({os.path.basename(clang)})")
     return 1 if failed else 0
 
 

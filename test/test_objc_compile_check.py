@@ -30,19 +30,63 @@ PRELUDE = """
 """
 
 
-def compile_snippet(tmp_path, body, name="snippet.mm"):
+def compile_snippet(tmp_path, body, name="snippet.mm", sdk=checker.NEWEST_SDK):
     path = tmp_path / name
     path.write_text(PRELUDE + body)
-    return checker.check_file(str(path), CLANG)
+    return checker.check_file(str(path), CLANG, sdk=sdk)
 
 
-def test_every_mm_file_passes():
+@pytest.mark.parametrize("sdk", checker.SDK_GENERATIONS)
+def test_every_mm_file_passes(sdk):
     sources = checker.default_sources()
     assert sources, "no csrc/**/*.mm files found"
     for source in sources:
-        result = checker.check_file(source, CLANG)
-        assert result.returncode == 0, f"{source}:\n{result.stderr}"
+        result = checker.check_file(source, CLANG, sdk=sdk)
+        assert result.returncode == 0, f"{source} (macOS {sdk} SDK):\n{result.stderr}"
         assert result.stderr == ""
+
+
+# MTLCompileOptions.mathMode exists only in the macOS 15 SDK. A runtime
+# @available check does not make it compile against a macOS 14 SDK.
+MACOS15_PROPERTY_RUNTIME_CHECK_ONLY = """
+void configure(MTLCompileOptions* options) {
+  if (@available(macOS 15.0, *)) {
+    options.mathMode = MTLMathModeSafe;
+  }
+}
+"""
+MACOS15_PROPERTY_COMPILE_TIME_GUARD = """
+void configure(MTLCompileOptions* options) {
+#if defined(__MAC_15_0) && __MAC_OS_X_VERSION_MAX_ALLOWED >= __MAC_15_0
+  if (@available(macOS 15.0, *)) {
+    options.mathMode = MTLMathModeSafe;
+    options.mathFloatingPointFunctions = MTLMathFloatingPointFunctionsPrecise;
+    return;
+  }
+#endif
+  options.languageVersion = MTLLanguageVersion3_1;
+}
+"""
+
+
+def test_macos15_api_without_compile_time_guard_fails_with_sdk14(tmp_path):
+    result = compile_snippet(tmp_path, MACOS15_PROPERTY_RUNTIME_CHECK_ONLY, sdk=14)
+    assert result.returncode != 0
+    assert "property 'mathMode' not found on object of type 'MTLCompileOptions *'" in result.stderr
+    # The same source is fine against the SDK that declares the property.
+    result = compile_snippet(tmp_path, MACOS15_PROPERTY_RUNTIME_CHECK_ONLY, sdk=15)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("sdk", checker.SDK_GENERATIONS)
+def test_macos15_api_behind_compile_time_guard_passes(tmp_path, sdk):
+    result = compile_snippet(tmp_path, MACOS15_PROPERTY_COMPILE_TIME_GUARD, sdk=sdk)
+    assert result.returncode == 0, result.stderr
+
+
+def test_unknown_sdk_generation_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="sdk must be one of"):
+        compile_snippet(tmp_path, "", sdk=13)
 
 
 def test_script_exit_status(capsys):

@@ -125,33 +125,39 @@ class MPSExecutor final : public Executor {
     // Blocks capture by value: capture plain pointers, not the C++ reference.
     const Launch* launch_ptr = &launch;
     id<MTLComputePipelineState> state = compiled.state;
+    // The pool drains what commandEncoder() autoreleases: dispatch_sync
+    // usually runs the block on the calling thread, whose pool (Python's main
+    // thread, autograd's workers) is never drained. PyTorch wraps its own
+    // encoding blocks the same way.
     dispatch_sync_rethrowing(stream->queue(), ^{
-      id<MTLComputeCommandEncoder> encoder = stream->commandEncoder();
-      [encoder setComputePipelineState:state];
-      for (const Arg& arg : launch_ptr->args) {
-        switch (arg.kind) {
-          case Arg::Kind::Buffer: {
-            const at::Tensor& t = arg.tensor;
-            [encoder setBuffer:storage_buffer(t)
-                        offset:static_cast<NSUInteger>(t.storage_offset() * t.element_size())
-                       atIndex:arg.index];
-            break;
+      @autoreleasepool {
+        id<MTLComputeCommandEncoder> encoder = stream->commandEncoder();
+        [encoder setComputePipelineState:state];
+        for (const Arg& arg : launch_ptr->args) {
+          switch (arg.kind) {
+            case Arg::Kind::Buffer: {
+              const at::Tensor& t = arg.tensor;
+              [encoder setBuffer:storage_buffer(t)
+                          offset:static_cast<NSUInteger>(t.storage_offset() * t.element_size())
+                         atIndex:arg.index];
+              break;
+            }
+            case Arg::Kind::Bytes:
+              [encoder setBytes:arg.bytes.data() length:arg.bytes.size() atIndex:arg.index];
+              break;
+            case Arg::Kind::ThreadgroupMemory:
+              // Metal requires threadgroup memory lengths in multiples of 16 bytes.
+              [encoder setThreadgroupMemoryLength:round_up_16(arg.threadgroup_length) atIndex:arg.index];
+              break;
           }
-          case Arg::Kind::Bytes:
-            [encoder setBytes:arg.bytes.data() length:arg.bytes.size() atIndex:arg.index];
-            break;
-          case Arg::Kind::ThreadgroupMemory:
-            // Metal requires threadgroup memory lengths in multiples of 16 bytes.
-            [encoder setThreadgroupMemoryLength:round_up_16(arg.threadgroup_length) atIndex:arg.index];
-            break;
         }
-      }
-      const MTLSize grid = MTLSizeMake(launch_ptr->grid[0], launch_ptr->grid[1], launch_ptr->grid[2]);
-      const MTLSize group = MTLSizeMake(launch_ptr->group[0], launch_ptr->group[1], launch_ptr->group[2]);
-      if (launch_ptr->grid_counts_threadgroups) {
-        [encoder dispatchThreadgroups:grid threadsPerThreadgroup:group];
-      } else {
-        [encoder dispatchThreads:grid threadsPerThreadgroup:group];
+        const MTLSize grid = MTLSizeMake(launch_ptr->grid[0], launch_ptr->grid[1], launch_ptr->grid[2]);
+        const MTLSize group = MTLSizeMake(launch_ptr->group[0], launch_ptr->group[1], launch_ptr->group[2]);
+        if (launch_ptr->grid_counts_threadgroups) {
+          [encoder dispatchThreadgroups:grid threadsPerThreadgroup:group];
+        } else {
+          [encoder dispatchThreads:grid threadsPerThreadgroup:group];
+        }
       }
     });
   }
@@ -231,10 +237,22 @@ class MPSExecutor final : public Executor {
       if (@available(macOS 14.0, *)) {  // always true here (checked above); guards the enum's use
         options.languageVersion = MTLLanguageVersion3_1;
       }
-      // IEEE-conforming float arithmetic: results must match the CPU kernels.
+      // IEEE-conforming arithmetic and precise math functions (exp, log,
+      // rsqrt...): results must match the CPU kernels and not change between
+      // macOS releases. Since macOS 15, fastMathEnabled = NO is replaced by
+      // two settings, and math functions default to their fast variants
+      // unless mathFloatingPointFunctions says Precise; PyTorch's
+      // MetalShaderLibrary (aten/src/ATen/native/mps/OperationUtils.mm) sets
+      // both. The properties exist only in the macOS 15 SDK: the compile-time
+      // guard keeps this file building with a macOS 14 SDK, where a runtime
+      // @available check alone would not compile.
+#if defined(__MAC_15_0) && __MAC_OS_X_VERSION_MAX_ALLOWED >= __MAC_15_0
       if (@available(macOS 15.0, *)) {
         options.mathMode = MTLMathModeSafe;
-      } else {
+        options.mathFloatingPointFunctions = MTLMathFloatingPointFunctionsPrecise;
+      } else
+#endif
+      {
 #pragma clang diagnostic push
 #pragma clang diagnostic ignored "-Wdeprecated-declarations"
         options.fastMathEnabled = NO;

@@ -9,6 +9,23 @@
 
 #include <stdint.h>
 
+// Availability.h / AvailabilityInternal.h: the SDK generation under check.
+// An SDK defines __MAC_<version> for every release up to its own and sets
+// __MAC_OS_X_VERSION_MAX_ALLOWED to its own version; code that uses an API
+// newer than the oldest supported SDK guards it with these at compile time
+// (a runtime @available check does not make an undeclared API compile).
+// check_objc_compile.py passes -DSDK_SUBSET_MACOS=14 or 15.
+#ifndef SDK_SUBSET_MACOS
+#define SDK_SUBSET_MACOS 15
+#endif
+#define __MAC_14_0 140000
+#if SDK_SUBSET_MACOS >= 15
+#define __MAC_15_0 150000
+#define __MAC_OS_X_VERSION_MAX_ALLOWED __MAC_15_0
+#else
+#define __MAC_OS_X_VERSION_MAX_ALLOWED __MAC_14_0
+#endif
+
 // NSObjCRuntime.h (LP64)
 typedef long NSInteger;
 typedef unsigned long NSUInteger;

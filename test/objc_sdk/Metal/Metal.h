@@ -43,15 +43,28 @@ typedef NS_ENUM(NSUInteger, MTLLanguageVersion) {
     MTLLanguageVersion3_1 = (3 << 16) + 1,
 };
 
+// The macOS 15 SDK added MTLMathMode, MTLMathFloatingPointFunctions and the
+// two properties; in a macOS 14 SDK they do not exist at all (clang ignores
+// availability attributes on Linux, so absence is the faithful model).
+#if SDK_SUBSET_MACOS >= 15
 typedef NS_ENUM(NSInteger, MTLMathMode) {
     MTLMathModeSafe = 0,
     MTLMathModeRelaxed = 1,
     MTLMathModeFast = 2,
 };
 
+typedef NS_ENUM(NSInteger, MTLMathFloatingPointFunctions) {
+    MTLMathFloatingPointFunctionsFast = 0,
+    MTLMathFloatingPointFunctionsPrecise = 1,
+};
+#endif
+
 @interface MTLCompileOptions : NSObject <NSCopying>
 @property (readwrite, nonatomic) BOOL fastMathEnabled;
+#if SDK_SUBSET_MACOS >= 15
 @property (readwrite, nonatomic) MTLMathMode mathMode;
+@property (readwrite, nonatomic) MTLMathFloatingPointFunctions mathFloatingPointFunctions;
+#endif
 @property (readwrite, nonatomic) MTLLanguageVersion languageVersion;
 @end
 
