@@ -1,7 +1,7 @@
 # The README's commands. Each does all set-up first (scripts/setup.sh).
 PYTHON ?= python3
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench mac-check
 
 setup:
 	bash scripts/setup.sh
@@ -16,3 +16,8 @@ test: setup
 
 bench: setup
 	$(PYTHON) benchmarks/bench_ops.py
+
+# On a Mac: the whole suite on MPS under Metal's validation layers, the
+# benchmark on mps and cpu, and one report file (mac_check_report.md).
+mac-check: setup
+	$(PYTHON) scripts/mac_check.py
