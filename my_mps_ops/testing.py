@@ -6,6 +6,9 @@ import contextlib
 import threading
 
 from . import _C
+from . import emulator  # noqa: F401  registers the emulator as the executor for cpu tensors
+from ._emulator import register_library
+from .emulator.build import build
 
 _lock = threading.Lock()
 _loaded = {}
@@ -13,13 +16,11 @@ _loaded = {}
 
 def load_embedded_shaders() -> dict:
     """Builds (cached on disk) and registers every shader compiled into this build."""
-    from .emulator.build import build
-
     with _lock:
         for name, source in _C.embedded_shaders().items():
             if name not in _loaded:
                 path, _ = build(source, name)
-                _C.emulator_register_library(name, path)
+                register_library(name, path)
                 _loaded[name] = path
     return dict(_loaded)
 

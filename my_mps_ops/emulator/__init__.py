@@ -20,6 +20,12 @@ SIMD-group functions waited on at two call sites by lanes of one SIMD group
 (each runs over its active lanes otherwise), threads that returned before a
 barrier, scalars of the
 wrong width, unbound buffers, threadgroups over 1024 threads or 32 KB.
+
+Importing this package also makes the emulator the executor of the ops' Metal
+path on cpu tensors (taken inside ``my_mps_ops.testing.metal_emulation()``).
+The executor is the extension module ``my_mps_ops._emulator``
+(``emulator/host/``); the translator and compiler of kernel libraries are
+``translate.py`` and ``build.py``, the runtime they compile against ``include/``.
 """
 
 from __future__ import annotations
@@ -30,7 +36,10 @@ from typing import Dict, Optional, Sequence, Union
 
 import torch
 
+from .. import _C, _emulator
 from .build import CompileError, build
+
+_C._set_cpu_executor(_emulator.executor())
 
 __all__ = ["compile_shader", "ShaderLibrary", "CompileError"]
 
@@ -49,12 +58,6 @@ _CASTS = {
 
 def _bf16(v) -> bytes:
     return torch.tensor([float(v)], dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()
-
-
-def _native():
-    from .. import _C
-
-    return _C
 
 
 def _pack_scalar(value, cast: Optional[str]) -> bytes:
@@ -130,7 +133,7 @@ class ShaderKernel:
             raise ValueError(f"threads {threads} and group_size {group_size} must have the same rank")
         grid = threads + (1,) * (3 - len(threads))
         group = group_size + (1,) * (3 - len(group_size))
-        _native().emulator_launch(self._library._key, self.name, bound, list(grid), list(group), False)
+        _emulator.launch(self._library._key, self.name, bound, list(grid), list(group), False)
 
     def __repr__(self) -> str:
         return f"<emulated Metal kernel {self.name}>"
@@ -143,8 +146,8 @@ class ShaderLibrary:
         digest = hashlib.sha256(source.encode()).hexdigest()[:16]
         self._key = f"__compile_shader_{name or digest}"
         self.path, self.translation = build(source, name or f"shader_{digest}", include_dirs)
-        _native().emulator_register_library(self._key, self.path)
-        self._kernels = {k["name"]: ShaderKernel(self, k) for k in _native().emulator_kernels(self._key)}
+        _emulator.register_library(self._key, self.path)
+        self._kernels = {k["name"]: ShaderKernel(self, k) for k in _emulator.kernels(self._key)}
 
     def __getattr__(self, name: str) -> ShaderKernel:
         kernels = self.__dict__.get("_kernels", {})
