@@ -18,8 +18,10 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <limits>
 #include <string>
+#include <tuple>
 
 namespace my_mps_ops {
 namespace {

@@ -18,6 +18,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <tuple>
+
 namespace my_mps_ops {
 namespace {
 
@@ -81,10 +84,13 @@ std::tuple<Tensor, Tensor> rotate_qk(const Tensor& q_in, const Tensor& k_in, con
               ": k must match q in batch, seq and head_dim (heads may differ), got ", k_in.sizes(), " and ",
               q_in.sizes());
   // The native kernel has no launch to save: it rotates q, then k.
-  if (!use_metal_path(q_in))
-    return {rotate(q_in, cos, sin, interleaved, seq_dim, conj, op), rotate(k_in, cos, sin, interleaved, seq_dim, conj, op)};
+  if (!use_metal_path(q_in)) {
+    return {rotate(q_in, cos, sin, interleaved, seq_dim, conj, op),
+            rotate(k_in, cos, sin, interleaved, seq_dim, conj, op)};
+  }
   const Tensor q = q_in.contiguous(), k = k_in.contiguous(), c = as_float_table(cos), s = as_float_table(sin);
-  Tensor q_out = at::empty_like(q, at::MemoryFormat::Contiguous), k_out = at::empty_like(k, at::MemoryFormat::Contiguous);
+  Tensor q_out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  Tensor k_out = at::empty_like(k, at::MemoryFormat::Contiguous);
   if (dq.rows() + dk.rows() == 0 || dq.head_dim == 0) return {q_out, k_out};
   metal::rotary_qk(op, {q, q_out}, {k, k_out}, {c, s, interleaved, seq_dim, conj});
   return {q_out, k_out};
