@@ -8,9 +8,8 @@
 // Backward: grad = scale[row] * (exp(z - lse) - (1 - eps) [j == t] - eps / V),
 // written in the logits' type with no [N, V] float intermediate.
 #include <metal_stdlib>
+#include "cross_entropy.h"
 using namespace metal;
-
-constant constexpr uint N_READS = 4;
 
 struct LseState {
   float m;  // running max
@@ -31,9 +30,7 @@ kernel void cross_entropy_forward(
     device const long* target [[buffer(1)]],
     device float* loss [[buffer(2)]],
     device float* lse_out [[buffer(3)]],
-    constant uint& v [[buffer(4)]],
-    constant long& ignore_index [[buffer(5)]],
-    constant float& smoothing [[buffer(6)]],
+    constant CrossEntropyParams& p [[buffer(4)]],
     uint row [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint threads [[threads_per_threadgroup]],
@@ -43,11 +40,12 @@ kernel void cross_entropy_forward(
   threadgroup float shared_m[32];
   threadgroup float shared_s[32];
   threadgroup float shared_sum[32];
+  const uint v = p.classes;
   const size_t offset = size_t(row) * v;
   LseState st{-INFINITY, 0.0f};
   float sum_z = 0.0f;
-  for (uint base = tid * N_READS; base < v; base += threads * N_READS) {
-    for (uint k = 0; k < N_READS; ++k) {
+  for (uint base = tid * kCrossEntropyReadsPerThread; base < v; base += threads * kCrossEntropyReadsPerThread) {
+    for (uint k = 0; k < kCrossEntropyReadsPerThread; ++k) {
       if (base + k < v) {
         const float z = float(logits[offset + base + k]);
         st = lse_combine(st, LseState{z, 1.0f});
@@ -75,13 +73,13 @@ kernel void cross_entropy_forward(
     const float lse = m + precise::log(s);
     lse_out[row] = lse;
     const long t = target[row];
-    if (t == ignore_index) {
+    if (t == p.ignore_index) {
       loss[row] = 0.0f;
     } else if (t < 0 || t >= long(v)) {
       loss[row] = NAN;  // out-of-range target: no host sync to raise on the GPU
     } else {
       const float zt = float(logits[offset + uint(t)]);
-      loss[row] = lse - (1.0f - smoothing) * zt - smoothing * sum_z / float(v);
+      loss[row] = lse - (1.0f - p.label_smoothing) * zt - p.label_smoothing * sum_z / float(v);
     }
   }
 }
@@ -93,20 +91,20 @@ kernel void cross_entropy_backward(
     device const float* lse [[buffer(2)]],
     device const float* scale [[buffer(3)]],
     device T* grad [[buffer(4)]],
-    constant uint& v [[buffer(5)]],
-    constant long& ignore_index [[buffer(6)]],
-    constant float& smoothing [[buffer(7)]],
+    constant CrossEntropyParams& p [[buffer(5)]],
     uint row [[threadgroup_position_in_grid]],
     uint tid [[thread_position_in_threadgroup]],
     uint threads [[threads_per_threadgroup]]) {
+  const uint v = p.classes;
+  const float smoothing = p.label_smoothing;
   const size_t offset = size_t(row) * v;
   const long t = target[row];
-  const bool ignored = t == ignore_index;
+  const bool ignored = t == p.ignore_index;
   const float g = ignored ? 0.0f : scale[row];
   const float r_lse = lse[row];
   const float uniform = smoothing / float(v);
-  for (uint base = tid * N_READS; base < v; base += threads * N_READS) {
-    for (uint k = 0; k < N_READS; ++k) {
+  for (uint base = tid * kCrossEntropyReadsPerThread; base < v; base += threads * kCrossEntropyReadsPerThread) {
+    for (uint k = 0; k < kCrossEntropyReadsPerThread; ++k) {
       const uint j = base + k;
       if (j < v) {
         float d = precise::exp(float(logits[offset + j]) - r_lse) - uniform;
@@ -117,13 +115,9 @@ kernel void cross_entropy_backward(
   }
 }
 
-#define INSTANTIATE_CROSS_ENTROPY(T)                                                                     \
-  template [[host_name("cross_entropy_forward_" #T)]] kernel void cross_entropy_forward<T>(             \
-      device const T*, device const long*, device float*, device float*, constant uint&, constant long&, \
-      constant float&, uint, uint, uint, uint, uint, uint);                                             \
-  template [[host_name("cross_entropy_backward_" #T)]] kernel void cross_entropy_backward<T>(           \
-      device const T*, device const long*, device const float*, device const float*, device T*,         \
-      constant uint&, constant long&, constant float&, uint, uint, uint);
+#define INSTANTIATE_CROSS_ENTROPY(T)                      \
+  MY_MPS_OPS_INSTANTIATE_KERNEL(cross_entropy_forward, T) \
+  MY_MPS_OPS_INSTANTIATE_KERNEL(cross_entropy_backward, T)
 
 INSTANTIATE_CROSS_ENTROPY(float)
 INSTANTIATE_CROSS_ENTROPY(half)

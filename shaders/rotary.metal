@@ -1,19 +1,12 @@
 // Rotary position embedding (RoPE) of rows of head_dim elements: NeoX
 // (half-split) or GPT-J (interleaved) pairing, partial rotary (the first
-// 2 * half elements rotate, the rest pass through), layouts (batch, seq,
-// heads, dim) and (batch, heads, seq, dim), cos/sin [seq, half] shared by the
-// batch or [batch, seq, half]. conj = 1 rotates by -angle (the backward).
+// 2 * pairs elements rotate, the rest pass through), layouts (batch, seq,
+// heads, dim) and (batch, heads, seq, dim), cos/sin [seq, pairs] shared by the
+// batch or [batch, seq, pairs]. conj = 1 rotates by -angle (the backward).
 // One thread per row; rotary_qk handles q's rows then k's in one launch.
 #include <metal_stdlib>
+#include "rotary.h"
 using namespace metal;
-
-struct RotaryShape {
-  uint batch, seq, heads, head_dim, half;
-  uint cos_batch_stride;  // 0 when cos/sin are shared by the batch
-  uint seq_dim;           // 1: (b, s, h, d); 2: (b, h, s, d)
-  uint interleaved;
-  uint conj;
-};
 
 template <typename T>
 inline void rotate_row(device const T* x, device T* out, device const float* cos_t, device const float* sin_t,
@@ -27,19 +20,19 @@ inline void rotate_row(device const T* x, device T* out, device const float* cos
     b = row / (p.seq * p.heads);
   }
   const size_t base = size_t(row) * p.head_dim;
-  const size_t cbase = size_t(b) * p.cos_batch_stride + size_t(s) * p.half;
+  const size_t cbase = size_t(b) * p.cos_batch_stride + size_t(s) * p.pairs;
   const float sign = p.conj != 0 ? -1.0f : 1.0f;
-  for (uint i = 0; i < p.half; ++i) {
+  for (uint i = 0; i < p.pairs; ++i) {
     const float c = cos_t[cbase + i];
     const float sn = sign * sin_t[cbase + i];
     const uint i0 = p.interleaved != 0 ? 2 * i : i;
-    const uint i1 = p.interleaved != 0 ? 2 * i + 1 : i + p.half;
+    const uint i1 = p.interleaved != 0 ? 2 * i + 1 : i + p.pairs;
     const float x0 = float(x[base + i0]);
     const float x1 = float(x[base + i1]);
     out[base + i0] = T(x0 * c - x1 * sn);
     out[base + i1] = T(x1 * c + x0 * sn);
   }
-  for (uint i = 2 * p.half; i < p.head_dim; ++i) {
+  for (uint i = 2 * p.pairs; i < p.head_dim; ++i) {
     out[base + i] = x[base + i];
   }
 }
@@ -65,13 +58,9 @@ kernel void rotary_qk(device const T* q [[buffer(0)]], device T* q_out [[buffer(
   }
 }
 
-#define INSTANTIATE_ROTARY(T)                                                                          \
-  template [[host_name("rotary_" #T)]] kernel void rotary<T>(device const T*, device T*,              \
-                                                               device const float*, device const float*, \
-                                                               constant RotaryShape&, uint);           \
-  template [[host_name("rotary_qk_" #T)]] kernel void rotary_qk<T>(                                   \
-      device const T*, device T*, device const T*, device T*, device const float*, device const float*, \
-      constant RotaryShape&, constant RotaryShape&, constant uint&, uint);
+#define INSTANTIATE_ROTARY(T)              \
+  MY_MPS_OPS_INSTANTIATE_KERNEL(rotary, T) \
+  MY_MPS_OPS_INSTANTIATE_KERNEL(rotary_qk, T)
 
 INSTANTIATE_ROTARY(float)
 INSTANTIATE_ROTARY(half)

@@ -143,6 +143,17 @@ inline uint32_t row_threadgroup_size(int64_t n, int64_t per_thread, uint32_t max
   return static_cast<uint32_t>(std::min<int64_t>(threads, cap));
 }
 
+// Makes `launch` one threadgroup per row, `rows` rows of `row_length`
+// elements, each threadgroup of row_threadgroup_size threads for the
+// launch's pipeline on `executor`.
+inline void dispatch_row_threadgroups(Launch& launch, Executor& executor, uint64_t rows, int64_t row_length,
+                                      int64_t per_thread) {
+  const PipelineInfo info = executor.pipeline_info(launch.library, launch.kernel);
+  const uint32_t threads =
+      row_threadgroup_size(row_length, per_thread, info.max_threads_per_threadgroup, info.thread_execution_width);
+  launch.dispatch_threadgroups({rows, 1, 1}, {threads, 1, 1});
+}
+
 // True while my_mps_ops.testing.metal_emulation() is active: CPU kernels then
 // take their Metal path through the emulator instead of the native C++ kernel.
 bool metal_emulation_enabled();
