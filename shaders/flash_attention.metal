@@ -9,21 +9,14 @@
 // accumulation; tiles are converted to float as they are staged in
 // threadgroup memory (so every matrix operand is float, whatever T is). A
 // simdgroup owns 8 rows (queries, or keys in the dK/dV kernel); threadgroups
-// have flash_simdgroups(D) of them: 4, or 2 for head_dim 256 (32 KB of threadgroup
-// memory). The host (csrc/flash_attention.cpp) sizes the [[threadgroup(n)]]
-// buffers from the same numbers.
+// have flash_simdgroups(D) of them (flash_attention.h, which also gives the
+// size of each [[threadgroup(n)]] buffer).
 //
 // No float atomics: dK/dV and dQ are separate kernels, each owning its rows;
 // both recompute the probabilities from the saved log-sum-exp.
 #include <metal_stdlib>
+#include "flash_attention.h"
 using namespace metal;
-
-// Simdgroups per threadgroup for head_dim d; a threadgroup owns 8 rows per
-// simdgroup and runs 32 threads per simdgroup. (constexpr functions rather
-// than static members: MSL puts program-scope data in the constant space.)
-constexpr uint flash_simdgroups(uint d) { return d > 128 ? 2 : 4; }
-constexpr uint flash_rows(uint d) { return 8 * flash_simdgroups(d); }
-constexpr uint flash_threads(uint d) { return 32 * flash_simdgroups(d); }
 
 // Loads rows [first_row, first_row + 8) x columns [col, col + 8) of a
 // row-major matrix with `stride` columns and `rows` rows into a float matrix,
@@ -82,8 +75,8 @@ inline bool key_visible(uint query, uint key, uint q_len, uint kv_len, bool caus
 }
 
 // out = softmax(scale * q k^T) v and lse, per (block of ROWS queries, q head, batch).
-// threadgroup(0): ROWS x D floats (the scaled queries, then each K tile, then
-// each V tile); threadgroup(1): per simdgroup 8 x ROWS scores + an 8 x 8 diagonal.
+// threadgroup(0): the scaled queries, then each K tile, then each V tile;
+// threadgroup(1): per simdgroup 8 x ROWS scores and an 8 x 8 diagonal.
 template <typename T, uint D>
 kernel void flash_attention_forward(
     device const T* q [[buffer(0)]],
@@ -91,12 +84,7 @@ kernel void flash_attention_forward(
     device const T* v [[buffer(2)]],
     device T* out [[buffer(3)]],
     device float* lse [[buffer(4)]],
-    constant uint& q_heads [[buffer(5)]],
-    constant uint& group [[buffer(6)]],
-    constant uint& q_len [[buffer(7)]],
-    constant uint& kv_len [[buffer(8)]],
-    constant uint& causal [[buffer(9)]],
-    constant float& scale [[buffer(10)]],
+    constant FlashAttentionShape& shape [[buffer(5)]],
     threadgroup float* tile [[threadgroup(0)]],
     threadgroup float* scratch [[threadgroup(1)]],
     uint3 block [[threadgroup_position_in_grid]],
@@ -105,6 +93,11 @@ kernel void flash_attention_forward(
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr uint ROWS = flash_rows(D);
   constexpr uint BLOCKS = D / 8;  // 8-wide column blocks of a head
+  const uint q_heads = shape.q_heads;
+  const uint group = shape.group;
+  const uint q_len = shape.q_len;
+  const uint kv_len = shape.kv_len;
+  const float scale = shape.scale;
   const float neg_inf = -INFINITY;
   const uint h = block.y;
   const uint b = block.z;
@@ -113,9 +106,9 @@ kernel void flash_attention_forward(
   device const T* qh = q + (size_t(b) * q_heads + h) * q_len * D;
   device const T* kh = k + (size_t(b) * kv_heads + h / group) * kv_len * D;
   device const T* vh = v + (size_t(b) * kv_heads + h / group) * kv_len * D;
-  threadgroup float* scores = scratch + sg * (8 * ROWS + 64);  // 8 x ROWS
-  threadgroup float* diag = scores + 8 * ROWS;                   // 8 x 8
-  const bool is_causal = causal != 0;
+  threadgroup float* scores = scratch + sg * flash_forward_scratch_floats(D);  // 8 x ROWS
+  threadgroup float* diag = scores + 8 * ROWS;                                   // 8 x 8
+  const bool is_causal = shape.causal != 0;
 
   stage_rows<T, D>(tile, qh, q0, ROWS, q_len, scale, tid);
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -225,15 +218,14 @@ kernel void flash_attention_backward_delta(
     device const T* grad_out [[buffer(0)]],
     device const T* out [[buffer(1)]],
     device float* delta [[buffer(2)]],
-    constant uint& rows [[buffer(3)]],
-    constant uint& head_dim [[buffer(4)]],
+    constant FlashAttentionDeltaShape& shape [[buffer(3)]],
     uint row [[thread_position_in_grid]]) {
-  if (row >= rows) {
+  if (row >= shape.rows) {
     return;
   }
-  const size_t base = size_t(row) * head_dim;
+  const size_t base = size_t(row) * shape.head_dim;
   float acc = 0.0f;
-  for (uint c = 0; c < head_dim; ++c) {
+  for (uint c = 0; c < shape.head_dim; ++c) {
     acc += float(grad_out[base + c]) * float(out[base + c]);
   }
   delta[row] = acc;
@@ -255,12 +247,7 @@ kernel void flash_attention_backward_kv(
     device const float* delta [[buffer(5)]],
     device T* dk [[buffer(6)]],
     device T* dv [[buffer(7)]],
-    constant uint& q_heads [[buffer(8)]],
-    constant uint& group [[buffer(9)]],
-    constant uint& q_len [[buffer(10)]],
-    constant uint& kv_len [[buffer(11)]],
-    constant uint& causal [[buffer(12)]],
-    constant float& scale [[buffer(13)]],
+    constant FlashAttentionShape& shape [[buffer(8)]],
     threadgroup float* stage [[threadgroup(0)]],
     threadgroup float* scratch [[threadgroup(1)]],
     uint3 block [[threadgroup_position_in_grid]],
@@ -269,19 +256,24 @@ kernel void flash_attention_backward_kv(
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr uint ROWS = flash_rows(D);
   constexpr uint BLOCKS = D / 8;  // 8-wide column blocks of a head
+  const uint q_heads = shape.q_heads;
+  const uint group = shape.group;
+  const uint q_len = shape.q_len;
+  const uint kv_len = shape.kv_len;
+  const float scale = shape.scale;
   const uint kv_h = block.y;
   const uint b = block.z;
   const uint k0 = block.x * ROWS;  // the threadgroup's first key
-  const uint key0 = k0 + sg * 8;          // this simdgroup's first key
+  const uint key0 = k0 + sg * 8;   // this simdgroup's first key
   const uint kv_heads = q_heads / group;
   const size_t kv_offset = (size_t(b) * kv_heads + kv_h) * kv_len * D;
   threadgroup float* q_tile = stage;
   threadgroup float* do_tile = stage + 8 * D;
   threadgroup float* lse_tile = stage + 16 * D;
   threadgroup float* delta_tile = lse_tile + 8;
-  threadgroup float* block_a = scratch + sg * 128;
+  threadgroup float* block_a = scratch + sg * kFlashBackwardScratchFloats;
   threadgroup float* block_b = block_a + 64;
-  const bool is_causal = causal != 0;
+  const bool is_causal = shape.causal != 0;
 
   simdgroup_float8x8 kf[BLOCKS];
   simdgroup_float8x8 vf[BLOCKS];
@@ -364,12 +356,7 @@ kernel void flash_attention_backward_q(
     device const float* lse [[buffer(4)]],
     device const float* delta [[buffer(5)]],
     device T* dq [[buffer(6)]],
-    constant uint& q_heads [[buffer(7)]],
-    constant uint& group [[buffer(8)]],
-    constant uint& q_len [[buffer(9)]],
-    constant uint& kv_len [[buffer(10)]],
-    constant uint& causal [[buffer(11)]],
-    constant float& scale [[buffer(12)]],
+    constant FlashAttentionShape& shape [[buffer(7)]],
     threadgroup float* stage [[threadgroup(0)]],
     threadgroup float* scratch [[threadgroup(1)]],
     uint3 block [[threadgroup_position_in_grid]],
@@ -378,6 +365,11 @@ kernel void flash_attention_backward_q(
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr uint ROWS = flash_rows(D);
   constexpr uint BLOCKS = D / 8;  // 8-wide column blocks of a head
+  const uint q_heads = shape.q_heads;
+  const uint group = shape.group;
+  const uint q_len = shape.q_len;
+  const uint kv_len = shape.kv_len;
+  const float scale = shape.scale;
   const uint h = block.y;
   const uint b = block.z;
   const uint q0 = block.x * ROWS;
@@ -387,9 +379,9 @@ kernel void flash_attention_backward_q(
   const size_t kv_offset = (size_t(b) * kv_heads + h / group) * kv_len * D;
   threadgroup float* k_tile = stage;
   threadgroup float* v_tile = stage + 8 * D;
-  threadgroup float* block_a = scratch + sg * 128;
+  threadgroup float* block_a = scratch + sg * kFlashBackwardScratchFloats;
   threadgroup float* block_b = block_a + 64;
-  const bool is_causal = causal != 0;
+  const bool is_causal = shape.causal != 0;
 
   simdgroup_float8x8 qf[BLOCKS];
   simdgroup_float8x8 dof[BLOCKS];
@@ -443,33 +435,18 @@ kernel void flash_attention_backward_q(
   }
 }
 
-#define INSTANTIATE_FLASH_ATTENTION(T, D)                                                                  \
-  template [[host_name("flash_attention_forward_" #T "_" #D)]] kernel void flash_attention_forward<T, D>(   \
-      device const T*, device const T*, device const T*, device T*, device float*, constant uint&,        \
-      constant uint&, constant uint&, constant uint&, constant uint&, constant float&, threadgroup float*, \
-      threadgroup float*, uint3, uint, uint, uint);                                                        \
-  template [[host_name("flash_attention_backward_kv_" #T "_" #D)]] kernel void                             \
-  flash_attention_backward_kv<T, D>(device const T*, device const T*, device const T*, device const T*,    \
-                                    device const float*, device const float*, device T*, device T*,        \
-                                    constant uint&, constant uint&, constant uint&, constant uint&,        \
-                                    constant uint&, constant float&, threadgroup float*, threadgroup float*, \
-                                    uint3, uint, uint, uint);                                              \
-  template [[host_name("flash_attention_backward_q_" #T "_" #D)]] kernel void                              \
-  flash_attention_backward_q<T, D>(device const T*, device const T*, device const T*, device const T*,     \
-                                   device const float*, device const float*, device T*, constant uint&,    \
-                                   constant uint&, constant uint&, constant uint&, constant uint&,         \
-                                   constant float&, threadgroup float*, threadgroup float*, uint3, uint,   \
-                                   uint, uint);
+#define INSTANTIATE_FLASH_ATTENTION(T, D)                               \
+  MY_MPS_OPS_INSTANTIATE_KERNEL2(flash_attention_forward, T, D)     \
+  MY_MPS_OPS_INSTANTIATE_KERNEL2(flash_attention_backward_kv, T, D) \
+  MY_MPS_OPS_INSTANTIATE_KERNEL2(flash_attention_backward_q, T, D)
 
-#define INSTANTIATE_FLASH_ATTENTION_TYPE(T)                                                                \
-  template [[host_name("flash_attention_backward_delta_" #T)]] kernel void                                 \
-  flash_attention_backward_delta<T>(device const T*, device const T*, device float*, constant uint&,       \
-                                    constant uint&, uint);                                                 \
-  INSTANTIATE_FLASH_ATTENTION(T, 32)                                                                       \
-  INSTANTIATE_FLASH_ATTENTION(T, 64)                                                                       \
-  INSTANTIATE_FLASH_ATTENTION(T, 80)                                                                       \
-  INSTANTIATE_FLASH_ATTENTION(T, 96)                                                                       \
-  INSTANTIATE_FLASH_ATTENTION(T, 128)                                                                      \
+#define INSTANTIATE_FLASH_ATTENTION_TYPE(T)                    \
+  MY_MPS_OPS_INSTANTIATE_KERNEL(flash_attention_backward_delta, T) \
+  INSTANTIATE_FLASH_ATTENTION(T, 32)                           \
+  INSTANTIATE_FLASH_ATTENTION(T, 64)                           \
+  INSTANTIATE_FLASH_ATTENTION(T, 80)                           \
+  INSTANTIATE_FLASH_ATTENTION(T, 96)                           \
+  INSTANTIATE_FLASH_ATTENTION(T, 128)                          \
   INSTANTIATE_FLASH_ATTENTION(T, 256)
 
 INSTANTIATE_FLASH_ATTENTION_TYPE(float)

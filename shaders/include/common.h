@@ -31,4 +31,9 @@
 // template itself, so it is written once.
 #define MY_MPS_OPS_INSTANTIATE_KERNEL(name, T) \
   template [[host_name(#name "_" #T)]] [[kernel]] decltype(name<T>) name<T>;
+// The same for a kernel template on a type and a value (e.g. the head size
+// of attention), under the host name "<name>_<T>_<N>"
+// (flash_attention_forward_half_128).
+#define MY_MPS_OPS_INSTANTIATE_KERNEL2(name, T, N) \
+  template [[host_name(#name "_" #T "_" #N)]] [[kernel]] decltype(name<T, N>) name<T, N>;
 #endif

@@ -1,0 +1,395 @@
+// cpu copies: baseline avx2
+// CPU loops of flash attention, forward and backward (FlashAttention-2):
+// softmax(scale * q k^T [+ causal mask]) v without ever materialising the
+// [L, S] score matrix.
+//
+// Each task owns a tile of queries x keys at a time; the tile products are
+// small row-major matrix multiplies on the copy's vectors (matmul_acc: Vec for
+// float32, the double vector of the same width for float64), the scores'
+// exponentials run through vec::exp_poly (float32; libm's exp for float64).
+// Per task memory: one key block's K^T, a score tile and an output
+// accumulator, so memory stays linear in the sequence.
+#include "cpu/dispatch.h"
+#include "cpu/flash_attention.h"
+#include "cpu/parallel.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+MY_MPS_OPS_CPU_KERNELS_BEGIN
+namespace {
+
+constexpr int64_t kQueryBlock = 32;
+constexpr int64_t kKeyBlock = 64;
+
+// The copy's vector of A: Vec for float32, the double vector of Vec's width for float64.
+template <typename A>
+using VecOf = std::conditional_t<std::is_same_v<A, double>, vec::DoubleLanes<Vec>::type, Vec>;
+
+// C[0:R, 0:2L] += A[0:R, 0:k] * B[0:k, 0:2L] with L lanes per vector V: the
+// 2R accumulators stay in registers over the whole k loop.
+template <typename A, typename V, int R>
+__attribute__((always_inline)) inline void matmul_acc_tile(A* C, int64_t ldc, const A* Am, int64_t lda, const A* B,
+                                                           int64_t ldb, int64_t k) {
+  constexpr int64_t L = vec::kLanes<V>;
+  V c[R][2];
+  for (int r = 0; r < R; ++r) {
+    c[r][0] = vec::loadv<V>(C + r * ldc);
+    c[r][1] = vec::loadv<V>(C + r * ldc + L);
+  }
+  for (int64_t p = 0; p < k; ++p) {
+    const V b0 = vec::loadv<V>(B + p * ldb), b1 = vec::loadv<V>(B + p * ldb + L);
+    for (int r = 0; r < R; ++r) {
+      const A a = Am[r * lda + p];
+      c[r][0] += a * b0;
+      c[r][1] += a * b1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    vec::storev(C + r * ldc, c[r][0]);
+    vec::storev(C + r * ldc + L, c[r][1]);
+  }
+}
+
+// C[m, n] += A[m, k] * B[k, n], row-major with leading dimensions lda, ldb, ldc:
+// strips of two vectors of columns, four rows at a time, then the leftovers.
+template <typename A>
+void matmul_acc(A* C, int64_t ldc, const A* Am, int64_t lda, const A* B, int64_t ldb, int64_t m, int64_t n,
+                int64_t k) {
+  using V = VecOf<A>;
+  constexpr int64_t W = 2 * vec::kLanes<V>;
+  int64_t j0 = 0;
+  for (; j0 + W <= n; j0 += W) {
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) matmul_acc_tile<A, V, 4>(C + i * ldc + j0, ldc, Am + i * lda, lda, B + j0, ldb, k);
+    for (; i < m; ++i) matmul_acc_tile<A, V, 1>(C + i * ldc + j0, ldc, Am + i * lda, lda, B + j0, ldb, k);
+  }
+  if (j0 == n) return;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t p = 0; p < k; ++p) {
+      const A a0 = Am[i * lda + p];
+      for (int64_t j = j0; j < n; ++j) C[i * ldc + j] += a0 * B[p * ldb + j];
+    }
+  }
+}
+
+// s[j] = exp(s[j] * scale - shift) for j < n (scores minus their row maximum
+// or log-sum-exp): vec::exp_poly for float32, std::exp for float64 (gradcheck).
+template <typename A>
+void exp_shifted(A* s, int64_t n, A scale, A shift) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    constexpr int64_t L = vec::kLanes<Vec>;
+    for (; j + L <= n; j += L) vec::storev(s + j, vec::exp_poly(vec::loadv<Vec>(s + j) * scale - shift));
+    for (; j < n; ++j) s[j] = vec::exp_f32(s[j] * scale - shift);
+  } else {
+    for (; j < n; ++j) s[j] = std::exp(s[j] * scale - shift);
+  }
+}
+
+// max_j s[j] * scale and sum_j s[j] over a score row: two vectors of
+// independent lanes for float32 (a scalar max or sum is one long dependency
+// chain).
+template <typename A>
+inline A max_scaled(const A* s, int64_t n, A scale) {
+  int64_t j = 0;
+  A m = -std::numeric_limits<A>::infinity();
+  if constexpr (std::is_same_v<A, float>) {
+    constexpr int64_t L = vec::kLanes<Vec>;
+    if (n >= 2 * L) {
+      Vec m0 = vec::loadv<Vec>(s) * scale, m1 = vec::loadv<Vec>(s + L) * scale;
+      for (j = 2 * L; j + 2 * L <= n; j += 2 * L) {
+        m0 = vec::maxv(vec::loadv<Vec>(s + j) * scale, m0);
+        m1 = vec::maxv(vec::loadv<Vec>(s + j + L) * scale, m1);
+      }
+      m = vec::reduce_maxv(vec::maxv(m1, m0));
+    }
+  }
+  for (; j < n; ++j) m = std::max(m, s[j] * scale);
+  return m;
+}
+
+template <typename A>
+inline A sum_of(const A* s, int64_t n) {
+  int64_t j = 0;
+  A sum = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    constexpr int64_t L = vec::kLanes<Vec>;
+    Vec s0{}, s1{};
+    for (; j + 2 * L <= n; j += 2 * L) s0 += vec::loadv<Vec>(s + j), s1 += vec::loadv<Vec>(s + j + L);
+    sum = vec::reduce_sumv(s0 + s1);
+  }
+  for (; j < n; ++j) sum += s[j];
+  return sum;
+}
+
+// sum_i a[i] * b[i], in two vectors of lanes.
+template <typename A>
+inline A dot(const A* __restrict a, const A* __restrict b, int64_t n) {
+  using V = VecOf<A>;
+  constexpr int64_t L = vec::kLanes<V>;
+  V acc0{}, acc1{};
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    acc0 += vec::loadv<V>(a + i) * vec::loadv<V>(b + i);
+    acc1 += vec::loadv<V>(a + i + L) * vec::loadv<V>(b + i + L);
+  }
+  A sum = vec::reduce_sumv(acc0 + acc1);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// dst[c, r] = src[r, c] for r < rows, c < cols; dst has leading dimension ld_dst.
+template <typename A>
+void transpose_into(A* dst, int64_t ld_dst, const A* src, int64_t ld_src, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+}
+
+// Every key block of every (batch, k/v head) [len, D] slab transposed to a
+// [D, BK] tile (the layout matmul_acc reads as B; one tile per block keeps its
+// rows BK apart, where a whole-slab [D, len] transpose puts them len apart and
+// makes them collide in the L1 sets): made once per call rather than once per
+// (query block, key block) of every task.
+template <typename A>
+std::vector<A> transposed_key_blocks(const A* x, int64_t slabs, int64_t len, int64_t D) {
+  constexpr int64_t BK = kKeyBlock;
+  const int64_t blocks = (len + BK - 1) / BK;
+  std::vector<A> xt(slabs * blocks * D * BK);
+  at::parallel_for(0, slabs * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = t / blocks, j0 = (t % blocks) * BK;
+      transpose_into(xt.data() + t * D * BK, BK, x + (s * len + j0) * D, D, std::min(len, j0 + BK) - j0, D);
+    }
+  });
+  return xt;
+}
+
+// Keys visible to query row i: [0, visible_keys(i)).
+inline int64_t visible_keys(const FlashAttentionDims& d, int64_t i) {
+  if (!d.causal) return d.kv_len;
+  return std::clamp<int64_t>(i + d.kv_len - d.q_len + 1, 0, d.kv_len);
+}
+
+// Forward: one task per (batch, q head, block of kQueryBlock queries); each
+// walks key blocks with an online softmax.
+template <typename A>
+void forward_kernel(const A* q, const A* k, const A* v, A* out, A* lse, const FlashAttentionDims& d, A scale) {
+  const int64_t D = d.head_dim;
+  constexpr int64_t BQ = kQueryBlock, BK = kKeyBlock;
+  const int64_t q_blocks = (d.q_len + BQ - 1) / BQ;
+  const int64_t tasks = d.batch * d.q_heads * q_blocks;
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  const std::vector<A> k_tiles = transposed_key_blocks(k, d.batch * d.kv_heads, d.kv_len, D);
+  const int64_t k_blocks = (d.kv_len + BK - 1) / BK;
+  at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    std::vector<A> scores(BQ * BK), acc(BQ * D), row_max(BQ), row_sum(BQ);
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t qb = task % q_blocks;
+      const int64_t bh = task / q_blocks;  // b * q_heads + h
+      const int64_t b = bh / d.q_heads, h = bh % d.q_heads;
+      const int64_t kv_bh = b * d.kv_heads + h / d.group;
+      const A* k_t = k_tiles.data() + kv_bh * k_blocks * D * BK;  // this head's [D, BK] tiles
+      const A* vh = v + kv_bh * d.kv_len * D;
+      const int64_t i0 = qb * BQ, rows = std::min(d.q_len, i0 + BQ) - i0;
+      const A* q_block = q + (bh * d.q_len + i0) * D;
+      std::fill(acc.begin(), acc.end(), A(0));
+      std::fill(row_max.begin(), row_max.end(), kNegInf);
+      std::fill(row_sum.begin(), row_sum.end(), A(0));
+      const int64_t key_end = visible_keys(d, i0 + rows - 1);  // the block's last row sees the most
+      for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
+        const int64_t keys = std::min(key_end, j0 + BK) - j0;
+        std::fill(scores.begin(), scores.end(), A(0));
+        matmul_acc(scores.data(), BK, q_block, D, k_t + (j0 / BK) * D * BK, BK, rows, keys, D);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t row_keys = std::min(keys, visible_keys(d, i0 + r) - j0);
+          A* s = scores.data() + r * BK;
+          if (row_keys <= 0) {  // nothing visible in this block: contributes nothing
+            std::fill(s, s + keys, A(0));
+            continue;
+          }
+          const A block_max = max_scaled(s, row_keys, scale);
+          const A new_max = std::max(row_max[r], block_max);
+          const A correction = std::exp(row_max[r] - new_max);  // 0 while row_max is -inf
+          exp_shifted(s, row_keys, scale, new_max);
+          const A block_sum = sum_of(s, row_keys);
+          std::fill(s + row_keys, s + keys, A(0));
+          A* acc_row = acc.data() + r * D;
+          for (int64_t c = 0; c < D; ++c) acc_row[c] *= correction;
+          row_sum[r] = row_sum[r] * correction + block_sum;
+          row_max[r] = new_max;
+        }
+        matmul_acc(acc.data(), D, scores.data(), BK, vh + j0 * D, D, rows, D, keys);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = bh * d.q_len + i0 + r;
+        A* out_row = out + row * D;
+        const A* acc_row = acc.data() + r * D;
+        const A inv = row_sum[r] > A(0) ? A(1) / row_sum[r] : A(0);
+        for (int64_t c = 0; c < D; ++c) out_row[c] = acc_row[c] * inv;
+        lse[row] = row_sum[r] > A(0) ? row_max[r] + std::log(row_sum[r]) : kNegInf;
+      }
+    }
+  });
+}
+
+// delta[row] = sum_c grad_out[row, c] * out[row, c] (FlashAttention-2's D).
+template <typename A>
+void row_dot(const A* grad_out, const A* out, A* delta, int64_t rows, int64_t D) {
+  at::parallel_for(0, rows, cpu::row_grain(D), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) delta[r] = dot(grad_out + r * D, out + r * D, D);
+  });
+}
+
+// One tile of the backward: for queries [i0, i0 + rows) and keys [j0, j0 + keys)
+// (k_t, v_t: the keys' K^T and V^T, [D, BK]), fills p = exp(scale * q.k - lse)
+// and ds = p * (dO.v - delta), both [rows, BK], zero where masked.
+template <typename A>
+void backward_tile(const A* q_block, const A* go_block, const A* k_t, const A* v_t, const A* lse, const A* delta,
+                   int64_t i0, int64_t rows, int64_t j0, int64_t keys, const FlashAttentionDims& d, A scale, A* p,
+                   A* ds) {
+  const int64_t D = d.head_dim;
+  constexpr int64_t BK = kKeyBlock;
+  std::fill(p, p + rows * BK, A(0));
+  std::fill(ds, ds + rows * BK, A(0));
+  matmul_acc(p, BK, q_block, D, k_t, BK, rows, keys, D);
+  matmul_acc(ds, BK, go_block, D, v_t, BK, rows, keys, D);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row_keys = std::clamp<int64_t>(visible_keys(d, i0 + r) - j0, 0, keys);
+    A* pr = p + r * BK;
+    A* dsr = ds + r * BK;
+    exp_shifted(pr, row_keys, scale, lse[r]);
+    for (int64_t j = 0; j < row_keys; ++j) dsr[j] = pr[j] * (dsr[j] - delta[r]);
+    std::fill(pr + row_keys, pr + keys, A(0));
+    std::fill(dsr + row_keys, dsr + keys, A(0));
+  }
+}
+
+// dK, dV: one task per (batch, k/v head, block of keys), accumulating over
+// every query of every q head sharing that k/v head: dV += P^T dO,
+// dK += scale * dS^T Q. No atomics, no [L, S].
+template <typename A>
+void backward_kv_kernel(const A* grad_out, const A* q, const A* k, const A* v, const A* lse, const A* delta, A* dk,
+                        A* dv, const FlashAttentionDims& d, A scale) {
+  const int64_t D = d.head_dim;
+  constexpr int64_t BQ = kQueryBlock, BK = kKeyBlock;
+  const int64_t k_blocks = (d.kv_len + BK - 1) / BK;
+  const int64_t tasks = d.batch * d.kv_heads * k_blocks;
+  at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    std::vector<A> k_t(D * BK), v_t(D * BK), p(BQ * BK), ds(BQ * BK), p_t(BK * BQ), ds_t(BK * BQ);
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t kb = task % k_blocks;
+      const int64_t kv_bh = task / k_blocks;
+      const int64_t b = kv_bh / d.kv_heads, kv_h = kv_bh % d.kv_heads;
+      const int64_t j0 = kb * BK, keys = std::min(d.kv_len, j0 + BK) - j0;
+      const int64_t kv_row0 = kv_bh * d.kv_len + j0;
+      transpose_into(k_t.data(), BK, k + kv_row0 * D, D, keys, D);
+      transpose_into(v_t.data(), BK, v + kv_row0 * D, D, keys, D);
+      A* dk_block = dk + kv_row0 * D;
+      A* dv_block = dv + kv_row0 * D;
+      std::fill(dk_block, dk_block + keys * D, A(0));
+      std::fill(dv_block, dv_block + keys * D, A(0));
+      // First query that sees key j0: i + kv_len - q_len >= j0.
+      const int64_t i_begin = d.causal ? std::clamp<int64_t>(j0 - (d.kv_len - d.q_len), 0, d.q_len) : 0;
+      for (int64_t h = kv_h * d.group; h < (kv_h + 1) * d.group; ++h) {
+        const int64_t bh = b * d.q_heads + h;
+        for (int64_t i0 = i_begin; i0 < d.q_len; i0 += BQ) {
+          const int64_t rows = std::min(d.q_len, i0 + BQ) - i0;
+          const int64_t row0 = bh * d.q_len + i0;
+          backward_tile(q + row0 * D, grad_out + row0 * D, k_t.data(), v_t.data(), lse + row0, delta + row0, i0,
+                        rows, j0, keys, d, scale, p.data(), ds.data());
+          transpose_into(p_t.data(), BQ, p.data(), BK, rows, keys);
+          transpose_into(ds_t.data(), BQ, ds.data(), BK, rows, keys);
+          matmul_acc(dv_block, D, p_t.data(), BQ, grad_out + row0 * D, D, keys, D, rows);
+          matmul_acc(dk_block, D, ds_t.data(), BQ, q + row0 * D, D, keys, D, rows);
+        }
+      }
+      for (int64_t e = 0; e < keys * D; ++e) dk_block[e] *= scale;
+    }
+  });
+}
+
+// dQ: one task per (batch, q head, block of queries), walking visible key
+// blocks: dQ += scale * dS K.
+template <typename A>
+void backward_q_kernel(const A* grad_out, const A* q, const A* k, const A* v, const A* lse, const A* delta, A* dq,
+                       const FlashAttentionDims& d, A scale) {
+  const int64_t D = d.head_dim;
+  constexpr int64_t BQ = kQueryBlock, BK = kKeyBlock;
+  const int64_t q_blocks = (d.q_len + BQ - 1) / BQ;
+  const int64_t tasks = d.batch * d.q_heads * q_blocks;
+  const int64_t k_blocks = (d.kv_len + BK - 1) / BK;
+  const std::vector<A> k_tiles = transposed_key_blocks(k, d.batch * d.kv_heads, d.kv_len, D);
+  const std::vector<A> v_tiles = transposed_key_blocks(v, d.batch * d.kv_heads, d.kv_len, D);
+  at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    std::vector<A> p(BQ * BK), ds(BQ * BK);
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t qb = task % q_blocks;
+      const int64_t bh = task / q_blocks;
+      const int64_t b = bh / d.q_heads, h = bh % d.q_heads;
+      const int64_t kv_bh = b * d.kv_heads + h / d.group;
+      const int64_t i0 = qb * BQ, rows = std::min(d.q_len, i0 + BQ) - i0;
+      const int64_t row0 = bh * d.q_len + i0;
+      A* dq_block = dq + row0 * D;
+      std::fill(dq_block, dq_block + rows * D, A(0));
+      const int64_t key_end = visible_keys(d, i0 + rows - 1);
+      for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
+        const int64_t keys = std::min(key_end, j0 + BK) - j0;
+        const A* k_block = k + (kv_bh * d.kv_len + j0) * D;
+        const int64_t tile = (kv_bh * k_blocks + j0 / BK) * D * BK;
+        backward_tile(q + row0 * D, grad_out + row0 * D, k_tiles.data() + tile, v_tiles.data() + tile, lse + row0,
+                      delta + row0, i0, rows, j0, keys, d, scale, p.data(), ds.data());
+        matmul_acc(dq_block, D, ds.data(), BK, k_block, D, rows, D, keys);
+      }
+      for (int64_t e = 0; e < rows * D; ++e) dq_block[e] *= scale;
+    }
+  });
+}
+
+template <typename A>
+void forward(const FlashAttentionForwardArgs& a) {
+  forward_kernel<A>(static_cast<const A*>(a.q), static_cast<const A*>(a.k), static_cast<const A*>(a.v),
+                    static_cast<A*>(a.out), static_cast<A*>(a.lse), a.dims, A(a.scale));
+}
+
+template <typename A>
+void backward(const FlashAttentionBackwardArgs& a) {
+  const auto* grad_out = static_cast<const A*>(a.grad_out);
+  const auto* q = static_cast<const A*>(a.q);
+  const auto* k = static_cast<const A*>(a.k);
+  const auto* v = static_cast<const A*>(a.v);
+  const auto* lse = static_cast<const A*>(a.lse);
+  auto* delta = static_cast<A*>(a.delta);
+  const FlashAttentionDims& d = a.dims;
+  row_dot<A>(grad_out, static_cast<const A*>(a.out), delta, d.batch * d.q_heads * d.q_len, d.head_dim);
+  backward_kv_kernel<A>(grad_out, q, k, v, lse, delta, static_cast<A*>(a.dk), static_cast<A*>(a.dv), d, A(a.scale));
+  backward_q_kernel<A>(grad_out, q, k, v, lse, delta, static_cast<A*>(a.dq), d, A(a.scale));
+}
+
+// The kernels run in the accumulation dtype only: float32 or float64.
+template <typename F>
+void visit_acc_dtype(c10::ScalarType dtype, const char* what, const F& fn) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return fn(float{});
+    case c10::ScalarType::Double: return fn(double{});
+    default: TORCH_CHECK(false, what, ": no CPU kernel for dtype ", dtype);
+  }
+}
+
+}  // namespace
+
+void flash_attention_forward(c10::ScalarType dtype, const FlashAttentionForwardArgs& args) {
+  visit_acc_dtype(dtype, "flash_attention", [&](auto type_tag) { forward<decltype(type_tag)>(args); });
+}
+
+void flash_attention_backward(c10::ScalarType dtype, const FlashAttentionBackwardArgs& args) {
+  visit_acc_dtype(dtype, "flash_attention_backward", [&](auto type_tag) { backward<decltype(type_tag)>(args); });
+}
+
+MY_MPS_OPS_CPU_KERNELS_END
+
+MY_MPS_OPS_REGISTER_CPU_KERNEL(my_mps_ops::cpu::flash_attention_forward_stub, flash_attention_forward);
+MY_MPS_OPS_REGISTER_CPU_KERNEL(my_mps_ops::cpu::flash_attention_backward_stub, flash_attention_backward);

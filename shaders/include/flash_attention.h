@@ -1,0 +1,59 @@
+// Flash attention: the launch parameters and the tiling shared by
+// shaders/flash_attention.metal and its launch building
+// (csrc/metal/flash_attention.cpp), which sizes the grid and the
+// [[threadgroup(n)]] buffers from the same functions the kernels index with.
+#pragma once
+
+#include "common.h"
+
+MY_MPS_OPS_SHADER_NAMESPACE_BEGIN
+
+// Threads of a simdgroup, and the rows (queries, or keys in the dK/dV
+// kernel) each simdgroup owns: one 8 x 8 simdgroup matrix tall.
+MY_MPS_OPS_CONSTANT uint32_t kFlashSimdWidth = 32;
+MY_MPS_OPS_CONSTANT uint32_t kFlashSimdRows = 8;
+
+// Simdgroups per threadgroup for head_dim d: 4, or 2 above 128 so that the
+// tiles stay within 32 KB of threadgroup memory.
+constexpr uint32_t flash_simdgroups(uint32_t d) { return d > 128 ? 2 : 4; }
+// Rows of a threadgroup, and its threads.
+constexpr uint32_t flash_rows(uint32_t d) { return kFlashSimdRows * flash_simdgroups(d); }
+constexpr uint32_t flash_threads(uint32_t d) { return kFlashSimdWidth * flash_simdgroups(d); }
+
+// Threadgroup memory of each kernel, in floats.
+// Forward: [[threadgroup(0)]] holds one tile of flash_rows(d) rows of a head
+// (the scaled queries, then each K tile, then each V tile); [[threadgroup(1)]]
+// holds per simdgroup an 8 x flash_rows(d) score block and an 8 x 8 diagonal.
+constexpr uint32_t flash_forward_tile_floats(uint32_t d) { return flash_rows(d) * d; }
+constexpr uint32_t flash_forward_scratch_floats(uint32_t d) {
+  return kFlashSimdRows * flash_rows(d) + kFlashSimdRows * kFlashSimdRows;
+}
+// dK/dV: [[threadgroup(0)]] holds Q and dO tiles of 8 queries, then their 8
+// lse and 8 delta; dQ: K and V tiles of 8 keys. [[threadgroup(1)]] holds per
+// simdgroup two 8 x 8 blocks in both.
+constexpr uint32_t flash_backward_kv_stage_floats(uint32_t d) { return 2 * kFlashSimdRows * d + 2 * kFlashSimdRows; }
+constexpr uint32_t flash_backward_q_stage_floats(uint32_t d) { return 2 * kFlashSimdRows * d; }
+MY_MPS_OPS_CONSTANT uint32_t kFlashBackwardScratchFloats = 2 * kFlashSimdRows * kFlashSimdRows;
+
+// The problem of the forward and of the dK/dV and dQ kernels: q is
+// (batch, q_heads, q_len, d), k and v (batch, q_heads / group, kv_len, d),
+// all contiguous; q head h reads k/v head h / group. Grids:
+// (ceil(q_len / flash_rows(d)), q_heads, batch) for the forward and dQ,
+// (ceil(kv_len / flash_rows(d)), q_heads / group, batch) for dK/dV.
+struct FlashAttentionShape {
+  uint32_t q_heads;
+  uint32_t group;
+  uint32_t q_len;
+  uint32_t kv_len;
+  uint32_t causal;  // 1: query i sees key j iff j <= i + kv_len - q_len
+  float scale;
+};
+
+// delta[row] = sum of grad_out * out over a row of head_dim, for `rows` rows;
+// one thread per row.
+struct FlashAttentionDeltaShape {
+  uint32_t rows;
+  uint32_t head_dim;
+};
+
+MY_MPS_OPS_SHADER_NAMESPACE_END
