@@ -1,0 +1,1041 @@
+"""A strict Metal Shading Language front end: rejects what Apple's compiler rejects.
+
+The emulator compiles MSL with g++, which accepts much that Apple's Metal
+compiler refuses (a struct member named ``half``, ``double``, a device pointer
+passed where a thread one is expected...). ``check_msl`` compiles the source a
+second time, with clang in C++ for OpenCL mode, only to find such errors:
+
+- OpenCL's address spaces stand in for MSL's (device = __global,
+  threadgroup = __local, constant = __constant, thread = __private), so
+  clang checks pointer conversions, writes through constant pointers,
+  program-scope variables outside constant memory, function pointers,
+  virtual functions, exceptions, new/delete and double (fp64 is off);
+- ``strict_include/`` is a declarations-only ``<metal_stdlib>`` whose overload
+  sets follow the MSL specification, so unknown functions and wrong
+  overloads fail as they do with Apple's library;
+- the source is preprocessed first (``__METAL__`` and ``__METAL_VERSION__``
+  defined as by Apple's compiler, line markers kept), then rewritten where
+  clang and MSL differ: attributes are set aside, ``kernel`` becomes an
+  annotation (kernels may be templates), vector constructors
+  (``float4(a, b)``) become calls of a checked constructor template, MSL type
+  names are qualified (so that declaring one as an identifier fails),
+  ``threadgroup`` variables of function bodies become references to
+  threadgroup storage, unqualified pointer parameters become thread ones,
+  and every class gets copy members from the constant address space;
+- checks of its own: kernel parameters (address spaces, built-in attributes
+  and their types), ``goto`` and direct recursion.
+
+Errors name ``file:line:col`` of the MSL source (the checked source under
+``name``). ``python -m my_mps_ops.emulator.strict FILE...`` checks files.
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+__all__ = ["MSLStrictError", "check_msl", "find_clang", "STRICT_INCLUDE_DIR", "METAL_VERSION"]
+
+STRICT_INCLUDE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "strict_include")
+# The emulator's preprocessor defines the same version (translate.preprocess).
+METAL_VERSION = 320
+
+
+class MSLStrictError(RuntimeError):
+    """The source is not MSL that Apple's compiler accepts; the message lists each error."""
+
+    def __init__(self, message: str, errors: Sequence["Diagnostic"] = ()):
+        super().__init__(message)
+        self.errors = list(errors)
+
+
+@dataclass
+class Diagnostic:
+    path: str
+    line: int
+    col: int
+    message: str
+    notes: List[str] = field(default_factory=list)
+    own: bool = False  # found by the front end's own checks (preferred over clang's at one position)
+
+    def __str__(self) -> str:
+        text = f"{self.path}:{self.line}:{self.col}: error: {self.message}"
+        return "\n".join([text] + [f"  {n}" for n in self.notes])
+
+
+# ------------------------------------------------------------------- clang
+
+_CLANG_CANDIDATES = ["clang++", "clang"] + [f"clang++-{v}" for v in range(20, 13, -1)] + \
+    [f"clang-{v}" for v in range(20, 13, -1)]
+
+_OPENCL_FLAGS = [
+    "-x", "clcpp", "-cl-std=clc++2021", "-target", "spir64",
+    # No double (MSL has none); program-scope variables only in constant memory.
+    "-Xclang", "-cl-ext=-cl_khr_fp64,-__opencl_c_fp64,-__opencl_c_program_scope_global_variables,"
+               "-__opencl_c_device_enqueue",
+    "-cl-no-stdinc", "-nostdinc",
+]
+# What Apple's compiler defines; OpenCL's own macros are removed so that
+# shared headers do not take an OpenCL branch.
+_DEFINES = ["-D__METAL__=1", f"-D__METAL_VERSION__={METAL_VERSION}", "-D__METAL_MACOS__=1",
+            "-D__HAVE_BFLOAT__=1"]
+_OPENCL_MACROS = ["__OPENCL_VERSION__", "__OPENCL_C_VERSION__", "__OPENCL_CPP_VERSION__", "__CL_CPP_VERSION_1_0__",
+                  "__CL_CPP_VERSION_2021__", "CL_VERSION_1_0", "CL_VERSION_1_1", "CL_VERSION_1_2", "CL_VERSION_2_0",
+                  "CL_VERSION_3_0", "__SPIR__", "__SPIR64__", "__ENDIAN_LITTLE__", "__IMAGE_SUPPORT__",
+                  "__OPENCL_MEMORY_SCOPE_WORK_ITEM", "__OPENCL_MEMORY_SCOPE_WORK_GROUP",
+                  "__OPENCL_MEMORY_SCOPE_DEVICE", "__OPENCL_MEMORY_SCOPE_ALL_SVM_DEVICES",
+                  "__OPENCL_MEMORY_SCOPE_SUB_GROUP"]
+
+
+def _clang_works(path: str) -> bool:
+    try:
+        proc = subprocess.run([path, *_OPENCL_FLAGS, "-fsyntax-only", "-"], input="", capture_output=True,
+                              text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return proc.returncode == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _find_clang(override: Optional[str]) -> Optional[str]:
+    candidates = [override] if override else _CLANG_CANDIDATES
+    for name in candidates:
+        path = shutil.which(name)
+        if path and _clang_works(path):
+            return path
+    return None
+
+
+def find_clang() -> Optional[str]:
+    """A clang that compiles C++ for OpenCL 2021 (clang 14 or newer), or None.
+
+    MY_MPS_OPS_STRICT_CLANG names one explicitly."""
+    return _find_clang(os.environ.get("MY_MPS_OPS_STRICT_CLANG") or None)
+
+
+# ---------------------------------------------------------------- tokens
+
+_TOKEN_RE = re.compile(r"""
+    (?P<ws>[ \t\r\f\v]+)
+  | (?P<nl>\n)
+  | (?P<str>(?:u8|u|U|L)?"(?:\\.|[^"\\\n])*")
+  | (?P<chr>(?:u8|u|U|L)?'(?:\\.|[^'\\\n])*')
+  | (?P<num>\.?\d(?:[eEpP][+-]|[\w.])*)
+  | (?P<id>[A-Za-z_]\w*)
+  | (?P<op>\.\.\.|<<=|>>=|->\*|::|->|\+\+|--|<<|>>|<=|>=|==|!=|&&|\|\||\+=|-=|\*=|/=|%=|&=|\|=|\^=|\#\#|.)
+""", re.X)
+
+
+@dataclass
+class Tok:
+    kind: str  # id, num, str, chr, op
+    text: str
+    line: int  # physical line in the preprocessed text (0-based)
+    col: int  # column in that line (0-based)
+    user: bool  # from the checked source or its headers, not from the strict library
+    file: str = ""
+    pline: int = 0  # presumed line in `file` (1-based)
+
+
+@dataclass
+class Preprocessed:
+    lines: List[str]
+    tokens: List[Tok]
+    line_info: List[Tuple[str, int, bool]]  # per physical line: (file, presumed line, user)
+
+
+_MARKER_RE = re.compile(r'^#\s*(?:line\s+)?(\d+)\s+"((?:\\.|[^"\\])*)"')
+
+
+def _tokenize(text: str, library_dir: str) -> Preprocessed:
+    lines = text.split("\n")
+    tokens: List[Tok] = []
+    info: List[Tuple[str, int, bool]] = []
+    cur_file, cur_line = "", 1
+    for i, line in enumerate(lines):
+        m = _MARKER_RE.match(line)
+        if m:
+            info.append((cur_file, cur_line, False))
+            cur_line = int(m.group(1))
+            cur_file = m.group(2).encode().decode("unicode_escape")
+            continue
+        user = not (cur_file.startswith(library_dir) or cur_file.startswith("<"))
+        info.append((cur_file, cur_line, user))
+        if not user or line.lstrip().startswith("#"):  # the library, #pragma lines
+            cur_line += 1
+            continue
+        for t in _TOKEN_RE.finditer(line):
+            kind = t.lastgroup
+            if kind in ("ws", "nl"):
+                continue
+            tokens.append(Tok(kind, t.group(), i, t.start(), user, cur_file, cur_line))
+        cur_line += 1
+    return Preprocessed(lines, tokens, info)
+
+
+# ------------------------------------------------------------ MSL vocabulary
+
+_VECTOR_ELEMENTS = ["bool", "char", "uchar", "short", "ushort", "int", "uint", "long", "ulong", "half", "float",
+                    "bfloat"]
+EXT_VECTOR_TYPES = {f"{p}{e}{n}" for e in _VECTOR_ELEMENTS if e != "bool" for n in (2, 3, 4) for p in ("", "packed_")}
+CLASS_VECTOR_TYPES = {f"{p}bool{n}" for n in (2, 3, 4) for p in ("", "packed_")}
+MATRIX_TYPES = {f"{e}{c}x{r}" for e in ("half", "float") for c in (2, 3, 4) for r in (2, 3, 4)}
+SIMDGROUP_MATRIX_TYPES = {f"simdgroup_{e}8x8" for e in ("half", "float", "bfloat")}
+# Type names of MSL that cannot name a declaration (half is a keyword of clang's OpenCL already).
+RESERVED_TYPE_NAMES = EXT_VECTOR_TYPES | CLASS_VECTOR_TYPES | MATRIX_TYPES | {"bfloat"}
+FUNCTION_QUALIFIERS = {"kernel": "metal_kernel", "vertex": "metal_vertex", "fragment": "metal_fragment"}
+_ADDRESS_SPACES = {"__global": "device", "__local": "threadgroup", "__constant": "constant", "__private": "thread"}
+_KERNEL_SPACES = {"__global", "__local", "__constant"}
+
+_BUILTIN_TYPES_GRID = {"uint", "uint2", "uint3", "ushort", "ushort2", "ushort3"}
+_BUILTIN_TYPES_INDEX = {"uint", "ushort"}
+KERNEL_BUILTINS = {
+    **{n: _BUILTIN_TYPES_GRID for n in (
+        "thread_position_in_grid", "threadgroup_position_in_grid", "thread_position_in_threadgroup",
+        "threads_per_threadgroup", "threadgroups_per_grid", "threads_per_grid", "dispatch_threads_per_threadgroup",
+        "grid_origin", "grid_size")},
+    **{n: _BUILTIN_TYPES_INDEX for n in (
+        "thread_index_in_threadgroup", "thread_index_in_simdgroup", "simdgroup_index_in_threadgroup",
+        "threads_per_simdgroup", "simdgroups_per_threadgroup", "thread_execution_width",
+        "thread_index_in_quadgroup", "quadgroup_index_in_threadgroup", "quadgroups_per_threadgroup",
+        "dispatch_simdgroups_per_threadgroup", "dispatch_quadgroups_per_threadgroup")},
+}
+_PARAM_ATTRIBUTES = re.compile(r"^(buffer|threadgroup|__local|texture|sampler|function_constant|id|raster_order_group)"
+                               r"\s*\(|^(stage_in|payload|visible)$")
+
+_CONTROL_KEYWORDS = {"if", "for", "while", "switch", "return", "sizeof", "alignof", "decltype", "static_assert",
+                     "__attribute__", "catch", "noexcept", "throw", "new", "delete", "typeid", "case", "else",
+                     "do", "alignas", "__typeof__", "typeof", "_Pragma", "defined", "annotate", "co_return"}
+# Before a type name in an expression or a type-id rather than in a declaration.
+_NOT_DECLARATION_KEYWORDS = {"return", "case", "sizeof", "alignof", "typename", "operator", "new", "delete", "throw",
+                             "else", "do", "co_return", "co_yield", "const", "volatile", "static", "constexpr",
+                             "inline", "extern", "thread_local", "mutable", "unsigned", "signed", "typedef", "using",
+                             "__global", "__local", "__constant", "__private", "__generic", "template", "friend",
+                             "virtual", "explicit", "register", "auto"}
+_PARAM_SKIP = {"__global", "__local", "__constant", "__private", "__generic"}
+
+
+# ---------------------------------------------------------------- rewriting
+
+@dataclass
+class Edit:
+    index: int  # token index
+    text: str  # replacement of the token ("" deletes it)
+    before: str = ""  # inserted before the token
+
+
+@dataclass
+class KernelInfo:
+    name: str
+    name_tok: int
+    params: List[Tuple[int, int]]  # token ranges [start, end)
+    attrs: Dict[int, List[str]]  # token index of an attribute's opening bracket -> its content
+    body: Optional[Tuple[int, int]]
+    qualifier: str
+
+
+def _match(tokens: List[Tok], i: int, open_c: str, close_c: str) -> int:
+    depth = 0
+    for j in range(i, len(tokens)):
+        t = tokens[j].text
+        if t == open_c:
+            depth += 1
+        elif t == close_c:
+            depth -= 1
+            if depth == 0:
+                return j
+    return len(tokens) - 1
+
+
+def _split_top_level(tokens: List[Tok], start: int, end: int) -> List[Tuple[int, int]]:
+    """Comma-separated ranges of tokens[start:end] (brackets and template arguments nest)."""
+    parts, depth, angle, s = [], 0, 0, start
+    for j in range(start, end):
+        t = tokens[j].text
+        if t in "([{":
+            depth += 1
+        elif t in ")]}":
+            depth -= 1
+        elif t == "<" and depth == 0 and j > start and tokens[j - 1].kind == "id":
+            angle += 1
+        elif t == ">" and angle > 0 and depth == 0:
+            angle -= 1
+        elif t == ">>" and angle > 0 and depth == 0:
+            angle = max(0, angle - 2)
+        elif t == "," and depth == 0 and angle == 0:
+            parts.append((s, j))
+            s = j + 1
+    if s < end:
+        parts.append((s, end))
+    return parts
+
+
+class _Rewriter:
+    def __init__(self, pre: Preprocessed):
+        self.pre = pre
+        self.toks = pre.tokens
+        self.edits: Dict[int, Edit] = {}
+        self.errors: List[Tuple[int, str]] = []  # (token index, message)
+        self.kernels: List[KernelInfo] = []
+        self.attrs: Dict[int, str] = {}  # token index of `[[` -> attribute text
+        self.attr_end: Dict[int, int] = {}  # token index of `[[` -> index after its `]]`
+        self.functions: List[Tuple[str, int, int, int, int]] = []  # name, name tok, params (start, end), body start
+
+    def edit(self, i: int, text: Optional[str] = None, before: str = "") -> None:
+        e = self.edits.get(i)
+        if e is None:
+            e = self.edits[i] = Edit(i, self.toks[i].text)
+        if text is not None:
+            e.text = text
+        e.before += before
+
+    # -- passes
+
+    def run(self) -> None:
+        self._attributes()
+        self._scan()
+
+    def _attributes(self) -> None:
+        toks = self.toks
+        i = 0
+        while i + 1 < len(toks):
+            if toks[i].text == "[" and toks[i + 1].text == "[" and toks[i].user and toks[i + 1].col == toks[i].col + 1:
+                j = i + 2
+                depth = 0
+                while j + 1 < len(toks):
+                    if toks[j].text in "([{":
+                        depth += 1
+                    elif toks[j].text in ")}":
+                        depth -= 1
+                    elif toks[j].text == "]" and depth == 0 and toks[j + 1].text == "]":
+                        break
+                    elif toks[j].text == "]":
+                        depth -= 1
+                    j += 1
+                self.attrs[i] = " ".join(t.text for t in toks[i + 2:j])
+                self.attr_end[i] = j + 2
+                for k in range(i, min(j + 2, len(toks))):
+                    self.edit(k, "")
+                i = j + 2
+                continue
+            i += 1
+
+    def _is_attr_tok(self, i: int) -> bool:
+        e = self.edits.get(i)
+        return e is not None and e.text == "" and not e.before
+
+    def _prev(self, i: int, skip_attrs: bool = True) -> int:
+        j = i - 1
+        while j >= 0 and skip_attrs and self._is_attr_tok(j):
+            j -= 1
+        return j
+
+    def _next(self, i: int) -> int:
+        j = i + 1
+        while j < len(self.toks) and self._is_attr_tok(j):
+            j += 1
+        return j
+
+    def _scan(self) -> None:
+        toks = self.toks
+        n = len(toks)
+        # Scope stack: (kind, closing token index, class name or None, template params)
+        stack: List[Tuple[str, int, Optional[str], frozenset]] = [("ns", n, None, frozenset())]
+        pending_template: frozenset = frozenset()
+        i = 0
+        while i < n:
+            t = toks[i]
+            while len(stack) > 1 and i > stack[-1][1]:
+                stack.pop()
+            kind = stack[-1][0]
+            text = t.text
+            if i in self.attr_end:
+                if "metal_kernel" in self.attrs[i] or self.attrs[i].strip() == "kernel":
+                    self._kernel_declaration(self.attr_end[i] - 1, "kernel")
+                i = self.attr_end[i]
+                continue
+            if text == "template" and kind in ("ns", "class"):
+                nxt = self._next(i)
+                if nxt < n and toks[nxt].text == "<":
+                    close = self._angle_close(nxt)
+                    names = {toks[k + 1].text for k in range(nxt, close)
+                             if toks[k].text in ("class", "typename") and k + 1 < close and toks[k + 1].kind == "id"}
+                    pending_template = frozenset(names) | stack[-1][3]
+            if t.kind == "id":
+                self._identifier(i, kind, stack)
+            elif t.kind == "num":
+                self._number(i)
+            if text == "(" and kind in ("ns", "class"):
+                consumed = self._function_declarator(i, stack, pending_template)
+                if consumed is not None:
+                    i = consumed
+                    continue
+            if text == "{":
+                close = _match(toks, i, "{", "}")
+                new_kind, cname = self._brace_kind(i, kind)
+                tparams = pending_template if new_kind == "class" else stack[-1][3]
+                if new_kind == "class" and cname:
+                    self._inject_copy_members(i, close, cname)
+                stack.append((new_kind, close, cname, tparams))
+                pending_template = frozenset() if new_kind == "class" else pending_template
+            elif text == ";" and kind in ("ns", "class"):
+                pending_template = stack[-1][3] if kind == "class" else frozenset()
+            if text == "__local" and kind == "func":
+                self._threadgroup_variable(i)
+            if text == "goto":
+                self.errors.append((i, "goto is not supported in MSL"))
+            i += 1
+
+    def _angle_close(self, i: int) -> int:
+        depth = 0
+        for j in range(i, len(self.toks)):
+            t = self.toks[j].text
+            if t == "<":
+                depth += 1
+            elif t == ">":
+                depth -= 1
+            elif t == ">>":
+                depth -= 2
+            elif t in (";", "{"):
+                return j
+            if depth <= 0:
+                return j
+        return len(self.toks) - 1
+
+    def _brace_kind(self, i: int, kind: str) -> Tuple[str, Optional[str]]:
+        toks = self.toks
+        # A class head: struct/class/union [name [<args>]] [final] [: bases] {
+        j = i - 1
+        depth = 0
+        while j >= 0:
+            tx = toks[j].text
+            if tx in (")", "]", ">") or tx == ">>":
+                depth += 2 if tx == ">>" else 1
+            elif tx in ("(", "[", "<"):
+                depth -= 1
+            elif depth == 0 and tx in (";", "{", "}", "=", ")"):
+                break
+            elif depth == 0 and tx in ("struct", "class", "union", "enum", "namespace"):
+                if tx == "namespace":
+                    return "ns", None
+                if tx == "enum":
+                    return "init", None
+                k = j + 1
+                while k < i and self._is_attr_tok(k):
+                    k += 1
+                name = toks[k].text if k < i and toks[k].kind == "id" and toks[k].text not in ("final",) else None
+                return "class", name
+            j -= 1
+        if kind == "func":
+            return "func", None
+        p = self._prev(i)
+        if p >= 0:
+            pt = toks[p].text
+            if pt == ")" or pt in ("const", "volatile", "noexcept", "override", "final", "__global", "__local",
+                                    "__constant", "__private", "__generic", "mutable") or \
+                    (pt in ("&", "&&") and p > 0 and toks[self._prev(p)].text in (")", "const")):
+                return "func", None
+            if pt == '"C"' or pt == '"C++"':
+                return "ns", None
+        return "init", None
+
+    # -- identifiers and literals
+
+    def _identifier(self, i: int, kind: str, stack) -> None:
+        toks = self.toks
+        text = toks[i].text
+        if text in FUNCTION_QUALIFIERS:
+            self.edit(i, f'__attribute__((annotate("{FUNCTION_QUALIFIERS[text]}")))')
+            if text == "kernel" and kind in ("ns", "class"):
+                self._kernel_declaration(i, text)
+            return
+        if text not in RESERVED_TYPE_NAMES and text != "half":
+            return
+        p = self._prev(i)
+        ptext = toks[p].text if p >= 0 else ""
+        self._reserved_declarator(i, p)
+        if text == "half":
+            return
+        if ptext in (".", "->"):
+            return
+        qualified_by_metal = ptext == "::" and p >= 1 and toks[p - 1].text == "metal"
+        if ptext == "::" and not qualified_by_metal:
+            return
+        nxt = self._next(i)
+        is_ctor = nxt < len(toks) and toks[nxt].text == "(" and text in EXT_VECTOR_TYPES and \
+            ptext != "operator" and not (qualified_by_metal and toks[self._prev(p - 1)].text == "operator")
+        if is_ctor:
+            if qualified_by_metal:
+                first = p - 1
+                pp = self._prev(first)
+                if pp >= 0 and toks[pp].text == "::":
+                    first = pp
+                for k in range(first, i):
+                    self.edit(k, "")
+            self.edit(i, f"::metal::__make<::{text}>")
+        elif not qualified_by_metal:
+            self.edit(i, "::" + text)
+
+    def _reserved_declarator(self, i: int, p: int) -> None:
+        """An MSL type name where a declaration names something (`uint half;`, `struct float4 {`)."""
+        toks = self.toks
+        nxt = self._next(i)
+        if p < 0 or nxt >= len(toks):
+            return
+        ptext, ntext = toks[p].text, toks[nxt].text
+        named = ntext in (";", "=", ",", "[", "{", ":", ")") and (
+            toks[p].kind == "id" and ptext not in _NOT_DECLARATION_KEYWORDS or ptext in ("*", "&", "&&", ">"))
+        named = named or ntext == "(" and toks[p].kind == "id" and ptext not in _NOT_DECLARATION_KEYWORDS
+        named = named or ptext in ("struct", "class", "union", "enum", "namespace")
+        named = named or ptext == "," and ntext in (";", ",", "=", "[", ":") and self._in_declarator_list(p)
+        if named and ntext != "::":
+            self.errors.append((i, f"'{toks[i].text}' is an MSL type name: it cannot name a variable, member, "
+                                   "parameter, function or type"))
+
+    def _in_declarator_list(self, i: int) -> bool:
+        """Whether the comma at i separates declarators (not arguments of a call or a template)."""
+        depth = 0
+        for j in range(i - 1, -1, -1):
+            tx = self.toks[j].text
+            if tx in (")", "]", ">"):
+                depth += 1
+            elif tx == ">>":
+                depth += 2
+            elif tx in ("(", "[", "<"):
+                if depth == 0:
+                    return False
+                depth -= 1
+            elif tx in (";", "{", "}") and depth == 0:
+                return True
+        return True
+
+    def _number(self, i: int) -> None:
+        text = self.toks[i].text
+        m = re.fullmatch(r"(.*?)(bf|BF)", text)
+        if m and re.fullmatch(r"\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?", m.group(1)):
+            num = m.group(1)
+            if not re.search(r"[.eE]", num):
+                num += ".0"
+            self.edit(i, f"::bfloat({num}f)")
+
+    # -- declarations
+
+    def _threadgroup_variable(self, i: int) -> None:
+        toks = self.toks
+        p = self._prev(i)
+        if p >= 0 and toks[p].text not in (";", "{", "}", ":"):
+            return
+        j = i + 1
+        while j < len(toks) and toks[j].text not in (";", "{", "}", "=", "(", "*", "&", ","):
+            j += 1
+        if j >= len(toks) or toks[j].text != ";":
+            return  # an initializer, several declarators or a pointer: left to clang
+        # `__local TYPE NAME [dims] ;` -> `__local TYPE (&NAME)[dims] = *__threadgroup_storage<TYPE[dims]>();`
+        k = j - 1
+        dims_start = j
+        while k > i and toks[k].text == "]":
+            k = _match_back(toks, k, "[", "]") - 1
+            dims_start = k + 1
+        if k <= i + 1 or toks[k].kind != "id":
+            return
+        name = toks[k].text
+        type_text = " ".join(self.edits[m].text if m in self.edits else toks[m].text for m in range(i + 1, k))
+        dims = "".join(t.text for t in toks[dims_start:j])
+        self.edit(k, f"(&{name})" if dims else f"&{name}")
+        self.edit(j, f" = *::metal::__threadgroup_storage<{type_text}{dims}>();")
+
+    def _kernel_declaration(self, i: int, qualifier: str) -> None:
+        toks = self.toks
+        j = i + 1
+        while j < len(toks) and toks[j].text not in ("(", ";", "{"):
+            j += 1
+        if j >= len(toks) or toks[j].text != "(":
+            return
+        name_tok = j - 1
+        if toks[name_tok].text == ">":  # an explicit instantiation f<T>(...)
+            name_tok = _match_back(toks, name_tok, "<", ">") - 1
+        close = _match(toks, j, "(", ")")
+        params = _split_top_level(toks, j + 1, close)
+        nxt = self._next(close)
+        body = None
+        if nxt < len(toks) and toks[nxt].text == "{":
+            body = (nxt, _match(toks, nxt, "{", "}"))
+        attrs = {k: [self.attrs[k]] for k in self.attrs if j < k < close}
+        self.kernels.append(KernelInfo(toks[name_tok].text, name_tok, params, attrs, body, qualifier))
+        if body is not None and "void" not in [toks[k].text for k in range(i + 1, name_tok)]:
+            self.errors.append((name_tok, f"kernel function '{toks[name_tok].text}' must return void"))
+
+    def _function_declarator(self, i: int, stack, template_params: frozenset) -> Optional[int]:
+        """At a `(` in namespace or class scope: a function's parameter list? Returns the index to resume at."""
+        toks = self.toks
+        p = self._prev(i)
+        if p < 0 or toks[p].kind != "id" or toks[p].text in _CONTROL_KEYWORDS:
+            if not (p >= 0 and toks[p].text == ">"):
+                return None
+            # f<T>(...) (an explicit specialization or instantiation)
+            q = _match_back(toks, p, "<", ">") - 1
+            if q < 0 or toks[q].kind != "id":
+                return None
+            p = q
+        close = _match(toks, i, "(", ")")
+        nxt = self._next(close)
+        # What follows a function declarator: qualifiers, then a body, `;`, `= default`, a trailing return type...
+        k = nxt
+        while k < len(toks) and toks[k].text in ("const", "volatile", "noexcept", "override", "final", "&", "&&",
+                                                   "__global", "__local", "__constant", "__private", "__generic"):
+            k = self._next(k)
+        if k >= len(toks):
+            return None
+        after = toks[k].text
+        if after not in ("{", ";", "=", "->", ":", ","):
+            return None
+        name = toks[p].text
+        before = self._prev(p)
+        if before >= 0 and (toks[before].text == "," or toks[before].text == ":" and
+                            toks[self._prev(before)].text not in ("public", "private", "protected")):
+            return None  # a member initializer
+        in_template = template_params | stack[-1][3]
+        is_kernel = any(kk.name_tok == p for kk in self.kernels)
+        explicit = toks[self._next(p)].text == "<" or self._explicit_instantiation(p)
+        if not is_kernel and not explicit:
+            self._thread_pointer_params(i, close, in_template)
+        if after == "{":
+            self.functions.append((name, p, i, close, k))
+        return None
+
+    def _explicit_instantiation(self, p: int) -> bool:
+        j = p
+        while j > 0 and self.toks[j - 1].text not in (";", "{", "}"):
+            j -= 1
+        return self.toks[j].text == "template" and self.toks[self._next(j)].text != "<"
+
+    def _thread_pointer_params(self, open_i: int, close: int, template_params: frozenset) -> None:
+        """MSL's unqualified pointer parameters point to thread memory (clang's to generic memory)."""
+        toks = self.toks
+        for s, e in _split_top_level(toks, open_i + 1, close):
+            texts = [toks[k].text for k in range(s, e) if not self._is_attr_tok(k)]
+            if "=" in texts:
+                texts = texts[:texts.index("=")]
+            if "*" not in texts or any(x in _PARAM_SKIP for x in texts) or "(" in texts:
+                continue
+            if not re.match(r"[A-Za-z_]", texts[-1]) and texts[-1] != "*":
+                continue  # an expression, not a declaration
+            if any(x in template_params or x in ("auto", "decltype", "...") for x in texts):
+                continue
+            first = s
+            while first < e and self._is_attr_tok(first):
+                first += 1
+            self.edit(first, before="__private ")
+
+    def _inject_copy_members(self, open_i: int, close: int, name: str) -> None:
+        toks = self.toks
+        if not toks[close].user:
+            return
+        has_ctor = has_copy = False
+        depth = 0
+        j = open_i + 1
+        while j < close:
+            tx = toks[j].text
+            if tx in ("{", "(", "["):
+                depth += 1
+            elif tx in ("}", ")", "]"):
+                depth -= 1
+            elif depth == 0 and tx == name and j + 1 < close and toks[j + 1].text == "(" and \
+                    toks[self._prev(j)].text not in ("~", "::", ".", "->"):
+                has_ctor = True
+                pc = _match(toks, j + 1, "(", ")")
+                params = [toks[k].text for k in range(j + 2, pc)]
+                while params and params[0] in ("const", "volatile", "__private", "__generic"):
+                    params = params[1:]
+                if params[:2] in ([name, "&"], [name, "const"]) or params[:1] == [name] and "&" in params[:4]:
+                    has_copy = True
+            j += 1
+        members = [f"public: {name}(const __constant {name}&) = default;",
+                   f"template <class __U, class = ::metal::__same_class_t<__U, {name}>> {name}& operator=(const __U&);"]
+        if not has_copy:
+            members.insert(0, f"{name}(const {name}&) = default;")
+        if not has_ctor:
+            members.insert(0, f"{name}() = default;")
+        self.edit(close, before=" " + " ".join(members) + " ")
+
+    # -- output
+
+    def output(self) -> Tuple[str, Dict[int, List[Tuple[int, int]]]]:
+        """The rewritten text, and per physical line a map of column anchors (new col, old col)."""
+        lines = list(self.pre.lines)
+        by_line: Dict[int, List[Edit]] = {}
+        for e in self.edits.values():
+            by_line.setdefault(self.toks[e.index].line, []).append(e)
+        anchors: Dict[int, List[Tuple[int, int]]] = {}
+        for ln, edits in by_line.items():
+            old = lines[ln]
+            edits.sort(key=lambda e: self.toks[e.index].col)
+            out, pos, anc = [], 0, [(0, 0)]
+            newpos = 0
+            for e in edits:
+                t = self.toks[e.index]
+                seg = old[pos:t.col]
+                out.append(seg)
+                newpos += len(seg)
+                anc.append((newpos, t.col))
+                rep = e.before + e.text
+                out.append(rep)
+                newpos += len(rep)
+                pos = t.col + len(t.text)
+                anc.append((newpos, pos))
+            out.append(old[pos:])
+            lines[ln] = "".join(out)
+            anchors[ln] = anc
+        return "\n".join(lines), anchors
+
+
+def _match_back(tokens: List[Tok], i: int, open_c: str, close_c: str) -> int:
+    depth = 0
+    for j in range(i, -1, -1):
+        t = tokens[j].text
+        if t == close_c:
+            depth += 1
+        elif t == open_c:
+            depth -= 1
+            if depth == 0:
+                return j
+    return 0
+
+
+# ------------------------------------------------------------------ checks
+
+def _kernel_checks(rw: _Rewriter) -> None:
+    toks = rw.toks
+    for k in rw.kernels:
+        if k.body is None:
+            continue
+        for s, e in k.params:
+            rng = [j for j in range(s, e) if not rw._is_attr_tok(j)]
+            if not rng:
+                continue
+            attrs = [rw.attrs[j] for j in range(s, e) if j in rw.attrs]
+            texts = [toks[j].text for j in rng]
+            name_i = rng[-1]
+            pname = toks[name_i].text
+            for a in attrs:
+                a_norm = a.replace(" ", "")
+                if a_norm in KERNEL_BUILTINS or _PARAM_ATTRIBUTES.match(a.strip()):
+                    continue
+                rw.errors.append((s, f"kernel {k.name}: unknown attribute [[{a}]] on parameter '{pname}'"))
+            spaces = [x for x in texts if x in _ADDRESS_SPACES]
+            indirect = "*" in texts or "&" in texts or "&&" in texts
+            if indirect:
+                if not spaces:
+                    rw.errors.append((s, f"kernel {k.name}: parameter '{pname}' is a pointer or reference without "
+                                         "an address space (device, constant or threadgroup)"))
+                elif any(x == "__private" for x in spaces):
+                    rw.errors.append((s, f"kernel {k.name}: parameter '{pname}' is in the thread address space "
+                                         "(kernel arguments are device, constant or threadgroup)"))
+                continue
+            builtins = [a.replace(" ", "") for a in attrs if a.replace(" ", "") in KERNEL_BUILTINS]
+            if not builtins:
+                if any(a.strip() == "stage_in" for a in attrs):
+                    continue
+                rw.errors.append((s, f"kernel {k.name}: parameter '{pname}' is passed by value without a built-in "
+                                     "attribute (buffers are device or constant pointers or references)"))
+                continue
+            ptype = " ".join(x.lstrip(":") for x in texts[:-1] if x not in ("const", "::"))
+            allowed = KERNEL_BUILTINS[builtins[0]]
+            if ptype not in allowed:
+                rw.errors.append((s, f"kernel {k.name}: [[{builtins[0]}]] parameter '{pname}' has type '{ptype}' "
+                                     f"(expected {' or '.join(sorted(allowed))})"))
+
+
+def _recursion_checks(rw: _Rewriter, library_names: Iterable[str]) -> None:
+    toks = rw.toks
+    counts: Dict[str, int] = {}
+    for name, *_ in rw.functions:
+        counts[name] = counts.get(name, 0) + 1
+    library = set(library_names)
+    class_names = {e.before.split("(")[0].split()[-1] for e in rw.edits.values() if "__same_class_t" in e.before}
+    for name, name_tok, _open, _close, body in rw.functions:
+        if counts[name] != 1 or name in library or name in class_names or name == "operator":
+            continue
+        end = _match(toks, body, "{", "}")
+        for j in range(body + 1, end):
+            if toks[j].text != name or toks[j].kind != "id":
+                continue
+            p = rw._prev(j)
+            if p >= 0 and toks[p].text in (".", "->", "::", "~"):
+                continue
+            nxt = rw._next(j)
+            if nxt < len(toks) and toks[nxt].text == "(":
+                rw.errors.append((j, f"recursive call of '{name}' (MSL functions cannot call themselves)"))
+                break
+
+
+@functools.lru_cache(maxsize=1)
+def _library_function_names() -> frozenset:
+    names = set()
+    for fn in os.listdir(STRICT_INCLUDE_DIR):
+        with open(os.path.join(STRICT_INCLUDE_DIR, fn)) as f:
+            names.update(re.findall(r"\b([a-z_][a-z0-9_]*)\s*\(", f.read()))
+    return frozenset(names)
+
+
+# ------------------------------------------------------------------- locations
+
+class _Locator:
+    """Maps positions of the rewritten, preprocessed text back to the MSL source."""
+
+    def __init__(self, pre: Preprocessed, anchors: Dict[int, List[Tuple[int, int]]], main_path: str, name: str,
+                 source: str):
+        self.pre = pre
+        self.anchors = anchors
+        self.main_path = main_path
+        self.name = name
+        self.sources = {main_path: source.split("\n")}
+        self.physical: Dict[Tuple[str, int], int] = {}
+        for i, (f, ln, _user) in enumerate(pre.line_info):
+            if not pre.lines[i].startswith("#"):
+                self.physical.setdefault((f, ln), i)
+
+    def display(self, path: str) -> str:
+        if path == self.main_path:
+            return self.name
+        try:
+            rel = os.path.relpath(path)
+            return rel if not rel.startswith("..") else path
+        except ValueError:
+            return path
+
+    def _source_line(self, path: str, line: int) -> Optional[str]:
+        if path not in self.sources:
+            try:
+                with open(path) as f:
+                    self.sources[path] = f.read().split("\n")
+            except OSError:
+                self.sources[path] = []
+        lines = self.sources[path]
+        return lines[line - 1] if 0 < line <= len(lines) else None
+
+    def original_col(self, path: str, line: int, col: int, physical: Optional[int] = None,
+                     rewritten: bool = True) -> int:
+        """1-based column in the original source of 1-based `col` on the (rewritten if `rewritten`) line."""
+        if physical is None:
+            physical = self.physical.get((path, line))
+        if physical is None:
+            return col
+        c = col - 1
+        anc = self.anchors.get(physical) if rewritten else None
+        if anc:
+            news = [a for a, _ in anc]
+            k = bisect.bisect_right(news, c) - 1
+            base_new, base_old = anc[max(k, 0)]
+            c = base_old + (c - base_new)
+            # inside a replacement: its token's column
+            if k + 1 < len(anc) and k % 2 == 1:
+                c = base_old
+        pre_line = self.pre.lines[physical]
+        src_line = self._source_line(path, line)
+        if src_line is None:
+            return c + 1
+        return _align_column(pre_line, src_line, c) + 1
+
+
+def _line_tokens(line: str) -> List[Tuple[str, int]]:
+    return [(m.group(), m.start()) for m in _TOKEN_RE.finditer(line) if m.lastgroup not in ("ws", "nl")]
+
+
+def _align_column(pre_line: str, src_line: str, col: int) -> int:
+    """The column in src_line of the token at `col` of its preprocessed form pre_line."""
+    if pre_line == src_line:
+        return col
+    a, b = _line_tokens(pre_line), _line_tokens(src_line)
+    if not a or not b:
+        return col
+    idx = 0
+    for n, (_, c) in enumerate(a):
+        if c <= col:
+            idx = n
+    sm = difflib.SequenceMatcher(None, [t for t, _ in a], [t for t, _ in b], autojunk=False)
+    best = None
+    for block in sm.get_matching_blocks():
+        if block.a <= idx < block.a + block.size:
+            return b[block.b + idx - block.a][1] + (col - a[idx][1])
+        if block.a + block.size <= idx and block.size:
+            best = b[block.b + block.size - 1][1]
+    return best if best is not None else len(src_line) - len(src_line.lstrip())
+
+
+# ------------------------------------------------------------------ messages
+
+_WORDS = [
+    (re.compile(r"\b__global\b"), "device"), (re.compile(r"\b__local\b"), "threadgroup"),
+    (re.compile(r"\b__constant\b"), "constant"), (re.compile(r"\b__private\b"), "thread"),
+    (re.compile(r"\b__generic "), ""), (re.compile(r"\b_Float16\b"), "bfloat"),
+    (re.compile(r"::metal::__make<::(\w+)>"), r"\1"), (re.compile(r"\bC\+\+ for OpenCL\b"), "MSL"),
+    (re.compile(r"requires cl_khr_fp64 and __opencl_c_fp64 support"), "is not supported (MSL has no double)"),
+    (re.compile(r"double precision constant requires cl_khr_fp64.*"), "double precision constant"),
+    (re.compile(r"__attribute__\(\(annotate\(\"metal_(\w+)\"\)\)\)"), r"\1"),
+]
+
+
+def _clean(message: str) -> str:
+    for pattern, rep in _WORDS:
+        message = pattern.sub(rep, message)
+    if "no matching function for call to '__make'" in message:
+        message = "no vector constructor for these arguments (MSL: a scalar, a vector of as many elements, or " \
+                  "scalars and vectors adding up to the element count)"
+    if "non-kernel function variable cannot be declared in local address space" in message:
+        message = "threadgroup variables are declared one per statement, `threadgroup T name[N];`, without " \
+                  "an initializer, in a function body"
+    return message
+
+
+_DIAG_RE = re.compile(r"^(?P<path>.*?):(?P<line>\d+):(?P<col>\d+): (?P<kind>error|fatal error|warning|note): "
+                      r"(?P<msg>.*)$")
+
+
+def _parse_diagnostics(stderr: str, loc: _Locator) -> List[Diagnostic]:
+    diags: List[Diagnostic] = []
+    pending_library_error: Optional[Diagnostic] = None
+    current: Optional[Diagnostic] = None
+    for raw in stderr.splitlines():
+        m = _DIAG_RE.match(raw)
+        if not m:
+            continue
+        path, line, col, kind, msg = m.group("path"), int(m.group("line")), int(m.group("col")), m.group("kind"), \
+            _clean(m.group("msg"))
+        in_library = path.startswith(STRICT_INCLUDE_DIR) or path.startswith("<")
+        if kind in ("error", "fatal error"):
+            if in_library:
+                current = pending_library_error = Diagnostic("", 0, 0, msg)
+                continue
+            current = Diagnostic(loc.display(path), line, loc.original_col(path, line, col), msg)
+            diags.append(current)
+            pending_library_error = None
+        elif kind == "note" and current is not None:
+            if pending_library_error is not None and not in_library and "requested here" in msg or \
+                    pending_library_error is not None and not in_library and "in instantiation" in msg:
+                # An error inside the library caused by user code: report it where the user code asked for it.
+                d = pending_library_error
+                d.path, d.line, d.col = loc.display(path), line, loc.original_col(path, line, col)
+                diags.append(d)
+                pending_library_error = None
+                current = d
+            elif not in_library and len(current.notes) < 4:
+                current.notes.append(f"{loc.display(path)}:{line}:{loc.original_col(path, line, col)}: note: {msg}")
+    return diags
+
+
+# ------------------------------------------------------------------- driver
+
+def _run(cmd: List[str], cwd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+
+
+def check_msl(source: str, name: str = "<source>", include_dirs: Sequence[str] = ()) -> None:
+    """Raises MSLStrictError if Apple's Metal compiler would reject `source`.
+
+    `name` names the source in messages (``name:line:col``); `include_dirs`
+    are searched by its ``#include "..."``. Needs clang (see find_clang)."""
+    clang = find_clang()
+    if clang is None:
+        raise RuntimeError("the strict MSL check needs clang 14 or newer (clang++ on PATH, or MY_MPS_OPS_STRICT_CLANG)")
+    base = re.sub(r"[^\w.-]", "_", os.path.basename(name)) or "source.metal"
+    with tempfile.TemporaryDirectory(prefix="msl_strict_") as tmp:
+        main = os.path.join(tmp, base)
+        with open(main, "w") as f:
+            f.write(source)
+        includes: List[str] = []
+        for d in include_dirs:
+            includes += ["-I", os.path.abspath(d)]
+        undefs = [f"-U{m}" for m in _OPENCL_MACROS]
+        pp = _run([clang, *_OPENCL_FLAGS, "-E", "-isystem", STRICT_INCLUDE_DIR, *undefs, *_DEFINES,
+                   "-include", "__metal_prelude", *includes, main], tmp)
+        pre_loc = _Locator(Preprocessed([], [], []), {}, main, name, source)
+        if pp.returncode != 0:
+            diags = _parse_diagnostics(pp.stderr, pre_loc)
+            for d in diags:
+                m = re.match(r"'([^']+)' file not found", d.message)
+                if m and not m.group(1).startswith("metal_"):
+                    d.message += " (MSL has no C or C++ standard library: only <metal_*> headers)"
+            _raise(diags or [Diagnostic(name, 0, 0, pp.stderr.strip()[-2000:])])
+        pre = _tokenize(pp.stdout, STRICT_INCLUDE_DIR)
+        rw = _Rewriter(pre)
+        rw.run()
+        _kernel_checks(rw)
+        _recursion_checks(rw, _library_function_names())
+        text, anchors = rw.output()
+        loc = _Locator(pre, anchors, main, name, source)
+        diags = []
+        for i, message in rw.errors:
+            t = rw.toks[i]
+            col = loc.original_col(t.file, t.pline, t.col + 1, t.line, rewritten=False)
+            diags.append(Diagnostic(loc.display(t.file), t.pline, col, message, own=True))
+        rewritten = os.path.join(tmp, "rewritten.cl")
+        with open(rewritten, "w") as f:
+            f.write(text)
+        proc = _run([clang, *_OPENCL_FLAGS, "-fsyntax-only", "-w", "-ferror-limit=50", "-fno-caret-diagnostics",
+                     "-fno-diagnostics-fixit-info", rewritten], tmp)
+        if proc.returncode != 0:
+            found = _parse_diagnostics(proc.stderr, loc)
+            if not found:
+                found = [Diagnostic(name, 0, 0, proc.stderr.strip()[-2000:])]
+            diags += found
+        if diags:
+            _raise(diags)
+
+
+def _raise(diags: List[Diagnostic]) -> None:
+    # clang's errors on a line where the front end found one are its consequences.
+    own_at = {(d.path, d.line) for d in diags if d.own}
+    seen, unique = set(), []
+    for d in sorted(diags, key=lambda d: (d.path, d.line, d.col, not d.own)):
+        key = (d.path, d.line, d.col, d.message)
+        if key in seen or (not d.own and (d.path, d.line) in own_at):
+            continue
+        seen.add(key)
+        unique.append(d)
+    lines = [str(d) for d in unique[:20]]
+    if len(unique) > 20:
+        lines.append(f"... and {len(unique) - 20} more errors")
+    raise MSLStrictError("MSL rejected by the strict check (Apple's Metal compiler would refuse it):\n" +
+                         "\n".join(lines), unique)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m my_mps_ops.emulator.strict",
+                                     description="Check MSL files against the rules of Apple's Metal compiler.")
+    parser.add_argument("files", nargs="+")
+    parser.add_argument("-I", dest="include_dirs", action="append", default=[],
+                        help="an include directory (each file's own directory and its include/ are added)")
+    args = parser.parse_args(argv)
+    if find_clang() is None:
+        print("strict MSL check: no clang found (set MY_MPS_OPS_STRICT_CLANG)", file=sys.stderr)
+        return 2
+    failed = 0
+    for path in args.files:
+        with open(path) as f:
+            source = f.read()
+        here = os.path.dirname(os.path.abspath(path))
+        dirs = [here, os.path.join(here, "include"), *args.include_dirs]
+        try:
+            check_msl(source, path, [d for d in dirs if os.path.isdir(d)])
+        except MSLStrictError as e:
+            failed += 1
+            print(e, file=sys.stderr)
+        else:
+            print(f"{path}: ok")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
