@@ -391,6 +391,10 @@ class _Rewriter:
                 pending_template = stack[-1][3] if kind == "class" else frozenset()
             if text == "__local" and kind == "func":
                 self._threadgroup_variable(i)
+            if text == "{" and kind == "func":
+                self._braced_argument(i)
+            if text == "?":
+                self._conditional(i)
             if text == "goto":
                 self.errors.append((i, "goto is not supported in MSL"))
             i += 1
@@ -453,6 +457,9 @@ class _Rewriter:
     def _identifier(self, i: int, kind: str, stack) -> None:
         toks = self.toks
         text = toks[i].text
+        if text in ("vec", "packed_vec"):
+            self._vec_constructor(i)
+            return
         if text in FUNCTION_QUALIFIERS:
             self.edit(i, f'__attribute__((annotate("{FUNCTION_QUALIFIERS[text]}")))')
             if text == "kernel" and kind in ("ns", "class"):
@@ -473,6 +480,13 @@ class _Rewriter:
         nxt = self._next(i)
         is_ctor = nxt < len(toks) and toks[nxt].text == "(" and text in EXT_VECTOR_TYPES and \
             ptext != "operator" and not (qualified_by_metal and toks[self._prev(p - 1)].text == "operator")
+        if kind == "func" and text in EXT_VECTOR_TYPES and nxt < len(toks) and toks[nxt].kind == "id":
+            # `float4 v(a, b);`: a vector variable initialized by a constructor.
+            after = self._next(nxt)
+            if after < len(toks) and toks[after].text == "(":
+                close = _match(toks, after, "(", ")")
+                if self._next(close) < len(toks) and toks[self._next(close)].text in (";", ","):
+                    self.edit(after, f"= ::metal::__make<::{text}>(")
         if is_ctor:
             if qualified_by_metal:
                 first = p - 1
@@ -484,6 +498,139 @@ class _Rewriter:
             self.edit(i, f"::metal::__make<::{text}>")
         elif not qualified_by_metal:
             self.edit(i, "::" + text)
+
+    def _vec_constructor(self, i: int) -> None:
+        """`vec<T, N>(...)`, a vector constructor through metal::vec."""
+        toks = self.toks
+        p = self._prev(i)
+        if p >= 0 and toks[p].text in (".", "->", "operator"):
+            return
+        qualified = p >= 1 and toks[p].text == "::" and toks[p - 1].text == "metal"
+        if p >= 0 and toks[p].text == "::" and not qualified:
+            return
+        nxt = self._next(i)
+        if nxt >= len(toks) or toks[nxt].text != "<":
+            return
+        close = self._angle_close(nxt)
+        after = self._next(close)
+        if toks[close].text != ">" or after >= len(toks) or toks[after].text != "(":
+            return
+        if qualified:
+            first = p - 1
+            if first >= 1 and toks[first - 1].text == "::":
+                first -= 1
+            for k in range(first, i):
+                self.edit(k, "")
+        self.edit(i, f"::metal::__make<::metal::{toks[i].text}")
+        self.edit(close, "> >")
+
+    def _conditional(self, i: int) -> None:
+        """`c ? a : b` -> `c ? __rv(a) : __rv(b)`: both operands as prvalues of their type without an address
+        space. (clang cannot unify two objects of one class in different address spaces, such as a thread
+        variable and a temporary; MSL can.)"""
+        toks = self.toks
+        n = len(toks)
+        depth, j, nested = 0, i + 1, 0
+        while j < n:  # the second operand ends at the matching ':'
+            tx = toks[j].text
+            if tx in ("(", "[", "{"):
+                depth += 1
+            elif tx in (")", "]", "}"):
+                depth -= 1
+                if depth < 0:
+                    return
+            elif depth == 0 and tx == "?":
+                nested += 1
+            elif depth == 0 and tx == ":":
+                if nested == 0:
+                    break
+                nested -= 1
+            elif depth == 0 and tx == ";":
+                return
+            j += 1
+        if j >= n or j == i + 1:
+            return
+        colon = j
+        depth, nested, j = 0, 0, colon + 1
+        while j < n:  # the third operand: an assignment-expression
+            tx = toks[j].text
+            if tx in ("(", "[", "{"):
+                depth += 1
+            elif tx in (")", "]", "}"):
+                if depth == 0:
+                    break
+                depth -= 1
+            elif depth == 0 and tx == "?":
+                nested += 1
+            elif depth == 0 and tx == ":":
+                if nested == 0:
+                    break
+                nested -= 1
+            elif depth == 0 and tx in (",", ";"):
+                break
+            elif depth == 0 and tx == ">" and self._closes_template(j):
+                break
+            j += 1
+        end = j
+        if end == colon + 1:
+            return
+        for a, b in ((i + 1, colon), (colon + 1, end)):
+            self.edit(a, before="::metal::__rv(")
+            last = b - 1
+            e = self.edits.get(last)
+            self.edit(last)
+            self.edits[last].text = (e.text if e else toks[last].text) + ")"
+
+    def _closes_template(self, j: int) -> bool:
+        """Whether the '>' at j closes a template argument list opened before the conditional."""
+        depth = 0
+        for k in range(j - 1, max(-1, j - 400), -1):
+            tx = self.toks[k].text
+            if tx in (")", "]", "}"):
+                depth += 1
+            elif tx in ("(", "[", "{"):
+                if depth == 0:
+                    return False
+                depth -= 1
+            elif tx == "<" and depth == 0 and k > 0 and self.toks[k - 1].kind == "id":
+                return True
+            elif tx in (";",) and depth == 0:
+                return False
+        return False
+
+    def _braced_argument(self, i: int) -> None:
+        """`f({a, b, c})`: a braced list as a call argument (clang cannot convert one to a vector parameter)."""
+        toks = self.toks
+        p = self._prev(i)
+        if p < 0 or toks[p].text not in ("(", ","):
+            return
+        close = _match(toks, i, "{", "}")
+        nxt = self._next(close)
+        if nxt >= len(toks) or toks[nxt].text not in (",", ")"):
+            return
+        inner = [toks[k].text for k in range(i + 1, close)]
+        if "{" in inner or "." in inner and "=" in inner:
+            return
+        # The enclosing parenthesis must be a call's.
+        depth, j = 0, p
+        while j >= 0:
+            tx = toks[j].text
+            if tx in (")", "]", "}"):
+                depth += 1
+            elif tx in ("(", "[", "{"):
+                if depth == 0:
+                    break
+                depth -= 1
+            elif tx == ";" and depth == 0:
+                return
+            j -= 1
+        if j < 1 or toks[j].text != "(":
+            return
+        callee = toks[self._prev(j)]
+        if not (callee.kind == "id" and callee.text not in _CONTROL_KEYWORDS or callee.text in (">", ")", "]")):
+            return
+        self.edit(i, "::metal::__braced(")
+        self.edit(close, ")")
 
     def _reserved_declarator(self, i: int, p: int) -> None:
         """An MSL type name where a declaration names something (`uint half;`, `struct float4 {`)."""
@@ -534,22 +681,29 @@ class _Rewriter:
         p = self._prev(i)
         if p >= 0 and toks[p].text not in (";", "{", "}", ":"):
             return
-        j = i + 1
-        while j < len(toks) and toks[j].text not in (";", "{", "}", "=", "(", "*", "&", ","):
+        # `__local TYPE NAME [dims] ;` -> `__local TYPE (&NAME)[dims] = *__threadgroup_storage<TYPE[dims]>();`
+        j, depth, first_bracket = i + 1, 0, None
+        while j < len(toks):
+            tx = toks[j].text
+            if tx in ("(", "[", "{"):
+                if tx == "[" and depth == 0 and first_bracket is None:
+                    first_bracket = j
+                depth += 1
+            elif tx in (")", "]", "}"):
+                depth -= 1
+            elif depth == 0 and (tx in (";", "=", ",") or tx in ("*", "&", "&&") and first_bracket is None):
+                break
+            if depth < 0:
+                return
             j += 1
         if j >= len(toks) or toks[j].text != ";":
             return  # an initializer, several declarators or a pointer: left to clang
-        # `__local TYPE NAME [dims] ;` -> `__local TYPE (&NAME)[dims] = *__threadgroup_storage<TYPE[dims]>();`
-        k = j - 1
-        dims_start = j
-        while k > i and toks[k].text == "]":
-            k = _match_back(toks, k, "[", "]") - 1
-            dims_start = k + 1
+        k = (first_bracket if first_bracket is not None else j) - 1
         if k <= i + 1 or toks[k].kind != "id":
             return
         name = toks[k].text
         type_text = " ".join(self.edits[m].text if m in self.edits else toks[m].text for m in range(i + 1, k))
-        dims = "".join(t.text for t in toks[dims_start:j])
+        dims = "".join(t.text for t in toks[k + 1:j])
         self.edit(k, f"(&{name})" if dims else f"&{name}")
         self.edit(j, f" = *::metal::__threadgroup_storage<{type_text}{dims}>();")
 
@@ -590,8 +744,13 @@ class _Rewriter:
         nxt = self._next(close)
         # What follows a function declarator: qualifiers, then a body, `;`, `= default`, a trailing return type...
         k = nxt
+        member = stack[-1][0] == "class" or (p >= 1 and toks[p - 1].text == "::")
         while k < len(toks) and toks[k].text in ("const", "volatile", "noexcept", "override", "final", "&", "&&",
                                                    "__global", "__local", "__constant", "__private", "__generic"):
+            if toks[k].text == "__private" and member:
+                # A thread member function: clang's temporaries and members reached through `this` are not in
+                # its private address space, MSL's are in thread memory: leave it unqualified (generic).
+                self.edit(k, "")
             k = self._next(k)
         if k >= len(toks):
             return None
@@ -660,6 +819,8 @@ class _Rewriter:
                     has_copy = True
             j += 1
         members = [f"public: {name}(const __constant {name}&) = default;",
+                   f"{name}(const {name}&) __constant = default;",
+                   f"{name}(const __constant {name}&) __constant = default;",
                    f"template <class __U, class = ::metal::__same_class_t<__U, {name}>> {name}& operator=(const __U&);"]
         if not has_copy:
             members.insert(0, f"{name}(const {name}&) = default;")
@@ -725,6 +886,8 @@ def _kernel_checks(rw: _Rewriter) -> None:
             attrs = [rw.attrs[j] for j in range(s, e) if j in rw.attrs]
             texts = [toks[j].text for j in rng]
             name_i = rng[-1]
+            while toks[name_i].text == "]" and name_i > rng[0]:
+                name_i = _match_back(toks, name_i, "[", "]") - 1
             pname = toks[name_i].text
             for a in attrs:
                 a_norm = a.replace(" ", "")
@@ -732,7 +895,7 @@ def _kernel_checks(rw: _Rewriter) -> None:
                     continue
                 rw.errors.append((s, f"kernel {k.name}: unknown attribute [[{a}]] on parameter '{pname}'"))
             spaces = [x for x in texts if x in _ADDRESS_SPACES]
-            indirect = "*" in texts or "&" in texts or "&&" in texts
+            indirect = "*" in texts or "&" in texts or "&&" in texts or "[" in texts
             if indirect:
                 if not spaces:
                     rw.errors.append((s, f"kernel {k.name}: parameter '{pname}' is a pointer or reference without "
@@ -748,7 +911,7 @@ def _kernel_checks(rw: _Rewriter) -> None:
                 rw.errors.append((s, f"kernel {k.name}: parameter '{pname}' is passed by value without a built-in "
                                      "attribute (buffers are device or constant pointers or references)"))
                 continue
-            ptype = " ".join(x.lstrip(":") for x in texts[:-1] if x not in ("const", "::"))
+            ptype = " ".join(x.lstrip(":") for x in texts[:name_i - rng[0]] if x not in ("const", "::"))
             allowed = KERNEL_BUILTINS[builtins[0]]
             if ptype not in allowed:
                 rw.errors.append((s, f"kernel {k.name}: [[{builtins[0]}]] parameter '{pname}' has type '{ptype}' "
@@ -888,6 +1051,7 @@ _WORDS = [
 def _clean(message: str) -> str:
     for pattern, rep in _WORDS:
         message = pattern.sub(rep, message)
+    message = message.replace("::bfloat", "bfloat")
     if "no matching function for call to '__make'" in message:
         message = "no vector constructor for these arguments (MSL: a scalar, a vector of as many elements, or " \
                   "scalars and vectors adding up to the element count)"
@@ -897,6 +1061,10 @@ def _clean(message: str) -> str:
     return message
 
 
+# clang's precision-loss warning for an implicit conversion to bfloat (_Float16 here); the compound
+# assignment form ("when assigning computation result") is left alone.
+_BFLOAT_NARROWING_RE = re.compile(r"^implicit conversion loses floating-point precision: '(?:\w+ )?(float|half)' to "
+                                  r"'[^']*bfloat'")
 _DIAG_RE = re.compile(r"^(?P<path>.*?):(?P<line>\d+):(?P<col>\d+): (?P<kind>error|fatal error|warning|note): "
                       r"(?P<msg>.*)$")
 
@@ -912,6 +1080,14 @@ def _parse_diagnostics(stderr: str, loc: _Locator) -> List[Diagnostic]:
         path, line, col, kind, msg = m.group("path"), int(m.group("line")), int(m.group("col")), m.group("kind"), \
             _clean(m.group("msg"))
         in_library = path.startswith(STRICT_INCLUDE_DIR) or path.startswith("<")
+        if kind == "warning":
+            m2 = _BFLOAT_NARROWING_RE.search(msg)
+            if not m2:
+                current = None
+                continue
+            kind = "error"
+            msg = f"implicit conversion from '{m2.group(1)}' to bfloat (MSL converts float and half to bfloat " \
+                  "only explicitly, as bfloat(x))"
         if kind in ("error", "fatal error"):
             if in_library:
                 current = pending_library_error = Diagnostic("", 0, 0, msg)
@@ -981,13 +1157,15 @@ def check_msl(source: str, name: str = "<source>", include_dirs: Sequence[str] =
         rewritten = os.path.join(tmp, "rewritten.cl")
         with open(rewritten, "w") as f:
             f.write(text)
-        proc = _run([clang, *_OPENCL_FLAGS, "-fsyntax-only", "-w", "-ferror-limit=50", "-fno-caret-diagnostics",
-                     "-fno-diagnostics-fixit-info", rewritten], tmp)
-        if proc.returncode != 0:
-            found = _parse_diagnostics(proc.stderr, loc)
-            if not found:
-                found = [Diagnostic(name, 0, 0, proc.stderr.strip()[-2000:])]
-            diags += found
+        keep = os.environ.get("MY_MPS_OPS_STRICT_KEEP")  # a directory to keep the rewritten source in
+        if keep:
+            shutil.copy(rewritten, os.path.join(keep, base + ".cl"))
+        proc = _run([clang, *_OPENCL_FLAGS, "-fsyntax-only", "-Wno-everything", "-Wimplicit-float-conversion",
+                     "-ferror-limit=50", "-fno-caret-diagnostics", "-fno-diagnostics-fixit-info", rewritten], tmp)
+        found = _parse_diagnostics(proc.stderr, loc)
+        if proc.returncode != 0 and not found:
+            found = [Diagnostic(name, 0, 0, proc.stderr.strip()[-2000:])]
+        diags += found
         if diags:
             _raise(diags)
 
