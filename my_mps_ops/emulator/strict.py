@@ -65,7 +65,8 @@ class Diagnostic:
     col: int
     message: str
     notes: List[str] = field(default_factory=list)
-    own: bool = False  # found by the front end's own checks (preferred over clang's at one position)
+    own: bool = False  # found by the front end's own checks
+    shadows_line: bool = False  # clang's errors on its line are its consequences
 
     def __str__(self) -> str:
         text = f"{self.path}:{self.line}:{self.col}: error: {self.message}"
@@ -361,6 +362,8 @@ class _Rewriter:
             if i in self.attr_end:
                 if "metal_kernel" in self.attrs[i] or self.attrs[i].strip() == "kernel":
                     self._kernel_declaration(self.attr_end[i] - 1, "kernel")
+                if self.attrs[i].startswith("function_constant") and kind == "ns":
+                    self._function_constant(self.attr_end[i])
                 i = self.attr_end[i]
                 continue
             if text == "template" and kind in ("ns", "class"):
@@ -391,6 +394,14 @@ class _Rewriter:
                 pending_template = stack[-1][3] if kind == "class" else frozenset()
             if text == "__local" and kind == "func":
                 self._threadgroup_variable(i)
+            if text == "__private" and (any(sc[0] == "class" for sc in stack) or self._declares_reference(i)):
+                # Class members are reached through a generic `this` here (MSL's is thread): their thread
+                # references, pointers and member qualifiers are left generic, and so are thread references
+                # elsewhere (they bind to such members).
+                self.edit(i, "")
+            if text == "__constant" and not self._qualifies_member(i):
+                # MSL's constant memory is read-only: `constant T&` binds a `const constant T` as well.
+                self.edit(i, before="const ")
             if text == "{" and kind == "func":
                 self._braced_argument(i)
             if text == "?":
@@ -434,7 +445,9 @@ class _Rewriter:
                 if tx == "enum":
                     return "init", None
                 k = j + 1
-                while k < i and self._is_attr_tok(k):
+                while k < i and (self._is_attr_tok(k) or toks[k].text in ("alignas", "__attribute__")):
+                    if toks[k].text in ("alignas", "__attribute__") and k + 1 < i and toks[k + 1].text == "(":
+                        k = _match(toks, k + 1, "(", ")")
                     k += 1
                 name = toks[k].text if k < i and toks[k].kind == "id" and toks[k].text not in ("final",) else None
                 return "class", name
@@ -480,6 +493,8 @@ class _Rewriter:
         nxt = self._next(i)
         is_ctor = nxt < len(toks) and toks[nxt].text == "(" and text in EXT_VECTOR_TYPES and \
             ptext != "operator" and not (qualified_by_metal and toks[self._prev(p - 1)].text == "operator")
+        if text in EXT_VECTOR_TYPES and nxt < len(toks) and toks[nxt].kind == "id":
+            self._vector_brace_init(i)
         if kind == "func" and text in EXT_VECTOR_TYPES and nxt < len(toks) and toks[nxt].kind == "id":
             # `float4 v(a, b);`: a vector variable initialized by a constructor.
             after = self._next(nxt)
@@ -568,7 +583,7 @@ class _Rewriter:
                 nested -= 1
             elif depth == 0 and tx in (",", ";"):
                 break
-            elif depth == 0 and tx == ">" and self._closes_template(j):
+            elif depth == 0 and tx == ">" and self._closes_template(j, i):
                 break
             j += 1
         end = j
@@ -581,8 +596,8 @@ class _Rewriter:
             self.edit(last)
             self.edits[last].text = (e.text if e else toks[last].text) + ")"
 
-    def _closes_template(self, j: int) -> bool:
-        """Whether the '>' at j closes a template argument list opened before the conditional."""
+    def _closes_template(self, j: int, question: int) -> bool:
+        """Whether the '>' at j closes a template argument list opened before the conditional's '?'."""
         depth = 0
         for k in range(j - 1, max(-1, j - 400), -1):
             tx = self.toks[k].text
@@ -593,6 +608,9 @@ class _Rewriter:
                     return False
                 depth -= 1
             elif tx == "<" and depth == 0 and k > 0 and self.toks[k - 1].kind == "id":
+                if k > question:
+                    depth += 0
+                    continue
                 return True
             elif tx in (";",) and depth == 0:
                 return False
@@ -696,16 +714,52 @@ class _Rewriter:
             if depth < 0:
                 return
             j += 1
+        init = None
+        if j < len(toks) and toks[j].text == "=":
+            # An initializer (Apple's compiler accepts and ignores `= {0}`): set aside.
+            init = j
+            while j < len(toks) and toks[j].text != ";":
+                j += 1
         if j >= len(toks) or toks[j].text != ";":
-            return  # an initializer, several declarators or a pointer: left to clang
-        k = (first_bracket if first_bracket is not None else j) - 1
+            return  # several declarators or a pointer: left to clang
+        end = init if init is not None else j
+        if init is not None:
+            for m in range(init, j):
+                self.edit(m, "")
+        k = (first_bracket if first_bracket is not None else end) - 1
         if k <= i + 1 or toks[k].kind != "id":
             return
         name = toks[k].text
         type_text = " ".join(self.edits[m].text if m in self.edits else toks[m].text for m in range(i + 1, k))
-        dims = "".join(t.text for t in toks[k + 1:j])
+        dims = "".join(t.text for t in toks[k + 1:end])
         self.edit(k, f"(&{name})" if dims else f"&{name}")
         self.edit(j, f" = *::metal::__threadgroup_storage<{type_text}{dims}>();")
+
+    def _function_constant(self, j: int) -> None:
+        """`constant T name [[function_constant(n)]];`: its value comes at pipeline creation."""
+        toks = self.toks
+        if j < len(toks) and toks[j].text == ";":
+            self.edit(j, before=" = {}")
+
+    def _vector_brace_init(self, i: int) -> None:
+        """`float4 v = {a, b};`: MSL fills the missing elements with zeros (clang's OpenCL wants them all)."""
+        toks = self.toks
+        name = self._next(i)
+        if name >= len(toks) or toks[name].kind != "id":
+            return
+        brace = self._next(name)
+        if brace < len(toks) and toks[brace].text == "=":
+            brace = self._next(brace)
+        if brace >= len(toks) or toks[brace].text != "{":
+            return
+        close = _match(toks, brace, "{", "}")
+        if any(toks[m].text == "{" for m in range(brace + 1, close)):
+            return
+        if toks[brace - 1].text != "=" and self._prev(brace) == name:
+            self.edit(brace, "= ::metal::__brace<::" + toks[i].text + ">(")
+        else:
+            self.edit(brace, "::metal::__brace<::" + toks[i].text + ">(")
+        self.edit(close, ")")
 
     def _kernel_declaration(self, i: int, qualifier: str) -> None:
         toks = self.toks
@@ -732,7 +786,10 @@ class _Rewriter:
         """At a `(` in namespace or class scope: a function's parameter list? Returns the index to resume at."""
         toks = self.toks
         p = self._prev(i)
-        if p < 0 or toks[p].kind != "id" or toks[p].text in _CONTROL_KEYWORDS:
+        op = self._operator_name(p)
+        if op is not None:
+            p = op
+        elif p < 0 or toks[p].kind != "id" or toks[p].text in _CONTROL_KEYWORDS:
             if not (p >= 0 and toks[p].text == ">"):
                 return None
             # f<T>(...) (an explicit specialization or instantiation)
@@ -769,6 +826,42 @@ class _Rewriter:
             self._thread_pointer_params(i, close, in_template)
         if after == "{":
             self.functions.append((name, p, i, close, k))
+        return None
+
+    def _declares_reference(self, i: int) -> bool:
+        """Whether the address-space qualifier at i belongs to a reference (not a pointer) declarator."""
+        toks = self.toks
+        depth = 0
+        for j in range(i + 1, min(len(toks), i + 60)):
+            tx = toks[j].text
+            if tx == "<":
+                depth += 1
+            elif tx == ">" and depth:
+                depth -= 1
+            elif tx == ">>" and depth:
+                depth = max(0, depth - 2)
+            elif depth == 0:
+                if tx in ("&", "&&"):
+                    return True
+                if tx in ("*", ",", ";", ")", "=", "{", "(", "["):
+                    return False
+        return False
+
+    def _qualifies_member(self, i: int) -> bool:
+        """Whether the qualifier at i follows a function's parameter list (`void f() const constant`)."""
+        p = self._prev(i)
+        while p >= 0 and self.toks[p].text in ("const", "volatile"):
+            p = self._prev(p)
+        return p >= 0 and self.toks[p].text == ")"
+
+    def _operator_name(self, p: int) -> Optional[int]:
+        """If tokens ending at p spell `operator@` (`operator()`, `operator[]`, `operator+=`...), the index of
+        `operator`."""
+        toks = self.toks
+        if p >= 2 and toks[p].text in (")", "]") and toks[p - 1].text in ("(", "[") and toks[p - 2].text == "operator":
+            return p - 2
+        if p >= 1 and toks[p].kind == "op" and toks[p - 1].text == "operator":
+            return p - 1
         return None
 
     def _explicit_instantiation(self, p: int) -> bool:
@@ -1104,8 +1197,10 @@ def _parse_diagnostics(stderr: str, loc: _Locator) -> List[Diagnostic]:
                 diags.append(d)
                 pending_library_error = None
                 current = d
-            elif not in_library and len(current.notes) < 4:
-                current.notes.append(f"{loc.display(path)}:{line}:{loc.original_col(path, line, col)}: note: {msg}")
+            elif len(current.notes) < 4 and not current.message.startswith("no vector constructor"):
+                where = f"<{os.path.basename(path)}>:{line}" if in_library else \
+                    f"{loc.display(path)}:{line}:{loc.original_col(path, line, col)}"
+                current.notes.append(f"{where}: note: {msg}")
     return diags
 
 
@@ -1153,7 +1248,8 @@ def check_msl(source: str, name: str = "<source>", include_dirs: Sequence[str] =
         for i, message in rw.errors:
             t = rw.toks[i]
             col = loc.original_col(t.file, t.pline, t.col + 1, t.line, rewritten=False)
-            diags.append(Diagnostic(loc.display(t.file), t.pline, col, message, own=True))
+            diags.append(Diagnostic(loc.display(t.file), t.pline, col, message, own=True,
+                                    shadows_line="is an MSL type name" in message))
         rewritten = os.path.join(tmp, "rewritten.cl")
         with open(rewritten, "w") as f:
             f.write(text)
@@ -1172,7 +1268,7 @@ def check_msl(source: str, name: str = "<source>", include_dirs: Sequence[str] =
 
 def _raise(diags: List[Diagnostic]) -> None:
     # clang's errors on a line where the front end found one are its consequences.
-    own_at = {(d.path, d.line) for d in diags if d.own}
+    own_at = {(d.path, d.line) for d in diags if d.shadows_line}
     seen, unique = set(), []
     for d in sorted(diags, key=lambda d: (d.path, d.line, d.col, not d.own)):
         key = (d.path, d.line, d.col, d.message)
