@@ -385,7 +385,8 @@ class _Rewriter:
             if text == "{":
                 close = _match(toks, i, "{", "}")
                 new_kind, cname = self._brace_kind(i, kind)
-                tparams = pending_template if new_kind == "class" else stack[-1][3]
+                tparams = pending_template if new_kind == "class" else \
+                    (pending_template | stack[-1][3] if new_kind == "func" else stack[-1][3])
                 if new_kind == "class" and cname:
                     self._inject_copy_members(i, close, cname)
                 stack.append((new_kind, close, cname, tparams))
@@ -394,11 +395,11 @@ class _Rewriter:
                 pending_template = stack[-1][3] if kind == "class" else frozenset()
             if text == "__local" and kind == "func":
                 self._threadgroup_variable(i)
-            if text == "__private" and (any(sc[0] == "class" for sc in stack) or self._declares_reference(i)):
-                # Class members are reached through a generic `this` here (MSL's is thread): their thread
-                # references, pointers and member qualifiers are left generic, and so are thread references
-                # elsewhere (they bind to such members).
-                self.edit(i, "")
+            if text == "__private":
+                self._thread_qualifier(i, any(sc[0] == "class" for sc in stack), pending_template | stack[-1][3])
+            if text == "__constant" and kind == "ns" and self._redundant_static_definition(i):
+                i += 1
+                continue
             if text == "__constant" and not self._qualifies_member(i):
                 # MSL's constant memory is read-only: `constant T&` binds a `const constant T` as well.
                 self.edit(i, before="const ")
@@ -433,13 +434,17 @@ class _Rewriter:
         depth = 0
         while j >= 0:
             tx = toks[j].text
-            if tx in (")", "]", ">") or tx == ">>":
-                depth += 2 if tx == ">>" else 1
-            elif tx in ("(", "[", "<"):
-                depth -= 1
-            elif depth == 0 and tx in (";", "{", "}", "=", ")"):
+            if tx in (";", "{", "}"):
                 break
-            elif depth == 0 and tx in ("struct", "class", "union", "enum", "namespace"):
+            if tx in (")", "]"):
+                depth += 1
+            elif tx in ("(", "["):
+                depth -= 1
+            elif depth == 0 and tx == "=":
+                break
+            elif depth == 0 and tx in ("struct", "class", "union", "enum", "namespace") and \
+                    not (j > 0 and toks[j - 1].text in ("<", ",") and tx in ("class", "struct")):
+                # (`class T` in a template parameter list is not a class head)
                 if tx == "namespace":
                     return "ns", None
                 if tx == "enum":
@@ -827,6 +832,57 @@ class _Rewriter:
         if after == "{":
             self.functions.append((name, p, i, close, k))
         return None
+
+    def _redundant_static_definition(self, i: int) -> bool:
+        """`constant constexpr const T X<...>::member[N];`: C++14's out-of-class definition of a constexpr
+        static member, redundant in C++17 (clang's OpenCL wants an initializer on it): set aside."""
+        toks = self.toks
+        start = i
+        while start > 0 and toks[start - 1].text not in (";", "{", "}"):
+            start -= 1
+        j = i
+        while j < len(toks) and toks[j].text not in (";", "=", "{", "("):
+            j += 1
+        texts = [toks[k].text for k in range(start, j)]
+        if j >= len(toks) or toks[j].text != ";" or "constexpr" not in texts or "::" not in texts:
+            return False
+        for k in range(start, j + 1):
+            self.edit(k, "")
+        return True
+
+    def _thread_qualifier(self, i: int, in_class: bool, template_params: frozenset) -> None:
+        """MSL's thread references (and, in classes, thread pointers and member qualifiers) made generic.
+
+        Here a class's members are reached through a generic `this` (MSL's is thread), so what refers to
+        thread memory in a class, and thread references anywhere (they bind to such members), are generic.
+        (A template's `T&` then deduces T with the argument's address space, as clang deduces it.)"""
+        if self._qualifies_member(i):
+            self.edit(i, "")
+            return
+        kind = self._declarator_kind(i)
+        if kind == "ref" or in_class:
+            self.edit(i, "")
+
+    def _declarator_kind(self, i: int) -> str:
+        """'ref', 'ptr' or 'value': what the declaration the qualifier at i starts declares."""
+        toks = self.toks
+        depth = 0
+        for j in range(i + 1, min(len(toks), i + 60)):
+            tx = toks[j].text
+            if tx == "<":
+                depth += 1
+            elif tx == ">" and depth:
+                depth -= 1
+            elif tx == ">>" and depth:
+                depth = max(0, depth - 2)
+            elif depth == 0:
+                if tx in ("&", "&&"):
+                    return "ref"
+                if tx == "*":
+                    return "ptr"
+                if tx in (",", ";", ")", "=", "{", "(", "["):
+                    return "value"
+        return "value"
 
     def _declares_reference(self, i: int) -> bool:
         """Whether the address-space qualifier at i belongs to a reference (not a pointer) declarator."""
