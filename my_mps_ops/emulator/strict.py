@@ -216,6 +216,15 @@ _PARAM_ATTRIBUTES = re.compile(r"^(buffer|threadgroup|__local|texture|sampler|fu
 _CONTROL_KEYWORDS = {"if", "for", "while", "switch", "return", "sizeof", "alignof", "decltype", "static_assert",
                      "__attribute__", "catch", "noexcept", "throw", "new", "delete", "typeid", "case", "else",
                      "do", "alignas", "__typeof__", "typeof", "_Pragma", "defined", "annotate", "co_return"}
+_STANDARD_HEADERS = {"math.h", "stdint.h", "stddef.h", "stdio.h", "stdlib.h", "string.h", "float.h", "limits.h",
+                     "assert.h", "stdbool.h"}
+# Keywords and types of clang's OpenCL that are plain names (or metal:: types) in MSL.
+_OPENCL_WORDS = {"global", "local", "read_only", "write_only", "read_write", "pipe", "generic", "image1d_t",
+                 "image2d_t", "image3d_t", "image1d_array_t", "image2d_array_t", "image1d_buffer_t", "sampler_t",
+                 "event_t", "queue_t", "clk_event_t", "reserve_id_t", "ndrange_t", "atomic_int", "atomic_uint",
+                 "atomic_float", "atomic_bool", "atomic_ulong", "atomic_long", "atomic_flag", "atomic_double",
+                 "atomic_size_t", "atomic_ptrdiff_t", "atomic_intptr_t", "atomic_uintptr_t", "atomic_half"}
+_MSL_ATOMICS = {"atomic_int", "atomic_uint", "atomic_float", "atomic_bool", "atomic_ulong"}
 # Before a type name in an expression or a type-id rather than in a declaration.
 _NOT_DECLARATION_KEYWORDS = {"return", "case", "sizeof", "alignof", "typename", "operator", "new", "delete", "throw",
                              "else", "do", "co_return", "co_yield", "const", "volatile", "static", "constexpr",
@@ -289,6 +298,7 @@ class _Rewriter:
         self.kernels: List[KernelInfo] = []
         self.attrs: Dict[int, str] = {}  # token index of `[[` -> attribute text
         self.attr_end: Dict[int, int] = {}  # token index of `[[` -> index after its `]]`
+        self.threadgroup_variables: List[Tuple[int, int, int, int]] = []
         self.functions: List[Tuple[str, int, int, int, int]] = []  # name, name tok, params (start, end), body start
 
     def edit(self, i: int, text: Optional[str] = None, before: str = "") -> None:
@@ -304,6 +314,7 @@ class _Rewriter:
     def run(self) -> None:
         self._attributes()
         self._scan()
+        self._finish_threadgroup_variables()
 
     def _attributes(self) -> None:
         toks = self.toks
@@ -400,6 +411,12 @@ class _Rewriter:
             if text == "__constant" and kind == "ns" and self._redundant_static_definition(i):
                 i += 1
                 continue
+            if text == "__constant" and kind == "func" and self._declarator_kind(i) == "value":
+                # A block-scope `constexpr constant int k = 1;` (clang's OpenCL allows constant variables
+                # in kernel functions only, which cannot be templates): a const local.
+                self.edit(i, "const")
+                i += 1
+                continue
             if text == "__constant" and not self._qualifies_member(i):
                 # MSL's constant memory is read-only: `constant T&` binds a `const constant T` as well.
                 self.edit(i, before="const ")
@@ -475,6 +492,14 @@ class _Rewriter:
     def _identifier(self, i: int, kind: str, stack) -> None:
         toks = self.toks
         text = toks[i].text
+        if text in _OPENCL_WORDS:
+            p = self._prev(i)
+            if text.startswith("atomic_") and text in _MSL_ATOMICS:
+                if p < 0 or toks[p].text not in ("::", ".", "->"):
+                    self.edit(i, "::metal::" + text)
+            else:
+                self.edit(i, "__msl_" + text)  # a keyword or type of clang's OpenCL, a plain name in MSL
+            return
         if text in ("vec", "packed_vec"):
             self._vec_constructor(i)
             return
@@ -734,11 +759,18 @@ class _Rewriter:
         k = (first_bracket if first_bracket is not None else end) - 1
         if k <= i + 1 or toks[k].kind != "id":
             return
-        name = toks[k].text
-        type_text = " ".join(self.edits[m].text if m in self.edits else toks[m].text for m in range(i + 1, k))
-        dims = "".join(t.text for t in toks[k + 1:end])
-        self.edit(k, f"(&{name})" if dims else f"&{name}")
-        self.edit(j, f" = *::metal::__threadgroup_storage<{type_text}{dims}>();")
+        self.threadgroup_variables.append((i, k, end, j))
+
+    def _finish_threadgroup_variables(self) -> None:
+        toks = self.toks
+        for i, k, end, j in self.threadgroup_variables:
+            # (the type's own tokens are rewritten by now)
+            text = lambda m: (self.edits[m].before + self.edits[m].text) if m in self.edits else toks[m].text
+            type_text = " ".join(text(m) for m in range(i + 1, k))
+            dims = "".join(toks[m].text for m in range(k + 1, end))
+            name = toks[k].text
+            self.edit(k, f"(&{name})" if dims else f"&{name}")
+            self.edit(j, f" = *::metal::__threadgroup_storage<{type_text}{dims}>();")
 
     def _function_constant(self, j: int) -> None:
         """`constant T name [[function_constant(n)]];`: its value comes at pipeline creation."""
@@ -1191,6 +1223,7 @@ _WORDS = [
     (re.compile(r"\b__constant\b"), "constant"), (re.compile(r"\b__private\b"), "thread"),
     (re.compile(r"\b__generic "), ""), (re.compile(r"\b_Float16\b"), "bfloat"),
     (re.compile(r"::metal::__make<::(\w+)>"), r"\1"), (re.compile(r"\bC\+\+ for OpenCL\b"), "MSL"),
+    (re.compile(r"\b__msl_(\w+)"), r"\1"),
     (re.compile(r"requires cl_khr_fp64 and __opencl_c_fp64 support"), "is not supported (MSL has no double)"),
     (re.compile(r"double precision constant requires cl_khr_fp64.*"), "double precision constant"),
     (re.compile(r"__attribute__\(\(annotate\(\"metal_(\w+)\"\)\)\)"), r"\1"),
@@ -1204,6 +1237,8 @@ def _clean(message: str) -> str:
     if "no matching function for call to '__make'" in message:
         message = "no vector constructor for these arguments (MSL: a scalar, a vector of as many elements, or " \
                   "scalars and vectors adding up to the element count)"
+    if message == "read-only variable is not assignable":
+        message += " (constant memory is read-only)"
     if "non-kernel function variable cannot be declared in local address space" in message:
         message = "threadgroup variables are declared one per statement, `threadgroup T name[N];`, without " \
                   "an initializer, in a function body"
@@ -1290,7 +1325,8 @@ def check_msl(source: str, name: str = "<source>", include_dirs: Sequence[str] =
             diags = _parse_diagnostics(pp.stderr, pre_loc)
             for d in diags:
                 m = re.match(r"'([^']+)' file not found", d.message)
-                if m and not m.group(1).startswith("metal_"):
+                if m and (m.group(1) in _STANDARD_HEADERS or "." not in m.group(1) and "/" not in m.group(1)) \
+                        and not m.group(1).startswith("metal_"):
                     d.message += " (MSL has no C or C++ standard library: only <metal_*> headers)"
             _raise(diags or [Diagnostic(name, 0, 0, pp.stderr.strip()[-2000:])])
         pre = _tokenize(pp.stdout, STRICT_INCLUDE_DIR)
