@@ -406,6 +406,11 @@ class _Rewriter:
                 pending_template = stack[-1][3] if kind == "class" else frozenset()
             if text == "__local" and kind == "func":
                 self._threadgroup_variable(i)
+            if text in _ADDRESS_SPACES and not self._qualifies_member(i):
+                nxt = self._next(i)
+                if nxt < n and toks[nxt].text in (";", "=", ",", ")", "[", "{", ":"):
+                    self.errors.append((i, f"'{_ADDRESS_SPACES[text]}' is an MSL address space: it cannot name a "
+                                           "variable, member, parameter, function or type"))
             if text == "__private":
                 self._thread_qualifier(i, any(sc[0] == "class" for sc in stack), pending_template | stack[-1][3])
             if text == "__constant" and kind == "ns" and self._redundant_static_definition(i):
@@ -1223,7 +1228,7 @@ _WORDS = [
     (re.compile(r"\b__constant\b"), "constant"), (re.compile(r"\b__private\b"), "thread"),
     (re.compile(r"\b__generic "), ""), (re.compile(r"\b_Float16\b"), "bfloat"),
     (re.compile(r"::metal::__make<::(\w+)>"), r"\1"), (re.compile(r"\bC\+\+ for OpenCL\b"), "MSL"),
-    (re.compile(r"\b__msl_(\w+)"), r"\1"),
+    (re.compile(r"\b__msl_(\w+)"), r"\1"), (re.compile(r"([*&])__private\b"), r"\1"),
     (re.compile(r"requires cl_khr_fp64 and __opencl_c_fp64 support"), "is not supported (MSL has no double)"),
     (re.compile(r"double precision constant requires cl_khr_fp64.*"), "double precision constant"),
     (re.compile(r"__attribute__\(\(annotate\(\"metal_(\w+)\"\)\)\)"), r"\1"),
@@ -1349,7 +1354,7 @@ def check_msl(source: str, name: str = "<source>", include_dirs: Sequence[str] =
         if keep:
             shutil.copy(rewritten, os.path.join(keep, base + ".cl"))
         proc = _run([clang, *_OPENCL_FLAGS, "-fsyntax-only", "-Wno-everything", "-Wimplicit-float-conversion",
-                     "-ferror-limit=50", "-fno-caret-diagnostics", "-fno-diagnostics-fixit-info", rewritten], tmp)
+                     "-ferror-limit=0", "-fno-caret-diagnostics", "-fno-diagnostics-fixit-info", rewritten], tmp)
         found = _parse_diagnostics(proc.stderr, loc)
         if proc.returncode != 0 and not found:
             found = [Diagnostic(name, 0, 0, proc.stderr.strip()[-2000:])]
