@@ -389,10 +389,7 @@ class _Rewriter:
             elif t.kind == "num":
                 self._number(i)
             if text == "(" and kind in ("ns", "class"):
-                consumed = self._function_declarator(i, stack, pending_template)
-                if consumed is not None:
-                    i = consumed
-                    continue
+                self._function_declarator(i, stack, pending_template)
             if text == "{":
                 close = _match(toks, i, "{", "}")
                 new_kind, cname = self._brace_kind(i, kind)
@@ -412,7 +409,7 @@ class _Rewriter:
                     self.errors.append((i, f"'{_ADDRESS_SPACES[text]}' is an MSL address space: it cannot name a "
                                            "variable, member, parameter, function or type"))
             if text == "__private":
-                self._thread_qualifier(i, any(sc[0] == "class" for sc in stack), pending_template | stack[-1][3])
+                self._thread_qualifier(i, any(sc[0] == "class" for sc in stack))
             if text == "__constant" and kind == "ns" and self._redundant_static_definition(i):
                 i += 1
                 continue
@@ -642,10 +639,7 @@ class _Rewriter:
                 if depth == 0:
                     return False
                 depth -= 1
-            elif tx == "<" and depth == 0 and k > 0 and self.toks[k - 1].kind == "id":
-                if k > question:
-                    depth += 0
-                    continue
+            elif tx == "<" and depth == 0 and k > 0 and self.toks[k - 1].kind == "id" and k < question:
                 return True
             elif tx in (";",) and depth == 0:
                 return False
@@ -824,8 +818,9 @@ class _Rewriter:
         if body is not None and "void" not in [toks[k].text for k in range(i + 1, name_tok)]:
             self.errors.append((name_tok, f"kernel function '{toks[name_tok].text}' must return void"))
 
-    def _function_declarator(self, i: int, stack, template_params: frozenset) -> Optional[int]:
-        """At a `(` in namespace or class scope: a function's parameter list? Returns the index to resume at."""
+    def _function_declarator(self, i: int, stack, template_params: frozenset) -> None:
+        """At a `(` in namespace or class scope: if it opens a function's parameters, their thread pointers,
+        this-qualifiers, and the function (for the recursion check)."""
         toks = self.toks
         p = self._prev(i)
         op = self._operator_name(p)
@@ -833,11 +828,11 @@ class _Rewriter:
             p = op
         elif p < 0 or toks[p].kind != "id" or toks[p].text in _CONTROL_KEYWORDS:
             if not (p >= 0 and toks[p].text == ">"):
-                return None
+                return
             # f<T>(...) (an explicit specialization or instantiation)
             q = _match_back(toks, p, "<", ">") - 1
             if q < 0 or toks[q].kind != "id":
-                return None
+                return
             p = q
         close = _match(toks, i, "(", ")")
         nxt = self._next(close)
@@ -852,15 +847,15 @@ class _Rewriter:
                 self.edit(k, "")
             k = self._next(k)
         if k >= len(toks):
-            return None
+            return
         after = toks[k].text
         if after not in ("{", ";", "=", "->", ":", ","):
-            return None
+            return
         name = toks[p].text
         before = self._prev(p)
         if before >= 0 and (toks[before].text == "," or toks[before].text == ":" and
                             toks[self._prev(before)].text not in ("public", "private", "protected")):
-            return None  # a member initializer
+            return  # a member initializer
         in_template = template_params | stack[-1][3]
         is_kernel = any(kk.name_tok == p for kk in self.kernels)
         explicit = toks[self._next(p)].text == "<" or self._explicit_instantiation(p)
@@ -868,7 +863,6 @@ class _Rewriter:
             self._thread_pointer_params(i, close, in_template)
         if after == "{":
             self.functions.append((name, p, i, close, k))
-        return None
 
     def _redundant_static_definition(self, i: int) -> bool:
         """`constant constexpr const T X<...>::member[N];`: C++14's out-of-class definition of a constexpr
@@ -887,7 +881,7 @@ class _Rewriter:
             self.edit(k, "")
         return True
 
-    def _thread_qualifier(self, i: int, in_class: bool, template_params: frozenset) -> None:
+    def _thread_qualifier(self, i: int, in_class: bool) -> None:
         """MSL's thread references (and, in classes, thread pointers and member qualifiers) made generic.
 
         Here a class's members are reached through a generic `this` (MSL's is thread), so what refers to
@@ -920,25 +914,6 @@ class _Rewriter:
                 if tx in (",", ";", ")", "=", "{", "(", "["):
                     return "value"
         return "value"
-
-    def _declares_reference(self, i: int) -> bool:
-        """Whether the address-space qualifier at i belongs to a reference (not a pointer) declarator."""
-        toks = self.toks
-        depth = 0
-        for j in range(i + 1, min(len(toks), i + 60)):
-            tx = toks[j].text
-            if tx == "<":
-                depth += 1
-            elif tx == ">" and depth:
-                depth -= 1
-            elif tx == ">>" and depth:
-                depth = max(0, depth - 2)
-            elif depth == 0:
-                if tx in ("&", "&&"):
-                    return True
-                if tx in ("*", ",", ";", ")", "=", "{", "(", "["):
-                    return False
-        return False
 
     def _qualifies_member(self, i: int) -> bool:
         """Whether the qualifier at i follows a function's parameter list (`void f() const constant`)."""
@@ -1227,8 +1202,8 @@ _WORDS = [
     (re.compile(r"\b__global\b"), "device"), (re.compile(r"\b__local\b"), "threadgroup"),
     (re.compile(r"\b__constant\b"), "constant"), (re.compile(r"\b__private\b"), "thread"),
     (re.compile(r"\b__generic "), ""), (re.compile(r"\b_Float16\b"), "bfloat"),
-    (re.compile(r"::metal::__make<::(\w+)>"), r"\1"), (re.compile(r"\bC\+\+ for OpenCL\b"), "MSL"),
-    (re.compile(r"\b__msl_(\w+)"), r"\1"), (re.compile(r"([*&])__private\b"), r"\1"),
+    (re.compile(r"::metal::__make<::(\w+)>"), r"\1"), (re.compile(r"\bC\+\+ for OpenCL( version \d+)?"), "MSL"),
+    (re.compile(r"\b__msl_(\w+)"), r"\1"), (re.compile(r"([*&])thread\b"), r"\1"),
     (re.compile(r"requires cl_khr_fp64 and __opencl_c_fp64 support"), "is not supported (MSL has no double)"),
     (re.compile(r"double precision constant requires cl_khr_fp64.*"), "double precision constant"),
     (re.compile(r"__attribute__\(\(annotate\(\"metal_(\w+)\"\)\)\)"), r"\1"),
