@@ -34,6 +34,7 @@ from __future__ import annotations
 import bisect
 import difflib
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -1322,20 +1323,52 @@ def check_msl(source: str, name: str = "<source>", include_dirs: Sequence[str] =
             col = loc.original_col(t.file, t.pline, t.col + 1, t.line, rewritten=False)
             diags.append(Diagnostic(loc.display(t.file), t.pline, col, message, own=True,
                                     shadows_line="is an MSL type name" in message))
+        flags = [*_OPENCL_FLAGS, "-fsyntax-only", "-Wno-everything", "-Wimplicit-float-conversion", "-ferror-limit=0",
+                 "-fno-caret-diagnostics", "-fno-diagnostics-fixit-info"]
+        passed = _passed_marker(clang, flags, text.replace(tmp, "<tmp>"))
+        if not diags and passed is not None and os.path.exists(passed):
+            return
         rewritten = os.path.join(tmp, "rewritten.cl")
         with open(rewritten, "w") as f:
             f.write(text)
         keep = os.environ.get("MY_MPS_OPS_STRICT_KEEP")  # a directory to keep the rewritten source in
         if keep:
             shutil.copy(rewritten, os.path.join(keep, base + ".cl"))
-        proc = _run([clang, *_OPENCL_FLAGS, "-fsyntax-only", "-Wno-everything", "-Wimplicit-float-conversion",
-                     "-ferror-limit=0", "-fno-caret-diagnostics", "-fno-diagnostics-fixit-info", rewritten], tmp)
+        proc = _run([clang, *flags, rewritten], tmp)
         found = _parse_diagnostics(proc.stderr, loc)
         if proc.returncode != 0 and not found:
             found = [Diagnostic(name, 0, 0, proc.stderr.strip()[-2000:])]
         diags += found
         if diags:
             _raise(diags)
+        if passed is not None:
+            try:
+                with open(passed, "w"):
+                    pass
+            except OSError:
+                pass
+
+
+@functools.lru_cache(maxsize=None)
+def _clang_version(clang: str) -> str:
+    return subprocess.run([clang, "--version"], capture_output=True, text=True).stdout
+
+
+def _passed_marker(clang: str, flags: Sequence[str], text: str) -> Optional[str]:
+    """A file whose existence records that this rewritten source passed (the second clang run is the slow
+    part). The key covers the rewritten text, which holds the strict library, the clang and its flags.
+    MY_MPS_OPS_STRICT_CACHE=0 turns the cache off."""
+    if os.environ.get("MY_MPS_OPS_STRICT_CACHE", "1") == "0":
+        return None
+    root = os.environ.get("MY_MPS_OPS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "my_mps_ops")
+    path = os.path.join(root, "strict_msl")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    key = hashlib.sha256("\0".join([_clang_version(clang), " ".join(flags), text]).encode()).hexdigest()[:32]
+    return os.path.join(path, key + ".passed")
 
 
 def _raise(diags: List[Diagnostic]) -> None:
