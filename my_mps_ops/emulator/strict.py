@@ -198,6 +198,9 @@ FUNCTION_QUALIFIERS = {"kernel": "metal_kernel", "vertex": "metal_vertex", "frag
 _ADDRESS_SPACES = {"__global": "device", "__local": "threadgroup", "__constant": "constant", "__private": "thread"}
 _KERNEL_SPACES = {"__global", "__local", "__constant"}
 
+_SCALAR_AND_VECTOR_NAMES = {f"{e}{n}" for e in _VECTOR_ELEMENTS for n in ("", "2", "3", "4")} | \
+    {"int", "unsigned int", "unsigned", "unsigned short", "unsigned char", "signed char", "size_t", "ptrdiff_t",
+     "int8_t", "uint8_t", "int16_t", "uint16_t", "int32_t", "uint32_t", "int64_t", "uint64_t"}
 _BUILTIN_TYPES_GRID = {"uint", "uint2", "uint3", "ushort", "ushort2", "ushort3"}
 _BUILTIN_TYPES_INDEX = {"uint", "ushort"}
 KERNEL_BUILTINS = {
@@ -1058,6 +1061,14 @@ def _kernel_checks(rw: _Rewriter) -> None:
                 rw.errors.append((s, f"kernel {k.name}: unknown attribute [[{a}]] on parameter '{pname}'"))
             spaces = [x for x in texts if x in _ADDRESS_SPACES]
             indirect = "*" in texts or "&" in texts or "&&" in texts or "[" in texts
+            norm = [a.replace(" ", "") for a in attrs]
+            if any(a.startswith("__local(") for a in norm) and "__local" not in spaces:
+                rw.errors.append((s, f"kernel {k.name}: [[threadgroup(n)]] parameter '{pname}' must point to "
+                                     "threadgroup memory"))
+            if any(a.startswith("buffer(") for a in norm) and spaces and \
+                    not any(x in ("__global", "__constant") for x in spaces):
+                rw.errors.append((s, f"kernel {k.name}: [[buffer(n)]] parameter '{pname}' must point to device or "
+                                     "constant memory"))
             if indirect:
                 if not spaces:
                     rw.errors.append((s, f"kernel {k.name}: parameter '{pname}' is a pointer or reference without "
@@ -1075,7 +1086,7 @@ def _kernel_checks(rw: _Rewriter) -> None:
                 continue
             ptype = " ".join(x.lstrip(":") for x in texts[:name_i - rng[0]] if x not in ("const", "::"))
             allowed = KERNEL_BUILTINS[builtins[0]]
-            if ptype not in allowed:
+            if ptype in _SCALAR_AND_VECTOR_NAMES and ptype not in allowed:
                 rw.errors.append((s, f"kernel {k.name}: [[{builtins[0]}]] parameter '{pname}' has type '{ptype}' "
                                      f"(expected {' or '.join(sorted(allowed))})"))
 
