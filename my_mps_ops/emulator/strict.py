@@ -390,6 +390,8 @@ class _Rewriter:
                     pending_template = frozenset(names) | stack[-1][3]
             if t.kind == "id":
                 self._identifier(i, kind, stack)
+                if kind == "func" and text in stack[-1][3]:
+                    self._template_typed_local(i)
             elif t.kind == "num":
                 self._number(i)
             if text == "(" and kind in ("ns", "class"):
@@ -549,6 +551,21 @@ class _Rewriter:
             self.edit(i, f"::metal::__make<::{text}>")
         elif not qualified_by_metal:
             self.edit(i, "::" + text)
+
+    def _template_typed_local(self, i: int) -> None:
+        """`T w = a;` in a template whose T was deduced from a reference to class members (generic here): a
+        local of T without the address space (clang allows none on locals, MSL deduces thread)."""
+        toks = self.toks
+        p = self._prev(i)
+        while p >= 0 and toks[p].text in ("const", "constexpr", "volatile"):
+            p = self._prev(p)
+        if p >= 0 and toks[p].text not in (";", "{", "}", "(", ":"):
+            return
+        name = self._next(i)
+        after = self._next(name)
+        if name < len(toks) and toks[name].kind == "id" and after < len(toks) and \
+                toks[after].text in ("=", ";", "{", "[", ","):
+            self.edit(i, f"::metal::remove_addrspace_t<{toks[i].text}>")
 
     def _vec_constructor(self, i: int) -> None:
         """`vec<T, N>(...)`, a vector constructor through metal::vec."""
