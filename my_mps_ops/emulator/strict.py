@@ -1258,6 +1258,8 @@ def _clean(message: str) -> str:
 # assignment form ("when assigning computation result") is left alone.
 _BFLOAT_NARROWING_RE = re.compile(r"^implicit conversion loses floating-point precision: '(?:\w+ )?(float|half)' to "
                                   r"'[^']*bfloat'")
+_TO_BFLOAT_RE = re.compile(r"from '(?:(?:const |thread |device |threadgroup |constant )*)(?:float|half)' to "
+                           r"'(?:(?:const |thread |device |threadgroup |constant )*)bfloat'")
 _DIAG_RE = re.compile(r"^(?P<path>.*?):(?P<line>\d+):(?P<col>\d+): (?P<kind>error|fatal error|warning|note): "
                       r"(?P<msg>.*)$")
 
@@ -1301,6 +1303,9 @@ def _parse_diagnostics(stderr: str, loc: _Locator) -> List[Diagnostic]:
                 where = f"<{os.path.basename(path)}>:{line}" if in_library else \
                     f"{loc.display(path)}:{line}:{loc.original_col(path, line, col)}"
                 current.notes.append(f"{where}: note: {msg}")
+    for d in diags:
+        if any(_TO_BFLOAT_RE.search(text) for text in [d.message] + d.notes) and "explicitly" not in d.message:
+            d.message += " (MSL converts float and half to bfloat only explicitly, as bfloat(x))"
     return diags
 
 
