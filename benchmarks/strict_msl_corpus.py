@@ -5,7 +5,7 @@ why it rejects the others (first error of each file, grouped).
 
 Each file is checked with its own directory, its include/ and the -I
 directories on the include path. For a library that includes its headers
-from its repository root (MLX: "mlx/backend/metal/kernels/utils.h"), pass
+from its repository root ("lib/kernels/utils.h"), pass
 that root with -I. Files that Apple's compiler builds are expected to pass:
 every rejection is either a limit of the check or code that needs an SDK
 header the strict library does not declare.
