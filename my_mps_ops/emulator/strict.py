@@ -374,6 +374,9 @@ class _Rewriter:
                 stack.pop()
             kind = stack[-1][0]
             text = t.text
+            if self._is_attr_tok(i) and i not in self.attr_end:
+                i += 1  # set aside by an earlier rewrite
+                continue
             if i in self.attr_end:
                 if "metal_kernel" in self.attrs[i] or self.attrs[i].strip() == "kernel":
                     self._kernel_declaration(self.attr_end[i] - 1, "kernel")
@@ -392,6 +395,7 @@ class _Rewriter:
                 self._identifier(i, kind, stack)
                 if kind == "func" and text in stack[-1][3]:
                     self._template_typed_local(i)
+                    self._template_construction(i)
             elif t.kind == "num":
                 self._number(i)
             if text == "(" and kind in ("ns", "class"):
@@ -432,6 +436,8 @@ class _Rewriter:
                 self._braced_argument(i)
             if text == "?":
                 self._conditional(i)
+            if text == "(" and kind == "func":
+                self._c_style_cast(i, stack[-1][3])
             if text == "goto":
                 self.errors.append((i, "goto is not supported in MSL"))
             i += 1
@@ -567,6 +573,19 @@ class _Rewriter:
                 toks[after].text in ("=", ";", "{", "[", ","):
             self.edit(i, f"::metal::remove_addrspace_t<{toks[i].text}>")
 
+    def _template_construction(self, i: int) -> None:
+        """`T(x)` with T a template parameter: `::metal::__construct<T>(x)`, a vector constructor when T is
+        a vector (`T(x > 0)` converts a comparison's bool vector), T's own construction otherwise."""
+        toks = self.toks
+        nxt = self._next(i)
+        p = self._prev(i)
+        if nxt >= len(toks) or toks[nxt].text != "(" or (p >= 0 and toks[p].text in ("::", ".", "->", "operator")):
+            return
+        e = self.edits.get(i)
+        if e is not None and e.text != toks[i].text:
+            return
+        self.edit(i, f"::metal::__construct<{toks[i].text}>")
+
     def _vec_constructor(self, i: int) -> None:
         """`vec<T, N>(...)`, a vector constructor through metal::vec."""
         toks = self.toks
@@ -648,6 +667,69 @@ class _Rewriter:
             e = self.edits.get(last)
             self.edit(last)
             self.edits[last].text = (e.text if e else toks[last].text) + ")"
+
+    def _c_style_cast(self, i: int, template_params: frozenset) -> None:
+        """`(float4)h` or `(T)x`: MSL converts vectors element-wise by a cast (clang's OpenCL reinterprets
+        vectors of one size and rejects others); `::metal::__cast<T>(...)` does MSL's conversion."""
+        toks = self.toks
+        close = self._next(i)
+        if close >= len(toks) or toks[close].kind != "id":
+            return
+        target = toks[close].text
+        if target not in EXT_VECTOR_TYPES and target not in template_params:
+            return
+        close = self._next(close)
+        if close >= len(toks) or toks[close].text != ")":
+            return
+        p = self._prev(i)
+        if p >= 0 and (toks[p].kind == "id" and toks[p].text not in _CONTROL_KEYWORDS or toks[p].text in (")", "]")):
+            return  # a call, not a cast
+        start = self._next(close)
+        if start >= len(toks):
+            return
+        end = self._unary_end(start)
+        if end is None:
+            return
+        target_text = self.edits[close - 1].text if close - 1 in self.edits else toks[close - 1].text
+        for k in range(i, close + 1):
+            self.edit(k, "")
+        self.edit(i, f"::metal::__cast<{target_text}>(")
+        e = self.edits.get(end)
+        self.edit(end, (e.text if e else toks[end].text) + ")")
+
+    def _unary_end(self, j: int) -> Optional[int]:
+        """The last token of the unary-expression (a cast's operand) starting at j, or None."""
+        toks = self.toks
+        n = len(toks)
+        while j < n and toks[j].text in ("-", "+", "!", "~", "*", "&", "++", "--"):
+            j += 1
+        if j >= n:
+            return None
+        if toks[j].text == "(":
+            end = _match(toks, j, "(", ")")
+        elif toks[j].kind in ("id", "num", "str", "chr"):
+            end = j
+            while end + 1 < n and toks[end + 1].text == "::" and end + 2 < n and toks[end + 2].kind == "id":
+                end += 2
+            if end + 1 < n and toks[end + 1].text == "<" and toks[end].kind == "id":
+                close = self._angle_close(end + 1)
+                if toks[close].text == ">" and close + 1 < n and toks[close + 1].text in ("(", "::", "{"):
+                    end = close
+        else:
+            return None
+        while end + 1 < n:  # postfix: calls, subscripts, members
+            nt = toks[end + 1].text
+            if nt == "(":
+                end = _match(toks, end + 1, "(", ")")
+            elif nt == "[":
+                end = _match(toks, end + 1, "[", "]")
+            elif nt in (".", "->") and end + 2 < n and toks[end + 2].kind == "id":
+                end += 2
+            elif nt in ("++", "--"):
+                end += 1
+            else:
+                break
+        return end
 
     def _closes_template(self, j: int, question: int) -> bool:
         """Whether the '>' at j closes a template argument list opened before the conditional's '?'."""
@@ -735,6 +817,11 @@ class _Rewriter:
 
     def _number(self, i: int) -> None:
         text = self.toks[i].text
+        if re.fullmatch(r"(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+", text):
+            # An unsuffixed floating literal: float in MSL (double in clang, even with fp64 off, for the
+            # rules of vector operands and overloads).
+            self.edit(i, text + "f")
+            return
         m = re.fullmatch(r"(.*?)(bf|BF)", text)
         if m and re.fullmatch(r"\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?", m.group(1)):
             num = m.group(1)
@@ -799,24 +886,39 @@ class _Rewriter:
             self.edit(j, before=" = {}")
 
     def _vector_brace_init(self, i: int) -> None:
-        """`float4 v = {a, b};`: MSL fills the missing elements with zeros (clang's OpenCL wants them all)."""
+        """`float4 a = {x, y}, b{z};`: MSL fills the missing elements with zeros (clang's OpenCL wants them
+        all)."""
         toks = self.toks
         name = self._next(i)
-        if name >= len(toks) or toks[name].kind != "id":
-            return
-        brace = self._next(name)
-        if brace < len(toks) and toks[brace].text == "=":
-            brace = self._next(brace)
-        if brace >= len(toks) or toks[brace].text != "{":
-            return
-        close = _match(toks, brace, "{", "}")
-        if any(toks[m].text == "{" for m in range(brace + 1, close)):
-            return
-        if toks[brace - 1].text != "=" and self._prev(brace) == name:
-            self.edit(brace, "= ::metal::__brace<::" + toks[i].text + ">(")
-        else:
-            self.edit(brace, "::metal::__brace<::" + toks[i].text + ">(")
-        self.edit(close, ")")
+        while name < len(toks) and toks[name].kind == "id":
+            brace = self._next(name)
+            if brace < len(toks) and toks[brace].text == "=":
+                brace = self._next(brace)
+            if brace >= len(toks):
+                return
+            if toks[brace].text == "{":
+                close = _match(toks, brace, "{", "}")
+                if any(toks[m].text == "{" for m in range(brace + 1, close)):
+                    return
+                prefix = "= " if toks[self._prev(brace)].text != "=" else ""
+                self.edit(brace, prefix + "::metal::__brace<::" + toks[i].text + ">(")
+                self.edit(close, ")")
+                end = close + 1
+            else:
+                # another initializer: up to the next declarator
+                end, depth = brace, 0
+                while end < len(toks):
+                    tx = toks[end].text
+                    if tx in ("(", "[", "{"):
+                        depth += 1
+                    elif tx in (")", "]", "}"):
+                        depth -= 1
+                    elif depth == 0 and tx in (",", ";"):
+                        break
+                    end += 1
+            if end >= len(toks) or toks[end].text != ",":
+                return
+            name = self._next(end)
 
     def _kernel_declaration(self, i: int, qualifier: str) -> None:
         toks = self.toks
@@ -1015,6 +1117,10 @@ class _Rewriter:
     def output(self) -> Tuple[str, Dict[int, List[Tuple[int, int]]]]:
         """The rewritten text, and per physical line a map of column anchors (new col, old col)."""
         lines = list(self.pre.lines)
+        for ln, (_f, _l, user) in enumerate(self.pre.line_info):
+            if user and lines[ln].lstrip().startswith("#pragma"):
+                # Loop hints and Apple's own pragmas: their macro arguments were not expanded by -E.
+                lines[ln] = ""
         by_line: Dict[int, List[Edit]] = {}
         for e in self.edits.values():
             by_line.setdefault(self.toks[e.index].line, []).append(e)

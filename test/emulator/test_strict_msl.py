@@ -172,12 +172,17 @@ CASES = [
      "inline void f(threadgroup half* t) { simdgroup_float8x8 m; simdgroup_load(m, t, 8); }",
      r"no matching function for call to 'simdgroup_load'",
      "inline void f(threadgroup half* t) { simdgroup_half8x8 m; simdgroup_load(m, t, 8); }"),
-    ("simdgroup_multiply_of_mixed_types",
-     "inline void f(simdgroup_float8x8 a, simdgroup_half8x8 b) { simdgroup_float8x8 d; "
-     "simdgroup_multiply_accumulate(d, a, b, d); }",
+    ("simdgroup_multiply_accumulate_without_accumulator",
+     "inline void f(simdgroup_float8x8 a, simdgroup_float8x8 b) { simdgroup_float8x8 d; "
+     "simdgroup_multiply_accumulate(d, a, b); }",
      r"no matching function for call to 'simdgroup_multiply_accumulate'",
-     "inline void f(simdgroup_float8x8 a, simdgroup_float8x8 b) { simdgroup_float8x8 d = "
-     "make_filled_simdgroup_matrix<float, 8, 8>(0.0f); simdgroup_multiply_accumulate(d, a, b, d); }"),
+     "inline void f(simdgroup_half8x8 a, simdgroup_half8x8 b) { simdgroup_float8x8 d = "
+     "make_filled_simdgroup_matrix<float, 8>(0.0f); simdgroup_multiply_accumulate(d, a, b, d); }"),
+    ("simdgroup_multiply_accumulate_of_a_scalar",
+     "inline void f(simdgroup_float8x8 a, float s) { simdgroup_float8x8 d; "
+     "simdgroup_multiply_accumulate(d, a, s, d); }",
+     r"no matching function for call to 'simdgroup_multiply_accumulate'",
+     "inline void f(simdgroup_float8x8 a) { simdgroup_float8x8 d(1.0f); simdgroup_multiply(d, a, a); }"),
     ("threadgroup_barrier_without_flags", "inline void f() { threadgroup_barrier(); }",
      r"no matching function for call to 'threadgroup_barrier'",
      "inline void f() { threadgroup_barrier(mem_flags::mem_threadgroup | mem_flags::mem_device); }"),
