@@ -245,6 +245,7 @@ class Edit:
     index: int  # token index
     text: str  # replacement of the token ("" deletes it)
     before: str = ""  # inserted before the token
+    after: str = ""  # inserted after it (closing parentheses of rewrites)
 
 
 @dataclass
@@ -305,13 +306,14 @@ class _Rewriter:
         self.threadgroup_variables: List[Tuple[int, int, int, int]] = []
         self.functions: List[Tuple[str, int, int, int, int]] = []  # name, name tok, params (start, end), body start
 
-    def edit(self, i: int, text: Optional[str] = None, before: str = "") -> None:
+    def edit(self, i: int, text: Optional[str] = None, before: str = "", after: str = "") -> None:
         e = self.edits.get(i)
         if e is None:
             e = self.edits[i] = Edit(i, self.toks[i].text)
         if text is not None:
             e.text = text
         e.before += before
+        e.after += after
 
     # -- passes
 
@@ -347,7 +349,7 @@ class _Rewriter:
 
     def _is_attr_tok(self, i: int) -> bool:
         e = self.edits.get(i)
-        return e is not None and e.text == "" and not e.before
+        return e is not None and e.text == "" and not e.before and not e.after
 
     def _prev(self, i: int, skip_attrs: bool = True) -> int:
         j = i - 1
@@ -663,10 +665,7 @@ class _Rewriter:
             return
         for a, b in ((i + 1, colon), (colon + 1, end)):
             self.edit(a, before="::metal::__rv(")
-            last = b - 1
-            e = self.edits.get(last)
-            self.edit(last)
-            self.edits[last].text = (e.text if e else toks[last].text) + ")"
+            self.edit(b - 1, after=")")
 
     def _c_style_cast(self, i: int, template_params: frozenset) -> None:
         """`(float4)h` or `(T)x`: MSL converts vectors element-wise by a cast (clang's OpenCL reinterprets
@@ -694,8 +693,7 @@ class _Rewriter:
         for k in range(i, close + 1):
             self.edit(k, "")
         self.edit(i, f"::metal::__cast<{target_text}>(")
-        e = self.edits.get(end)
-        self.edit(end, (e.text if e else toks[end].text) + ")")
+        self.edit(end, after=")")
 
     def _unary_end(self, j: int) -> Optional[int]:
         """The last token of the unary-expression (a cast's operand) starting at j, or None."""
@@ -872,7 +870,8 @@ class _Rewriter:
         toks = self.toks
         for i, k, end, j in self.threadgroup_variables:
             # (the type's own tokens are rewritten by now)
-            text = lambda m: (self.edits[m].before + self.edits[m].text) if m in self.edits else toks[m].text
+            text = lambda m: (self.edits[m].before + self.edits[m].text + self.edits[m].after) if m in self.edits \
+                else toks[m].text
             type_text = " ".join(text(m) for m in range(i + 1, k))
             dims = "".join(toks[m].text for m in range(k + 1, end))
             name = toks[k].text
@@ -1136,7 +1135,7 @@ class _Rewriter:
                 out.append(seg)
                 newpos += len(seg)
                 anc.append((newpos, t.col))
-                rep = e.before + e.text
+                rep = e.before + e.text + e.after
                 out.append(rep)
                 newpos += len(rep)
                 pos = t.col + len(t.text)
