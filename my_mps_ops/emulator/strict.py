@@ -1365,6 +1365,9 @@ _BFLOAT_NARROWING_RE = re.compile(r"^implicit conversion loses floating-point pr
                                   r"'[^']*bfloat'")
 _TO_BFLOAT_RE = re.compile(r"from '(?:(?:const |thread |device |threadgroup |constant )*)(?:float|half)' to "
                            r"'(?:(?:const |thread |device |threadgroup |constant )*)bfloat'")
+# Rules of OpenCL that Apple's compiler does not have: `half4 * 2.0f` converts the scalar to the element
+# type in MSL. (The expression is then left unchecked beyond that.)
+_OPENCL_ONLY_ERRORS = ("scalar operand type has greater rank than the type of the vector element",)
 _DIAG_RE = re.compile(r"^(?P<path>.*?):(?P<line>\d+):(?P<col>\d+): (?P<kind>error|fatal error|warning|note): "
                       r"(?P<msg>.*)$")
 
@@ -1388,6 +1391,9 @@ def _parse_diagnostics(stderr: str, loc: _Locator) -> List[Diagnostic]:
             kind = "error"
             msg = f"implicit conversion from '{m2.group(1)}' to bfloat (MSL converts float and half to bfloat " \
                   "only explicitly, as bfloat(x))"
+        if kind in ("error", "fatal error") and any(m3 in msg for m3 in _OPENCL_ONLY_ERRORS):
+            current = pending_library_error = None
+            continue
         if kind in ("error", "fatal error"):
             if in_library:
                 current = pending_library_error = Diagnostic("", 0, 0, msg)
@@ -1474,12 +1480,14 @@ def check_msl(source: str, name: str = "<source>", include_dirs: Sequence[str] =
             shutil.copy(rewritten, os.path.join(keep, base + ".cl"))
         proc = _run([clang, *flags, rewritten], tmp)
         found = _parse_diagnostics(proc.stderr, loc)
-        if proc.returncode != 0 and not found:
+        error_lines = [ln for ln in proc.stderr.splitlines() if " error: " in ln]
+        if proc.returncode != 0 and not found and \
+                not all(any(m in ln for m in _OPENCL_ONLY_ERRORS) for ln in error_lines):
             found = [Diagnostic(name, 0, 0, proc.stderr.strip()[-2000:])]
         diags += found
         if diags:
             _raise(diags)
-        if passed is not None:
+        if passed is not None and proc.returncode == 0:
             try:
                 with open(passed, "w"):
                     pass

@@ -261,6 +261,7 @@ kernel void idioms(device const T* x [[buffer(0)]], device T* y [[buffer(1)]], c
   threadgroup_barrier(mem_flags::mem_threadgroup);
   y[row * s.cols + tid.x] = pick(T(v), x[0], lane > 3);
   uint3 idx = {tid.x, tid.y, 0};
+  half4 h4 = half4(x[0]) * 0.5f;  // the scalar converts to the element type
   int2 p(1, 2);
   y[0] = T(float(idx.x + p.y) + precise::exp(v) + fast::tanh(v) + metal::precise::rsqrt(v) + fma(v, v, v));
 }
