@@ -21,12 +21,22 @@ second time, with clang in C++ for OpenCL mode, only to find such errors:
   names are qualified (so that declaring one as an identifier fails),
   ``threadgroup`` variables of function bodies become references to
   threadgroup storage, unqualified pointer parameters become thread ones,
-  and every class gets copy members from the constant address space;
-- checks of its own: kernel parameters (address spaces, built-in attributes
-  and their types), ``goto`` and direct recursion.
+  every class gets copy members from the constant address space, the
+  operands of ``?:`` become prvalues, casts to vectors convert element-wise;
+- checks of its own: MSL type names and address spaces as declared names,
+  kernel parameters (address spaces, built-in attributes and their types),
+  ``goto`` and direct recursion.
+
+clang's generic address space stays on (without it clang cannot construct a
+class temporary), so `this` and what is reached through it are generic here
+where MSL's are thread: thread references and member qualifiers are left
+generic, and only pointer parameters keep MSL's thread default strictly.
 
 Errors name ``file:line:col`` of the MSL source (the checked source under
 ``name``). ``python -m my_mps_ops.emulator.strict FILE...`` checks files.
+Sources that passed are remembered under the cache directory
+(MY_MPS_OPS_STRICT_CACHE=0 turns that off); MY_MPS_OPS_STRICT_KEEP=DIR keeps
+the rewritten source clang checked.
 """
 
 from __future__ import annotations
