@@ -366,16 +366,11 @@ def test_headers_from_include_dirs_and_the_metal_version(tmp_path):
 
 
 SHADERS = sorted((ROOT / "shaders").glob("*.metal"))
-# Shaders Apple's compiler would reject today (a defect to fix in the shader, not here).
-KNOWN_DEFECTS = {
-    "rotary.metal": "RotaryShape has a member named `half`, a type name in MSL",
-}
 
 
+# Every shipped shader, with the headers it shares with the host.
 @pytest.mark.parametrize("path", SHADERS, ids=[p.name for p in SHADERS])
 def test_shader_passes(path):
-    if path.name in KNOWN_DEFECTS:
-        pytest.xfail(KNOWN_DEFECTS[path.name])
     strict.check_msl(path.read_text(), f"shaders/{path.name}", [str(ROOT / "shaders" / "include")])
 
 
