@@ -128,8 +128,9 @@ kernel void rms_norm_backward_input(device const T* grad_out [[buffer(0)]], devi
       const uint i = base + k;
       if (i < n) {
         const float g = float(grad_out[offset + i]) * (has_weight ? float(w[i]) : 1.0f);
-        const float residual_grad = add_grad_residual_out ? float(grad_residual_out[offset + i]) : 0.0f;
-        grad_input[offset + i] = T(g * rstd - float(x[offset + i]) * coef + residual_grad);
+        grad_input[offset + i] =
+            T(g * rstd - float(x[offset + i]) * coef +
+              (add_grad_residual_out ? float(grad_residual_out[offset + i]) : 0.0f));
       }
     }
   }

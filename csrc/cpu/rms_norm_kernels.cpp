@@ -111,9 +111,9 @@ void backward_rows_f32(const RmsNormBackwardArgs& a, float* dw_acc, int64_t begi
       const Vec g = w != nullptr ? d * vec::loadv<Vec>(w + i) : d;
       Vec v = g * rv - xv * cv;
       if (grad_residual_out_row != nullptr) {
-        float e[L];
-        for (int j = 0; j < L; ++j) e[j] = static_cast<float>(grad_residual_out_row[i + j]);
-        v += vec::loadv<Vec>(e);
+        float grad_residual_out_f32[L];
+        for (int j = 0; j < L; ++j) grad_residual_out_f32[j] = static_cast<float>(grad_residual_out_row[i + j]);
+        v += vec::loadv<Vec>(grad_residual_out_f32);
       }
       vec::storev(dxr + i, v);
     }

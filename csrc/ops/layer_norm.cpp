@@ -46,11 +46,9 @@ Tensor layer_norm_forward(const Tensor& input, const OptTensor& weight, const Op
     metal::layer_norm_forward(kOp, {x, metal_param(weight, x), metal_param(bias, x), out}, shape, eps);
   } else {
     const Tensor w = param_for_cpu(weight, x), b = param_for_cpu(bias, x);
-    cpu::layer_norm_forward_stub(
-        x.scalar_type(),
-        cpu::LayerNormForwardArgs{x.const_data_ptr(), w.defined() ? w.const_data_ptr() : nullptr,
-                                  b.defined() ? b.const_data_ptr() : nullptr, out.mutable_data_ptr(), shape.rows,
-                                  shape.cols, eps});
+    cpu::layer_norm_forward_stub(x.scalar_type(),
+                                 cpu::LayerNormForwardArgs{x.const_data_ptr(), data_or_null(w), data_or_null(b),
+                                                           out.mutable_data_ptr(), shape.rows, shape.cols, eps});
   }
   return out;
 }
@@ -87,11 +85,10 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& grad_out, c
     const Tensor w = param_for_cpu(weight, x);
     cpu::layer_norm_backward_stub(
         x.scalar_type(),
-        cpu::LayerNormBackwardArgs{dy.const_data_ptr(), x.const_data_ptr(), w.defined() ? w.const_data_ptr() : nullptr,
+        cpu::LayerNormBackwardArgs{dy.const_data_ptr(), x.const_data_ptr(), data_or_null(w),
                                    want_input ? grad_input.mutable_data_ptr() : nullptr,
-                                   want_weight ? weight_partials.mutable_data_ptr() : nullptr,
-                                   want_bias ? bias_partials.mutable_data_ptr() : nullptr, shape.rows, shape.cols,
-                                   chunks, eps});
+                                   mutable_data_or_null(weight_partials), mutable_data_or_null(bias_partials),
+                                   shape.rows, shape.cols, chunks, eps});
   }
   return {grad_input, want_weight ? grad_from_partials(weight_partials, *weight) : unwanted_grad(x),
           want_bias ? grad_from_partials(bias_partials, *bias) : unwanted_grad(x)};

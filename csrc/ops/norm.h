@@ -1,7 +1,7 @@
 // What the norm entry files (ops/rms_norm.cpp, ops/layer_norm.cpp) share: the
 // checks of input, eps, parameters and grad_out, the rows a norm runs over,
-// the CPU kernels' per-chunk parameter-gradient sums, and the forms in which
-// an optional parameter is saved for backward and returned from Meta.
+// the CPU kernels' per-chunk parameter-gradient sums, and the forms an
+// optional tensor takes for the kernels, for Meta and for autograd.
 #pragma once
 
 #include "ops/common.h"
@@ -65,7 +65,8 @@ inline int64_t cpu_grad_chunks(int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
 }
 inline at::Tensor zeroed_grad_partials(int64_t chunks, int64_t cols, const at::Tensor& input) {
-  return at::zeros({chunks, cols}, input.options().dtype(input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  const auto accumulation = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::zeros({chunks, cols}, input.options().dtype(accumulation));
 }
 inline at::Tensor grad_from_partials(const at::Tensor& partials, const at::Tensor& param) {
   return partials.sum(0).to(param.scalar_type());
@@ -76,6 +77,15 @@ inline at::Tensor grad_from_partials(const at::Tensor& partials, const at::Tenso
 inline at::Tensor param_grad_meta(bool wanted, const std::optional<at::Tensor>& param, const at::Tensor& input) {
   return wanted && param.has_value() ? empty_contiguous_like(*param) : unwanted_grad(input);
 }
+
+// An optional tensor as the kernels read it: contiguous, undefined when absent.
+inline at::Tensor contiguous_or_absent(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+// A tensor's elements as the CPU kernels' arguments take them: nullptr when undefined.
+inline const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+inline void* mutable_data_or_null(const at::Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
 
 // A parameter as metal/norm.h takes it: param_for_metal's form, undefined when absent.
 inline at::Tensor metal_param(const std::optional<at::Tensor>& param, const at::Tensor& input) {

@@ -59,40 +59,36 @@ void check_fused_backward_inputs(const Tensor& grad_out, const OptTensor& grad_r
   check_same_device(*grad_residual_out, residual_out, kFusedBackwardOp, "grad_residual_out", "residual_out");
 }
 
-// (out, residual_out): with `residual` (fused_add_rms_norm), residual_out =
-// input + residual and out = rms_norm(residual_out); without, out =
-// rms_norm(input) and residual_out is undefined.
-std::tuple<Tensor, Tensor> rms_norm_forward(const char* op, const Tensor& input, const OptTensor& residual,
+// (out, residual_out): with a residual (fused_add_rms_norm; contiguous, else
+// undefined), residual_out = input + residual and out = rms_norm(residual_out);
+// without, out = rms_norm(input) and residual_out is undefined.
+std::tuple<Tensor, Tensor> rms_norm_forward(const char* op, const Tensor& input, const Tensor& residual,
                                             const OptTensor& weight, double eps) {
   const Tensor x = input.contiguous();
-  const Tensor r = residual.has_value() ? residual->contiguous() : Tensor();
   Tensor out = empty_contiguous_like(x);
-  Tensor residual_out = r.defined() ? empty_contiguous_like(x) : Tensor();
+  Tensor residual_out = residual.defined() ? empty_contiguous_like(x) : Tensor();
   const NormRows shape = norm_rows(x);
   if (shape.rows == 0) return {out, residual_out};
   if (use_metal_path(x)) {
     const Tensor w = metal_param(weight, x);
-    metal::rms_norm_forward(op, {x, w, out, r, residual_out}, shape, eps);
+    metal::rms_norm_forward(op, {x, w, out, residual, residual_out}, shape, eps);
   } else {
     const Tensor w = param_for_cpu(weight, x);
-    cpu::rms_norm_forward_stub(
-        x.scalar_type(),
-        cpu::RmsNormForwardArgs{x.const_data_ptr(), w.defined() ? w.const_data_ptr() : nullptr,
-                                r.defined() ? r.const_data_ptr() : nullptr,
-                                residual_out.defined() ? residual_out.mutable_data_ptr() : nullptr,
-                                out.mutable_data_ptr(), shape.rows, shape.cols, eps});
+    cpu::rms_norm_forward_stub(x.scalar_type(),
+                               cpu::RmsNormForwardArgs{x.const_data_ptr(), data_or_null(w), data_or_null(residual),
+                                                       mutable_data_or_null(residual_out), out.mutable_data_ptr(),
+                                                       shape.rows, shape.cols, eps});
   }
   return {out, residual_out};
 }
 
-// (grad_input, grad_weight) as output_mask asks (else unwanted_grad);
-// grad_residual_out (fused_add_rms_norm), when given, is added to grad_input.
+// (grad_input, grad_weight) as output_mask asks (else unwanted_grad). A
+// grad_residual_out (fused_add_rms_norm; contiguous, else undefined) is added
+// to grad_input.
 std::tuple<Tensor, Tensor> rms_norm_backward(const char* op, const Tensor& grad_out, const Tensor& input,
-                                    const OptTensor& weight, double eps, std::array<bool, 2> output_mask,
-                                    const OptTensor& grad_residual_out) {
+                                             const OptTensor& weight, double eps, std::array<bool, 2> output_mask,
+                                             const Tensor& grad_residual_out) {
   const Tensor x = input.contiguous(), dy = grad_out.contiguous();
-  const Tensor grad_residual =
-      grad_residual_out.has_value() ? grad_residual_out->contiguous() : Tensor();
   const bool want_input = output_mask[0], want_weight = output_mask[1] && weight.has_value();
   Tensor grad_input = want_input ? empty_contiguous_like(x) : unwanted_grad(x);
   const NormRows shape = norm_rows(x);
@@ -103,7 +99,7 @@ std::tuple<Tensor, Tensor> rms_norm_backward(const char* op, const Tensor& grad_
     if (runs_kernels) {
       const Tensor w = metal_param(weight, x);
       metal::rms_norm_backward(op,
-                               {dy, x, w, grad_residual, want_input ? grad_input : Tensor(),
+                               {dy, x, w, grad_residual_out, want_input ? grad_input : Tensor(),
                                 want_weight ? grad_weight : Tensor()},
                                shape, eps);
     }
@@ -115,11 +111,9 @@ std::tuple<Tensor, Tensor> rms_norm_backward(const char* op, const Tensor& grad_
     const Tensor w = param_for_cpu(weight, x);
     cpu::rms_norm_backward_stub(
         x.scalar_type(),
-        cpu::RmsNormBackwardArgs{dy.const_data_ptr(), x.const_data_ptr(), w.defined() ? w.const_data_ptr() : nullptr,
-                                 grad_residual.defined() ? grad_residual.const_data_ptr() : nullptr,
-                                 want_input ? grad_input.mutable_data_ptr() : nullptr,
-                                 want_weight ? partials.mutable_data_ptr() : nullptr, shape.rows, shape.cols, chunks,
-                                 eps});
+        cpu::RmsNormBackwardArgs{dy.const_data_ptr(), x.const_data_ptr(), data_or_null(w),
+                                 data_or_null(grad_residual_out), want_input ? grad_input.mutable_data_ptr() : nullptr,
+                                 mutable_data_or_null(partials), shape.rows, shape.cols, chunks, eps});
   }
   return {grad_input, want_weight ? grad_from_partials(partials, *weight) : unwanted_grad(x)};
 }
@@ -128,20 +122,20 @@ std::tuple<Tensor, Tensor> rms_norm_backward(const char* op, const Tensor& grad_
 
 Tensor rms_norm_impl(const Tensor& input, const OptTensor& weight, double eps) {
   check_inputs(kOp, input, weight, eps);
-  return std::get<0>(rms_norm_forward(kOp, input, std::nullopt, weight, eps));
+  return std::get<0>(rms_norm_forward(kOp, input, Tensor(), weight, eps));
 }
 
 std::tuple<Tensor, Tensor> rms_norm_backward_impl(const Tensor& grad_out, const Tensor& input,
                                                   const OptTensor& weight, double eps,
                                                   std::array<bool, 2> output_mask) {
   check_backward_inputs(kBackwardOp, grad_out, input, weight, eps);
-  return rms_norm_backward(kBackwardOp, grad_out, input, weight, eps, output_mask, std::nullopt);
+  return rms_norm_backward(kBackwardOp, grad_out, input, weight, eps, output_mask, Tensor());
 }
 
 std::tuple<Tensor, Tensor> fused_add_rms_norm_impl(const Tensor& x, const Tensor& residual, const OptTensor& weight,
                                                    double eps) {
   check_fused_inputs(x, residual, weight, eps);
-  return rms_norm_forward(kFusedOp, x, residual, weight, eps);
+  return rms_norm_forward(kFusedOp, x, residual.contiguous(), weight, eps);
 }
 
 std::tuple<Tensor, Tensor> fused_add_rms_norm_backward_impl(const Tensor& grad_out,
@@ -149,7 +143,8 @@ std::tuple<Tensor, Tensor> fused_add_rms_norm_backward_impl(const Tensor& grad_o
                                                             const Tensor& residual_out, const OptTensor& weight,
                                                             double eps, std::array<bool, 2> output_mask) {
   check_fused_backward_inputs(grad_out, grad_residual_out, residual_out, weight, eps);
-  return rms_norm_backward(kFusedBackwardOp, grad_out, residual_out, weight, eps, output_mask, grad_residual_out);
+  return rms_norm_backward(kFusedBackwardOp, grad_out, residual_out, weight, eps, output_mask,
+                           contiguous_or_absent(grad_residual_out));
 }
 
 // ------------------------------------------------------------ Meta kernels
