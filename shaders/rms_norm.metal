@@ -1,43 +1,41 @@
-// RMSNorm over the last dimension, forward and backward.
-// One threadgroup per row; each thread reads N_READS consecutive elements per
-// pass; float accumulation for every element type.
+// RMSNorm over the last dimension, forward and backward, and
+// fused_add_rms_norm's forward (its backward is rms_norm_backward_input with
+// grad_residual_out added). One threadgroup per row; each thread reads
+// kNormReadsPerThread consecutive elements per pass; float accumulation for
+// every element type.
 #include <metal_stdlib>
+#include "norm.h"
 #include "reduce.h"
 using namespace metal;
 
-constant constexpr uint N_READS = 4;
-
-// has_weight: 0 or 1 (w is bound but unread when 0).
-// Rows that fit one pass (n <= threads * N_READS) keep x in registers.
+// Rows that fit one pass (cols <= threads * kNormReadsPerThread) keep x in
+// registers.
 template <typename T>
-kernel void rms_norm_forward(
-    device const T* x [[buffer(0)]],
-    device const T* w [[buffer(1)]],
-    device T* y [[buffer(2)]],
-    constant float& eps [[buffer(3)]],
-    constant uint& n [[buffer(4)]],
-    constant uint& has_weight [[buffer(5)]],
-    uint row [[threadgroup_position_in_grid]],
-    uint tid [[thread_position_in_threadgroup]],
-    uint simd_lane [[thread_index_in_simdgroup]],
-    uint simd_group [[simdgroup_index_in_threadgroup]],
-    uint simd_groups [[simdgroups_per_threadgroup]]) {
+kernel void rms_norm_forward(device const T* x [[buffer(0)]], device const T* w [[buffer(1)]],
+                             device T* y [[buffer(2)]], constant NormRowParams& p [[buffer(3)]],
+                             uint row [[threadgroup_position_in_grid]],
+                             uint tid [[thread_position_in_threadgroup]],
+                             uint simd_lane [[thread_index_in_simdgroup]],
+                             uint simd_group [[simdgroup_index_in_threadgroup]],
+                             uint simd_groups [[simdgroups_per_threadgroup]]) {
   threadgroup float partials[32];
+  const uint n = p.cols;
+  const bool has_weight = (p.flags & kNormHasWeight) != 0;
   const device T* xr = x + size_t(row) * n;
   device T* yr = y + size_t(row) * n;
-  const uint base = tid * N_READS;
+  const uint base = tid * kNormReadsPerThread;
 
-  float v[N_READS];
+  float v[kNormReadsPerThread];
   float sum_sq = 0.0f;
-  for (uint k = 0; k < N_READS; ++k) {
+  for (uint k = 0; k < kNormReadsPerThread; ++k) {
     v[k] = base + k < n ? float(xr[base + k]) : 0.0f;
     sum_sq += v[k] * v[k];
   }
   const float total = threadgroup_sum(sum_sq, partials, simd_lane, simd_group, simd_groups);
-  const float rstd = rsqrt(total / float(n) + eps);
-  for (uint k = 0; k < N_READS; ++k) {
+  const float rstd = rsqrt(total / float(n) + p.eps);
+  for (uint k = 0; k < kNormReadsPerThread; ++k) {
     if (base + k < n) {
-      const float scale = has_weight != 0 ? float(w[base + k]) : 1.0f;
+      const float scale = has_weight ? float(w[base + k]) : 1.0f;
       yr[base + k] = T(v[k] * rstd * scale);
     }
   }
@@ -45,27 +43,24 @@ kernel void rms_norm_forward(
 
 // Rows longer than one pass: accumulate over strided passes, then read x again.
 template <typename T>
-kernel void rms_norm_forward_looped(
-    device const T* x [[buffer(0)]],
-    device const T* w [[buffer(1)]],
-    device T* y [[buffer(2)]],
-    constant float& eps [[buffer(3)]],
-    constant uint& n [[buffer(4)]],
-    constant uint& has_weight [[buffer(5)]],
-    uint row [[threadgroup_position_in_grid]],
-    uint tid [[thread_position_in_threadgroup]],
-    uint threads [[threads_per_threadgroup]],
-    uint simd_lane [[thread_index_in_simdgroup]],
-    uint simd_group [[simdgroup_index_in_threadgroup]],
-    uint simd_groups [[simdgroups_per_threadgroup]]) {
+kernel void rms_norm_forward_looped(device const T* x [[buffer(0)]], device const T* w [[buffer(1)]],
+                                    device T* y [[buffer(2)]], constant NormRowParams& p [[buffer(3)]],
+                                    uint row [[threadgroup_position_in_grid]],
+                                    uint tid [[thread_position_in_threadgroup]],
+                                    uint threads [[threads_per_threadgroup]],
+                                    uint simd_lane [[thread_index_in_simdgroup]],
+                                    uint simd_group [[simdgroup_index_in_threadgroup]],
+                                    uint simd_groups [[simdgroups_per_threadgroup]]) {
   threadgroup float partials[32];
+  const uint n = p.cols;
+  const bool has_weight = (p.flags & kNormHasWeight) != 0;
   const device T* xr = x + size_t(row) * n;
   device T* yr = y + size_t(row) * n;
-  const uint stride = threads * N_READS;
+  const uint stride = threads * kNormReadsPerThread;
 
   float sum_sq = 0.0f;
-  for (uint base = tid * N_READS; base < n; base += stride) {
-    for (uint k = 0; k < N_READS; ++k) {
+  for (uint base = tid * kNormReadsPerThread; base < n; base += stride) {
+    for (uint k = 0; k < kNormReadsPerThread; ++k) {
       if (base + k < n) {
         const float v = float(xr[base + k]);
         sum_sq += v * v;
@@ -73,101 +68,95 @@ kernel void rms_norm_forward_looped(
     }
   }
   const float total = threadgroup_sum(sum_sq, partials, simd_lane, simd_group, simd_groups);
-  const float rstd = rsqrt(total / float(n) + eps);
-  for (uint base = tid * N_READS; base < n; base += stride) {
-    for (uint k = 0; k < N_READS; ++k) {
+  const float rstd = rsqrt(total / float(n) + p.eps);
+  for (uint base = tid * kNormReadsPerThread; base < n; base += stride) {
+    for (uint k = 0; k < kNormReadsPerThread; ++k) {
       if (base + k < n) {
-        const float scale = has_weight != 0 ? float(w[base + k]) : 1.0f;
+        const float scale = has_weight ? float(w[base + k]) : 1.0f;
         yr[base + k] = T(float(xr[base + k]) * rstd * scale);
       }
     }
   }
 }
 
-// grad_input = rstd * (g - x * rstd^2 * mean(g * x)), g = dy * w; also stores
-// the row's rstd for the grad_weight passes. flags: bit 0 has_weight, bit 1
-// write dx (dx is bound but unwritten otherwise), bit 2 add dx_add to dx
-// (fused_add_rms_norm's grad of residual_out).
+// grad_input = rstd * (g - x * rstd^2 * mean(g * x)) with g = grad_out * w,
+// plus grad_residual_out under kNormAddGradResidualOut; also stores the row's
+// rstd for the grad_weight kernels. Without kNormWantGradInput only rstd is
+// written.
 template <typename T>
-kernel void rms_norm_backward_input(
-    device const T* dy [[buffer(0)]],
-    device const T* x [[buffer(1)]],
-    device const T* w [[buffer(2)]],
-    device T* dx [[buffer(3)]],
-    device float* rstd_out [[buffer(4)]],
-    constant float& eps [[buffer(5)]],
-    constant uint& n [[buffer(6)]],
-    constant uint& flags [[buffer(7)]],
-    device const T* dx_add [[buffer(8)]],
-    uint row [[threadgroup_position_in_grid]],
-    uint tid [[thread_position_in_threadgroup]],
-    uint threads [[threads_per_threadgroup]],
-    uint simd_lane [[thread_index_in_simdgroup]],
-    uint simd_group [[simdgroup_index_in_threadgroup]],
-    uint simd_groups [[simdgroups_per_threadgroup]]) {
+kernel void rms_norm_backward_input(device const T* grad_out [[buffer(0)]], device const T* x [[buffer(1)]],
+                                    device const T* w [[buffer(2)]],
+                                    device const T* grad_residual_out [[buffer(3)]],
+                                    device T* grad_input [[buffer(4)]], device float* rstd_out [[buffer(5)]],
+                                    constant NormRowParams& p [[buffer(6)]],
+                                    uint row [[threadgroup_position_in_grid]],
+                                    uint tid [[thread_position_in_threadgroup]],
+                                    uint threads [[threads_per_threadgroup]],
+                                    uint simd_lane [[thread_index_in_simdgroup]],
+                                    uint simd_group [[simdgroup_index_in_threadgroup]],
+                                    uint simd_groups [[simdgroups_per_threadgroup]]) {
   threadgroup float2 partials[32];
-  const bool has_weight = (flags & 1u) != 0;
-  const bool write_dx = (flags & 2u) != 0;
-  const bool add_dx = (flags & 4u) != 0;
+  const uint n = p.cols;
+  const bool has_weight = (p.flags & kNormHasWeight) != 0;
+  const bool want_grad_input = (p.flags & kNormWantGradInput) != 0;
+  const bool add_grad_residual_out = (p.flags & kNormAddGradResidualOut) != 0;
   const size_t offset = size_t(row) * n;
-  const uint stride = threads * N_READS;
+  const uint stride = threads * kNormReadsPerThread;
 
   float2 acc = float2(0.0f);  // (sum x^2, sum g*x)
-  for (uint base = tid * N_READS; base < n; base += stride) {
-    for (uint k = 0; k < N_READS; ++k) {
+  for (uint base = tid * kNormReadsPerThread; base < n; base += stride) {
+    for (uint k = 0; k < kNormReadsPerThread; ++k) {
       const uint i = base + k;
       if (i < n) {
         const float xv = float(x[offset + i]);
-        const float g = float(dy[offset + i]) * (has_weight ? float(w[i]) : 1.0f);
+        const float g = float(grad_out[offset + i]) * (has_weight ? float(w[i]) : 1.0f);
         acc += float2(xv * xv, g * xv);
       }
     }
   }
   const float2 total = threadgroup_sum2(acc, partials, simd_lane, simd_group, simd_groups);
-  const float rstd = rsqrt(total.x / float(n) + eps);
+  const float rstd = rsqrt(total.x / float(n) + p.eps);
   if (tid == 0) {
     rstd_out[row] = rstd;
   }
-  if (!write_dx) {
+  if (!want_grad_input) {
     return;
   }
   const float coef = rstd * rstd * rstd * total.y / float(n);
-  for (uint base = tid * N_READS; base < n; base += stride) {
-    for (uint k = 0; k < N_READS; ++k) {
+  for (uint base = tid * kNormReadsPerThread; base < n; base += stride) {
+    for (uint k = 0; k < kNormReadsPerThread; ++k) {
       const uint i = base + k;
       if (i < n) {
-        const float g = float(dy[offset + i]) * (has_weight ? float(w[i]) : 1.0f);
-        const float extra = add_dx ? float(dx_add[offset + i]) : 0.0f;
-        dx[offset + i] = T(g * rstd - float(x[offset + i]) * coef + extra);
+        const float g = float(grad_out[offset + i]) * (has_weight ? float(w[i]) : 1.0f);
+        grad_input[offset + i] =
+            T(g * rstd - float(x[offset + i]) * coef +
+              (add_grad_residual_out ? float(grad_residual_out[offset + i]) : 0.0f));
       }
     }
   }
 }
 
-// residual_out = x + residual (rounded to T), out = rms_norm(residual_out).
+// residual_out = x + residual (rounded to T), y = rms_norm(residual_out).
 // Each thread re-reads only the elements it wrote itself: no barrier needed.
 template <typename T>
-kernel void fused_add_rms_norm_forward(
-    device const T* x [[buffer(0)]],
-    device const T* residual [[buffer(1)]],
-    device const T* w [[buffer(2)]],
-    device T* y [[buffer(3)]],
-    device T* residual_out [[buffer(4)]],
-    constant float& eps [[buffer(5)]],
-    constant uint& n [[buffer(6)]],
-    constant uint& has_weight [[buffer(7)]],
-    uint row [[threadgroup_position_in_grid]],
-    uint tid [[thread_position_in_threadgroup]],
-    uint threads [[threads_per_threadgroup]],
-    uint simd_lane [[thread_index_in_simdgroup]],
-    uint simd_group [[simdgroup_index_in_threadgroup]],
-    uint simd_groups [[simdgroups_per_threadgroup]]) {
+kernel void fused_add_rms_norm_forward(device const T* x [[buffer(0)]], device const T* residual [[buffer(1)]],
+                                       device const T* w [[buffer(2)]], device T* y [[buffer(3)]],
+                                       device T* residual_out [[buffer(4)]],
+                                       constant NormRowParams& p [[buffer(5)]],
+                                       uint row [[threadgroup_position_in_grid]],
+                                       uint tid [[thread_position_in_threadgroup]],
+                                       uint threads [[threads_per_threadgroup]],
+                                       uint simd_lane [[thread_index_in_simdgroup]],
+                                       uint simd_group [[simdgroup_index_in_threadgroup]],
+                                       uint simd_groups [[simdgroups_per_threadgroup]]) {
   threadgroup float partials[32];
+  const uint n = p.cols;
+  const bool has_weight = (p.flags & kNormHasWeight) != 0;
   const size_t offset = size_t(row) * n;
-  const uint stride = threads * N_READS;
+  const uint stride = threads * kNormReadsPerThread;
   float sum_sq = 0.0f;
-  for (uint base = tid * N_READS; base < n; base += stride) {
-    for (uint k = 0; k < N_READS; ++k) {
+  for (uint base = tid * kNormReadsPerThread; base < n; base += stride) {
+    for (uint k = 0; k < kNormReadsPerThread; ++k) {
       const uint i = base + k;
       if (i < n) {
         const T h = T(float(x[offset + i]) + float(residual[offset + i]));
@@ -177,76 +166,57 @@ kernel void fused_add_rms_norm_forward(
     }
   }
   const float total = threadgroup_sum(sum_sq, partials, simd_lane, simd_group, simd_groups);
-  const float rstd = rsqrt(total / float(n) + eps);
-  for (uint base = tid * N_READS; base < n; base += stride) {
-    for (uint k = 0; k < N_READS; ++k) {
+  const float rstd = rsqrt(total / float(n) + p.eps);
+  for (uint base = tid * kNormReadsPerThread; base < n; base += stride) {
+    for (uint k = 0; k < kNormReadsPerThread; ++k) {
       const uint i = base + k;
       if (i < n) {
-        const float scale = has_weight != 0 ? float(w[i]) : 1.0f;
+        const float scale = has_weight ? float(w[i]) : 1.0f;
         y[offset + i] = T(float(residual_out[offset + i]) * rstd * scale);
       }
     }
   }
 }
 
-// partial[chunk, col] = sum over the chunk's rows of dy * x * rstd.
-// Non-uniform grid (n, chunks): adjacent threads read adjacent columns.
+// partial[chunk, col] = sum over the chunk's rows of grad_out * x * rstd.
+// Non-uniform grid (cols, chunks): adjacent threads read adjacent columns.
 template <typename T>
-kernel void rms_norm_backward_weight_partial(
-    device const T* dy [[buffer(0)]],
-    device const T* x [[buffer(1)]],
-    device const float* rstd [[buffer(2)]],
-    device float* partial [[buffer(3)]],
-    constant uint& n [[buffer(4)]],
-    constant uint& rows [[buffer(5)]],
-    constant uint& rows_per_chunk [[buffer(6)]],
-    uint2 pos [[thread_position_in_grid]]) {
+kernel void rms_norm_backward_weight_partial(device const T* grad_out [[buffer(0)]], device const T* x [[buffer(1)]],
+                                             device const float* rstd [[buffer(2)]],
+                                             device float* partial [[buffer(3)]],
+                                             constant NormColumnParams& p [[buffer(4)]],
+                                             uint2 pos [[thread_position_in_grid]]) {
   const uint col = pos.x;
   const uint chunk = pos.y;
-  const uint row_end = min(rows, (chunk + 1) * rows_per_chunk);
+  const uint row_end = min(p.rows, (chunk + 1) * p.rows_per_chunk);
   float acc = 0.0f;
-  for (uint r = chunk * rows_per_chunk; r < row_end; ++r) {
-    const size_t i = size_t(r) * n + col;
-    acc += float(dy[i]) * float(x[i]) * rstd[r];
+  for (uint r = chunk * p.rows_per_chunk; r < row_end; ++r) {
+    const size_t i = size_t(r) * p.cols + col;
+    acc += float(grad_out[i]) * float(x[i]) * rstd[r];
   }
-  partial[size_t(chunk) * n + col] = acc;
+  partial[size_t(chunk) * p.cols + col] = acc;
 }
 
-// dw[col] = sum over chunks of partial[chunk, col].
+// grad_weight[col] = sum over chunks of partial[chunk, col].
 template <typename T>
-kernel void rms_norm_backward_weight_reduce(
-    device const float* partial [[buffer(0)]],
-    device T* dw [[buffer(1)]],
-    constant uint& n [[buffer(2)]],
-    constant uint& chunks [[buffer(3)]],
-    uint col [[thread_position_in_grid]]) {
+kernel void rms_norm_backward_weight_reduce(device const float* partial [[buffer(0)]],
+                                            device T* grad_weight [[buffer(1)]],
+                                            constant NormColumnParams& p [[buffer(2)]],
+                                            uint col [[thread_position_in_grid]]) {
   float acc = 0.0f;
-  for (uint c = 0; c < chunks; ++c) {
-    acc += partial[size_t(c) * n + col];
+  for (uint c = 0; c < p.chunks; ++c) {
+    acc += partial[size_t(c) * p.cols + col];
   }
-  dw[col] = T(acc);
+  grad_weight[col] = T(acc);
 }
 
-#define INSTANTIATE_RMS_NORM(T)                                                                      \
-  template [[host_name("rms_norm_forward_" #T)]] kernel void rms_norm_forward<T>(                   \
-      device const T*, device const T*, device T*, constant float&, constant uint&, constant uint&, \
-      uint, uint, uint, uint, uint);                                                                 \
-  template [[host_name("rms_norm_forward_looped_" #T)]] kernel void rms_norm_forward_looped<T>(     \
-      device const T*, device const T*, device T*, constant float&, constant uint&, constant uint&, \
-      uint, uint, uint, uint, uint, uint);                                                           \
-  template [[host_name("rms_norm_backward_input_" #T)]] kernel void rms_norm_backward_input<T>(     \
-      device const T*, device const T*, device const T*, device T*, device float*, constant float&, \
-      constant uint&, constant uint&, device const T*, uint, uint, uint, uint, uint, uint);          \
-  template [[host_name("fused_add_rms_norm_forward_" #T)]] kernel void fused_add_rms_norm_forward<T>( \
-      device const T*, device const T*, device const T*, device T*, device T*, constant float&,     \
-      constant uint&, constant uint&, uint, uint, uint, uint, uint, uint);                           \
-  template [[host_name("rms_norm_backward_weight_partial_" #T)]] kernel void                         \
-  rms_norm_backward_weight_partial<T>(device const T*, device const T*, device const float*,        \
-                                      device float*, constant uint&, constant uint&, constant uint&, \
-                                      uint2);                                                        \
-  template [[host_name("rms_norm_backward_weight_reduce_" #T)]] kernel void                          \
-  rms_norm_backward_weight_reduce<T>(device const float*, device T*, constant uint&, constant uint&, \
-                                     uint);
+#define INSTANTIATE_RMS_NORM(T)                                         \
+  MY_MPS_OPS_INSTANTIATE_KERNEL(rms_norm_forward, T)                   \
+  MY_MPS_OPS_INSTANTIATE_KERNEL(rms_norm_forward_looped, T)            \
+  MY_MPS_OPS_INSTANTIATE_KERNEL(rms_norm_backward_input, T)            \
+  MY_MPS_OPS_INSTANTIATE_KERNEL(fused_add_rms_norm_forward, T)         \
+  MY_MPS_OPS_INSTANTIATE_KERNEL(rms_norm_backward_weight_partial, T)   \
+  MY_MPS_OPS_INSTANTIATE_KERNEL(rms_norm_backward_weight_reduce, T)
 
 INSTANTIATE_RMS_NORM(float)
 INSTANTIATE_RMS_NORM(half)

@@ -26,6 +26,21 @@
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// Functions defined between these two are not compiled with fused
+// multiply-adds (a * b + c rounded once) even in copies whose target has FMA,
+// so their results are the same in every copy: for the float64 loops, which
+// gradcheck and the tests across copies compare exactly. Under GCC the
+// setting belongs to the function a loop ends up in after inlining, so such
+// functions are called only from each other or through at::parallel_for and
+// cpu/parallel.h (baseline code, which cannot inline a copy's function).
+#if defined(__clang__)
+#define MY_MPS_OPS_NO_FP_CONTRACT_BEGIN _Pragma("float_control(push)") _Pragma("clang fp contract(off)")
+#define MY_MPS_OPS_NO_FP_CONTRACT_END _Pragma("float_control(pop)")
+#else
+#define MY_MPS_OPS_NO_FP_CONTRACT_BEGIN _Pragma("GCC push_options") _Pragma("GCC optimize(\"fp-contract=off\")")
+#define MY_MPS_OPS_NO_FP_CONTRACT_END _Pragma("GCC pop_options")
+#endif
+
 // Vector types: used where auto-vectorisation of lane arrays fails
 // (reductions with a max, the exp of a reduction). Loops are templates on the
 // vector type V and are instantiated with the Vec of their copy.
