@@ -46,8 +46,7 @@ uint32_t row_threads(const PipelineInfo& info, int64_t cols) {
 
 // One threadgroup of row_threads per row.
 void run_per_row(Executor& executor, Launch& launch, const NormRows& shape) {
-  const uint32_t threads = row_threads(executor.pipeline_info(launch.library, launch.kernel), shape.cols);
-  launch.dispatch_threadgroups({uint64_t(shape.rows), 1, 1}, {threads, 1, 1});
+  dispatch_row_threadgroups(launch, executor, uint64_t(shape.rows), shape.cols, kNormReadsPerThread);
   executor.run(launch);
 }
 
