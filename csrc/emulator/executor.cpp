@@ -44,6 +44,8 @@ struct EmulatedLibrary {
   int32_t count = 0;
   mtl_emu_run_fn run = nullptr;
   mtl_emu_current_fn current = nullptr;
+  mtl_emu_race_begin_fn race_begin = nullptr;  // race-check libraries only
+  mtl_emu_race_end_fn race_end = nullptr;
 
   const mtl_emu_kernel& kernel(const std::string& library, const std::string& name) const {
     for (int32_t i = 0; i < count; ++i)
@@ -332,6 +334,7 @@ class Emulator final : public Executor {
     std::lock_guard<std::mutex> launch_lock(g_launch_mutex);
     for (auto& r : regions) r->allocate();
     for (const PendingBuffer& b : pending) L.buffers[b.index] = b.region->data + b.offset;
+    if (lib->race_begin) lib->race_begin(&L, bound_bytes);
 
     FaultState fault;
     for (auto& r : regions) fault.regions.push_back(r.get());
@@ -368,6 +371,7 @@ class Emulator final : public Executor {
       });
       g_fault = nullptr;
     }
+    if (lib->race_end) lib->race_end(&L);
     if (fault.faulted) {
       // The worker that faulted left its lanes mid-flight: the next run on it
       // abandons them (see metal_runtime.cpp).
@@ -402,6 +406,8 @@ void emulator_register_library(const std::string& library, const std::string& so
   auto kernels = reinterpret_cast<mtl_emu_kernels_fn>(dlsym(lib->handle, "mtl_emu_kernels"));
   lib->run = reinterpret_cast<mtl_emu_run_fn>(dlsym(lib->handle, "mtl_emu_run"));
   lib->current = reinterpret_cast<mtl_emu_current_fn>(dlsym(lib->handle, "mtl_emu_current"));
+  lib->race_begin = reinterpret_cast<mtl_emu_race_begin_fn>(dlsym(lib->handle, "mtl_emu_race_begin"));
+  lib->race_end = reinterpret_cast<mtl_emu_race_end_fn>(dlsym(lib->handle, "mtl_emu_race_end"));
   TORCH_CHECK(kernels && lib->run && lib->current, "Metal emulator: ", so_path, " is not an emulator library");
   int32_t abi = 0;
   lib->kernels = kernels(&lib->count, &abi);

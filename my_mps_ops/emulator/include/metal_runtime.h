@@ -27,12 +27,16 @@ struct SimdExchange {
   uint32_t lane;               // the calling lane
 };
 
-// Scheduler entry points (metal_runtime.cpp).
-void sync_barrier(unsigned line, const char* file);
+// Scheduler entry points (metal_runtime.cpp). `flags` are the barrier's mem_flags.
+void sync_barrier(unsigned flags, unsigned line, const char* file);
+void simd_barrier(unsigned flags, unsigned line, const char* file);
 SimdExchange simd_exchange(const void* value, size_t bytes, unsigned line, const char* file);
 void note_inactive_lane_read(unsigned line, const char* file, unsigned lane, unsigned src);
 unsigned char* threadgroup_static_base(int site);
 unsigned char* threadgroup_dynamic_base(int index);
+// Names of a kernel's `threadgroup T name[N];` declarations by site, null-terminated
+// (defined in every translated shader, next to its kernel table).
+const char* const* threadgroup_names(const mtl_emu_kernel* kernel);
 
 // `threadgroup T x[N];` in a kernel becomes `auto& x = *threadgroup_static<T[N]>(site)`.
 template <class T>
@@ -182,9 +186,11 @@ namespace metal {
 
 #define MTL_EMU_SITE unsigned __line = __builtin_LINE(), const char* __file = __builtin_FILE()
 
-inline void threadgroup_barrier(mem_flags = mem_flags::mem_none, MTL_EMU_SITE) { __mtl::sync_barrier(__line, __file); }
-inline void simdgroup_barrier(mem_flags = mem_flags::mem_none, MTL_EMU_SITE) {
-  (void)__mtl::simd_exchange(nullptr, 0, __line, __file);
+inline void threadgroup_barrier(mem_flags flags = mem_flags::mem_none, MTL_EMU_SITE) {
+  __mtl::sync_barrier(unsigned(flags), __line, __file);
+}
+inline void simdgroup_barrier(mem_flags flags = mem_flags::mem_none, MTL_EMU_SITE) {
+  __mtl::simd_barrier(unsigned(flags), __line, __file);
 }
 
 template <class T>

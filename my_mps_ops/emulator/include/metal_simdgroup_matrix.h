@@ -13,6 +13,10 @@
 // with one all-gather. Both hooks come from the runtime (metal_runtime.h), declared weak here so
 // that kernels which never call thread_elements() do not depend on them.
 //
+// Under the race check (MTL_EMU_RACE_CHECK) each lane's load and store is recorded for its own
+// two elements only, the accesses the hardware makes for that lane; the whole-matrix copies every
+// lane makes here are left out of the check.
+//
 // Products are accumulated in float (double for double) and rounded once to the destination's
 // element type; for half and bfloat that is at least as accurate as the hardware, whose internal
 // accumulation precision Apple does not document. Element types may be mixed (float accumulator,
@@ -28,6 +32,10 @@ namespace __mtl {
 // the lanes of the SIMD group (lane i's `bytes` bytes from `mine` land at all + i * bytes).
 __attribute__((weak)) unsigned short simdgroup_lane_id();
 __attribute__((weak)) void simdgroup_allgather(const void* mine, void* all, unsigned long bytes);
+#ifdef MTL_EMU_RACE_CHECK
+// Records an access for the race check (metal_race_check.cpp).
+void race_record(const void* address, size_t bytes, bool write);
+#endif
 
 // (row, first column) of the two elements lane `lane` holds in an 8x8 simdgroup_matrix.
 inline void simdgroup_matrix_lane_position(unsigned lane, int& row, int& col) {
@@ -43,6 +51,12 @@ template <class F> inline bool hook_defined(F* f) { return f != nullptr; }
   __builtin_abort();
 }
 }  // namespace __mtl
+
+#ifdef MTL_EMU_RACE_CHECK
+#define MTL_EMU_UNCHECKED __attribute__((no_sanitize("thread")))
+#else
+#define MTL_EMU_UNCHECKED
+#endif
 
 namespace metal {
 
@@ -128,27 +142,46 @@ namespace simdgroup_detail {
 inline ulong element_offset(ulong r, ulong c, ulong elements_per_row, ulong2 origin, bool transpose) {
   return transpose ? (origin.x + c) * elements_per_row + (origin.y + r) : (origin.y + r) * elements_per_row + (origin.x + c);
 }
+
+#ifdef MTL_EMU_RACE_CHECK
+// The calling lane's two elements, as the hardware accesses them.
+template <class U>
+inline void record_lane_elements(const U* base, ulong elements_per_row, ulong2 origin, bool transpose, bool write) {
+  if (!__mtl::hook_defined(&__mtl::simdgroup_lane_id)) return;
+  int r, c;
+  __mtl::simdgroup_matrix_lane_position(__mtl::simdgroup_lane_id(), r, c);
+  for (int k = 0; k < 2; ++k)
+    __mtl::race_record(base + element_offset(ulong(r), ulong(c + k), elements_per_row, origin, transpose), sizeof(U),
+                       write);
+}
+#endif
 }  // namespace simdgroup_detail
 
 template <class T, int Cols, int Rows, class U>
-inline void simdgroup_load(simdgroup_matrix<T, Cols, Rows>& d, const U* src, ulong elements_per_row = Cols,
+MTL_EMU_UNCHECKED inline void simdgroup_load(simdgroup_matrix<T, Cols, Rows>& d, const U* src, ulong elements_per_row = Cols,
                            ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
   for (int r = 0; r < Rows; ++r)
     for (int c = 0; c < Cols; ++c)
       d.__elements[r][c] =
           T(src[simdgroup_detail::element_offset(ulong(r), ulong(c), elements_per_row, matrix_origin, transpose_matrix)]);
   d.__fragmented = false;
+#ifdef MTL_EMU_RACE_CHECK
+  simdgroup_detail::record_lane_elements(src, elements_per_row, matrix_origin, transpose_matrix, false);
+#endif
 }
 
 // The inverse of simdgroup_load with the same arguments.
 template <class T, int Cols, int Rows, class U>
-inline void simdgroup_store(const simdgroup_matrix<T, Cols, Rows>& a_, U* dst, ulong elements_per_row = Cols,
+MTL_EMU_UNCHECKED inline void simdgroup_store(const simdgroup_matrix<T, Cols, Rows>& a_, U* dst, ulong elements_per_row = Cols,
                             ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
   const simdgroup_matrix<T, Cols, Rows>& a = a_.__fragmented ? simdgroup_detail::whole(a_) : a_;
   for (int r = 0; r < Rows; ++r)
     for (int c = 0; c < Cols; ++c)
       dst[simdgroup_detail::element_offset(ulong(r), ulong(c), elements_per_row, matrix_origin, transpose_matrix)] =
           U(a.__elements[r][c]);
+#ifdef MTL_EMU_RACE_CHECK
+  simdgroup_detail::record_lane_elements(dst, elements_per_row, matrix_origin, transpose_matrix, true);
+#endif
 }
 
 // d = a * b + c
