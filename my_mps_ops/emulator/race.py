@@ -6,7 +6,9 @@ answer here and a wrong one, now and then, on a GPU. Two tools show it:
 
 ``race_check()`` (or ``MY_MPS_OPS_EMULATOR_RACE_CHECK=1``): kernels run from
 libraries built with the race check (unoptimised, every threadgroup- and
-device-memory access recorded; several times slower). A run that has two
+device-memory access recorded: roughly 10x slower with barriers, 50x for a
+plain elementwise kernel, and 84 bytes of shadow memory per buffer byte the
+kernel touches). A run that has two
 threads access the same bytes, at least one writing and not both atomically,
 with nothing ordering them, raises RuntimeError naming the class, the kernel,
 the buffer or threadgroup array, the byte offset, both threads and both

@@ -225,3 +225,80 @@ def test_schedules_change_an_order_dependent_kernel_only(lib):
     with pytest.raises(ValueError, match="unknown schedule"):
         with schedule("sideways"):
             pass
+
+
+# ------------------------------------------------------ shipped shaders
+
+def _inputs(dtype, *shapes, grad=True):
+    gen = torch.Generator().manual_seed(len(shapes) * 7 + sum(map(len, shapes)))
+    return [torch.randn(*s, generator=gen, dtype=torch.float32).to(dtype).requires_grad_(grad) for s in shapes]
+
+
+def _rms_norm(dtype):
+    import my_mps_ops
+
+    x, w = _inputs(dtype, (3, 37), (37,))
+    xl, wl = _inputs(dtype, (2, 4100), (4100,))  # longer than one pass of a threadgroup: the looped kernel
+    return [x, w, xl, wl], [my_mps_ops.rms_norm(x, w), my_mps_ops.rms_norm(xl, wl)]
+
+
+def _fused_add_rms_norm(dtype):
+    import my_mps_ops
+
+    x, r, w = _inputs(dtype, (3, 37), (3, 37), (37,))
+    return [x, r, w], list(my_mps_ops.fused_add_rms_norm(x, r, w))
+
+
+def _layer_norm(dtype):
+    import my_mps_ops
+
+    x, w, b = _inputs(dtype, (3, 37), (37,), (37,))
+    return [x, w, b], [my_mps_ops.layer_norm(x, w, b)]
+
+
+def _glu(dtype):
+    import my_mps_ops
+
+    g, u = _inputs(dtype, (3, 37), (3, 37))
+    return [g, u], [my_mps_ops.swiglu(g, u), my_mps_ops.geglu(g, u), my_mps_ops.geglu(g, u, "tanh")]
+
+
+def _cross_entropy(dtype):
+    import my_mps_ops
+
+    (logits,) = _inputs(dtype, (5, 37))
+    target = torch.tensor([3, 0, -100, 36, 11])
+    return [logits], [my_mps_ops.cross_entropy(logits, target, label_smoothing=0.1)]
+
+
+def _flash_attention(dtype):
+    import my_mps_ops
+
+    q, k, v = _inputs(dtype, (1, 2, 37, 32), (1, 1, 29, 32), (1, 1, 29, 32))  # grouped-query, odd lengths
+    return [q, k, v], [my_mps_ops.flash_attention(q, k, v, causal) for causal in (False, True)]
+
+
+def _rotary(dtype):
+    import my_mps_ops
+
+    x, q, k = _inputs(dtype, (1, 7, 2, 16), (1, 7, 4, 16), (1, 7, 2, 16))
+    cos, sin = _inputs(dtype, (7, 6), (7, 6), grad=False)  # partial rotary: 12 of 16
+    outs = [my_mps_ops.rotary_embedding(x, cos, sin, interleaved) for interleaved in (False, True)]
+    return [x, q, k], outs + list(my_mps_ops.rotary_embedding_qk(q, k, cos, sin))
+
+
+SHIPPED = [_rms_norm, _fused_add_rms_norm, _layer_norm, _glu, _cross_entropy, _flash_attention, _rotary]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("case", SHIPPED, ids=[f.__name__[1:] for f in SHIPPED])
+def test_shipped_shaders_run_clean(case, dtype):
+    from my_mps_ops.testing import load_embedded_shaders, metal_emulation
+
+    with race_check(), metal_emulation():
+        assert all("-race-" in path for path in load_embedded_shaders().values())
+        inputs, outputs = case(dtype)
+        loss = sum((o.float() * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outputs)
+        loss.backward()
+    for t in outputs + [i.grad for i in inputs]:
+        assert t is not None and torch.isfinite(t.float()).all()

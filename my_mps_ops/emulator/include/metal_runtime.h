@@ -55,7 +55,7 @@ inline size_t threadgroup_place(size_t total, size_t* offsets, int site) {
 
 // ---------------------------------------------------------------- builtins
 
-inline void builtin_value(const mtl_emu_launch* L, const mtl_emu_lane* lane, int which, uint32_t v[3]) {
+MTL_EMU_UNCHECKED inline void builtin_value(const mtl_emu_launch* L, const mtl_emu_lane* lane, int which, uint32_t v[3]) {
   v[1] = v[2] = 0;
   switch (which) {
     case MTL_EMU_THREAD_POSITION_IN_GRID:
@@ -136,7 +136,7 @@ inline void invoke_kernel(const mtl_emu_param* params, const mtl_emu_launch* L, 
 // ------------------------------------------------------ SIMD-group helpers
 
 template <class T>
-inline T slot_value(const SimdExchange& ex, unsigned src) {
+MTL_EMU_UNCHECKED inline T slot_value(const SimdExchange& ex, unsigned src) {
   T v;
   std::memcpy(&v, ex.slots + size_t(src) * kSimdSlotBytes, sizeof(T));
   return v;
@@ -161,7 +161,7 @@ inline T read_lane(const SimdExchange& ex, const T& own, unsigned src, unsigned 
 }
 
 template <class T, class Op>
-inline T reduce_lanes(const SimdExchange& ex, Op op) {
+MTL_EMU_UNCHECKED inline T reduce_lanes(const SimdExchange& ex, Op op) {
   // Pairwise tree over the active lanes, like the hardware's reduction order.
   T vals[kSimdWidth];
   int n = 0;
@@ -173,7 +173,7 @@ inline T reduce_lanes(const SimdExchange& ex, Op op) {
 }
 
 template <class T, class Op>
-inline T prefix_lanes(const SimdExchange& ex, Op op, T identity, bool inclusive) {
+MTL_EMU_UNCHECKED inline T prefix_lanes(const SimdExchange& ex, Op op, T identity, bool inclusive) {
   T acc = identity;
   for (unsigned i = 0; i < ex.lane; ++i)
     if ((ex.active >> i) & 1u) acc = op(acc, slot_value<T>(ex, i));

@@ -15,7 +15,7 @@
 //
 // Under the race check (MTL_EMU_RACE_CHECK) each lane's load and store is recorded for its own
 // two elements only, the accesses the hardware makes for that lane; the whole-matrix copies every
-// lane makes here are left out of the check.
+// lane makes here are left out of the check, and so is the arithmetic on matrices (thread memory).
 //
 // Products are accumulated in float (double for double) and rounded once to the destination's
 // element type; for half and bfloat that is at least as accurate as the hardware, whose internal
@@ -52,12 +52,6 @@ template <class F> inline bool hook_defined(F* f) { return f != nullptr; }
 }
 }  // namespace __mtl
 
-#ifdef MTL_EMU_RACE_CHECK
-#define MTL_EMU_UNCHECKED __attribute__((no_sanitize("thread")))
-#else
-#define MTL_EMU_UNCHECKED
-#endif
-
 namespace metal {
 
 template <class T, int Cols, int Rows> struct simdgroup_matrix {
@@ -65,25 +59,25 @@ template <class T, int Cols, int Rows> struct simdgroup_matrix {
   T __elements[Rows][Cols];  // row-major: __elements[row][column]
   bool __fragmented;         // lanes wrote their own elements only (see thread_elements)
 
-  simdgroup_matrix() : __fragmented(false) {}
+  MTL_EMU_UNCHECKED simdgroup_matrix() : __fragmented(false) {}
   // Metal: "creates a diagonal matrix with the given value" (zero elsewhere).
-  template <class S, std::enable_if_t<__mtl::is_scalar_v<S>, int> = 0> simdgroup_matrix(S diagonal) : __fragmented(false) {
+  template <class S, std::enable_if_t<__mtl::is_scalar_v<S>, int> = 0> MTL_EMU_UNCHECKED simdgroup_matrix(S diagonal) : __fragmented(false) {
     for (int r = 0; r < Rows; ++r)
       for (int c = 0; c < Cols; ++c) __elements[r][c] = r == c ? T(diagonal) : T(0);
   }
 
   // The calling lane's two elements, as a 2-vector reference (they are adjacent in a row).
-  vec<T, 2, true>& thread_elements() {
+  MTL_EMU_UNCHECKED vec<T, 2, true>& thread_elements() {
     __fragmented = true;  // the caller may write through the reference
     return *reinterpret_cast<vec<T, 2, true>*>(&__lane_element());
   }
-  vec<T, 2> thread_elements() const {
+  MTL_EMU_UNCHECKED vec<T, 2> thread_elements() const {
     const T* e = &const_cast<simdgroup_matrix*>(this)->__lane_element();
     return vec<T, 2>(e[0], e[1]);
   }
 
   // Makes every lane's copy whole again after thread_elements() writes (one all-gather).
-  void __make_whole() {
+  MTL_EMU_UNCHECKED void __make_whole() {
     if (!__fragmented) return;
     if (!__mtl::hook_defined(&__mtl::simdgroup_allgather)) __mtl::simdgroup_matrix_missing_hook();
     T mine[2];
@@ -101,7 +95,7 @@ template <class T, int Cols, int Rows> struct simdgroup_matrix {
     __fragmented = false;
   }
 
-  T& __lane_element() {
+  MTL_EMU_UNCHECKED T& __lane_element() {
     if (!__mtl::hook_defined(&__mtl::simdgroup_lane_id)) __mtl::simdgroup_matrix_missing_hook();
     int r, c;
     __mtl::simdgroup_matrix_lane_position(__mtl::simdgroup_lane_id(), r, c);
@@ -111,7 +105,7 @@ template <class T, int Cols, int Rows> struct simdgroup_matrix {
 
 namespace simdgroup_detail {
 // The matrix itself when whole, else a whole copy (operands are taken by const reference).
-template <class T, int C, int R> inline simdgroup_matrix<T, C, R> whole(const simdgroup_matrix<T, C, R>& m) {
+template <class T, int C, int R> MTL_EMU_UNCHECKED inline simdgroup_matrix<T, C, R> whole(const simdgroup_matrix<T, C, R>& m) {
   simdgroup_matrix<T, C, R> copy = m;
   copy.__make_whole();
   return copy;
@@ -122,7 +116,7 @@ typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
 typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
 
 template <class T, int Cols, int Rows>
-inline simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(__mtl::type_identity_t<T> value) {
+MTL_EMU_UNCHECKED inline simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(__mtl::type_identity_t<T> value) {
   simdgroup_matrix<T, Cols, Rows> m;
   for (int r = 0; r < Rows; ++r)
     for (int c = 0; c < Cols; ++c) m.__elements[r][c] = value;
@@ -186,7 +180,7 @@ MTL_EMU_UNCHECKED inline void simdgroup_store(const simdgroup_matrix<T, Cols, Ro
 
 // d = a * b + c
 template <class TD, class TA, class TB, class TC, int Cols, int Rows, int K>
-inline void simdgroup_multiply_accumulate(simdgroup_matrix<TD, Cols, Rows>& d, const simdgroup_matrix<TA, K, Rows>& a_,
+MTL_EMU_UNCHECKED inline void simdgroup_multiply_accumulate(simdgroup_matrix<TD, Cols, Rows>& d, const simdgroup_matrix<TA, K, Rows>& a_,
                                           const simdgroup_matrix<TB, Cols, K>& b_,
                                           const simdgroup_matrix<TC, Cols, Rows>& c_) {
   if (a_.__fragmented || b_.__fragmented || c_.__fragmented) {
@@ -209,7 +203,7 @@ inline void simdgroup_multiply_accumulate(simdgroup_matrix<TD, Cols, Rows>& d, c
 
 // d = a * b
 template <class TD, class TA, class TB, int Cols, int Rows, int K>
-inline void simdgroup_multiply(simdgroup_matrix<TD, Cols, Rows>& d, const simdgroup_matrix<TA, K, Rows>& a_,
+MTL_EMU_UNCHECKED inline void simdgroup_multiply(simdgroup_matrix<TD, Cols, Rows>& d, const simdgroup_matrix<TA, K, Rows>& a_,
                                const simdgroup_matrix<TB, Cols, K>& b_) {
   if (a_.__fragmented || b_.__fragmented) {
     simdgroup_multiply(d, simdgroup_detail::whole(a_), simdgroup_detail::whole(b_));
