@@ -1,4 +1,5 @@
-"""Build my_mps_ops: one C++ extension, plus Objective-C++ and Metal on macOS.
+"""Build my_mps_ops: two C++ extensions, _C (the ops; plus Objective-C++ and
+Metal on macOS) and _emulator (the Metal emulator's executor).
 
 The shaders/*.metal files are embedded into the binary as source strings with
 their `#include "..."` lines resolved (generated into build/generated/ on
@@ -170,32 +171,40 @@ def _macos_openmp():
     return ["-Xclang", "-fopenmp"], ["-L" + lib_dir, "-lomp", "-Wl,-rpath," + lib_dir]
 
 
-def extension():
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/emulator/*.cpp") + glob.glob("csrc/ops/*.cpp") +
-                     glob.glob("csrc/metal/*.cpp") +
-                     [p for p in glob.glob("csrc/cpu/*.cpp") if not p.endswith("_kernels.cpp")])
-    sources += [os.path.relpath(p, ROOT) for p in generate_cpu_copies()]
-    sources.append(os.path.relpath(generate_embedded_shaders(), ROOT))
+def _common_flags():
+    """(compile flags, link flags) shared by both extension modules: the Metal
+    launch types (csrc/metal/launch.h) cross between them, so both compile them
+    alike, and both fan out at::parallel_for."""
     # No errno or FP-trap side effects from math: lets the CPU loops vectorise
     # (IEEE results unchanged; this is not -ffast-math).
     cxx_flags = ["-O3", _cxx_std(), "-fvisibility=hidden", "-fno-math-errno", "-fno-trapping-math"]
+    link_flags = []
     if not IS_MACOS:
         # GCC notes that AVX vector arguments change the ABI; ours only pass
         # between always_inline functions, so no call ever uses that ABI.
         cxx_flags += ["-Wno-psabi"]
-    extra_link = []
-    define_macros = []
     if not IS_MACOS and _torch_uses_openmp():
         # at::parallel_for is an inline template that only fans out when the
         # including file is compiled with OpenMP; without this flag every CPU
         # kernel runs on one thread. libgomp resolves to the copy torch loads.
         cxx_flags += ["-fopenmp"]
-        extra_link += ["-fopenmp"]
+        link_flags += ["-fopenmp"]
     if IS_MACOS and _macos_openmp() is not None:
         # As above; without it the CPU kernels run single-threaded on macOS.
         omp_compile, omp_link = _macos_openmp()
         cxx_flags += omp_compile
-        extra_link += omp_link
+        link_flags += omp_link
+    return cxx_flags, link_flags
+
+
+def native_extension():
+    """my_mps_ops._C: the operators and their CPU, Metal (MPS) and Meta kernels."""
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/metal/*.cpp") +
+                     [p for p in glob.glob("csrc/cpu/*.cpp") if not p.endswith("_kernels.cpp")])
+    sources += [os.path.relpath(p, ROOT) for p in generate_cpu_copies()]
+    sources.append(os.path.relpath(generate_embedded_shaders(), ROOT))
+    cxx_flags, extra_link = _common_flags()
+    define_macros = []
     if IS_MACOS:
         sources += sorted(glob.glob("csrc/metal/*.mm"))
         # PyTorch's MPS headers use manual retain/release: no ARC.
@@ -207,8 +216,23 @@ def extension():
         sources=sources,
         # csrc/ for the C++ sources; the root for the host/shader shared headers
         # (#include "shaders/include/<family>.h").
-        include_dirs=[os.path.join(ROOT, "csrc"), ROOT, os.path.join(ROOT, "my_mps_ops", "emulator", "include")],
+        include_dirs=[os.path.join(ROOT, "csrc"), ROOT],
         define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=extra_link,
+    )
+
+
+def emulator_extension():
+    """my_mps_ops._emulator: the Metal emulator's executor, which loads kernel
+    libraries (dlopen) and reports faults (signal handlers); _C takes it as the
+    executor for cpu tensors when my_mps_ops.emulator is imported."""
+    cxx_flags, extra_link = _common_flags()
+    return CppExtension(
+        name="my_mps_ops._emulator",
+        sources=sorted(glob.glob("my_mps_ops/emulator/host/*.cpp")),
+        # csrc/ for metal/launch.h; the emulator's include/ for its kernel-library ABI.
+        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "my_mps_ops", "emulator", "include")],
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=extra_link,
     )
@@ -222,7 +246,7 @@ setup(
     package_data={"my_mps_ops": ["emulator/include/*.h", "emulator/include/*.cpp"]},
     python_requires=">=3.9",
     install_requires=[f"torch>={MIN_TORCH}"],
-    ext_modules=[extension()],
+    ext_modules=[native_extension(), emulator_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
 )

@@ -6,6 +6,10 @@ import contextlib
 import threading
 
 from . import _C
+from . import emulator  # noqa: F401  registers the emulator as the executor for cpu tensors
+from ._emulator import register_library
+from .emulator.build import build
+from .emulator.race import race_check_enabled
 
 _lock = threading.Lock()
 _loaded = {}  # name -> registered library path
@@ -15,16 +19,13 @@ _built = {}  # (name, race check) -> library path
 def load_embedded_shaders() -> dict:
     """Builds (cached on disk) and registers every shader compiled into this build,
     with the race check when my_mps_ops.emulator.race_check() is in force."""
-    from .emulator.build import build
-    from .emulator.race import race_check_enabled
-
     race = race_check_enabled()
     with _lock:
         for name, source in _C.embedded_shaders().items():
             if (name, race) not in _built:
                 _built[name, race], _ = build(source, name, race_check=race)
             if _loaded.get(name) != _built[name, race]:
-                _C.emulator_register_library(name, _built[name, race])
+                register_library(name, _built[name, race])
                 _loaded[name] = _built[name, race]
     return dict(_loaded)
 

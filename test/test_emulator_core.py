@@ -408,10 +408,10 @@ kernel void spaces(device const float* x [[buffer(0)]], device float* out [[buff
 
 
 def test_address_spaces_and_threadgroup_memory_sized_at_launch_uniform_grid():
-    from my_mps_ops import _C
+    from my_mps_ops import _emulator
 
     lib = compile_shader(ADDRESS_SPACE_SRC)
-    kernel = [k for k in _C.emulator_kernels(lib._key) if k["name"] == "spaces"][0]
+    kernel = [k for k in _emulator.kernels(lib._key) if k["name"] == "spaces"][0]
     kinds = [(p["name"], p["kind"], p["index"], p["bytes"]) for p in kernel["params"]]
     assert kinds[:4] == [("x", "buffer", 0, 0), ("out", "buffer", 1, 0), ("s", "buffer", 2, 4),
                          ("scratch", "threadgroup", 0, 0)]
@@ -419,8 +419,11 @@ def test_address_spaces_and_threadgroup_memory_sized_at_launch_uniform_grid():
     out = torch.zeros(8)
     scale = struct.pack("<f", 2.0)
     # A uniform grid (dispatchThreadgroups): 2 groups of 4, 16 bytes of threadgroup memory each.
-    _C.emulator_launch(lib._key, "spaces", [x, out, scale], [2, 1, 1], [4, 1, 1], True, [(0, 16)])
+    _emulator.launch(lib._key, "spaces", [x, out, scale], [2, 1, 1], [4, 1, 1], True, [(0, 16)])
     local = 2 * x + 1
     assert out.tolist() == (local + torch.tensor([local[0]] * 4 + [local[4]] * 4)).tolist()
     with pytest.raises(RuntimeError, match=r"threadgroup\(0\) for parameter 'scratch' has no memory length"):
-        _C.emulator_launch(lib._key, "spaces", [x, out, scale], [2, 1, 1], [4, 1, 1], True, [])
+        _emulator.launch(lib._key, "spaces", [x, out, scale], [2, 1, 1], [4, 1, 1], True, [])
+    # Threadgroup memory is numbered in the order given, so entries must list indices 0, 1, ...
+    with pytest.raises(ValueError, match=r"entry 0 is for threadgroup\(1\); entries must give indices 0, 1"):
+        _emulator.launch(lib._key, "spaces", [x, out, scale], [2, 1, 1], [4, 1, 1], True, [(1, 16)])

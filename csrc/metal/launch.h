@@ -109,9 +109,9 @@ class Executor {
 // with a clear message otherwise.
 Executor& executor_for(const c10::Device& device);
 
-// Makes `executor` the one executor_for() returns for cpu tensors (the Metal
-// emulator's module calls this through _C when it loads; it outlives the process's
-// use of it). nullptr unregisters.
+// Makes `executor` the one executor_for() returns for cpu tensors (importing
+// my_mps_ops.emulator hands it the emulator's, through _C._set_cpu_executor
+// and metal/executor_capsule.h; it must outlive its use). nullptr unregisters.
 void set_cpu_executor(Executor* executor);
 
 // The MSL element type name used in [[host_name]] suffixes, e.g. "rms_norm_forward_bfloat".

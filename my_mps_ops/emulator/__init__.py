@@ -20,6 +20,13 @@ SIMD-group functions waited on at two call sites by lanes of one SIMD group
 (each runs over its active lanes otherwise), threads that returned before a
 barrier, scalars of the
 wrong width, unbound buffers, threadgroups over 1024 threads or 32 KB.
+
+Importing this package also makes the emulator the executor of the ops' Metal
+path on cpu tensors (taken inside ``my_mps_ops.testing.metal_emulation()``).
+The executor is the extension module ``my_mps_ops._emulator``
+(``emulator/host/``); the translator and compiler of kernel libraries are
+``translate.py`` and ``build.py``, the runtime they compile against ``include/``.
+
 Data races (missing barriers, unordered device writes) are raised within
 ``race_check()``; ``schedule()`` changes the order threads run in (race.py).
 """
@@ -32,8 +39,11 @@ from typing import Dict, Optional, Sequence, Union
 
 import torch
 
+from .. import _C, _emulator
 from .build import CompileError, build
 from .race import race_check, race_check_enabled, schedule
+
+_C._set_cpu_executor(_emulator.executor())
 
 __all__ = ["compile_shader", "ShaderLibrary", "CompileError", "race_check", "schedule"]
 
@@ -52,12 +62,6 @@ _CASTS = {
 
 def _bf16(v) -> bytes:
     return torch.tensor([float(v)], dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()
-
-
-def _native():
-    from .. import _C
-
-    return _C
 
 
 def _pack_scalar(value, cast: Optional[str]) -> bytes:
@@ -133,7 +137,7 @@ class ShaderKernel:
             raise ValueError(f"threads {threads} and group_size {group_size} must have the same rank")
         grid = threads + (1,) * (3 - len(threads))
         group = group_size + (1,) * (3 - len(group_size))
-        _native().emulator_launch(self._library._launch_key(), self.name, bound, list(grid), list(group), False)
+        _emulator.launch(self._library._launch_key(), self.name, bound, list(grid), list(group), False)
 
     def __repr__(self) -> str:
         return f"<emulated Metal kernel {self.name}>"
@@ -148,8 +152,8 @@ class ShaderLibrary:
         self._build_args = (source, name or f"shader_{digest}", tuple(include_dirs))
         self._race_key = None
         self.path, self.translation = build(*self._build_args)
-        _native().emulator_register_library(self._key, self.path)
-        self._kernels = {k["name"]: ShaderKernel(self, k) for k in _native().emulator_kernels(self._key)}
+        _emulator.register_library(self._key, self.path)
+        self._kernels = {k["name"]: ShaderKernel(self, k) for k in _emulator.kernels(self._key)}
 
     def _launch_key(self) -> str:
         """The registered library to launch: its race-check build within race_check()."""
@@ -157,7 +161,7 @@ class ShaderLibrary:
             return self._key
         if self._race_key is None:
             path, _ = build(*self._build_args, race_check=True)
-            _native().emulator_register_library(self._key + "+race_check", path)
+            _emulator.register_library(self._key + "+race_check", path)
             self._race_key = self._key + "+race_check"
         return self._race_key
 

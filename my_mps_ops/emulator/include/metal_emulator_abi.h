@@ -1,7 +1,7 @@
-// The boundary between the emulator's host (csrc/emulator/executor.cpp, part
-// of my_mps_ops._C) and a kernel library compiled from translated MSL (a .so
-// built by my_mps_ops/emulator/build.py). Plain C structs: both sides are
-// built by different compiler invocations.
+// The boundary between the emulator's host (my_mps_ops/emulator/host/, the
+// my_mps_ops._emulator module) and a kernel library compiled from translated
+// MSL (a .so built by my_mps_ops/emulator/build.py). Plain C structs: both
+// sides are built by different compiler invocations.
 #pragma once
 
 #include <stddef.h>

@@ -1,4 +1,4 @@
-// The Metal emulator's host side: runs metal::Launch descriptions on CPU
+// The Metal emulator's executor: runs metal::Launch descriptions on CPU
 // tensors with kernel libraries built by my_mps_ops/emulator (translated MSL
 // compiled to a .so), checking what the GPU would not:
 // - every [[buffer(n)]] the kernel declares is bound; a scalar's byte size
@@ -9,7 +9,7 @@
 //   reported with the kernel, the thread and the buffer, then the run stops;
 // - the runtime inside the library reports divergent barriers and SIMD-group
 //   functions, and early returns before barriers.
-#include "emulator/emulator.h"
+#include "emulator.h"
 
 #include "metal_emulator_abi.h"
 
@@ -19,8 +19,10 @@
 #include <dlfcn.h>
 #include <signal.h>
 #include <sys/mman.h>
-#include <ucontext.h>
 #include <unistd.h>
+#if defined(__linux__)
+#include <ucontext.h>  // the faulting access's read/write bit (macOS would need _XOPEN_SOURCE)
+#endif
 
 #include <atomic>
 #include <csetjmp>
@@ -30,8 +32,13 @@
 #include <mutex>
 #include <sstream>
 
-namespace my_mps_ops::metal {
+namespace my_mps_ops::emulator {
 namespace {
+
+using metal::Arg;
+using metal::Executor;
+using metal::Launch;
+using metal::PipelineInfo;
 
 constexpr size_t kMaxThreadsPerThreadgroup = 1024;
 constexpr size_t kMaxThreadgroupMemory = 32 * 1024;
@@ -389,12 +396,12 @@ class Emulator final : public Executor {
 
 }  // namespace
 
-Executor& emulator_executor() {
-  static Emulator executor;
-  return executor;
+metal::Executor& executor() {
+  static Emulator emulator;
+  return emulator;
 }
 
-void emulator_register_library(const std::string& library, const std::string& so_path) {
+void register_library(const std::string& library, const std::string& so_path) {
   std::lock_guard<std::mutex> lock(g_registry_mutex);
   auto& libs = registry();
   auto it = libs.find(library);
@@ -403,28 +410,27 @@ void emulator_register_library(const std::string& library, const std::string& so
   lib->path = so_path;
   lib->handle = dlopen(so_path.c_str(), RTLD_NOW | RTLD_LOCAL);
   TORCH_CHECK(lib->handle != nullptr, "Metal emulator: cannot load ", so_path, ": ", dlerror());
-  auto kernels = reinterpret_cast<mtl_emu_kernels_fn>(dlsym(lib->handle, "mtl_emu_kernels"));
+  auto list_kernels = reinterpret_cast<mtl_emu_kernels_fn>(dlsym(lib->handle, "mtl_emu_kernels"));
   lib->run = reinterpret_cast<mtl_emu_run_fn>(dlsym(lib->handle, "mtl_emu_run"));
   lib->current = reinterpret_cast<mtl_emu_current_fn>(dlsym(lib->handle, "mtl_emu_current"));
   lib->race_begin = reinterpret_cast<mtl_emu_race_begin_fn>(dlsym(lib->handle, "mtl_emu_race_begin"));
   lib->race_end = reinterpret_cast<mtl_emu_race_end_fn>(dlsym(lib->handle, "mtl_emu_race_end"));
-  TORCH_CHECK(kernels && lib->run && lib->current, "Metal emulator: ", so_path, " is not an emulator library");
+  TORCH_CHECK(list_kernels && lib->run && lib->current, "Metal emulator: ", so_path, " is not an emulator library");
   int32_t abi = 0;
-  lib->kernels = kernels(&lib->count, &abi);
+  lib->kernels = list_kernels(&lib->count, &abi);
   TORCH_CHECK(abi == MTL_EMU_ABI_VERSION, "Metal emulator: ", so_path, " was built for ABI ", abi, ", expected ",
               MTL_EMU_ABI_VERSION);
   libs[library] = lib;  // a replaced library stays loaded: launches may still hold it
 }
 
-std::vector<EmulatorKernelInfo> emulator_kernels(const std::string& library) {
+std::vector<KernelInfo> kernels(const std::string& library) {
   auto lib = find_library(library);
-  std::vector<EmulatorKernelInfo> out;
+  std::vector<KernelInfo> out;
   for (int32_t i = 0; i < lib->count; ++i) {
     const mtl_emu_kernel& k = lib->kernels[i];
-    EmulatorKernelInfo info;
+    KernelInfo info;
     info.name = k.host_name;
     info.static_threadgroup_memory_length = k.threadgroup_layout(nullptr);
-    info.uses_sync = k.uses_sync != 0;
     for (int32_t j = 0; j < k.num_params; ++j) {
       const mtl_emu_param& p = k.params[j];
       info.params.push_back({p.name, p.type, p.kind == MTL_EMU_PARAM_BUFFER        ? "buffer"
@@ -437,4 +443,4 @@ std::vector<EmulatorKernelInfo> emulator_kernels(const std::string& library) {
   return out;
 }
 
-}  // namespace my_mps_ops::metal
+}  // namespace my_mps_ops::emulator

@@ -1,0 +1,35 @@
+// The Metal emulator's host side (the my_mps_ops._emulator module): runs
+// metal::Launch descriptions on cpu tensors with kernel libraries built by
+// my_mps_ops/emulator/build.py.
+#pragma once
+
+#include "metal/launch.h"
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace my_mps_ops::emulator {
+
+// The executor for cpu tensors: registered with _C as executor_for(cpu) when
+// my_mps_ops.emulator is imported; also runs compile_shader's launches.
+metal::Executor& executor();
+
+// Makes the compiled emulator library at `so_path` (built by the Python
+// translator from the MSL source of `library`) available under `library`.
+void register_library(const std::string& library, const std::string& so_path);
+
+// What a loaded library's kernels declare (for my_mps_ops.emulator.compile_shader).
+struct ParamInfo {
+  std::string name, type, kind;  // kind: "buffer", "threadgroup" or "builtin"
+  int index;
+  uint32_t bytes;  // constant references: bytes read; else 0
+};
+struct KernelInfo {
+  std::string name;
+  size_t static_threadgroup_memory_length;
+  std::vector<ParamInfo> params;
+};
+std::vector<KernelInfo> kernels(const std::string& library);
+
+}  // namespace my_mps_ops::emulator

@@ -1,0 +1,82 @@
+// The my_mps_ops._emulator Python module: the emulator's executor (handed to
+// _C by my_mps_ops.emulator on import) and what compile_shader needs.
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/extension.h>
+
+#include "emulator.h"
+#include "metal/executor_capsule.h"
+
+#include <array>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace {
+
+namespace emulator = my_mps_ops::emulator;
+
+pybind11::list kernels(const std::string& library) {
+  pybind11::list out;
+  for (const auto& k : emulator::kernels(library)) {
+    pybind11::list params;
+    for (const auto& p : k.params)
+      params.append(pybind11::dict(pybind11::arg("name") = p.name, pybind11::arg("type") = p.type,
+                                   pybind11::arg("kind") = p.kind, pybind11::arg("index") = p.index,
+                                   pybind11::arg("bytes") = p.bytes));
+    out.append(pybind11::dict(pybind11::arg("name") = k.name,
+                              pybind11::arg("static_thread_group_memory_length") = k.static_threadgroup_memory_length,
+                              pybind11::arg("params") = params));
+  }
+  return out;
+}
+
+void launch_kernel(const std::string& library, const std::string& kernel, const pybind11::list& args,
+            std::array<uint64_t, 3> grid, std::array<uint64_t, 3> group, bool uniform,
+            const std::vector<std::pair<int64_t, size_t>>& threadgroup_memory) {
+  my_mps_ops::metal::Launch launch(library, kernel);
+  for (const auto& a : args) {
+    if (THPVariable_Check(a.ptr())) {
+      launch.buffer(THPVariable_Unpack(a.ptr()));
+    } else {
+      const std::string b = a.cast<pybind11::bytes>();
+      launch.bytes(b.data(), b.size());
+    }
+  }
+  // Launch numbers threadgroup memory in the order it is added, as it does buffers.
+  for (size_t i = 0; i < threadgroup_memory.size(); ++i) {
+    const auto& [index, length] = threadgroup_memory[i];
+    if (index != static_cast<int64_t>(i))
+      throw pybind11::value_error("threadgroup_memory entry " + std::to_string(i) + " is for threadgroup(" +
+                                  std::to_string(index) + "); entries must give indices 0, 1, ... in order " +
+                                  "(a length of 0 fills an index the kernel does not use)");
+    launch.threadgroup_memory(length);
+  }
+  if (uniform) launch.dispatch_threadgroups(grid, group);
+  else launch.dispatch_threads(grid, group);
+  // Emulator warnings become Python warnings (the handler needs the GIL back).
+  HANDLE_TH_ERRORS
+  pybind11::gil_scoped_release no_gil;
+  emulator::executor().run(launch);
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "my_mps_ops Metal emulator: runs Metal kernels on cpu tensors";
+  m.def("executor", [] {
+    void* executor = static_cast<my_mps_ops::metal::Executor*>(&emulator::executor());
+    PyObject* capsule = PyCapsule_New(executor, my_mps_ops::metal::kExecutorCapsuleName, nullptr);
+    if (capsule == nullptr) throw pybind11::error_already_set();
+    return pybind11::reinterpret_steal<pybind11::object>(capsule);
+  }, "The emulator's executor, as the capsule _C._set_cpu_executor takes");
+  m.def("register_library", &emulator::register_library, pybind11::arg("library"), pybind11::arg("so_path"));
+  m.def("kernels", &kernels, pybind11::arg("library"),
+        "Kernels of a loaded emulator library with their declared parameters");
+  m.def("launch", &launch_kernel, pybind11::arg("library"), pybind11::arg("kernel"), pybind11::arg("args"),
+        pybind11::arg("grid"), pybind11::arg("group"), pybind11::arg("uniform") = false,
+        pybind11::arg("threadgroup_memory") = std::vector<std::pair<int64_t, size_t>>{},
+        "Runs one kernel of an emulator library: args are tensors (buffers) or bytes (scalars), in buffer-index "
+        "order; threadgroup_memory is [(index, bytes)] in index order");
+}
