@@ -77,6 +77,16 @@ template <int Variant>
   out[gid] = data[(gid + 1) % n];  // @neighbour_read
 }
 
+// Threads count themselves on a threadgroup atomic: atomics do not race.
+kernel void count_threads(device const float* x, device float* out, uint tid [[thread_index_in_threadgroup]]) {
+  threadgroup atomic_uint count;
+  if (tid == 0) atomic_store_explicit(&count, 0u, memory_order_relaxed);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  atomic_fetch_add_explicit(&count, 1u, memory_order_relaxed);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (tid == 0) out[0] = float(atomic_load_explicit(&count, memory_order_relaxed));
+}
+
 // neighbour in two launches.
 kernel void write_elements(device float* data, device float* out, uint gid [[thread_position_in_grid]]) {
   data[gid] = 2.0f * float(gid);
@@ -193,6 +203,8 @@ def test_fixed_kernels_run_clean_and_right(lib):
         assert torch.equal(out[:64], x[:64].view(32, 2).flip(1).reshape(64))
         x, out = run(lib, "accumulate_fixed", groups=2, group_size=32)
         assert out[0] == x[:64].sum()
+        x, out = run(lib, "count_threads")
+        assert out[0] == 64
         data, out = run(lib, "neighbour_fixed", groups=1, group_size=64)
         assert torch.equal(out[:64], data[:64].roll(-1))
         # Across threadgroups, a second launch orders the accesses.

@@ -9,6 +9,8 @@
 //   reported with the kernel, the thread and the buffer, then the run stops;
 // - the runtime inside the library reports divergent barriers and SIMD-group
 //   functions, and early returns before barriers.
+// Libraries built with the race check (my_mps_ops.emulator.race_check()) are
+// told where each launch's buffers are, and when it starts and ends.
 #include "emulator.h"
 
 #include "metal_emulator_abi.h"
