@@ -9,20 +9,30 @@ from . import _C
 from . import emulator  # noqa: F401  registers the emulator as the executor for cpu tensors
 from ._emulator import register_library
 from .emulator.build import build
+from .emulator.race import race_check_enabled
 
 _lock = threading.Lock()
-_loaded = {}
+_loaded = {}  # name -> registered library path
+_built = {}  # (name, race check) -> library path
 
 
 def load_embedded_shaders() -> dict:
-    """Builds (cached on disk) and registers every shader compiled into this build."""
+    """Builds (cached on disk) and registers every shader compiled into this build,
+    with the race check when my_mps_ops.emulator.race_check() is in force."""
+    race = race_check_enabled()
     with _lock:
         for name, source in _C.embedded_shaders().items():
-            if name not in _loaded:
-                path, _ = build(source, name)
-                register_library(name, path)
-                _loaded[name] = path
+            if (name, race) not in _built:
+                _built[name, race], _ = build(source, name, race_check=race)
+            if _loaded.get(name) != _built[name, race]:
+                register_library(name, _built[name, race])
+                _loaded[name] = _built[name, race]
     return dict(_loaded)
+
+
+def embedded_shaders_in_use() -> bool:
+    """Whether ops run the registered shader libraries now (inside metal_emulation())."""
+    return bool(_loaded) and _C.metal_emulation_enabled()
 
 
 @contextlib.contextmanager

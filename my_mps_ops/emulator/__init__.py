@@ -26,6 +26,9 @@ path on cpu tensors (taken inside ``my_mps_ops.testing.metal_emulation()``).
 The executor is the extension module ``my_mps_ops._emulator``
 (``emulator/host/``); the translator and compiler of kernel libraries are
 ``translate.py`` and ``build.py``, the runtime they compile against ``include/``.
+
+Data races (missing barriers, unordered device writes) are raised within
+``race_check()``; ``schedule()`` changes the order threads run in (race.py).
 """
 
 from __future__ import annotations
@@ -38,10 +41,11 @@ import torch
 
 from .. import _C, _emulator
 from .build import CompileError, build
+from .race import race_check, race_check_enabled, schedule
 
 _C._set_cpu_executor(_emulator.executor())
 
-__all__ = ["compile_shader", "ShaderLibrary", "CompileError"]
+__all__ = ["compile_shader", "ShaderLibrary", "CompileError", "race_check", "schedule"]
 
 MAX_THREADS_PER_THREADGROUP = 1024
 THREAD_EXECUTION_WIDTH = 32
@@ -133,7 +137,7 @@ class ShaderKernel:
             raise ValueError(f"threads {threads} and group_size {group_size} must have the same rank")
         grid = threads + (1,) * (3 - len(threads))
         group = group_size + (1,) * (3 - len(group_size))
-        _emulator.launch(self._library._key, self.name, bound, list(grid), list(group), False)
+        _emulator.launch(self._library._launch_key(), self.name, bound, list(grid), list(group), False)
 
     def __repr__(self) -> str:
         return f"<emulated Metal kernel {self.name}>"
@@ -145,9 +149,21 @@ class ShaderLibrary:
     def __init__(self, source: str, name: Optional[str] = None, include_dirs: Sequence[str] = ()):
         digest = hashlib.sha256(source.encode()).hexdigest()[:16]
         self._key = f"__compile_shader_{name or digest}"
-        self.path, self.translation = build(source, name or f"shader_{digest}", include_dirs)
+        self._build_args = (source, name or f"shader_{digest}", tuple(include_dirs))
+        self._race_key = None
+        self.path, self.translation = build(*self._build_args)
         _emulator.register_library(self._key, self.path)
         self._kernels = {k["name"]: ShaderKernel(self, k) for k in _emulator.kernels(self._key)}
+
+    def _launch_key(self) -> str:
+        """The registered library to launch: its race-check build within race_check()."""
+        if not race_check_enabled():
+            return self._key
+        if self._race_key is None:
+            path, _ = build(*self._build_args, race_check=True)
+            _emulator.register_library(self._key + "+race_check", path)
+            self._race_key = self._key + "+race_check"
+        return self._race_key
 
     def __getattr__(self, name: str) -> ShaderKernel:
         kernels = self.__dict__.get("_kernels", {})

@@ -4,6 +4,13 @@ The cache key covers the translated source, the emulator's runtime headers,
 the compiler's version and the flags, so a stale library is never reused.
 The scheduler (metal_runtime.cpp) is compiled once into an object file that
 every kernel library links.
+
+A race-check library (race_check=True) is the same shader compiled without
+optimisation, with debug lines, frame pointers and the compiler's
+thread-sanitizer instrumentation, linked with the scheduler built for it and
+the race check (metal_race_check.cpp) that receives the instrumentation's
+calls; no sanitizer runtime is linked. Unoptimised code compiles several
+times faster than -O2, and the check is about correctness, not speed.
 """
 
 from __future__ import annotations
@@ -69,6 +76,20 @@ def _flags() -> List[str]:
             *_cpu_flags(), "-I", INCLUDE_DIR]
 
 
+def _race_runtime_flags() -> List[str]:
+    # Frame pointers and no tail calls: the race check walks the frames from
+    # its hooks to the shader's code.
+    return [*_flags(), "-DMTL_EMU_RACE_CHECK=1", "-fno-omit-frame-pointer", "-fno-optimize-sibling-calls"]
+
+
+def _race_kernel_flags(cxx: str) -> List[str]:
+    flags = [f for f in _flags() if f != "-O2"]
+    flags += ["-O0", "-g", "-DMTL_EMU_RACE_CHECK=1", "-fno-omit-frame-pointer", "-fsanitize=thread"]
+    if "clang" not in _compiler_version(cxx):
+        flags.append("--param=tsan-instrument-func-entry-exit=0")  # GCC: no calls on function entry and exit
+    return flags
+
+
 def _headers_digest() -> str:
     h = hashlib.sha256()
     for name in sorted(os.listdir(INCLUDE_DIR)):
@@ -87,37 +108,55 @@ def _publish(tmp_path: str, final_path: str) -> None:
     os.replace(tmp_path, final_path)  # atomic: concurrent builders never see half a file
 
 
-def _runtime_object(cxx: str) -> str:
-    key = hashlib.sha256((_headers_digest() + _compiler_version(cxx) + " ".join(_flags())).encode()).hexdigest()[:20]
-    obj = os.path.join(cache_dir(), f"metal_runtime-{key}.o")
+def _object(cxx: str, source: str, flags: List[str]) -> str:
+    stem = os.path.splitext(source)[0]
+    key = hashlib.sha256((_headers_digest() + _compiler_version(cxx) + " ".join(flags)).encode()).hexdigest()[:20]
+    obj = os.path.join(cache_dir(), f"{stem}-{key}.o")
     if not os.path.exists(obj):
         fd, tmp = tempfile.mkstemp(suffix=".o", dir=cache_dir())
         os.close(fd)
-        _run([cxx, *_flags(), "-c", os.path.join(INCLUDE_DIR, "metal_runtime.cpp"), "-o", tmp],
-             "compiling the emulator runtime")
+        _run([cxx, *flags, "-c", os.path.join(INCLUDE_DIR, source), "-o", tmp], f"compiling the emulator's {source}")
         _publish(tmp, obj)
     return obj
 
 
-def build(source: str, name: str = "shader", include_dirs=()) -> tuple:
-    """Translates and compiles MSL source; returns (library path, Translation)."""
+def _runtime_objects(cxx: str, race_check: bool) -> List[str]:
+    if not race_check:
+        return [_object(cxx, "metal_runtime.cpp", _flags())]
+    return [_object(cxx, source, _race_runtime_flags()) for source in ("metal_runtime.cpp", "metal_race_check.cpp")]
+
+
+def build(source: str, name: str = "shader", include_dirs=(), race_check: bool = False) -> tuple:
+    """Translates and compiles MSL source; returns (library path, Translation).
+    race_check: the library checks every run for data races (slower)."""
     cxx = compiler()
     try:
         translation = translate(source, name, include_dirs, compiler=cxx)
     except TranslationError as e:
         raise CompileError(f"Metal emulator: cannot translate {name}.metal: {e}") from None
+    flags = _race_kernel_flags(cxx) if race_check else _flags()
     key = hashlib.sha256((translation.cpp + _headers_digest() + _compiler_version(cxx) +
-                          " ".join(_flags())).encode()).hexdigest()[:24]
-    lib = os.path.join(cache_dir(), f"{name}-{key}.so")
+                          " ".join(flags)).encode()).hexdigest()[:24]
+    lib = os.path.join(cache_dir(), f"{name}{'-race' if race_check else ''}-{key}.so")
     if not os.path.exists(lib):
-        runtime = _runtime_object(cxx)
+        runtime = _runtime_objects(cxx, race_check)
         fd, cpp_path = tempfile.mkstemp(suffix=".cpp", prefix=f"{name}-", dir=cache_dir())
         with os.fdopen(fd, "w") as f:
             f.write(translation.cpp)
         tmp_lib = cpp_path[:-4] + ".so.tmp"
         try:
-            _run([cxx, *_flags(), "-shared", cpp_path, runtime, "-o", tmp_lib, "-lboost_context"],
-                 f"Metal emulator: compiling {name}.metal")
+            if race_check:
+                # Linked without -fsanitize: the race check, not a sanitizer runtime, takes the calls.
+                obj = cpp_path[:-4] + ".o"
+                _run([cxx, *flags, "-c", cpp_path, "-o", obj], f"Metal emulator: compiling {name}.metal")
+                try:
+                    _run([cxx, *[f for f in flags if f != "-fsanitize=thread"], "-shared", obj, *runtime,
+                          "-o", tmp_lib, "-lboost_context"], f"Metal emulator: linking {name}.metal")
+                finally:
+                    os.remove(obj)
+            else:
+                _run([cxx, *flags, "-shared", cpp_path, *runtime, "-o", tmp_lib, "-lboost_context"],
+                     f"Metal emulator: compiling {name}.metal")
             _publish(tmp_lib, lib)
         finally:
             # Keep the translated source beside the library for debugging.

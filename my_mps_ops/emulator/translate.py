@@ -81,6 +81,7 @@ class Kernel:
     params: List[Param]
     uses_sync: bool
     max_threads: int = 1024
+    threadgroup_names: List[str] = field(default_factory=list)  # `threadgroup T name[N];`, by site
 
 
 @dataclass
@@ -318,8 +319,9 @@ def _local_constants_for(body: str, type_ids: List[str]) -> List[str]:
     return [text for _, text, _ in sorted(decls[n] for n in needed)]
 
 
-def _rewrite_threadgroup_decls(body: str, kernel: str) -> Tuple[str, List[str]]:
+def _rewrite_threadgroup_decls(body: str, kernel: str) -> Tuple[str, List[str], List[str]]:
     decls: List[str] = []
+    names: List[str] = []
 
     def repl(m):
         if "," in m.group(0) and "<" not in m.group("type"):
@@ -327,9 +329,10 @@ def _rewrite_threadgroup_decls(body: str, kernel: str) -> Tuple[str, List[str]]:
         type_id = m.group("type").strip() + " " + "".join(m.group("dims").split())
         site = len(decls)
         decls.append(type_id)
+        names.append(m.group("name"))
         return f"auto& {m.group('name')} = *__mtl::threadgroup_static<{type_id}>({site});"
 
-    return _TG_DECL_RE.sub(repl, body), decls
+    return _TG_DECL_RE.sub(repl, body), decls, names
 
 
 _FLOAT_CORE = r"(?:\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)"
@@ -469,7 +472,7 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
         params_text = s[open_paren + 1:close_paren]
         params = _parse_params(_restore_strings(params_text, saved), fname)
         body = s[open_brace:close_brace + 1]
-        body, tg_decls = _rewrite_threadgroup_decls(body, fname)
+        body, tg_decls, tg_names = _rewrite_threadgroup_decls(body, fname)
         leftover = re.search(r"\bthreadgroup\s+[^;*&]*;", body)
         if leftover:  # erasing `threadgroup` here would make a per-thread variable: refuse
             raise TranslationError(f"kernel {fname}: unsupported threadgroup declaration "
@@ -481,9 +484,9 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
         template = m.group("template") or ""
         definitions[fname] = dict(params=params, uses_sync=uses_sync, template=bool(template),
                                   max_threads=int(mt.group(1)) if mt else 1024,
-                                  host_name=_host_name(attrs) or fname)
+                                  host_name=_host_name(attrs) or fname, threadgroup_names=tg_names)
         header = s[m.start():m.start("kw")] + " " + s[m.end("kw"):open_paren]
-        layout_lines = [f"{template}inline size_t __mtl_tg_layout_{fname}(size_t* offsets) {{", "  size_t total = 0;"]
+        layout_lines = [f"{' '.join(template.split())} inline size_t __mtl_tg_layout_{fname}(size_t* offsets) {{", "  size_t total = 0;"]
         layout_lines += ["  " + " ".join(decl.split()) for decl in _local_constants_for(body, tg_decls)]
         for site, type_id in enumerate(tg_decls):
             layout_lines.append(f"  total = __mtl::threadgroup_place<{type_id}>(total, offsets, {site});")
@@ -500,10 +503,12 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
         if fname not in definitions:
             raise TranslationError(f"host_name {host!r} instantiates {fname}, which is not a kernel defined in {name}.metal")
         d = definitions[fname]
-        kernels.append(Kernel(host, fname, targs, d["params"], d["uses_sync"], d["max_threads"]))
+        kernels.append(Kernel(host, fname, targs, d["params"], d["uses_sync"], d["max_threads"],
+                              d["threadgroup_names"]))
     for fname, d in definitions.items():
         if not d["template"]:
-            kernels.append(Kernel(d["host_name"], fname, "", d["params"], d["uses_sync"], d["max_threads"]))
+            kernels.append(Kernel(d["host_name"], fname, "", d["params"], d["uses_sync"], d["max_threads"],
+                                  d["threadgroup_names"]))
     if not kernels:
         raise TranslationError(f"{name}.metal defines no kernel")
 
@@ -539,9 +544,14 @@ def _kernel_table(kernels: List[Kernel]) -> str:
         lines.append(f"static void __mtl_invoke_{i}(const mtl_emu_launch* L, const mtl_emu_lane* lane) "
                      f"{{ __mtl::invoke_kernel<{fn}>(__mtl_params_{i}, L, lane); }}")
         lines.append(f"static size_t __mtl_layout_{i}(size_t* o) {{ return __mtl_tg_layout_{k.function}{k.template_args}(o); }}")
+        names = "".join(f"{_c_string(n)}, " for n in k.threadgroup_names)
+        lines.append(f"static const char* const __mtl_tg_names_{i}[] = {{{names}nullptr}};")
         entries.append(f"{{{_c_string(k.host_name)}, {len(k.params)}, __mtl_params_{i}, {int(k.uses_sync)}, "
                        f"__mtl_layout_{i}, __mtl_invoke_{i}}}")
     lines.append(f"static const mtl_emu_kernel __mtl_kernel_table[] = {{{', '.join(entries)}}};")
+    lines.append(f"static const char* const* const __mtl_tg_names[] = {{{', '.join(f'__mtl_tg_names_{i}' for i in range(len(kernels)))}}};")
+    lines.append("const char* const* __mtl::threadgroup_names(const mtl_emu_kernel* k) "
+                 "{ return __mtl_tg_names[k - __mtl_kernel_table]; }")
     lines.append('extern "C" __attribute__((visibility("default"))) const mtl_emu_kernel* '
                  "mtl_emu_kernels(int32_t* count, int32_t* abi) "
                  f"{{ *count = {len(kernels)}; *abi = MTL_EMU_ABI_VERSION; return __mtl_kernel_table; }}")

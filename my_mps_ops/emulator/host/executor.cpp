@@ -9,6 +9,8 @@
 //   reported with the kernel, the thread and the buffer, then the run stops;
 // - the runtime inside the library reports divergent barriers and SIMD-group
 //   functions, and early returns before barriers.
+// Libraries built with the race check (my_mps_ops.emulator.race_check()) are
+// told where each launch's buffers are, and when it starts and ends.
 #include "emulator.h"
 
 #include "metal_emulator_abi.h"
@@ -51,6 +53,8 @@ struct EmulatedLibrary {
   int32_t count = 0;
   mtl_emu_run_fn run = nullptr;
   mtl_emu_current_fn current = nullptr;
+  mtl_emu_race_begin_fn race_begin = nullptr;  // race-check libraries only
+  mtl_emu_race_end_fn race_end = nullptr;
 
   const mtl_emu_kernel& kernel(const std::string& library, const std::string& name) const {
     for (int32_t i = 0; i < count; ++i)
@@ -339,6 +343,7 @@ class Emulator final : public Executor {
     std::lock_guard<std::mutex> launch_lock(g_launch_mutex);
     for (auto& r : regions) r->allocate();
     for (const PendingBuffer& b : pending) L.buffers[b.index] = b.region->data + b.offset;
+    if (lib->race_begin) lib->race_begin(&L, bound_bytes);
 
     FaultState fault;
     for (auto& r : regions) fault.regions.push_back(r.get());
@@ -375,6 +380,7 @@ class Emulator final : public Executor {
       });
       g_fault = nullptr;
     }
+    if (lib->race_end) lib->race_end(&L);
     if (fault.faulted) {
       // The worker that faulted left its lanes mid-flight: the next run on it
       // abandons them (see metal_runtime.cpp).
@@ -409,6 +415,8 @@ void register_library(const std::string& library, const std::string& so_path) {
   auto list_kernels = reinterpret_cast<mtl_emu_kernels_fn>(dlsym(lib->handle, "mtl_emu_kernels"));
   lib->run = reinterpret_cast<mtl_emu_run_fn>(dlsym(lib->handle, "mtl_emu_run"));
   lib->current = reinterpret_cast<mtl_emu_current_fn>(dlsym(lib->handle, "mtl_emu_current"));
+  lib->race_begin = reinterpret_cast<mtl_emu_race_begin_fn>(dlsym(lib->handle, "mtl_emu_race_begin"));
+  lib->race_end = reinterpret_cast<mtl_emu_race_end_fn>(dlsym(lib->handle, "mtl_emu_race_end"));
   TORCH_CHECK(list_kernels && lib->run && lib->current, "Metal emulator: ", so_path, " is not an emulator library");
   int32_t abi = 0;
   lib->kernels = list_kernels(&lib->count, &abi);

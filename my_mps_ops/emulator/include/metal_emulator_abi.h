@@ -90,3 +90,10 @@ typedef void (*mtl_emu_run_fn)(const struct mtl_emu_launch* launch, uint64_t fir
                                struct mtl_emu_error* error);
 // The thread being run on this OS thread (for fault reports); 0 if none.
 typedef int (*mtl_emu_current_fn)(uint32_t thread_in_grid[3], uint32_t group_pos[3]);
+
+// Exported by libraries built with the race check only (absent otherwise): the
+// host calls begin before the first mtl_emu_run of a launch and end after the
+// last, so that device-memory accesses of the launch's threadgroups are checked
+// against each other. lengths[i]: bytes bound from launch->buffers[i] on (0: none).
+typedef void (*mtl_emu_race_begin_fn)(const struct mtl_emu_launch* launch, const size_t* lengths);
+typedef void (*mtl_emu_race_end_fn)(const struct mtl_emu_launch* launch);

@@ -10,7 +10,19 @@
 // is released. What cannot progress is reported: divergent barriers, SIMD
 // collectives waited on at two call sites of one SIMD group, threads that
 // returned before a barrier, deadlock.
+//
+// Between synchronisation points the threads run in order of their index in
+// the threadgroup, or in reverse or a seeded random order
+// (MY_MPS_OPS_EMULATOR_SCHEDULE=reverse | random[:seed]), so that a kernel
+// whose result depends on that order shows it.
+//
+// Built with MTL_EMU_RACE_CHECK, it tells the race check
+// (metal_race_check.cpp) where each threadgroup starts and which barriers
+// were released.
 #include "metal_runtime.h"
+#ifdef MTL_EMU_RACE_CHECK
+#include "metal_race_check.h"
+#endif
 
 #include <boost/context/fiber.hpp>
 
@@ -41,6 +53,8 @@ struct Lane {
   uint32_t grid_pos[3];
   State state = State::Runnable;
   Site site;
+  unsigned barrier_flags = 0;   // mem_flags of the barrier the lane waits at
+  bool at_simd_barrier = false;  // State::AtSimd in simdgroup_barrier (not a SIMD-group function)
   size_t deposit_bytes = 0;
   alignas(16) unsigned char deposit[kSimdSlotBytes];
   SimdExchange result{};
@@ -56,6 +70,33 @@ struct SimdGroup {
 // Fiber stacks, reused across threadgroups of one OS thread.
 constexpr size_t kStackBytes = 256 * 1024;
 
+enum class Order : uint8_t { InOrder, Reverse, Random };
+
+struct Schedule {
+  Order order = Order::InOrder;
+  uint64_t seed = 0;
+};
+
+Schedule schedule_from_environment() {
+  Schedule s;
+  const char* v = std::getenv("MY_MPS_OPS_EMULATOR_SCHEDULE");
+  if (v == nullptr || *v == 0) return s;
+  if (std::strcmp(v, "reverse") == 0) {
+    s.order = Order::Reverse;
+  } else if (std::strncmp(v, "random", 6) == 0 && (v[6] == 0 || v[6] == ':')) {
+    s.order = Order::Random;
+    if (v[6] == ':') s.seed = std::strtoull(v + 7, nullptr, 10);
+  }
+  return s;
+}
+
+uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
 struct Worker {
   std::vector<Lane> lanes;
   std::vector<SimdGroup> simds;
@@ -66,6 +107,9 @@ struct Worker {
   const mtl_emu_launch* launch = nullptr;
   mtl_emu_error* error = nullptr;
   bool fibers = false;
+  Schedule schedule;
+  uint64_t group = 0;            // linear id of the threadgroup being run
+  std::vector<uint32_t> order;   // lane indices in run order (schedules other than InOrder)
   // A group that did not finish normally (an error, or a fault the host
   // jumped out of) leaves lanes owning suspended fibers.
   bool unfinished = false;
@@ -152,6 +196,15 @@ void suspend(Lane& lane, State state, unsigned line, const char* file) {
   if (tls_worker->error->failed) throw Abort{};
 }
 
+// The order the lanes run in during round `round` of the current threadgroup.
+void fill_order(Worker& w, uint32_t count, uint64_t round) {
+  w.order.resize(count);
+  for (uint32_t i = 0; i < count; ++i) w.order[i] = w.schedule.order == Order::Reverse ? count - 1 - i : i;
+  if (w.schedule.order != Order::Random) return;
+  uint64_t state = w.schedule.seed ^ (w.group * 0xD1B54A32D192ED03ull) ^ (round * 0x8CB92BA72F3D8DD7ull);
+  for (uint32_t i = count; i > 1; --i) std::swap(w.order[i - 1], w.order[splitmix64(state) % i]);
+}
+
 void setup_lane(Lane& lane, const mtl_emu_launch* L, const uint32_t group_pos[3], const uint32_t size[3],
                 const uint32_t groups[3], const uint32_t grid_threads[3], uint32_t index) {
   mtl_emu_lane& info = lane.info;
@@ -226,11 +279,17 @@ bool release_simd_groups(Worker& w, uint32_t count) {
       std::memcpy(slots[l], lane.deposit, lane.deposit_bytes);
       active |= 1u << l;
     }
+    unsigned flags = ~0u;
     for (unsigned l : at_simd) {
       Lane& lane = w.lanes[first + l];
       lane.result = SimdExchange{&slots[0][0], active, l};
       lane.state = State::Runnable;
+      flags &= lane.barrier_flags;
     }
+#ifdef MTL_EMU_RACE_CHECK
+    if (lead.at_simd_barrier) race::simdgroup_barrier_released(s, flags);
+#endif
+    (void)flags;
     released = true;
   }
   return released;
@@ -268,7 +327,15 @@ bool release_barrier(Worker& w, uint32_t count, const mtl_emu_launch* L) {
     warn("kernel '%s': threadgroup barrier at %s:%u reached by %zu of %u threads (the others had returned)",
          L->kernel->host_name, lead.site.file, lead.site.line, waiting.size(), count);
   }
-  for (unsigned i : waiting) w.lanes[i].state = State::Runnable;
+  unsigned flags = ~0u;
+  for (unsigned i : waiting) {
+    w.lanes[i].state = State::Runnable;
+    flags &= w.lanes[i].barrier_flags;
+  }
+#ifdef MTL_EMU_RACE_CHECK
+  race::threadgroup_barrier_released(flags);
+#endif
+  (void)flags;
   return true;
 }
 
@@ -291,10 +358,12 @@ void run_group_fibers(Worker& w, const mtl_emu_launch* L, uint32_t count) {
                                           return std::move(lane->sched);
                                         });
   }
-  for (;;) {
+  const bool in_order = w.schedule.order == Order::InOrder;
+  for (uint64_t round = 0;; ++round) {
+    if (!in_order) fill_order(w, count, round);
     bool all_done = true;
-    for (uint32_t i = 0; i < count; ++i) {
-      Lane& lane = w.lanes[i];
+    for (uint32_t k = 0; k < count; ++k) {
+      Lane& lane = w.lanes[in_order ? k : w.order[k]];
       if (lane.state == State::Runnable) {
         tls_lane = &lane;
         lane.fiber = std::move(lane.fiber).resume();
@@ -311,13 +380,51 @@ void run_group_fibers(Worker& w, const mtl_emu_launch* L, uint32_t count) {
   }
 }
 
+#ifdef MTL_EMU_RACE_CHECK
+// The threadgroup arrays of the launch, named for race reports.
+std::vector<race::ThreadgroupRegion> threadgroup_regions(Worker& w, size_t static_bytes) {
+  const mtl_emu_kernel* k = w.launch->kernel;
+  std::vector<race::ThreadgroupRegion> regions;
+  const char* const* names = threadgroup_names(k);
+  size_t sites = 0;
+  while (names[sites] != nullptr) ++sites;
+  for (size_t i = 0; i < sites; ++i) {
+    const size_t end = i + 1 < sites ? w.tg_offsets[i + 1] : static_bytes;
+    regions.push_back({w.tg_static.data() + w.tg_offsets[i], end - w.tg_offsets[i], names[i]});
+  }
+  for (int32_t j = 0; j < k->num_params; ++j) {
+    const mtl_emu_param& p = k->params[j];
+    if (p.kind == MTL_EMU_PARAM_THREADGROUP && !w.tg_dynamic[p.index].empty())
+      regions.push_back({w.tg_dynamic[p.index].data(), w.tg_dynamic[p.index].size(), p.name});
+  }
+  return regions;
+}
+#endif
+
 }  // namespace
+
+#ifdef MTL_EMU_RACE_CHECK
+namespace race {
+const mtl_emu_lane* current_lane_info() { return tls_lane != nullptr ? &tls_lane->info : nullptr; }
+void report_error(const char* message) { fail("%s", message); }
+bool run_failed() { return tls_worker != nullptr && tls_worker->error->failed; }
+}  // namespace race
+#endif
 
 // ----------------------------------------------------- kernel-side entries
 
-void sync_barrier(unsigned line, const char* file) {
+void sync_barrier(unsigned flags, unsigned line, const char* file) {
   Lane& lane = current_lane("threadgroup_barrier");
+  lane.barrier_flags = flags;
   suspend(lane, State::AtBarrier, line, file);
+}
+
+void simd_barrier(unsigned flags, unsigned line, const char* file) {
+  Lane& lane = current_lane("simdgroup_barrier");
+  lane.barrier_flags = flags;
+  lane.at_simd_barrier = true;
+  lane.deposit_bytes = 0;
+  suspend(lane, State::AtSimd, line, file);
 }
 
 SimdExchange simd_exchange(const void* value, size_t bytes, unsigned line, const char* file) {
@@ -328,6 +435,7 @@ SimdExchange simd_exchange(const void* value, size_t bytes, unsigned line, const
   }
   if (bytes) std::memcpy(lane.deposit, value, bytes);
   lane.deposit_bytes = bytes;
+  lane.at_simd_barrier = false;
   suspend(lane, State::AtSimd, line, file);
   return lane.result;
 }
@@ -369,6 +477,7 @@ extern "C" __attribute__((visibility("default"))) void mtl_emu_run(const mtl_emu
   w.launch = L;
   w.error = error;
   w.fibers = L->kernel->uses_sync != 0;
+  w.schedule = schedule_from_environment();
 
   uint32_t groups[3], grid_threads[3];
   for (int d = 0; d < 3; ++d) {
@@ -383,6 +492,9 @@ extern "C" __attribute__((visibility("default"))) void mtl_emu_run(const mtl_emu
   L->kernel->threadgroup_layout(w.tg_offsets.data());
   w.tg_static.resize(static_bytes + 16);
   for (int i = 0; i < MTL_EMU_MAX_BINDINGS; ++i) w.tg_dynamic[i].resize(L->threadgroup_lengths[i]);
+#ifdef MTL_EMU_RACE_CHECK
+  std::vector<race::ThreadgroupRegion> regions = threadgroup_regions(w, static_bytes);
+#endif
 
   for (uint64_t g = first; g < last && !error->failed; ++g) {
     const uint32_t pos[3] = {uint32_t(g % groups[0]), uint32_t((g / groups[0]) % groups[1]),
@@ -398,11 +510,18 @@ extern "C" __attribute__((visibility("default"))) void mtl_emu_run(const mtl_emu
     for (int i = 0; i < MTL_EMU_MAX_BINDINGS; ++i)
       if (!w.tg_dynamic[i].empty()) std::memset(w.tg_dynamic[i].data(), 0xFF, w.tg_dynamic[i].size());
     for (uint32_t i = 0; i < count; ++i) setup_lane(w.lanes[i], L, pos, size, groups, grid_threads, i);
+    w.group = g;
+#ifdef MTL_EMU_RACE_CHECK
+    race::begin_group(L, g, regions.data(), regions.size(), (count + kSimdWidth - 1) / kSimdWidth);
+#endif
     w.unfinished = true;
     if (w.fibers) {
       run_group_fibers(w, L, count);
     } else {
-      for (uint32_t i = 0; i < count && !error->failed; ++i) {
+      const bool in_order = w.schedule.order == Order::InOrder;
+      if (!in_order) fill_order(w, count, 0);
+      for (uint32_t k = 0; k < count && !error->failed; ++k) {
+        const uint32_t i = in_order ? k : w.order[k];
         tls_lane = &w.lanes[i];
         try {
           L->kernel->invoke(L, &w.lanes[i].info);
@@ -411,6 +530,9 @@ extern "C" __attribute__((visibility("default"))) void mtl_emu_run(const mtl_emu
       }
       tls_lane = nullptr;
     }
+#ifdef MTL_EMU_RACE_CHECK
+    if (!error->failed) race::end_group();
+#endif
     if (!error->failed) w.unfinished = false;
   }
   tls_lane = nullptr;

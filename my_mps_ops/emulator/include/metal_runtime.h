@@ -27,12 +27,16 @@ struct SimdExchange {
   uint32_t lane;               // the calling lane
 };
 
-// Scheduler entry points (metal_runtime.cpp).
-void sync_barrier(unsigned line, const char* file);
+// Scheduler entry points (metal_runtime.cpp). `flags` are the barrier's mem_flags.
+void sync_barrier(unsigned flags, unsigned line, const char* file);
+void simd_barrier(unsigned flags, unsigned line, const char* file);
 SimdExchange simd_exchange(const void* value, size_t bytes, unsigned line, const char* file);
 void note_inactive_lane_read(unsigned line, const char* file, unsigned lane, unsigned src);
 unsigned char* threadgroup_static_base(int site);
 unsigned char* threadgroup_dynamic_base(int index);
+// Names of a kernel's `threadgroup T name[N];` declarations by site, null-terminated
+// (defined in every translated shader, next to its kernel table).
+const char* const* threadgroup_names(const mtl_emu_kernel* kernel);
 
 // `threadgroup T x[N];` in a kernel becomes `auto& x = *threadgroup_static<T[N]>(site)`.
 template <class T>
@@ -51,7 +55,7 @@ inline size_t threadgroup_place(size_t total, size_t* offsets, int site) {
 
 // ---------------------------------------------------------------- builtins
 
-inline void builtin_value(const mtl_emu_launch* L, const mtl_emu_lane* lane, int which, uint32_t v[3]) {
+MTL_EMU_UNCHECKED inline void builtin_value(const mtl_emu_launch* L, const mtl_emu_lane* lane, int which, uint32_t v[3]) {
   v[1] = v[2] = 0;
   switch (which) {
     case MTL_EMU_THREAD_POSITION_IN_GRID:
@@ -132,7 +136,7 @@ inline void invoke_kernel(const mtl_emu_param* params, const mtl_emu_launch* L, 
 // ------------------------------------------------------ SIMD-group helpers
 
 template <class T>
-inline T slot_value(const SimdExchange& ex, unsigned src) {
+MTL_EMU_UNCHECKED inline T slot_value(const SimdExchange& ex, unsigned src) {
   T v;
   std::memcpy(&v, ex.slots + size_t(src) * kSimdSlotBytes, sizeof(T));
   return v;
@@ -157,7 +161,7 @@ inline T read_lane(const SimdExchange& ex, const T& own, unsigned src, unsigned 
 }
 
 template <class T, class Op>
-inline T reduce_lanes(const SimdExchange& ex, Op op) {
+MTL_EMU_UNCHECKED inline T reduce_lanes(const SimdExchange& ex, Op op) {
   // Pairwise tree over the active lanes, like the hardware's reduction order.
   T vals[kSimdWidth];
   int n = 0;
@@ -169,7 +173,7 @@ inline T reduce_lanes(const SimdExchange& ex, Op op) {
 }
 
 template <class T, class Op>
-inline T prefix_lanes(const SimdExchange& ex, Op op, T identity, bool inclusive) {
+MTL_EMU_UNCHECKED inline T prefix_lanes(const SimdExchange& ex, Op op, T identity, bool inclusive) {
   T acc = identity;
   for (unsigned i = 0; i < ex.lane; ++i)
     if ((ex.active >> i) & 1u) acc = op(acc, slot_value<T>(ex, i));
@@ -182,9 +186,11 @@ namespace metal {
 
 #define MTL_EMU_SITE unsigned __line = __builtin_LINE(), const char* __file = __builtin_FILE()
 
-inline void threadgroup_barrier(mem_flags = mem_flags::mem_none, MTL_EMU_SITE) { __mtl::sync_barrier(__line, __file); }
-inline void simdgroup_barrier(mem_flags = mem_flags::mem_none, MTL_EMU_SITE) {
-  (void)__mtl::simd_exchange(nullptr, 0, __line, __file);
+inline void threadgroup_barrier(mem_flags flags = mem_flags::mem_none, MTL_EMU_SITE) {
+  __mtl::sync_barrier(unsigned(flags), __line, __file);
+}
+inline void simdgroup_barrier(mem_flags flags = mem_flags::mem_none, MTL_EMU_SITE) {
+  __mtl::simd_barrier(unsigned(flags), __line, __file);
 }
 
 template <class T>

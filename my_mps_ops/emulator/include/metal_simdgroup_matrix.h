@@ -13,6 +13,10 @@
 // with one all-gather. Both hooks come from the runtime (metal_runtime.h), declared weak here so
 // that kernels which never call thread_elements() do not depend on them.
 //
+// Under the race check (MTL_EMU_RACE_CHECK) each lane's load and store is recorded for its own
+// two elements only, the accesses the hardware makes for that lane; the whole-matrix copies every
+// lane makes here are left out of the check, and so is the arithmetic on matrices (thread memory).
+//
 // Products are accumulated in float (double for double) and rounded once to the destination's
 // element type; for half and bfloat that is at least as accurate as the hardware, whose internal
 // accumulation precision Apple does not document. Element types may be mixed (float accumulator,
@@ -28,6 +32,10 @@ namespace __mtl {
 // the lanes of the SIMD group (lane i's `bytes` bytes from `mine` land at all + i * bytes).
 __attribute__((weak)) unsigned short simdgroup_lane_id();
 __attribute__((weak)) void simdgroup_allgather(const void* mine, void* all, unsigned long bytes);
+#ifdef MTL_EMU_RACE_CHECK
+// Records an access for the race check (metal_race_check.cpp).
+void race_record(const void* address, size_t bytes, bool write);
+#endif
 
 // (row, first column) of the two elements lane `lane` holds in an 8x8 simdgroup_matrix.
 inline void simdgroup_matrix_lane_position(unsigned lane, int& row, int& col) {
@@ -51,25 +59,25 @@ template <class T, int Cols, int Rows> struct simdgroup_matrix {
   T __elements[Rows][Cols];  // row-major: __elements[row][column]
   bool __fragmented;         // lanes wrote their own elements only (see thread_elements)
 
-  simdgroup_matrix() : __fragmented(false) {}
+  MTL_EMU_UNCHECKED simdgroup_matrix() : __fragmented(false) {}
   // Metal: "creates a diagonal matrix with the given value" (zero elsewhere).
-  template <class S, std::enable_if_t<__mtl::is_scalar_v<S>, int> = 0> simdgroup_matrix(S diagonal) : __fragmented(false) {
+  template <class S, std::enable_if_t<__mtl::is_scalar_v<S>, int> = 0> MTL_EMU_UNCHECKED simdgroup_matrix(S diagonal) : __fragmented(false) {
     for (int r = 0; r < Rows; ++r)
       for (int c = 0; c < Cols; ++c) __elements[r][c] = r == c ? T(diagonal) : T(0);
   }
 
   // The calling lane's two elements, as a 2-vector reference (they are adjacent in a row).
-  vec<T, 2, true>& thread_elements() {
+  MTL_EMU_UNCHECKED vec<T, 2, true>& thread_elements() {
     __fragmented = true;  // the caller may write through the reference
     return *reinterpret_cast<vec<T, 2, true>*>(&__lane_element());
   }
-  vec<T, 2> thread_elements() const {
+  MTL_EMU_UNCHECKED vec<T, 2> thread_elements() const {
     const T* e = &const_cast<simdgroup_matrix*>(this)->__lane_element();
     return vec<T, 2>(e[0], e[1]);
   }
 
   // Makes every lane's copy whole again after thread_elements() writes (one all-gather).
-  void __make_whole() {
+  MTL_EMU_UNCHECKED void __make_whole() {
     if (!__fragmented) return;
     if (!__mtl::hook_defined(&__mtl::simdgroup_allgather)) __mtl::simdgroup_matrix_missing_hook();
     T mine[2];
@@ -87,7 +95,7 @@ template <class T, int Cols, int Rows> struct simdgroup_matrix {
     __fragmented = false;
   }
 
-  T& __lane_element() {
+  MTL_EMU_UNCHECKED T& __lane_element() {
     if (!__mtl::hook_defined(&__mtl::simdgroup_lane_id)) __mtl::simdgroup_matrix_missing_hook();
     int r, c;
     __mtl::simdgroup_matrix_lane_position(__mtl::simdgroup_lane_id(), r, c);
@@ -97,7 +105,7 @@ template <class T, int Cols, int Rows> struct simdgroup_matrix {
 
 namespace simdgroup_detail {
 // The matrix itself when whole, else a whole copy (operands are taken by const reference).
-template <class T, int C, int R> inline simdgroup_matrix<T, C, R> whole(const simdgroup_matrix<T, C, R>& m) {
+template <class T, int C, int R> MTL_EMU_UNCHECKED inline simdgroup_matrix<T, C, R> whole(const simdgroup_matrix<T, C, R>& m) {
   simdgroup_matrix<T, C, R> copy = m;
   copy.__make_whole();
   return copy;
@@ -108,7 +116,7 @@ typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
 typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
 
 template <class T, int Cols, int Rows>
-inline simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(__mtl::type_identity_t<T> value) {
+MTL_EMU_UNCHECKED inline simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(__mtl::type_identity_t<T> value) {
   simdgroup_matrix<T, Cols, Rows> m;
   for (int r = 0; r < Rows; ++r)
     for (int c = 0; c < Cols; ++c) m.__elements[r][c] = value;
@@ -128,32 +136,51 @@ namespace simdgroup_detail {
 inline ulong element_offset(ulong r, ulong c, ulong elements_per_row, ulong2 origin, bool transpose) {
   return transpose ? (origin.x + c) * elements_per_row + (origin.y + r) : (origin.y + r) * elements_per_row + (origin.x + c);
 }
+
+#ifdef MTL_EMU_RACE_CHECK
+// The calling lane's two elements, as the hardware accesses them.
+template <class U>
+inline void record_lane_elements(const U* base, ulong elements_per_row, ulong2 origin, bool transpose, bool write) {
+  if (!__mtl::hook_defined(&__mtl::simdgroup_lane_id)) return;
+  int r, c;
+  __mtl::simdgroup_matrix_lane_position(__mtl::simdgroup_lane_id(), r, c);
+  for (int k = 0; k < 2; ++k)
+    __mtl::race_record(base + element_offset(ulong(r), ulong(c + k), elements_per_row, origin, transpose), sizeof(U),
+                       write);
+}
+#endif
 }  // namespace simdgroup_detail
 
 template <class T, int Cols, int Rows, class U>
-inline void simdgroup_load(simdgroup_matrix<T, Cols, Rows>& d, const U* src, ulong elements_per_row = Cols,
+MTL_EMU_UNCHECKED inline void simdgroup_load(simdgroup_matrix<T, Cols, Rows>& d, const U* src, ulong elements_per_row = Cols,
                            ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
   for (int r = 0; r < Rows; ++r)
     for (int c = 0; c < Cols; ++c)
       d.__elements[r][c] =
           T(src[simdgroup_detail::element_offset(ulong(r), ulong(c), elements_per_row, matrix_origin, transpose_matrix)]);
   d.__fragmented = false;
+#ifdef MTL_EMU_RACE_CHECK
+  simdgroup_detail::record_lane_elements(src, elements_per_row, matrix_origin, transpose_matrix, false);
+#endif
 }
 
 // The inverse of simdgroup_load with the same arguments.
 template <class T, int Cols, int Rows, class U>
-inline void simdgroup_store(const simdgroup_matrix<T, Cols, Rows>& a_, U* dst, ulong elements_per_row = Cols,
+MTL_EMU_UNCHECKED inline void simdgroup_store(const simdgroup_matrix<T, Cols, Rows>& a_, U* dst, ulong elements_per_row = Cols,
                             ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
   const simdgroup_matrix<T, Cols, Rows>& a = a_.__fragmented ? simdgroup_detail::whole(a_) : a_;
   for (int r = 0; r < Rows; ++r)
     for (int c = 0; c < Cols; ++c)
       dst[simdgroup_detail::element_offset(ulong(r), ulong(c), elements_per_row, matrix_origin, transpose_matrix)] =
           U(a.__elements[r][c]);
+#ifdef MTL_EMU_RACE_CHECK
+  simdgroup_detail::record_lane_elements(dst, elements_per_row, matrix_origin, transpose_matrix, true);
+#endif
 }
 
 // d = a * b + c
 template <class TD, class TA, class TB, class TC, int Cols, int Rows, int K>
-inline void simdgroup_multiply_accumulate(simdgroup_matrix<TD, Cols, Rows>& d, const simdgroup_matrix<TA, K, Rows>& a_,
+MTL_EMU_UNCHECKED inline void simdgroup_multiply_accumulate(simdgroup_matrix<TD, Cols, Rows>& d, const simdgroup_matrix<TA, K, Rows>& a_,
                                           const simdgroup_matrix<TB, Cols, K>& b_,
                                           const simdgroup_matrix<TC, Cols, Rows>& c_) {
   if (a_.__fragmented || b_.__fragmented || c_.__fragmented) {
@@ -176,7 +203,7 @@ inline void simdgroup_multiply_accumulate(simdgroup_matrix<TD, Cols, Rows>& d, c
 
 // d = a * b
 template <class TD, class TA, class TB, int Cols, int Rows, int K>
-inline void simdgroup_multiply(simdgroup_matrix<TD, Cols, Rows>& d, const simdgroup_matrix<TA, K, Rows>& a_,
+MTL_EMU_UNCHECKED inline void simdgroup_multiply(simdgroup_matrix<TD, Cols, Rows>& d, const simdgroup_matrix<TA, K, Rows>& a_,
                                const simdgroup_matrix<TB, Cols, K>& b_) {
   if (a_.__fragmented || b_.__fragmented) {
     simdgroup_multiply(d, simdgroup_detail::whole(a_), simdgroup_detail::whole(b_));

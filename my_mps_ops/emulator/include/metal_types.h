@@ -8,6 +8,15 @@
 #include <cstdint>
 #include <type_traits>
 
+// Emulator code that touches only the calling thread's own memory (SIMD-group exchange slots,
+// simdgroup_matrix elements): left out of the race check's instrumentation (metal_race_check.cpp),
+// which it would only slow down.
+#ifdef MTL_EMU_RACE_CHECK
+#define MTL_EMU_UNCHECKED __attribute__((no_sanitize("thread")))
+#else
+#define MTL_EMU_UNCHECKED
+#endif
+
 namespace metal {
 
 // ---------------------------------------------------------------------------------------------
