@@ -34,6 +34,7 @@ Data races (missing barriers, unordered device writes) are raised within
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from typing import Dict, Optional, Sequence, Union
 
@@ -175,6 +176,27 @@ class ShaderLibrary:
         return list(super().__dir__()) + list(self._kernels)
 
 
-def compile_shader(source: str, include_dirs: Sequence[str] = ()) -> ShaderLibrary:
-    """Compiles MSL source for the emulator (cached on disk); mirrors torch.mps.compile_shader."""
+STRICT_ENV = "MY_MPS_OPS_EMULATOR_STRICT"
+
+
+def strict_default() -> bool:
+    """compile_shader's `strict` when not given: on when MY_MPS_OPS_EMULATOR_STRICT=1 (the test suite sets it)."""
+    return os.environ.get(STRICT_ENV, "0") not in ("", "0")
+
+
+def compile_shader(source: str, include_dirs: Sequence[str] = (), strict: Optional[bool] = None) -> ShaderLibrary:
+    """Compiles MSL source for the emulator (cached on disk); mirrors torch.mps.compile_shader.
+
+    strict=True first checks the source the way Apple's Metal compiler would
+    (my_mps_ops.emulator.strict: needs clang) and raises MSLStrictError, naming
+    the line, for what Apple's compiler rejects and g++ would accept (a member
+    named `half`, `double`, a pointer without an address space...). Default:
+    off, or MY_MPS_OPS_EMULATOR_STRICT=1."""
+    if strict is None:
+        strict = strict_default()
+    if strict:
+        from .strict import check_msl
+
+        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+        check_msl(source, f"shader_{digest}.metal", include_dirs)
     return ShaderLibrary(source, include_dirs=include_dirs)
