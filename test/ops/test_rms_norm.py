@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import my_mps_ops
-from conftest import TOLERANCES, assert_close, assert_matches_torch_under_cpu_autocast
+from support import TOLERANCES, assert_close, assert_matches_torch_under_cpu_autocast
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAST_DIMS = [1, 3, 127, 4096, 8191, 65536]

@@ -3,14 +3,14 @@
 
 No Apple SDK exists here, so clang compiles each file with -fsyntax-only
 against PyTorch's real headers and the declaration subset of Foundation,
-libdispatch, Metal, MetalPerformanceShaders(Graph) in test/objc_sdk/
+libdispatch, Metal, MetalPerformanceShaders(Graph) in test/objc/objc_sdk/
 (Apple's exact signatures, only what the code uses).
 
 In Objective-C, messaging an unknown selector or passing an object of the
 wrong protocol is only a warning by default; -Werror makes every such
 diagnostic fail the check. Usage:
 
-    python test/check_objc_compile.py [file.mm ...]   # default: csrc/**/*.mm
+    python test/objc/check_objc_compile.py [file.mm ...]   # default: csrc/**/*.mm
 
 Exit status 0 when every file compiles; clang's diagnostics are printed
 otherwise. CLANGXX=/path/to/clang++ picks the compiler.
@@ -25,8 +25,9 @@ import subprocess
 import sys
 import sysconfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SDK_DIR = os.path.join(ROOT, "test", "objc_sdk")
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+SDK_DIR = os.path.join(HERE, "objc_sdk")
 CLANG_CANDIDATES = ["clang++", "clang++-19", "clang++-18", "clang++-17", "clang++-16", "clang++-15", "clang++-14"]
 
 # Objective-C++ as the macOS build compiles it (setup.py: no ARC), with

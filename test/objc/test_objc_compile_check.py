@@ -1,4 +1,4 @@
-"""The Linux syntax check of the Objective-C++ sources (test/check_objc_compile.py).
+"""The Linux syntax check of the Objective-C++ sources (test/objc/check_objc_compile.py).
 
 The real csrc/**/*.mm files must pass; deliberately broken snippets must
 fail with clang's diagnostic, proving the check catches a misspelled
@@ -14,7 +14,6 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import check_objc_compile as checker  # noqa: E402
@@ -149,7 +148,7 @@ void encode(at::mps::MPSStream* stream) {
 
 
 def test_sdk_headers_say_what_they_are():
-    headers = glob.glob(os.path.join(ROOT, "test", "objc_sdk", "**", "*.h"), recursive=True)
+    headers = glob.glob(os.path.join(checker.SDK_DIR, "**", "*.h"), recursive=True)
     assert len(headers) >= 6
     for header in headers:
         with open(header) as f:

@@ -6,7 +6,6 @@ Every test needs an mps device and is skipped elsewhere (never deleted: CI on
 Linux has no GPU, the Metal kernels' logic is covered there by the emulator).
 """
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,8 @@ import threading
 
 import pytest
 import torch
+
+from support import env_importing_this_package
 
 MPS_AVAILABLE = torch.backends.mps.is_available()
 requires_mps = pytest.mark.skipif(not MPS_AVAILABLE, reason="needs an Apple GPU (torch.backends.mps.is_available() is False)")
@@ -343,10 +344,8 @@ def test_concurrent_first_calls_in_a_fresh_process(ops):
         assert len(outs) == 4 and max(outs.values()) < 0.05, outs
         print("ok")
     """)
-    env = dict(os.environ)
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(ops.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env=env_importing_this_package())
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 

@@ -2,7 +2,7 @@
 // of csrc/metal/*.mm only: not the SDK, nothing here is ever linked. Signatures
 // follow the macOS SDK's objc/objc.h and objc/NSObject.h (manual
 // retain/release declarations included: the .mm files are built without
-// ARC); see test/objc_sdk/README.md.
+// ARC); see test/objc/objc_sdk/README.md.
 #pragma once
 
 // objc/objc.h: BOOL is `bool` on arm64 macOS (OBJC_BOOL_IS_BOOL).

@@ -2,7 +2,7 @@
 // csrc/metal/*.mm only: not the SDK, nothing here is ever linked. Signatures
 // follow the macOS SDK's dispatch/object.h, dispatch/queue.h and os/object.h
 // as seen from Objective-C (OS_OBJECT_USE_OBJC: dispatch objects are
-// Objective-C objects); see test/objc_sdk/README.md.
+// Objective-C objects); see test/objc/objc_sdk/README.md.
 #pragma once
 
 #include <objc/NSObject.h>

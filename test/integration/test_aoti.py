@@ -1,7 +1,6 @@
 """AOTInductor: a model using my_mps_ops ops, exported and compiled ahead of
 time, then loaded and run in a fresh process that imported my_mps_ops."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ import torch
 
 import my_mps_ops  # noqa: F401
 from my_mps_ops.models import TinyLlama, TinyLlamaConfig
+from support import env_importing_this_package
 
 DEVICES = ["cpu", "mps"]
 CFG = TinyLlamaConfig(vocab_size=64, dim=64, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=64)
@@ -41,8 +41,7 @@ def test_aoti_package_runs_in_fresh_process(device, tmp_path):
         out = {{k: runner(v.to({device!r})).cpu() for k, v in inputs.items()}}
         torch.save(out, {str(tmp_path / "out.pt")!r})
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=600)
+    subprocess.run([sys.executable, "-c", script], check=True, env=env_importing_this_package(), timeout=600)
     got = torch.load(tmp_path / "out.pt")
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-5)

@@ -4,7 +4,7 @@
 // MTLLibrary.h, MTLComputePipeline.h, MTLCommandEncoder.h,
 // MTLComputeCommandEncoder.h, MTLResource.h, MTLAllocation.h, MTLBuffer.h,
 // MTLCommandQueue.h, MTLCommandBuffer.h, MTLEvent.h); availability and
-// deprecation attributes are left out. See test/objc_sdk/README.md.
+// deprecation attributes are left out. See test/objc/objc_sdk/README.md.
 #pragma once
 
 #include <Foundation/Foundation.h>

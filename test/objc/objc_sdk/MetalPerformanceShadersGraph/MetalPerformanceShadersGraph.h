@@ -2,7 +2,7 @@
 // syntax check of csrc/metal/*.mm only: not the SDK, nothing here is ever
 // linked. Only the classes PyTorch's ATen/mps/MPSStream.h names, with the
 // superclasses of the macOS SDK's MPSGraphCore.h, MPSGraph.h and
-// MPSGraphExecutable.h. See test/objc_sdk/README.md.
+// MPSGraphExecutable.h. See test/objc/objc_sdk/README.md.
 #pragma once
 
 #include <MetalPerformanceShaders/MetalPerformanceShaders.h>

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import my_mps_ops
-from conftest import TOLERANCES, assert_close
+from support import TOLERANCES, assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.my_mps_ops

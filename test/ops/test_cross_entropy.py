@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import my_mps_ops
-from conftest import TOLERANCES
+from support import TOLERANCES
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.my_mps_ops

@@ -1,7 +1,7 @@
 // Foundation (Apple), declaration subset for the Linux syntax check of
 // csrc/metal/*.mm only: not the SDK, nothing here is ever linked. Signatures
 // follow the macOS SDK's Foundation headers (NSObject.h, NSString.h,
-// NSError.h, NSDictionary.h, NSObjCRuntime.h); see test/objc_sdk/README.md.
+// NSError.h, NSDictionary.h, NSObjCRuntime.h); see test/objc/objc_sdk/README.md.
 #pragma once
 
 #include <dispatch/dispatch.h>

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 import my_mps_ops
+from support import ROOT, env_importing_this_package
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OP_TESTS = ["test_glu.py", "test_cross_entropy.py", "test_layer_norm.py", "test_rms_norm.py", "test_rotary.py",
@@ -36,7 +37,7 @@ def _cpu_flags():
 
 
 def _isa_in_subprocess(value):
-    env = dict(os.environ, MY_MPS_OPS_CPU_ISA=value)
+    env = env_importing_this_package(MY_MPS_OPS_CPU_ISA=value)
     return subprocess.run([sys.executable, "-c", "import my_mps_ops; print(my_mps_ops._C.cpu_isa())"], env=env,
                           capture_output=True, text=True, check=True).stdout.strip()
 
@@ -56,10 +57,10 @@ def test_op_cpu_tests_pass_on_each_lower_copy(isa):
     if order.index(best) < order.index(isa):
         pytest.skip(f"this CPU's best copy is {best}")
     assert _isa_in_subprocess(isa) == isa
-    env = dict(os.environ, MY_MPS_OPS_CPU_ISA=isa)
+    env = env_importing_this_package(MY_MPS_OPS_CPU_ISA=isa)
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", CPU_CASES,
                              *[os.path.join(HERE, name) for name in OP_TESTS]], env=env, capture_output=True,
-                            text=True, cwd=HERE)
+                            text=True, cwd=ROOT)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
     assert result.returncode == 0, f"MY_MPS_OPS_CPU_ISA={isa}: {summary}\n{result.stdout[-4000:]}"
     assert " passed" in summary and "failed" not in summary, summary
@@ -68,7 +69,7 @@ def test_op_cpu_tests_pass_on_each_lower_copy(isa):
 def test_unknown_cap_is_refused():
     if not X86:
         pytest.skip("the cap is read by the x86-64 dispatch only")
-    env = dict(os.environ, MY_MPS_OPS_CPU_ISA="sse9")
+    env = env_importing_this_package(MY_MPS_OPS_CPU_ISA="sse9")
     result = subprocess.run([sys.executable, "-c", "import my_mps_ops; my_mps_ops._C.cpu_isa()"], env=env,
                             capture_output=True, text=True)
     assert result.returncode != 0
