@@ -1,8 +1,10 @@
-"""What the tests share: tolerances against float64 references, comparisons,
-and the torch.compile and subprocess helpers. Importable from every test
-directory (pytest.ini puts test/ on the path)."""
+"""What the tests share: the sample-input lists' entries, float64 references'
+inputs and tolerances, comparisons, and the torch.compile and subprocess
+helpers. Importable from every test directory (pytest.ini puts test/ on the
+path)."""
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -15,6 +17,45 @@ TOLERANCES = {
     torch.float16: dict(atol=2e-3, rtol=2e-3),
     torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
 }
+
+
+# The costly kinds of test (about a second a call or more); a sample names
+# those it feeds.
+GRADCHECK, OPCHECK, COMPILE = "gradcheck", "opcheck", "compile"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One entry of an op's sample-input list (SAMPLES in its test file).
+
+    `case` is what the file's sample_inputs() builds the op's arguments from
+    (shapes and options). Every sample feeds the value and gradient tests, on
+    each backend and dtype; `also` names the costly kinds of test it feeds
+    besides (GRADCHECK in float64, OPCHECK and COMPILE in float32)."""
+
+    case: tuple
+    also: tuple = ()
+
+    def __str__(self):  # the test id: e.g. 3x5 for a shape
+        return "x".join(map(str, self.case)) if all(isinstance(c, int) for c in self.case) else \
+            "-".join(map(str, self.case))
+
+
+def feeding(samples, kind):
+    """The samples that feed one costly kind of test."""
+    chosen = [s for s in samples if kind in s.also]
+    assert chosen, f"no sample feeds {kind}"
+    return chosen
+
+
+def float64(t):
+    """A detached float64 cpu copy: references are computed there (MPS has no float64)."""
+    return t.detach().cpu().double()
+
+
+def float64_leaves(*tensors):
+    """float64 cpu copies that require grad (None stays None), for reference gradients."""
+    return [None if t is None else float64(t).requires_grad_() for t in tensors]
 
 
 def scaled_tolerance(dtype, factor):
@@ -42,6 +83,24 @@ def assert_matches_torch_under_cpu_autocast(ours, theirs, features=32):
         a, b = ours(h), theirs(h)
     assert a.dtype == b.dtype == torch.bfloat16
     assert_close(a, b.double(), torch.bfloat16)
+
+
+def assert_compiled_matches_eager(fn, samples, out_tol=None, grad_tol=None):
+    """fn compiled with fullgraph=True and dynamic=True gives eager's result and
+    the gradients of its sum with respect to each tensor argument that requires
+    grad, for every sample (a tuple of fn's arguments); samples of one rank
+    share one dynamic graph. Tolerances default to torch.testing's."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    for args in samples:
+        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        eager, result = fn(*args), compiled(*args)
+        torch.testing.assert_close(result, eager, **(out_tol or {}))
+        if leaves:
+            grads_eager = torch.autograd.grad(eager.sum(), leaves)
+            grads_compiled = torch.autograd.grad(result.sum(), leaves)
+            for ours, expected in zip(grads_compiled, grads_eager):
+                torch.testing.assert_close(ours, expected, **(grad_tol or {}))
 
 
 def env_importing_this_package(**variables):

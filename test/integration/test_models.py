@@ -1,15 +1,13 @@
-"""The tiny Llama reference model and patch_model: my_mps_ops kernels give the
-same logits and gradients as plain PyTorch; a compiled training step has no
-graph breaks and matches eager."""
+"""The tiny Llama reference model: my_mps_ops kernels give the same logits and
+gradients as plain PyTorch; a compiled training step has no graph breaks and
+matches eager."""
 
 import copy
 
-import pytest
 import torch
 
 import my_mps_ops
 from my_mps_ops.models import TinyLlama, TinyLlamaConfig
-from my_mps_ops.patch import FusedSwiGLUMLP, patch_model
 
 CFG = TinyLlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=96, max_seq_len=32)
 
@@ -36,78 +34,6 @@ def test_logits_and_gradients_match_plain_pytorch(backend):
     ours.loss(tokens).backward()
     for (name, p_ref), p_ours in zip(reference.named_parameters(), ours.parameters()):
         torch.testing.assert_close(p_ours.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
-
-
-def test_patch_model_swaps_rms_norms_and_keeps_outputs():
-    torch.manual_seed(0)
-    model = TinyLlama(CFG, use_my_ops=False)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.RMSNorm):
-                m.weight.uniform_(0.5, 1.5)
-    tokens = torch.randint(0, CFG.vocab_size, (2, 9))
-    before = model(tokens)
-    norms_before = sum(isinstance(m, torch.nn.RMSNorm) for m in model.modules())
-    weights = {n: p for n, p in model.named_parameters()}
-    keys = list(model.state_dict())
-    patch_model(model)
-    assert list(model.state_dict()) == keys
-    assert sum(isinstance(m, my_mps_ops.nn.RMSNorm) for m in model.modules()) == norms_before == 2 * CFG.n_layers + 1
-    assert not any(type(m) is torch.nn.RMSNorm for m in model.modules())
-    assert all(p is weights[n] for n, p in model.named_parameters())  # same Parameters
-    assert sum(isinstance(m, FusedSwiGLUMLP) for m in model.modules()) == CFG.n_layers
-    torch.testing.assert_close(model(tokens), before, atol=1e-5, rtol=1e-5)
-
-
-def test_patch_model_training_step_gradients_agree():
-    torch.manual_seed(0)
-    reference = TinyLlama(CFG, use_my_ops=False)
-    patched = copy.deepcopy(reference)
-    patch_model(patched)
-    tokens = torch.randint(0, CFG.vocab_size, (2, 15))
-    reference.loss(tokens).backward()
-    patched.loss(tokens).backward()
-    for (name, p_ref), p_patched in zip(reference.named_parameters(), patched.parameters()):
-        torch.testing.assert_close(p_patched.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
-
-
-def test_patch_model_on_transformers_llama():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    tokens = torch.randint(0, 64, (2, 11))
-    with torch.no_grad():
-        before = model(tokens).logits
-    patch_model(model)
-    assert sum(isinstance(m, my_mps_ops.nn.RMSNorm) for m in model.modules()) == 2 * 2 + 1
-    assert sum(isinstance(m, FusedSwiGLUMLP) for m in model.modules()) == 2
-    with torch.no_grad():
-        torch.testing.assert_close(model(tokens).logits, before, atol=1e-5, rtol=1e-5)
-
-
-def test_patch_model_on_transformers_phi3_fused_gate_up():
-    transformers = pytest.importorskip("transformers")
-    from my_mps_ops.patch import FusedGateUpSwiGLUMLP
-
-    config = transformers.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                     pad_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.Phi3ForCausalLM(config)
-    reference = copy.deepcopy(model)
-    keys = list(model.state_dict())
-    tokens = torch.randint(0, 64, (2, 11))
-    patch_model(model)
-    assert list(model.state_dict()) == keys
-    assert sum(isinstance(m, FusedGateUpSwiGLUMLP) for m in model.modules()) == 2
-    out, ref = model(tokens).logits, reference(tokens).logits
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    out.sum().backward()
-    ref.sum().backward()
-    for (name, p_ref), p in zip(reference.named_parameters(), model.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_compiled_training_step_has_no_graph_breaks_and_matches_eager():

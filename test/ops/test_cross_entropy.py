@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import my_mps_ops
-from support import TOLERANCES
+from support import (COMPILE, GRADCHECK, OPCHECK, TOLERANCES, Sample, assert_compiled_matches_eager, feeding,
+                     float64_leaves)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.my_mps_ops
@@ -21,24 +22,43 @@ def make(n, v, dtype, device, ignore_some=True, seed=0):
     return logits, target.to(device)
 
 
+# (rows, classes): one list for the value and gradient tests (every backend,
+# dtype, reduction and label smoothing) and, where marked, gradcheck, opcheck
+# and torch.compile (two sizes of one rank: one dynamic graph serves both).
+SAMPLES = [
+    Sample((6, 1)),
+    Sample((6, 7)),
+    Sample((5, 11), also=(GRADCHECK, OPCHECK)),
+    Sample((5, 13), also=(COMPILE,)),
+    Sample((9, 13), also=(COMPILE,)),
+    Sample((6, 1000)),
+    Sample((6, 5003)),
+]
+
+
+def sample_inputs(sample, dtype, device, requires_grad=False):
+    """(logits, target); target[1] ignored (-100) where there are over 2 rows."""
+    logits, target = make(*sample.case, dtype, device)
+    return logits.requires_grad_(requires_grad), target
+
+
 def tol(dtype):
     return {k: v * 4 for k, v in TOLERANCES[dtype].items()}
 
 
+@pytest.mark.parametrize("sample", SAMPLES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-@pytest.mark.parametrize("v", [1, 7, 1000, 5003])
-def test_values_and_gradients(backend, dtype, reduction, smoothing, v):
-    logits, target = make(6, v, dtype, backend.device)
-    logits.requires_grad_()
+def test_values_and_gradients(backend, dtype, reduction, smoothing, sample):
+    logits, target = sample_inputs(sample, dtype, backend.device, requires_grad=True)
     loss = my_mps_ops.cross_entropy(logits, target, -100, smoothing, reduction)
-    ref_logits = logits.detach().double().requires_grad_()
-    ref = F.cross_entropy(ref_logits, target, ignore_index=-100, label_smoothing=smoothing, reduction=reduction)
+    (ref_logits,) = float64_leaves(logits)
+    ref = F.cross_entropy(ref_logits, target.cpu(), ignore_index=-100, label_smoothing=smoothing, reduction=reduction)
     assert loss.dtype == dtype and loss.shape == ref.shape
     torch.testing.assert_close(loss.cpu().double(), ref.cpu(), **tol(dtype))
     g = torch.randn_like(ref)
-    loss.backward(g.to(dtype))
+    loss.backward(g.to(device=loss.device, dtype=dtype))
     ref.backward(g)
     torch.testing.assert_close(logits.grad.cpu().double(), ref_logits.grad.cpu(), **tol(dtype))
 
@@ -81,30 +101,27 @@ def test_large_gradient_streamed_cpu():
     torch.testing.assert_close(logits.grad.double(), z64.grad, atol=1e-9, rtol=1e-4)
 
 
-def test_gradcheck_opcheck_compile():
-    logits, target = make(5, 11, torch.float64, "cpu")
-    logits.requires_grad_()
+@pytest.mark.parametrize("sample", feeding(SAMPLES, GRADCHECK), ids=str)
+def test_gradcheck_float64(sample):
+    logits, target = sample_inputs(sample, torch.float64, "cpu", requires_grad=True)
     for reduction in ("mean", "sum", "none"):
         assert torch.autograd.gradcheck(
             lambda z: my_mps_ops.cross_entropy(z, target, -100, 0.2, reduction), (logits,))
-    lf = logits.detach().float().requires_grad_()
+
+
+@pytest.mark.parametrize("sample", feeding(SAMPLES, OPCHECK), ids=str)
+def test_opcheck(sample):
+    lf, target = sample_inputs(sample, torch.float32, "cpu", requires_grad=True)
     for reduction in ("mean", "none"):
         torch.library.opcheck(ops.cross_entropy.default, (lf, target, -100, 0.1, reduction))
         loss, lse = ops.cross_entropy(lf.detach(), target, -100, 0.1, reduction)
         torch.library.opcheck(ops.cross_entropy_backward.default,
                               (torch.ones_like(loss), lf.detach(), target, lse, -100, 0.1, reduction))
-    torch._dynamo.reset()
-    fn = torch.compile(lambda z, t: my_mps_ops.cross_entropy(z, t, label_smoothing=0.1), fullgraph=True,
-                       dynamic=True)
-    for n in (5, 9):
-        z, t = make(n, 13, torch.float32, "cpu", seed=n)
-        z.requires_grad_()
-        eager = my_mps_ops.cross_entropy(z, t, label_smoothing=0.1)
-        (ge,) = torch.autograd.grad(eager, z)
-        comp = fn(z, t)
-        (gc,) = torch.autograd.grad(comp, z)
-        torch.testing.assert_close(comp, eager)
-        torch.testing.assert_close(gc, ge)
+
+
+def test_torch_compile_forward_backward():
+    samples = [sample_inputs(s, torch.float32, "cpu", requires_grad=True) for s in feeding(SAMPLES, COMPILE)]
+    assert_compiled_matches_eager(lambda z, t: my_mps_ops.cross_entropy(z, t, label_smoothing=0.1), samples)
 
 
 def test_module_drop_in():

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import my_mps_ops
-from support import TOLERANCES, assert_close
+from support import (COMPILE, GRADCHECK, OPCHECK, TOLERANCES, Sample, assert_close, assert_compiled_matches_eager,
+                     feeding, float64, float64_leaves, scaled_tolerance)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.my_mps_ops
@@ -25,30 +26,76 @@ def run(kind, gate, up):
 
 KINDS = ["swiglu", "geglu_none", "geglu_tanh"]
 
+# The shapes of gate and up: one list for the value and gradient tests (every
+# backend, dtype and kind) and, where marked, gradcheck, opcheck and
+# torch.compile (two sizes of one rank: one dynamic graph serves both).
+SAMPLES = [
+    Sample((1,), also=(GRADCHECK,)),
+    Sample((3, 5), also=(GRADCHECK,)),
+    Sample((3, 11), also=(GRADCHECK,)),
+    Sample((3, 24), also=(GRADCHECK, COMPILE)),
+    Sample((7, 24), also=(GRADCHECK, COMPILE)),
+    Sample((4, 3, 10), also=(GRADCHECK, OPCHECK)),
+    Sample((6, 131)),
+    Sample((2, 7, 33)),
+    Sample((4, 1000)),
+]
 
-@pytest.mark.parametrize("kind", KINDS)
+
+def sample_inputs(sample, dtype, device, requires_grad=False):
+    """(gate, up); gate spread over the activations' curved range."""
+    gate = (torch.randn(sample.case, dtype=dtype, device=device) * 3).requires_grad_(requires_grad)
+    up = torch.randn(sample.case, dtype=dtype, device=device, requires_grad=requires_grad)
+    return gate, up
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1,), (3, 5), (2, 7, 33), (4, 1000)])
-def test_forward_values(backend, kind, dtype, shape):
-    g = torch.randn(shape, dtype=dtype, device=backend.device) * 3
-    u = torch.randn(shape, dtype=dtype, device=backend.device)
-    expected = act(g.double(), kind) * u.double()
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_values(backend, kind, dtype, sample):
+    g, u = sample_inputs(sample, dtype, backend.device)
+    expected = act(float64(g), kind) * float64(u)
     assert_close(run(kind, g, u), expected, dtype)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sample", SAMPLES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gradients(backend, kind, dtype):
-    g = (torch.randn(6, 131, dtype=dtype, device=backend.device) * 3).requires_grad_()
-    u = torch.randn(6, 131, dtype=dtype, device=backend.device, requires_grad=True)
-    dy = torch.randn(6, 131, dtype=dtype, device=backend.device)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients(backend, kind, dtype, sample):
+    g, u = sample_inputs(sample, dtype, backend.device, requires_grad=True)
+    dy = torch.randn(sample.case, dtype=dtype, device=backend.device)
     run(kind, g, u).backward(dy)
-    g64 = g.detach().double().requires_grad_()
-    u64 = u.detach().double().requires_grad_()
-    (act(g64, kind) * u64).backward(dy.double())
-    tol = {k: v * 2 for k, v in TOLERANCES[dtype].items()}
-    torch.testing.assert_close(g.grad.cpu().double(), g64.grad.cpu(), **tol)
-    torch.testing.assert_close(u.grad.cpu().double(), u64.grad.cpu(), **tol)
+    g64, u64 = float64_leaves(g, u)
+    (act(g64, kind) * u64).backward(float64(dy))
+    tol = scaled_tolerance(dtype, 2)
+    torch.testing.assert_close(g.grad.cpu().double(), g64.grad, **tol)
+    torch.testing.assert_close(u.grad.cpu().double(), u64.grad, **tol)
+
+
+@pytest.mark.parametrize("sample", feeding(SAMPLES, GRADCHECK), ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_float64(kind, sample):
+    g, u = sample_inputs(sample, torch.float64, "cpu", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: run(kind, a, b), (g, u))
+
+
+@pytest.mark.parametrize("sample", feeding(SAMPLES, OPCHECK), ids=str)
+def test_opcheck(sample):
+    g, u = sample_inputs(sample, torch.float32, "cpu", requires_grad=True)
+    dy = torch.randn(sample.case)
+    torch.library.opcheck(ops.swiglu.default, (g, u))
+    torch.library.opcheck(ops.swiglu_backward.default, (dy, g.detach(), u.detach()))
+    for approximate in ("none", "tanh"):
+        torch.library.opcheck(ops.geglu.default, (g, u, approximate))
+        torch.library.opcheck(ops.geglu_backward.default, (dy, g.detach(), u.detach(), approximate))
+
+
+def test_torch_compile_forward_backward():
+    def mlp(gate, up):
+        return my_mps_ops.swiglu(gate, up).sum(-1) + my_mps_ops.geglu(gate, up, "tanh").sum(-1)
+
+    samples = [sample_inputs(s, torch.float32, "cpu", requires_grad=True) for s in feeding(SAMPLES, COMPILE)]
+    assert_compiled_matches_eager(mlp, samples, grad_tol=dict(atol=1e-4, rtol=1e-4))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -118,10 +165,10 @@ def test_fused_projection_halves_and_other_layouts(backend, kind, dtype):
     out = run(kind, gate, up)
     dy = torch.randn_like(out)
     out.backward(dy)
-    gu64 = gate_up.detach().double().requires_grad_()
+    (gu64,) = float64_leaves(gate_up)
     g64, u64 = gu64.chunk(2, dim=-1)
     expected = act(g64, kind) * u64
-    expected.backward(dy.double())
+    expected.backward(float64(dy))
     assert_close(out, expected.detach(), dtype)
     tol = {k: v * 2 for k, v in TOLERANCES[dtype].items()}
     torch.testing.assert_close(gate_up.grad.cpu().double(), gu64.grad.cpu(), **tol)
@@ -133,63 +180,25 @@ def test_fused_projection_halves_and_other_layouts(backend, kind, dtype):
 
     row = torch.randn(h, dtype=dtype, device=backend.device)
     wide = torch.randn(h, 4, dtype=dtype, device=backend.device).t()  # [4, h], stride (1, 4)
-    assert_close(run(kind, wide, row.expand(4, h)), act(wide.double(), kind) * row.double(), dtype)
+    assert_close(run(kind, wide, row.expand(4, h)), act(float64(wide), kind) * float64(row), dtype)
     # Leading dimensions that do not collapse into one row index (copied, then read).
     swapped = torch.randn(5, 3, 2 * h, dtype=dtype, device=backend.device).transpose(0, 1)
     g2, u2 = swapped.chunk(2, dim=-1)
-    assert_close(run(kind, g2, u2), act(g2.double(), kind) * u2.double(), dtype)
+    assert_close(run(kind, g2, u2), act(float64(g2), kind) * float64(u2), dtype)
 
 
 def test_noncontiguous_and_zero_size(backend):
     base = torch.randn(8, 20, device=backend.device)
     g, u = base[:, ::2], base.t()[:10, :8].t()
     assert not g.is_contiguous() and not u.is_contiguous()
-    assert_close(my_mps_ops.swiglu(g, u), F.silu(g.double()) * u.double(), torch.float32)
+    assert_close(my_mps_ops.swiglu(g, u), F.silu(float64(g)) * float64(u), torch.float32)
     offset = torch.randn(30, device=backend.device)[5:17]
-    assert_close(my_mps_ops.geglu(offset, offset), F.gelu(offset.double()) * offset.double(), torch.float32)
+    assert_close(my_mps_ops.geglu(offset, offset), F.gelu(float64(offset)) * float64(offset), torch.float32)
     empty = torch.randn(0, 4, device=backend.device, requires_grad=True)
     out = my_mps_ops.swiglu(empty, empty)
     assert out.shape == (0, 4)
     out.sum().backward()
     assert empty.grad.shape == (0, 4)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_gradcheck_float64(kind):
-    g = (torch.randn(3, 11, dtype=torch.float64) * 2).requires_grad_()
-    u = torch.randn(3, 11, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: run(kind, a, b), (g, u))
-
-
-def test_opcheck():
-    g = torch.randn(4, 3, 10, requires_grad=True)
-    u = torch.randn(4, 3, 10, requires_grad=True)
-    dy = torch.randn(4, 3, 10)
-    torch.library.opcheck(ops.swiglu.default, (g, u))
-    torch.library.opcheck(ops.swiglu_backward.default, (dy, g.detach(), u.detach()))
-    for approximate in ("none", "tanh"):
-        torch.library.opcheck(ops.geglu.default, (g, u, approximate))
-        torch.library.opcheck(ops.geglu_backward.default, (dy, g.detach(), u.detach(), approximate))
-
-
-def test_torch_compile_forward_backward():
-    torch._dynamo.reset()
-
-    def mlp(x, w_gate, w_up):
-        return my_mps_ops.swiglu(x @ w_gate, x @ w_up).sum(-1) + my_mps_ops.geglu(x @ w_gate, x @ w_up, "tanh").sum(-1)
-
-    compiled = torch.compile(mlp, fullgraph=True, dynamic=True)
-    w_gate = torch.randn(16, 24, requires_grad=True)
-    w_up = torch.randn(16, 24, requires_grad=True)
-    for rows in (3, 7):
-        x = torch.randn(rows, 16)
-        out_e = mlp(x, w_gate, w_up)
-        grads_e = torch.autograd.grad(out_e.sum(), (w_gate, w_up))
-        out_c = compiled(x, w_gate, w_up)
-        grads_c = torch.autograd.grad(out_c.sum(), (w_gate, w_up))
-        torch.testing.assert_close(out_c, out_e)
-        for a, b in zip(grads_c, grads_e):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_bad_inputs_raise_naming_the_argument():

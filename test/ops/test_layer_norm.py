@@ -5,44 +5,94 @@ import torch
 import torch.nn.functional as F
 
 import my_mps_ops
-from support import TOLERANCES, assert_close, assert_matches_torch_under_cpu_autocast
+from support import (COMPILE, GRADCHECK, OPCHECK, TOLERANCES, Sample, assert_close, assert_compiled_matches_eager,
+                     assert_matches_torch_under_cpu_autocast, feeding, float64_leaves)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.my_mps_ops
 
+# The input shapes (normalised over the last dimension): one list for the
+# value and gradient tests (every backend and dtype) and, where marked,
+# gradcheck, opcheck and torch.compile (two sizes of one rank: one dynamic
+# graph serves both). Rows of 4096 and more take the kernels' looped paths.
+SAMPLES = [
+    Sample((3, 1)),
+    Sample((5, 1)),
+    Sample((3, 3)),
+    Sample((5, 7)),
+    Sample((3, 2, 13), also=(GRADCHECK, OPCHECK)),
+    Sample((3, 24), also=(COMPILE,)),
+    Sample((8, 24), also=(COMPILE,)),
+    Sample((3, 127)),
+    Sample((5, 1000)),
+    Sample((3, 4096)),
+    Sample((5, 5000)),
+    Sample((3, 8191)),
+]
+
+
+def sample_inputs(sample, dtype, device, requires_grad=False):
+    """(input, weight, bias); the input off-centre and wider than 1."""
+    n = sample.case[-1]
+    x = (torch.randn(sample.case, dtype=dtype, device=device) * 2 + 1).requires_grad_(requires_grad)
+    w = torch.randn(n, dtype=dtype, device=device, requires_grad=requires_grad)
+    b = torch.randn(n, dtype=dtype, device=device, requires_grad=requires_grad)
+    return x, w, b
+
 
 def reference(x, w, b, eps):
-    return F.layer_norm(x.double(), (x.shape[-1],), None if w is None else w.double(),
-                        None if b is None else b.double(), eps)
+    """float64 F.layer_norm on the cpu (differentiable)."""
+    f64 = lambda t: None if t is None else t.cpu().double()
+    return F.layer_norm(f64(x), (x.shape[-1],), f64(w), f64(b), eps)
 
 
 def grad_tol(dtype):
     return {k: v * 4 for k, v in TOLERANCES[dtype].items()}
 
 
+@pytest.mark.parametrize("sample", SAMPLES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 3, 127, 4096, 8191])
-def test_forward_values(backend, dtype, n):
-    x = torch.randn(3, n, dtype=dtype, device=backend.device) * 2 + 1
-    w = torch.randn(n, dtype=dtype, device=backend.device)
-    b = torch.randn(n, dtype=dtype, device=backend.device)
+def test_forward_values(backend, dtype, sample):
+    x, w, b = sample_inputs(sample, dtype, backend.device)
     assert_close(my_mps_ops.layer_norm(x, w, b, 1e-5), reference(x, w, b, 1e-5), dtype)
     assert_close(my_mps_ops.layer_norm(x, None, None, 1e-5), reference(x, None, None, 1e-5), dtype)
     assert_close(my_mps_ops.layer_norm(x, w, None, 1e-5), reference(x, w, None, 1e-5), dtype)
 
 
+@pytest.mark.parametrize("sample", SAMPLES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 7, 1000, 5000])
-def test_gradients(backend, dtype, n):
-    x = torch.randn(5, n, dtype=dtype, device=backend.device, requires_grad=True)
-    w = torch.randn(n, dtype=dtype, device=backend.device, requires_grad=True)
-    b = torch.randn(n, dtype=dtype, device=backend.device, requires_grad=True)
-    g = torch.randn(5, n, dtype=dtype, device=backend.device)
+def test_gradients(backend, dtype, sample):
+    x, w, b = sample_inputs(sample, dtype, backend.device, requires_grad=True)
+    g = torch.randn(sample.case, dtype=dtype, device=backend.device)
     my_mps_ops.layer_norm(x, w, b, 1e-5).backward(g)
-    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
-    F.layer_norm(x64, (n,), w64, b64, 1e-5).backward(g.double())
+    x64, w64, b64 = float64_leaves(x, w, b)
+    F.layer_norm(x64, (sample.case[-1],), w64, b64, 1e-5).backward(g.cpu().double())
     for ours, ref in ((x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
         torch.testing.assert_close(ours.cpu().double(), ref.cpu(), **grad_tol(dtype))
+
+
+@pytest.mark.parametrize("sample", feeding(SAMPLES, GRADCHECK), ids=str)
+def test_gradcheck_float64(sample):
+    x, w, b = sample_inputs(sample, torch.float64, "cpu", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, c, d: my_mps_ops.layer_norm(a, c, d, 1e-5), (x, w, b))
+    assert torch.autograd.gradcheck(lambda a: my_mps_ops.layer_norm(a, None, None, 1e-5), (x,))
+
+
+@pytest.mark.parametrize("sample", feeding(SAMPLES, OPCHECK), ids=str)
+def test_opcheck(sample):
+    xf, wf, bf = sample_inputs(sample, torch.float32, "cpu", requires_grad=True)
+    torch.library.opcheck(ops.layer_norm.default, (xf, wf, bf, 1e-5))
+    torch.library.opcheck(ops.layer_norm.default, (xf, None, None, 1e-5))
+    g = torch.randn(sample.case)
+    torch.library.opcheck(ops.layer_norm_backward.default, (g, xf.detach(), wf.detach(), bf.detach(), 1e-5,
+                                                            [True, True, True]))
+    torch.library.opcheck(ops.layer_norm_backward.default, (g, xf.detach(), None, None, 1e-5, [True, False, False]))
+
+
+def test_torch_compile_forward_backward():
+    samples = [sample_inputs(s, torch.float32, "cpu", requires_grad=True) for s in feeding(SAMPLES, COMPILE)]
+    assert_compiled_matches_eager(lambda x, w, b: my_mps_ops.layer_norm(x, w, b, 1e-5).square(), samples,
+                                  grad_tol=dict(atol=1e-4, rtol=1e-4))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -60,8 +110,8 @@ def test_float32_parameters_of_a_narrow_input(backend, dtype):
     assert_close(out, reference(x, w, b, 1e-5), dtype)
     out.backward(g)
     assert w.grad.dtype == b.grad.dtype == torch.float32 and x.grad.dtype == dtype
-    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
-    F.layer_norm(x64, (n,), w64, b64, 1e-5).backward(g.double())
+    x64, w64, b64 = float64_leaves(x, w, b)
+    F.layer_norm(x64, (n,), w64, b64, 1e-5).backward(g.cpu().double())
     for ours, ref in ((x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
         torch.testing.assert_close(ours.cpu().double(), ref.cpu(), **grad_tol(dtype))
 
@@ -90,21 +140,6 @@ def test_noncontiguous_offset_and_zero_size(backend):
     assert out.shape == (0, 5)
     out.sum().backward()
     assert torch.equal(w.grad.cpu(), torch.zeros(5))
-
-
-def test_gradcheck_opcheck():
-    x = torch.randn(3, 2, 13, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(13, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(13, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, c, d: my_mps_ops.layer_norm(a, c, d, 1e-5), (x, w, b))
-    assert torch.autograd.gradcheck(lambda a: my_mps_ops.layer_norm(a, None, None, 1e-5), (x,))
-    xf, wf, bf = (t.detach().float().requires_grad_() for t in (x, w, b))
-    torch.library.opcheck(ops.layer_norm.default, (xf, wf, bf, 1e-5))
-    torch.library.opcheck(ops.layer_norm.default, (xf, None, None, 1e-5))
-    g = torch.randn(3, 2, 13)
-    torch.library.opcheck(ops.layer_norm_backward.default, (g, xf.detach(), wf.detach(), bf.detach(), 1e-5,
-                                                            [True, True, True]))
-    torch.library.opcheck(ops.layer_norm_backward.default, (g, xf.detach(), None, None, 1e-5, [True, False, False]))
 
 
 def test_torch_compile_and_module():

@@ -1,28 +1,69 @@
-"""my_mps_ops.rms_norm: values, gradients, registrations, compile, errors."""
+"""my_mps_ops.rms_norm and fused_add_rms_norm: values, gradients, registrations, compile, errors."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import my_mps_ops
-from support import TOLERANCES, assert_close, assert_matches_torch_under_cpu_autocast
+from support import (COMPILE, GRADCHECK, OPCHECK, TOLERANCES, Sample, assert_close, assert_compiled_matches_eager,
+                     assert_matches_torch_under_cpu_autocast, feeding, float64, float64_leaves)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-LAST_DIMS = [1, 3, 127, 4096, 8191, 65536]
 ops = torch.ops.my_mps_ops
+EPS = 1e-6
+
+# The input shapes (normalised over the last dimension), for rms_norm and
+# fused_add_rms_norm alike: one list for the value and gradient tests (every
+# backend and dtype, with and without weight) and, where marked, gradcheck,
+# opcheck and torch.compile (two sizes of one rank: one dynamic graph serves
+# both). Rows of 4096 and more take the kernels' looped paths; zero-size
+# shapes have their own checks below as well.
+SAMPLES = [
+    Sample((17,)),
+    Sample((3, 1)),
+    Sample((5, 1)),
+    Sample((3, 3)),
+    Sample((5, 7)),
+    Sample((3, 17), also=(COMPILE,)),
+    Sample((6, 17), also=(COMPILE,)),
+    Sample((4, 33)),
+    Sample((3, 2, 17), also=(GRADCHECK, OPCHECK)),
+    Sample((2, 3, 40)),
+    Sample((4, 3, 40), also=(OPCHECK,)),
+    Sample((3, 127)),
+    Sample((5, 128)),
+    Sample((2, 2, 3, 130)),
+    Sample((4, 300)),
+    Sample((5, 1000)),
+    Sample((3, 4096)),
+    Sample((5, 5000)),
+    Sample((3, 8191)),
+    Sample((2, 65536)),
+    Sample((0, 16)),
+    Sample((4, 0)),
+    Sample((0,)),
+    Sample((2, 0, 8)),
+]
+ZERO_SIZE = [s for s in SAMPLES if 0 in s.case]
+
+
+def sample_inputs(sample, dtype, device, requires_grad=False):
+    """(input, weight)."""
+    x = torch.randn(sample.case, dtype=dtype, device=device, requires_grad=requires_grad)
+    w = torch.randn(sample.case[-1], dtype=dtype, device=device, requires_grad=requires_grad)
+    return x, w
 
 
 def reference(x, weight, eps):
-    """float64 composite reference."""
-    x64 = x.double()
+    """float64 composite reference, on the cpu (differentiable)."""
+    x64 = x.cpu().double()
     y = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
-    return y * weight.double() if weight is not None else y
+    return y * weight.cpu().double() if weight is not None else y
 
 
 def reference_grads(x, weight, eps, grad_out):
-    x64 = x.detach().double().requires_grad_()
-    w64 = weight.detach().double().requires_grad_() if weight is not None else None
-    reference(x64, w64, eps).backward(grad_out.double())
+    x64, w64 = float64_leaves(x, weight)
+    reference(x64, w64, eps).backward(float64(grad_out))
     return x64.grad, (w64.grad if w64 is not None else None)
 
 
@@ -35,23 +76,29 @@ def grad_tol(dtype, n):
     return tol
 
 
+@pytest.mark.parametrize("sample", SAMPLES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", LAST_DIMS)
-def test_forward_values(backend, dtype, n):
-    rows = 3 if n <= 8191 else 2
-    x = torch.randn(rows, n, dtype=dtype, device=backend.device)
-    w = torch.randn(n, dtype=dtype, device=backend.device)
-    assert_close(my_mps_ops.rms_norm(x, w, 1e-6), reference(x, w, 1e-6), dtype)
-    assert_close(my_mps_ops.rms_norm(x, None, 1e-6), reference(x, None, 1e-6), dtype)
+def test_forward_values(backend, dtype, sample):
+    x, w = sample_inputs(sample, dtype, backend.device)
+    for weight in (w, None):
+        out = my_mps_ops.rms_norm(x, weight, EPS)
+        assert out.shape == x.shape and out.is_contiguous()
+        assert_close(out, reference(x, weight, EPS), dtype)
 
 
-@pytest.mark.parametrize("shape", [(17,), (4, 33), (2, 3, 40), (2, 2, 3, 130)])
-def test_ranks(backend, shape):
-    x = torch.randn(shape, device=backend.device)
-    w = torch.rand(shape[-1], device=backend.device) + 0.5
-    out = my_mps_ops.rms_norm(x, w, 1e-5)
-    assert out.shape == x.shape and out.is_contiguous()
-    assert_close(out, reference(x, w, 1e-5))
+@pytest.mark.parametrize("sample", SAMPLES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradients(backend, dtype, sample):
+    n = sample.case[-1]
+    for with_weight in (True, False):
+        x, w = sample_inputs(sample, dtype, backend.device, requires_grad=True)
+        w = w if with_weight else None
+        g = torch.randn(sample.case, dtype=dtype, device=backend.device)
+        my_mps_ops.rms_norm(x, w, EPS).backward(g)
+        dx_ref, dw_ref = reference_grads(x, w, EPS, g)
+        torch.testing.assert_close(x.grad.cpu().double(), dx_ref, **grad_tol(dtype, n))
+        if with_weight:
+            torch.testing.assert_close(w.grad.cpu().double(), dw_ref, **grad_tol(dtype, n))
 
 
 def test_matches_torch_rms_norm(backend):
@@ -74,37 +121,6 @@ def test_noncontiguous_and_offset_views(backend):
         assert_close(my_mps_ops.rms_norm(x, w_strided, 1e-6), reference(x, w_strided, 1e-6))
 
 
-@pytest.mark.parametrize("shape", [(0, 16), (4, 0), (0,), (2, 0, 8)])
-def test_zero_size(backend, shape):
-    x = torch.randn(shape, device=backend.device, requires_grad=True)
-    w = torch.randn(shape[-1], device=backend.device, requires_grad=True)
-    out = my_mps_ops.rms_norm(x, w, 1e-6)
-    assert out.shape == x.shape
-    out.sum().backward()
-    assert x.grad.shape == x.shape
-    assert torch.equal(w.grad.cpu(), torch.zeros(shape[-1]))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 7, 128, 1000, 5000])
-def test_gradients(backend, dtype, n):
-    x = torch.randn(5, n, dtype=dtype, device=backend.device, requires_grad=True)
-    w = torch.randn(n, dtype=dtype, device=backend.device, requires_grad=True)
-    g = torch.randn(5, n, dtype=dtype, device=backend.device)
-    my_mps_ops.rms_norm(x, w, 1e-6).backward(g)
-    dx_ref, dw_ref = reference_grads(x, w, 1e-6, g)
-    torch.testing.assert_close(x.grad.cpu().double(), dx_ref, **grad_tol(dtype, n))
-    torch.testing.assert_close(w.grad.cpu().double(), dw_ref, **grad_tol(dtype, n))
-
-
-def test_gradients_without_weight(backend):
-    x = torch.randn(4, 300, device=backend.device, requires_grad=True)
-    g = torch.randn(4, 300, device=backend.device)
-    my_mps_ops.rms_norm(x, None, 1e-6).backward(g)
-    dx_ref, _ = reference_grads(x, None, 1e-6, g)
-    torch.testing.assert_close(x.grad.cpu().double(), dx_ref, **grad_tol(torch.float32, 300))
-
-
 def test_only_requested_gradients(backend):
     x = torch.randn(3, 64, device=backend.device)
     w = torch.randn(64, device=backend.device, requires_grad=True)
@@ -117,11 +133,46 @@ def test_only_requested_gradients(backend):
     assert grad_input.shape == x.shape and grad_weight.numel() == 0
 
 
-def test_gradcheck_float64():
-    x = torch.randn(3, 2, 17, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(17, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("sample", ZERO_SIZE, ids=str)
+def test_zero_size(backend, sample):
+    x = torch.randn(sample.case, device=backend.device, requires_grad=True)
+    w = torch.randn(sample.case[-1], device=backend.device, requires_grad=True)
+    out = my_mps_ops.rms_norm(x, w, 1e-6)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad.cpu(), torch.zeros(sample.case[-1]))
+
+
+@pytest.mark.parametrize("sample", feeding(SAMPLES, GRADCHECK), ids=str)
+def test_gradcheck_float64(sample):
+    x, w = sample_inputs(sample, torch.float64, "cpu", requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: my_mps_ops.rms_norm(a, b, 1e-5), (x, w))
     assert torch.autograd.gradcheck(lambda a: my_mps_ops.rms_norm(a, None, 1e-5), (x,))
+
+
+@pytest.mark.parametrize("sample", feeding(SAMPLES, OPCHECK), ids=str)
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_opcheck(with_weight, sample):
+    x, w = sample_inputs(sample, torch.float32, "cpu", requires_grad=True)
+    w = w if with_weight else None
+    torch.library.opcheck(ops.rms_norm.default, (x, w, 1e-6))
+    g = torch.randn(sample.case)
+    wd = w.detach() if w is not None else None
+    torch.library.opcheck(ops.rms_norm_backward.default, (g, x.detach(), wd, 1e-6, [True, True]))
+    torch.library.opcheck(ops.rms_norm_backward.default, (g, x.detach(), wd, 1e-6, [False, True]))
+
+
+def test_torch_compile_forward_backward():
+    def block(x, r, w):
+        out, h = my_mps_ops.fused_add_rms_norm(x, r, w, 1e-6)
+        return (out * 2 + h).sum() + my_mps_ops.rms_norm(x, w, 1e-6).square().sum()
+
+    samples = []
+    for sample in feeding(SAMPLES, COMPILE):
+        x, w = sample_inputs(sample, torch.float32, "cpu", requires_grad=True)
+        samples.append((x, torch.randn(sample.case, requires_grad=True), w))
+    assert_compiled_matches_eager(block, samples, grad_tol=dict(atol=1e-5, rtol=1e-5))
 
 
 def test_double_backward_raises():
@@ -130,17 +181,6 @@ def test_double_backward_raises():
     (gx,) = torch.autograd.grad(my_mps_ops.rms_norm(x, w, 1e-5).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         gx.sum().backward()
-
-
-@pytest.mark.parametrize("with_weight", [True, False])
-def test_opcheck(with_weight):
-    x = torch.randn(4, 3, 40, requires_grad=True)
-    w = torch.randn(40, requires_grad=True) if with_weight else None
-    torch.library.opcheck(ops.rms_norm.default, (x, w, 1e-6))
-    g = torch.randn(4, 3, 40)
-    wd = w.detach() if w is not None else None
-    torch.library.opcheck(ops.rms_norm_backward.default, (g, x.detach(), wd, 1e-6, [True, True]))
-    torch.library.opcheck(ops.rms_norm_backward.default, (g, x.detach(), wd, 1e-6, [False, True]))
 
 
 def test_torch_compile_module_forward_backward():
@@ -216,35 +256,34 @@ def fused_reference(x, residual, weight, eps):
     return reference(h, weight, eps), h
 
 
+@pytest.mark.parametrize("sample", SAMPLES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 3, 127, 4096, 8191])
-def test_fused_add_forward(backend, dtype, n):
-    x = torch.randn(3, n, dtype=dtype, device=backend.device)
-    r = torch.randn(3, n, dtype=dtype, device=backend.device)
-    w = torch.randn(n, dtype=dtype, device=backend.device)
-    out, h = my_mps_ops.fused_add_rms_norm(x, r, w, 1e-6)
-    ref_out, ref_h = fused_reference(x, r, w, 1e-6)
+def test_fused_add_forward(backend, dtype, sample):
+    x, w = sample_inputs(sample, dtype, backend.device)
+    r = torch.randn(sample.case, dtype=dtype, device=backend.device)
+    out, h = my_mps_ops.fused_add_rms_norm(x, r, w, EPS)
+    ref_out, ref_h = fused_reference(x, r, w, EPS)
     assert torch.equal(h.cpu(), ref_h.cpu())
     assert_close(out, ref_out, dtype)
-    out, h = my_mps_ops.fused_add_rms_norm(x, r, None, 1e-6)
-    assert_close(out, fused_reference(x, r, None, 1e-6)[0], dtype)
+    out, h = my_mps_ops.fused_add_rms_norm(x, r, None, EPS)
+    assert_close(out, fused_reference(x, r, None, EPS)[0], dtype)
 
 
+@pytest.mark.parametrize("sample", SAMPLES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("use_residual_out", [True, False])
-def test_fused_add_gradients(backend, dtype, use_residual_out):
-    n = 300
-    x = torch.randn(4, n, dtype=dtype, device=backend.device, requires_grad=True)
-    r = torch.randn(4, n, dtype=dtype, device=backend.device, requires_grad=True)
-    w = torch.randn(n, dtype=dtype, device=backend.device, requires_grad=True)
-    g_out = torch.randn(4, n, dtype=dtype, device=backend.device)
-    g_h = torch.randn(4, n, dtype=dtype, device=backend.device)
-    out, h = my_mps_ops.fused_add_rms_norm(x, r, w, 1e-6)
+def test_fused_add_gradients(backend, dtype, use_residual_out, sample):
+    n = sample.case[-1]
+    x, w = sample_inputs(sample, dtype, backend.device, requires_grad=True)
+    r = torch.randn(sample.case, dtype=dtype, device=backend.device, requires_grad=True)
+    g_out = torch.randn(sample.case, dtype=dtype, device=backend.device)
+    g_h = torch.randn(sample.case, dtype=dtype, device=backend.device)
+    out, h = my_mps_ops.fused_add_rms_norm(x, r, w, EPS)
     loss = (out * g_out).sum() + ((h * g_h).sum() if use_residual_out else 0)
     loss.backward()
-    x64, r64, w64 = (t.detach().double().requires_grad_() for t in (x, r, w))
+    x64, r64, w64 = float64_leaves(x, r, w)
     h64 = x64 + r64
-    loss64 = (reference(h64, w64, 1e-6) * g_out.double()).sum() + ((h64 * g_h.double()).sum() if use_residual_out else 0)
+    loss64 = (reference(h64, w64, EPS) * float64(g_out)).sum() + ((h64 * float64(g_h)).sum() if use_residual_out else 0)
     loss64.backward()
     tol = grad_tol(dtype, n)
     torch.testing.assert_close(x.grad.cpu().double(), x64.grad.cpu(), **tol)
@@ -298,34 +337,22 @@ def test_module_under_cpu_autocast_matches_torch():
     assert_matches_torch_under_cpu_autocast(my_mps_ops.nn.RMSNorm(32, eps=1e-6), torch.nn.RMSNorm(32, eps=1e-6))
 
 
-def test_fused_add_gradcheck_opcheck_and_compile():
-    x = torch.randn(3, 2, 17, dtype=torch.float64, requires_grad=True)
-    r = torch.randn(3, 2, 17, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(17, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("sample", feeding(SAMPLES, GRADCHECK), ids=str)
+def test_fused_add_gradcheck_float64(sample):
+    x, w = sample_inputs(sample, torch.float64, "cpu", requires_grad=True)
+    r = torch.randn(sample.case, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b, c: my_mps_ops.fused_add_rms_norm(a, b, c, 1e-5), (x, r, w))
-    xf, rf, wf = (t.detach().float().requires_grad_() for t in (x, r, w))
+
+
+@pytest.mark.parametrize("sample", feeding(SAMPLES, OPCHECK), ids=str)
+def test_fused_add_opcheck(sample):
+    xf, wf = sample_inputs(sample, torch.float32, "cpu", requires_grad=True)
+    rf = torch.randn(sample.case, requires_grad=True)
     torch.library.opcheck(ops.fused_add_rms_norm.default, (xf, rf, wf, 1e-6))
-    g = torch.randn(3, 2, 17)
+    g = torch.randn(sample.case)
     torch.library.opcheck(ops.fused_add_rms_norm_backward.default,
                           (g, g.clone(), xf.detach(), wf.detach(), 1e-6, [True, True]))
     torch.library.opcheck(ops.fused_add_rms_norm_backward.default, (g, None, xf.detach(), None, 1e-6, [True, False]))
-
-    torch._dynamo.reset()
-
-    def block(x, r, w):
-        out, h = my_mps_ops.fused_add_rms_norm(x, r, w, 1e-6)
-        return (out * 2 + h).sum()
-
-    compiled = torch.compile(block, fullgraph=True, dynamic=True)
-    for rows in (3, 6):
-        args = [torch.randn(rows, 17, requires_grad=True), torch.randn(rows, 17, requires_grad=True), wf]
-        eager = block(*args)
-        ge = torch.autograd.grad(eager, args)
-        comp = compiled(*args)
-        gc = torch.autograd.grad(comp, args)
-        torch.testing.assert_close(comp, eager)
-        for a, b in zip(gc, ge):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_fused_add_bad_inputs_and_zero_size():

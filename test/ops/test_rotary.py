@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import my_mps_ops
-from support import TOLERANCES, assert_close
+from support import (COMPILE, GRADCHECK, OPCHECK, TOLERANCES, Sample, assert_close, assert_compiled_matches_eager,
+                     feeding, float64_leaves)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.my_mps_ops
@@ -21,9 +22,9 @@ def tables(seq, half, batch=None, device="cpu"):
 
 
 def reference(x, cos, sin, interleaved, seq_dim):
-    """float64 composite: torch.cat / rotate_half style."""
-    x = x.double()
-    c, s = cos.double(), sin.double()
+    """float64 composite on the cpu (differentiable): torch.cat / rotate_half style."""
+    x = x.cpu().double()
+    c, s = cos.cpu().double(), sin.cpu().double()
     if c.dim() == 2:
         c, s = c[None], s[None]
     # to [batch, seq, 1, half] or [batch, 1, seq, half]
@@ -39,26 +40,75 @@ def reference(x, cos, sin, interleaved, seq_dim):
     return torch.cat((out, rest), dim=-1)
 
 
-CONFIGS = [  # (interleaved, seq_dim, head_dim, rot_half, per_batch)
-    (False, 1, 64, 32, False), (True, 1, 64, 32, False), (False, 2, 64, 32, False), (True, 2, 48, 16, False),
-    (False, 1, 80, 16, True), (False, 2, 6, 1, True),
+def rope(interleaved, seq_dim, head_dim, half, per_batch=False, batch=2, seq=7, heads=3, also=()):
+    """A sample: x of (batch, seq, heads, head_dim) (seq_dim 1) or (batch, heads,
+    seq, head_dim) (seq_dim 2), rotating its first 2 * half features."""
+    return Sample((interleaved, seq_dim, batch, seq, heads, head_dim, half, per_batch), also)
+
+
+def sample_id(sample):
+    interleaved, seq_dim, batch, seq, heads, head_dim, half, per_batch = sample.case
+    return "{}_seqdim{}_b{}s{}h{}d{}_half{}{}".format("gptj" if interleaved else "neox", seq_dim, batch, seq, heads,
+                                                      head_dim, half, "_per_batch" if per_batch else "")
+
+
+# One list for the forward and backward tests (every backend and dtype) and,
+# where marked, gradcheck, opcheck and torch.compile (two sequence lengths: one
+# dynamic graph serves both). NeoX and GPT-J styles, both layouts, partial
+# rotary, per-batch tables.
+SAMPLES = [
+    rope(False, 1, 64, 32), rope(True, 1, 64, 32), rope(False, 2, 64, 32), rope(True, 2, 48, 16),
+    rope(False, 1, 80, 16, per_batch=True), rope(False, 2, 6, 1, per_batch=True),
+    rope(True, 1, 8, 3, batch=1, seq=3, heads=2, also=(GRADCHECK,)),
+    rope(False, 1, 8, 3, batch=1, seq=3, heads=2, also=(OPCHECK,)),
+    rope(False, 1, 8, 4, seq=3, heads=2, also=(COMPILE,)),
+    rope(False, 1, 8, 4, seq=6, heads=2, also=(COMPILE,)),
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("interleaved,seq_dim,head_dim,half,per_batch", CONFIGS)
-def test_forward_and_backward(backend, dtype, interleaved, seq_dim, head_dim, half, per_batch):
-    batch, seq, heads = 2, 7, 3
+def sample_inputs(sample, dtype, device, requires_grad=False):
+    """(x, cos, sin, interleaved, seq_dim): rotary_embedding's arguments."""
+    interleaved, seq_dim, batch, seq, heads, head_dim, half, per_batch = sample.case
     shape = (batch, seq, heads, head_dim) if seq_dim == 1 else (batch, heads, seq, head_dim)
-    x = torch.randn(shape, dtype=dtype, device=backend.device, requires_grad=True)
-    cos, sin = tables(seq, half, batch if per_batch else None, backend.device)
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=requires_grad)
+    cos, sin = tables(seq, half, batch if per_batch else None, device)
+    return x, cos, sin, interleaved, seq_dim
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=sample_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_and_backward(backend, dtype, sample):
+    x, cos, sin, interleaved, seq_dim = sample_inputs(sample, dtype, backend.device, requires_grad=True)
     out = my_mps_ops.rotary_embedding(x, cos, sin, interleaved, seq_dim)
     assert_close(out, reference(x.detach(), cos, sin, interleaved, seq_dim), dtype)
-    g = torch.randn(shape, dtype=dtype, device=backend.device)
+    g = torch.randn(x.shape, dtype=dtype, device=backend.device)
     out.backward(g)
-    x64 = x.detach().double().requires_grad_()
-    reference(x64, cos, sin, interleaved, seq_dim).backward(g.double())
+    (x64,) = float64_leaves(x)
+    reference(x64, cos, sin, interleaved, seq_dim).backward(g.cpu().double())
     torch.testing.assert_close(x.grad.cpu().double(), x64.grad.cpu(), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("sample", feeding(SAMPLES, GRADCHECK), ids=sample_id)
+def test_gradcheck_float64(sample):
+    x, cos, sin, interleaved, seq_dim = sample_inputs(sample, torch.float64, "cpu", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: my_mps_ops.rotary_embedding(a, cos, sin, interleaved, seq_dim), (x,))
+
+
+@pytest.mark.parametrize("sample", feeding(SAMPLES, OPCHECK), ids=sample_id)
+def test_opcheck(sample):
+    xf, cos, sin, interleaved, seq_dim = sample_inputs(sample, torch.float32, "cpu", requires_grad=True)
+    torch.library.opcheck(ops.rotary_embedding.default, (xf, cos, sin, interleaved, seq_dim))
+    # The backward ops in the other style.
+    torch.library.opcheck(ops.rotary_embedding_backward.default, (xf.detach(), cos, sin, not interleaved, seq_dim))
+    k = torch.randn(xf.shape[0], xf.shape[1], 1, xf.shape[3], requires_grad=True)  # one k head
+    torch.library.opcheck(ops.rotary_embedding_qk.default, (xf, k, cos, sin, interleaved, seq_dim))
+    torch.library.opcheck(ops.rotary_embedding_qk_backward.default,
+                          (xf.detach(), k.detach(), cos, sin, not interleaved, seq_dim))
+
+
+def test_torch_compile_forward_backward():
+    samples = [sample_inputs(s, torch.float32, "cpu", requires_grad=True)[:3] for s in feeding(SAMPLES, COMPILE)]
+    assert_compiled_matches_eager(lambda a, c, s: my_mps_ops.rotary_embedding(a, c, s).square(), samples)
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
@@ -70,7 +120,7 @@ def test_qk_in_one_launch_with_fewer_k_heads(backend, interleaved):
     assert_close(qo, reference(q.detach(), cos, sin, interleaved, 1))
     assert_close(ko, reference(k.detach(), cos, sin, interleaved, 1))
     (qo.sum() * 2 + ko.square().sum()).backward()
-    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    q64, k64 = float64_leaves(q, k)
     (reference(q64, cos, sin, interleaved, 1).sum() * 2 + reference(k64, cos, sin, interleaved, 1).square().sum()).backward()
     torch.testing.assert_close(q.grad.cpu().double(), q64.grad.cpu(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(k.grad.cpu().double(), k64.grad.cpu(), atol=1e-4, rtol=1e-4)
@@ -86,30 +136,6 @@ def test_noncontiguous_and_zero_size(backend):
     assert_close(my_mps_ops.rotary_embedding(x, cos, sin), reference(x, cos, sin, False, 1))
     e = torch.randn(0, 5, 3, 16, device=backend.device)
     assert my_mps_ops.rotary_embedding(e, cos, sin).shape == e.shape
-
-
-def test_gradcheck_opcheck_compile():
-    x = torch.randn(1, 3, 2, 8, dtype=torch.float64, requires_grad=True)
-    cos, sin = tables(3, 3)
-    assert torch.autograd.gradcheck(lambda a: my_mps_ops.rotary_embedding(a, cos, sin, True), (x,))
-    xf = x.detach().float().requires_grad_()
-    torch.library.opcheck(ops.rotary_embedding.default, (xf, cos, sin, False, 1))
-    torch.library.opcheck(ops.rotary_embedding_backward.default, (xf.detach(), cos, sin, True, 1))
-    k = torch.randn(1, 3, 1, 8, requires_grad=True)
-    torch.library.opcheck(ops.rotary_embedding_qk.default, (xf, k, cos, sin, False, 1))
-    torch.library.opcheck(ops.rotary_embedding_qk_backward.default, (xf.detach(), k.detach(), cos, sin, True, 1))
-    torch._dynamo.reset()
-    fn = torch.compile(lambda a, c, s: my_mps_ops.rotary_embedding(a, c, s).square().sum(), fullgraph=True,
-                       dynamic=True)
-    for seq in (3, 6):
-        a = torch.randn(2, seq, 2, 8, requires_grad=True)
-        c, s = tables(seq, 4)
-        eager = my_mps_ops.rotary_embedding(a, c, s).square().sum()
-        (ge,) = torch.autograd.grad(eager, a)
-        comp = fn(a, c, s)
-        (gc,) = torch.autograd.grad(comp, a)
-        torch.testing.assert_close(comp, eager)
-        torch.testing.assert_close(gc, ge)
 
 
 def test_bad_inputs():
