@@ -30,11 +30,13 @@ class Sample:
 
     `case` is what the file's sample_inputs() builds the op's arguments from
     (shapes and options). Every sample feeds the value and gradient tests, on
-    each backend and dtype; `also` names the costly kinds of test it feeds
-    besides (GRADCHECK in float64, OPCHECK and COMPILE in float32)."""
+    each backend, in each of `dtypes` (None: every dtype the file tests);
+    `also` names the costly kinds of test it feeds besides (GRADCHECK in
+    float64, OPCHECK and COMPILE in float32)."""
 
     case: tuple
     also: tuple = ()
+    dtypes: tuple = None
 
     def __str__(self):  # the test id: e.g. 3x5 for a shape
         return "x".join(map(str, self.case)) if all(isinstance(c, int) for c in self.case) else \

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import my_mps_ops
+from support import COMPILE, GRADCHECK, OPCHECK, Sample, assert_compiled_matches_eager, feeding
 
 ops = torch.ops.my_mps_ops
 HEAD_DIMS = [32, 64, 80, 96, 128, 256]
-LOW_PRECISION = [torch.float32, torch.float16, torch.bfloat16]
+LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
 # Output tolerance per dtype against a float64 reference computed from the same
 # (rounded) inputs; gradients get GRAD_FACTOR times more (they sum over the
@@ -86,39 +87,81 @@ def assert_close(actual, expected, dtype, factor=1):
     torch.testing.assert_close(actual.detach().cpu().double(), expected, **tol)
 
 
-# ---------------------------------------------------------------- float64 vs SDPA on the CPU kernels
+# ---------------------------------------------------------------- the sample inputs
 
-SHAPES = [  # (q_heads, kv_heads, q_len, kv_len)
-    (2, 2, 37, 37),
-    (4, 2, 33, 70),  # GQA, L < S
-    (4, 1, 70, 45),  # MQA, L > S: causal leaves rows with no key
-    (3, 3, 64, 64),
-]
+def attn(batch, q_heads, kv_heads, q_len, kv_len, head_dim, causal, scale=None, seed=0, dtypes=(), also=()):
+    """A sample: q of (batch, q_heads, q_len, head_dim), k and v of (batch,
+    kv_heads, kv_len, head_dim); the gradient of the output is drawn with seed + 1."""
+    return Sample((batch, q_heads, kv_heads, q_len, kv_len, head_dim, causal, scale, seed), also, dtypes)
 
 
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_forward_and_gradients_match_sdpa_float64(head_dim, causal, shape):
-    q_heads, kv_heads, q_len, kv_len = shape
-    q, k, v = inputs(2, q_heads, kv_heads, q_len, kv_len, head_dim, torch.float64, "cpu", requires_grad=True)
-    out, lse = ops.flash_attention(q, k, v, causal)
+def sample_id(sample):
+    batch, q_heads, kv_heads, q_len, kv_len, head_dim, causal, scale, _ = sample.case
+    return "b{}_h{}-{}_L{}_S{}_d{}_{}{}".format(batch, q_heads, kv_heads, q_len, kv_len, head_dim,
+                                                "causal" if causal else "full",
+                                                "" if scale is None else f"_scale{scale}")
+
+
+def sample_inputs(sample, dtype, device, requires_grad=False):
+    """(q, k, v, causal, scale): flash_attention's arguments."""
+    batch, q_heads, kv_heads, q_len, kv_len, head_dim, causal, scale, seed = sample.case
+    q, k, v = inputs(batch, q_heads, kv_heads, q_len, kv_len, head_dim, dtype, device, requires_grad, seed)
+    return q, k, v, causal, scale
+
+
+def sample_grad_out(sample, out):
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(sample.case[-1] + 1)).to(out)
+
+
+FLOAT64 = (torch.float64,)
+# One list for the value and gradient tests (float64 against SDPA on the CPU
+# kernels; float32, float16 and bfloat16 on every backend) and, where marked,
+# gradcheck, opcheck and torch.compile (two lengths: one dynamic graph serves
+# both).
+SAMPLES = (
+    # float64: every head dim, causal and not; GQA and MQA, L < S and L > S
+    # (causal then leaves rows with no key).
+    [attn(2, q_heads, kv_heads, q_len, kv_len, head_dim, causal, dtypes=FLOAT64)
+     for q_heads, kv_heads, q_len, kv_len in [(2, 2, 37, 37), (4, 2, 33, 70), (4, 1, 70, 45), (3, 3, 64, 64)]
+     for head_dim in HEAD_DIMS for causal in (False, True)]
+    + [attn(1, 4, 2, 11, 13, 32, causal, dtypes=FLOAT64, also=(GRADCHECK,)) for causal in (False, True)]
+    + [attn(1, 2, 1, 9, 5, 32, causal, scale=0.3, dtypes=FLOAT64, also=(GRADCHECK,)) for causal in (False, True)]
+    + [attn(1, 2, 2, 20, 30, 32, causal, scale=0.05, dtypes=FLOAT64) for causal in (False, True)]
+    # Emulator-sized cases (seq 64..256, head_dim 64 and 128, causal and not, GQA).
+    + [attn(1, 2, 1, 64, 64, 64, True, dtypes=LOW_PRECISION),
+       attn(1, 2, 2, 70, 130, 64, False, dtypes=LOW_PRECISION),
+       attn(1, 4, 2, 130, 97, 128, True, dtypes=LOW_PRECISION),  # L > S: rows 0..32 see no key
+       attn(1, 2, 1, 65, 100, 128, False, dtypes=LOW_PRECISION),
+       attn(1, 4, 2, 256, 256, 128, True, dtypes=LOW_PRECISION)]  # the largest emulator size
+    # Small: one instantiation per head dim (the Metal tiles differ for 256).
+    + [attn(2, 2, 1, *((27, 19) if causal else (19, 27)), head_dim, causal, seed=3, dtypes=(torch.float16,))
+       for head_dim in HEAD_DIMS for causal in (False, True)]
+    + [attn(2, 4, 2, 19, 23, 32, causal, dtypes=(torch.float32,), also=(OPCHECK,)) for causal in (False, True)]
+    + [attn(2, 4, 2, seq, seq, 32, True, dtypes=(torch.float32,), also=(COMPILE,)) for seq in (17, 40)]
+)
+FLOAT64_SAMPLES = [s for s in SAMPLES if torch.float64 in s.dtypes]
+BACKEND_SAMPLES = [pytest.param(s, dtype, id=f"{sample_id(s)}-{str(dtype)[6:]}")
+                   for s in SAMPLES for dtype in s.dtypes if dtype != torch.float64]
+
+
+@pytest.mark.parametrize("sample", FLOAT64_SAMPLES, ids=sample_id)
+def test_forward_and_gradients_match_sdpa_float64(sample):
+    q, k, v, causal, scale = sample_inputs(sample, torch.float64, "cpu", requires_grad=True)
+    out, lse = ops.flash_attention(q, k, v, causal, scale)
     assert out.shape == q.shape and out.dtype == torch.float64 and out.is_contiguous()
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float64
-    assert_close(out, reference(q, k, v, causal), torch.float64)
-    torch.testing.assert_close(lse, reference_lse(q, k, causal), atol=1e-10, rtol=1e-10)
-    grad_out = torch.randn_like(out)
+    assert_close(out, reference(q, k, v, causal, scale), torch.float64)
+    torch.testing.assert_close(lse, reference_lse(q, k, causal, scale), atol=1e-10, rtol=1e-10)
+    grad_out = sample_grad_out(sample, out)
     out.backward(grad_out)
-    for ours, expected in zip((q.grad, k.grad, v.grad), reference_grads(q, k, v, causal, grad_out)):
+    for ours, expected in zip((q.grad, k.grad, v.grad), reference_grads(q, k, v, causal, grad_out, scale)):
         assert_close(ours, expected, torch.float64)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_gradcheck_float64(causal):
-    q, k, v = inputs(1, 4, 2, 11, 13, 32, torch.float64, "cpu", requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b, c: my_mps_ops.flash_attention(a, b, c, causal), (q, k, v))
-    q, k, v = inputs(1, 2, 1, 9, 5, 32, torch.float64, "cpu", requires_grad=True)  # L > S
-    assert torch.autograd.gradcheck(lambda a, b, c: my_mps_ops.flash_attention(a, b, c, causal, 0.3), (q, k, v))
+@pytest.mark.parametrize("sample", feeding(SAMPLES, GRADCHECK), ids=sample_id)
+def test_gradcheck_float64(sample):
+    q, k, v, causal, scale = sample_inputs(sample, torch.float64, "cpu", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: my_mps_ops.flash_attention(a, b, c, causal, scale), (q, k, v))
 
 
 def test_square_causal_equals_sdpa_is_causal():
@@ -127,56 +170,20 @@ def test_square_causal_equals_sdpa_is_causal():
     assert_close(my_mps_ops.flash_attention(q, k, v, causal=True), expected, torch.float64)
 
 
-def test_explicit_scale():
-    q, k, v = inputs(1, 2, 2, 20, 30, 32, torch.float64, "cpu")
-    assert_close(my_mps_ops.flash_attention(q, k, v, scale=0.05), reference(q, k, v, False, 0.05), torch.float64)
-    lse = ops.flash_attention(q, k, v, True, 0.05)[1]
-    torch.testing.assert_close(lse, reference_lse(q, k, True, 0.05))
-
-
-# ---------------------------------------------------------------- every backend
-
-# Emulator-sized cases (seq 64..256, head_dim 64 and 128, causal and not, GQA).
-BACKEND_CASES = [  # (q_heads, kv_heads, q_len, kv_len, head_dim, causal)
-    (2, 1, 64, 64, 64, True),
-    (2, 2, 70, 130, 64, False),
-    (4, 2, 130, 97, 128, True),  # L > S: rows 0..32 see no key
-    (2, 1, 65, 100, 128, False),
-    (4, 2, 256, 256, 128, True),  # the issue's largest emulator size
-]
-
-
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("case", BACKEND_CASES, ids=lambda c: "h{}-{}_L{}_S{}_d{}_{}".format(
-    *c[:5], "causal" if c[5] else "full"))
-def test_forward_backward(backend, dtype, case):
-    q_heads, kv_heads, q_len, kv_len, head_dim, causal = case
-    q, k, v = inputs(1, q_heads, kv_heads, q_len, kv_len, head_dim, dtype, backend.device, requires_grad=True)
-    out, lse = ops.flash_attention(q, k, v, causal)
+@pytest.mark.parametrize("sample,dtype", BACKEND_SAMPLES)
+def test_forward_backward(backend, sample, dtype):
+    q, k, v, causal, scale = sample_inputs(sample, dtype, backend.device, requires_grad=True)
+    out, lse = ops.flash_attention(q, k, v, causal, scale)
     assert out.dtype == dtype and lse.dtype == torch.float32 and out.device == q.device
-    assert_close(out, reference(q, k, v, causal), dtype)
-    expected_lse = reference_lse(q, k, causal)
+    assert_close(out, reference(q, k, v, causal, scale), dtype)
+    expected_lse = reference_lse(q, k, causal, scale)
     torch.testing.assert_close(lse.cpu().double(), expected_lse, atol=1e-4, rtol=1e-4)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    grad_out = sample_grad_out(sample, out)
     out.backward(grad_out)
-    expected = reference_grads(q, k, v, causal, grad_out)
+    expected = reference_grads(q, k, v, causal, grad_out, scale)
     for name, ours, ref in zip("qkv", (q.grad, k.grad, v.grad), expected):
         assert ours.dtype == dtype and ours.shape == ref.shape, name
         assert_close(ours, ref, dtype, GRAD_FACTOR)
-
-
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
-@pytest.mark.parametrize("causal", [False, True])
-def test_every_head_dim(backend, head_dim, causal):
-    # Small: one instantiation per head dim (the Metal tiles differ for 256).
-    q_len, kv_len = (27, 19) if causal else (19, 27)
-    q, k, v = inputs(2, 2, 1, q_len, kv_len, head_dim, torch.float16, backend.device, requires_grad=True, seed=3)
-    out = my_mps_ops.flash_attention(q, k, v, causal)
-    assert_close(out, reference(q, k, v, causal), torch.float16)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(out)
-    out.backward(grad_out)
-    for ours, expected in zip((q.grad, k.grad, v.grad), reference_grads(q, k, v, causal, grad_out)):
-        assert_close(ours, expected, torch.float16, GRAD_FACTOR)
 
 
 def test_rows_without_keys_are_zero(backend):
@@ -250,15 +257,21 @@ def test_double_backward_raises():
         gq.sum().backward()
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_opcheck(causal):
-    q, k, v = inputs(2, 4, 2, 19, 23, 32, torch.float32, "cpu", requires_grad=True)
-    torch.library.opcheck(ops.flash_attention.default, (q, k, v, causal, None))
+@pytest.mark.parametrize("sample", feeding(SAMPLES, OPCHECK), ids=sample_id)
+def test_opcheck(sample):
+    q, k, v, causal, scale = sample_inputs(sample, torch.float32, "cpu", requires_grad=True)
+    torch.library.opcheck(ops.flash_attention.default, (q, k, v, causal, scale))
     torch.library.opcheck(ops.flash_attention.default, (q, k, v), {"causal": causal, "scale": 0.2})
-    out, lse = ops.flash_attention(q.detach(), k.detach(), v.detach(), causal)
+    out, lse = ops.flash_attention(q.detach(), k.detach(), v.detach(), causal, scale)
     grad_out = torch.randn_like(out)
     torch.library.opcheck(ops.flash_attention_backward.default,
-                          (grad_out, q.detach(), k.detach(), v.detach(), out, lse, causal, None))
+                          (grad_out, q.detach(), k.detach(), v.detach(), out, lse, causal, scale))
+
+
+def test_torch_compile_forward_backward():
+    samples = [sample_inputs(s, torch.float32, "cpu", requires_grad=True) for s in feeding(SAMPLES, COMPILE)]
+    assert_compiled_matches_eager(lambda q, k, v, causal, scale: my_mps_ops.flash_attention(q, k, v, causal, scale),
+                                  samples)
 
 
 def test_torch_compile_attention_block():

@@ -45,6 +45,9 @@ SAMPLES = [
     Sample((2, 0, 8)),
 ]
 ZERO_SIZE = [s for s in SAMPLES if 0 in s.case]
+# The gradient tests take rows up to 8191 wide: the 65536-wide ones would cost
+# seconds per dtype and backend.
+GRADIENT_SAMPLES = [s for s in SAMPLES if s.case[-1] <= 8191]
 
 
 def sample_inputs(sample, dtype, device, requires_grad=False):
@@ -86,7 +89,7 @@ def test_forward_values(backend, dtype, sample):
         assert_close(out, reference(x, weight, EPS), dtype)
 
 
-@pytest.mark.parametrize("sample", SAMPLES, ids=str)
+@pytest.mark.parametrize("sample", GRADIENT_SAMPLES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gradients(backend, dtype, sample):
     n = sample.case[-1]
@@ -269,7 +272,7 @@ def test_fused_add_forward(backend, dtype, sample):
     assert_close(out, fused_reference(x, r, None, EPS)[0], dtype)
 
 
-@pytest.mark.parametrize("sample", SAMPLES, ids=str)
+@pytest.mark.parametrize("sample", GRADIENT_SAMPLES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("use_residual_out", [True, False])
 def test_fused_add_gradients(backend, dtype, use_residual_out, sample):
