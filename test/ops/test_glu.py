@@ -91,11 +91,11 @@ def test_opcheck(sample):
 
 
 def test_torch_compile_forward_backward():
-    def mlp(gate, up):
+    def both_activations(gate, up):
         return my_mps_ops.swiglu(gate, up).sum(-1) + my_mps_ops.geglu(gate, up, "tanh").sum(-1)
 
     samples = [sample_inputs(s, torch.float32, "cpu", requires_grad=True) for s in feeding(SAMPLES, COMPILE)]
-    assert_compiled_matches_eager(mlp, samples, grad_tol=dict(atol=1e-4, rtol=1e-4))
+    assert_compiled_matches_eager(both_activations, samples, grad_tol=dict(atol=1e-4, rtol=1e-4))
 
 
 @pytest.mark.parametrize("kind", KINDS)
