@@ -321,7 +321,7 @@ def test_float32_weight_of_a_narrow_input(backend, dtype):
     assert torch.equal(h.detach().cpu(), ref_h.cpu())
     assert_close(out, ref_out, dtype)
     out.backward(g)
-    h64 = ref_h.double()
+    h64 = ref_h.cpu().double()
     _, ref_dw = reference_grads(h64, w, 1e-6, g)
     assert w.grad.dtype == torch.float32
     torch.testing.assert_close(w.grad.cpu().double(), ref_dw.cpu(), **tol)
