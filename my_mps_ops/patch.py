@@ -92,36 +92,47 @@ def _silu_gated_mlp(module: nn.Module):
     return None
 
 
-def patch_model(model: nn.Module) -> nn.Module:
-    """Swaps my_mps_ops kernels into a Llama-style model, in place, keeping every
-    Parameter (optimizers keep working) and state_dict key:
+def _replacement_rms_norm(norm: nn.Module) -> my_nn.RMSNorm:
+    weight = getattr(norm, "weight", None)
+    replacement = my_nn.RMSNorm(weight.shape[0] if weight is not None else norm.normalized_shape,
+                                eps=_rms_norm_eps(norm), elementwise_affine=weight is not None,
+                                device=weight.device if weight is not None else None,
+                                dtype=weight.dtype if weight is not None else None)
+    if weight is not None:
+        replacement.weight = weight  # the same Parameter: optimizers keep working
+    return replacement
 
-    - RMSNorm modules (torch.nn.RMSNorm, transformers' LlamaRMSNorm and copies)
-      become my_mps_ops.nn.RMSNorm;
-    - SiLU-gated MLPs (transformers' LlamaMLP-style gate_proj/up_proj/down_proj
-      with act_fn SiLU, or Phi3MLP-style gate_up_proj/down_proj with
-      activation_fn SiLU) run their gate through the fused my_mps_ops.swiglu.
+
+def patch_model(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True) -> nn.Module:
+    """Swaps my_mps_ops kernels into a Llama-style model, in place, keeping every
+    Parameter (optimizers keep working) and state_dict key. Each switch turns
+    one kind of replacement on or off; modules of a kind switched off are left
+    untouched:
+
+    - ``rms_norm``: RMSNorm modules (torch.nn.RMSNorm, transformers'
+      LlamaRMSNorm and copies) become my_mps_ops.nn.RMSNorm;
+    - ``swiglu``: SiLU-gated MLPs (transformers' LlamaMLP-style
+      gate_proj/up_proj/down_proj with act_fn SiLU, or Phi3MLP-style
+      gate_up_proj/down_proj with activation_fn SiLU) run their gate through
+      the fused my_mps_ops.swiglu.
 
     Returns the model."""
-    for name, module in list(model.named_modules()):
+    if not isinstance(model, nn.Module):
+        raise TypeError("patch_model expects a torch.nn.Module (the model to patch in place), "
+                        f"got {type(model).__name__}")
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            mlp = _silu_gated_mlp(child)
-            if mlp is not None:
-                names, (gate, up, down) = mlp
-                setattr(module, child_name, FusedSwiGLUMLP(names, gate, up, down))
-                continue
-            fused = _fused_gate_up_mlp(child)
-            if fused is not None:
-                setattr(module, child_name, FusedGateUpSwiGLUMLP(*fused))
-                continue
-            if not _is_rms_norm(child):
-                continue
-            weight = getattr(child, "weight", None)
-            replacement = my_nn.RMSNorm(weight.shape[0] if weight is not None else child.normalized_shape,
-                                        eps=_rms_norm_eps(child), elementwise_affine=weight is not None,
-                                        device=weight.device if weight is not None else None,
-                                        dtype=weight.dtype if weight is not None else None)
-            if weight is not None:
-                replacement.weight = weight  # the same Parameter: optimizers keep working
-            setattr(module, child_name, replacement)
+            if swiglu:
+                mlp = _silu_gated_mlp(child)
+                if mlp is not None:
+                    names, (gate, up, down) = mlp
+                    setattr(module, child_name, FusedSwiGLUMLP(names, gate, up, down))
+                    continue
+                fused = _fused_gate_up_mlp(child)
+                if fused is not None:
+                    setattr(module, child_name, FusedGateUpSwiGLUMLP(*fused))
+                    continue
+            if rms_norm and _is_rms_norm(child):
+                setattr(module, child_name, _replacement_rms_norm(child))
     return model
+

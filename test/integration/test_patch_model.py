@@ -1,0 +1,169 @@
+"""patch_model: my_mps_ops kernels swapped into plain PyTorch and Hugging Face
+models keep outputs, gradients, Parameters and state_dict keys; each switch
+leaves its kind of module untouched when off."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import my_mps_ops
+from my_mps_ops.models import TinyLlama, TinyLlamaConfig
+from my_mps_ops.patch import FusedGateUpSwiGLUMLP, FusedSwiGLUMLP, patch_model
+
+CFG = TinyLlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=96, max_seq_len=32)
+
+
+def test_patch_model_swaps_rms_norms_and_keeps_outputs():
+    torch.manual_seed(0)
+    model = TinyLlama(CFG, use_my_ops=False)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.RMSNorm):
+                m.weight.uniform_(0.5, 1.5)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 9))
+    before = model(tokens)
+    norms_before = sum(isinstance(m, torch.nn.RMSNorm) for m in model.modules())
+    weights = {n: p for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    patch_model(model)
+    assert list(model.state_dict()) == keys
+    assert sum(isinstance(m, my_mps_ops.nn.RMSNorm) for m in model.modules()) == norms_before == 2 * CFG.n_layers + 1
+    assert not any(type(m) is torch.nn.RMSNorm for m in model.modules())
+    assert all(p is weights[n] for n, p in model.named_parameters())  # same Parameters
+    assert sum(isinstance(m, FusedSwiGLUMLP) for m in model.modules()) == CFG.n_layers
+    torch.testing.assert_close(model(tokens), before, atol=1e-5, rtol=1e-5)
+
+
+def test_patch_model_training_step_gradients_agree():
+    torch.manual_seed(0)
+    reference = TinyLlama(CFG, use_my_ops=False)
+    patched = copy.deepcopy(reference)
+    patch_model(patched)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 15))
+    reference.loss(tokens).backward()
+    patched.loss(tokens).backward()
+    for (name, p_ref), p_patched in zip(reference.named_parameters(), patched.parameters()):
+        torch.testing.assert_close(p_patched.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_patch_model_on_transformers_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    tokens = torch.randint(0, 64, (2, 11))
+    with torch.no_grad():
+        before = model(tokens).logits
+    patch_model(model)
+    assert sum(isinstance(m, my_mps_ops.nn.RMSNorm) for m in model.modules()) == 2 * 2 + 1
+    assert sum(isinstance(m, FusedSwiGLUMLP) for m in model.modules()) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_patch_model_on_transformers_phi3_fused_gate_up():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(config)
+    reference = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    tokens = torch.randint(0, 64, (2, 11))
+    patch_model(model)
+    assert list(model.state_dict()) == keys
+    assert sum(isinstance(m, FusedGateUpSwiGLUMLP) for m in model.modules()) == 2
+    out, ref = model(tokens).logits, reference(tokens).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    ref.sum().backward()
+    for (name, p_ref), p in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+class LlamaStyleMLP(nn.Module):
+    """transformers' LlamaMLP layout: gate_proj, up_proj, down_proj, act_fn."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Phi3StyleMLP(nn.Module):
+    """transformers' Phi3MLP layout: one fused gate_up_proj, down_proj, activation_fn."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.activation_fn = nn.SiLU()
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.activation_fn(gate) * up)
+
+
+def model_with_every_kind():
+    """RMSNorms (with and without weight) and SiLU-gated MLPs in each layout patch_model knows."""
+    torch.manual_seed(0)
+    return nn.ModuleDict({"llama": TinyLlama(CFG, use_my_ops=False), "llama_mlp": LlamaStyleMLP(16, 24),
+                          "phi3_mlp": Phi3StyleMLP(16, 24), "norm": nn.RMSNorm(16),
+                          "plain_norm": nn.RMSNorm(16, elementwise_affine=False)})
+
+
+@pytest.mark.parametrize("rms_norm", [True, False], ids=["rms_norm_on", "rms_norm_off"])
+@pytest.mark.parametrize("swiglu", [True, False], ids=["swiglu_on", "swiglu_off"])
+def test_each_switch_patches_only_its_kind(rms_norm, swiglu):
+    model = model_with_every_kind()
+    before = dict(model.named_modules())
+    norms = {n for n, m in before.items() if type(m) is nn.RMSNorm}
+    mlps = {n for n, m in before.items() if type(m).__name__ in ("SwiGLU", "LlamaStyleMLP", "Phi3StyleMLP")}
+    assert len(norms) == 2 * CFG.n_layers + 1 + 2 and len(mlps) == CFG.n_layers + 2
+    weights = dict(model.named_parameters())
+    keys = list(model.state_dict())
+
+    assert patch_model(model, rms_norm=rms_norm, swiglu=swiglu) is model
+    after = dict(model.named_modules())
+    for name in norms:
+        if rms_norm:
+            assert isinstance(after[name], my_mps_ops.nn.RMSNorm), name
+        else:
+            assert after[name] is before[name], name
+    for name in mlps:
+        if swiglu:
+            assert isinstance(after[name], (FusedSwiGLUMLP, FusedGateUpSwiGLUMLP)), name
+        else:
+            assert after[name] is before[name], name
+    assert sum(isinstance(m, FusedGateUpSwiGLUMLP) for m in model.modules()) == (1 if swiglu else 0)
+    assert list(model.state_dict()) == keys
+    assert all(p is weights[n] for n, p in model.named_parameters())  # same Parameters
+
+
+def test_every_switch_off_leaves_the_model_as_it_was():
+    model = model_with_every_kind()
+    before = dict(model.named_modules())
+    patch_model(model, rms_norm=False, swiglu=False)
+    after = dict(model.named_modules())
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+
+
+@pytest.mark.parametrize("not_a_module", [None, "model", {"weight": torch.ones(2)}], ids=["None", "str", "state_dict"])
+def test_patch_model_refuses_what_is_not_a_module(not_a_module):
+    expected = r"patch_model expects a torch\.nn\.Module .*got " + type(not_a_module).__name__
+    with pytest.raises(TypeError, match=expected):
+        patch_model(not_a_module)
+
+
+def test_switches_are_keyword_only():
+    with pytest.raises(TypeError):
+        patch_model(model_with_every_kind(), False)

@@ -1,0 +1,160 @@
+"""my_mps_ops.cross_entropy: values and gradients vs F.cross_entropy,
+registrations, compile, memory, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import my_mps_ops
+from support import (COMPILE, GRADCHECK, OPCHECK, TOLERANCES, Sample, assert_compiled_matches_eager, feeding,
+                     float64_leaves)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ops = torch.ops.my_mps_ops
+
+
+def make(n, v, dtype, device, ignore_some=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, v, generator=g) * 3).to(dtype).to(device)
+    target = torch.randint(0, v, (n,), generator=g)
+    if ignore_some and n > 2:
+        target[1] = -100
+    return logits, target.to(device)
+
+
+# (rows, classes): one list for the value and gradient tests (every backend,
+# dtype, reduction and label smoothing) and, where marked, gradcheck, opcheck
+# and torch.compile (two sizes of one rank: one dynamic graph serves both).
+SAMPLES = [
+    Sample((6, 1)),
+    Sample((6, 7)),
+    Sample((5, 11), also=(GRADCHECK, OPCHECK)),
+    Sample((5, 13), also=(COMPILE,)),
+    Sample((9, 13), also=(COMPILE,)),
+    Sample((6, 1000)),
+    Sample((6, 5003)),
+]
+
+
+def sample_inputs(sample, dtype, device, requires_grad=False):
+    """(logits, target); target[1] ignored (-100) where there are over 2 rows."""
+    logits, target = make(*sample.case, dtype, device)
+    return logits.requires_grad_(requires_grad), target
+
+
+def tol(dtype):
+    return {k: v * 4 for k, v in TOLERANCES[dtype].items()}
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_values_and_gradients(backend, dtype, reduction, smoothing, sample):
+    logits, target = sample_inputs(sample, dtype, backend.device, requires_grad=True)
+    loss = my_mps_ops.cross_entropy(logits, target, -100, smoothing, reduction)
+    (ref_logits,) = float64_leaves(logits)
+    ref = F.cross_entropy(ref_logits, target.cpu(), ignore_index=-100, label_smoothing=smoothing, reduction=reduction)
+    assert loss.dtype == dtype and loss.shape == ref.shape
+    torch.testing.assert_close(loss.cpu().double(), ref.cpu(), **tol(dtype))
+    g = torch.randn_like(ref)
+    loss.backward(g.to(device=loss.device, dtype=dtype))
+    ref.backward(g)
+    torch.testing.assert_close(logits.grad.cpu().double(), ref_logits.grad.cpu(), **tol(dtype))
+
+
+def test_all_ignored_and_zero_rows(backend):
+    logits = torch.randn(3, 5, device=backend.device, requires_grad=True)
+    target = torch.full((3,), -100, device=backend.device)
+    loss = my_mps_ops.cross_entropy(logits, target)
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(logits.detach(), target))
+    assert my_mps_ops.cross_entropy(logits, target, reduction="sum").item() == 0.0
+    my_mps_ops.cross_entropy(logits, target, reduction="sum").backward()
+    assert torch.equal(logits.grad.cpu(), torch.zeros(3, 5))
+    empty = torch.randn(0, 5, device=backend.device)
+    assert my_mps_ops.cross_entropy(empty, torch.zeros(0, dtype=torch.long, device=backend.device),
+                                    reduction="none").shape == (0,)
+
+
+def test_noncontiguous_logits(backend):
+    base = torch.randn(40, 9, device=backend.device)
+    logits = base.t()  # [9, 40], stride (1, 9)
+    target = torch.randint(0, 40, (9,), device=backend.device)
+    torch.testing.assert_close(my_mps_ops.cross_entropy(logits, target), F.cross_entropy(logits, target),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_large_vocabulary_bfloat16():
+    logits, target = make(4, 262_144, torch.bfloat16, "cpu")
+    loss = my_mps_ops.cross_entropy(logits, target)
+    torch.testing.assert_close(loss.double(), F.cross_entropy(logits.double(), target), atol=2e-2, rtol=1e-2)
+
+
+def test_large_gradient_streamed_cpu():
+    # A float32 gradient of 16 MiB or more per thread takes the streaming-store
+    # path; V = 40_003 makes every row start at a different alignment.
+    logits, target = make(240, 40_003, torch.float32, "cpu")
+    logits.requires_grad_()
+    my_mps_ops.cross_entropy(logits, target, label_smoothing=0.1).backward()
+    z64 = logits.detach().double().requires_grad_()
+    F.cross_entropy(z64, target, label_smoothing=0.1).backward()
+    torch.testing.assert_close(logits.grad.double(), z64.grad, atol=1e-9, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sample", feeding(SAMPLES, GRADCHECK), ids=str)
+def test_gradcheck_float64(sample):
+    logits, target = sample_inputs(sample, torch.float64, "cpu", requires_grad=True)
+    for reduction in ("mean", "sum", "none"):
+        assert torch.autograd.gradcheck(
+            lambda z: my_mps_ops.cross_entropy(z, target, -100, 0.2, reduction), (logits,))
+
+
+@pytest.mark.parametrize("sample", feeding(SAMPLES, OPCHECK), ids=str)
+def test_opcheck(sample):
+    lf, target = sample_inputs(sample, torch.float32, "cpu", requires_grad=True)
+    for reduction in ("mean", "none"):
+        torch.library.opcheck(ops.cross_entropy.default, (lf, target, -100, 0.1, reduction))
+        loss, lse = ops.cross_entropy(lf.detach(), target, -100, 0.1, reduction)
+        torch.library.opcheck(ops.cross_entropy_backward.default,
+                              (torch.ones_like(loss), lf.detach(), target, lse, -100, 0.1, reduction))
+
+
+def test_torch_compile_forward_backward():
+    samples = [sample_inputs(s, torch.float32, "cpu", requires_grad=True) for s in feeding(SAMPLES, COMPILE)]
+    assert_compiled_matches_eager(lambda z, t: my_mps_ops.cross_entropy(z, t, label_smoothing=0.1), samples)
+
+
+def test_module_drop_in():
+    logits, target = make(6, 20, torch.float32, "cpu", ignore_some=False)
+    target[2] = 3
+    for kwargs in ({}, {"reduction": "sum", "label_smoothing": 0.2}, {"ignore_index": 3}):
+        ours = my_mps_ops.nn.CrossEntropyLoss(**kwargs)(logits, target)
+        theirs = torch.nn.CrossEntropyLoss(**kwargs)(logits, target)
+        torch.testing.assert_close(ours, theirs)
+    w = torch.rand(20)  # class weights: falls back to F.cross_entropy
+    torch.testing.assert_close(my_mps_ops.nn.CrossEntropyLoss(weight=w)(logits, target),
+                               torch.nn.CrossEntropyLoss(weight=w)(logits, target))
+
+
+def test_bad_inputs():
+    logits = torch.randn(4, 10)
+    with pytest.raises(RuntimeError, match=r"target\[2\] = 10 is out of range for 10 classes"):
+        my_mps_ops.cross_entropy(logits, torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(RuntimeError, match="target must be int64"):
+        my_mps_ops.cross_entropy(logits, torch.tensor([0, 1, 2, 3], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"target must have shape \[N\]"):
+        my_mps_ops.cross_entropy(logits, torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match=r"logits must have shape \[N, V\]"):
+        my_mps_ops.cross_entropy(torch.randn(2, 3, 4), torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="reduction must be"):
+        my_mps_ops.cross_entropy(logits, torch.tensor([0, 1, 2, 3]), reduction="avg")
+    with pytest.raises(RuntimeError, match="label_smoothing must be in"):
+        my_mps_ops.cross_entropy(logits, torch.tensor([0, 1, 2, 3]), label_smoothing=1.5)
+
+
+def test_out_of_range_target_on_the_metal_path_gives_nan():
+    from my_mps_ops.testing import metal_emulation
+
+    with metal_emulation():
+        loss = my_mps_ops.cross_entropy(torch.randn(3, 5), torch.tensor([0, 7, 1]), reduction="none")
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
