@@ -6,7 +6,8 @@
 // Each task owns a tile of queries x keys at a time; the tile products are
 // small row-major matrix multiplies on the copy's vectors (matmul_acc: Vec for
 // float32, the double vector of the same width for float64), the scores'
-// exponentials run through vec::exp_poly (float32; libm's exp for float64).
+// exponentials through vec::exp_poly_nonpositive (float32; libm's exp for
+// float64).
 // Per task memory: one key block's K^T, a score tile and an output
 // accumulator, so memory stays linear in the sequence.
 #include "cpu/dispatch.h"
@@ -76,14 +77,16 @@ void matmul_acc(A* C, int64_t ldc, const A* Am, int64_t lda, const A* B, int64_t
   }
 }
 
-// s[j] = exp(s[j] * scale - shift) for j < n (scores minus their row maximum
-// or log-sum-exp): vec::exp_poly for float32, std::exp for float64 (gradcheck).
+// s[j] = exp(s[j] * scale - shift) for j < n, for arguments <= 0 (scores
+// minus their row maximum or log-sum-exp): vec::exp_poly_nonpositive for
+// float32, std::exp for float64 (gradcheck).
 template <typename A>
 void exp_shifted(A* s, int64_t n, A scale, A shift) {
   int64_t j = 0;
   if constexpr (std::is_same_v<A, float>) {
     constexpr int64_t L = vec::kLanes<Vec>;
-    for (; j + L <= n; j += L) vec::storev(s + j, vec::exp_poly(vec::loadv<Vec>(s + j) * scale - shift));
+    for (; j + L <= n; j += L)
+      vec::storev(s + j, vec::exp_poly_nonpositive(vec::loadv<Vec>(s + j) * scale - shift));
     for (; j < n; ++j) s[j] = vec::exp_f32(s[j] * scale - shift);
   } else {
     for (; j < n; ++j) s[j] = std::exp(s[j] * scale - shift);
