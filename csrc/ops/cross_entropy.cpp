@@ -81,20 +81,16 @@ Tensor reduce_rows(const Tensor& losses, const Tensor& target, int64_t ignore_in
 std::tuple<Tensor, Tensor> row_losses_and_lse(const Tensor& logits, const Tensor& target, int64_t ignore_index,
                                               double smoothing) {
   const int64_t rows = logits.size(0), v = logits.size(1);
+  // Both paths: rows with no class have no loss (F.cross_entropy raises too).
+  TORCH_CHECK(v > 0 || rows == 0, kOp, ": logits must have at least one class");
   if (use_metal_path(logits)) {
     Tensor losses = at::empty({rows}, logits.options().dtype(at::kFloat));
     Tensor lse = at::empty({rows}, logits.options().dtype(at::kFloat));
-    if (rows > 0 && v > 0) {
-      metal::cross_entropy_forward(kOp, {logits, target, losses, lse}, ignore_index, smoothing);
-    } else if (rows > 0) {
-      losses.fill_(std::numeric_limits<float>::quiet_NaN());
-      lse.fill_(-std::numeric_limits<float>::infinity());
-    }
+    if (rows > 0) metal::cross_entropy_forward(kOp, {logits, target, losses, lse}, ignore_index, smoothing);
     return {losses, lse};
   }
   Tensor losses = at::empty({rows}, logits.options().dtype(stats_dtype(logits)));
   Tensor lse = at::empty({rows}, logits.options().dtype(stats_dtype(logits)));
-  TORCH_CHECK(v > 0 || rows == 0, kOp, ": logits must have at least one class");
   if (rows == 0) return {losses, lse};
   const int64_t bad = cpu::cross_entropy_forward_stub(
       logits.scalar_type(),

@@ -158,3 +158,11 @@ def test_out_of_range_target_on_the_metal_path_gives_nan():
     with metal_emulation():
         loss = my_mps_ops.cross_entropy(torch.randn(3, 5), torch.tensor([0, 7, 1]), reduction="none")
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+
+
+def test_no_classes_raises_on_every_backend(backend):
+    # The Metal path used to return NaN losses here where the CPU path raised.
+    logits = torch.randn(3, 0, device=backend.device)
+    target = torch.zeros(3, dtype=torch.long, device=backend.device)
+    with pytest.raises(RuntimeError, match="logits must have at least one class"):
+        my_mps_ops.cross_entropy(logits, target)
