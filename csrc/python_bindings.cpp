@@ -1,7 +1,9 @@
 // The my_mps_ops._C Python module: importing it registers every operator
 // (TORCH_LIBRARY blocks in the other translation units); these bindings
 // expose what the Python layer needs beyond torch.ops.
-#include <torch/extension.h>
+// Plain pybind11: nothing here passes tensors, and torch/extension.h (the
+// whole C++ frontend) would make this the slowest file of the build.
+#include <pybind11/pybind11.h>
 
 #include "cpu/dispatch.h"
 #include "metal/embedded_shaders.h"

@@ -2,7 +2,8 @@
 // _C by my_mps_ops.emulator on import) and what compile_shader needs.
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "emulator.h"
 #include "metal/executor_capsule.h"
