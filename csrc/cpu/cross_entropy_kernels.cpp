@@ -43,7 +43,7 @@ namespace {
 
 using vec::acc_t;
 
-constexpr int64_t kBlock = 512;
+constexpr int64_t kClassBlock = 512;
 
 // Max and sum of one in-cache block.
 __attribute__((always_inline)) inline void block_max_sum(const float* x, int64_t len, float& max_out,
@@ -93,10 +93,10 @@ template <typename T>
 __attribute__((always_inline)) inline std::pair<acc_t<T>, acc_t<T>> row_lse(const T* z, int64_t v) {
   using Acc = acc_t<T>;
   constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
-  Acc staged[kBlock];
+  Acc staged[kClassBlock];
   Acc m = kNegInf, s = 0, sum_z = 0;
-  for (int64_t b = 0; b < v; b += kBlock) {
-    const int64_t len = std::min(kBlock, v - b);
+  for (int64_t b = 0; b < v; b += kClassBlock) {
+    const int64_t len = std::min(kClassBlock, v - b);
     // Narrow types are widened into a staging block; wide ones are read in
     // place (a copy here would compile to rep movs and cost more than the math).
     const Acc* block = staged;
@@ -144,13 +144,6 @@ int64_t forward_rows(const CrossEntropyForwardArgs& a) {
   return bad_row.load();
 }
 
-// A vector store, streaming (non-temporal) when kStream.
-template <bool kStream>
-__attribute__((always_inline)) inline void store(float* p, Vec v) {
-  if constexpr (kStream) vec::streamv(p, v);
-  else vec::storev(p, v);
-}
-
 // Gradient rows [begin, end). float32 goes straight from the logits to the
 // gradient (with streaming stores from the first aligned element when
 // kStream); float16 / bfloat16 through a float32 block; float64 with libm.
@@ -165,7 +158,7 @@ __attribute__((always_inline)) inline void backward_row_range(const CrossEntropy
   auto* grad = static_cast<T*>(a.grad_logits);
   const int64_t v = a.classes;
   const float smoothing = a.label_smoothing;
-  Acc block[kBlock];
+  Acc block[kClassBlock];
   for (int64_t r = begin; r < end; ++r) {
     const T* z = logits + r * v;
     T* gr = grad + r * v;
@@ -181,15 +174,15 @@ __attribute__((always_inline)) inline void backward_row_range(const CrossEntropy
       if constexpr (kStream) {
         for (const int64_t head = std::min(v, vec::floats_to_align(gr, sizeof(Vec))); i < head; ++i)
           gr[i] = g * (vec::exp_f32(z[i] - row_lse) - uniform);
-        for (; i + L <= v; i += L) store<true>(gr + i, g * (vec::exp_poly(vec::loadv<Vec>(z + i) - lse_v) - uniform));
+        for (; i + L <= v; i += L) vec::streamv(gr + i, g * (vec::exp_poly(vec::loadv<Vec>(z + i) - lse_v) - uniform));
       }
-      for (; i + L <= v; i += L) store<false>(gr + i, g * (vec::exp_poly(vec::loadv<Vec>(z + i) - lse_v) - uniform));
+      for (; i + L <= v; i += L) vec::storev(gr + i, g * (vec::exp_poly(vec::loadv<Vec>(z + i) - lse_v) - uniform));
       for (; i < v; ++i) gr[i] = g * (vec::exp_f32(z[i] - row_lse) - uniform);
       if (t >= 0 && t < v) gr[t] -= g * (Acc(1) - smoothing);
       continue;
     }
-    for (int64_t b = 0; b < v; b += kBlock) {
-      const int64_t len = std::min(kBlock, v - b);
+    for (int64_t b = 0; b < v; b += kClassBlock) {
+      const int64_t len = std::min(kClassBlock, v - b);
       if constexpr (std::is_same_v<Acc, float>) {
         vec::widen(z + b, block, len);
         const Vec lse_v = vec::splatv<Vec>(row_lse);
@@ -208,15 +201,12 @@ __attribute__((always_inline)) inline void backward_row_range(const CrossEntropy
   }
 }
 
-// Streaming stores need the AVX copy's 32-byte vectors (x86-64).
-constexpr bool kCanStream = sizeof(Vec) >= 32;
-
 // A task whose gradient rows add up to vec::kStreamMinBytes or more writes
 // them with streaming stores (float32 rows).
 template <typename T>
 void backward_rows(const CrossEntropyBackwardArgs& a) {
   at::parallel_for(0, a.rows, cpu::row_grain(a.classes), [&](int64_t begin, int64_t end) {
-    if constexpr (kCanStream) {
+    if constexpr (vec::kCanStream) {
       if (int64_t(sizeof(T)) * a.classes * (end - begin) >= vec::kStreamMinBytes) {
         backward_row_range<T, true>(a, begin, end);
         return vec::stream_fence();

@@ -105,6 +105,8 @@ using Vec = f32x8;
 #else
 using Vec = f32x16;
 #endif
+// Streaming stores need the AVX copies' 32- or 64-byte vectors (x86-64).
+constexpr bool kCanStream = sizeof(Vec) >= 32;
 }  // namespace my_mps_ops::cpu::MY_MPS_OPS_CPU_CAPABILITY::vec
 MY_MPS_OPS_CPU_TARGET_POP
 
@@ -123,7 +125,7 @@ MY_MPS_OPS_CPU_TARGET_POP
 // entry of `stub`. Outside the target region, so the static initialiser runs
 // baseline code on any CPU.
 #define MY_MPS_OPS_REGISTER_CPU_KERNEL(stub, fn)                                       \
-  [[maybe_unused]] static const bool MY_MPS_OPS_CPU_CAT(registered_, __LINE__) = [] { \
+  [[maybe_unused]] static const bool MY_MPS_OPS_CPU_CAT(registered_, __COUNTER__) = [] { \
     (stub).copies[MY_MPS_OPS_CPU_INDEX] = &::my_mps_ops::cpu::MY_MPS_OPS_CPU_CAPABILITY::fn; \
     return true;                                                                       \
   }()

@@ -2,7 +2,7 @@
 // CPU loops of the gated activations: swiglu = silu(gate) * up and geglu =
 // gelu(gate) * up, forward and backward (which recomputes the activation).
 //
-// Blocks of kBlock elements are widened to float32 (float64 stays float64),
+// Blocks of kGluBlock elements are widened to float32 (float64 stays float64),
 // then each activation runs on the copy's float32 vectors. The float32 path
 // uses vec::exp_poly and the erf of Abramowitz & Stegun 7.1.26 (as the
 // shader, constants in shaders/include/glu.h): libm calls run one element at
@@ -32,7 +32,7 @@ using shaders::kSqrtHalf;
 using shaders::kTanhCoef;
 
 constexpr int64_t kGrain = 32768;
-constexpr int64_t kBlock = 256;
+constexpr int64_t kGluBlock = 256;
 
 // act(x) and act'(x) for float64 (gradcheck): libm's exp and erf.
 template <GluActivation A>
@@ -87,13 +87,6 @@ __attribute__((always_inline)) inline void activation(V x, V& value, V& grad) {
   }
 }
 
-// A vector store, streaming (non-temporal) when kStream.
-template <bool kStream>
-__attribute__((always_inline)) inline void store(float* p, Vec v) {
-  if constexpr (kStream) vec::streamv(p, v);
-  else vec::storev(p, v);
-}
-
 // float32 rows; out may alias gate and the gradients may alias gate / up
 // (the narrow-type path reuses its blocks): each element is read before it is
 // written.
@@ -104,7 +97,7 @@ __attribute__((always_inline)) inline void forward_f32(const float* gate, const 
   for (; i + L <= len; i += L) {
     Vec v, d;
     activation<A>(vec::loadv<Vec>(gate + i), v, d);
-    store<kStream>(out + i, v * vec::loadv<Vec>(up + i));
+    vec::store_maybe_streaming<kStream>(out + i, v * vec::loadv<Vec>(up + i));
   }
   for (; i < len; ++i) {
     float v, d;
@@ -122,8 +115,8 @@ __attribute__((always_inline)) inline void backward_f32(const float* dy, const f
     Vec v, d;
     activation<A>(vec::loadv<Vec>(gate + i), v, d);
     const Vec y = vec::loadv<Vec>(dy + i), u = vec::loadv<Vec>(up + i);
-    store<kStream>(dgate + i, y * u * d);
-    store<kStream>(dup + i, y * v);
+    vec::store_maybe_streaming<kStream>(dgate + i, y * u * d);
+    vec::store_maybe_streaming<kStream>(dup + i, y * v);
   }
   for (; i < len; ++i) {
     float v, d;
@@ -134,7 +127,7 @@ __attribute__((always_inline)) inline void backward_f32(const float* dy, const f
   }
 }
 
-// One block of at most kBlock elements: float32 is read and written in place;
+// One block of at most kGluBlock elements: float32 is read and written in place;
 // float16/bfloat16 are widened into float32 blocks in cache; float64 runs the
 // libm form.
 template <GluActivation A, typename T>
@@ -148,7 +141,7 @@ inline void forward_block(const T* gate, const T* up, T* out, int64_t len) {
       out[i] = v * up[i];
     }
   } else {
-    float g[kBlock], u[kBlock];
+    float g[kGluBlock], u[kGluBlock];
     vec::widen(gate, g, len);
     vec::widen(up, u, len);
     forward_f32<A>(g, u, g, len);
@@ -168,7 +161,7 @@ inline void backward_block(const T* dy, const T* gate, const T* up, T* dgate, T*
       dup[i] = dy[i] * v;
     }
   } else {
-    float g[kBlock], u[kBlock], y[kBlock];
+    float g[kGluBlock], u[kGluBlock], y[kGluBlock];
     vec::widen(gate, g, len);
     vec::widen(up, u, len);
     vec::widen(dy, y, len);
@@ -178,42 +171,39 @@ inline void backward_block(const T* dy, const T* gate, const T* up, T* dgate, T*
   }
 }
 
-// Streaming stores need the AVX copies' 32- or 64-byte vectors (x86-64).
-constexpr bool kCanStream = sizeof(Vec) >= 32;
-
 // Elements [begin, end) of flat rows. float32 outputs of kStreamMinBytes or
 // more are written with streaming stores: a short head up to the vector's
 // alignment, then aligned blocks (the gradients come from the same allocator
 // alignment, so one head serves both).
 template <GluActivation A, typename T>
 void forward_range(const T* gate, const T* up, T* out, int64_t begin, int64_t end, bool stream) {
-  if constexpr (std::is_same_v<T, float> && kCanStream) {
+  if constexpr (std::is_same_v<T, float> && vec::kCanStream) {
     if (stream) {
       const int64_t head = std::min(end, begin + vec::floats_to_align(out + begin, sizeof(Vec)));
       forward_f32<A>(gate + begin, up + begin, out + begin, head - begin);
-      for (int64_t b = head; b < end; b += kBlock)
-        forward_f32<A, true>(gate + b, up + b, out + b, std::min(kBlock, end - b));
+      for (int64_t b = head; b < end; b += kGluBlock)
+        forward_f32<A, true>(gate + b, up + b, out + b, std::min(kGluBlock, end - b));
       return vec::stream_fence();
     }
   }
-  for (int64_t b = begin; b < end; b += kBlock)
-    forward_block<A, T>(gate + b, up + b, out + b, std::min(kBlock, end - b));
+  for (int64_t b = begin; b < end; b += kGluBlock)
+    forward_block<A, T>(gate + b, up + b, out + b, std::min(kGluBlock, end - b));
 }
 
 template <GluActivation A, typename T>
 void backward_range(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t begin, int64_t end,
                     bool stream) {
-  if constexpr (std::is_same_v<T, float> && kCanStream) {
+  if constexpr (std::is_same_v<T, float> && vec::kCanStream) {
     if (stream && vec::floats_to_align(dgate, sizeof(Vec)) == vec::floats_to_align(dup, sizeof(Vec))) {
       const int64_t head = std::min(end, begin + vec::floats_to_align(dgate + begin, sizeof(Vec)));
       backward_f32<A>(dy + begin, gate + begin, up + begin, dgate + begin, dup + begin, head - begin);
-      for (int64_t b = head; b < end; b += kBlock)
-        backward_f32<A, true>(dy + b, gate + b, up + b, dgate + b, dup + b, std::min(kBlock, end - b));
+      for (int64_t b = head; b < end; b += kGluBlock)
+        backward_f32<A, true>(dy + b, gate + b, up + b, dgate + b, dup + b, std::min(kGluBlock, end - b));
       return vec::stream_fence();
     }
   }
-  for (int64_t b = begin; b < end; b += kBlock)
-    backward_block<A, T>(dy + b, gate + b, up + b, dgate + b, dup + b, std::min(kBlock, end - b));
+  for (int64_t b = begin; b < end; b += kGluBlock)
+    backward_block<A, T>(dy + b, gate + b, up + b, dgate + b, dup + b, std::min(kGluBlock, end - b));
 }
 
 // Contiguous inputs run as one flat range (no per-row overhead for narrow

@@ -186,6 +186,12 @@ __attribute__((always_inline)) inline void streamv(float* p, V v) {
 }
 __attribute__((always_inline)) inline void stream_fence() {}
 #endif
+// A vector store, streaming (non-temporal) when kStream.
+template <bool kStream, typename V>
+__attribute__((always_inline)) inline void store_maybe_streaming(float* p, V v) {
+  if constexpr (kStream) streamv(p, v);
+  else storev(p, v);
+}
 // Elements of float before p reaches an alignment of `bytes`.
 inline int64_t floats_to_align(const float* p, int64_t bytes) {
   return int64_t((bytes - reinterpret_cast<uintptr_t>(p) % bytes) % bytes) / int64_t(sizeof(float));

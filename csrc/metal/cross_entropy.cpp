@@ -8,7 +8,7 @@
 namespace my_mps_ops::metal {
 namespace {
 
-constexpr const char* kLibrary = "cross_entropy";
+constexpr const char* kCrossEntropyLibrary = "cross_entropy";
 using shaders::CrossEntropyParams;
 using shaders::kCrossEntropyReadsPerThread;
 
@@ -17,7 +17,7 @@ CrossEntropyParams params(const char* op, const at::Tensor& logits, int64_t igno
                             static_cast<float>(label_smoothing)};
 }
 
-std::string kernel_name(const char* direction, const at::Tensor& logits) {
+std::string cross_entropy_kernel_name(const char* direction, const at::Tensor& logits) {
   return std::string("cross_entropy_") + direction + metal_type_name(logits.scalar_type());
 }
 
@@ -27,7 +27,7 @@ void cross_entropy_forward(const char* op, const CrossEntropyForwardTensors& t, 
                            double label_smoothing) {
   const CrossEntropyParams p = params(op, t.logits, ignore_index, label_smoothing);
   Executor& executor = executor_for(t.logits.device());
-  Launch launch(kLibrary, kernel_name("forward_", t.logits));
+  Launch launch(kCrossEntropyLibrary, cross_entropy_kernel_name("forward_", t.logits));
   launch.buffer(t.logits).buffer(t.target).buffer(t.loss).buffer(t.lse).scalar(p);
   dispatch_row_threadgroups(launch, executor, uint64_t(t.logits.size(0)), p.classes, kCrossEntropyReadsPerThread);
   executor.run(launch);
@@ -37,7 +37,7 @@ void cross_entropy_backward(const char* op, const CrossEntropyBackwardTensors& t
                             double label_smoothing) {
   const CrossEntropyParams p = params(op, t.logits, ignore_index, label_smoothing);
   Executor& executor = executor_for(t.logits.device());
-  Launch launch(kLibrary, kernel_name("backward_", t.logits));
+  Launch launch(kCrossEntropyLibrary, cross_entropy_kernel_name("backward_", t.logits));
   launch.buffer(t.logits).buffer(t.target).buffer(t.lse).buffer(t.scale).buffer(t.grad_logits).scalar(p);
   dispatch_row_threadgroups(launch, executor, uint64_t(t.logits.size(0)), p.classes, kCrossEntropyReadsPerThread);
   executor.run(launch);

@@ -11,11 +11,11 @@
 namespace my_mps_ops::metal {
 namespace {
 
-constexpr const char* kLibrary = "flash_attention";
+constexpr const char* kFlashAttentionLibrary = "flash_attention";
 using shaders::FlashAttentionDeltaShape;
 using shaders::FlashAttentionShape;
 
-std::string kernel_name(const char* stem, const at::Tensor& q) {
+std::string flash_attention_kernel_name(const char* stem, const at::Tensor& q) {
   return std::string(stem) + "_" + metal_type_name(q.scalar_type()) + "_" + std::to_string(q.size(3));
 }
 
@@ -48,7 +48,7 @@ void flash_attention_forward(const char* op, const FlashAttentionForwardTensors&
   const uint32_t d = static_cast<uint32_t>(t.q.size(3));
   const FlashAttentionShape shape = shape_of(t.q, t.k, causal, scale);
   Executor& executor = executor_for(t.q.device());
-  Launch launch(kLibrary, kernel_name("flash_attention_forward", t.q));
+  Launch launch(kFlashAttentionLibrary, flash_attention_kernel_name("flash_attention_forward", t.q));
   launch.buffer(t.q).buffer(t.k).buffer(t.v).buffer(t.out).buffer(t.lse).scalar(shape);
   launch.threadgroup_memory(shaders::flash_forward_tile_floats(d) * sizeof(float))
       .threadgroup_memory(shaders::flash_simdgroups(d) * shaders::flash_forward_scratch_floats(d) * sizeof(float));
@@ -66,9 +66,9 @@ void flash_attention_backward(const char* op, const FlashAttentionBackwardTensor
   // delta[row] = rowsum(grad_out * out), one thread per row.
   {
     const std::string kernel = std::string("flash_attention_backward_delta_") + metal_type_name(t.q.scalar_type());
-    const PipelineInfo info = executor.pipeline_info(kLibrary, kernel);
+    const PipelineInfo info = executor.pipeline_info(kFlashAttentionLibrary, kernel);
     const FlashAttentionDeltaShape delta_shape{static_cast<uint32_t>(t.delta.numel()), d};
-    Launch launch(kLibrary, kernel);
+    Launch launch(kFlashAttentionLibrary, kernel);
     launch.buffer(t.grad_out).buffer(t.out).buffer(t.delta).scalar(delta_shape);
     launch.dispatch_threads({delta_shape.rows, 1, 1},
                             {std::min<uint64_t>(delta_shape.rows, info.max_threads_per_threadgroup), 1, 1});
@@ -76,7 +76,7 @@ void flash_attention_backward(const char* op, const FlashAttentionBackwardTensor
   }
   // dK, dV: one threadgroup per (block of keys, k/v head, batch).
   {
-    Launch launch(kLibrary, kernel_name("flash_attention_backward_kv", t.q));
+    Launch launch(kFlashAttentionLibrary, flash_attention_kernel_name("flash_attention_backward_kv", t.q));
     launch.buffer(t.grad_out).buffer(t.q).buffer(t.k).buffer(t.v).buffer(t.lse).buffer(t.delta);
     launch.buffer(t.dk).buffer(t.dv).scalar(shape);
     launch.threadgroup_memory(shaders::flash_backward_kv_stage_floats(d) * sizeof(float))
@@ -86,7 +86,7 @@ void flash_attention_backward(const char* op, const FlashAttentionBackwardTensor
   }
   // dQ: one threadgroup per (block of queries, q head, batch).
   {
-    Launch launch(kLibrary, kernel_name("flash_attention_backward_q", t.q));
+    Launch launch(kFlashAttentionLibrary, flash_attention_kernel_name("flash_attention_backward_q", t.q));
     launch.buffer(t.grad_out).buffer(t.q).buffer(t.k).buffer(t.v).buffer(t.lse).buffer(t.delta);
     launch.buffer(t.dq).scalar(shape);
     launch.threadgroup_memory(shaders::flash_backward_q_stage_floats(d) * sizeof(float))

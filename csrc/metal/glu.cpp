@@ -8,7 +8,7 @@
 namespace my_mps_ops::metal {
 namespace {
 
-constexpr const char* kLibrary = "glu";
+constexpr const char* kGluLibrary = "glu";
 using shaders::GluShape;
 using shaders::kGluColumnsPerThread;
 
@@ -23,7 +23,7 @@ void dispatch_rows(Launch& launch, Executor& executor, uint64_t rows, uint64_t c
   launch.dispatch_threads({threads_x, rows, 1}, {group_x, group_y, 1});
 }
 
-std::string kernel_name(const char* stem, const char* direction, const at::Tensor& t) {
+std::string glu_kernel_name(const char* stem, const char* direction, const at::Tensor& t) {
   return std::string(stem) + direction + metal_type_name(t.scalar_type());
 }
 
@@ -34,7 +34,7 @@ void glu_forward(const char* op, const char* kernel_stem, uint32_t approximate, 
                        checked_u32(t.gate_rows.row_stride, op, "gate row stride"),
                        checked_u32(t.up_rows.row_stride, op, "up row stride"), 0, approximate};
   Executor& executor = executor_for(t.gate.device());
-  Launch launch(kLibrary, kernel_name(kernel_stem, "_forward_", t.gate));
+  Launch launch(kGluLibrary, glu_kernel_name(kernel_stem, "_forward_", t.gate));
   launch.buffer(t.gate).buffer(t.up).buffer(t.out).scalar(shape);
   dispatch_rows(launch, executor, shape.rows, shape.cols);
   executor.run(launch);
@@ -46,7 +46,7 @@ void glu_backward(const char* op, const char* kernel_stem, uint32_t approximate,
                        checked_u32(t.up_rows.row_stride, op, "up row stride"),
                        checked_u32(t.grad_out_rows.row_stride, op, "grad_out row stride"), approximate};
   Executor& executor = executor_for(t.gate.device());
-  Launch launch(kLibrary, kernel_name(kernel_stem, "_backward_", t.gate));
+  Launch launch(kGluLibrary, glu_kernel_name(kernel_stem, "_backward_", t.gate));
   launch.buffer(t.grad_out).buffer(t.gate).buffer(t.up).buffer(t.grad_gate).buffer(t.grad_up).scalar(shape);
   dispatch_rows(launch, executor, shape.rows, shape.cols);
   executor.run(launch);

@@ -28,7 +28,7 @@ constexpr const char* kLayerNormLibrary = "layer_norm";
 // Chunks of rows whose parameter-gradient partial sums are kept apart.
 constexpr int64_t kMaxGradChunks = 64;
 
-std::string kernel_name(const char* stem, at::ScalarType dtype) {
+std::string norm_kernel_name(const char* stem, at::ScalarType dtype) {
   return std::string(stem) + "_" + metal_type_name(dtype);
 }
 
@@ -88,13 +88,13 @@ void rms_norm_forward(const char* op, const RmsNormForwardTensors& t, const Norm
   const NormRowParams params = row_params(op, shape, eps, flag_if(t.weight.defined(), kNormHasWeight));
   const at::Tensor& weight = bound(t.weight, t.input);
   if (fused) {
-    Launch launch(kRmsNormLibrary, kernel_name("fused_add_rms_norm_forward", dtype));
+    Launch launch(kRmsNormLibrary, norm_kernel_name("fused_add_rms_norm_forward", dtype));
     launch.buffer(t.input).buffer(t.residual).buffer(weight).buffer(t.out).buffer(t.residual_out).scalar(params);
     return run_per_row(executor, launch, shape);
   }
-  const std::string one_pass = kernel_name("rms_norm_forward", dtype);
+  const std::string one_pass = norm_kernel_name("rms_norm_forward", dtype);
   const bool fits = rms_norm_row_fits_one_pass(executor.pipeline_info(kRmsNormLibrary, one_pass), shape.cols);
-  Launch launch(kRmsNormLibrary, fits ? one_pass : kernel_name("rms_norm_forward_looped", dtype));
+  Launch launch(kRmsNormLibrary, fits ? one_pass : norm_kernel_name("rms_norm_forward_looped", dtype));
   launch.buffer(t.input).buffer(weight).buffer(t.out).scalar(params);
   run_per_row(executor, launch, shape);
 }
@@ -108,7 +108,7 @@ void rms_norm_backward(const char* op, const RmsNormBackwardTensors& t, const No
     const uint32_t flags = flag_if(t.weight.defined(), kNormHasWeight) |
                            flag_if(t.grad_input.defined(), kNormWantGradInput) |
                            flag_if(t.grad_residual_out.defined(), kNormAddGradResidualOut);
-    Launch launch(kRmsNormLibrary, kernel_name("rms_norm_backward_input", dtype));
+    Launch launch(kRmsNormLibrary, norm_kernel_name("rms_norm_backward_input", dtype));
     launch.buffer(t.grad_out)
         .buffer(t.input)
         .buffer(bound(t.weight, t.input))
@@ -123,13 +123,13 @@ void rms_norm_backward(const char* op, const RmsNormBackwardTensors& t, const No
   const NormColumnParams columns = column_params(op, shape, kNormWantGradWeight);
   at::Tensor partial = at::empty({int64_t(columns.chunks), shape.cols}, t.input.options().dtype(at::kFloat));
   {
-    Launch launch(kRmsNormLibrary, kernel_name("rms_norm_backward_weight_partial", dtype));
+    Launch launch(kRmsNormLibrary, norm_kernel_name("rms_norm_backward_weight_partial", dtype));
     launch.buffer(t.grad_out).buffer(t.input).buffer(rstd).buffer(partial).scalar(columns);
     run_per_column(executor, launch, shape, columns.chunks);
   }
   {
     // Written in grad_weight's dtype: float32 for a float32 weight of a narrow input.
-    Launch launch(kRmsNormLibrary, kernel_name("rms_norm_backward_weight_reduce", t.grad_weight.scalar_type()));
+    Launch launch(kRmsNormLibrary, norm_kernel_name("rms_norm_backward_weight_reduce", t.grad_weight.scalar_type()));
     launch.buffer(partial).buffer(t.grad_weight).scalar(columns);
     run_per_column(executor, launch, shape, 1);
   }
@@ -138,7 +138,7 @@ void rms_norm_backward(const char* op, const RmsNormBackwardTensors& t, const No
 void layer_norm_forward(const char* op, const LayerNormForwardTensors& t, const NormRows& shape, double eps) {
   Executor& executor = executor_for(t.input.device());
   const uint32_t flags = flag_if(t.weight.defined(), kNormHasWeight) | flag_if(t.bias.defined(), kNormHasBias);
-  Launch launch(kLayerNormLibrary, kernel_name("layer_norm_forward", t.input.scalar_type()));
+  Launch launch(kLayerNormLibrary, norm_kernel_name("layer_norm_forward", t.input.scalar_type()));
   launch.buffer(t.input)
       .buffer(bound(t.weight, t.input))
       .buffer(bound(t.bias, t.input))
@@ -155,7 +155,7 @@ void layer_norm_backward(const char* op, const LayerNormBackwardTensors& t, cons
   {
     const uint32_t flags =
         flag_if(t.weight.defined(), kNormHasWeight) | flag_if(t.grad_input.defined(), kNormWantGradInput);
-    Launch launch(kLayerNormLibrary, kernel_name("layer_norm_backward_input", dtype));
+    Launch launch(kLayerNormLibrary, norm_kernel_name("layer_norm_backward_input", dtype));
     launch.buffer(t.grad_out)
         .buffer(t.input)
         .buffer(bound(t.weight, t.input))
@@ -171,14 +171,14 @@ void layer_norm_backward(const char* op, const LayerNormBackwardTensors& t, cons
       op, shape, flag_if(want_weight, kNormWantGradWeight) | flag_if(want_bias, kNormWantGradBias));
   at::Tensor partial = at::empty({2, int64_t(columns.chunks), shape.cols}, t.input.options().dtype(at::kFloat));
   {
-    Launch launch(kLayerNormLibrary, kernel_name("layer_norm_backward_params_partial", dtype));
+    Launch launch(kLayerNormLibrary, norm_kernel_name("layer_norm_backward_params_partial", dtype));
     launch.buffer(t.grad_out).buffer(t.input).buffer(stats).buffer(partial).scalar(columns);
     run_per_column(executor, launch, shape, columns.chunks);
   }
   {
     // Written in the parameters' dtype (float32 for float32 parameters of a narrow input).
     const at::ScalarType grad_dtype = (want_weight ? t.grad_weight : t.grad_bias).scalar_type();
-    Launch launch(kLayerNormLibrary, kernel_name("layer_norm_backward_params_reduce", grad_dtype));
+    Launch launch(kLayerNormLibrary, norm_kernel_name("layer_norm_backward_params_reduce", grad_dtype));
     launch.buffer(partial)
         .buffer(bound(t.grad_weight, partial))
         .buffer(bound(t.grad_bias, partial))

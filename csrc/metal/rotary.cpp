@@ -8,7 +8,7 @@
 namespace my_mps_ops::metal {
 namespace {
 
-constexpr const char* kLibrary = "rotary";
+constexpr const char* kRotaryLibrary = "rotary";
 using shaders::RotaryShape;
 
 RotaryShape shape_of(const char* op, const at::Tensor& x, const RotaryOptions& o) {
@@ -37,7 +37,7 @@ void dispatch_rows(Launch& launch, Executor& executor, uint64_t rows) {
 void rotary(const char* op, const RotaryTensors& x, const RotaryOptions& o) {
   const RotaryShape shape = shape_of(op, x.x, o);
   Executor& executor = executor_for(x.x.device());
-  Launch launch(kLibrary, std::string("rotary_") + metal_type_name(x.x.scalar_type()));
+  Launch launch(kRotaryLibrary, std::string("rotary_") + metal_type_name(x.x.scalar_type()));
   launch.buffer(x.x).buffer(x.out).buffer(o.cos).buffer(o.sin).scalar(shape);
   dispatch_rows(launch, executor, rows_of(shape));
   executor.run(launch);
@@ -47,7 +47,7 @@ void rotary_qk(const char* op, const RotaryTensors& q, const RotaryTensors& k, c
   const RotaryShape pq = shape_of(op, q.x, o), pk = shape_of(op, k.x, o);
   const uint64_t q_rows = rows_of(pq);
   Executor& executor = executor_for(q.x.device());
-  Launch launch(kLibrary, std::string("rotary_qk_") + metal_type_name(q.x.scalar_type()));
+  Launch launch(kRotaryLibrary, std::string("rotary_qk_") + metal_type_name(q.x.scalar_type()));
   launch.buffer(q.x).buffer(q.out).buffer(k.x).buffer(k.out).buffer(o.cos).buffer(o.sin).scalar(pq).scalar(pk)
       .scalar(checked_u32(int64_t(q_rows), op, "q rows"));
   dispatch_rows(launch, executor, q_rows + rows_of(pk));

@@ -27,8 +27,8 @@ namespace my_mps_ops {
 namespace {
 
 using at::Tensor;
-constexpr const char* kOp = "my_mps_ops.cross_entropy";
-constexpr const char* kBackwardOp = "my_mps_ops.cross_entropy_backward";
+constexpr const char* kCrossEntropyOp = "my_mps_ops.cross_entropy";
+constexpr const char* kCrossEntropyBackwardOp = "my_mps_ops.cross_entropy_backward";
 
 enum class Reduction { None, Mean, Sum };
 
@@ -82,11 +82,11 @@ std::tuple<Tensor, Tensor> row_losses_and_lse(const Tensor& logits, const Tensor
                                               double smoothing) {
   const int64_t rows = logits.size(0), v = logits.size(1);
   // Both paths: rows with no class have no loss (F.cross_entropy raises too).
-  TORCH_CHECK(v > 0 || rows == 0, kOp, ": logits must have at least one class");
+  TORCH_CHECK(v > 0 || rows == 0, kCrossEntropyOp, ": logits must have at least one class");
   if (use_metal_path(logits)) {
     Tensor losses = at::empty({rows}, logits.options().dtype(at::kFloat));
     Tensor lse = at::empty({rows}, logits.options().dtype(at::kFloat));
-    if (rows > 0) metal::cross_entropy_forward(kOp, {logits, target, losses, lse}, ignore_index, smoothing);
+    if (rows > 0) metal::cross_entropy_forward(kCrossEntropyOp, {logits, target, losses, lse}, ignore_index, smoothing);
     return {losses, lse};
   }
   Tensor losses = at::empty({rows}, logits.options().dtype(stats_dtype(logits)));
@@ -96,7 +96,7 @@ std::tuple<Tensor, Tensor> row_losses_and_lse(const Tensor& logits, const Tensor
       logits.scalar_type(),
       cpu::CrossEntropyForwardArgs{logits.const_data_ptr(), target.const_data_ptr<int64_t>(), losses.mutable_data_ptr(),
                                    lse.mutable_data_ptr(), rows, v, ignore_index, static_cast<float>(smoothing)});
-  TORCH_CHECK(bad < 0, kOp, ": target[", bad, "] = ", bad >= 0 ? target.const_data_ptr<int64_t>()[bad] : 0,
+  TORCH_CHECK(bad < 0, kCrossEntropyOp, ": target[", bad, "] = ", bad >= 0 ? target.const_data_ptr<int64_t>()[bad] : 0,
               " is out of range for ", v, " classes (and is not ignore_index ", ignore_index, ")");
   return {losses, lse};
 }
@@ -105,8 +105,8 @@ std::tuple<Tensor, Tensor> row_losses_and_lse(const Tensor& logits, const Tensor
 
 std::tuple<Tensor, Tensor> cross_entropy_impl(const Tensor& logits_in, const Tensor& target_in, int64_t ignore_index,
                                               double smoothing, c10::string_view reduction_name) {
-  const Reduction reduction = parse_reduction(kOp, reduction_name);
-  check_inputs(kOp, logits_in, target_in, smoothing);
+  const Reduction reduction = parse_reduction(kCrossEntropyOp, reduction_name);
+  check_inputs(kCrossEntropyOp, logits_in, target_in, smoothing);
   const Tensor logits = logits_in.contiguous(), target = target_in.contiguous();
   auto [losses, lse] = row_losses_and_lse(logits, target, ignore_index, smoothing);
   return {reduce_rows(losses, target, ignore_index, reduction, logits.scalar_type()), lse};
@@ -115,15 +115,15 @@ std::tuple<Tensor, Tensor> cross_entropy_impl(const Tensor& logits_in, const Ten
 Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& logits_in, const Tensor& target_in,
                                    const Tensor& lse, int64_t ignore_index, double smoothing,
                                    c10::string_view reduction_name) {
-  const Reduction reduction = parse_reduction(kBackwardOp, reduction_name);
-  check_inputs(kBackwardOp, logits_in, target_in, smoothing);
+  const Reduction reduction = parse_reduction(kCrossEntropyBackwardOp, reduction_name);
+  check_inputs(kCrossEntropyBackwardOp, logits_in, target_in, smoothing);
   const Tensor logits = logits_in.contiguous(), target = target_in.contiguous();
   Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
   const int64_t rows = logits.size(0), v = logits.size(1);
   if (rows == 0 || v == 0) return grad;
   if (use_metal_path(logits)) {
     const Tensor scale = row_scale(grad_loss, target, ignore_index, reduction, at::kFloat);
-    metal::cross_entropy_backward(kBackwardOp, {logits, target, lse.contiguous(), scale, grad}, ignore_index,
+    metal::cross_entropy_backward(kCrossEntropyBackwardOp, {logits, target, lse.contiguous(), scale, grad}, ignore_index,
                                   smoothing);
     return grad;
   }
@@ -142,8 +142,8 @@ Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& logits
 
 std::tuple<Tensor, Tensor> cross_entropy_meta(const Tensor& logits, const Tensor& target, int64_t ignore_index,
                                               double smoothing, c10::string_view reduction_name) {
-  const Reduction reduction = parse_reduction(kOp, reduction_name);
-  check_inputs(kOp, logits, target, smoothing);
+  const Reduction reduction = parse_reduction(kCrossEntropyOp, reduction_name);
+  check_inputs(kCrossEntropyOp, logits, target, smoothing);
   Tensor loss = reduction == Reduction::None ? at::empty_symint({logits.sym_size(0)}, logits.options())
                                              : at::empty({}, logits.options());
   return {loss, at::empty_symint({logits.sym_size(0)}, logits.options().dtype(stats_dtype(logits)))};
@@ -152,8 +152,8 @@ std::tuple<Tensor, Tensor> cross_entropy_meta(const Tensor& logits, const Tensor
 Tensor cross_entropy_backward_meta(const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
                                    const Tensor& lse, int64_t ignore_index, double smoothing,
                                    c10::string_view reduction) {
-  parse_reduction(kBackwardOp, reduction);
-  check_inputs(kBackwardOp, logits, target, smoothing);
+  parse_reduction(kCrossEntropyBackwardOp, reduction);
+  check_inputs(kCrossEntropyBackwardOp, logits, target, smoothing);
   return at::empty_like(logits, at::MemoryFormat::Contiguous);
 }
 

@@ -31,8 +31,8 @@ namespace {
 
 using at::Tensor;
 
-constexpr const char* kOp = "my_mps_ops.flash_attention";
-constexpr const char* kBackwardOp = "my_mps_ops.flash_attention_backward";
+constexpr const char* kFlashAttentionOp = "my_mps_ops.flash_attention";
+constexpr const char* kFlashAttentionBackwardOp = "my_mps_ops.flash_attention_backward";
 // The head sizes the Metal kernels are instantiated for (shaders/flash_attention.metal).
 constexpr int64_t kSupportedHeadDims[] = {32, 64, 80, 96, 128, 256};
 
@@ -84,21 +84,21 @@ at::ScalarType lse_dtype(const Tensor& q) { return q.scalar_type() == at::kDoubl
 
 void check_backward_inputs(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                            const Tensor& out, const Tensor& lse, const std::optional<double>& scale) {
-  check_inputs(kBackwardOp, q, k, v, scale);
-  TORCH_CHECK(grad_out.sym_sizes() == q.sym_sizes(), kBackwardOp, ": grad_out must have the shape of q ",
+  check_inputs(kFlashAttentionBackwardOp, q, k, v, scale);
+  TORCH_CHECK(grad_out.sym_sizes() == q.sym_sizes(), kFlashAttentionBackwardOp, ": grad_out must have the shape of q ",
               q.sym_sizes(), ", got ", grad_out.sym_sizes());
-  TORCH_CHECK(out.sym_sizes() == q.sym_sizes(), kBackwardOp, ": out must have the shape of q ", q.sym_sizes(),
+  TORCH_CHECK(out.sym_sizes() == q.sym_sizes(), kFlashAttentionBackwardOp, ": out must have the shape of q ", q.sym_sizes(),
               ", got ", out.sym_sizes());
-  check_same_dtype(grad_out, q, kBackwardOp, "grad_out", "q");
-  check_same_dtype(out, q, kBackwardOp, "out", "q");
-  check_same_device(grad_out, q, kBackwardOp, "grad_out", "q");
-  check_same_device(out, q, kBackwardOp, "out", "q");
-  check_same_device(lse, q, kBackwardOp, "lse", "q");
+  check_same_dtype(grad_out, q, kFlashAttentionBackwardOp, "grad_out", "q");
+  check_same_dtype(out, q, kFlashAttentionBackwardOp, "out", "q");
+  check_same_device(grad_out, q, kFlashAttentionBackwardOp, "grad_out", "q");
+  check_same_device(out, q, kFlashAttentionBackwardOp, "out", "q");
+  check_same_device(lse, q, kFlashAttentionBackwardOp, "lse", "q");
   TORCH_CHECK(lse.dim() == 3 && lse.sym_size(0) == q.sym_size(0) && lse.sym_size(1) == q.sym_size(1) &&
                   lse.sym_size(2) == q.sym_size(2),
-              kBackwardOp, ": lse must have shape (batch, q heads, q seq) = [", q.sym_size(0), ", ", q.sym_size(1),
+              kFlashAttentionBackwardOp, ": lse must have shape (batch, q heads, q seq) = [", q.sym_size(0), ", ", q.sym_size(1),
               ", ", q.sym_size(2), "], got ", lse.sym_sizes());
-  TORCH_CHECK(lse.scalar_type() == lse_dtype(q), kBackwardOp, ": lse must be ", lse_dtype(q), " for ",
+  TORCH_CHECK(lse.scalar_type() == lse_dtype(q), kFlashAttentionBackwardOp, ": lse must be ", lse_dtype(q), " for ",
               q.scalar_type(), " inputs, got ", lse.scalar_type());
 }
 
@@ -175,7 +175,7 @@ std::tuple<Tensor, Tensor> forward_metal(const Tensor& q_in, const Tensor& k_in,
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
-  metal::flash_attention_forward(kOp, {q, k, v, out, lse}, causal, scale);
+  metal::flash_attention_forward(kFlashAttentionOp, {q, k, v, out, lse}, causal, scale);
   return {out, lse};
 }
 
@@ -193,7 +193,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_metal(const Tensor& grad_out, const 
     return {dq, dk, dv};
   }
   metal::flash_attention_backward(
-      kBackwardOp, {grad_out.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), lse_like(q), dq, dk, dv},
+      kFlashAttentionBackwardOp, {grad_out.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), lse_like(q), dq, dk, dv},
       causal, scale);
   return {dq, dk, dv};
 }
@@ -202,7 +202,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_metal(const Tensor& grad_out, const 
 
 std::tuple<Tensor, Tensor> flash_attention_impl(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
                                                 std::optional<double> scale) {
-  check_inputs(kOp, q, k, v, scale);
+  check_inputs(kFlashAttentionOp, q, k, v, scale);
   const double s = resolve_scale(scale, q.size(3));
   if (use_metal_path(q)) return forward_metal(q, k, v, causal, s);
   return forward_cpu(q, k, v, causal, s);
@@ -223,7 +223,7 @@ std::tuple<Tensor, Tensor, Tensor> flash_attention_backward_impl(const Tensor& g
 
 std::tuple<Tensor, Tensor> flash_attention_meta(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
                                                 std::optional<double> scale) {
-  check_inputs(kOp, q, k, v, scale);
+  check_inputs(kFlashAttentionOp, q, k, v, scale);
   Tensor out = at::empty_symint(q.sym_sizes(), q.options());
   Tensor lse = at::empty_symint({q.sym_size(0), q.sym_size(1), q.sym_size(2)}, q.options().dtype(lse_dtype(q)));
   return {out, lse};

@@ -20,8 +20,8 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-constexpr const char* kOp = "my_mps_ops.layer_norm";
-constexpr const char* kBackwardOp = "my_mps_ops.layer_norm_backward";
+constexpr const char* kLayerNormOp = "my_mps_ops.layer_norm";
+constexpr const char* kLayerNormBackwardOp = "my_mps_ops.layer_norm_backward";
 
 void check_inputs(const char* op, const Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps) {
   check_norm_input(op, input, eps);
@@ -33,8 +33,8 @@ void check_inputs(const char* op, const Tensor& input, const OptTensor& weight, 
 
 void check_backward_inputs(const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
                            const OptTensor& bias, double eps) {
-  check_inputs(kBackwardOp, input, weight, bias, eps);
-  check_norm_grad_out(kBackwardOp, grad_out, input);
+  check_inputs(kLayerNormBackwardOp, input, weight, bias, eps);
+  check_norm_grad_out(kLayerNormBackwardOp, grad_out, input);
 }
 
 Tensor layer_norm_forward(const Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps) {
@@ -43,7 +43,7 @@ Tensor layer_norm_forward(const Tensor& input, const OptTensor& weight, const Op
   const NormRows shape = norm_rows(x);
   if (shape.rows == 0) return out;
   if (use_metal_path(x)) {
-    metal::layer_norm_forward(kOp, {x, metal_param(weight, x), metal_param(bias, x), out}, shape, eps);
+    metal::layer_norm_forward(kLayerNormOp, {x, metal_param(weight, x), metal_param(bias, x), out}, shape, eps);
   } else {
     const Tensor w = param_for_cpu(weight, x), b = param_for_cpu(bias, x);
     cpu::layer_norm_forward_stub(x.scalar_type(),
@@ -71,7 +71,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& grad_out, c
       if (want_bias) grad_bias.zero_();
     }
     if (runs_kernels) {
-      metal::layer_norm_backward(kBackwardOp,
+      metal::layer_norm_backward(kLayerNormBackwardOp,
                                  {dy, x, metal_param(weight, x), want_input ? grad_input : Tensor(),
                                   want_weight ? grad_weight : Tensor(), want_bias ? grad_bias : Tensor()},
                                  shape, eps);
@@ -97,7 +97,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& grad_out, c
 // ------------------------------------------------------- CPU and MPS kernels
 
 Tensor layer_norm_impl(const Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps) {
-  check_inputs(kOp, input, weight, bias, eps);
+  check_inputs(kLayerNormOp, input, weight, bias, eps);
   return layer_norm_forward(input, weight, bias, eps);
 }
 
@@ -112,7 +112,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_impl(const Tensor& grad_o
 // Shapes only; symbolic-size safe.
 
 Tensor layer_norm_meta(const Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps) {
-  check_inputs(kOp, input, weight, bias, eps);
+  check_inputs(kLayerNormOp, input, weight, bias, eps);
   return empty_contiguous_like(input);
 }
 

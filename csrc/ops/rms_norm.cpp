@@ -24,8 +24,8 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-constexpr const char* kOp = "my_mps_ops.rms_norm";
-constexpr const char* kBackwardOp = "my_mps_ops.rms_norm_backward";
+constexpr const char* kRmsNormOp = "my_mps_ops.rms_norm";
+constexpr const char* kRmsNormBackwardOp = "my_mps_ops.rms_norm_backward";
 constexpr const char* kFusedOp = "my_mps_ops.fused_add_rms_norm";
 constexpr const char* kFusedBackwardOp = "my_mps_ops.fused_add_rms_norm_backward";
 
@@ -121,15 +121,15 @@ std::tuple<Tensor, Tensor> rms_norm_backward(const char* op, const Tensor& grad_
 // ------------------------------------------------------- CPU and MPS kernels
 
 Tensor rms_norm_impl(const Tensor& input, const OptTensor& weight, double eps) {
-  check_inputs(kOp, input, weight, eps);
-  return std::get<0>(rms_norm_forward(kOp, input, Tensor(), weight, eps));
+  check_inputs(kRmsNormOp, input, weight, eps);
+  return std::get<0>(rms_norm_forward(kRmsNormOp, input, Tensor(), weight, eps));
 }
 
 std::tuple<Tensor, Tensor> rms_norm_backward_impl(const Tensor& grad_out, const Tensor& input,
                                                   const OptTensor& weight, double eps,
                                                   std::array<bool, 2> output_mask) {
-  check_backward_inputs(kBackwardOp, grad_out, input, weight, eps);
-  return rms_norm_backward(kBackwardOp, grad_out, input, weight, eps, output_mask, Tensor());
+  check_backward_inputs(kRmsNormBackwardOp, grad_out, input, weight, eps);
+  return rms_norm_backward(kRmsNormBackwardOp, grad_out, input, weight, eps, output_mask, Tensor());
 }
 
 std::tuple<Tensor, Tensor> fused_add_rms_norm_impl(const Tensor& x, const Tensor& residual, const OptTensor& weight,
@@ -157,14 +157,14 @@ std::tuple<Tensor, Tensor> backward_meta(const Tensor& input, const OptTensor& w
 }
 
 Tensor rms_norm_meta(const Tensor& input, const OptTensor& weight, double eps) {
-  check_inputs(kOp, input, weight, eps);
+  check_inputs(kRmsNormOp, input, weight, eps);
   return empty_contiguous_like(input);
 }
 
 std::tuple<Tensor, Tensor> rms_norm_backward_meta(const Tensor& grad_out, const Tensor& input,
                                                   const OptTensor& weight, double eps,
                                                   std::array<bool, 2> output_mask) {
-  check_backward_inputs(kBackwardOp, grad_out, input, weight, eps);
+  check_backward_inputs(kRmsNormBackwardOp, grad_out, input, weight, eps);
   return backward_meta(input, weight, output_mask);
 }
 

@@ -25,7 +25,7 @@ namespace my_mps_ops {
 namespace {
 
 using at::Tensor;
-constexpr const char* kOp = "my_mps_ops.rotary_embedding";
+constexpr const char* kRotaryOp = "my_mps_ops.rotary_embedding";
 
 struct RotaryDims {
   int64_t batch, seq, heads, head_dim, pairs;
@@ -99,7 +99,7 @@ std::tuple<Tensor, Tensor> rotate_qk(const Tensor& q_in, const Tensor& k_in, con
 // ------------------------------------------------------- CPU and MPS kernels
 
 Tensor rotary_impl(const Tensor& x, const Tensor& cos, const Tensor& sin, bool interleaved, int64_t seq_dim) {
-  return rotate(x, cos, sin, interleaved, seq_dim, false, kOp);
+  return rotate(x, cos, sin, interleaved, seq_dim, false, kRotaryOp);
 }
 Tensor rotary_backward_impl(const Tensor& grad, const Tensor& cos, const Tensor& sin, bool interleaved,
                             int64_t seq_dim) {
@@ -118,8 +118,8 @@ std::tuple<Tensor, Tensor> rotary_qk_backward_impl(const Tensor& gq, const Tenso
 // Shapes only; symbolic-size safe.
 
 Tensor rotary_meta(const Tensor& x, const Tensor& cos, const Tensor& sin, bool interleaved, int64_t seq_dim) {
-  TORCH_CHECK(x.dim() == 4, kOp, ": x must be 4-D, got ", x.sym_sizes());
-  check_float_dtype(x, kOp, "x");
+  TORCH_CHECK(x.dim() == 4, kRotaryOp, ": x must be 4-D, got ", x.sym_sizes());
+  check_float_dtype(x, kRotaryOp, "x");
   return at::empty_like(x, at::MemoryFormat::Contiguous);
 }
 std::tuple<Tensor, Tensor> rotary_qk_meta(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
@@ -131,7 +131,7 @@ std::tuple<Tensor, Tensor> rotary_qk_meta(const Tensor& q, const Tensor& k, cons
 // ---------------------------------------------------------------- autograd
 
 void check_no_table_grad(const Tensor& cos, const Tensor& sin) {
-  TORCH_CHECK(!cos.requires_grad() && !sin.requires_grad(), kOp,
+  TORCH_CHECK(!cos.requires_grad() && !sin.requires_grad(), kRotaryOp,
               ": cos and sin receive no gradient; detach them (they are usually buffers)");
 }
 
