@@ -1,6 +1,22 @@
-"""patch_model: swap my_mps_ops kernels into an existing Llama-style model."""
+"""patch_model: swap my_mps_ops kernels into an existing model, only where they
+reproduce the module exactly.
+
+A module is replaced only when its structure is one we know (an RMSNorm; a
+gated MLP with gate/up/down projections) AND the replacement reproduces its
+forward on probe inputs: random rows at two scales (the small one makes a
+different eps show), with the module's own weights perturbed (so a weight
+offset such as Gemma's ``1 + weight`` or an ignored weight shows), in train
+mode under one seed (so dropout or other randomness inside the module's forward
+shows) and in eval mode. Anything else is left alone and listed in the summary
+with the reason.
+"""
 
 from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -8,131 +24,361 @@ from torch import nn
 from . import nn as my_nn
 from . import ops
 
+logger = logging.getLogger(__name__)
 
-def _rms_norm_eps(module: nn.Module):
-    for attr in ("eps", "variance_epsilon"):
-        if hasattr(module, attr):
-            return getattr(module, attr)
+
+# ---- the summary
+
+@dataclass
+class SkippedModule:
+    path: str
+    type_name: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class PatchSummary:
+    """What patch_model did: modules patched per kind (e.g. ``rms_norm``,
+    ``rms_norm(1+weight)``, ``swiglu``, ``geglu(tanh)``) and modules it looked at but
+    left alone, with the reason."""
+
+    patched: dict = field(default_factory=dict)
+    skipped: List[SkippedModule] = field(default_factory=list)
+
+    def _count(self, kind: str) -> None:
+        self.patched[kind] = self.patched.get(kind, 0) + 1
+
+    def __str__(self) -> str:
+        lines = ["my_mps_ops.patch_model: patched " +
+                 (", ".join(f"{n} {k}" for k, n in sorted(self.patched.items())) or "nothing")]
+        for s in self.skipped:
+            lines.append(f"  skipped {s.path or '<root>'} ({s.type_name}, {s.kind}): {s.reason}")
+        return "\n".join(lines)
+
+
+class PatchError(RuntimeError):
+    """patch_model(strict=True) found a module of a kind it patches that it cannot reproduce exactly."""
+
+
+# ---- probing: does a replacement reproduce the module?
+
+def _tolerance(dtype: torch.dtype) -> Tuple[float, float]:
+    if dtype == torch.float64:
+        return 1e-10, 1e-10
+    if dtype == torch.float32:
+        return 2e-5, 2e-5
+    if dtype == torch.bfloat16:
+        return 2e-2, 2e-2
+    return 2e-3, 2e-3
+
+
+def _set_training(module: nn.Module, flags):
+    for m, flag in zip(module.modules(), flags):
+        m.training = flag
+
+
+def _same_random_stream(device):
+    # Both modules see the same random numbers, and the caller's stream is
+    # left as it was (the probe must not shift a training run's dropout).
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(device_type=device.type)
+
+
+def _probe_mismatch(original: nn.Module, replacement: nn.Module, width: int, weights: List[torch.Tensor],
+                    device, dtype) -> Optional[str]:
+    """None if replacement(x) equals original(x) on the probe inputs, else why not."""
+    flags = [m.training for m in original.modules()]
+    saved = [w.detach().clone() for w in weights]
+    gen = torch.Generator().manual_seed(1234)
+    rtol, atol = _tolerance(dtype)
+    try:
+        with torch.no_grad():
+            for w in weights:  # away from any init value (ones, zeros)
+                w.add_(0.5 * torch.randn(w.shape, generator=gen).to(w.dtype).to(w.device))
+            for scale in (1.0, 1e-3):
+                x = (scale * torch.randn(2, 3, width, generator=gen, dtype=torch.float64)).to(device=device, dtype=dtype)
+                for training in (True, False):
+                    original.train(training)
+                    replacement.train(training)
+                    outs = []
+                    for m in (original, replacement):
+                        with _same_random_stream(device):
+                            torch.manual_seed(4321)
+                            outs.append(m(x))
+                    ref, out = outs
+                    if not isinstance(ref, torch.Tensor):
+                        return f"its forward returns {type(ref).__name__}, not a tensor"
+                    if ref.dtype != out.dtype or ref.shape != out.shape:
+                        return f"output {tuple(ref.shape)} {ref.dtype} vs fused {tuple(out.shape)} {out.dtype}"
+                    err = (out.double() - ref.double()).abs()
+                    bound = atol * ref.double().abs().max().clamp_min(1.0) + rtol * ref.double().abs()
+                    if not bool((err <= bound).all()):
+                        mode = "train" if training else "eval"
+                        return (f"output differs from the fused op by up to {err.max().item():.3g} "
+                                f"({mode} mode, input scale {scale:g})")
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot reproduce"
+        return f"probe failed: {type(e).__name__}: {e}"
+    finally:
+        with torch.no_grad():
+            for w, s in zip(weights, saved):
+                w.copy_(s)
+        # The replacement shares the original's Linear modules: set it first,
+        # then restore every flag of the original's tree.
+        replacement.train(flags[0])
+        _set_training(original, flags)
     return None
 
 
-def _is_rms_norm(module: nn.Module) -> bool:
+# ---- RMSNorm
+
+_RMS_NORM_NAME = re.compile(r"rms_?norm", re.IGNORECASE)
+_EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "norm_eps", "layer_norm_epsilon")
+
+
+def _rms_norm_eps(module: nn.Module):
+    for attr in _EPS_ATTRS:
+        value = getattr(module, attr, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+class OffsetRMSNorm(my_nn.RMSNorm):
+    """my_mps_ops.nn.RMSNorm scaling by ``weight + weight_offset`` (Gemma-style
+    norms store ``weight`` as an offset from 1)."""
+
+    def __init__(self, *args, weight_offset: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight_offset = weight_offset
+
+    def forward(self, x):
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        return ops.rms_norm(x, self.weight + self.weight_offset, eps)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", weight_offset={self.weight_offset}"
+
+
+def _rms_norm_candidate(module: nn.Module) -> bool:
     if isinstance(module, my_nn.RMSNorm):
         return False
     if isinstance(module, nn.RMSNorm):
-        return len(module.normalized_shape) == 1
-    # Hugging Face transformers' LlamaRMSNorm and its many copies: a 1-D
-    # weight and an epsilon, normalising over the last dimension.
-    weight = getattr(module, "weight", None)
-    return (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.dim() == 1
-            and _rms_norm_eps(module) is not None)
+        return True
+    return bool(_RMS_NORM_NAME.search(type(module).__name__)) and not any(True for _ in module.children())
 
 
-# Gated MLPs with a SiLU gate: (gate, up, down) Linear attribute names.
-_GATED_MLP_NAMES = (("gate_proj", "up_proj", "down_proj"),  # Hugging Face Llama, Mistral, Qwen2, ...
-                    ("w_gate", "w_up", "w_down"))           # my_mps_ops.models.TinyLlama's plain twin
+def _rms_norm_replacements(norm: nn.Module):
+    """(kind, replacement) pairs that may reproduce `norm`, or a reason string."""
+    weight = getattr(norm, "weight", None)
+    if weight is not None and not (isinstance(weight, nn.Parameter) and weight.dim() == 1):
+        return "weight is not a 1-D Parameter"
+    if isinstance(norm, nn.RMSNorm):
+        if len(norm.normalized_shape) != 1:
+            return "normalises over more than the last dimension"
+        eps = norm.eps
+    else:
+        eps = _rms_norm_eps(norm)
+        if eps is None:
+            return "no eps attribute (" + "/".join(_EPS_ATTRS) + ")"
+    if weight is None:
+        width = norm.normalized_shape[0] if isinstance(norm, nn.RMSNorm) else None
+        if width is None:
+            return "no weight and no normalized_shape"
+    else:
+        width = weight.shape[0]
+    kwargs = dict(eps=eps, elementwise_affine=weight is not None,
+                  device=weight.device if weight is not None else None,
+                  dtype=weight.dtype if weight is not None else None)
+    plain = my_nn.RMSNorm(width, **kwargs)
+    candidates = [("rms_norm", plain)]
+    if weight is not None:
+        candidates.append(("rms_norm(1+weight)", OffsetRMSNorm(width, weight_offset=1.0, **kwargs)))
+        for _, r in candidates:
+            r.weight = weight  # the same Parameter: optimizers keep working
+    return candidates
 
 
-class FusedSwiGLUMLP(nn.Module):
-    """``down(swiglu(gate(x), up(x)))`` over the original Linear modules, kept
-    under their original names (same state_dict keys)."""
+# ---- gated MLPs
 
-    def __init__(self, names, gate: nn.Linear, up: nn.Linear, down: nn.Linear):
+# (gate, up, down) Linear attribute names of gated MLPs.
+_GATED_MLP_NAMES = (("gate_proj", "up_proj", "down_proj"),  # transformers' Llama, Mistral, Qwen, Gemma, ...
+                    ("w1", "w3", "w2"),                      # Mixtral-style experts, DBRX
+                    ("w_gate", "w_up", "w_down"),            # my_mps_ops.models.TinyLlama's plain twin
+                    ("wi_0", "wi_1", "wo"))                  # T5-style gated GELU
+
+# kind -> fused activation of (gate, up).
+_GATED_ACTIVATIONS: Tuple[Tuple[str, Callable], ...] = (
+    ("swiglu", ops.swiglu),
+    ("geglu(tanh)", lambda g, u: ops.geglu(g, u, "tanh")),
+    ("geglu", lambda g, u: ops.geglu(g, u, "none")),
+)
+
+
+class FusedGatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` with the activation and product fused, over
+    the original Linear modules, kept under their original names (same
+    state_dict keys)."""
+
+    def __init__(self, names, gate: nn.Linear, up: nn.Linear, down: nn.Linear, kind: str = "swiglu"):
         super().__init__()
         self._names = names
+        self.kind = kind
+        self._fused = dict(_GATED_ACTIVATIONS)[kind]
         for name, linear in zip(names, (gate, up, down)):
             setattr(self, name, linear)
 
     def forward(self, x):
         gate, up, down = (getattr(self, n) for n in self._names)
-        return down(ops.swiglu(gate(x), up(x)))
+        return down(self._fused(gate(x), up(x)))
+
+    def extra_repr(self) -> str:
+        return self.kind
 
 
-class FusedGateUpSwiGLUMLP(nn.Module):
-    """``down(swiglu(*gate_up(x).chunk(2, -1)))`` for MLPs with one fused
-    gate/up projection (transformers' Phi3MLP); swiglu reads the two halves in
-    place. The Linear modules keep their names (same state_dict keys)."""
+class FusedSwiGLUMLP(FusedGatedMLP):
+    """FusedGatedMLP with a SiLU gate."""
 
-    def __init__(self, gate_up_proj: nn.Linear, down_proj: nn.Linear):
+    def __init__(self, names, gate: nn.Linear, up: nn.Linear, down: nn.Linear, kind: str = "swiglu"):
+        super().__init__(names, gate, up, down, "swiglu")
+
+
+class FusedGeGLUMLP(FusedGatedMLP):
+    """FusedGatedMLP with a GELU (erf or tanh) gate."""
+
+
+class FusedGateUpMLP(nn.Module):
+    """``down(act(gate) * up)`` with ``gate, up = gate_up_proj(x).chunk(2, -1)``
+    (transformers' Phi3MLP layout); the fused op reads the two halves in place.
+    The Linear modules keep their names (same state_dict keys)."""
+
+    def __init__(self, gate_up_proj: nn.Linear, down_proj: nn.Linear, kind: str = "swiglu"):
         super().__init__()
         self.gate_up_proj = gate_up_proj
         self.down_proj = down_proj
+        self.kind = kind
+        self._fused = dict(_GATED_ACTIVATIONS)[kind]
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(ops.swiglu(gate, up))
+        return self.down_proj(self._fused(gate, up))
+
+    def extra_repr(self) -> str:
+        return self.kind
 
 
-def _is_silu(act) -> bool:
-    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLU", "SiLUActivation")
+class FusedGateUpSwiGLUMLP(FusedGateUpMLP):
+    """FusedGateUpMLP with a SiLU gate."""
+
+    def __init__(self, gate_up_proj: nn.Linear, down_proj: nn.Linear, kind: str = "swiglu"):
+        super().__init__(gate_up_proj, down_proj, "swiglu")
 
 
-def _fused_gate_up_mlp(module: nn.Module):
-    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    if isinstance(module, FusedGateUpSwiGLUMLP) or not (isinstance(gate_up, nn.Linear) and isinstance(down, nn.Linear)):
-        return None
-    if gate_up.out_features != 2 * down.in_features or not _is_silu(getattr(module, "activation_fn", None)):
-        return None
-    return gate_up, down
+def _fused_mlp(layout, kind):
+    gated = kind == "swiglu"
+    if layout[0] == "gate_up":
+        _, gate_up, down = layout
+        return (FusedGateUpSwiGLUMLP if gated else FusedGateUpMLP)(gate_up, down, kind)
+    names, (gate, up, down) = layout
+    return (FusedSwiGLUMLP if gated else FusedGeGLUMLP)(names, gate, up, down, kind)
 
 
-def _silu_gated_mlp(module: nn.Module):
-    if isinstance(module, (FusedSwiGLUMLP, my_nn.SwiGLU)):
+def _mlp_layout(module: nn.Module):
+    """The gated-MLP layout of `module`, or None if it has none."""
+    if isinstance(module, (FusedGatedMLP, FusedGateUpMLP)):
         return None
     for names in _GATED_MLP_NAMES:
         linears = [getattr(module, n, None) for n in names]
-        if not all(isinstance(l, nn.Linear) for l in linears):
-            continue
-        act = getattr(module, "act_fn", None)
-        if names[0] == "gate_proj" and not _is_silu(act):
-            return None  # another activation (e.g. GELU): leave it
-        if names[0] == "w_gate" and type(module).__name__ != "SwiGLU":
-            return None
-        return names, linears
+        if all(isinstance(l, nn.Linear) for l in linears):
+            gate, up, down = linears
+            if gate.in_features == up.in_features and gate.out_features == up.out_features == down.in_features:
+                return names, linears
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if isinstance(gate_up, nn.Linear) and isinstance(down, nn.Linear) and gate_up.out_features == 2 * down.in_features:
+        return ("gate_up", gate_up, down)
     return None
 
 
-def _replacement_rms_norm(norm: nn.Module) -> my_nn.RMSNorm:
-    weight = getattr(norm, "weight", None)
-    replacement = my_nn.RMSNorm(weight.shape[0] if weight is not None else norm.normalized_shape,
-                                eps=_rms_norm_eps(norm), elementwise_affine=weight is not None,
-                                device=weight.device if weight is not None else None,
-                                dtype=weight.dtype if weight is not None else None)
-    if weight is not None:
-        replacement.weight = weight  # the same Parameter: optimizers keep working
-    return replacement
+def _mlp_in_features(layout) -> Tuple[int, List[nn.Parameter]]:
+    linears = layout[1:] if layout[0] == "gate_up" else layout[1]
+    params = [p for l in linears for p in l.parameters(recurse=False)]
+    return linears[0].in_features, params
 
 
-def patch_model(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True) -> nn.Module:
-    """Swaps my_mps_ops kernels into a Llama-style model, in place, keeping every
-    Parameter (optimizers keep working) and state_dict key. Each switch turns
-    one kind of replacement on or off; modules of a kind switched off are left
-    untouched:
+# ---- the pass
 
-    - ``rms_norm``: RMSNorm modules (torch.nn.RMSNorm, transformers'
-      LlamaRMSNorm and copies) become my_mps_ops.nn.RMSNorm;
-    - ``swiglu``: SiLU-gated MLPs (transformers' LlamaMLP-style
-      gate_proj/up_proj/down_proj with act_fn SiLU, or Phi3MLP-style
-      gate_up_proj/down_proj with activation_fn SiLU) run their gate through
-      the fused my_mps_ops.swiglu.
+def _first_match(path, child, kind_group, candidates, width, weights, summary, strict):
+    """The first candidate that reproduces `child`, or None (recorded as skipped)."""
+    first = next(iter(weights), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    reasons = []
+    for kind, replacement in candidates:
+        mismatch = _probe_mismatch(child, replacement, width, weights, device, dtype)
+        if mismatch is None:
+            return kind, replacement
+        reasons.append(f"{kind}: {mismatch}")
+    _skip(summary, strict, path, child, kind_group, "; ".join(reasons))
+    return None
+
+
+def _skip(summary, strict, path, child, kind, reason):
+    entry = SkippedModule(path, type(child).__name__, kind, reason)
+    summary.skipped.append(entry)
+    if strict:
+        raise PatchError(f"patch_model(strict=True): cannot reproduce {path} ({entry.type_name}) exactly: {reason}")
+
+
+def patch_model(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, geglu: bool = True,
+                strict: bool = False) -> nn.Module:
+    """Swaps my_mps_ops kernels into a model, in place, keeping every Parameter
+    (optimizers keep working) and state_dict key. Each switch turns one kind of
+    replacement on or off; modules of a kind switched off are left untouched:
+
+    - ``rms_norm``: RMSNorm modules (torch.nn.RMSNorm, transformers' *RMSNorm
+      classes) become my_mps_ops.nn.RMSNorm (or OffsetRMSNorm for norms that
+      scale by ``1 + weight``);
+    - ``swiglu`` / ``geglu``: gated MLPs (gate_proj/up_proj/down_proj, w1/w3/w2,
+      wi_0/wi_1/wo, or one fused gate_up_proj) whose gate is SiLU / GELU (erf
+      or tanh) run the activation and product through the fused op.
+
+    A module is replaced only if the replacement reproduces its forward (see the
+    module docstring); others are left alone, or with ``strict=True`` raise
+    PatchError. The summary (PatchSummary: patched per kind, skipped with the
+    reason) is logged at INFO and kept as ``model.my_mps_ops_patch_summary``.
 
     Returns the model."""
     if not isinstance(model, nn.Module):
         raise TypeError("patch_model expects a torch.nn.Module (the model to patch in place), "
                         f"got {type(model).__name__}")
+    summary = PatchSummary()
+    mlp_kinds = [(k, f) for k, f in _GATED_ACTIVATIONS if (swiglu if k == "swiglu" else geglu)]
+    paths = {id(m): n for n, m in model.named_modules()}
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            if swiglu:
-                mlp = _silu_gated_mlp(child)
-                if mlp is not None:
-                    names, (gate, up, down) = mlp
-                    setattr(module, child_name, FusedSwiGLUMLP(names, gate, up, down))
+            path = f"{paths.get(id(module), '')}.{child_name}".lstrip(".")
+            if mlp_kinds:
+                layout = _mlp_layout(child)
+                if layout is not None:
+                    width, weights = _mlp_in_features(layout)
+                    candidates = [(k, _fused_mlp(layout, k)) for k, _ in mlp_kinds]
+                    match = _first_match(path, child, "gated_mlp", candidates, width, weights, summary, strict)
+                    if match is not None:
+                        setattr(module, child_name, match[1])
+                        summary._count(match[0])
                     continue
-                fused = _fused_gate_up_mlp(child)
-                if fused is not None:
-                    setattr(module, child_name, FusedGateUpSwiGLUMLP(*fused))
+            if rms_norm and _rms_norm_candidate(child):
+                candidates = _rms_norm_replacements(child)
+                if isinstance(candidates, str):
+                    _skip(summary, strict, path, child, "rms_norm", candidates)
                     continue
-            if rms_norm and _is_rms_norm(child):
-                setattr(module, child_name, _replacement_rms_norm(child))
+                width = candidates[0][1].normalized_shape[0]
+                weights = [w for w in [getattr(child, "weight", None)] if w is not None]
+                match = _first_match(path, child, "rms_norm", candidates, width, weights, summary, strict)
+                if match is not None:
+                    setattr(module, child_name, match[1])
+                    summary._count(match[0])
+    model.my_mps_ops_patch_summary = summary
+    logger.info("%s", summary)
     return model
-

@@ -167,3 +167,89 @@ def test_patch_model_refuses_what_is_not_a_module(not_a_module):
 def test_switches_are_keyword_only():
     with pytest.raises(TypeError):
         patch_model(model_with_every_kind(), False)
+
+
+class ScaledRMSNorm(nn.Module):
+    """An RMSNorm whose formula differs from the fused op (extra scale): must be left alone."""
+
+    def __init__(self, dim, eps=1e-6, extra=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.extra = eps, extra
+
+    def forward(self, x):
+        return self.extra * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class DropoutSwiGLUMLP(LlamaStyleMLP):
+    """A Llama MLP with dropout inside its forward: the fused MLP would drop the dropout."""
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.dropout(self.act_fn(self.gate_proj(x)), 0.5, self.training)
+                              * self.up_proj(x))
+
+
+class GemmaStyleRMSNorm(nn.Module):
+    """Gemma's formula: normalise, then scale by (1 + weight)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+
+class GeluTanhMLP(LlamaStyleMLP):
+    def __init__(self, dim, hidden):
+        super().__init__(dim, hidden)
+        self.act_fn = nn.GELU(approximate="tanh")
+
+
+def test_patch_model_leaves_what_it_cannot_reproduce_and_says_why():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"scaled": ScaledRMSNorm(16, extra=1.5), "eps": ScaledRMSNorm(16, eps=1e-2),
+                           "dropout_mlp": DropoutSwiGLUMLP(16, 24), "ok": ScaledRMSNorm(16)}).train()
+    before = dict(model.named_children())
+    patch_model(model)
+    summary = model.my_mps_ops_patch_summary
+    assert model["scaled"] is before["scaled"] and model["dropout_mlp"] is before["dropout_mlp"]
+    assert isinstance(model["ok"], my_mps_ops.nn.RMSNorm) and model["ok"].weight is before["ok"].weight
+    # eps=1e-2 reproduces only with that eps: the replacement takes the module's eps, so it is exact.
+    assert isinstance(model["eps"], my_mps_ops.nn.RMSNorm) and model["eps"].eps == 1e-2
+    assert summary.patched == {"rms_norm": 2}
+    skipped = {s.path: s for s in summary.skipped}
+    assert set(skipped) == {"scaled", "dropout_mlp"}
+    assert "differs" in skipped["scaled"].reason and "train mode" in skipped["dropout_mlp"].reason
+    assert "skipped dropout_mlp (DropoutSwiGLUMLP, gated_mlp)" in str(summary)
+    assert model.training and all(m.training for m in model.modules())  # modes restored
+
+
+def test_patch_model_strict_raises_instead_of_skipping():
+    model = nn.Sequential(ScaledRMSNorm(8, extra=2.0))
+    with pytest.raises(my_mps_ops.patch.PatchError, match=r"strict=True.*0 \(ScaledRMSNorm\).*differs"):
+        patch_model(model, strict=True)
+
+
+def test_patch_model_uses_offset_norm_and_geglu_where_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(GemmaStyleRMSNorm(16), GeluTanhMLP(16, 24)).eval()
+    with torch.no_grad():
+        model[0].weight.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 5, 16)
+    ref = model(x)
+    patch_model(model)
+    assert model.my_mps_ops_patch_summary.patched == {"rms_norm(1+weight)": 1, "geglu(tanh)": 1}
+    assert isinstance(model[0], my_mps_ops.patch.OffsetRMSNorm)
+    assert isinstance(model[1], my_mps_ops.patch.FusedGeGLUMLP)
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_patch_model_probes_do_not_move_the_random_stream():
+    model = nn.Sequential(DropoutSwiGLUMLP(16, 24), nn.RMSNorm(16)).train()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    patch_model(model)
+    torch.testing.assert_close(torch.rand(3), expected)

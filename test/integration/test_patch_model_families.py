@@ -1,0 +1,57 @@
+"""patch_model on every causal-LM family of the installed transformers: logits
+and gradients of the patched model equal the unpatched model's, in train mode
+with dropout active (same seed) and in eval mode."""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import hf_families  # noqa: E402
+from my_mps_ops import patch_model  # noqa: E402
+
+FAMILIES = hf_families.causal_lm_families()
+
+
+@pytest.mark.parametrize("model_type,class_name", FAMILIES, ids=[t for t, _ in FAMILIES])
+def test_patched_family_matches_unpatched(model_type, class_name):
+    try:
+        reference, tokens = hf_families.build(model_type, class_name, dropout=0.1)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"{model_type} does not build from its default config shrunk generically: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    patched = patch_model(copy.deepcopy(reference))
+    summary = patched.my_mps_ops_patch_summary
+    print(model_type, summary)
+
+    reference.train()
+    patched.train()
+    ref = hf_families.run(reference, tokens, seed=7)
+    out = hf_families.run(patched, tokens, seed=7)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4, msg=f"{model_type}: train-mode logits")
+    probe = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3))
+    (ref * probe).sum().backward()
+    (out * probe).sum().backward()
+    for (name, p_ref), (_, p) in zip(reference.named_parameters(), patched.named_parameters()):
+        if p_ref.grad is None:
+            assert p.grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=5e-5, rtol=1e-3, msg=f"{model_type}: grad of {name}")
+
+    reference.eval()
+    patched.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf_families.run(patched, tokens, 0), hf_families.run(reference, tokens, 0),
+                                   atol=2e-5, rtol=1e-4, msg=f"{model_type}: eval-mode logits")
+
+
+def test_llama_family_is_patched_and_gemma_norms_use_the_offset_variant():
+    # The families this project was built for must not silently fall back.
+    llama, _ = hf_families.build("llama", "LlamaForCausalLM")
+    summary = patch_model(llama).my_mps_ops_patch_summary
+    assert summary.patched == {"rms_norm": 5, "swiglu": 2} and not summary.skipped, str(summary)
+    gemma, _ = hf_families.build("gemma", "GemmaForCausalLM")
+    summary = patch_model(gemma).my_mps_ops_patch_summary
+    assert summary.patched.get("rms_norm(1+weight)") == 5 and summary.patched.get("geglu(tanh)") == 2, str(summary)
