@@ -45,6 +45,9 @@ class PatchSummary:
 
     patched: dict = field(default_factory=dict)
     skipped: List[SkippedModule] = field(default_factory=list)
+    # With attention=True: the live counts of fused attention calls and SDPA
+    # fallbacks by reason (my_mps_ops.hf_attention.stats).
+    attention: Optional[object] = None
 
     def _count(self, kind: str) -> None:
         self.patched[kind] = self.patched.get(kind, 0) + 1
@@ -54,6 +57,8 @@ class PatchSummary:
                  (", ".join(f"{n} {k}" for k, n in sorted(self.patched.items())) or "nothing")]
         for s in self.skipped:
             lines.append(f"  skipped {s.path or '<root>'} ({s.type_name}, {s.kind}): {s.reason}")
+        if self.attention is not None:
+            lines.append(f"  {self.attention}")
         return "\n".join(lines)
 
 
@@ -330,8 +335,19 @@ def _skip(summary, strict, path, child, kind, reason):
         raise PatchError(f"patch_model(strict=True): cannot reproduce {path} ({entry.type_name}) exactly: {reason}")
 
 
+def _use_fused_attention(model, summary, strict):
+    from . import hf_attention
+
+    if not hasattr(model, "set_attn_implementation"):
+        _skip(summary, strict, "", model, "attention", "not a transformers model (no set_attn_implementation)")
+        return
+    model.set_attn_implementation(hf_attention.register())
+    summary._count("attention")
+    summary.attention = hf_attention.stats
+
+
 def patch_model(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, geglu: bool = True,
-                strict: bool = False) -> nn.Module:
+                attention: bool = False, strict: bool = False) -> nn.Module:
     """Swaps my_mps_ops kernels into a model, in place, keeping every Parameter
     (optimizers keep working) and state_dict key. Each switch turns one kind of
     replacement on or off; modules of a kind switched off are left untouched:
@@ -341,7 +357,10 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True,
       scale by ``1 + weight``);
     - ``swiglu`` / ``geglu``: gated MLPs (gate_proj/up_proj/down_proj, w1/w3/w2,
       wi_0/wi_1/wo, or one fused gate_up_proj) whose gate is SiLU / GELU (erf
-      or tanh) run the activation and product through the fused op.
+      or tanh) run the activation and product through the fused op;
+    - ``attention`` (off by default): a transformers model switches to
+      ``attn_implementation="my_mps_ops"`` (my_mps_ops.hf_attention: fused
+      flash_attention where exact, SDPA otherwise, both counted).
 
     A module is replaced only if the replacement reproduces its forward (see the
     module docstring); others are left alone, or with ``strict=True`` raise
@@ -379,6 +398,8 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True,
                 if match is not None:
                     setattr(module, child_name, match[1])
                     summary._count(match[0])
+    if attention:
+        _use_fused_attention(model, summary, strict)
     model.my_mps_ops_patch_summary = summary
     logger.info("%s", summary)
     return model

@@ -253,3 +253,45 @@ def test_patch_model_probes_do_not_move_the_random_stream():
     torch.manual_seed(5)
     patch_model(model)
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_attention_implementation_is_fused_where_exact_and_falls_back_to_sdpa():
+    transformers = pytest.importorskip("transformers")
+    from my_mps_ops import hf_attention
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    model = patch_model(copy.deepcopy(reference), attention=True)
+    summary = model.my_mps_ops_patch_summary
+    assert model.config._attn_implementation == "my_mps_ops" and summary.attention is hf_attention.stats
+    hf_attention.stats.reset()
+    tokens = torch.randint(0, 64, (2, 11))
+    with torch.no_grad():  # causal, no padding: fused (head_dim 32, grouped-query)
+        torch.testing.assert_close(model(tokens).logits, reference(tokens).logits, atol=1e-5, rtol=1e-5)
+    assert hf_attention.stats.fused == 2 and not hf_attention.stats.fallbacks
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[0, :3] = 0  # left padding: SDPA with the mask, counted
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, attention_mask=mask).logits,
+                                   reference(tokens, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
+    assert hf_attention.stats.fused == 2 and sum(hf_attention.stats.fallbacks.values()) == 2
+    assert "SDPA fallbacks" in str(summary)
+    # decoding with a cache: one query row attends to every key (fused)
+    assert model.generate(tokens[:1], max_new_tokens=4, do_sample=False).tolist() == \
+        reference.generate(tokens[:1], max_new_tokens=4, do_sample=False).tolist()
+    # training: gradients through the fused attention match SDPA's
+    model.train()
+    reference.train()
+    model(tokens).logits.square().mean().backward()
+    reference(tokens).logits.square().mean().backward()
+    for (name, p_ref), p in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_attention_switch_on_a_plain_module_is_reported():
+    model = patch_model(nn.Sequential(nn.RMSNorm(8)), attention=True)
+    assert [s.kind for s in model.my_mps_ops_patch_summary.skipped] == ["attention"]
+    with pytest.raises(my_mps_ops.patch.PatchError, match="set_attn_implementation"):
+        patch_model(nn.Sequential(nn.RMSNorm(8)), attention=True, strict=True)
