@@ -35,10 +35,19 @@ FlashAttentionShape shape_of(const at::Tensor& q, const at::Tensor& k, bool caus
                              static_cast<uint32_t>(k.size(2)), causal ? 1u : 0u, static_cast<float>(scale)};
 }
 
-// A grid of (ceil(rows / flash_rows(d)), heads, batch) threadgroups of flash_threads(d) threads.
-void dispatch_row_blocks(Launch& launch, int64_t rows, int64_t heads, int64_t batch, uint32_t head_dim) {
+// A grid of (ceil(rows / flash_rows(d)), heads, batch) threadgroups of
+// flash_threads(d) threads. The tiles are built around that many simdgroups,
+// so a pipeline that allows fewer threads (high register use) cannot run the
+// kernel: say so, naming the kernel, rather than launching an invalid grid.
+void dispatch_row_blocks(Launch& launch, Executor& executor, int64_t rows, int64_t heads, int64_t batch,
+                         uint32_t head_dim) {
+  const uint32_t threads = shaders::flash_threads(head_dim);
+  const PipelineInfo info = executor.pipeline_info(launch.library, launch.kernel);
+  TORCH_CHECK(info.max_threads_per_threadgroup >= threads, "my_mps_ops.flash_attention: Metal kernel '",
+              launch.kernel, "' needs threadgroups of ", threads, " threads but its pipeline allows ",
+              info.max_threads_per_threadgroup, " on this GPU");
   launch.dispatch_threadgroups({ceil_div(rows, shaders::flash_rows(head_dim)), uint64_t(heads), uint64_t(batch)},
-                               {shaders::flash_threads(head_dim), 1, 1});
+                               {threads, 1, 1});
 }
 
 }  // namespace
@@ -52,7 +61,7 @@ void flash_attention_forward(const char* op, const FlashAttentionForwardTensors&
   launch.buffer(t.q).buffer(t.k).buffer(t.v).buffer(t.out).buffer(t.lse).scalar(shape);
   launch.threadgroup_memory(shaders::flash_forward_tile_floats(d) * sizeof(float))
       .threadgroup_memory(shaders::flash_simdgroups(d) * shaders::flash_forward_scratch_floats(d) * sizeof(float));
-  dispatch_row_blocks(launch, t.q.size(2), t.q.size(1), t.q.size(0), d);
+  dispatch_row_blocks(launch, executor, t.q.size(2), t.q.size(1), t.q.size(0), d);
   executor.run(launch);
 }
 
@@ -81,7 +90,7 @@ void flash_attention_backward(const char* op, const FlashAttentionBackwardTensor
     launch.buffer(t.dk).buffer(t.dv).scalar(shape);
     launch.threadgroup_memory(shaders::flash_backward_kv_stage_floats(d) * sizeof(float))
         .threadgroup_memory(scratch_bytes);
-    dispatch_row_blocks(launch, t.k.size(2), t.k.size(1), t.k.size(0), d);
+    dispatch_row_blocks(launch, executor, t.k.size(2), t.k.size(1), t.k.size(0), d);
     executor.run(launch);
   }
   // dQ: one threadgroup per (block of queries, q head, batch).
@@ -91,7 +100,7 @@ void flash_attention_backward(const char* op, const FlashAttentionBackwardTensor
     launch.buffer(t.dq).scalar(shape);
     launch.threadgroup_memory(shaders::flash_backward_q_stage_floats(d) * sizeof(float))
         .threadgroup_memory(scratch_bytes);
-    dispatch_row_blocks(launch, t.q.size(2), t.q.size(1), t.q.size(0), d);
+    dispatch_row_blocks(launch, executor, t.q.size(2), t.q.size(1), t.q.size(0), d);
     executor.run(launch);
   }
 }

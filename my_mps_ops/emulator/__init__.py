@@ -33,6 +33,7 @@ Data races (missing barriers, unordered device writes) are raised within
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -46,7 +47,7 @@ from .race import race_check, race_check_enabled, schedule
 
 _C._set_cpu_executor(_emulator.executor())
 
-__all__ = ["compile_shader", "ShaderLibrary", "CompileError", "race_check", "schedule"]
+__all__ = ["compile_shader", "ShaderLibrary", "CompileError", "race_check", "schedule", "pipeline_thread_limit"]
 
 MAX_THREADS_PER_THREADGROUP = 1024
 THREAD_EXECUTION_WIDTH = 32
@@ -177,6 +178,19 @@ class ShaderLibrary:
 
 
 STRICT_ENV = "MY_MPS_OPS_EMULATOR_STRICT"
+
+
+@contextlib.contextmanager
+def pipeline_thread_limit(threads: int):
+    """Every emulated pipeline reports (and enforces) ``threads`` as its
+    maxTotalThreadsPerThreadgroup inside the block, as a GPU may for a kernel
+    with high register use; op code must size its threadgroups from it."""
+    previous = _emulator.pipeline_thread_limit()
+    _emulator.set_pipeline_thread_limit(int(threads))
+    try:
+        yield
+    finally:
+        _emulator.set_pipeline_thread_limit(previous)
 
 
 def strict_default() -> bool:

@@ -32,4 +32,9 @@ struct KernelInfo {
 };
 std::vector<KernelInfo> kernels(const std::string& library);
 
+// The maxTotalThreadsPerThreadgroup every pipeline reports and enforces
+// (1024 by default); tests lower it to check that launches follow it.
+void set_pipeline_thread_limit(uint32_t threads);
+uint32_t pipeline_thread_limit();
+
 }  // namespace my_mps_ops::emulator

@@ -45,6 +45,10 @@ using metal::PipelineInfo;
 constexpr size_t kMaxThreadsPerThreadgroup = 1024;
 constexpr size_t kMaxThreadgroupMemory = 32 * 1024;
 constexpr uint32_t kSimdWidth = 32;
+// What pipeline_info reports as every pipeline's maxTotalThreadsPerThreadgroup
+// (and run() enforces): 1024 unless a test lowers it to stand for a pipeline
+// whose register use allows fewer threads, as a GPU's compiler may.
+std::atomic<uint32_t> g_pipeline_thread_limit{kMaxThreadsPerThreadgroup};
 
 struct EmulatedLibrary {
   std::string path;
@@ -231,7 +235,7 @@ class Emulator final : public Executor {
     auto lib = find_library(library);
     const mtl_emu_kernel& k = lib->kernel(library, kernel);
     PipelineInfo info;
-    info.max_threads_per_threadgroup = kMaxThreadsPerThreadgroup;
+    info.max_threads_per_threadgroup = g_pipeline_thread_limit.load();
     info.thread_execution_width = kSimdWidth;
     info.static_threadgroup_memory_length = static_cast<uint32_t>(k.threadgroup_layout(nullptr));
     return info;
@@ -250,6 +254,9 @@ class Emulator final : public Executor {
     TORCH_CHECK(threads_per_group <= kMaxThreadsPerThreadgroup, where, ": threadgroup of ", threads_per_group,
                 " threads (", launch.group[0], "x", launch.group[1], "x", launch.group[2],
                 ") exceeds the 1024 threads an Apple GPU threadgroup can have");
+    const uint32_t limit = g_pipeline_thread_limit.load();
+    TORCH_CHECK(threads_per_group <= limit, where, ": threadgroup of ", threads_per_group,
+                " threads exceeds the ", limit, " its pipeline allows (maxTotalThreadsPerThreadgroup)");
     for (int d = 0; d < 3; ++d)
       if (launch.grid[d] == 0) return;  // an empty grid runs nothing
 
@@ -444,5 +451,14 @@ std::vector<KernelInfo> kernels(const std::string& library) {
   }
   return out;
 }
+
+void set_pipeline_thread_limit(uint32_t threads) {
+  TORCH_CHECK(threads >= kSimdWidth && threads <= kMaxThreadsPerThreadgroup && threads % kSimdWidth == 0,
+              "Metal emulator: the pipeline thread limit must be a multiple of ", kSimdWidth, " in [", kSimdWidth,
+              ", ", kMaxThreadsPerThreadgroup, "], got ", threads);
+  g_pipeline_thread_limit.store(threads);
+}
+
+uint32_t pipeline_thread_limit() { return g_pipeline_thread_limit.load(); }
 
 }  // namespace my_mps_ops::emulator

@@ -72,6 +72,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     if (capsule == nullptr) throw pybind11::error_already_set();
     return pybind11::reinterpret_steal<pybind11::object>(capsule);
   }, "The emulator's executor, as the capsule _C._set_cpu_executor takes");
+  m.def("set_pipeline_thread_limit", &emulator::set_pipeline_thread_limit, pybind11::arg("threads"));
+  m.def("pipeline_thread_limit", &emulator::pipeline_thread_limit);
   m.def("register_library", &emulator::register_library, pybind11::arg("library"), pybind11::arg("so_path"));
   m.def("kernels", &kernels, pybind11::arg("library"),
         "Kernels of a loaded emulator library with their declared parameters");
