@@ -311,6 +311,82 @@ def _mlp_in_features(layout) -> Tuple[int, List[nn.Parameter]]:
     return linears[0].in_features, params
 
 
+# ---- MoE experts stored as 3-D weights
+
+class FusedGatedExperts(nn.Module):
+    """A mixture of experts whose weights are 3-D Parameters (transformers'
+    ``*Experts`` modules: ``gate_up_proj`` [experts, 2 * inner, hidden],
+    ``down_proj`` [experts, hidden, inner]), each expert's ``act(gate) * up``
+    fused. Routes tokens as those modules do: each expert takes the tokens
+    whose ``top_k_index`` names it, scales its output by their
+    ``top_k_weights`` and adds it into theirs. The Parameters keep their names."""
+
+    def __init__(self, gate_up_proj: nn.Parameter, down_proj: nn.Parameter, kind: str = "swiglu"):
+        super().__init__()
+        self.gate_up_proj = gate_up_proj
+        self.down_proj = down_proj
+        self.num_experts = gate_up_proj.shape[0]
+        self.kind = kind
+        self._fused = dict(_GATED_ACTIVATIONS)[kind]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            # [experts, k, tokens]; index num_experts marks a dropped slot
+            routed = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            experts = torch.greater(routed.sum(dim=(-1, -2)), 0).nonzero()
+        for expert in experts:
+            expert = expert[0]
+            if expert == self.num_experts:
+                continue
+            slot, token = torch.where(routed[expert])
+            gate, up = nn.functional.linear(hidden_states[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            h = nn.functional.linear(self._fused(gate, up), self.down_proj[expert])
+            out.index_add_(0, token, (h * top_k_weights[token, slot, None]).to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_experts} experts, {self.kind}"
+
+
+def _experts_layout(module: nn.Module):
+    """(gate_up_proj, down_proj) of a 3-D-weight experts module, or None."""
+    if isinstance(module, FusedGatedExperts) or not type(module).__name__.endswith("Experts"):
+        return None
+    params = dict(module.named_parameters(recurse=False))
+    gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
+    if set(params) != {"gate_up_proj", "down_proj"} or gate_up is None or down is None:
+        return None
+    if gate_up.dim() != 3 or down.dim() != 3 or any(True for _ in module.children() if not _is_activation(_)):
+        return None
+    experts, two_inner, hidden = gate_up.shape
+    if down.shape != (experts, hidden, two_inner // 2) or two_inner % 2:
+        return None
+    return gate_up, down
+
+
+def _is_activation(module: nn.Module) -> bool:
+    return not any(True for _ in module.parameters())
+
+
+class _ExpertsProbe(nn.Module):
+    """Calls an experts module on a fixed routing: probes see forward(x)."""
+
+    def __init__(self, experts: nn.Module, num_experts: int, seed: int = 99):
+        super().__init__()
+        self.experts = experts
+        self.num_experts = num_experts
+        self.seed = seed
+
+    def forward(self, x):
+        tokens = x.reshape(-1, x.shape[-1])
+        gen = torch.Generator().manual_seed(self.seed)
+        k = min(2, self.num_experts)
+        index = torch.stack([torch.randperm(self.num_experts, generator=gen)[:k] for _ in range(tokens.shape[0])])
+        weights = torch.rand(index.shape, generator=gen, dtype=torch.float64).to(tokens.dtype)
+        return self.experts(tokens, index.to(tokens.device), weights.to(tokens.device))
+
+
 # ---- the pass
 
 def _first_match(path, child, kind_group, candidates, width, weights, summary, strict):
@@ -329,7 +405,8 @@ def _first_match(path, child, kind_group, candidates, width, weights, summary, s
 
 
 def _skip(summary, strict, path, child, kind, reason):
-    entry = SkippedModule(path, type(child).__name__, kind, reason)
+    module = child.experts if isinstance(child, _ExpertsProbe) else child
+    entry = SkippedModule(path, type(module).__name__, kind, reason)
     summary.skipped.append(entry)
     if strict:
         raise PatchError(f"patch_model(strict=True): cannot reproduce {path} ({entry.type_name}) exactly: {reason}")
@@ -385,6 +462,19 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True,
                     match = _first_match(path, child, "gated_mlp", candidates, width, weights, summary, strict)
                     if match is not None:
                         setattr(module, child_name, match[1])
+                        summary._count(match[0])
+                    continue
+            if mlp_kinds:
+                experts = _experts_layout(child)
+                if experts is not None:
+                    gate_up, down = experts
+                    n = gate_up.shape[0]
+                    candidates = [(k + "(experts)", _ExpertsProbe(FusedGatedExperts(gate_up, down, k), n))
+                                  for k, _ in mlp_kinds]
+                    match = _first_match(path, _ExpertsProbe(child, n), "experts", candidates, gate_up.shape[2],
+                                         [gate_up, down], summary, strict)
+                    if match is not None:
+                        setattr(module, child_name, match[1].experts)
                         summary._count(match[0])
                     continue
             if rms_norm and _rms_norm_candidate(child):

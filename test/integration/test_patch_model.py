@@ -295,3 +295,25 @@ def test_attention_switch_on_a_plain_module_is_reported():
     assert [s.kind for s in model.my_mps_ops_patch_summary.skipped] == ["attention"]
     with pytest.raises(my_mps_ops.patch.PatchError, match="set_attn_implementation"):
         patch_model(nn.Sequential(nn.RMSNorm(8)), attention=True, strict=True)
+
+
+def test_moe_experts_with_3d_weights_are_fused_per_expert():
+    transformers = pytest.importorskip("transformers")
+    from my_mps_ops.patch import FusedGatedExperts
+
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    reference = transformers.MixtralForCausalLM(config)
+    model = patch_model(copy.deepcopy(reference))
+    assert model.my_mps_ops_patch_summary.patched == {"rms_norm": 5, "swiglu(experts)": 2}
+    assert sum(isinstance(m, FusedGatedExperts) for m in model.modules()) == 2
+    assert list(model.state_dict()) == list(reference.state_dict())
+    tokens = torch.randint(0, 64, (2, 13))
+    out, ref = model(tokens).logits, reference(tokens).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    for (name, p_ref), p in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
