@@ -17,6 +17,10 @@ at the .metal source):
 - multi-letter swizzles (``v.xy``, ``v.bgr``) become ``__mtl::swizzle<...>``
   reads, or ``__mtl::swizzle_ref<...>`` where assigned (single components,
   ``.x`` or ``.r``, are members of the vector types and need no rewriting);
+- subscripts of threadgroup arrays and of pointer parameters in kernels are
+  wrapped in bounds checks (``__mtl::tg_index`` / ``__mtl::buffer_index``);
+- each barrier / SIMD-group call gets its own call-site id, and loop
+  conditions poll the run's cancel flag (Ctrl-C, timeout);
 - a table of the kernels with their parameters is appended, which the host
   reads after loading the compiled library.
 """
@@ -356,20 +360,23 @@ def _check_pointer_params(body: str, params: List[Param]) -> str:
     """Subscripts of the kernel's buffer and threadgroup pointer parameters are
     checked against what was bound (a parameter the body assigns is not: it may
     point into another buffer)."""
-    checked = False
+    entry = []
     for p in params:
         if p.kind not in (PARAM_BUFFER, PARAM_THREADGROUP) or "*" not in p.type:
             continue
         if re.search(r"(?<![\w.])" + re.escape(p.name) + r"\s*=(?!=)", body):
             continue
-        slot = p.index + (MAX_BINDINGS if p.kind == PARAM_THREADGROUP else 0)
-        rewritten = _check_subscripts(body, p.name, 1, lambda dim: "__mtl::buffer_index",
-                                      f"{p.name}, __mtl_B, {slot}")
-        checked = checked or rewritten != body
+        bound = f"__mtl_bound_{p.name}"
+        rewritten = _check_subscripts(body, p.name, 1, lambda dim: "__mtl::buffer_index", f"{p.name}, {bound}")
+        if rewritten == body:
+            continue
         body = rewritten
-    if not checked:
-        return body
-    return "{ const __mtl::Bindings* const __mtl_B = __mtl::bindings();" + body[1:]
+        if p.kind == PARAM_THREADGROUP:
+            table, slot = "*__mtl::threadgroup_bindings()", p.index + MAX_BINDINGS
+        else:
+            table, slot = "__mtl::launch_bindings", p.index
+        entry.append(f"const __mtl::Bound {bound} = __mtl::bound({table}, {slot});")
+    return "{ " + " ".join(entry) + body[1:] if entry else body
 
 
 def _check_subscripts(body: str, name: str, rank: int, checker, extra: str) -> str:

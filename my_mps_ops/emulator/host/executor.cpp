@@ -4,9 +4,11 @@
 // - every [[buffer(n)]] the kernel declares is bound; a scalar's byte size
 //   equals the kernel parameter's; threadgroup size <= 1024; threadgroup
 //   memory <= 32 KB;
-// - out-of-bounds accesses: each buffer is copied into memory whose end abuts
-//   an inaccessible page (and whose start follows one); a fault there is
-//   reported with the kernel, the thread and the buffer, then the run stops;
+// - out-of-bounds accesses: each buffer (a tensor view's extent) is copied
+//   into memory whose end abuts an inaccessible reservation (and whose start
+//   follows one); a fault there is reported with the kernel, the thread and
+//   the buffer, then the run stops (the kernel checks its own subscripts);
+// - a SIGINT or a timeout stops a run (the kernel polls a cancel flag);
 // - the runtime inside the library reports divergent barriers and SIMD-group
 //   functions, and early returns before barriers.
 // Libraries built with the race check (my_mps_ops.emulator.race_check()) are
@@ -58,6 +60,7 @@ struct EmulatedLibrary {
   int32_t count = 0;
   mtl_emu_run_fn run = nullptr;
   mtl_emu_current_fn current = nullptr;
+  mtl_emu_bind_fn bind = nullptr;
   mtl_emu_cancel_fn cancel = nullptr;
   mtl_emu_race_begin_fn race_begin = nullptr;  // race-check libraries only
   mtl_emu_race_end_fn race_end = nullptr;
@@ -355,8 +358,8 @@ class Emulator final : public Executor {
       L.group[d] = launch.group[d];
     }
 
-    // Bindings, then the guarded copies of every buffer (one per storage, so
-    // aliasing arguments stay aliased).
+    // Bindings, then the guarded copies of every buffer (one per overlapping
+    // extents of a storage, so aliasing arguments stay aliased).
     enum class Bound { None, Tensor, Bytes };
     Bound bound[MTL_EMU_MAX_BINDINGS] = {};
     size_t bound_bytes[MTL_EMU_MAX_BINDINGS] = {};
@@ -463,6 +466,7 @@ class Emulator final : public Executor {
     for (auto& r : regions) r->allocate();
     for (const PendingBuffer& b : pending) L.buffers[b.index] = b.region->data + (b.begin - b.region->storage_begin);
     for (int i = 0; i < MTL_EMU_MAX_BINDINGS; ++i) L.buffer_lengths[i] = bound_bytes[i];
+    lib->bind(&L);
     if (lib->race_begin) lib->race_begin(&L, bound_bytes);
 
     FaultState fault;
@@ -553,10 +557,11 @@ void register_library(const std::string& library, const std::string& so_path) {
   auto list_kernels = reinterpret_cast<mtl_emu_kernels_fn>(dlsym(lib->handle, "mtl_emu_kernels"));
   lib->run = reinterpret_cast<mtl_emu_run_fn>(dlsym(lib->handle, "mtl_emu_run"));
   lib->current = reinterpret_cast<mtl_emu_current_fn>(dlsym(lib->handle, "mtl_emu_current"));
+  lib->bind = reinterpret_cast<mtl_emu_bind_fn>(dlsym(lib->handle, "mtl_emu_bind"));
   lib->cancel = reinterpret_cast<mtl_emu_cancel_fn>(dlsym(lib->handle, "mtl_emu_cancel"));
   lib->race_begin = reinterpret_cast<mtl_emu_race_begin_fn>(dlsym(lib->handle, "mtl_emu_race_begin"));
   lib->race_end = reinterpret_cast<mtl_emu_race_end_fn>(dlsym(lib->handle, "mtl_emu_race_end"));
-  TORCH_CHECK(list_kernels && lib->run && lib->current && lib->cancel, "Metal emulator: ", so_path,
+  TORCH_CHECK(list_kernels && lib->run && lib->current && lib->bind && lib->cancel, "Metal emulator: ", so_path,
               " is not an emulator library");
   int32_t abi = 0;
   lib->kernels = list_kernels(&lib->count, &abi);

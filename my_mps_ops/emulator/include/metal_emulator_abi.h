@@ -99,6 +99,10 @@ typedef int (*mtl_emu_current_fn)(uint32_t thread_in_grid[3], uint32_t group_pos
 typedef void (*mtl_emu_race_begin_fn)(const struct mtl_emu_launch* launch, const size_t* lengths);
 typedef void (*mtl_emu_race_end_fn)(const struct mtl_emu_launch* launch);
 
+// Exported by every kernel library: the host calls it with each launch before
+// its first mtl_emu_run (launches of a library do not overlap).
+typedef void (*mtl_emu_bind_fn)(const struct mtl_emu_launch* launch);
+
 // Exported by every kernel library: makes the running launch stop (reason 1:
 // interrupted, 2: timed out) at its next loop iteration, synchronisation point
 // or threadgroup; 0 clears it before a launch. Async-signal-safe.

@@ -490,7 +490,9 @@ void cancelled(unsigned line, const char* file) {
   throw Abort{};
 }
 
-const Bindings* bindings() { return &tls_worker->bindings; }
+Bindings launch_bindings{};
+
+const Bindings* threadgroup_bindings() { return &tls_worker->bindings; }
 
 void buffer_index_fault(int slot, long long index, long long offset, size_t bytes, unsigned line, const char* file) {
   const Lane& lane = current_lane("a buffer subscript");
@@ -508,7 +510,7 @@ void buffer_index_fault(int slot, long long index, long long offset, size_t byte
   fail("out-of-bounds access to %s(%d) '%s' (%s): index %lld reaches byte offset %lld, outside the %zu bytes bound "
        "(elements of %zu bytes), at %s:%u by thread_position_in_grid (%u, %u, %u) in threadgroup (%u, %u, %u)",
        threadgroup ? "threadgroup" : "buffer", index_in_table, name, type, index, offset,
-       tls_worker->bindings.length[slot], bytes, file, line, lane.grid_pos[0], lane.grid_pos[1], lane.grid_pos[2],
+       (threadgroup ? tls_worker->bindings : launch_bindings).length[slot], bytes, file, line, lane.grid_pos[0], lane.grid_pos[1], lane.grid_pos[2],
        t.group_pos[0], t.group_pos[1], t.group_pos[2]);
   throw Abort{};
 }
@@ -560,8 +562,6 @@ extern "C" __attribute__((visibility("default"))) void mtl_emu_run(const mtl_emu
   w.tg_static.resize(static_bytes + 16);
   for (int i = 0; i < MTL_EMU_MAX_BINDINGS; ++i) {
     w.tg_dynamic[i].resize(L->threadgroup_lengths[i]);
-    w.bindings.base[i] = static_cast<const unsigned char*>(L->buffers[i]);
-    w.bindings.length[i] = L->buffers[i] != nullptr ? L->buffer_lengths[i] : 0;
     w.bindings.base[kMaxBindings + i] = w.tg_dynamic[i].data();
     w.bindings.length[kMaxBindings + i] = w.tg_dynamic[i].size();
   }
@@ -613,6 +613,13 @@ extern "C" __attribute__((visibility("default"))) void mtl_emu_run(const mtl_emu
     if (!error->failed) w.unfinished = false;
   }
   tls_lane = nullptr;
+}
+
+extern "C" __attribute__((visibility("default"))) void mtl_emu_bind(const mtl_emu_launch* L) {
+  for (int i = 0; i < MTL_EMU_MAX_BINDINGS; ++i) {
+    __mtl::launch_bindings.base[i] = static_cast<const unsigned char*>(L->buffers[i]);
+    __mtl::launch_bindings.length[i] = L->buffers[i] != nullptr ? L->buffer_lengths[i] : 0;
+  }
 }
 
 extern "C" __attribute__((visibility("default"))) void mtl_emu_cancel(int32_t reason) {

@@ -4,8 +4,9 @@
 // per GPU thread, when a kernel synchronises; a plain loop otherwise).
 //
 // Every translated shader includes this first. Synchronisation points take
-// their call site from __builtin_LINE()/__builtin_FILE() default arguments, so
-// that lanes meeting at different places in the .metal source are reported.
+// their call site from __builtin_LINE()/__builtin_FILE() default arguments and
+// an id the translator gives each call (template argument __S), so that lanes
+// meeting at different calls in the .metal source are reported.
 #pragma once
 
 #include "metal_emulator_abi.h"
@@ -84,20 +85,32 @@ struct Bindings {
   const unsigned char* base[2 * kMaxBindings];
   size_t length[2 * kMaxBindings];
 };
-const Bindings* bindings();
+// Buffers are the launch's (set by mtl_emu_bind before it runs: a kernel
+// reads them without a call); threadgroup memory is each worker's own.
+extern Bindings launch_bindings __attribute__((visibility("hidden")));
+const Bindings* threadgroup_bindings();
 [[noreturn]] void buffer_index_fault(int slot, long long index, long long offset, size_t bytes, unsigned line,
                                      const char* file);
 
+// What one pointer parameter may reach, copied at kernel entry: locals the
+// compiler keeps in registers (a store through any pointer could change the
+// tables above, so reading them at each access would cost more).
+struct Bound {
+  const unsigned char* base;
+  size_t length;
+  int slot;
+};
+inline Bound bound(const Bindings& table, int slot) { return Bound{table.base[slot], table.length[slot], slot}; }
+
 // The translator rewrites `p[i]` on a kernel's pointer parameter p to
-// `p[buffer_index(i, p, B, slot)]`: the element's address, wherever p points
+// `p[buffer_index(i, p, bound_p)]`: the element's address, wherever p points
 // now, must lie inside what was bound to that parameter.
 template <class I, class P>
-inline I buffer_index(I i, P* p, const Bindings* B, int slot, unsigned line = __builtin_LINE(),
-                      const char* file = __builtin_FILE()) {
-  const long long offset = static_cast<long long>(reinterpret_cast<const unsigned char*>(p) - B->base[slot]) +
+inline I buffer_index(I i, P* p, const Bound& b, unsigned line = __builtin_LINE(), const char* file = __builtin_FILE()) {
+  const long long offset = static_cast<long long>(reinterpret_cast<const unsigned char*>(p) - b.base) +
                            static_cast<long long>(i) * static_cast<long long>(sizeof(P));
-  if (__builtin_expect(offset < 0 || static_cast<unsigned long long>(offset) + sizeof(P) > B->length[slot], 0))
-    buffer_index_fault(slot, static_cast<long long>(i), offset, sizeof(P), line, file);
+  if (__builtin_expect(offset < 0 || static_cast<unsigned long long>(offset) + sizeof(P) > b.length, 0))
+    buffer_index_fault(b.slot, static_cast<long long>(i), offset, sizeof(P), line, file);
   return i;
 }
 
