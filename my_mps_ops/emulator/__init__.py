@@ -15,11 +15,15 @@ with dispatchThreads semantics (non-uniform grids): only threads inside
 ``threads`` run.
 
 Every GPU thread is run (fibers when the kernel synchronises), and what a GPU
-hides is raised as RuntimeError: out-of-bounds accesses, divergent barriers,
-SIMD-group functions waited on at two call sites by lanes of one SIMD group
-(each runs over its active lanes otherwise), threads that returned before a
-barrier, scalars of the
-wrong width, unbound buffers, threadgroups over 1024 threads or 32 KB.
+hides is raised as RuntimeError: out-of-bounds accesses (subscripts of
+threadgroup arrays and of pointer parameters checked; a tensor binds only its
+view's extent), divergent barriers, SIMD-group functions waited on at two call
+sites by lanes of one SIMD group (each runs over its active lanes otherwise;
+call sites are told apart by call, not by line), threads that returned before
+a barrier, scalars of the wrong width, unbound buffers, threadgroups over 1024
+threads or 32 KB. Arguments that do not match their parameters raise
+TypeError/ValueError (binding.py). A kernel call takes ``timeout=`` seconds
+(default MY_MPS_OPS_EMULATOR_TIMEOUT); Ctrl-C stops a running kernel.
 
 Importing this package also makes the emulator the executor of the ops' Metal
 path on cpu tensors (taken inside ``my_mps_ops.testing.metal_emulation()``).
