@@ -120,6 +120,8 @@ def pack_scalar(value, cast: Optional[str], i: int, param: Optional[dict]) -> by
                         f"{'cast ' + repr(cast) if cast_kind == 'float' and not any_float else 'value'}")
     if kind == "float" and cast_kind == "int":
         hint = "a float with arg_casts 'fp16'" if elem == "half" else "a float"
+        if cast:
+            raise TypeError(f"{what}: the parameter is {elem}; arg_casts {cast!r} binds an integer")
         raise TypeError(f"{what}: the parameter is {elem}; got a Python int, which binds as an integer (pass {hint})")
     out = []
     for v in items:
