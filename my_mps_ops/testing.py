@@ -31,17 +31,22 @@ def load_embedded_shaders() -> dict:
 
 
 def embedded_shaders_in_use() -> bool:
-    """Whether ops run the registered shader libraries now (inside metal_emulation())."""
+    """Whether ops on this thread run the registered shader libraries now (inside metal_emulation())."""
     return bool(_loaded) and _C.metal_emulation_enabled()
 
 
 @contextlib.contextmanager
-def metal_emulation():
-    """Within the block, my_mps_ops ops on cpu tensors take their Metal path
-    (the launches the MPS backend encodes) and run it on the Metal emulator."""
-    load_embedded_shaders()
+def metal_emulation(enabled: bool = True):
+    """Within the block, my_mps_ops ops on cpu tensors called from this thread
+    take their Metal path (the launches the MPS backend encodes) and run it on
+    the Metal emulator; other threads keep their own setting. The backward of
+    an op follows its forward, wherever and whenever autograd runs it. Blocks
+    nest (``metal_emulation(False)`` turns it off inside one); leaving a block,
+    by an exception too, restores the setting it found."""
+    if enabled:
+        load_embedded_shaders()
     previous = _C.metal_emulation_enabled()
-    _C.set_metal_emulation(True)
+    _C.set_metal_emulation(bool(enabled))
     try:
         yield
     finally:

@@ -13,8 +13,10 @@ Executor& mps_executor();  // metal/mps_executor.mm
 
 namespace {
 std::atomic<Executor*> g_cpu_executor{nullptr};
-// Global rather than thread-local: autograd may run backward on another thread.
-std::atomic<bool> g_metal_emulation{false};
+// Per thread, so that threads that do not ask for it keep the native kernels;
+// autograd Functions carry their forward's setting to their backward
+// (ops/autograd_emulation.h), which may run on another thread.
+thread_local bool t_metal_emulation = false;
 }  // namespace
 
 Executor& executor_for(const c10::Device& device) {
@@ -35,7 +37,7 @@ Executor& executor_for(const c10::Device& device) {
 
 void set_cpu_executor(Executor* executor) { g_cpu_executor.store(executor); }
 
-bool metal_emulation_enabled() { return g_metal_emulation.load(std::memory_order_relaxed); }
-void set_metal_emulation_enabled(bool enabled) { g_metal_emulation.store(enabled); }
+bool metal_emulation_enabled() { return t_metal_emulation; }
+void set_metal_emulation_enabled(bool enabled) { t_metal_emulation = enabled; }
 
 }  // namespace my_mps_ops::metal

@@ -154,9 +154,24 @@ inline void dispatch_row_threadgroups(Launch& launch, Executor& executor, uint64
   launch.dispatch_threadgroups({rows, 1, 1}, {threads, 1, 1});
 }
 
-// True while my_mps_ops.testing.metal_emulation() is active: CPU kernels then
-// take their Metal path through the emulator instead of the native C++ kernel.
+// True while my_mps_ops.testing.metal_emulation() is active on the calling
+// thread: CPU kernels then take their Metal path through the emulator instead
+// of the native C++ kernel.
 bool metal_emulation_enabled();
 void set_metal_emulation_enabled(bool enabled);
+
+// Sets the calling thread's metal-emulation switch for a scope.
+class MetalEmulationScope {
+ public:
+  explicit MetalEmulationScope(bool enabled) : previous_(metal_emulation_enabled()) {
+    set_metal_emulation_enabled(enabled);
+  }
+  ~MetalEmulationScope() { set_metal_emulation_enabled(previous_); }
+  MetalEmulationScope(const MetalEmulationScope&) = delete;
+  MetalEmulationScope& operator=(const MetalEmulationScope&) = delete;
+
+ private:
+  bool previous_;
+};
 
 }  // namespace my_mps_ops::metal

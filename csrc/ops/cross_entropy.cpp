@@ -10,6 +10,7 @@
 // Metal: metal/cross_entropy.cpp and shaders/cross_entropy.metal.
 #include "cpu/cross_entropy.h"
 #include "metal/cross_entropy.h"
+#include "ops/autograd_emulation.h"
 #include "ops/common.h"
 
 #include <ATen/ops/empty.h>
@@ -172,6 +173,7 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(loss, lse) = op.call(logits, target, ignore_index, smoothing, reduction);
     }
+    save_metal_emulation(ctx);
     ctx->save_for_backward({logits, target, lse});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["smoothing"] = smoothing;
@@ -182,6 +184,7 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    const BackwardEmulationScope emulation(ctx);
     static auto op = typed_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, double,
                                      c10::string_view)>("my_mps_ops::cross_entropy_backward");
     const auto saved = ctx->get_saved_variables();

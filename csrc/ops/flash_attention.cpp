@@ -16,6 +16,7 @@
 // shaders/flash_attention.metal.
 #include "cpu/flash_attention.h"
 #include "metal/flash_attention.h"
+#include "ops/autograd_emulation.h"
 #include "ops/common.h"
 
 #include <ATen/ops/empty.h>
@@ -252,6 +253,7 @@ class FlashAttentionFunction : public torch::autograd::Function<FlashAttentionFu
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(out, lse) = op.call(q, k, v, causal, scale);
     }
+    save_metal_emulation(ctx);
     ctx->save_for_backward({q, k, v, out, lse});
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["scale"] = scale.has_value() ? c10::IValue(*scale) : c10::IValue();
@@ -261,6 +263,7 @@ class FlashAttentionFunction : public torch::autograd::Function<FlashAttentionFu
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
+    const BackwardEmulationScope emulation(ctx);
     static auto op = typed_op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                  const Tensor&, const Tensor&, const Tensor&, bool,
                                                                  std::optional<double>)>(

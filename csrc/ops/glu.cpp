@@ -8,6 +8,7 @@
 // Metal: metal/glu.cpp and shaders/glu.metal.
 #include "cpu/glu.h"
 #include "metal/glu.h"
+#include "ops/autograd_emulation.h"
 #include "ops/common.h"
 
 #include <ATen/ops/empty.h>
@@ -150,11 +151,13 @@ class SwiGLUFunction : public torch::autograd::Function<SwiGLUFunction> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& gate, const Tensor& up) {
     static auto op = typed_op<Tensor(const Tensor&, const Tensor&)>("my_mps_ops::swiglu");
     at::AutoDispatchBelowADInplaceOrView guard;
+    save_metal_emulation(ctx);
     ctx->save_for_backward({gate, up});
     return op.call(gate, up);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    const BackwardEmulationScope emulation(ctx);
     static auto op = typed_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>(
         "my_mps_ops::swiglu_backward");
     const auto saved = ctx->get_saved_variables();
@@ -170,12 +173,14 @@ class GeGLUFunction : public torch::autograd::Function<GeGLUFunction> {
                         c10::string_view approximate) {
     static auto op = typed_op<Tensor(const Tensor&, const Tensor&, c10::string_view)>("my_mps_ops::geglu");
     at::AutoDispatchBelowADInplaceOrView guard;
+    save_metal_emulation(ctx);
     ctx->save_for_backward({gate, up});
     ctx->saved_data["approximate"] = std::string(approximate);
     return op.call(gate, up, approximate);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    const BackwardEmulationScope emulation(ctx);
     static auto op =
         typed_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, c10::string_view)>(
             "my_mps_ops::geglu_backward");

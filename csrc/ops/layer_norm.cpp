@@ -5,6 +5,7 @@
 // shaders/layer_norm.metal.
 #include "cpu/layer_norm.h"
 #include "metal/norm.h"
+#include "ops/autograd_emulation.h"
 #include "ops/norm.h"
 
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
@@ -137,6 +138,7 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
       at::AutoDispatchBelowADInplaceOrView guard;
       out = op.call(input, weight, bias, eps);
     }
+    save_metal_emulation(ctx);
     ctx->save_for_backward({input, saved_param(weight), saved_param(bias)});
     ctx->saved_data["eps"] = eps;
     return out;
@@ -144,6 +146,7 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    const BackwardEmulationScope emulation(ctx);
     static auto op = typed_op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
                                                                  const OptTensor&, double, std::array<bool, 3>)>(
         "my_mps_ops::layer_norm_backward");

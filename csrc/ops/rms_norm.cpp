@@ -8,6 +8,7 @@
 // shaders/rms_norm.metal.
 #include "cpu/rms_norm.h"
 #include "metal/norm.h"
+#include "ops/autograd_emulation.h"
 #include "ops/norm.h"
 
 #include <ATen/ops/zeros_like.h>
@@ -194,6 +195,7 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       at::AutoDispatchBelowADInplaceOrView guard;
       out = op.call(input, weight, eps);
     }
+    save_metal_emulation(ctx);
     ctx->save_for_backward({input, saved_param(weight)});
     ctx->saved_data["eps"] = eps;
     return out;
@@ -201,6 +203,7 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    const BackwardEmulationScope emulation(ctx);
     static auto op = typed_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, double,
                                                          std::array<bool, 2>)>("my_mps_ops::rms_norm_backward");
     const auto saved = ctx->get_saved_variables();
@@ -225,6 +228,7 @@ class FusedAddRMSNormFunction : public torch::autograd::Function<FusedAddRMSNorm
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(out, residual_out) = op.call(x, residual, weight, eps);
     }
+    save_metal_emulation(ctx);
     ctx->save_for_backward({residual_out, saved_param(weight)});
     ctx->saved_data["eps"] = eps;
     return {out, residual_out};
@@ -232,6 +236,7 @@ class FusedAddRMSNormFunction : public torch::autograd::Function<FusedAddRMSNorm
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    const BackwardEmulationScope emulation(ctx);
     static auto op = typed_op<std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, const Tensor&,
                                                          const OptTensor&, double, std::array<bool, 2>)>(
         "my_mps_ops::fused_add_rms_norm_backward");

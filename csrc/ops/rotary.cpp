@@ -11,6 +11,7 @@
 // and shaders/rotary.metal.
 #include "cpu/rotary.h"
 #include "metal/rotary.h"
+#include "ops/autograd_emulation.h"
 #include "ops/common.h"
 
 #include <ATen/ops/empty_like.h>
@@ -146,6 +147,7 @@ class RotaryFunction : public torch::autograd::Function<RotaryFunction> {
     static auto op = typed_op<RotarySignature>("my_mps_ops::rotary_embedding");
     check_no_table_grad(cos, sin);
     at::AutoDispatchBelowADInplaceOrView guard;
+    save_metal_emulation(ctx);
     ctx->save_for_backward({cos, sin});
     ctx->saved_data["interleaved"] = interleaved;
     ctx->saved_data["seq_dim"] = seq_dim;
@@ -153,6 +155,7 @@ class RotaryFunction : public torch::autograd::Function<RotaryFunction> {
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    const BackwardEmulationScope emulation(ctx);
     static auto op = typed_op<RotarySignature>("my_mps_ops::rotary_embedding_backward");
     const auto saved = ctx->get_saved_variables();
     if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
@@ -171,6 +174,7 @@ class RotaryQKFunction : public torch::autograd::Function<RotaryQKFunction> {
     check_no_table_grad(cos, sin);
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined: no work for it
+    save_metal_emulation(ctx);
     ctx->save_for_backward({cos, sin});
     ctx->saved_data["interleaved"] = interleaved;
     ctx->saved_data["seq_dim"] = seq_dim;
@@ -179,6 +183,7 @@ class RotaryQKFunction : public torch::autograd::Function<RotaryQKFunction> {
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    const BackwardEmulationScope emulation(ctx);
     static auto op = typed_op<RotaryQKSignature>("my_mps_ops::rotary_embedding_qk_backward");
     static auto single = typed_op<RotarySignature>("my_mps_ops::rotary_embedding_backward");
     const auto saved = ctx->get_saved_variables();

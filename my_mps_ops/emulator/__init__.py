@@ -15,11 +15,15 @@ with dispatchThreads semantics (non-uniform grids): only threads inside
 ``threads`` run.
 
 Every GPU thread is run (fibers when the kernel synchronises), and what a GPU
-hides is raised as RuntimeError: out-of-bounds accesses, divergent barriers,
-SIMD-group functions waited on at two call sites by lanes of one SIMD group
-(each runs over its active lanes otherwise), threads that returned before a
-barrier, scalars of the
-wrong width, unbound buffers, threadgroups over 1024 threads or 32 KB.
+hides is raised as RuntimeError: out-of-bounds accesses (subscripts of
+threadgroup arrays and of pointer parameters checked; a tensor binds only its
+view's extent), divergent barriers, SIMD-group functions waited on at two call
+sites by lanes of one SIMD group (each runs over its active lanes otherwise;
+call sites are told apart by call, not by line), threads that returned before
+a barrier, scalars of the wrong width, unbound buffers, threadgroups over 1024
+threads or 32 KB. Arguments that do not match their parameters raise
+TypeError/ValueError (binding.py). A kernel call takes ``timeout=`` seconds
+(default MY_MPS_OPS_EMULATOR_TIMEOUT); Ctrl-C stops a running kernel.
 
 Importing this package also makes the emulator the executor of the ops' Metal
 path on cpu tensors (taken inside ``my_mps_ops.testing.metal_emulation()``).
@@ -36,12 +40,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import struct
 from typing import Dict, Optional, Sequence, Union
 
 import torch
 
 from .. import _C, _emulator
+from .binding import dims, pack_args
 from .build import CompileError, build
 from .race import race_check, race_check_enabled, schedule
 
@@ -51,49 +55,6 @@ __all__ = ["compile_shader", "ShaderLibrary", "CompileError", "race_check", "sch
 
 MAX_THREADS_PER_THREADGROUP = 1024
 THREAD_EXECUTION_WIDTH = 32
-
-_CASTS = {
-    "fp16": lambda v: struct.pack("<e", float(v)),
-    "bf16": lambda v: _bf16(v),
-    "int32": lambda v: struct.pack("<i", int(v)),
-    "int16": lambda v: struct.pack("<h", int(v)),
-    "int8": lambda v: struct.pack("<b", int(v)),
-    "uint8": lambda v: struct.pack("<B", int(v)),
-}
-
-
-def _bf16(v) -> bytes:
-    return torch.tensor([float(v)], dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()
-
-
-def _pack_scalar(value, cast: Optional[str]) -> bytes:
-    if cast is not None:
-        if cast not in _CASTS:
-            raise ValueError(f"unknown arg_cast {cast!r}; expected one of {sorted(_CASTS)}")
-        if isinstance(value, (list, tuple)):
-            return b"".join(_CASTS[cast](v) for v in value)
-        return _CASTS[cast](value)
-    if isinstance(value, bool):
-        return struct.pack("<q", int(value))
-    if isinstance(value, int):
-        return struct.pack("<q", value)
-    if isinstance(value, float):
-        return struct.pack("<f", value)
-    if isinstance(value, (list, tuple)):
-        if any(isinstance(v, float) for v in value):
-            return struct.pack(f"<{len(value)}f", *map(float, value))
-        return struct.pack(f"<{len(value)}q", *map(int, value))
-    raise TypeError(f"cannot bind argument of type {type(value).__name__} to a Metal kernel")
-
-
-def _dims(value, name) -> tuple:
-    if isinstance(value, int):
-        value = (value,)
-    value = tuple(int(v) for v in value)
-    if not 1 <= len(value) <= 3:
-        raise ValueError(f"{name} must have 1 to 3 dimensions, got {value}")
-    return value
-
 
 class ShaderKernel:
     def __init__(self, library: "ShaderLibrary", info: dict):
@@ -114,32 +75,28 @@ class ShaderKernel:
         return int(self._info["static_thread_group_memory_length"])
 
     def __call__(self, *args, threads=None, group_size=None,
-                 arg_casts: Optional[Union[str, Dict[int, str]]] = None) -> None:
-        bound = []
-        first_tensor = None
-        for i, a in enumerate(args):
-            if isinstance(a, torch.Tensor):
-                if a.device.type != "cpu":
-                    raise RuntimeError(f"Metal emulator: argument {i} is on {a.device}; the emulator runs cpu tensors")
-                bound.append(a)
-                if first_tensor is None:
-                    first_tensor = a
-            else:
-                cast = arg_casts if isinstance(arg_casts, str) else (arg_casts or {}).get(i)
-                bound.append(_pack_scalar(a, cast))
+                 arg_casts: Optional[Union[str, Dict[int, str]]] = None, timeout: Optional[float] = None) -> None:
+        """Runs the kernel; raises, naming the parameter, on an argument that
+        does not match it (binding.py). timeout: seconds after which the run
+        stops with an error (default: MY_MPS_OPS_EMULATOR_TIMEOUT, else none)."""
+        bound = pack_args(self.name, self._info["params"], args, arg_casts)
         if threads is None:
+            first_tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
             if first_tensor is None:
                 raise ValueError("threads must be given when no tensor argument is passed")
             threads = first_tensor.numel()
-        threads = _dims(threads, "threads")
+        threads = dims(threads, "threads", 0)
         if group_size is None:
-            group_size = (min(threads[0], MAX_THREADS_PER_THREADGROUP),) + (1,) * (len(threads) - 1)
-        group_size = _dims(group_size, "group_size")
+            group_size = (max(1, min(threads[0], MAX_THREADS_PER_THREADGROUP)),) + (1,) * (len(threads) - 1)
+        group_size = dims(group_size, "group_size", 1)
         if len(group_size) != len(threads):
             raise ValueError(f"threads {threads} and group_size {group_size} must have the same rank")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         grid = threads + (1,) * (3 - len(threads))
         group = group_size + (1,) * (3 - len(group_size))
-        _emulator.launch(self._library._launch_key(), self.name, bound, list(grid), list(group), False)
+        _emulator.launch(self._library._launch_key(), self.name, bound, list(grid), list(group), False,
+                         timeout=float(timeout or 0))
 
     def __repr__(self) -> str:
         return f"<emulated Metal kernel {self.name}>"

@@ -17,6 +17,10 @@ at the .metal source):
 - multi-letter swizzles (``v.xy``, ``v.bgr``) become ``__mtl::swizzle<...>``
   reads, or ``__mtl::swizzle_ref<...>`` where assigned (single components,
   ``.x`` or ``.r``, are members of the vector types and need no rewriting);
+- subscripts of threadgroup arrays and of pointer parameters in kernels are
+  wrapped in bounds checks (``__mtl::tg_index`` / ``__mtl::buffer_index``);
+- each barrier / SIMD-group call gets its own call-site id, and loop
+  conditions poll the run's cancel flag (Ctrl-C, timeout);
 - a table of the kernels with their parameters is appended, which the host
   reads after loading the compiled library.
 """
@@ -49,9 +53,21 @@ BUILTINS = {
 }
 
 PARAM_BUFFER, PARAM_THREADGROUP, PARAM_BUILTIN = 0, 1, 2
+MAX_BINDINGS = 31  # MTL_EMU_MAX_BINDINGS
 
 # Identifiers that make a kernel synchronise (run its threads as fibers).
 SYNC_RE = re.compile(r"\b(threadgroup_barrier|simdgroup_barrier|simd_\w+|quad_\w+|thread_elements)\b")
+
+# The runtime's synchronisation functions (metal_runtime.h): each call in the
+# source gets its own id as a template argument, so that two calls on one line
+# are told apart when lanes wait at both.
+SITE_FUNCTIONS = (
+    "threadgroup_barrier", "simdgroup_barrier", "simd_sum", "simd_product", "simd_min", "simd_max", "simd_and",
+    "simd_or", "simd_xor", "simd_prefix_inclusive_sum", "simd_prefix_exclusive_sum", "simd_prefix_inclusive_product",
+    "simd_prefix_exclusive_product", "simd_shuffle", "simd_broadcast", "simd_shuffle_up", "simd_shuffle_down",
+    "simd_shuffle_xor", "simd_shuffle_rotate_up", "simd_shuffle_rotate_down", "simd_broadcast_first", "simd_ballot",
+    "simd_active_threads_mask", "simd_all", "simd_any", "simd_is_first",
+)
 
 METAL_HEADERS = [
     "metal_stdlib", "metal_math", "metal_simdgroup", "metal_simdgroup_matrix", "metal_atomic", "metal_compute",
@@ -276,8 +292,7 @@ def _function_bodies(s: str) -> Dict[str, List[str]]:
     return bodies
 
 
-def _sync_functions(s: str) -> set:
-    bodies = _function_bodies(s)
+def _sync_functions(bodies: Dict[str, List[str]]) -> set:
     syncing = {n for n, bs in bodies.items() if any(SYNC_RE.search(b) for b in bs)}
     changed = True
     while changed:
@@ -332,7 +347,64 @@ def _rewrite_threadgroup_decls(body: str, kernel: str) -> Tuple[str, List[str], 
         names.append(m.group("name"))
         return f"auto& {m.group('name')} = *__mtl::threadgroup_static<{type_id}>({site});"
 
-    return _TG_DECL_RE.sub(repl, body), decls, names
+    body = _TG_DECL_RE.sub(repl, body)
+    for site, (name, type_id) in enumerate(zip(names, decls)):
+        if name in names[:site]:
+            continue  # the same name in another scope: its uses are rewritten already
+        body = _check_subscripts(body, name, type_id.count("["),
+                                 lambda dim, n=name, site=site: f"__mtl::tg_index<decltype({n}), {dim}>", f"{site}")
+    return body, decls, names
+
+
+def _check_pointer_params(body: str, params: List[Param]) -> str:
+    """Subscripts of the kernel's buffer and threadgroup pointer parameters are
+    checked against what was bound (a parameter the body assigns is not: it may
+    point into another buffer)."""
+    entry = []
+    for p in params:
+        if p.kind not in (PARAM_BUFFER, PARAM_THREADGROUP) or "*" not in p.type:
+            continue
+        if re.search(r"(?<![\w.])" + re.escape(p.name) + r"\s*=(?!=)", body):
+            continue
+        bound = f"__mtl_bound_{p.name}"
+        rewritten = _check_subscripts(body, p.name, 1, lambda dim: "__mtl::buffer_index", f"{p.name}, {bound}")
+        if rewritten == body:
+            continue
+        body = rewritten
+        if p.kind == PARAM_THREADGROUP:
+            table, slot = "*__mtl::threadgroup_bindings()", p.index + MAX_BINDINGS
+        else:
+            table, slot = "__mtl::launch_bindings", p.index
+        entry.append(f"const __mtl::Bound {bound} = __mtl::bound({table}, {slot});")
+    return "{ " + " ".join(entry) + body[1:] if entry else body
+
+
+def _check_subscripts(body: str, name: str, rank: int, checker, extra: str) -> str:
+    """`name[i][j]` -> `name[checker(0)(i, extra)][checker(1)(j, extra)]`, for the
+    first `rank` subscripts of each use of `name` (not members: `s.name[i]`)."""
+    use = re.compile(r"(?<![\w.])" + re.escape(name) + r"\s*\[")
+    out, pos = [], 0
+    while True:
+        m = use.search(body, pos)
+        if m is None:
+            out.append(body[pos:])
+            return "".join(out)
+        if body[max(0, m.start() - 2):m.start()] in ("->", "::"):
+            out.append(body[pos:m.end()])
+            pos = m.end()
+            continue
+        out.append(body[pos:m.end() - 1])
+        open_bracket = m.end() - 1
+        for dim in range(rank):
+            close = _match_forward(body, open_bracket, "[", "]")
+            index = _check_subscripts(body[open_bracket + 1:close], name, rank, checker, extra)
+            out.append(f"[{checker(dim)}({index}, {extra})]")
+            pos = close + 1
+            following = re.match(r"\s*\[", body[pos:])
+            if following is None or dim + 1 == rank:
+                break
+            out.append(body[pos:pos + following.end() - 1])
+            open_bracket = pos + following.end() - 1
 
 
 _FLOAT_CORE = r"(?:\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)"
@@ -428,6 +500,80 @@ def _rewrite_swizzles(s: str) -> str:
         pos = start
 
 
+def _tag_sync_sites(s: str, user_functions: set) -> str:
+    """`simd_sum(x)` -> `simd_sum<7>(x)`: a distinct id per call in the text
+    (functions the source defines itself under those names are left alone)."""
+    names = [n for n in SITE_FUNCTIONS if n not in user_functions]
+    if not names:
+        return s
+    pattern = re.compile(r"(?<![\w.>])((?:metal\s*::\s*)?)(" + "|".join(names) + r")(\s*\()")
+    counter = iter(range(1, 1 << 30))
+
+    def repl(m):
+        before = s[max(0, m.start() - 2):m.start()]
+        if before.endswith("::") and not m.group(1):
+            return m.group(0)  # another namespace's function of that name
+        return f"{m.group(1)}{m.group(2)}<{next(counter)}>{m.group(3)}"
+
+    return pattern.sub(repl, s)
+
+
+_LOOP_RE = re.compile(r"(?<![\w.])(while|for)\s*\(")
+_DECLARATION_RE = re.compile(r"\s*(?:const\s+)?[A-Za-z_][\w:<>]*\s+[A-Za-z_]\w*\s*=")
+# `i < n; ++i`-style counted loops: bounded, and a poll would keep the compiler from vectorising them.
+_COUNTED_COND_RE = re.compile(r"\s*(\w+)\s*<=?\s*[^;]+$")
+_COUNTED_STEP_RE = re.compile(r"\s*(?:\+\+\s*(\w+)|(\w+)\s*\+\+|(\w+)\s*\+=\s*[\w.:()]+)\s*$")
+
+
+def _split_statements(s: str) -> List[str]:
+    """s split at `;` outside () [] {} (not <>: inside a for header they compare)."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(s):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == ";" and depth == 0:
+            parts.append(s[start:i])
+            start = i + 1
+    parts.append(s[start:])
+    return parts
+
+
+def _counted(cond: str, step: str) -> bool:
+    c, st = _COUNTED_COND_RE.match(cond), _COUNTED_STEP_RE.match(step)
+    return bool(c and st) and c.group(1) in st.groups()
+
+
+def _poll_loops(s: str) -> str:
+    """Loop conditions become `__mtl::poll() && (cond)`, so that a run can be
+    stopped (Ctrl-C, timeout) in a kernel that never ends."""
+    out, last = [], 0
+    for m in _LOOP_RE.finditer(s):
+        if m.start() < last:
+            continue  # inside a loop header already rewritten
+        open_paren = m.end() - 1
+        try:
+            close = _match_forward(s, open_paren, "(", ")")
+        except TranslationError:
+            continue
+        inner = s[open_paren + 1:close]
+        if m.group(1) == "for":
+            parts = _split_statements(inner)
+            if len(parts) != 3 or _counted(parts[1], parts[2]):
+                continue  # range-based for, or a counted loop
+            cond = f"__mtl::poll() && ({parts[1]})" if parts[1].strip() else "__mtl::poll()"
+            inner = f"{parts[0]};{cond};{parts[2]}"
+        else:
+            if _DECLARATION_RE.match(inner):
+                continue
+            inner = f"__mtl::poll() && ({inner})"
+        out.append(s[last:open_paren + 1] + inner)
+        last = close
+    out.append(s[last:])
+    return "".join(out)
+
+
 def _erase_address_spaces(s: str) -> str:
     s = re.sub(r"\bdevice\b", " ", s)
     s = re.sub(r"\bthread\b", " ", s)
@@ -442,7 +588,9 @@ def _erase_address_spaces(s: str) -> str:
 def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (), compiler: str = "g++") -> Translation:
     pre = preprocess(source, name, include_dirs, compiler)
     s, saved = _protect_strings(pre)
-    sync_fns = _sync_functions(s)
+    bodies = _function_bodies(s)
+    sync_fns = _sync_functions(bodies)
+    user_functions = set(bodies)
 
     # Explicit instantiations: record, then blank them (the table instantiates).
     instantiations = []
@@ -473,6 +621,7 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
         params = _parse_params(_restore_strings(params_text, saved), fname)
         body = s[open_brace:close_brace + 1]
         body, tg_decls, tg_names = _rewrite_threadgroup_decls(body, fname)
+        body = _check_pointer_params(body, params)
         leftover = re.search(r"\bthreadgroup\s+[^;*&]*;", body)
         if leftover:  # erasing `threadgroup` here would make a per-thread variable: refuse
             raise TranslationError(f"kernel {fname}: unsupported threadgroup declaration "
@@ -516,6 +665,8 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
     s = _erase_address_spaces(s)
     s = _rewrite_literals(s)
     s = _rewrite_swizzles(s)
+    s = _tag_sync_sites(s, user_functions)
+    s = _poll_loops(s)
     s = _restore_strings(s, saved)
 
     table = _kernel_table(kernels)

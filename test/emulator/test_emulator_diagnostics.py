@@ -48,16 +48,16 @@ kernel void simd_against_barrier(device float* x, uint tid [[thread_position_in_
 
 kernel void write_past_end(device float* out [[buffer(0)]], constant uint& n [[buffer(1)]],
                            uint i [[thread_position_in_grid]]) {
-  out[i + n] = 1.0;  // n too many
+  device float* p = out + n; p[i] = 1.0;  // n too many, through a pointer (guard page)
 }
 
 kernel void read_past_end(device const float* in [[buffer(0)]], device float* out [[buffer(1)]],
                           uint i [[thread_position_in_grid]]) {
-  out[i] = in[i + 64];  // one element count too far
+  device const float* p = in + 64; out[i] = p[i];  // one element count too far
 }
 
 kernel void write_into_padding(device uchar* out, uint i [[thread_position_in_grid]]) {
-  out[i + 1] = 7;  // one byte past a 13-byte buffer: inside the 16-byte alignment padding
+  device uchar* p = out + 1; p[i] = 7;  // one byte past a 13-byte buffer: inside the 16-byte alignment padding
 }
 
 kernel void takes_uint(device uint* out, constant uint& n, uint i [[thread_position_in_grid]]) {

@@ -6,6 +6,7 @@
 #include "metal/launch.h"
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -14,6 +15,20 @@ namespace my_mps_ops::emulator {
 // The executor for cpu tensors: registered with _C as executor_for(cpu) when
 // my_mps_ops.emulator is imported; also runs compile_shader's launches.
 metal::Executor& executor();
+
+// How one run may be stopped. timeout_seconds > 0: the run stops with an error
+// after that long; 0: MY_MPS_OPS_EMULATOR_TIMEOUT (seconds) if set, else never.
+// A SIGINT (Ctrl-C) during a run always stops it, and raises Interrupted.
+struct RunOptions {
+  double timeout_seconds = 0;
+};
+struct Interrupted : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+void run(const metal::Launch& launch, const RunOptions& options);
+
+// How many launches the calling thread has run (tests tell which path an op took).
+uint64_t runs_on_this_thread();
 
 // Makes the compiled emulator library at `so_path` (built by the Python
 // translator from the MSL source of `library`) available under `library`.

@@ -4,9 +4,11 @@
 // - every [[buffer(n)]] the kernel declares is bound; a scalar's byte size
 //   equals the kernel parameter's; threadgroup size <= 1024; threadgroup
 //   memory <= 32 KB;
-// - out-of-bounds accesses: each buffer is copied into memory whose end abuts
-//   an inaccessible page (and whose start follows one); a fault there is
-//   reported with the kernel, the thread and the buffer, then the run stops;
+// - out-of-bounds accesses: each buffer (a tensor view's extent) is copied
+//   into memory whose end abuts an inaccessible reservation (and whose start
+//   follows one); a fault there is reported with the kernel, the thread and
+//   the buffer, then the run stops (the kernel checks its own subscripts);
+// - a SIGINT or a timeout stops a run (the kernel polls a cancel flag);
 // - the runtime inside the library reports divergent barriers and SIMD-group
 //   functions, and early returns before barriers.
 // Libraries built with the race check (my_mps_ops.emulator.race_check()) are
@@ -26,13 +28,18 @@
 #include <ucontext.h>  // the faulting access's read/write bit (macOS would need _XOPEN_SOURCE)
 #endif
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
 #include <csetjmp>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <sstream>
+#include <thread>
 
 namespace my_mps_ops::emulator {
 namespace {
@@ -57,6 +64,8 @@ struct EmulatedLibrary {
   int32_t count = 0;
   mtl_emu_run_fn run = nullptr;
   mtl_emu_current_fn current = nullptr;
+  mtl_emu_bind_fn bind = nullptr;
+  mtl_emu_cancel_fn cancel = nullptr;
   mtl_emu_race_begin_fn race_begin = nullptr;  // race-check libraries only
   mtl_emu_race_end_fn race_end = nullptr;
 
@@ -91,16 +100,24 @@ size_t page_size() {
   return size;
 }
 
-// A copy of [base, base + length) placed so that its end is 16-byte aligned
-// right before an inaccessible page; the few padding bytes between are
-// filled with a canary checked after the run.
+// Inaccessible address space reserved on each side of a buffer: an index
+// far past either end (a uint index of 4-byte elements reaches 16 GB) faults
+// here instead of landing in other memory. PROT_NONE reservations cost no memory.
+constexpr size_t kGuardBytes = size_t(16) << 30;
+
+// A copy of [source, source + length) placed so that its end is 16-byte
+// aligned right before an inaccessible reservation (another one precedes
+// it); the few padding bytes between are filled with a canary checked after
+// the run, and so is the slack between the start of its pages and its start.
 struct GuardedRegion {
-  unsigned char* source = nullptr;  // the tensor storage bytes this mirrors
+  unsigned char* storage = nullptr;  // the tensor storage and the byte range of it this mirrors
+  size_t storage_begin = 0;
+  unsigned char* source = nullptr;   // storage + storage_begin
   size_t length = 0;
   unsigned char* mapping = nullptr;
   size_t mapping_length = 0;
   unsigned char* data = nullptr;
-  size_t padding = 0;
+  size_t padding = 0, slack = 0;
   std::string label;  // "buffer(0) 'x'"
   static constexpr unsigned char kCanary = 0xA5;
 
@@ -108,19 +125,31 @@ struct GuardedRegion {
     const size_t ps = page_size();
     const size_t padded = (length + 15) / 16 * 16;
     const size_t body = (padded + ps - 1) / ps * ps;
-    mapping_length = body + 2 * ps;
-    void* p = mmap(nullptr, mapping_length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    size_t guard = kGuardBytes;
+    void* p = MAP_FAILED;
+    for (; p == MAP_FAILED && guard >= ps; guard /= 16) {
+      mapping_length = body + 2 * guard;
+      p = mmap(nullptr, mapping_length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (p != MAP_FAILED) break;
+    }
     TORCH_CHECK(p != MAP_FAILED, "Metal emulator: cannot map ", mapping_length, " bytes");
     mapping = static_cast<unsigned char*>(p);
-    TORCH_CHECK(mprotect(mapping + ps, body, PROT_READ | PROT_WRITE) == 0, "Metal emulator: mprotect failed");
-    data = mapping + ps + body - padded;
+    TORCH_CHECK(mprotect(mapping + guard, body, PROT_READ | PROT_WRITE) == 0, "Metal emulator: mprotect failed");
+    data = mapping + guard + body - padded;
     padding = padded - length;
+    slack = body - padded;
     if (length) std::memcpy(data, source, length);
     std::memset(data + length, kCanary, padding);
+    std::memset(data - slack, kCanary, slack);
   }
   bool canary_intact() const {
     for (size_t i = 0; i < padding; ++i)
       if (data[length + i] != kCanary) return false;
+    return true;
+  }
+  bool slack_intact() const {
+    for (size_t i = 1; i <= slack; ++i)
+      if (data[-static_cast<ptrdiff_t>(i)] != kCanary) return false;
     return true;
   }
   bool contains_guard(const unsigned char* addr) const {
@@ -227,7 +256,71 @@ void ensure_alternate_signal_stack() {
   installed = true;
 }
 
+// ------------------------------------------------------- stopping a run
+
+// While a run is under way, a SIGINT stops it (through the library's
+// mtl_emu_cancel) and is passed on to the handler it replaced (Python's, which
+// then raises KeyboardInterrupt); a timeout stops it from a watchdog thread.
+std::atomic<mtl_emu_cancel_fn> g_cancel{nullptr};
+volatile sig_atomic_t g_interrupted = 0;
+struct sigaction g_previous_sigint {};
+
+void on_sigint(int sig, siginfo_t* info, void* uctx) {
+  g_interrupted = 1;
+  if (mtl_emu_cancel_fn cancel = g_cancel.load()) cancel(1);
+  const struct sigaction& prev = g_previous_sigint;
+  if (prev.sa_flags & SA_SIGINFO) {
+    if (prev.sa_sigaction != nullptr) prev.sa_sigaction(sig, info, uctx);
+  } else if (prev.sa_handler != SIG_DFL && prev.sa_handler != SIG_IGN && prev.sa_handler != nullptr) {
+    prev.sa_handler(sig);
+  }
+}
+
+struct StopScope {
+  std::mutex mutex;
+  std::condition_variable done_cv;
+  bool done = false;
+  bool timed_out = false;
+  std::thread watchdog;
+
+  StopScope(mtl_emu_cancel_fn cancel, double timeout) {
+    cancel(0);
+    g_interrupted = 0;
+    g_cancel.store(cancel);
+    struct sigaction sa {};
+    sa.sa_sigaction = on_sigint;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, &g_previous_sigint);
+    if (timeout > 0)
+      watchdog = std::thread([this, cancel, timeout] {
+        std::unique_lock<std::mutex> lock(mutex);
+        if (!done_cv.wait_for(lock, std::chrono::duration<double>(timeout), [this] { return done; })) {
+          timed_out = true;
+          cancel(2);
+        }
+      });
+  }
+  ~StopScope() {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      done = true;
+    }
+    done_cv.notify_all();
+    if (watchdog.joinable()) watchdog.join();
+    sigaction(SIGINT, &g_previous_sigint, nullptr);
+    g_cancel.store(nullptr);
+  }
+};
+
+double timeout_from_environment() {
+  const char* v = std::getenv("MY_MPS_OPS_EMULATOR_TIMEOUT");
+  return v != nullptr && *v ? std::strtod(v, nullptr) : 0;
+}
+
 // --------------------------------------------------------------- executor
+
+thread_local uint64_t t_runs = 0;  // launches run on this thread (for tests)
 
 class Emulator final : public Executor {
  public:
@@ -241,7 +334,10 @@ class Emulator final : public Executor {
     return info;
   }
 
-  void run(const Launch& launch) override {
+  void run(const Launch& launch) override { run(launch, RunOptions{}); }
+
+  void run(const Launch& launch, const RunOptions& options) {
+    ++t_runs;
     auto lib = find_library(launch.library);
     const mtl_emu_kernel& k = lib->kernel(launch.library, launch.kernel);
     const std::string where = "Metal emulator: kernel '" + launch.kernel + "'";
@@ -269,18 +365,21 @@ class Emulator final : public Executor {
       L.group[d] = launch.group[d];
     }
 
-    // Bindings, then the guarded copies of every buffer (one per storage, so
-    // aliasing arguments stay aliased).
+    // Bindings, then the guarded copies of every buffer (one per overlapping
+    // extents of a storage, so aliasing arguments stay aliased).
     enum class Bound { None, Tensor, Bytes };
     Bound bound[MTL_EMU_MAX_BINDINGS] = {};
     size_t bound_bytes[MTL_EMU_MAX_BINDINGS] = {};
     std::vector<std::vector<uint8_t>> scalar_storage;
     std::vector<std::unique_ptr<GuardedRegion>> regions;
-    std::map<const void*, GuardedRegion*> region_of_storage;
+    // A tensor binds its view's extent (from its storage offset to its last
+    // element), not its whole storage. Bindings of one storage whose extents
+    // overlap share one copy, so aliasing arguments stay aliased.
     struct PendingBuffer {
       int index;
-      GuardedRegion* region;
-      size_t offset;
+      unsigned char* storage;
+      size_t begin, end;  // byte range of the storage
+      GuardedRegion* region = nullptr;
     };
     std::vector<PendingBuffer> pending;
     std::vector<std::string> labels(MTL_EMU_MAX_BINDINGS);
@@ -311,17 +410,40 @@ class Emulator final : public Executor {
       unsigned char* base = static_cast<unsigned char*>(storage.mutable_data());
       const size_t total = storage.nbytes();
       const size_t offset = static_cast<size_t>(t.storage_offset()) * t.element_size();
-      GuardedRegion*& region = region_of_storage[base];
-      if (region == nullptr) {
-        regions.push_back(std::make_unique<GuardedRegion>());
-        region = regions.back().get();
-        region->source = base;
-        region->length = total;
-        region->label = labels[arg.index].empty() ? "buffer(" + std::to_string(arg.index) + ")" : labels[arg.index];
+      size_t extent = 0;  // bytes from the first element to past the last one
+      if (t.numel() > 0) {
+        int64_t last = 0;
+        for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+        extent = static_cast<size_t>(last + 1) * t.element_size();
       }
-      pending.push_back({static_cast<int>(arg.index), region, offset});
+      TORCH_CHECK(offset + extent <= total, where, ": buffer(", arg.index, ") reaches past its storage");
+      pending.push_back({static_cast<int>(arg.index), base, offset, offset + extent});
       bound[arg.index] = Bound::Tensor;
-      bound_bytes[arg.index] = offset <= total ? total - offset : 0;
+      bound_bytes[arg.index] = extent;
+    }
+    // Merge overlapping extents of one storage into one region each.
+    std::vector<PendingBuffer*> order;
+    for (PendingBuffer& b : pending) order.push_back(&b);
+    std::sort(order.begin(), order.end(), [](const PendingBuffer* a, const PendingBuffer* b) {
+      return a->storage != b->storage ? a->storage < b->storage : a->begin < b->begin;
+    });
+    for (size_t i = 0; i < order.size(); ++i) {
+      PendingBuffer& b = *order[i];
+      GuardedRegion* r = i > 0 ? order[i - 1]->region : nullptr;
+      if (r != nullptr && r->storage == b.storage && b.begin < r->storage_begin + r->length) {
+        r->length = std::max(r->length, b.end - r->storage_begin);
+        if (!labels[b.index].empty() && r->label.find(labels[b.index]) == std::string::npos)
+          r->label += " (shared with " + labels[b.index] + ")";
+      } else {
+        regions.push_back(std::make_unique<GuardedRegion>());
+        r = regions.back().get();
+        r->storage = b.storage;
+        r->storage_begin = b.begin;
+        r->source = b.storage + b.begin;
+        r->length = b.end - b.begin;
+        r->label = labels[b.index].empty() ? "buffer(" + std::to_string(b.index) + ")" : labels[b.index];
+      }
+      b.region = r;
     }
 
     size_t threadgroup_total = k.threadgroup_layout(nullptr);
@@ -349,7 +471,9 @@ class Emulator final : public Executor {
 
     std::lock_guard<std::mutex> launch_lock(g_launch_mutex);
     for (auto& r : regions) r->allocate();
-    for (const PendingBuffer& b : pending) L.buffers[b.index] = b.region->data + b.offset;
+    for (const PendingBuffer& b : pending) L.buffers[b.index] = b.region->data + (b.begin - b.region->storage_begin);
+    for (int i = 0; i < MTL_EMU_MAX_BINDINGS; ++i) L.buffer_lengths[i] = bound_bytes[i];
+    lib->bind(&L);
     if (lib->race_begin) lib->race_begin(&L, bound_bytes);
 
     FaultState fault;
@@ -362,7 +486,10 @@ class Emulator final : public Executor {
       groups *= L.uniform ? L.grid[d] : (L.grid[d] + L.group[d] - 1) / L.group[d];
     mtl_emu_error error{};
     std::mutex error_mutex;
+    const double timeout = options.timeout_seconds > 0 ? options.timeout_seconds : timeout_from_environment();
+    bool timed_out = false, interrupted = false;
     {
+      StopScope stop(lib->cancel, timeout);
       SignalScope signals;
       g_fault = &fault;
       const int64_t workers = std::max<int64_t>(1, at::get_num_threads());
@@ -386,29 +513,44 @@ class Emulator final : public Executor {
         error.warnings += local.warnings;
       });
       g_fault = nullptr;
+      std::lock_guard<std::mutex> lock(stop.mutex);
+      timed_out = stop.timed_out;
+      interrupted = g_interrupted != 0;
     }
     if (lib->race_end) lib->race_end(&L);
+    if (interrupted) throw Interrupted(where + " interrupted (SIGINT): " + error.message);
+    TORCH_CHECK(!timed_out, where, " ran longer than its ", timeout,
+                " s timeout (timeout= or MY_MPS_OPS_EMULATOR_TIMEOUT) and was stopped: ", error.message);
     if (fault.faulted) {
       // The worker that faulted left its lanes mid-flight: the next run on it
       // abandons them (see metal_runtime.cpp).
       TORCH_CHECK(false, "Metal emulator: ", fault.message);
     }
     TORCH_CHECK(!error.failed, "Metal emulator: ", error.message);
-    for (auto& r : regions)
+    for (auto& r : regions) {
       TORCH_CHECK(r->canary_intact(), where, ": out-of-bounds write past the end of the ", r->length,
                   "-byte buffer bound at ", r->label);
+      TORCH_CHECK(r->slack_intact(), where, ": out-of-bounds write before the start of the ", r->length,
+                  "-byte buffer bound at ", r->label);
+    }
     if (error.warnings) TORCH_WARN("Metal emulator: ", error.warnings, " warning(s); first: ", error.first_warning);
     for (auto& r : regions)
       if (r->length) std::memcpy(r->source, r->data, r->length);
   }
 };
 
-}  // namespace
-
-metal::Executor& executor() {
+Emulator& emulator_instance() {
   static Emulator emulator;
   return emulator;
 }
+
+}  // namespace
+
+metal::Executor& executor() { return emulator_instance(); }
+
+void run(const metal::Launch& launch, const RunOptions& options) { emulator_instance().run(launch, options); }
+
+uint64_t runs_on_this_thread() { return t_runs; }
 
 void register_library(const std::string& library, const std::string& so_path) {
   std::lock_guard<std::mutex> lock(g_registry_mutex);
@@ -422,9 +564,12 @@ void register_library(const std::string& library, const std::string& so_path) {
   auto list_kernels = reinterpret_cast<mtl_emu_kernels_fn>(dlsym(lib->handle, "mtl_emu_kernels"));
   lib->run = reinterpret_cast<mtl_emu_run_fn>(dlsym(lib->handle, "mtl_emu_run"));
   lib->current = reinterpret_cast<mtl_emu_current_fn>(dlsym(lib->handle, "mtl_emu_current"));
+  lib->bind = reinterpret_cast<mtl_emu_bind_fn>(dlsym(lib->handle, "mtl_emu_bind"));
+  lib->cancel = reinterpret_cast<mtl_emu_cancel_fn>(dlsym(lib->handle, "mtl_emu_cancel"));
   lib->race_begin = reinterpret_cast<mtl_emu_race_begin_fn>(dlsym(lib->handle, "mtl_emu_race_begin"));
   lib->race_end = reinterpret_cast<mtl_emu_race_end_fn>(dlsym(lib->handle, "mtl_emu_race_end"));
-  TORCH_CHECK(list_kernels && lib->run && lib->current, "Metal emulator: ", so_path, " is not an emulator library");
+  TORCH_CHECK(list_kernels && lib->run && lib->current && lib->bind && lib->cancel, "Metal emulator: ", so_path,
+              " is not an emulator library");
   int32_t abi = 0;
   lib->kernels = list_kernels(&lib->count, &abi);
   TORCH_CHECK(abi == MTL_EMU_ABI_VERSION, "Metal emulator: ", so_path, " was built for ABI ", abi, ", expected ",

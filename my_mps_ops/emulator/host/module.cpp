@@ -34,7 +34,7 @@ pybind11::list kernels(const std::string& library) {
 
 void launch_kernel(const std::string& library, const std::string& kernel, const pybind11::list& args,
             std::array<uint64_t, 3> grid, std::array<uint64_t, 3> group, bool uniform,
-            const std::vector<std::pair<int64_t, size_t>>& threadgroup_memory) {
+            const std::vector<std::pair<int64_t, size_t>>& threadgroup_memory, double timeout) {
   my_mps_ops::metal::Launch launch(library, kernel);
   for (const auto& a : args) {
     if (THPVariable_Check(a.ptr())) {
@@ -57,8 +57,21 @@ void launch_kernel(const std::string& library, const std::string& kernel, const 
   else launch.dispatch_threads(grid, group);
   // Emulator warnings become Python warnings (the handler needs the GIL back).
   HANDLE_TH_ERRORS
-  pybind11::gil_scoped_release no_gil;
-  emulator::executor().run(launch);
+  std::string interrupted;
+  {
+    pybind11::gil_scoped_release no_gil;
+    try {
+      emulator::run(launch, emulator::RunOptions{timeout});
+    } catch (const emulator::Interrupted& e) {
+      interrupted = e.what();
+    }
+  }
+  if (!interrupted.empty()) {
+    // Python's SIGINT handler (KeyboardInterrupt, or the program's own) runs now.
+    if (PyErr_CheckSignals() != 0) throw pybind11::error_already_set();
+    PyErr_SetString(PyExc_KeyboardInterrupt, interrupted.c_str());
+    throw pybind11::error_already_set();
+  }
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
@@ -74,12 +87,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "The emulator's executor, as the capsule _C._set_cpu_executor takes");
   m.def("set_pipeline_thread_limit", &emulator::set_pipeline_thread_limit, pybind11::arg("threads"));
   m.def("pipeline_thread_limit", &emulator::pipeline_thread_limit);
+  m.def("runs_on_this_thread", &emulator::runs_on_this_thread,
+        "How many launches the calling thread has run on the emulator");
   m.def("register_library", &emulator::register_library, pybind11::arg("library"), pybind11::arg("so_path"));
   m.def("kernels", &kernels, pybind11::arg("library"),
         "Kernels of a loaded emulator library with their declared parameters");
   m.def("launch", &launch_kernel, pybind11::arg("library"), pybind11::arg("kernel"), pybind11::arg("args"),
         pybind11::arg("grid"), pybind11::arg("group"), pybind11::arg("uniform") = false,
         pybind11::arg("threadgroup_memory") = std::vector<std::pair<int64_t, size_t>>{},
+        pybind11::arg("timeout") = 0.0,
         "Runs one kernel of an emulator library: args are tensors (buffers) or bytes (scalars), in buffer-index "
-        "order; threadgroup_memory is [(index, bytes)] in index order");
+        "order; threadgroup_memory is [(index, bytes)] in index order; timeout: seconds (0: none)");
 }

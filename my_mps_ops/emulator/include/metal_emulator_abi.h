@@ -7,7 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define MTL_EMU_ABI_VERSION 1
+#define MTL_EMU_ABI_VERSION 2
 #define MTL_EMU_MAX_BINDINGS 31  // Metal's buffer / threadgroup argument table size
 
 enum mtl_emu_param_kind {
@@ -56,6 +56,7 @@ struct mtl_emu_kernel {
 struct mtl_emu_launch {
   const struct mtl_emu_kernel* kernel;
   void* buffers[MTL_EMU_MAX_BINDINGS];   // [[buffer(n)]] -> address (already offset)
+  size_t buffer_lengths[MTL_EMU_MAX_BINDINGS];  // bytes bound from buffers[n] on (a tensor view's extent)
   size_t threadgroup_lengths[MTL_EMU_MAX_BINDINGS];  // [[threadgroup(n)]] -> bytes
   uint64_t grid[3];   // threads (uniform == 0) or threadgroups (uniform == 1)
   uint64_t group[3];  // threads per threadgroup
@@ -97,3 +98,12 @@ typedef int (*mtl_emu_current_fn)(uint32_t thread_in_grid[3], uint32_t group_pos
 // against each other. lengths[i]: bytes bound from launch->buffers[i] on (0: none).
 typedef void (*mtl_emu_race_begin_fn)(const struct mtl_emu_launch* launch, const size_t* lengths);
 typedef void (*mtl_emu_race_end_fn)(const struct mtl_emu_launch* launch);
+
+// Exported by every kernel library: the host calls it with each launch before
+// its first mtl_emu_run (launches of a library do not overlap).
+typedef void (*mtl_emu_bind_fn)(const struct mtl_emu_launch* launch);
+
+// Exported by every kernel library: makes the running launch stop (reason 1:
+// interrupted, 2: timed out) at its next loop iteration, synchronisation point
+// or threadgroup; 0 clears it before a launch. Async-signal-safe.
+typedef void (*mtl_emu_cancel_fn)(int32_t reason);

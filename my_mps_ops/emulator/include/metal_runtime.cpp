@@ -40,11 +40,23 @@ namespace {
 
 enum class State : uint8_t { Runnable, AtBarrier, AtSimd, Done };
 
+// A synchronisation call site: its .metal line, and the id the translator gave
+// that call, so that two calls written on one line stay apart (0: untagged).
 struct Site {
   unsigned line = 0;
   const char* file = "";
-  bool operator==(const Site& o) const { return line == o.line && (file == o.file || std::strcmp(file, o.file) == 0); }
+  unsigned id = 0;
+  bool operator==(const Site& o) const {
+    return line == o.line && id == o.id && (file == o.file || std::strcmp(file, o.file) == 0);
+  }
 };
+
+// "a.metal:7 and a.metal:9", or "a.metal:7 and a.metal:7 (two different calls on that line)".
+std::string two_sites(const Site& a, const Site& b) {
+  std::string s = std::string(a.file) + ":" + std::to_string(a.line) + " and " + b.file + ":" + std::to_string(b.line);
+  if (a.line == b.line && std::strcmp(a.file, b.file) == 0) s += " (two different calls on that line)";
+  return s;
+}
 
 struct Abort {};  // unwinds a lane after the error has been recorded
 
@@ -104,6 +116,7 @@ struct Worker {
   std::vector<unsigned char> tg_static;
   std::vector<size_t> tg_offsets;
   std::vector<unsigned char> tg_dynamic[MTL_EMU_MAX_BINDINGS];
+  Bindings bindings{};
   const mtl_emu_launch* launch = nullptr;
   mtl_emu_error* error = nullptr;
   bool fibers = false;
@@ -183,14 +196,14 @@ Lane& current_lane(const char* what) {
 }
 
 // Suspends the calling lane until the scheduler releases it.
-void suspend(Lane& lane, State state, unsigned line, const char* file) {
+void suspend(Lane& lane, State state, unsigned line, const char* file, unsigned site) {
   if (!tls_worker->fibers) {
     fail("%s at %s:%u was reached, but the kernel was classified as never synchronising (emulator bug)",
          state == State::AtBarrier ? "a barrier" : "a SIMD-group function", file, line);
     throw Abort{};
   }
   lane.state = state;
-  lane.site = Site{line, file};
+  lane.site = Site{line, file, site};
   lane.sched = std::move(lane.sched).resume();
   tls_lane = &lane;
   if (tls_worker->error->failed) throw Abort{};
@@ -265,10 +278,10 @@ bool release_simd_groups(Worker& w, uint32_t count) {
     if (!other.empty()) {
       const Lane& o = w.lanes[first + other[0]];
       fail("SIMD-group functions reached at different call sites by the lanes of SIMD group %u of threadgroup "
-           "(%u, %u, %u): %s:%u and %s:%u (lanes [%s]); the order a GPU runs divergent paths in is not defined, "
+           "(%u, %u, %u): %s (lanes [%s]); the order a GPU runs divergent paths in is not defined, "
            "so the emulator does not pick one",
-           s, lead.info.group_pos[0], lead.info.group_pos[1], lead.info.group_pos[2], lead.site.file,
-           lead.site.line, o.site.file, o.site.line, lane_list(other).c_str());
+           s, lead.info.group_pos[0], lead.info.group_pos[1], lead.info.group_pos[2],
+           two_sites(lead.site, o.site).c_str(), lane_list(other).c_str());
       return false;
     }
     SimdGroup& sg = w.simds[s];
@@ -309,10 +322,10 @@ bool release_barrier(Worker& w, uint32_t count, const mtl_emu_launch* L) {
     if (!(w.lanes[i].site == lead.site)) other.push_back(i);
   if (!other.empty()) {
     const Lane& o = w.lanes[other[0]];
-    fail("threadgroup barriers reached at different call sites in threadgroup (%u, %u, %u): %s:%u and %s:%u "
+    fail("threadgroup barriers reached at different call sites in threadgroup (%u, %u, %u): %s "
          "(threads [%s] by index in threadgroup)",
-         lead.info.group_pos[0], lead.info.group_pos[1], lead.info.group_pos[2], lead.site.file, lead.site.line,
-         o.site.file, o.site.line, lane_list(other).c_str());
+         lead.info.group_pos[0], lead.info.group_pos[1], lead.info.group_pos[2], two_sites(lead.site, o.site).c_str(),
+         lane_list(other).c_str());
     return false;
   }
   if (!done.empty()) {
@@ -360,6 +373,10 @@ void run_group_fibers(Worker& w, const mtl_emu_launch* L, uint32_t count) {
   }
   const bool in_order = w.schedule.order == Order::InOrder;
   for (uint64_t round = 0;; ++round) {
+    if (cancel_requested != 0) {
+      fail("%s at a synchronisation point", cancel_requested == 2 ? "timed out" : "interrupted");
+      return;
+    }
     if (!in_order) fill_order(w, count, round);
     bool all_done = true;
     for (uint32_t k = 0; k < count; ++k) {
@@ -413,21 +430,21 @@ bool run_failed() { return tls_worker != nullptr && tls_worker->error->failed; }
 
 // ----------------------------------------------------- kernel-side entries
 
-void sync_barrier(unsigned flags, unsigned line, const char* file) {
+void sync_barrier(unsigned flags, unsigned line, const char* file, unsigned site) {
   Lane& lane = current_lane("threadgroup_barrier");
   lane.barrier_flags = flags;
-  suspend(lane, State::AtBarrier, line, file);
+  suspend(lane, State::AtBarrier, line, file, site);
 }
 
-void simd_barrier(unsigned flags, unsigned line, const char* file) {
+void simd_barrier(unsigned flags, unsigned line, const char* file, unsigned site) {
   Lane& lane = current_lane("simdgroup_barrier");
   lane.barrier_flags = flags;
   lane.at_simd_barrier = true;
   lane.deposit_bytes = 0;
-  suspend(lane, State::AtSimd, line, file);
+  suspend(lane, State::AtSimd, line, file, site);
 }
 
-SimdExchange simd_exchange(const void* value, size_t bytes, unsigned line, const char* file) {
+SimdExchange simd_exchange(const void* value, size_t bytes, unsigned line, const char* file, unsigned site) {
   Lane& lane = current_lane("a SIMD-group function");
   if (bytes > kSimdSlotBytes) {
     fail("SIMD-group function argument of %zu bytes is larger than the emulator supports", bytes);
@@ -436,7 +453,7 @@ SimdExchange simd_exchange(const void* value, size_t bytes, unsigned line, const
   if (bytes) std::memcpy(lane.deposit, value, bytes);
   lane.deposit_bytes = bytes;
   lane.at_simd_barrier = false;
-  suspend(lane, State::AtSimd, line, file);
+  suspend(lane, State::AtSimd, line, file, site);
   return lane.result;
 }
 
@@ -444,6 +461,58 @@ void note_inactive_lane_read(unsigned line, const char* file, unsigned lane, uns
   warn("kernel '%s': lane %u read lane %u, which is not active, in a SIMD-group function at %s:%u (undefined "
        "on the GPU; the emulator returns all bits set)",
        tls_worker->launch->kernel->host_name, lane, src, file, line);
+}
+
+void threadgroup_index_fault(int site, long long index, size_t extent, unsigned dim, unsigned line, const char* file) {
+  const Lane& lane = current_lane("a threadgroup array");
+  const mtl_emu_lane& t = lane.info;
+  char where[32] = "";
+  if (dim > 0) std::snprintf(where, sizeof(where), " in dimension %u", dim);
+  fail("threadgroup array '%s' indexed at %lld%s, outside its %zu elements, at %s:%u by thread_position_in_threadgroup "
+       "(%u, %u, %u) of threadgroup (%u, %u, %u) (thread_position_in_grid (%u, %u, %u))",
+       threadgroup_names(tls_worker->launch->kernel)[site], index, where, extent, file, line, t.thread_in_group[0],
+       t.thread_in_group[1], t.thread_in_group[2], t.group_pos[0], t.group_pos[1], t.group_pos[2], lane.grid_pos[0],
+       lane.grid_pos[1], lane.grid_pos[2]);
+  throw Abort{};
+}
+
+volatile int32_t cancel_requested = 0;
+
+void cancelled(unsigned line, const char* file) {
+  const Lane* lane = tls_lane;
+  const char* why = cancel_requested == 2 ? "timed out" : "interrupted";
+  if (lane != nullptr && line != 0)
+    fail("%s in the loop at %s:%u, running thread_position_in_grid (%u, %u, %u) in threadgroup (%u, %u, %u)", why,
+         file, line, lane->grid_pos[0], lane->grid_pos[1], lane->grid_pos[2], lane->info.group_pos[0],
+         lane->info.group_pos[1], lane->info.group_pos[2]);
+  else
+    fail("%s", why);
+  throw Abort{};
+}
+
+Bindings launch_bindings{};
+
+const Bindings* threadgroup_bindings() { return &tls_worker->bindings; }
+
+void buffer_index_fault(int slot, long long index, long long offset, size_t bytes, unsigned line, const char* file) {
+  const Lane& lane = current_lane("a buffer subscript");
+  const mtl_emu_kernel* k = tls_worker->launch->kernel;
+  const bool threadgroup = slot >= kMaxBindings;
+  const int index_in_table = threadgroup ? slot - kMaxBindings : slot;
+  const char *name = "?", *type = "?";
+  for (int32_t j = 0; j < k->num_params; ++j)
+    if (k->params[j].kind == (threadgroup ? MTL_EMU_PARAM_THREADGROUP : MTL_EMU_PARAM_BUFFER) &&
+        k->params[j].index == index_in_table) {
+      name = k->params[j].name;
+      type = k->params[j].type;
+    }
+  const mtl_emu_lane& t = lane.info;
+  fail("out-of-bounds access to %s(%d) '%s' (%s): index %lld reaches byte offset %lld, outside the %zu bytes bound "
+       "(elements of %zu bytes), at %s:%u by thread_position_in_grid (%u, %u, %u) in threadgroup (%u, %u, %u)",
+       threadgroup ? "threadgroup" : "buffer", index_in_table, name, type, index, offset,
+       (threadgroup ? tls_worker->bindings : launch_bindings).length[slot], bytes, file, line, lane.grid_pos[0], lane.grid_pos[1], lane.grid_pos[2],
+       t.group_pos[0], t.group_pos[1], t.group_pos[2]);
+  throw Abort{};
 }
 
 unsigned char* threadgroup_static_base(int site) {
@@ -491,12 +560,20 @@ extern "C" __attribute__((visibility("default"))) void mtl_emu_run(const mtl_emu
   w.tg_offsets.assign(64, 0);
   L->kernel->threadgroup_layout(w.tg_offsets.data());
   w.tg_static.resize(static_bytes + 16);
-  for (int i = 0; i < MTL_EMU_MAX_BINDINGS; ++i) w.tg_dynamic[i].resize(L->threadgroup_lengths[i]);
+  for (int i = 0; i < MTL_EMU_MAX_BINDINGS; ++i) {
+    w.tg_dynamic[i].resize(L->threadgroup_lengths[i]);
+    w.bindings.base[kMaxBindings + i] = w.tg_dynamic[i].data();
+    w.bindings.length[kMaxBindings + i] = w.tg_dynamic[i].size();
+  }
 #ifdef MTL_EMU_RACE_CHECK
   std::vector<race::ThreadgroupRegion> regions = threadgroup_regions(w, static_bytes);
 #endif
 
   for (uint64_t g = first; g < last && !error->failed; ++g) {
+    if (cancel_requested != 0) {
+      fail("%s", cancel_requested == 2 ? "timed out" : "interrupted");
+      break;
+    }
     const uint32_t pos[3] = {uint32_t(g % groups[0]), uint32_t((g / groups[0]) % groups[1]),
                              uint32_t(g / (uint64_t(groups[0]) * groups[1]))};
     uint32_t size[3];
@@ -536,6 +613,17 @@ extern "C" __attribute__((visibility("default"))) void mtl_emu_run(const mtl_emu
     if (!error->failed) w.unfinished = false;
   }
   tls_lane = nullptr;
+}
+
+extern "C" __attribute__((visibility("default"))) void mtl_emu_bind(const mtl_emu_launch* L) {
+  for (int i = 0; i < MTL_EMU_MAX_BINDINGS; ++i) {
+    __mtl::launch_bindings.base[i] = static_cast<const unsigned char*>(L->buffers[i]);
+    __mtl::launch_bindings.length[i] = L->buffers[i] != nullptr ? L->buffer_lengths[i] : 0;
+  }
+}
+
+extern "C" __attribute__((visibility("default"))) void mtl_emu_cancel(int32_t reason) {
+  __mtl::cancel_requested = reason;
 }
 
 extern "C" __attribute__((visibility("default"))) int mtl_emu_current(uint32_t thread_in_grid[3],

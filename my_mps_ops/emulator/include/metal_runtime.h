@@ -4,8 +4,9 @@
 // per GPU thread, when a kernel synchronises; a plain loop otherwise).
 //
 // Every translated shader includes this first. Synchronisation points take
-// their call site from __builtin_LINE()/__builtin_FILE() default arguments, so
-// that lanes meeting at different places in the .metal source are reported.
+// their call site from __builtin_LINE()/__builtin_FILE() default arguments and
+// an id the translator gives each call (template argument __S), so that lanes
+// meeting at different calls in the .metal source are reported.
 #pragma once
 
 #include "metal_emulator_abi.h"
@@ -13,6 +14,7 @@
 
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 namespace __mtl {
@@ -28,12 +30,26 @@ struct SimdExchange {
 };
 
 // Scheduler entry points (metal_runtime.cpp). `flags` are the barrier's mem_flags.
-void sync_barrier(unsigned flags, unsigned line, const char* file);
-void simd_barrier(unsigned flags, unsigned line, const char* file);
-SimdExchange simd_exchange(const void* value, size_t bytes, unsigned line, const char* file);
+void sync_barrier(unsigned flags, unsigned line, const char* file, unsigned site);
+void simd_barrier(unsigned flags, unsigned line, const char* file, unsigned site);
+SimdExchange simd_exchange(const void* value, size_t bytes, unsigned line, const char* file,
+                           unsigned site = 0);
 void note_inactive_lane_read(unsigned line, const char* file, unsigned lane, unsigned src);
 unsigned char* threadgroup_static_base(int site);
 unsigned char* threadgroup_dynamic_base(int index);
+// Set by the host (mtl_emu_cancel) to stop a run: a Ctrl-C or a timeout.
+extern volatile int32_t cancel_requested __attribute__((visibility("hidden")));
+[[noreturn]] void cancelled(unsigned line, const char* file);
+
+// The translator makes every loop condition `poll() && (cond)`, so that a
+// kernel that never ends can be stopped: one load and a not-taken branch per
+// iteration. (The volatile read also makes an empty loop a side effect, not UB.)
+constexpr inline bool poll(unsigned line = __builtin_LINE(), const char* file = __builtin_FILE()) {
+  if (__builtin_is_constant_evaluated()) return true;
+  if (__builtin_expect(cancel_requested != 0, 0)) cancelled(line, file);
+  return true;
+}
+
 // Names of a kernel's `threadgroup T name[N];` declarations by site, null-terminated
 // (defined in every translated shader, next to its kernel table).
 const char* const* threadgroup_names(const mtl_emu_kernel* kernel);
@@ -42,6 +58,60 @@ const char* const* threadgroup_names(const mtl_emu_kernel* kernel);
 template <class T>
 inline T* threadgroup_static(int site) {
   return reinterpret_cast<T*>(threadgroup_static_base(site));
+}
+
+// A subscript outside a `threadgroup T name[N]...;` array: records the error
+// (array, index, thread) and unwinds the thread.
+[[noreturn]] void threadgroup_index_fault(int site, long long index, size_t extent, unsigned dim, unsigned line,
+                                          const char* file);
+
+// The translator rewrites `name[i]` on a threadgroup array declared at `site`
+// to `name[tg_index<decltype(name), 0>(i, site)]`: the index, checked against
+// the array's extent in dimension Dim.
+template <class A, unsigned Dim, class I>
+inline I tg_index(I i, int site, unsigned line = __builtin_LINE(), const char* file = __builtin_FILE()) {
+  constexpr size_t extent = std::extent_v<std::remove_reference_t<A>, Dim>;
+  bool inside;
+  if constexpr (std::is_signed_v<I>) inside = i >= 0 && static_cast<unsigned long long>(i) < extent;
+  else inside = static_cast<unsigned long long>(i) < extent;
+  if (__builtin_expect(!inside, 0)) threadgroup_index_fault(site, static_cast<long long>(i), extent, Dim, line, file);
+  return i;
+}
+
+// Where each pointer parameter of the running kernel may reach: slot n is
+// [[buffer(n)]], slot kMaxBindings + n [[threadgroup(n)]] (this worker's copy).
+constexpr int kMaxBindings = MTL_EMU_MAX_BINDINGS;
+struct Bindings {
+  const unsigned char* base[2 * kMaxBindings];
+  size_t length[2 * kMaxBindings];
+};
+// Buffers are the launch's (set by mtl_emu_bind before it runs: a kernel
+// reads them without a call); threadgroup memory is each worker's own.
+extern Bindings launch_bindings __attribute__((visibility("hidden")));
+const Bindings* threadgroup_bindings();
+[[noreturn]] void buffer_index_fault(int slot, long long index, long long offset, size_t bytes, unsigned line,
+                                     const char* file);
+
+// What one pointer parameter may reach, copied at kernel entry: locals the
+// compiler keeps in registers (a store through any pointer could change the
+// tables above, so reading them at each access would cost more).
+struct Bound {
+  const unsigned char* base;
+  size_t length;
+  int slot;
+};
+inline Bound bound(const Bindings& table, int slot) { return Bound{table.base[slot], table.length[slot], slot}; }
+
+// The translator rewrites `p[i]` on a kernel's pointer parameter p to
+// `p[buffer_index(i, p, bound_p)]`: the element's address, wherever p points
+// now, must lie inside what was bound to that parameter.
+template <class I, class P>
+inline I buffer_index(I i, P* p, const Bound& b, unsigned line = __builtin_LINE(), const char* file = __builtin_FILE()) {
+  const long long offset = static_cast<long long>(reinterpret_cast<const unsigned char*>(p) - b.base) +
+                           static_cast<long long>(i) * static_cast<long long>(sizeof(P));
+  if (__builtin_expect(offset < 0 || static_cast<unsigned long long>(offset) + sizeof(P) > b.length, 0))
+    buffer_index_fault(b.slot, static_cast<long long>(i), offset, sizeof(P), line, file);
+  return i;
 }
 
 // Static threadgroup layout: appends T at its alignment, records its offset.
@@ -143,9 +213,9 @@ MTL_EMU_UNCHECKED inline T slot_value(const SimdExchange& ex, unsigned src) {
 }
 
 template <class T>
-inline SimdExchange exchange(const T& value, unsigned line, const char* file) {
+inline SimdExchange exchange(const T& value, unsigned line, const char* file, unsigned site) {
   static_assert(sizeof(T) <= kSimdSlotBytes, "SIMD-group function argument too large for the emulator");
-  return simd_exchange(&value, sizeof(T), line, file);
+  return simd_exchange(&value, sizeof(T), line, file, site);
 }
 
 // The value lane `src` contributed, or poison (all bits set) with a warning
@@ -186,99 +256,101 @@ namespace metal {
 
 #define MTL_EMU_SITE unsigned __line = __builtin_LINE(), const char* __file = __builtin_FILE()
 
+template <unsigned __S = 0>
 inline void threadgroup_barrier(mem_flags flags = mem_flags::mem_none, MTL_EMU_SITE) {
-  __mtl::sync_barrier(unsigned(flags), __line, __file);
+  __mtl::sync_barrier(unsigned(flags), __line, __file, __S);
 }
+template <unsigned __S = 0>
 inline void simdgroup_barrier(mem_flags flags = mem_flags::mem_none, MTL_EMU_SITE) {
-  __mtl::simd_barrier(unsigned(flags), __line, __file);
+  __mtl::simd_barrier(unsigned(flags), __line, __file, __S);
 }
 
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_sum(T x, MTL_EMU_SITE) {
-  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(a + b); });
+  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file, __S), [](T a, T b) { return T(a + b); });
 }
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_product(T x, MTL_EMU_SITE) {
-  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(a * b); });
+  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file, __S), [](T a, T b) { return T(a * b); });
 }
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_min(T x, MTL_EMU_SITE) {
-  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(min(a, b)); });
+  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file, __S), [](T a, T b) { return T(min(a, b)); });
 }
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_max(T x, MTL_EMU_SITE) {
-  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(max(a, b)); });
+  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file, __S), [](T a, T b) { return T(max(a, b)); });
 }
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_and(T x, MTL_EMU_SITE) {
-  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(a & b); });
+  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file, __S), [](T a, T b) { return T(a & b); });
 }
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_or(T x, MTL_EMU_SITE) {
-  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(a | b); });
+  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file, __S), [](T a, T b) { return T(a | b); });
 }
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_xor(T x, MTL_EMU_SITE) {
-  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(a ^ b); });
+  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file, __S), [](T a, T b) { return T(a ^ b); });
 }
 
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_prefix_inclusive_sum(T x, MTL_EMU_SITE) {
-  return __mtl::prefix_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(a + b); }, T(0), true);
+  return __mtl::prefix_lanes<T>(__mtl::exchange(x, __line, __file, __S), [](T a, T b) { return T(a + b); }, T(0), true);
 }
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_prefix_exclusive_sum(T x, MTL_EMU_SITE) {
-  return __mtl::prefix_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(a + b); }, T(0), false);
+  return __mtl::prefix_lanes<T>(__mtl::exchange(x, __line, __file, __S), [](T a, T b) { return T(a + b); }, T(0), false);
 }
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_prefix_inclusive_product(T x, MTL_EMU_SITE) {
-  return __mtl::prefix_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(a * b); }, T(1), true);
+  return __mtl::prefix_lanes<T>(__mtl::exchange(x, __line, __file, __S), [](T a, T b) { return T(a * b); }, T(1), true);
 }
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_prefix_exclusive_product(T x, MTL_EMU_SITE) {
-  return __mtl::prefix_lanes<T>(__mtl::exchange(x, __line, __file), [](T a, T b) { return T(a * b); }, T(1), false);
+  return __mtl::prefix_lanes<T>(__mtl::exchange(x, __line, __file, __S), [](T a, T b) { return T(a * b); }, T(1), false);
 }
 
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_shuffle(T x, ushort src, MTL_EMU_SITE) {
-  const auto ex = __mtl::exchange(x, __line, __file);
+  const auto ex = __mtl::exchange(x, __line, __file, __S);
   return __mtl::read_lane(ex, x, src, __line, __file);
 }
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_broadcast(T x, ushort src, MTL_EMU_SITE) {
-  const auto ex = __mtl::exchange(x, __line, __file);
+  const auto ex = __mtl::exchange(x, __line, __file, __S);
   return __mtl::read_lane(ex, x, src, __line, __file);
 }
 // Lanes whose source would fall outside the SIMD group keep their own value.
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_shuffle_up(T x, ushort delta, MTL_EMU_SITE) {
-  const auto ex = __mtl::exchange(x, __line, __file);
+  const auto ex = __mtl::exchange(x, __line, __file, __S);
   return ex.lane < delta ? x : __mtl::read_lane(ex, x, ex.lane - delta, __line, __file);
 }
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_shuffle_down(T x, ushort delta, MTL_EMU_SITE) {
-  const auto ex = __mtl::exchange(x, __line, __file);
+  const auto ex = __mtl::exchange(x, __line, __file, __S);
   return ex.lane + delta >= __mtl::kSimdWidth ? x : __mtl::read_lane(ex, x, ex.lane + delta, __line, __file);
 }
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_shuffle_xor(T x, ushort mask, MTL_EMU_SITE) {
-  const auto ex = __mtl::exchange(x, __line, __file);
+  const auto ex = __mtl::exchange(x, __line, __file, __S);
   return __mtl::read_lane(ex, x, (ex.lane ^ mask) & (__mtl::kSimdWidth - 1), __line, __file);
 }
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_shuffle_rotate_up(T x, ushort delta, MTL_EMU_SITE) {
-  const auto ex = __mtl::exchange(x, __line, __file);
+  const auto ex = __mtl::exchange(x, __line, __file, __S);
   return __mtl::read_lane(ex, x, (ex.lane + __mtl::kSimdWidth - delta % __mtl::kSimdWidth) % __mtl::kSimdWidth,
                           __line, __file);
 }
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_shuffle_rotate_down(T x, ushort delta, MTL_EMU_SITE) {
-  const auto ex = __mtl::exchange(x, __line, __file);
+  const auto ex = __mtl::exchange(x, __line, __file, __S);
   return __mtl::read_lane(ex, x, (ex.lane + delta) % __mtl::kSimdWidth, __line, __file);
 }
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_broadcast_first(T x, MTL_EMU_SITE) {
-  const auto ex = __mtl::exchange(x, __line, __file);
+  const auto ex = __mtl::exchange(x, __line, __file, __S);
   return __mtl::slot_value<T>(ex, unsigned(__builtin_ctz(ex.active)));
 }
 
@@ -293,8 +365,9 @@ struct simd_vote {
   vote_t __active = ~vote_t(0);
 };
 
+template <unsigned __S = 0>
 inline simd_vote simd_ballot(bool predicate, MTL_EMU_SITE) {
-  const auto ex = __mtl::exchange(predicate, __line, __file);
+  const auto ex = __mtl::exchange(predicate, __line, __file, __S);
   ulong bits = 0;
   for (unsigned i = 0; i < __mtl::kSimdWidth; ++i)
     if (((ex.active >> i) & 1u) && __mtl::slot_value<bool>(ex, i)) bits |= ulong(1) << i;
@@ -302,26 +375,30 @@ inline simd_vote simd_ballot(bool predicate, MTL_EMU_SITE) {
   vote.__active = ex.active;
   return vote;
 }
+template <unsigned __S = 0>
 inline simd_vote simd_active_threads_mask(MTL_EMU_SITE) {
-  const auto ex = __mtl::simd_exchange(nullptr, 0, __line, __file);
+  const auto ex = __mtl::simd_exchange(nullptr, 0, __line, __file, __S);
   simd_vote vote(ex.active);
   vote.__active = ex.active;
   return vote;
 }
+template <unsigned __S = 0>
 inline bool simd_all(bool predicate, MTL_EMU_SITE) {
-  const auto ex = __mtl::exchange(predicate, __line, __file);
+  const auto ex = __mtl::exchange(predicate, __line, __file, __S);
   for (unsigned i = 0; i < __mtl::kSimdWidth; ++i)
     if (((ex.active >> i) & 1u) && !__mtl::slot_value<bool>(ex, i)) return false;
   return true;
 }
+template <unsigned __S = 0>
 inline bool simd_any(bool predicate, MTL_EMU_SITE) {
-  const auto ex = __mtl::exchange(predicate, __line, __file);
+  const auto ex = __mtl::exchange(predicate, __line, __file, __S);
   for (unsigned i = 0; i < __mtl::kSimdWidth; ++i)
     if (((ex.active >> i) & 1u) && __mtl::slot_value<bool>(ex, i)) return true;
   return false;
 }
+template <unsigned __S = 0>
 inline bool simd_is_first(MTL_EMU_SITE) {
-  const auto ex = __mtl::simd_exchange(nullptr, 0, __line, __file);
+  const auto ex = __mtl::simd_exchange(nullptr, 0, __line, __file, __S);
   return ex.lane == unsigned(__builtin_ctz(ex.active));
 }
 
