@@ -26,12 +26,16 @@ namespace {
 // baseline (outside the copy's target region) and never inlined, so that
 // every copy rounds it the same way: inlined into the AVX2 copy it would be
 // contracted to FMAs.
+// Without smoothing the sum of z is left out, as F.cross_entropy does: a
+// masked (-inf) logit would make it 0 * -inf = NaN.
 __attribute__((noinline)) float smoothed_loss(float lse, float z_target, float sum_z, int64_t classes,
                                               float smoothing) {
+  if (smoothing == 0.0f) return lse - z_target;
   return lse - (1.0f - smoothing) * z_target - smoothing * sum_z / static_cast<float>(classes);
 }
 __attribute__((noinline)) double smoothed_loss(double lse, double z_target, double sum_z, int64_t classes,
                                                float smoothing) {
+  if (smoothing == 0.0f) return lse - z_target;
   return lse - (1.0 - smoothing) * z_target - double(smoothing) * sum_z / static_cast<double>(classes);
 }
 
