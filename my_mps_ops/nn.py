@@ -9,6 +9,14 @@ from torch import Tensor
 from . import ops
 
 
+def default_rms_norm_eps(dtype: torch.dtype) -> float:
+    """The eps torch.nn.RMSNorm / F.rms_norm use when given None: the machine
+    epsilon of the dtype they compute in, float32 for float16 and bfloat16
+    inputs (not the input dtype's, as their docstring says: float16's is
+    8192 times larger)."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
 class RMSNorm(torch.nn.Module):
     """Drop-in for ``torch.nn.RMSNorm``: same arguments, same state_dict keys.
 
@@ -37,11 +45,9 @@ class RMSNorm(torch.nn.Module):
             torch.nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        # torch.nn.RMSNorm's default eps is the input dtype's machine epsilon.
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         if len(self.normalized_shape) != 1:
-            return torch.nn.functional.rms_norm(x, self.normalized_shape, self.weight, eps)
-        return ops.rms_norm(x, self.weight, eps)
+            return torch.nn.functional.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps if self.eps is not None else default_rms_norm_eps(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"

@@ -226,8 +226,31 @@ def test_nn_module_is_drop_in():
     torch.testing.assert_close(ours(x), theirs(x))
     no_affine = my_mps_ops.nn.RMSNorm(24, elementwise_affine=False)
     torch.testing.assert_close(no_affine(x), torch.nn.RMSNorm(24, elementwise_affine=False)(x))
-    # eps=None uses the dtype's machine epsilon, like torch.nn.RMSNorm.
+    # eps=None uses torch.nn.RMSNorm's default (test_default_eps_is_torchs).
     torch.testing.assert_close(my_mps_ops.nn.RMSNorm(24)(x), torch.nn.RMSNorm(24)(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_default_eps_is_torchs(backend, dtype):
+    # eps=None means what torch.nn.RMSNorm takes then: float32's machine epsilon
+    # for float16 / bfloat16 inputs (the input dtype's was 8192 times larger
+    # for float16: outputs off by up to 0.74 on small inputs), float64's for
+    # float64. Also through patch_model and torch.compile.
+    if dtype == torch.float64 and backend.name != "cpu":
+        pytest.skip("float64 runs on the native CPU kernels only")
+    torch.manual_seed(0)
+    x = (torch.randn(6, 32) * 1e-3).to(dtype)
+    theirs = torch.nn.RMSNorm(32, dtype=dtype)
+    expected = theirs(x).detach()
+    ours = my_mps_ops.nn.RMSNorm(32, dtype=dtype).to(backend.device)
+    patched = my_mps_ops.patch_model(torch.nn.Sequential(torch.nn.RMSNorm(32, dtype=dtype))).to(backend.device)
+    assert isinstance(patched[0], my_mps_ops.nn.RMSNorm)
+    for module in (ours, patched):
+        torch.testing.assert_close(module(x.to(backend.device)).cpu(), expected, **TOLERANCES[dtype])
+    if backend.name == "cpu":
+        torch._dynamo.reset()
+        compiled = torch.compile(ours, fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected, **TOLERANCES[dtype])
 
 
 def test_bad_inputs_raise_naming_the_argument():
