@@ -95,7 +95,7 @@ std::tuple<Tensor, Tensor> row_losses_and_lse(const Tensor& logits, const Tensor
   const int64_t bad = cpu::cross_entropy_forward_stub(
       logits.scalar_type(),
       cpu::CrossEntropyForwardArgs{logits.const_data_ptr(), target.const_data_ptr<int64_t>(), losses.mutable_data_ptr(),
-                                   lse.mutable_data_ptr(), rows, v, ignore_index, static_cast<float>(smoothing)});
+                                   lse.mutable_data_ptr(), rows, v, ignore_index, smoothing});
   TORCH_CHECK(bad < 0, kCrossEntropyOp, ": target[", bad, "] = ", bad >= 0 ? target.const_data_ptr<int64_t>()[bad] : 0,
               " is out of range for ", v, " classes (and is not ignore_index ", ignore_index, ")");
   return {losses, lse};
@@ -133,7 +133,7 @@ Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& logits
       logits.scalar_type(),
       cpu::CrossEntropyBackwardArgs{logits.const_data_ptr(), target.const_data_ptr<int64_t>(), lse_c.const_data_ptr(),
                                     scale.const_data_ptr(), grad.mutable_data_ptr(), rows, v, ignore_index,
-                                    static_cast<float>(smoothing)});
+                                    smoothing});
   return grad;
 }
 

@@ -101,6 +101,22 @@ def test_large_gradient_streamed_cpu():
     torch.testing.assert_close(logits.grad.double(), z64.grad, atol=1e-9, rtol=1e-4)
 
 
+@pytest.mark.parametrize("sample", SAMPLES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_float64_label_smoothing_stays_float64(reduction, sample):
+    # float64 logits use label_smoothing as given (the CPU kernels used to round
+    # it to float32: errors of ~1e-9).
+    logits, target = sample_inputs(sample, torch.float64, "cpu", requires_grad=True)
+    loss = my_mps_ops.cross_entropy(logits, target, -100, 0.1, reduction)
+    (ref_logits,) = float64_leaves(logits)
+    ref = F.cross_entropy(ref_logits, target, label_smoothing=0.1, reduction=reduction)
+    torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-12)
+    g = torch.rand_like(ref)
+    loss.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("sample", feeding(SAMPLES, GRADCHECK), ids=str)
 def test_gradcheck_float64(sample):
     logits, target = sample_inputs(sample, torch.float64, "cpu", requires_grad=True)
@@ -206,7 +222,7 @@ def masked_inputs(sample, dtype, device, fill, rows):
 
 
 @pytest.mark.parametrize("sample", [s for s in SAMPLES if s.case in ((9, 13), (6, 1000), (6, 5003))], ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("fill", ["-inf", "finfo.min"])
 @pytest.mark.parametrize("rows", ["finite", "all"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
