@@ -181,3 +181,28 @@ def test_rotary_module_matches_reference():
     torch.testing.assert_close(ko.double(), reference(k, cos, sin, False, 1), atol=1e-5, rtol=1e-5)
     assert list(rope.state_dict()) == []
 
+
+def test_rotary_module_grows_past_max_seq_len():
+    # Positions past max_seq_len used to reach the op as a short table (an
+    # error about cos's shape); the tables now grow, keeping the rows there are.
+    small, large = my_mps_ops.nn.RotaryEmbedding(16, max_seq_len=8), my_mps_ops.nn.RotaryEmbedding(16, max_seq_len=64)
+    first_rows = small.cos.clone()
+    q, k = torch.randn(2, 6, 4, 24), torch.randn(2, 6, 2, 24)
+    for offset in (5, 30):  # past the table; then past the grown one
+        for ours, theirs in zip(small(q, k, offset=offset), large(q, k, offset=offset)):
+            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+    assert small.max_seq_len == 36 and torch.equal(small.cos[:8], first_rows)
+    torch.testing.assert_close(small.cos, large.cos[:36], atol=1e-6, rtol=1e-6)
+    assert list(small.state_dict()) == []
+    with pytest.raises(ValueError, match="offset must be >= 0, got -1"):
+        small(q, k, offset=-1)
+
+
+def test_rotary_module_past_max_seq_len_under_compile_names_it():
+    torch._dynamo.reset()
+    rope = my_mps_ops.nn.RotaryEmbedding(16, max_seq_len=8)
+    compiled = torch.compile(rope, fullgraph=True)
+    q, k = torch.randn(1, 6, 2, 16), torch.randn(1, 6, 2, 16)
+    torch.testing.assert_close(compiled(q, k, 2)[0], rope(q, k, 2)[0])
+    with pytest.raises(Exception, match=r"offset \+ seq = 11 exceed max_seq_len = 8"):
+        compiled(q, k, 5)
