@@ -11,10 +11,10 @@
 #include "cpu/cross_entropy.h"
 #include "metal/cross_entropy.h"
 #include "ops/common.h"
+#include "ops/double_backward.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -218,7 +218,7 @@ TORCH_LIBRARY_IMPL(my_mps_ops, Meta, m) {
 
 TORCH_LIBRARY_IMPL(my_mps_ops, Autograd, m) {
   m.impl("cross_entropy", &cross_entropy_autograd);
-  m.impl("cross_entropy_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("cross_entropy_backward", double_backward_unsupported_kernel());
 }
 
 }  // namespace my_mps_ops

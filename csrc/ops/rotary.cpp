@@ -12,9 +12,9 @@
 #include "cpu/rotary.h"
 #include "metal/rotary.h"
 #include "ops/common.h"
+#include "ops/double_backward.h"
 
 #include <ATen/ops/empty_like.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -235,8 +235,8 @@ TORCH_LIBRARY_IMPL(my_mps_ops, Meta, m) {
 TORCH_LIBRARY_IMPL(my_mps_ops, Autograd, m) {
   m.impl("rotary_embedding", &rotary_autograd);
   m.impl("rotary_embedding_qk", &rotary_qk_autograd);
-  m.impl("rotary_embedding_backward", torch::autograd::autogradNotImplementedFallback());
-  m.impl("rotary_embedding_qk_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("rotary_embedding_backward", double_backward_unsupported_kernel());
+  m.impl("rotary_embedding_qk_backward", double_backward_unsupported_kernel());
 }
 
 }  // namespace my_mps_ops

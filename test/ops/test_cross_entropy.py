@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import my_mps_ops
-from support import (COMPILE, GRADCHECK, OPCHECK, TOLERANCES, Sample, assert_compiled_matches_eager, feeding,
-                     float64_leaves)
+from support import (COMPILE, GRADCHECK, OPCHECK, TOLERANCES, Sample, assert_compiled_matches_eager,
+                     assert_double_backward_raises, feeding, float64_leaves)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.my_mps_ops
@@ -138,6 +138,12 @@ def test_opcheck(sample):
 def test_torch_compile_forward_backward():
     samples = [sample_inputs(s, torch.float32, "cpu", requires_grad=True) for s in feeding(SAMPLES, COMPILE)]
     assert_compiled_matches_eager(lambda z, t: my_mps_ops.cross_entropy(z, t, label_smoothing=0.1), samples)
+
+
+def test_double_backward_raises_naming_the_op(backend):
+    logits, target = make(5, 11, torch.float32, backend.device)
+    assert_double_backward_raises(lambda z: my_mps_ops.cross_entropy(z, target, label_smoothing=0.1),
+                                  (logits.requires_grad_(),), "my_mps_ops.cross_entropy")
 
 
 def test_module_drop_in():

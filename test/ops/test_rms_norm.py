@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import my_mps_ops
 from support import (COMPILE, GRADCHECK, OPCHECK, TOLERANCES, Sample, assert_close, assert_compiled_matches_eager,
-                     assert_matches_torch_under_cpu_autocast, feeding, float64, float64_leaves)
+                     assert_double_backward_raises, assert_matches_torch_under_cpu_autocast, feeding, float64,
+                     float64_leaves)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.my_mps_ops
@@ -178,12 +179,12 @@ def test_torch_compile_forward_backward():
     assert_compiled_matches_eager(block, samples, grad_tol=dict(atol=1e-5, rtol=1e-5))
 
 
-def test_double_backward_raises():
-    x = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
-    (gx,) = torch.autograd.grad(my_mps_ops.rms_norm(x, w, 1e-5).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        gx.sum().backward()
+def test_double_backward_raises_naming_the_op(backend):
+    # It used to raise "derivative for my_mps_ops::rms_norm_backward is not implemented".
+    x, r, w = (torch.randn(*shape, device=backend.device, requires_grad=True) for shape in ((3, 8), (3, 8), (8,)))
+    assert_double_backward_raises(lambda x, w: my_mps_ops.rms_norm(x, w, 1e-5), (x, w), "my_mps_ops.rms_norm")
+    assert_double_backward_raises(lambda x, r, w: torch.cat(my_mps_ops.fused_add_rms_norm(x, r, w, 1e-5)), (x, r, w),
+                                  "my_mps_ops.fused_add_rms_norm")
 
 
 def test_torch_compile_module_forward_backward():

@@ -6,7 +6,7 @@ import torch
 
 import my_mps_ops
 from support import (COMPILE, GRADCHECK, OPCHECK, TOLERANCES, Sample, assert_close, assert_compiled_matches_eager,
-                     feeding, float64_leaves)
+                     assert_double_backward_raises, feeding, float64_leaves)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.my_mps_ops
@@ -145,6 +145,13 @@ def test_qk_in_one_launch_with_fewer_k_heads(backend, interleaved):
     q.grad = k.grad = None
     my_mps_ops.rotary_embedding_qk(q, k, cos, sin, interleaved)[1].sum().backward()
     assert q.grad is None and k.grad is not None
+
+
+def test_double_backward_raises_naming_the_op(backend):
+    x = torch.randn(2, 5, 3, 16, device=backend.device, requires_grad=True)
+    cos, sin = tables(5, 8, device=backend.device)
+    assert_double_backward_raises(lambda a: my_mps_ops.rotary_embedding(a, cos, sin), (x,),
+                                  "my_mps_ops.rotary_embedding")
 
 
 def test_noncontiguous_and_zero_size(backend):
