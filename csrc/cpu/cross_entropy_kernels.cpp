@@ -25,9 +25,8 @@ namespace {
 // A row's loss from its lse, target logit and sum of logits. Compiled
 // baseline (outside the copy's target region) and never inlined, so that
 // every copy rounds it the same way: inlined into the AVX2 copy it would be
-// contracted to FMAs.
-// Without smoothing the sum of z is left out, as F.cross_entropy does: a
-// masked (-inf) logit would make it 0 * -inf = NaN.
+// contracted to FMAs. Without smoothing the sum of z is left out, as
+// F.cross_entropy leaves it: a masked (-inf) logit would make it 0 * -inf = NaN.
 __attribute__((noinline)) float smoothed_loss(float lse, float z_target, float sum_z, int64_t classes,
                                               double smoothing_in) {
   const float smoothing = static_cast<float>(smoothing_in);

@@ -3,8 +3,7 @@
 // first 2 * pairs elements by its position's angles and copies the rest.
 // float32 / float64 rows are rotated in place of the output, by tables of
 // their own type; float16 / bfloat16 rows are widened into a float32 row and
-// narrowed back. The NeoX
-// loop (contiguous halves) vectorises as written.
+// narrowed back. The NeoX loop (contiguous halves) vectorises as written.
 #include "cpu/dispatch.h"
 #include "cpu/parallel.h"
 #include "cpu/rotary.h"
