@@ -9,6 +9,14 @@ from torch import Tensor
 from . import ops
 
 
+def default_rms_norm_eps(dtype: torch.dtype) -> float:
+    """The eps torch.nn.RMSNorm / F.rms_norm use when given None: the machine
+    epsilon of the dtype they compute in, float32 for float16 and bfloat16
+    inputs (not the input dtype's, as their docstring says: float16's is
+    8192 times larger)."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
 class RMSNorm(torch.nn.Module):
     """Drop-in for ``torch.nn.RMSNorm``: same arguments, same state_dict keys.
 
@@ -37,11 +45,9 @@ class RMSNorm(torch.nn.Module):
             torch.nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        # torch.nn.RMSNorm's default eps is the input dtype's machine epsilon.
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         if len(self.normalized_shape) != 1:
-            return torch.nn.functional.rms_norm(x, self.normalized_shape, self.weight, eps)
-        return ops.rms_norm(x, self.weight, eps)
+            return torch.nn.functional.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps if self.eps is not None else default_rms_norm_eps(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
@@ -124,20 +130,46 @@ class RotaryEmbedding(torch.nn.Module):
     (or (batch, heads, seq, head_dim) with ``seq_dim=2``): cos/sin tables as
     non-persistent buffers, applied to q and k in one launch
     (my_mps_ops.rotary_embedding_qk). ``rotary_dim`` < head_dim rotates only the
-    first rotary_dim elements (partial rotary)."""
+    first rotary_dim elements (partial rotary). Positions ``offset`` to
+    ``offset + seq - 1`` past ``max_seq_len`` grow the tables (in eager mode;
+    under torch.compile they raise: build the module with a larger
+    ``max_seq_len``)."""
 
     def __init__(self, rotary_dim: int, max_seq_len: int = 4096, base: float = 10000.0, interleaved: bool = False,
                  seq_dim: int = 1, device=None) -> None:
         super().__init__()
         if rotary_dim % 2:
             raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
-        self.rotary_dim, self.interleaved, self.seq_dim = rotary_dim, interleaved, seq_dim
-        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
-        angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.rotary_dim, self.base, self.interleaved, self.seq_dim = rotary_dim, base, interleaved, seq_dim
+        cos, sin = self._tables(0, max_seq_len, device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cos.shape[0]
+
+    def _tables(self, begin: int, end: int, device):
+        """cos and sin of positions [begin, end), float32: a position's row does
+        not depend on the table's length."""
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.rotary_dim, 2, device=device, dtype=torch.float32)
+                                        / self.rotary_dim))
+        angles = torch.outer(torch.arange(begin, end, device=device, dtype=torch.float32), inv_freq)
+        return angles.cos(), angles.sin()
 
     def forward(self, q: Tensor, k: Tensor, offset: int = 0):
         seq = q.shape[self.seq_dim]
-        cos, sin = self.cos[offset:offset + seq], self.sin[offset:offset + seq]
+        if offset < 0:
+            raise ValueError(f"RotaryEmbedding: offset must be >= 0, got {offset}")
+        end = offset + seq
+        if end > self.max_seq_len:
+            if torch.compiler.is_compiling():
+                raise ValueError(f"RotaryEmbedding: positions up to offset + seq = {end} exceed max_seq_len = "
+                                 f"{self.max_seq_len}, and the tables cannot grow under torch.compile; build the "
+                                 f"module with max_seq_len >= {end}")
+            # Grow to at least twice the length (amortised), keeping the rows there are.
+            cos, sin = self._tables(self.max_seq_len, max(end, 2 * self.max_seq_len), self.cos.device)
+            self.cos = torch.cat([self.cos, cos.to(self.cos.dtype)])
+            self.sin = torch.cat([self.sin, sin.to(self.sin.dtype)])
+        cos, sin = self.cos[offset:end], self.sin[offset:end]
         return ops.rotary_embedding_qk(q, k, cos, sin, self.interleaved, self.seq_dim)

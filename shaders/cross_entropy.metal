@@ -79,7 +79,11 @@ kernel void cross_entropy_forward(
       loss[row] = NAN;  // out-of-range target: no host sync to raise on the GPU
     } else {
       const float zt = float(logits[offset + uint(t)]);
-      loss[row] = lse - (1.0f - p.label_smoothing) * zt - p.label_smoothing * sum_z / float(v);
+      // Without smoothing the sum of z is left out, as F.cross_entropy does:
+      // a masked (-inf) logit would make it 0 * -inf = NaN.
+      loss[row] = p.label_smoothing == 0.0f
+                      ? lse - zt
+                      : lse - (1.0f - p.label_smoothing) * zt - p.label_smoothing * sum_z / float(v);
     }
   }
 }

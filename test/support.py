@@ -4,8 +4,10 @@ helpers. Importable from every test directory (pytest.ini puts test/ on the
 path)."""
 
 import os
+import re
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,6 +105,20 @@ def assert_compiled_matches_eager(fn, samples, out_tol=None, grad_tol=None):
             grads_compiled = torch.autograd.grad(result.sum(), leaves)
             for ours, expected in zip(grads_compiled, grads_eager):
                 torch.testing.assert_close(ours, expected, **(grad_tol or {}))
+
+
+def assert_double_backward_raises(fn, inputs, op_name):
+    """First-order gradients of fn(*inputs).square().sum() taken with
+    create_graph=True equal those taken without; differentiating them again
+    raises, naming the op (the backward ops have no derivative formula)."""
+    plain = torch.autograd.grad(fn(*inputs).square().sum(), inputs)
+    grads = torch.autograd.grad(fn(*inputs).square().sum(), inputs, create_graph=True)
+    for ours, expected in zip(grads, plain):
+        torch.testing.assert_close(ours, expected, atol=0, rtol=0)
+        assert ours.requires_grad
+    for g in grads:
+        with pytest.raises(RuntimeError, match=re.escape(f"{op_name}: double backward is not supported")):
+            torch.autograd.grad(g.sum(), inputs, allow_unused=True)
 
 
 def env_importing_this_package(**variables):

@@ -19,7 +19,7 @@ struct CrossEntropyForwardArgs {
   void* loss;  // per row; 0 where the target is ignore_index
   void* lse;   // per row: log-sum-exp of the logits
   int64_t rows, classes, ignore_index;
-  float label_smoothing;
+  double label_smoothing;  // float64 logits use it as given, the others as float32
 };
 struct CrossEntropyBackwardArgs {
   const void* logits;
@@ -28,7 +28,7 @@ struct CrossEntropyBackwardArgs {
   const void* scale;  // per row: the loss gradient with the reduction's factor
   void* grad_logits;  // contiguous, `dtype`
   int64_t rows, classes, ignore_index;
-  float label_smoothing;
+  double label_smoothing;  // float64 logits use it as given, the others as float32
 };
 
 // The forward returns a row whose target is neither a class nor

@@ -25,14 +25,18 @@ namespace {
 // A row's loss from its lse, target logit and sum of logits. Compiled
 // baseline (outside the copy's target region) and never inlined, so that
 // every copy rounds it the same way: inlined into the AVX2 copy it would be
-// contracted to FMAs.
+// contracted to FMAs. Without smoothing the sum of z is left out, as
+// F.cross_entropy leaves it: a masked (-inf) logit would make it 0 * -inf = NaN.
 __attribute__((noinline)) float smoothed_loss(float lse, float z_target, float sum_z, int64_t classes,
-                                              float smoothing) {
+                                              double smoothing_in) {
+  const float smoothing = static_cast<float>(smoothing_in);
+  if (smoothing == 0.0f) return lse - z_target;
   return lse - (1.0f - smoothing) * z_target - smoothing * sum_z / static_cast<float>(classes);
 }
 __attribute__((noinline)) double smoothed_loss(double lse, double z_target, double sum_z, int64_t classes,
-                                               float smoothing) {
-  return lse - (1.0 - smoothing) * z_target - double(smoothing) * sum_z / static_cast<double>(classes);
+                                               double smoothing) {
+  if (smoothing == 0.0) return lse - z_target;
+  return lse - (1.0 - smoothing) * z_target - smoothing * sum_z / static_cast<double>(classes);
 }
 
 }  // namespace
@@ -157,7 +161,7 @@ __attribute__((always_inline)) inline void backward_row_range(const CrossEntropy
   const auto* scale = static_cast<const Acc*>(a.scale);
   auto* grad = static_cast<T*>(a.grad_logits);
   const int64_t v = a.classes;
-  const float smoothing = a.label_smoothing;
+  const Acc smoothing = static_cast<Acc>(a.label_smoothing);
   Acc block[kClassBlock];
   for (int64_t r = begin; r < end; ++r) {
     const T* z = logits + r * v;

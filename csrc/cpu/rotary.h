@@ -14,13 +14,13 @@ namespace my_mps_ops::cpu {
 // heads, head_dim) when seq_dim is 1 or (batch, heads, seq, head_dim) when it
 // is 2. The first 2 * pairs elements of a row rotate by the angle of its
 // batch and position (by minus it when conj: the backward), the rest are
-// copied. cos/sin are float32 rows of `pairs` values, one per position, per
-// batch when cos_batch_stride is not 0.
+// copied. cos/sin are rows of `pairs` values, one per position, per batch
+// when cos_batch_stride is not 0: float32, float64 for float64 x.
 struct RotaryArgs {
   const void* x;
   void* out;
-  const float* cos;
-  const float* sin;
+  const void* cos;
+  const void* sin;
   int64_t batch, seq, heads, head_dim, pairs;
   int64_t cos_batch_stride;
   int64_t seq_dim;

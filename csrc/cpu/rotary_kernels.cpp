@@ -1,9 +1,9 @@
 // cpu copies: baseline avx2
 // CPU loop of rotary_embedding: each row of head_dim elements rotates its
 // first 2 * pairs elements by its position's angles and copies the rest.
-// float32 / float64 rows are rotated in place of the output; float16 /
-// bfloat16 rows are widened into a float32 row and narrowed back. The NeoX
-// loop (contiguous halves) vectorises as written.
+// float32 / float64 rows are rotated in place of the output, by tables of
+// their own type; float16 / bfloat16 rows are widened into a float32 row and
+// narrowed back. The NeoX loop (contiguous halves) vectorises as written.
 #include "cpu/dispatch.h"
 #include "cpu/parallel.h"
 #include "cpu/rotary.h"
@@ -19,7 +19,7 @@ namespace {
 // AVX2 copy: with 64-bit ones GCC vectorises the interleaved loop and fuses
 // other products of the rotation into FMAs.
 template <typename S>
-__attribute__((always_inline)) inline void rotate_row(const S* xr, S* yr, const float* c, const float* sn,
+__attribute__((always_inline)) inline void rotate_row(const S* xr, S* yr, const S* c, const S* sn,
                                                       const RotaryArgs& p) {
   const S sign = p.conj ? S(-1) : S(1);
   const uint32_t pairs = static_cast<uint32_t>(p.pairs), head_dim = static_cast<uint32_t>(p.head_dim);
@@ -53,8 +53,9 @@ __attribute__((always_inline)) inline void rotate_rows(const RotaryArgs& p, int6
       s = r % p.seq;
       b = r / (p.seq * p.heads);
     }
-    const float* c = p.cos + b * p.cos_batch_stride + s * p.pairs;
-    const float* sn = p.sin + b * p.cos_batch_stride + s * p.pairs;
+    using Table = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    const Table* c = static_cast<const Table*>(p.cos) + b * p.cos_batch_stride + s * p.pairs;
+    const Table* sn = static_cast<const Table*>(p.sin) + b * p.cos_batch_stride + s * p.pairs;
     const T* xr = x + r * p.head_dim;
     T* yr = out + r * p.head_dim;
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {

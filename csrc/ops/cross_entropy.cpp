@@ -12,10 +12,10 @@
 #include "metal/cross_entropy.h"
 #include "ops/autograd_emulation.h"
 #include "ops/common.h"
+#include "ops/double_backward.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -96,7 +96,7 @@ std::tuple<Tensor, Tensor> row_losses_and_lse(const Tensor& logits, const Tensor
   const int64_t bad = cpu::cross_entropy_forward_stub(
       logits.scalar_type(),
       cpu::CrossEntropyForwardArgs{logits.const_data_ptr(), target.const_data_ptr<int64_t>(), losses.mutable_data_ptr(),
-                                   lse.mutable_data_ptr(), rows, v, ignore_index, static_cast<float>(smoothing)});
+                                   lse.mutable_data_ptr(), rows, v, ignore_index, smoothing});
   TORCH_CHECK(bad < 0, kCrossEntropyOp, ": target[", bad, "] = ", bad >= 0 ? target.const_data_ptr<int64_t>()[bad] : 0,
               " is out of range for ", v, " classes (and is not ignore_index ", ignore_index, ")");
   return {losses, lse};
@@ -134,7 +134,7 @@ Tensor cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& logits
       logits.scalar_type(),
       cpu::CrossEntropyBackwardArgs{logits.const_data_ptr(), target.const_data_ptr<int64_t>(), lse_c.const_data_ptr(),
                                     scale.const_data_ptr(), grad.mutable_data_ptr(), rows, v, ignore_index,
-                                    static_cast<float>(smoothing)});
+                                    smoothing});
   return grad;
 }
 
@@ -221,7 +221,7 @@ TORCH_LIBRARY_IMPL(my_mps_ops, Meta, m) {
 
 TORCH_LIBRARY_IMPL(my_mps_ops, Autograd, m) {
   m.impl("cross_entropy", &cross_entropy_autograd);
-  m.impl("cross_entropy_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("cross_entropy_backward", double_backward_unsupported_kernel());
 }
 
 }  // namespace my_mps_ops

@@ -18,9 +18,9 @@
 #include "metal/flash_attention.h"
 #include "ops/autograd_emulation.h"
 #include "ops/common.h"
+#include "ops/double_backward.h"
 
 #include <ATen/ops/empty.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -307,7 +307,7 @@ TORCH_LIBRARY_IMPL(my_mps_ops, Meta, m) {
 TORCH_LIBRARY_IMPL(my_mps_ops, Autograd, m) {
   m.impl("flash_attention", &flash_attention_autograd);
   // The backward has no derivative of its own: double backward raises clearly.
-  m.impl("flash_attention_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("flash_attention_backward", double_backward_unsupported_kernel());
 }
 
 }  // namespace my_mps_ops

@@ -10,10 +10,10 @@
 #include "metal/glu.h"
 #include "ops/autograd_emulation.h"
 #include "ops/common.h"
+#include "ops/double_backward.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -224,8 +224,8 @@ TORCH_LIBRARY_IMPL(my_mps_ops, Meta, m) {
 TORCH_LIBRARY_IMPL(my_mps_ops, Autograd, m) {
   m.impl("swiglu", &swiglu_autograd);
   m.impl("geglu", &geglu_autograd);
-  m.impl("swiglu_backward", torch::autograd::autogradNotImplementedFallback());
-  m.impl("geglu_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("swiglu_backward", double_backward_unsupported_kernel());
+  m.impl("geglu_backward", double_backward_unsupported_kernel());
 }
 
 }  // namespace my_mps_ops

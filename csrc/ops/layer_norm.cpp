@@ -6,9 +6,9 @@
 #include "cpu/layer_norm.h"
 #include "metal/norm.h"
 #include "ops/autograd_emulation.h"
+#include "ops/double_backward.h"
 #include "ops/norm.h"
 
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -187,7 +187,7 @@ TORCH_LIBRARY_IMPL(my_mps_ops, Meta, m) {
 TORCH_LIBRARY_IMPL(my_mps_ops, Autograd, m) {
   m.impl("layer_norm", &layer_norm_autograd);
   // The backward has no derivative of its own: double backward raises clearly.
-  m.impl("layer_norm_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("layer_norm_backward", double_backward_unsupported_kernel());
 }
 
 }  // namespace my_mps_ops

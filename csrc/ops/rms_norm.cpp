@@ -9,10 +9,10 @@
 #include "cpu/rms_norm.h"
 #include "metal/norm.h"
 #include "ops/autograd_emulation.h"
+#include "ops/double_backward.h"
 #include "ops/norm.h"
 
 #include <ATen/ops/zeros_like.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -291,8 +291,8 @@ TORCH_LIBRARY_IMPL(my_mps_ops, Autograd, m) {
   m.impl("rms_norm", &rms_norm_autograd);
   m.impl("fused_add_rms_norm", &fused_add_rms_norm_autograd);
   // The backward ops have no derivative of their own: double backward raises clearly.
-  m.impl("rms_norm_backward", torch::autograd::autogradNotImplementedFallback());
-  m.impl("fused_add_rms_norm_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("rms_norm_backward", double_backward_unsupported_kernel());
+  m.impl("fused_add_rms_norm_backward", double_backward_unsupported_kernel());
 }
 
 }  // namespace my_mps_ops

@@ -3,19 +3,19 @@
 //
 // x is 4-D: (batch, seq, heads, head_dim) with seq_dim=1, or (batch, heads,
 // seq, head_dim) with seq_dim=2. cos/sin are [seq, pairs] (shared by the
-// batch) or [batch, seq, pairs], any float dtype (used as float32); the first
-// 2 * pairs elements of each head rotate (NeoX half-split pairs (i, i + pairs),
-// or GPT-J interleaved pairs (2i, 2i + 1)), the rest pass through. The
-// backward is the rotation transposed: the same kernels with -sin. cos and
-// sin get no gradient. Loop: cpu/rotary_kernels.cpp; Metal: metal/rotary.cpp
-// and shaders/rotary.metal.
+// batch) or [batch, seq, pairs], any float dtype (used as float32; as float64
+// for float64 x on the CPU); the first 2 * pairs elements of each head rotate
+// (NeoX half-split pairs (i, i + pairs), or GPT-J interleaved pairs (2i,
+// 2i + 1)), the rest pass through. The backward is the rotation transposed:
+// the same kernels with -sin. cos and sin get no gradient. Loop:
+// cpu/rotary_kernels.cpp; Metal: metal/rotary.cpp and shaders/rotary.metal.
 #include "cpu/rotary.h"
 #include "metal/rotary.h"
 #include "ops/autograd_emulation.h"
 #include "ops/common.h"
+#include "ops/double_backward.h"
 
 #include <ATen/ops/empty_like.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -58,20 +58,25 @@ RotaryDims check_inputs(const char* op, const char* name, const Tensor& x, const
 }
 
 Tensor as_float_table(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+// The native kernels rotate float64 x by float64 tables (float32 otherwise).
+Tensor as_table_for(const Tensor& t, const Tensor& x) {
+  return t.to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
 
 Tensor rotate(const Tensor& x_in, const Tensor& cos, const Tensor& sin, bool interleaved, int64_t seq_dim, bool conj,
               const char* op) {
   const RotaryDims d = check_inputs(op, "x", x_in, cos, sin, seq_dim);
-  const Tensor x = x_in.contiguous(), c = as_float_table(cos), s = as_float_table(sin);
+  const Tensor x = x_in.contiguous();
   Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (d.rows() == 0 || d.head_dim == 0) return out;
   if (use_metal_path(x)) {
-    metal::rotary(op, {x, out}, {c, s, interleaved, seq_dim, conj});
+    metal::rotary(op, {x, out}, {as_float_table(cos), as_float_table(sin), interleaved, seq_dim, conj});
     return out;
   }
+  const Tensor c = as_table_for(cos, x), s = as_table_for(sin, x);
   cpu::rotary_stub(x.scalar_type(),
-                   cpu::RotaryArgs{x.const_data_ptr(), out.mutable_data_ptr(), c.const_data_ptr<float>(),
-                                   s.const_data_ptr<float>(), d.batch, d.seq, d.heads, d.head_dim, d.pairs,
+                   cpu::RotaryArgs{x.const_data_ptr(), out.mutable_data_ptr(), c.const_data_ptr(),
+                                   s.const_data_ptr(), d.batch, d.seq, d.heads, d.head_dim, d.pairs,
                                    cos.dim() == 3 ? d.seq * d.pairs : 0, seq_dim, interleaved, conj});
   return out;
 }
@@ -235,8 +240,8 @@ TORCH_LIBRARY_IMPL(my_mps_ops, Meta, m) {
 TORCH_LIBRARY_IMPL(my_mps_ops, Autograd, m) {
   m.impl("rotary_embedding", &rotary_autograd);
   m.impl("rotary_embedding_qk", &rotary_qk_autograd);
-  m.impl("rotary_embedding_backward", torch::autograd::autogradNotImplementedFallback());
-  m.impl("rotary_embedding_qk_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("rotary_embedding_backward", double_backward_unsupported_kernel());
+  m.impl("rotary_embedding_qk_backward", double_backward_unsupported_kernel());
 }
 
 }  // namespace my_mps_ops

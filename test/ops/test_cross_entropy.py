@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import my_mps_ops
-from support import (COMPILE, GRADCHECK, OPCHECK, TOLERANCES, Sample, assert_compiled_matches_eager, feeding,
-                     float64_leaves)
+from support import (COMPILE, GRADCHECK, OPCHECK, TOLERANCES, Sample, assert_compiled_matches_eager,
+                     assert_double_backward_raises, feeding, float64_leaves)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.my_mps_ops
@@ -101,6 +101,22 @@ def test_large_gradient_streamed_cpu():
     torch.testing.assert_close(logits.grad.double(), z64.grad, atol=1e-9, rtol=1e-4)
 
 
+@pytest.mark.parametrize("sample", SAMPLES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_float64_label_smoothing_stays_float64(reduction, sample):
+    # float64 logits use label_smoothing as given (the CPU kernels used to round
+    # it to float32: errors of ~1e-9).
+    logits, target = sample_inputs(sample, torch.float64, "cpu", requires_grad=True)
+    loss = my_mps_ops.cross_entropy(logits, target, -100, 0.1, reduction)
+    (ref_logits,) = float64_leaves(logits)
+    ref = F.cross_entropy(ref_logits, target, label_smoothing=0.1, reduction=reduction)
+    torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-12)
+    g = torch.rand_like(ref)
+    loss.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("sample", feeding(SAMPLES, GRADCHECK), ids=str)
 def test_gradcheck_float64(sample):
     logits, target = sample_inputs(sample, torch.float64, "cpu", requires_grad=True)
@@ -122,6 +138,12 @@ def test_opcheck(sample):
 def test_torch_compile_forward_backward():
     samples = [sample_inputs(s, torch.float32, "cpu", requires_grad=True) for s in feeding(SAMPLES, COMPILE)]
     assert_compiled_matches_eager(lambda z, t: my_mps_ops.cross_entropy(z, t, label_smoothing=0.1), samples)
+
+
+def test_double_backward_raises_naming_the_op(backend):
+    logits, target = make(5, 11, torch.float32, backend.device)
+    assert_double_backward_raises(lambda z: my_mps_ops.cross_entropy(z, target, label_smoothing=0.1),
+                                  (logits.requires_grad_(),), "my_mps_ops.cross_entropy")
 
 
 def test_module_drop_in():
@@ -166,3 +188,72 @@ def test_no_classes_raises_on_every_backend(backend):
     target = torch.zeros(3, dtype=torch.long, device=backend.device)
     with pytest.raises(RuntimeError, match="logits must have at least one class"):
         my_mps_ops.cross_entropy(logits, target)
+
+
+# Vocabulary masking: each row takes one pattern, in turn. "fully masked" rows
+# of finfo.min are left out: there the float32 lse (m + log s) rounds to m and
+# the loss loses its log(V) (README, cross_entropy semantics).
+MASK_PATTERNS = ["none", "ignored", "some", "target", "leading_block", "all_ignored", "all"]
+
+
+def masked_inputs(sample, dtype, device, fill, rows):
+    """sample_inputs with masked logits, as models mask a vocabulary
+    (masked_fill with -inf or finfo(dtype).min). rows: "finite" keeps the
+    patterns whose loss is finite in PyTorch, "all" every one."""
+    logits, target = make(*sample.case, torch.float64, "cpu", ignore_some=False)
+    n, v = logits.shape
+    value = float("-inf") if fill == "-inf" else torch.finfo(dtype).min
+    patterns = [p for p in MASK_PATTERNS
+                if rows == "all" or p not in ("target", "all")
+                if not (p == "all" and fill != "-inf")]
+    g = torch.Generator().manual_seed(1)
+    for r in range(n):
+        pattern = patterns[r % len(patterns)]
+        mask = torch.rand(v, generator=g) < 0.6
+        if pattern == "none":
+            mask[:] = False
+        elif pattern in ("ignored", "all_ignored"):
+            target[r] = -100
+        elif pattern == "some":
+            mask[target[r]] = False
+        elif pattern == "target":
+            mask[target[r]] = True
+        elif pattern == "leading_block":  # the CPU loop's first 512-class block masked
+            mask[:] = torch.arange(v) < min(600, v - 1)
+            target[r] = v - 1
+        if pattern.startswith("all"):
+            mask[:] = True
+        logits[r, mask] = value
+    return logits.to(dtype).to(device), target.to(device)
+
+
+@pytest.mark.parametrize("sample", [s for s in SAMPLES if s.case in ((9, 13), (6, 1000), (6, 5003))], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("fill", ["-inf", "finfo.min"])
+@pytest.mark.parametrize("rows", ["finite", "all"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
+def test_masked_logits_match_pytorch(backend, dtype, fill, rows, smoothing, sample):
+    # Losses equal F.cross_entropy computed in our accumulation dtype (float32;
+    # float64 for float64) and rounded to the logits' dtype, inf and NaN
+    # included: with smoothing, a sum of
+    # several finfo(float32).min log-probabilities overflows to inf in
+    # PyTorch's float32 as in ours. Gradients equal float64 autograd wherever
+    # that is finite (PyTorch's gradient of an ignored, fully -inf row is NaN;
+    # ours is 0).
+    if dtype == torch.float64 and backend.name != "cpu":
+        pytest.skip("float64 runs on the native CPU kernels only")
+    logits, target = masked_inputs(sample, dtype, backend.device, fill, rows)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for reduction in ("none", "mean", "sum"):
+        leaf = logits.detach().clone().requires_grad_()
+        loss = my_mps_ops.cross_entropy(leaf, target, -100, smoothing, reduction)
+        expected = F.cross_entropy(logits.cpu().to(acc), target.cpu(), label_smoothing=smoothing, reduction=reduction)
+        assert loss.dtype == dtype
+        torch.testing.assert_close(loss.cpu().double(), expected.to(dtype).double(), equal_nan=True, **tol(dtype))
+        (ref_logits,) = float64_leaves(logits)
+        ref = F.cross_entropy(ref_logits, target.cpu(), label_smoothing=smoothing, reduction=reduction)
+        g = torch.rand_like(ref) + 0.5
+        loss.backward(g.to(device=loss.device, dtype=dtype))
+        ref.backward(g)
+        finite = ref_logits.grad.isfinite()
+        torch.testing.assert_close(leaf.grad.cpu().double()[finite], ref_logits.grad[finite], **tol(dtype))

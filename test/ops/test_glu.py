@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import my_mps_ops
 from support import (COMPILE, GRADCHECK, OPCHECK, TOLERANCES, Sample, assert_close, assert_compiled_matches_eager,
-                     feeding, float64, float64_leaves, scaled_tolerance)
+                     assert_double_backward_raises, feeding, float64, float64_leaves, scaled_tolerance)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.my_mps_ops
@@ -199,6 +199,12 @@ def test_noncontiguous_and_zero_size(backend):
     assert out.shape == (0, 4)
     out.sum().backward()
     assert empty.grad.shape == (0, 4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_double_backward_raises_naming_the_op(backend, kind):
+    gate, up = (torch.randn(3, 8, device=backend.device, requires_grad=True) for _ in range(2))
+    assert_double_backward_raises(lambda g, u: run(kind, g, u), (gate, up), "my_mps_ops." + kind.split("_")[0])
 
 
 def test_bad_inputs_raise_naming_the_argument():

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import my_mps_ops
 from support import (COMPILE, GRADCHECK, OPCHECK, TOLERANCES, Sample, assert_close, assert_compiled_matches_eager,
-                     assert_matches_torch_under_cpu_autocast, feeding, float64_leaves)
+                     assert_double_backward_raises, assert_matches_torch_under_cpu_autocast, feeding,
+                     float64_leaves)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.my_mps_ops
@@ -163,6 +164,12 @@ def test_torch_compile_and_module():
         theirs.zero_grad()
     no_bias = my_mps_ops.nn.LayerNorm(24, bias=False)
     assert no_bias.bias is None and set(no_bias.state_dict()) == {"weight"}
+
+
+def test_double_backward_raises_naming_the_op(backend):
+    x, w, b = (torch.randn(*shape, device=backend.device, requires_grad=True) for shape in ((3, 8), (8,), (8,)))
+    assert_double_backward_raises(lambda x, w, b: my_mps_ops.layer_norm(x, w, b, 1e-5), (x, w, b),
+                                  "my_mps_ops.layer_norm")
 
 
 def test_bad_inputs_raise_naming_the_argument():

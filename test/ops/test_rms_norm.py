@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import my_mps_ops
 from support import (COMPILE, GRADCHECK, OPCHECK, TOLERANCES, Sample, assert_close, assert_compiled_matches_eager,
-                     assert_matches_torch_under_cpu_autocast, feeding, float64, float64_leaves)
+                     assert_double_backward_raises, assert_matches_torch_under_cpu_autocast, feeding, float64,
+                     float64_leaves)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.my_mps_ops
@@ -178,12 +179,12 @@ def test_torch_compile_forward_backward():
     assert_compiled_matches_eager(block, samples, grad_tol=dict(atol=1e-5, rtol=1e-5))
 
 
-def test_double_backward_raises():
-    x = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
-    (gx,) = torch.autograd.grad(my_mps_ops.rms_norm(x, w, 1e-5).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        gx.sum().backward()
+def test_double_backward_raises_naming_the_op(backend):
+    # It used to raise "derivative for my_mps_ops::rms_norm_backward is not implemented".
+    x, r, w = (torch.randn(*shape, device=backend.device, requires_grad=True) for shape in ((3, 8), (3, 8), (8,)))
+    assert_double_backward_raises(lambda x, w: my_mps_ops.rms_norm(x, w, 1e-5), (x, w), "my_mps_ops.rms_norm")
+    assert_double_backward_raises(lambda x, r, w: torch.cat(my_mps_ops.fused_add_rms_norm(x, r, w, 1e-5)), (x, r, w),
+                                  "my_mps_ops.fused_add_rms_norm")
 
 
 def test_torch_compile_module_forward_backward():
@@ -226,8 +227,31 @@ def test_nn_module_is_drop_in():
     torch.testing.assert_close(ours(x), theirs(x))
     no_affine = my_mps_ops.nn.RMSNorm(24, elementwise_affine=False)
     torch.testing.assert_close(no_affine(x), torch.nn.RMSNorm(24, elementwise_affine=False)(x))
-    # eps=None uses the dtype's machine epsilon, like torch.nn.RMSNorm.
+    # eps=None uses torch.nn.RMSNorm's default (test_default_eps_is_torchs).
     torch.testing.assert_close(my_mps_ops.nn.RMSNorm(24)(x), torch.nn.RMSNorm(24)(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_default_eps_is_torchs(backend, dtype):
+    # eps=None means what torch.nn.RMSNorm takes then: float32's machine epsilon
+    # for float16 / bfloat16 inputs (the input dtype's was 8192 times larger
+    # for float16: outputs off by up to 0.74 on small inputs), float64's for
+    # float64. Also through patch_model and torch.compile.
+    if dtype == torch.float64 and backend.name != "cpu":
+        pytest.skip("float64 runs on the native CPU kernels only")
+    torch.manual_seed(0)
+    x = (torch.randn(6, 32) * 1e-3).to(dtype)
+    theirs = torch.nn.RMSNorm(32, dtype=dtype)
+    expected = theirs(x).detach()
+    ours = my_mps_ops.nn.RMSNorm(32, dtype=dtype).to(backend.device)
+    patched = my_mps_ops.patch_model(torch.nn.Sequential(torch.nn.RMSNorm(32, dtype=dtype))).to(backend.device)
+    assert isinstance(patched[0], my_mps_ops.nn.RMSNorm)
+    for module in (ours, patched):
+        torch.testing.assert_close(module(x.to(backend.device)).cpu(), expected, **TOLERANCES[dtype])
+    if backend.name == "cpu":
+        torch._dynamo.reset()
+        compiled = torch.compile(ours, fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected, **TOLERANCES[dtype])
 
 
 def test_bad_inputs_raise_naming_the_argument():

@@ -6,19 +6,19 @@ import torch
 
 import my_mps_ops
 from support import (COMPILE, GRADCHECK, OPCHECK, TOLERANCES, Sample, assert_close, assert_compiled_matches_eager,
-                     feeding, float64_leaves)
+                     assert_double_backward_raises, feeding, float64_leaves)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.my_mps_ops
 
 
-def tables(seq, half, batch=None, device="cpu"):
+def tables(seq, half, batch=None, device="cpu", dtype=torch.float32):
     inv = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float64) / half))
     pos = torch.arange(seq, dtype=torch.float64)
     ang = torch.outer(pos, inv)
     if batch is not None:  # per-batch positions (e.g. packed sequences)
         ang = torch.stack([ang + b * 0.37 for b in range(batch)])
-    return ang.cos().float().to(device), ang.sin().float().to(device)
+    return ang.cos().to(dtype).to(device), ang.sin().to(dtype).to(device)
 
 
 def reference(x, cos, sin, interleaved, seq_dim):
@@ -66,12 +66,12 @@ SAMPLES = [
 ]
 
 
-def sample_inputs(sample, dtype, device, requires_grad=False):
+def sample_inputs(sample, dtype, device, requires_grad=False, table_dtype=torch.float32):
     """(x, cos, sin, interleaved, seq_dim): rotary_embedding's arguments."""
     interleaved, seq_dim, batch, seq, heads, head_dim, half, per_batch = sample.case
     shape = (batch, seq, heads, head_dim) if seq_dim == 1 else (batch, heads, seq, head_dim)
     x = torch.randn(shape, dtype=dtype, device=device, requires_grad=requires_grad)
-    cos, sin = tables(seq, half, batch if per_batch else None, device)
+    cos, sin = tables(seq, half, batch if per_batch else None, device, table_dtype)
     return x, cos, sin, interleaved, seq_dim
 
 
@@ -86,6 +86,23 @@ def test_forward_and_backward(backend, dtype, sample):
     (x64,) = float64_leaves(x)
     reference(x64, cos, sin, interleaved, seq_dim).backward(g.cpu().double())
     torch.testing.assert_close(x.grad.cpu().double(), x64.grad.cpu(), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=sample_id)
+def test_float64_keeps_float64_tables(sample):
+    # float64 x rotates by its float64 cos/sin (the CPU kernels used to round
+    # them to float32: errors of ~1e-8).
+    x, cos, sin, interleaved, seq_dim = sample_inputs(sample, torch.float64, "cpu", True, table_dtype=torch.float64)
+    out = my_mps_ops.rotary_embedding(x, cos, sin, interleaved, seq_dim)
+    torch.testing.assert_close(out, reference(x.detach(), cos, sin, interleaved, seq_dim), atol=1e-12, rtol=1e-12)
+    g = torch.randn_like(x)
+    out.backward(g)
+    (x64,) = float64_leaves(x)
+    reference(x64, cos, sin, interleaved, seq_dim).backward(g)
+    torch.testing.assert_close(x.grad, x64.grad, atol=1e-12, rtol=1e-12)
+    qo, ko = my_mps_ops.rotary_embedding_qk(x.detach(), x.detach(), cos, sin, interleaved, seq_dim)
+    torch.testing.assert_close(qo, out.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(ko, out.detach(), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("sample", feeding(SAMPLES, GRADCHECK), ids=sample_id)
@@ -130,6 +147,13 @@ def test_qk_in_one_launch_with_fewer_k_heads(backend, interleaved):
     assert q.grad is None and k.grad is not None
 
 
+def test_double_backward_raises_naming_the_op(backend):
+    x = torch.randn(2, 5, 3, 16, device=backend.device, requires_grad=True)
+    cos, sin = tables(5, 8, device=backend.device)
+    assert_double_backward_raises(lambda a: my_mps_ops.rotary_embedding(a, cos, sin), (x,),
+                                  "my_mps_ops.rotary_embedding")
+
+
 def test_noncontiguous_and_zero_size(backend):
     x = torch.randn(2, 3, 5, 16, device=backend.device).transpose(1, 2)  # (2, 5, 3, 16), not contiguous
     cos, sin = tables(5, 8, device=backend.device)
@@ -163,3 +187,29 @@ def test_rotary_module_matches_reference():
     torch.testing.assert_close(qo.double(), reference(q, cos, sin, False, 1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ko.double(), reference(k, cos, sin, False, 1), atol=1e-5, rtol=1e-5)
     assert list(rope.state_dict()) == []
+
+
+def test_rotary_module_grows_past_max_seq_len():
+    # Positions past max_seq_len used to reach the op as a short table (an
+    # error about cos's shape); the tables now grow, keeping the rows there are.
+    small, large = my_mps_ops.nn.RotaryEmbedding(16, max_seq_len=8), my_mps_ops.nn.RotaryEmbedding(16, max_seq_len=64)
+    first_rows = small.cos.clone()
+    q, k = torch.randn(2, 6, 4, 24), torch.randn(2, 6, 2, 24)
+    for offset in (5, 30):  # past the table; then past the grown one
+        for ours, theirs in zip(small(q, k, offset=offset), large(q, k, offset=offset)):
+            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+    assert small.max_seq_len == 36 and torch.equal(small.cos[:8], first_rows)
+    torch.testing.assert_close(small.cos, large.cos[:36], atol=1e-6, rtol=1e-6)
+    assert list(small.state_dict()) == []
+    with pytest.raises(ValueError, match="offset must be >= 0, got -1"):
+        small(q, k, offset=-1)
+
+
+def test_rotary_module_past_max_seq_len_under_compile_names_it():
+    torch._dynamo.reset()
+    rope = my_mps_ops.nn.RotaryEmbedding(16, max_seq_len=8)
+    compiled = torch.compile(rope, fullgraph=True)
+    q, k = torch.randn(1, 6, 2, 16), torch.randn(1, 6, 2, 16)
+    torch.testing.assert_close(compiled(q, k, 2)[0], rope(q, k, 2)[0])
+    with pytest.raises(Exception, match=r"offset \+ seq = 11 exceed max_seq_len = 8"):
+        compiled(q, k, 5)
