@@ -40,9 +40,13 @@ def backend(request):
             pytest.skip("no MPS device here (needs an Apple GPU)")
         yield Backend(name, "mps")
     elif name == "metal_emulator":
+        from my_mps_ops.emulator import race_check
         from my_mps_ops.testing import metal_emulation
 
-        with metal_emulation():
+        # Every op test on the emulator runs under the race check (a missing
+        # barrier gives the right answer here and a wrong one on a GPU);
+        # MY_MPS_OPS_TEST_RACE_CHECK=0 turns it off for a quicker local run.
+        with metal_emulation(), race_check(os.environ.get("MY_MPS_OPS_TEST_RACE_CHECK", "1") != "0"):
             yield Backend(name, "cpu")
     else:
         yield Backend(name, "cpu")
