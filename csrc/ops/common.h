@@ -32,6 +32,16 @@ inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const c
               " (", ref.scalar_type(), "), got ", t.scalar_type());
 }
 
+// Two inputs of different float dtypes in the dtype PyTorch's type promotion
+// gives their elementwise combination (e.g. bfloat16 and float32: float32),
+// as the composite the op fuses would compute (no copy for a matching one).
+// Non-float inputs are returned as they are, for the op's dtype check to name.
+inline std::pair<at::Tensor, at::Tensor> promoted_pair(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.is_floating_point() || !b.is_floating_point()) return {a, b};
+  const auto dtype = c10::promoteTypes(a.scalar_type(), b.scalar_type());
+  return {a.to(dtype), b.to(dtype)};
+}
+
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg,
                               const char* ref_arg) {
   TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " must be on the same device as ", ref_arg, " (",

@@ -36,9 +36,11 @@ const char* op_name(GluActivation act, bool backward) {
   return backward ? "my_mps_ops.geglu_backward" : "my_mps_ops.geglu";
 }
 
+// gate and up may differ in dtype: the forward ops promote them (as
+// silu(gate) * up does); the backward ops take what the forward saved.
 void check_inputs(const char* op, const Tensor& gate, const Tensor& up) {
   check_float_dtype(gate, op, "gate");
-  check_same_dtype(up, gate, op, "up", "gate");
+  check_float_dtype(up, op, "up");
   check_same_device(up, gate, op, "up", "gate");
   TORCH_CHECK(up.sym_sizes() == gate.sym_sizes(), op, ": up must have the shape of gate ", gate.sym_sizes(),
               ", got ", up.sym_sizes());
@@ -46,6 +48,7 @@ void check_inputs(const char* op, const Tensor& gate, const Tensor& up) {
 
 void check_backward_inputs(const char* op, const Tensor& grad_out, const Tensor& gate, const Tensor& up) {
   check_inputs(op, gate, up);
+  check_same_dtype(up, gate, op, "up", "gate");
   check_same_dtype(grad_out, gate, op, "grad_out", "gate");
   check_same_device(grad_out, gate, op, "grad_out", "gate");
   TORCH_CHECK(grad_out.sym_sizes() == gate.sym_sizes(), op, ": grad_out must have the shape of gate ",
@@ -97,8 +100,9 @@ std::tuple<Tensor, Tensor> glu_backward(GluActivation act, const Tensor& grad_ou
 
 // ------------------------------------------------------- CPU and MPS kernels
 
-Tensor swiglu_impl(const Tensor& gate, const Tensor& up) {
-  check_inputs(op_name(GluActivation::SiLU, false), gate, up);
+Tensor swiglu_impl(const Tensor& gate_in, const Tensor& up_in) {
+  check_inputs(op_name(GluActivation::SiLU, false), gate_in, up_in);
+  const auto [gate, up] = promoted_pair(gate_in, up_in);
   return glu_forward(GluActivation::SiLU, gate, up);
 }
 
@@ -107,9 +111,10 @@ std::tuple<Tensor, Tensor> swiglu_backward_impl(const Tensor& grad_out, const Te
   return glu_backward(GluActivation::SiLU, grad_out, gate, up);
 }
 
-Tensor geglu_impl(const Tensor& gate, const Tensor& up, c10::string_view approximate) {
+Tensor geglu_impl(const Tensor& gate_in, const Tensor& up_in, c10::string_view approximate) {
   const GluActivation act = gelu_kind("my_mps_ops.geglu", approximate);
-  check_inputs(op_name(act, false), gate, up);
+  check_inputs(op_name(act, false), gate_in, up_in);
+  const auto [gate, up] = promoted_pair(gate_in, up_in);
   return glu_forward(act, gate, up);
 }
 
@@ -123,9 +128,14 @@ std::tuple<Tensor, Tensor> geglu_backward_impl(const Tensor& grad_out, const Ten
 // ------------------------------------------------------------ Meta kernels
 // Shapes only; symbolic-size safe.
 
+Tensor promoted_output(const Tensor& gate, const Tensor& up) {
+  return at::empty_like(gate, gate.options().dtype(c10::promoteTypes(gate.scalar_type(), up.scalar_type())),
+                        at::MemoryFormat::Contiguous);
+}
+
 Tensor swiglu_meta(const Tensor& gate, const Tensor& up) {
   check_inputs(op_name(GluActivation::SiLU, false), gate, up);
-  return at::empty_like(gate, at::MemoryFormat::Contiguous);
+  return promoted_output(gate, up);
 }
 
 std::tuple<Tensor, Tensor> swiglu_backward_meta(const Tensor& grad_out, const Tensor& gate, const Tensor& up) {
@@ -135,7 +145,7 @@ std::tuple<Tensor, Tensor> swiglu_backward_meta(const Tensor& grad_out, const Te
 
 Tensor geglu_meta(const Tensor& gate, const Tensor& up, c10::string_view approximate) {
   check_inputs(op_name(gelu_kind("my_mps_ops.geglu", approximate), false), gate, up);
-  return at::empty_like(gate, at::MemoryFormat::Contiguous);
+  return promoted_output(gate, up);
 }
 
 std::tuple<Tensor, Tensor> geglu_backward_meta(const Tensor& grad_out, const Tensor& gate, const Tensor& up,
@@ -193,8 +203,14 @@ class GeGLUFunction : public torch::autograd::Function<GeGLUFunction> {
   }
 };
 
-Tensor swiglu_autograd(const Tensor& gate, const Tensor& up) { return SwiGLUFunction::apply(gate, up); }
-Tensor geglu_autograd(const Tensor& gate, const Tensor& up, c10::string_view approximate) {
+// Mixed dtypes are promoted here, differentiably, so each gradient comes back
+// in its input's dtype.
+Tensor swiglu_autograd(const Tensor& gate_in, const Tensor& up_in) {
+  const auto [gate, up] = promoted_pair(gate_in, up_in);
+  return SwiGLUFunction::apply(gate, up);
+}
+Tensor geglu_autograd(const Tensor& gate_in, const Tensor& up_in, c10::string_view approximate) {
+  const auto [gate, up] = promoted_pair(gate_in, up_in);
   return GeGLUFunction::apply(gate, up, approximate);
 }
 

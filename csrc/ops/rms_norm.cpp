@@ -45,7 +45,8 @@ void check_fused_inputs(const Tensor& x, const Tensor& residual, const OptTensor
   check_inputs(kFusedOp, x, weight, eps);
   TORCH_CHECK(residual.sym_sizes() == x.sym_sizes(), kFusedOp, ": residual must have the shape of x ", x.sym_sizes(),
               ", got ", residual.sym_sizes());
-  check_same_dtype(residual, x, kFusedOp, "residual", "x");
+  // x and residual may differ in dtype: promoted as x + residual is.
+  check_float_dtype(residual, kFusedOp, "residual");
   check_same_device(residual, x, kFusedOp, "residual", "x");
 }
 
@@ -133,9 +134,10 @@ std::tuple<Tensor, Tensor> rms_norm_backward_impl(const Tensor& grad_out, const 
   return rms_norm_backward(kRmsNormBackwardOp, grad_out, input, weight, eps, output_mask, Tensor());
 }
 
-std::tuple<Tensor, Tensor> fused_add_rms_norm_impl(const Tensor& x, const Tensor& residual, const OptTensor& weight,
-                                                   double eps) {
-  check_fused_inputs(x, residual, weight, eps);
+std::tuple<Tensor, Tensor> fused_add_rms_norm_impl(const Tensor& x_in, const Tensor& residual_in,
+                                                   const OptTensor& weight, double eps) {
+  check_fused_inputs(x_in, residual_in, weight, eps);
+  const auto [x, residual] = promoted_pair(x_in, residual_in);
   return rms_norm_forward(kFusedOp, x, residual.contiguous(), weight, eps);
 }
 
@@ -172,7 +174,9 @@ std::tuple<Tensor, Tensor> rms_norm_backward_meta(const Tensor& grad_out, const 
 std::tuple<Tensor, Tensor> fused_add_rms_norm_meta(const Tensor& x, const Tensor& residual, const OptTensor& weight,
                                                    double eps) {
   check_fused_inputs(x, residual, weight, eps);
-  return {empty_contiguous_like(x), empty_contiguous_like(x)};
+  const auto options = x.options().dtype(c10::promoteTypes(x.scalar_type(), residual.scalar_type()));
+  return {at::empty_like(x, options, at::MemoryFormat::Contiguous),
+          at::empty_like(x, options, at::MemoryFormat::Contiguous)};
 }
 
 std::tuple<Tensor, Tensor> fused_add_rms_norm_backward_meta(const Tensor& grad_out,
@@ -258,8 +262,11 @@ Tensor rms_norm_autograd(const Tensor& input, const OptTensor& weight, double ep
   return RMSNormFunction::apply(input, weight, eps);
 }
 
-std::tuple<Tensor, Tensor> fused_add_rms_norm_autograd(const Tensor& x, const Tensor& residual,
+// Mixed dtypes are promoted here, differentiably, so each gradient comes back
+// in its input's dtype.
+std::tuple<Tensor, Tensor> fused_add_rms_norm_autograd(const Tensor& x_in, const Tensor& residual_in,
                                                        const OptTensor& weight, double eps) {
+  const auto [x, residual] = promoted_pair(x_in, residual_in);
   auto outs = FusedAddRMSNormFunction::apply(x, residual, weight, eps);
   return {outs[0], outs[1]};
 }

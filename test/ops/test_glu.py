@@ -211,8 +211,10 @@ def test_bad_inputs_raise_naming_the_argument():
     g = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="up must have the shape of gate"):
         my_mps_ops.swiglu(g, torch.randn(4, 9))
+    with pytest.raises(RuntimeError, match="up must be float32, float16 or bfloat16"):
+        my_mps_ops.swiglu(g, torch.ones(4, 8, dtype=torch.int64))  # mixed float dtypes promote (test_mixed_dtypes)
     with pytest.raises(RuntimeError, match="up must have the same dtype as gate"):
-        my_mps_ops.swiglu(g, torch.randn(4, 8, dtype=torch.float16))
+        ops.swiglu_backward(g, g, g.half())  # the backward takes what the forward saved
     with pytest.raises(RuntimeError, match="up must be on the same device as gate"):
         my_mps_ops.swiglu(g, torch.randn(4, 8, device="meta"))
     with pytest.raises(RuntimeError, match="gate must be float32, float16 or bfloat16"):

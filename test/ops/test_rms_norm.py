@@ -386,8 +386,8 @@ def test_fused_add_bad_inputs_and_zero_size():
     x = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="residual must have the shape of x"):
         my_mps_ops.fused_add_rms_norm(x, torch.randn(4, 9), None, 1e-6)
-    with pytest.raises(RuntimeError, match="residual must have the same dtype as x"):
-        my_mps_ops.fused_add_rms_norm(x, torch.randn(4, 8, dtype=torch.float16), None, 1e-6)
+    with pytest.raises(RuntimeError, match="residual must be float32, float16 or bfloat16"):
+        my_mps_ops.fused_add_rms_norm(x, torch.ones(4, 8, dtype=torch.int64), None, 1e-6)
     with pytest.raises(RuntimeError, match="weight must have shape"):
         my_mps_ops.fused_add_rms_norm(x, x, torch.randn(3), 1e-6)
     e = torch.randn(0, 8, requires_grad=True)
