@@ -278,35 +278,3 @@ def test_array_parameters_and_threadgroup_declaration_forms():
     lib.tg_forms_half(out, torch.tensor([10, 1]), threads=8, group_size=8)
     assert out.tolist() == [float(10 * (l % 4) + 1 + 1) for l in range(8)]
     assert lib.tg_forms_half.static_thread_group_memory_length >= 6 * 4
-
-
-BFLOAT_CONVERSIONS = r"""
-#include <metal_stdlib>
-using namespace metal;
-
-// bfloat converts implicitly to float only: `c ? bfloat : int` is a bfloat, `f += b` is float
-// arithmetic, int(b) is an explicit conversion.
-kernel void bf_conv(device const bfloat* x [[buffer(0)]], device bfloat* y [[buffer(1)]],
-                    device float* f [[buffer(2)]], device int* i [[buffer(3)]],
-                    uint k [[thread_position_in_grid]]) {
-  y[k] = (k % 2 == 0) ? x[k] : 1;
-  float acc = 0.5f;
-  acc += x[k];
-  f[k] = acc;
-  i[k] = int(x[k]);
-}
-"""
-
-
-def test_bfloat_conversions():
-    # strict=False: the strict front end's bfloat is a class there too and reports `c ? b : 1` as
-    # ambiguous, while Apple's compiler takes it (PyTorch's histogramdd<bfloat> is written so).
-    lib = _compile(BFLOAT_CONVERSIONS, strict=False)
-    x = torch.tensor([2.5, -3.75, 7.0, 100.5]).bfloat16()
-    y = torch.empty(4, dtype=torch.bfloat16)
-    f = torch.empty(4)
-    i = torch.empty(4, dtype=torch.int32)
-    lib.bf_conv(x, y, f, i)
-    assert y.float().tolist() == [2.5, 1.0, 7.0, 1.0]
-    assert f.tolist() == [0.5 + v for v in x.float().tolist()]
-    assert i.tolist() == [int(v) for v in x.float().tolist()]

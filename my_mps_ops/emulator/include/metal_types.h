@@ -44,15 +44,7 @@ struct bfloat {
   // Implicit from float so that `T x = 0;` / `out[i] = acc;` in templated kernels compile as they
   // do in Metal. Mixed expressions are resolved by the templated operators below, not by this.
   constexpr bfloat(float f) : bits(round_from_float(f)) {}
-  // Implicitly only to float (and bool, for conditions), as MSL allows: a conversion function
-  // template deduces the target type, so bfloat -> int is no implicit conversion (`c ? b : 1` is a
-  // bfloat, not ambiguous); int(b), half(b) are explicit conversions.
-  template <class T, std::enable_if_t<std::is_same<T, float>::value || std::is_same<T, bool>::value, int> = 0>
-  constexpr operator T() const { return T(to_float()); }
-  template <class T, std::enable_if_t<(std::is_arithmetic<T>::value || std::is_same<T, _Float16>::value) &&
-                                          !std::is_same<T, float>::value && !std::is_same<T, bool>::value, int> = 0>
-  explicit constexpr operator T() const { return T(to_float()); }
-  constexpr float to_float() const { return __builtin_bit_cast(float, uint32_t(bits) << 16); }
+  constexpr operator float() const { return __builtin_bit_cast(float, uint32_t(bits) << 16); }
 
   static constexpr bfloat from_bits(uint16_t b) {
     bfloat r{};
@@ -408,18 +400,6 @@ MTL_BFLOAT_COMPARE(>)
 MTL_BFLOAT_COMPARE(<=)
 MTL_BFLOAT_COMPARE(>=)
 #undef MTL_BFLOAT_COMPARE
-// `f += b` with f a float: bfloat converts to float only through a conversion function template,
-// which g++ does not use for the built-in compound assignments.
-#define MTL_BFLOAT_COMPOUND(OP)                                                                     \
-  template <class A, std::enable_if_t<std::is_same<A, float>::value, int> = 0>                     \
-  constexpr A& operator OP##=(A& a, const bfloat& b) {                                             \
-    return a = a OP b.to_float();                                                                  \
-  }
-MTL_BFLOAT_COMPOUND(+)
-MTL_BFLOAT_COMPOUND(-)
-MTL_BFLOAT_COMPOUND(*)
-MTL_BFLOAT_COMPOUND(/)
-#undef MTL_BFLOAT_COMPOUND
 
 // ---------------------------------------------------------------------------------------------
 // Type traits (<metal_type_traits>): the std ones, with half and bfloat counted as floating point
