@@ -750,6 +750,8 @@ class _Rewriter:
                 if depth == 0:
                     return False
                 depth -= 1
+            elif tx == "<" and depth == 0 and k > 0 and self.toks[k - 1].kind == "id" and k > question:
+                return False  # opened in the operand itself (`c ? a : static_cast<float>(b)`)
             elif tx == "<" and depth == 0 and k > 0 and self.toks[k - 1].kind == "id" and k < question:
                 return True
             elif tx in (";",) and depth == 0:
