@@ -278,3 +278,25 @@ def test_array_parameters_and_threadgroup_declaration_forms():
     lib.tg_forms_half(out, torch.tensor([10, 1]), threads=8, group_size=8)
     assert out.tolist() == [float(10 * (l % 4) + 1 + 1) for l in range(8)]
     assert lib.tg_forms_half.static_thread_group_memory_length >= 6 * 4
+
+
+MASK_TO_BFLOAT = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+struct always { char x; constexpr operator bool() const { return true; } };
+
+kernel void mask_scale(device const always* m [[buffer(0)]], device bfloat* out [[buffer(1)]],
+                       uint i [[thread_position_in_grid]]) {
+  bfloat s;
+  s = m[i];  // class -> bool -> bfloat: one user-defined conversion in MSL
+  out[i] = s * bfloat(float(i));
+}
+"""
+
+
+def test_bfloat_assigned_from_a_class_converting_to_bool():
+    lib = _compile(MASK_TO_BFLOAT)
+    out = torch.empty(5, dtype=torch.bfloat16)
+    lib.mask_scale(torch.zeros(5, dtype=torch.uint8), out)
+    assert out.float().tolist() == [float(i) for i in range(5)]

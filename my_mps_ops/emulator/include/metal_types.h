@@ -64,6 +64,11 @@ struct bfloat {
   bfloat& operator--() { return *this = bfloat(float(*this) - 1.0f); }
   bfloat operator++(int) { bfloat old = *this; ++*this; return old; }
   bfloat operator--(int) { bfloat old = *this; --*this; return old; }
+  // From a class that converts to an arithmetic type (a mask type with `operator bool()`): in MSL
+  // bfloat is a built-in type and that is one user-defined conversion; here it would be two.
+  template <class U, std::enable_if_t<std::is_class<U>::value && !std::is_same<U, bfloat>::value &&
+                                          std::is_convertible<const U&, float>::value, int> = 0>
+  bfloat& operator=(const U& o) { return *this = bfloat(float(o)); }
   template <class U> bfloat& operator+=(const U& o) { return *this = bfloat(*this + o); }
   template <class U> bfloat& operator-=(const U& o) { return *this = bfloat(*this - o); }
   template <class U> bfloat& operator*=(const U& o) { return *this = bfloat(*this * o); }
