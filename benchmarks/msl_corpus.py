@@ -202,10 +202,39 @@ def run_mlx(root: str) -> tuple:
     return passed, total
 
 
+# A driver of our own for the elementwise kernel templates of PyTorch's c10/metal/indexing.h
+# (unary_dense, binary_dense, binary_dense_ilp, binary_strided), instantiated through its
+# REGISTER_*_OP macros, which name the kernels `kernel void ::c10::metal::f<...>(...)`.
+TORCH_ELEMENTWISE_DRIVER = r"""
+#include <c10/metal/indexing.h>
+#include <c10/metal/utils.h>
+#include <metal_stdlib>
+using namespace metal;
+
+struct sum_functor {
+  template <typename T>
+  inline T operator()(const T a, const T b) { return static_cast<T>(a + b); }
+};
+struct prod_functor {
+  template <typename T>
+  inline T operator()(const T a, const T b) { return c10::metal::mul(a, b); }
+};
+struct expo_functor {
+  template <typename T>
+  inline T operator()(const T x) { return static_cast<T>(precise::exp(float(x))); }
+};
+REGISTER_BINARY_OP(sum, float, float);
+REGISTER_BINARY_OP(sum, long, long);
+REGISTER_OPMATH_BINARY_OP(prod, half, half);
+REGISTER_UNARY_OP(expo, float, float);
+REGISTER_UNARY_OP(expo, bfloat, bfloat);
+"""
+
+
 def run_torch(dirs) -> tuple:
-    """PyTorch's kernels that need no host-side iterator set-up: an elementwise binary kernel
-    (binary_dense, in the BinaryKernel.metal found in the given directories), roll, cross and
-    arange, against torch, on odd sizes."""
+    """PyTorch's elementwise kernel templates (through a driver of ours over the installed
+    torch's c10/metal headers), and kernels of the sample that need no host-side set-up (roll,
+    cross, arange), against torch on odd sizes."""
     import torch
     from my_mps_ops.emulator import compile_shader
 
@@ -224,29 +253,48 @@ def run_torch(dirs) -> tuple:
                         print(f"  skip {path}: {str(e).splitlines()[-1][:120]}")
         return None
 
-    for d in dirs:
-        path = os.path.join(d, "BinaryKernel.metal")
-        if not os.path.exists(path):
-            continue
-        try:
-            with open(path) as f:
-                lib = compile_shader(f.read(), include_dirs=[d, *include], strict=False)
-            names = dir(lib)
-        except Exception:
-            continue
-        for kname, fn in [("fmax_dense_float", torch.fmax), ("copysign_dense_float", torch.copysign),
-                          ("fmin_dense_half", torch.fmin)]:
-            if kname not in names:
-                continue
-            dtype = torch.float16 if kname.endswith("half") else torch.float32
-            for n in ODD_SIZES:
-                a = torch.randn(n, generator=g).to(dtype)
-                b = torch.randn(n, generator=g).to(dtype)
-                a[::5] = float("nan")
-                out = torch.empty_like(a)
-                getattr(lib, kname)(a, b, out, threads=n)
-                total += 1
-                passed += _check(f"PyTorch {os.path.basename(d)}/{kname} n={n}", out, fn(a, b))
+    ew = compile_shader(TORCH_ELEMENTWISE_DRIVER, include_dirs=include, strict=False)
+    for n in ODD_SIZES:
+        a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+        out = torch.empty(n)
+        ew.sum_dense_float_float(out, a, b, threads=n)
+        total += 1
+        passed += _check(f"PyTorch binary_dense sum float n={n}", out, a + b)
+        out = torch.empty(n)
+        ew.sum_dense_ilp4_float_float(out, a, b, n, threads=(n + 3) // 4, arg_casts={3: "int32"})
+        total += 1
+        passed += _check(f"PyTorch binary_dense_ilp sum float n={n}", out, a + b)
+        ai, bi = torch.randint(-2**40, 2**40, (n,), generator=g), torch.randint(-2**40, 2**40, (n,), generator=g)
+        outi = torch.empty(n, dtype=torch.long)
+        ew.sum_dense_long_long(outi, ai, bi, threads=n)
+        total += 1
+        passed += _check(f"PyTorch binary_dense sum long n={n}", outi, ai + bi, atol=0, rtol=0)
+        ah, bh = a.half(), b.half()
+        outh = torch.empty(n, dtype=torch.half)
+        ew.prod_dense_half_half(outh, ah, bh, threads=n)
+        total += 1
+        passed += _check(f"PyTorch binary_dense prod half (opmath) n={n}", outh, (ah.float() * bh.float()).half(),
+                         atol=0, rtol=0)
+        out = torch.empty(n)
+        ew.expo_dense_float_float(out, a, n, threads=(n + 3) // 4, arg_casts={2: "int32"})
+        total += 1
+        passed += _check(f"PyTorch unary_dense expo float n={n}", out, torch.exp(a.double()).float())
+        ab = a.bfloat16()
+        outb = torch.empty(n, dtype=torch.bfloat16)
+        ew.expo_dense_bfloat_bfloat(outb, ab, n, threads=(n + 3) // 4, arg_casts={2: "int32"})
+        total += 1
+        passed += _check(f"PyTorch unary_dense expo bfloat n={n}", outb, torch.exp(ab.double()).bfloat16())
+    # binary_strided: a transposed, b broadcast along rows; sizes and byte strides innermost first.
+    rows, cols = 19, 13
+    a = torch.randn(cols, rows, generator=g).t()
+    b = torch.randn(1, cols, generator=g).expand(rows, cols)
+    out = torch.empty(rows, cols)
+    es = 4
+    ew.sum_strided_float_float(out, a, b, [cols, rows], [es * out.stride(1), es * out.stride(0)],
+                               [es * a.stride(1), es * a.stride(0)], [es * b.stride(1), es * b.stride(0)],
+                               [2, 0, 0, 0], threads=rows * cols, arg_casts={7: "int32"})
+    total += 1
+    passed += _check(f"PyTorch binary_strided sum float {rows}x{cols}", out, a + b)
 
     roll = load("Roll.metal")
     if roll is not None:
