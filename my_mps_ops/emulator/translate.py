@@ -592,7 +592,7 @@ def _class_scope_fixes(s: str) -> str:
         return brace >= 0 and _CLASS_HEAD_RE.search(s[max(0, brace - 300):brace]) is not None
 
     edits: List[Tuple[int, int]] = [(m.start(), m.end()) for m in _MEMBER_SPECIALIZATION_RE.finditer(s)
-                                    if in_class(m.start())]
+                                    if in_class(m.start()) and not re.match(r"\s*(?:struct|class|union)\b", s[m.end():])]
     seen = set()
     for m in _SPACE_SPECIALIZATION_RE.finditer(s):
         key = (scope[m.start()], m.group("name"), " ".join(_erase_address_spaces(m.group("args")).split()))
