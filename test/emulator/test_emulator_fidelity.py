@@ -300,3 +300,31 @@ def test_bfloat_assigned_from_a_class_converting_to_bool():
     out = torch.empty(5, dtype=torch.bfloat16)
     lib.mask_scale(torch.zeros(5, dtype=torch.uint8), out)
     assert out.float().tolist() == [float(i) for i in range(5)]
+
+
+MISC_FORMS = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+kernel void misc(volatile coherent(device) device float* out [[buffer(0)]],
+                 device float* prod [[buffer(1)]],
+                 uint i [[thread_position_in_grid]], ushort lane [[thread_index_in_simdgroup]]) {
+  uint4 v = {i, i + 1, i + 2};                         // the fourth component is zero
+  metal::remove_addrspace_t<decltype(v.x)> w = v.w;
+  float bits = __metal_simd_xor(as_type<float>(uint(1) << lane));  // XOR of the bit patterns
+  out[i] = float(v.x + v.y + v.z + w) + float(as_type<uint>(bits) == 0xffffffffu);
+  simdgroup_matrix<float, 8, 8> a = make_filled_simdgroup_matrix<float, 8, 8>(2.0f);
+  simdgroup_matrix<float, 8, 8> b = make_filled_simdgroup_matrix<float, 8, 8>(0.5f);
+  simdgroup_matrix<float, 8, 8> c = a * b;            // 8 * (2 * 0.5) everywhere
+  simdgroup_store(c, prod, 8);
+}
+"""
+
+
+def test_coherent_partial_brace_list_float_simd_xor_and_matrix_product():
+    # strict=False: the strict library declares no __metal_* builtins (Apple's headers do).
+    lib = _compile(MISC_FORMS, strict=False)
+    out, prod = torch.empty(32), torch.empty(64)
+    lib.misc(out, prod, threads=32, group_size=32)
+    assert out.tolist() == [float(3 * i + 3 + 1) for i in range(32)]
+    assert prod.tolist() == [8.0] * 64
