@@ -310,7 +310,7 @@ kernel void misc(volatile coherent(device) device float* out [[buffer(0)]],
                  device float* prod [[buffer(1)]],
                  uint i [[thread_position_in_grid]], ushort lane [[thread_index_in_simdgroup]]) {
   uint4 v = {i, i + 1, i + 2};                         // the fourth component is zero
-  metal::remove_addrspace_t<decltype(v.x)> w = v.w;
+  metal::remove_addrspace_t<const uint> w = v.w;
   float bits = __metal_simd_xor(as_type<float>(uint(1) << lane));  // XOR of the bit patterns
   out[i] = float(v.x + v.y + v.z + w) + float(as_type<uint>(bits) == 0xffffffffu);
   simdgroup_matrix<float, 8, 8> a = make_filled_simdgroup_matrix<float, 8, 8>(2.0f);
@@ -322,8 +322,7 @@ kernel void misc(volatile coherent(device) device float* out [[buffer(0)]],
 
 
 def test_coherent_partial_brace_list_float_simd_xor_and_matrix_product():
-    # strict=False: the strict library declares no __metal_* builtins (Apple's headers do).
-    lib = _compile(MISC_FORMS, strict=False)
+    lib = _compile(MISC_FORMS)
     out, prod = torch.empty(32), torch.empty(64)
     lib.misc(out, prod, threads=32, group_size=32)
     assert out.tolist() == [float(3 * i + 3 + 1) for i in range(32)]
