@@ -4,12 +4,17 @@ A light, text-level translation of preprocessed MSL (the C preprocessor runs
 first, so macro-generated instantiations are visible and line markers point
 at the .metal source):
 
-- kernels (``kernel void`` / ``[[kernel]] void``, plain or templates with
+- kernels (``kernel void`` / ``[[kernel, ...]] void``, plain or templates with
   ``template [[host_name("x")]] kernel void f<T>(...);`` or
-  ``template [[host_name("x")]] [[kernel]] decltype(f<T>) f<T>;`` instantiations) are
+  ``template [[host_name("x")]] [[kernel]] decltype(f<T>) f<T>;`` instantiations,
+  names qualified or not: ``kernel void ::ns::f<T>(...);``) are
   found, and each parameter's attribute is recorded: ``[[buffer(n)]]`` (or an
   automatic index in declaration order), ``[[threadgroup(n)]]``, builtins;
-- address-space keywords are erased (``constant`` becomes ``const``);
+- address-space keywords are erased (``constant`` becomes ``const``); of
+  functions or class specializations that differ only by address space, one
+  is kept (they would collide);
+- ``[[function_constant(i)]]`` declarations become compile-time constants
+  with the values given to translate();
 - ``threadgroup T x[N];`` declarations in kernels become per-threadgroup
   storage with a layout known before any run;
 - literal suffixes (``1.0h``, ``1.0bf``) and unsuffixed floating literals
