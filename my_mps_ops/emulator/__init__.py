@@ -105,12 +105,15 @@ class ShaderKernel:
 class ShaderLibrary:
     """Kernels compiled from one MSL source, as attributes."""
 
-    def __init__(self, source: str, name: Optional[str] = None, include_dirs: Sequence[str] = ()):
-        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    def __init__(self, source: str, name: Optional[str] = None, include_dirs: Sequence[str] = (),
+                 function_constants: Optional[dict] = None):
+        digest = hashlib.sha256((source + repr(sorted((str(k), v) for k, v in (function_constants or {}).items())))
+                                .encode()).hexdigest()[:16]
         self._key = f"__compile_shader_{name or digest}"
         self._build_args = (source, name or f"shader_{digest}", tuple(include_dirs))
+        self._function_constants = dict(function_constants or {})
         self._race_key = None
-        self.path, self.translation = build(*self._build_args)
+        self.path, self.translation = build(*self._build_args, function_constants=self._function_constants)
         _emulator.register_library(self._key, self.path)
         self._kernels = {k["name"]: ShaderKernel(self, k) for k in _emulator.kernels(self._key)}
 
@@ -119,7 +122,7 @@ class ShaderLibrary:
         if not race_check_enabled():
             return self._key
         if self._race_key is None:
-            path, _ = build(*self._build_args, race_check=True)
+            path, _ = build(*self._build_args, race_check=True, function_constants=self._function_constants)
             _emulator.register_library(self._key + "+race_check", path)
             self._race_key = self._key + "+race_check"
         return self._race_key
@@ -155,8 +158,14 @@ def strict_default() -> bool:
     return os.environ.get(STRICT_ENV, "0") not in ("", "0")
 
 
-def compile_shader(source: str, include_dirs: Sequence[str] = (), strict: Optional[bool] = None) -> ShaderLibrary:
+def compile_shader(source: str, include_dirs: Sequence[str] = (), strict: Optional[bool] = None,
+                   function_constants: Optional[dict] = None) -> ShaderLibrary:
     """Compiles MSL source for the emulator (cached on disk); mirrors torch.mps.compile_shader.
+
+    function_constants gives the source's `[[function_constant(i)]]` values, by
+    name or index ({"use_bias": True, 3: 64}): the kernels are specialised with
+    them, as a Metal pipeline is; one not given reads as T() and
+    is_function_constant_defined() of it is false.
 
     strict=True first checks the source the way Apple's Metal compiler would
     (my_mps_ops.emulator.strict: needs clang) and raises MSLStrictError, naming
@@ -170,4 +179,4 @@ def compile_shader(source: str, include_dirs: Sequence[str] = (), strict: Option
 
         digest = hashlib.sha256(source.encode()).hexdigest()[:16]
         check_msl(source, f"shader_{digest}.metal", include_dirs)
-    return ShaderLibrary(source, include_dirs=include_dirs)
+    return ShaderLibrary(source, include_dirs=include_dirs, function_constants=function_constants)

@@ -126,12 +126,14 @@ def _runtime_objects(cxx: str, race_check: bool) -> List[str]:
     return [_object(cxx, source, _race_runtime_flags()) for source in ("metal_runtime.cpp", "metal_race_check.cpp")]
 
 
-def build(source: str, name: str = "shader", include_dirs=(), race_check: bool = False) -> tuple:
+def build(source: str, name: str = "shader", include_dirs=(), race_check: bool = False,
+          function_constants: Optional[dict] = None) -> tuple:
     """Translates and compiles MSL source; returns (library path, Translation).
-    race_check: the library checks every run for data races (slower)."""
+    race_check: the library checks every run for data races (slower).
+    function_constants: values of the source's [[function_constant]]s, by name or index."""
     cxx = compiler()
     try:
-        translation = translate(source, name, include_dirs, compiler=cxx)
+        translation = translate(source, name, include_dirs, compiler=cxx, function_constants=function_constants)
     except TranslationError as e:
         raise CompileError(f"Metal emulator: cannot translate {name}.metal: {e}") from None
     flags = _race_kernel_flags(cxx) if race_check else _flags()

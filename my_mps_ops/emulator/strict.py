@@ -490,7 +490,7 @@ class _Rewriter:
                 # (`class T` in a template parameter list is not a class head)
                 if tx == "namespace":
                     return "ns", None
-                if tx == "enum":
+                if tx == "enum" or (j > 0 and toks[j - 1].text == "enum"):  # `enum class E {` is no class
                     return "init", None
                 k = j + 1
                 while k < i and (self._is_attr_tok(k) or toks[k].text in ("alignas", "__attribute__")):
@@ -750,6 +750,8 @@ class _Rewriter:
                 if depth == 0:
                     return False
                 depth -= 1
+            elif tx == "<" and depth == 0 and k > 0 and self.toks[k - 1].kind == "id" and k > question:
+                return False  # opened in the operand itself (`c ? a : static_cast<float>(b)`)
             elif tx == "<" and depth == 0 and k > 0 and self.toks[k - 1].kind == "id" and k < question:
                 return True
             elif tx in (";",) and depth == 0:

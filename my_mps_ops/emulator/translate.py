@@ -4,12 +4,17 @@ A light, text-level translation of preprocessed MSL (the C preprocessor runs
 first, so macro-generated instantiations are visible and line markers point
 at the .metal source):
 
-- kernels (``kernel void`` / ``[[kernel]] void``, plain or templates with
+- kernels (``kernel void`` / ``[[kernel, ...]] void``, plain or templates with
   ``template [[host_name("x")]] kernel void f<T>(...);`` or
-  ``template [[host_name("x")]] [[kernel]] decltype(f<T>) f<T>;`` instantiations) are
+  ``template [[host_name("x")]] [[kernel]] decltype(f<T>) f<T>;`` instantiations,
+  names qualified or not: ``kernel void ::ns::f<T>(...);``) are
   found, and each parameter's attribute is recorded: ``[[buffer(n)]]`` (or an
   automatic index in declaration order), ``[[threadgroup(n)]]``, builtins;
-- address-space keywords are erased (``constant`` becomes ``const``);
+- address-space keywords are erased (``constant`` becomes ``const``); of
+  functions or class specializations that differ only by address space, one
+  is kept (they would collide);
+- ``[[function_constant(i)]]`` declarations become compile-time constants
+  with the values given to translate();
 - ``threadgroup T x[N];`` declarations in kernels become per-threadgroup
   storage with a layout known before any run;
 - literal suffixes (``1.0h``, ``1.0bf``) and unsuffixed floating literals
@@ -46,6 +51,10 @@ BUILTINS = {
     "simdgroup_index_in_threadgroup": 8,
     "threads_per_simdgroup": 9,
     "simdgroups_per_threadgroup": 10,
+    "quadgroup_index_in_threadgroup": 11,
+    "thread_index_in_quadgroup": 12,
+    "threads_per_quadgroup": 13,
+    "quadgroups_per_threadgroup": 14,
     # Aliases Metal also accepts.
     "dispatch_threads_per_threadgroup": 4,
     "thread_execution_width": 9,
@@ -56,7 +65,7 @@ PARAM_BUFFER, PARAM_THREADGROUP, PARAM_BUILTIN = 0, 1, 2
 MAX_BINDINGS = 31  # MTL_EMU_MAX_BINDINGS
 
 # Identifiers that make a kernel synchronise (run its threads as fibers).
-SYNC_RE = re.compile(r"\b(threadgroup_barrier|simdgroup_barrier|simd_\w+|quad_\w+|thread_elements)\b")
+SYNC_RE = re.compile(r"\b(threadgroup_barrier|simdgroup_barrier|simd_\w+|quad_\w+|__metal_simd_\w+|thread_elements)\b")
 
 # The runtime's synchronisation functions (metal_runtime.h): each call in the
 # source gets its own id as a template argument, so that two calls on one line
@@ -73,7 +82,7 @@ METAL_HEADERS = [
     "metal_stdlib", "metal_math", "metal_simdgroup", "metal_simdgroup_matrix", "metal_atomic", "metal_compute",
     "metal_integer", "metal_common", "metal_geometric", "metal_relational", "metal_types", "metal_numeric",
     "metal_pack", "metal_array", "metal_limits", "metal_type_traits", "metal_utility", "metal_matrix",
-    "metal_texture", "metal_graphics", "metal_quadgroup", "metal_bfloat",
+    "metal_texture", "metal_graphics", "metal_quadgroup", "metal_bfloat", "metal_logging",
 ]
 
 
@@ -98,6 +107,7 @@ class Kernel:
     uses_sync: bool
     max_threads: int = 1024
     threadgroup_names: List[str] = field(default_factory=list)  # `threadgroup T name[N];`, by site
+    layout: str = ""  # the threadgroup layout function (qualified like `function`)
 
 
 @dataclass
@@ -208,17 +218,17 @@ _ATTR_RE = re.compile(r"\[\[\s*(.*?)\s*\]\]", re.S)
 _KERNEL_DEF_RE = re.compile(
     r"(?P<template>template\s*<(?P<tparams>[^{};]*?)>\s*)?"
     r"(?P<attrs>(?:\[\[[^\]]*\]\]\s*)*)"
-    r"(?P<kw>\[\[\s*kernel\s*\]\]|\bkernel\b)\s*"
+    r"(?P<kw>\[\[\s*kernel\s*(?:,[^\]]*)?\]\]|\bkernel\b)\s*"
     r"(?P<attrs2>(?:\[\[[^\]]*\]\]\s*)*)"
     r"void\s+(?P<name>\w+)\s*\(")
 _INSTANTIATION_RE = re.compile(
     r"\btemplate\s*(?P<attrs>(?:\[\[[^\]]*\]\]\s*)*)(?:\bkernel\b\s*)?(?P<attrs2>(?:\[\[[^\]]*\]\]\s*)*)"
-    r"void\s+(?P<name>\w+)\s*(?P<targs><[^;{]*?>)\s*\((?P<params>[^;{]*)\)\s*;")
+    r"void\s+(?P<name>(?:::\s*)?(?:\w+\s*::\s*)*\w+)\s*(?P<targs><[^;{]*?>)\s*\((?P<params>[^;{]*)\)\s*;")
 # The form whose signature comes from the template itself (as MLX's
 # instantiate_kernel): template [[host_name("n")]] [[kernel]] decltype(f<T>) f<T>;
 _DECLTYPE_INSTANTIATION_RE = re.compile(
     r"\btemplate\s*(?P<attrs>(?:\[\[[^\]]*\]\]\s*)*)(?:\bkernel\b\s*)?(?P<attrs2>(?:\[\[[^\]]*\]\]\s*)*)"
-    r"decltype\s*\(\s*(?P<name>\w+)\s*(?P<targs><[^;{()]*?>)\s*\)\s*(?P=name)\s*<[^;{()]*?>\s*;")
+    r"decltype\s*\(\s*(?P<name>(?:::\s*)?(?:\w+\s*::\s*)*\w+)\s*(?P<targs><[^;{()]*?>)\s*\)\s*(?P=name)\s*<[^;{()]*?>\s*;")
 _HOST_NAME_RE = re.compile(r'host_name\s*\(\s*((?:"[^"]*"\s*)+)\)')
 
 
@@ -236,7 +246,7 @@ def _parse_params(text: str, kernel: str) -> List[Param]:
     for raw in _split_top_level(text):
         attrs = _ATTR_RE.findall(raw)
         decl = _ATTR_RE.sub(" ", raw).strip()
-        m = re.match(r"(?P<type>.*?)(?P<name>\w+)\s*$", decl, re.S)
+        m = re.match(r"(?P<type>.*?)(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]*\]\s*)*)$", decl, re.S)
         if not m:
             raise TranslationError(f"kernel {kernel}: cannot parse parameter {raw!r}")
         ptype, pname = " ".join(m.group("type").split()), m.group("name")
@@ -255,7 +265,7 @@ def _parse_params(text: str, kernel: str) -> List[Param]:
         if kind is None:
             if re.search(r"\bthreadgroup\b", ptype):
                 kind, index = PARAM_THREADGROUP, next_threadgroup
-            elif "*" in ptype or "&" in ptype:
+            elif "*" in ptype or "&" in ptype or m.group("dims"):  # `constant T s[2]` is a buffer too
                 kind, index = PARAM_BUFFER, next_buffer
             else:
                 raise TranslationError(
@@ -309,12 +319,18 @@ def _sync_functions(bodies: Dict[str, List[str]]) -> set:
 # ----------------------------------------------------------- rewrite passes
 
 _TG_DECL_RE = re.compile(
-    r"\bthreadgroup\s+(?P<type>[A-Za-z_](?:[\w:\s<>,]*?[\w>])?)\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\];]*\]\s*)*);")
+    r"\bthreadgroup\s+(?P<type>[A-Za-z_](?:[\w:\s<>,]*?[\w>])?)\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\];]*\]\s*)*)"
+    # Apple's compiler accepts an initializer (`= {0}`); it is not applied: Metal gives threadgroup
+    # memory no initial value, and the poison fill keeps flagging reads before writes.
+    r"(?:=\s*\{[^;{}]*\}\s*)?;")
 
 
 _LOCAL_CONSTANT_RE = re.compile(
     r"(?:\bstatic\s+)?(?:\bconstexpr\b[^;{}()=]*?|\bconst\s+(?:unsigned\s+)?(?:int|uint|short|ushort|long|ulong|"
     r"size_t|int32_t|uint32_t|int64_t|uint64_t))\s+(?P<name>\w+)\s*=\s*(?P<init>[^;{}]+);")
+# Local type aliases (`using ValT = typename K::ValT;`) that threadgroup arrays are typed by.
+_LOCAL_ALIAS_RE = re.compile(r"\busing\s+(?P<name>\w+)\s*=\s*(?P<init>[^;{}]+);"
+                             r"|\btypedef\s+(?P<init2>[^;{}]+?)\s+(?P<name2>\w+)\s*;")
 _IDENT_RE = re.compile(r"\b[A-Za-z_]\w*\b")
 
 
@@ -323,8 +339,10 @@ def _local_constants_for(body: str, type_ids: List[str]) -> List[str]:
     threadgroup declarations' sizes use, directly or through each other, in
     source order: the layout function outside the kernel repeats them."""
     decls: Dict[str, Tuple[int, str, str]] = {}
-    for m in _LOCAL_CONSTANT_RE.finditer(body):
-        decls.setdefault(m.group("name"), (m.start(), m.group(0), m.group("init")))
+    for pattern in (_LOCAL_CONSTANT_RE, _LOCAL_ALIAS_RE):
+        for m in pattern.finditer(body):
+            g = m.groupdict()
+            decls.setdefault(g["name"] or g["name2"], (m.start(), m.group(0), g["init"] or g["init2"]))
     needed, todo = set(), [i for t in type_ids for i in _IDENT_RE.findall(t)]
     while todo:
         name = todo.pop()
@@ -574,20 +592,194 @@ def _poll_loops(s: str) -> str:
     return "".join(out)
 
 
+_SPACE_WORD_RE = re.compile(r"\b(?:thread|device|threadgroup|constant)\b")
+_FUNCTION_NAME_RE = re.compile(r"(?:\boperator\s+[A-Za-z_][\w:<>,\s*&]*?(?=\s*\()|\boperator\s*(?:\(\s*\)|\[\s*\]|[^\s\w(]+)|\b[A-Za-z_]\w*)\s*\(")
+_AFTER_PARAMS_RE = re.compile(
+    r"\s*(?P<quals>(?:(?:const|thread|device|threadgroup|constant|noexcept)\b\s*)*)"
+    r"(?:->[^{;]*?)?(?P<open>\{|:(?!:))")
+_CLASS_HEAD_RE = re.compile(r"\b(?:struct|class|union)\s+(\w+)[^{;()]*$")
+
+
+def _enclosing_braces(s: str) -> List[int]:
+    """For each offset, the offset of the innermost `{` around it (-1 at file scope)."""
+    out, stack = [0] * len(s), [-1]
+    for i, c in enumerate(s):
+        if c == "}" and len(stack) > 1:
+            stack.pop()
+        out[i] = stack[-1]
+        if c == "{":
+            stack.append(i)
+    return out
+
+
+def _drop_address_space_overloads(s: str) -> str:
+    """Functions overloaded only on address spaces (`f(thread T&)` / `f(device T&)`,
+    member functions `f() thread` / `f() device`) collide once address spaces are
+    erased: of each such set the one spelled `thread` or without an address space
+    stays (else the first), the others are blanked. A member function's `constant`
+    qualifier becomes `const` (an object in constant memory is const), except on a
+    constructor."""
+    scope = None
+    groups: Dict[Tuple[int, str], List[Tuple[int, int, int, int, int]]] = {}
+    qual_edits: List[Tuple[int, int, str]] = []
+    skip_until = 0
+    for m in _FUNCTION_NAME_RE.finditer(s):
+        if m.start() < skip_until:  # inside a found function (its initialiser list, its body)
+            continue
+        if m.group(0).split("(")[0].strip() in ("if", "for", "while", "switch", "return", "sizeof", "decltype",
+                                                "alignof", "static_assert", "catch"):
+            continue
+        open_ = m.end() - 1
+        try:
+            close = _match_forward(s, open_, "(", ")")
+        except TranslationError:
+            continue
+        a = _AFTER_PARAMS_RE.match(s, close + 1)
+        if not a:
+            continue
+        start = max(s.rfind(";", 0, m.start()), s.rfind("{", 0, m.start()), s.rfind("}", 0, m.start())) + 1
+        head = re.sub(r"^\s*(?:(?:public|private|protected)\s*:)?", "", s[start:close + 1])
+        quals = a.group("quals")
+        if not (_SPACE_WORD_RE.search(head) or _SPACE_WORD_RE.search(quals)):
+            continue
+        if scope is None:
+            scope = _enclosing_braces(s)
+        # The end: the body's closing brace, past a member initialiser list.
+        j, depth = a.end() - 1, 0
+        while j < len(s):
+            c = s[j]
+            if c == "(":
+                depth += 1
+            elif c == ")":
+                depth -= 1
+            elif depth == 0 and c == "{":
+                j = _match_forward(s, j, "{", "}")
+                break
+            j += 1
+        skip_until = j + 1
+        name = m.group(0)[:-1].strip()
+        cls = _CLASS_HEAD_RE.search(s[max(0, scope[start] - 300):scope[start]]) if scope[start] >= 0 else None
+        ctor = cls is not None and cls.group(1) == name
+        q_space = re.search(r"\b(?:thread|device|threadgroup|constant)\b", quals)
+        if q_space:
+            qs, qe = a.start("quals") + q_space.start(), a.start("quals") + q_space.end()
+            qual_edits.append((qs, qe, "const" if q_space.group(0) == "constant" and not ctor else ""))
+        erased_quals = re.sub(r"\bconstant\b", "" if ctor else "const", quals)
+        key = (scope[start], " ".join(_erase_address_spaces(head + " " + erased_quals).split()))
+        plain = not re.search(r"\b(?:device|threadgroup|constant)\b", head + quals)
+        groups.setdefault(key, []).append((0 if plain else 1, start, j + 1, close, a.end()))
+    spans = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        keep = min(range(len(members)), key=lambda k: members[k][0])
+        spans += [(st, en) for k, (_, st, en, _, _) in enumerate(members) if k != keep]
+    edits = [(st, en, None) for st, en in spans] + qual_edits
+    for st, en, text in sorted(edits, key=lambda e: -e[0]):
+        if text is None:
+            s = s[:st] + _blank(s[st:en]) + s[en:]
+        elif not any(a <= st < b for a, b in spans):
+            s = s[:st] + text.ljust(en - st) + s[en:]
+    return s
+
+
+_FUNCTION_CONSTANT_RE = re.compile(
+    r"(?P<decl>(?:\b(?:static|constant|constexpr|const)\s+)+)(?P<type>[A-Za-z_][\w:]*)\s+(?P<name>\w+)\s*"
+    r"\[\[\s*function_constant\s*\(\s*(?P<index>\w+)\s*\)\s*\]\]\s*;")
+
+
+def _literal(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    raise TranslationError(f"function constant value {value!r}: expected a bool, int or float")
+
+
+def _bind_function_constants(s: str, values: Dict) -> str:
+    """`constant T x [[function_constant(i)]];` becomes a compile-time constant with the value
+    given by name or index (a pipeline is specialised at compile time, as Metal does), or T()
+    when none is given; is_function_constant_defined(x) becomes true or false."""
+    defined, seen = set(), set()
+
+    def repl(m):
+        name, index, ctype = m.group("name"), m.group("index"), m.group("type")
+        number = int(index) if index.isdigit() else None
+        seen.update((name, str(number)))
+        key = name if name in values else number if number in values else None
+        if key is None:
+            return f"static constexpr {ctype} {name} = {ctype}();"
+        defined.add(name)
+        return f"static constexpr {ctype} {name} = {ctype}({_literal(values[key])});"
+
+    s = _FUNCTION_CONSTANT_RE.sub(repl, s)
+    unknown = [k for k in values if str(k) not in seen]
+    if unknown:
+        raise TranslationError(f"function_constants {unknown} name no [[function_constant]] of the source")
+    return re.sub(r"\bis_function_constant_defined\s*\(\s*(\w+)\s*\)",
+                  lambda m: "true" if m.group(1) in defined else "false", s)
+
+
+_MEMBER_SPECIALIZATION_RE = re.compile(r"\btemplate\s*<\s*>")
+_SPACE_SPECIALIZATION_RE = re.compile(
+    r"\b(?:struct|class)\s+(?P<name>\w+)\s*<(?P<args>[^{};]*\b(?:thread|device|threadgroup|constant)\b[^{};]*)>"
+    r"\s*(?::[^{};]*)?\{")
+
+
+def _class_scope_fixes(s: str) -> str:
+    """What clang (Apple's compiler) accepts in a class and g++ does not, or what collides once
+    address spaces are erased:
+    - `template <> R f(...)` in a class body (an explicit specialization of a member template,
+      allowed since C++17 by CWG 727, which g++ does not implement) becomes a plain overload,
+      which overload resolution prefers for the same arguments;
+    - class template specializations differing only by address space
+      (`pointer_element<thread T*>` / `<device T*>`): the first stays."""
+    if not (_MEMBER_SPECIALIZATION_RE.search(s) or _SPACE_SPECIALIZATION_RE.search(s)):
+        return s
+    scope = _enclosing_braces(s)
+
+    def in_class(pos: int) -> bool:
+        brace = scope[pos]
+        return brace >= 0 and _CLASS_HEAD_RE.search(s[max(0, brace - 300):brace]) is not None
+
+    edits: List[Tuple[int, int]] = [(m.start(), m.end()) for m in _MEMBER_SPECIALIZATION_RE.finditer(s)
+                                    if in_class(m.start()) and not re.match(r"\s*(?:struct|class|union)\b", s[m.end():])]
+    seen = set()
+    for m in _SPACE_SPECIALIZATION_RE.finditer(s):
+        key = (scope[m.start()], m.group("name"), " ".join(_erase_address_spaces(m.group("args")).split()))
+        if key not in seen:
+            seen.add(key)
+            continue
+        start = max(s.rfind(";", 0, m.start()), s.rfind("{", 0, m.start()), s.rfind("}", 0, m.start())) + 1
+        end = _match_forward(s, m.end() - 1, "{", "}") + 1
+        q = re.match(r"\s*;", s[end:])
+        edits.append((start, end + (q.end() if q else 0)))
+    for a, b in sorted(edits, reverse=True):
+        s = s[:a] + (" " * (b - a) if "\n" not in s[a:b] else _blank(s[a:b])) + s[b:]
+    return s
+
+
 def _erase_address_spaces(s: str) -> str:
+    s = re.sub(r"\bcoherent\s*\(\s*\w+\s*\)", " ", s)  # MSL 3.2 coherence: x86 stores are coherent
     s = re.sub(r"\bdevice\b", " ", s)
     s = re.sub(r"\bthread\b", " ", s)
     s = re.sub(r"\bthreadgroup\b", " ", s)
     s = re.sub(r"\bconstant\b", "const", s)
     s = re.sub(r"\bconst(\s+const\b)+", "const", s)
+    # `static constant constexpr const T x`: one const once `constant` is
+    s = re.sub(r"\bconst\b((?:\s+(?:constexpr|static|inline|volatile)\b)+)\s+const\b", r"\1 const", s)
     return s
 
 
 # -------------------------------------------------------------- translation
 
-def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (), compiler: str = "g++") -> Translation:
+def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (), compiler: str = "g++",
+              function_constants: Optional[Dict] = None) -> Translation:
     pre = preprocess(source, name, include_dirs, compiler)
     s, saved = _protect_strings(pre)
+    s = _bind_function_constants(s, dict(function_constants or {}))
+    s = _drop_address_space_overloads(s)
+    s = _class_scope_fixes(s)
     bodies = _function_bodies(s)
     sync_fns = _sync_functions(bodies)
     user_functions = set(bodies)
@@ -597,8 +789,9 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
     for pattern in (_INSTANTIATION_RE, _DECLTYPE_INSTANTIATION_RE):
         for m in list(pattern.finditer(s)):
             attrs = _restore_strings(m.group("attrs") + m.group("attrs2"), saved)
-            host = _host_name(attrs) or m.group("name") + m.group("targs")
-            instantiations.append((host, m.group("name"), " ".join(m.group("targs").split())))
+            qualified = "".join(m.group("name").split())
+            host = _host_name(attrs) or qualified.split("::")[-1] + m.group("targs")
+            instantiations.append((host, qualified, " ".join(m.group("targs").split())))
         s = pattern.sub(lambda m: _blank(m.group(0)), s)
 
     # Kernel definitions: parse the parameters, strip `kernel`, rewrite the
@@ -613,7 +806,9 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
         close_paren = _match_forward(s, open_paren, "(", ")")
         after = s[close_paren + 1:]
         q = re.match(r"\s*\{", after)
-        if not q:
+        if not q:  # a declaration (`kernel void f(...);`): the keyword goes, the definition is found later
+            out.append(s[last:m.start("kw")] + " " * (m.end("kw") - m.start("kw")))
+            last = m.end("kw")
             continue
         open_brace = close_paren + 1 + q.end() - 1
         close_brace = _match_forward(s, open_brace, "{", "}")
@@ -633,7 +828,8 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
         template = m.group("template") or ""
         definitions[fname] = dict(params=params, uses_sync=uses_sync, template=bool(template),
                                   max_threads=int(mt.group(1)) if mt else 1024,
-                                  host_name=_host_name(attrs) or fname, threadgroup_names=tg_names)
+                                  host_name=_host_name(attrs) or fname, threadgroup_names=tg_names,
+                                  layout=f"__mtl_tg_layout_{fname}")
         header = s[m.start():m.start("kw")] + " " + s[m.end("kw"):open_paren]
         layout_lines = [f"{' '.join(template.split())} inline size_t __mtl_tg_layout_{fname}(size_t* offsets) {{", "  size_t total = 0;"]
         layout_lines += ["  " + " ".join(decl.split()) for decl in _local_constants_for(body, tg_decls)]
@@ -648,16 +844,18 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
     s = "".join(out)
 
     kernels: List[Kernel] = []
-    for host, fname, targs in instantiations:
+    for host, qualified, targs in instantiations:
+        fname = qualified.split("::")[-1]  # `kernel void ::c10::metal::f<T>(...)`: defined as f
         if fname not in definitions:
             raise TranslationError(f"host_name {host!r} instantiates {fname}, which is not a kernel defined in {name}.metal")
         d = definitions[fname]
-        kernels.append(Kernel(host, fname, targs, d["params"], d["uses_sync"], d["max_threads"],
-                              d["threadgroup_names"]))
+        kernels.append(Kernel(host, qualified, targs, d["params"], d["uses_sync"], d["max_threads"],
+                              d["threadgroup_names"], d["layout"] if "::" not in qualified else
+                              "::".join(qualified.split("::")[:-1] + [d["layout"]])))
     for fname, d in definitions.items():
         if not d["template"]:
             kernels.append(Kernel(d["host_name"], fname, "", d["params"], d["uses_sync"], d["max_threads"],
-                                  d["threadgroup_names"]))
+                                  d["threadgroup_names"], d["layout"]))
     if not kernels:
         raise TranslationError(f"{name}.metal defines no kernel")
 
@@ -694,7 +892,7 @@ def _kernel_table(kernels: List[Kernel]) -> str:
             lines.append(f"static const mtl_emu_param* const __mtl_params_{i} = nullptr;")
         lines.append(f"static void __mtl_invoke_{i}(const mtl_emu_launch* L, const mtl_emu_lane* lane) "
                      f"{{ __mtl::invoke_kernel<{fn}>(__mtl_params_{i}, L, lane); }}")
-        lines.append(f"static size_t __mtl_layout_{i}(size_t* o) {{ return __mtl_tg_layout_{k.function}{k.template_args}(o); }}")
+        lines.append(f"static size_t __mtl_layout_{i}(size_t* o) {{ return {k.layout}{k.template_args}(o); }}")
         names = "".join(f"{_c_string(n)}, " for n in k.threadgroup_names)
         lines.append(f"static const char* const __mtl_tg_names_{i}[] = {{{names}nullptr}};")
         entries.append(f"{{{_c_string(k.host_name)}, {len(k.params)}, __mtl_params_{i}, {int(k.uses_sync)}, "

@@ -245,6 +245,7 @@ struct Acc { float m; float s; };
 inline Acc combine(Acc a, Acc b) { return Acc{max(a.m, b.m), a.s + b.s}; }
 template <typename T>
 inline T pick(T a, T b, bool c) { return c ? a : b + a; }
+inline float half_way(int i, int n, float a) { return i < n / 2 ? a : a - static_cast<float>(n - i); }
 template <typename T>
 kernel void idioms(device const T* x [[buffer(0)]], device T* y [[buffer(1)]], constant Shape& s [[buffer(2)]],
                    threadgroup float* scratch [[threadgroup(0)]], uint2 tid [[thread_position_in_grid]],

@@ -102,12 +102,22 @@ namespace metal {
     return r;                                                                                      \
   }
 
+// A class that converts to float (uniform<float>, a user's wrapper): Apple's math functions are
+// overloads for float and half, not templates, so such an argument takes the float one.
+template <class T>
+constexpr bool __converts_to_float_only_v = std::is_class<T>::value && !::__mtl::is_vec_v<T> &&
+                                            !::__mtl::is_scalar_v<T> && std::is_convertible<const T&, float>::value;
+
 // ----- floating unary functions: T f(T) -----
 #define MTL_FLOAT1(NAME, EXPR)                                                                     \
   template <class T> inline __mtl::enable_float<T> NAME(T x_) {                                    \
     typedef __mtl::compute_t<T> C;                                                                 \
     const C x = C(x_);                                                                             \
     return T(EXPR);                                                                                \
+  }                                                                                                \
+  template <class T, std::enable_if_t<__converts_to_float_only_v<T>, int> = 0>                     \
+  inline float NAME(const T& x) {                                                                  \
+    return NAME(float(x));                                                                         \
   }                                                                                                \
   MTL_LIFT1(NAME)
 MTL_FLOAT1(sqrt, __mtl::m_sqrt(x))

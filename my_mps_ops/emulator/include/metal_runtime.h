@@ -141,6 +141,13 @@ MTL_EMU_UNCHECKED inline void builtin_value(const mtl_emu_launch* L, const mtl_e
     case MTL_EMU_SIMDGROUP_INDEX_IN_THREADGROUP: v[0] = lane->simd_group; return;
     case MTL_EMU_THREADS_PER_SIMDGROUP: v[0] = kSimdWidth; return;
     case MTL_EMU_SIMDGROUPS_PER_THREADGROUP: v[0] = lane->simd_groups; return;
+    // Quad-groups: four consecutive threads (SIMD groups are 32 consecutive threads).
+    case MTL_EMU_QUADGROUP_INDEX_IN_THREADGROUP: v[0] = lane->index_in_group / 4; return;
+    case MTL_EMU_THREAD_INDEX_IN_QUADGROUP: v[0] = lane->index_in_group % 4; return;
+    case MTL_EMU_THREADS_PER_QUADGROUP: v[0] = 4; return;
+    case MTL_EMU_QUADGROUPS_PER_THREADGROUP:
+      v[0] = (lane->group_size[0] * lane->group_size[1] * lane->group_size[2] + 3) / 4;
+      return;
     default: v[0] = 0; return;
   }
 }
@@ -230,6 +237,18 @@ inline T read_lane(const SimdExchange& ex, const T& own, unsigned src, unsigned 
   return poison;
 }
 
+// a & b, a | b, a ^ b; on the bits of a floating-point value too (Apple's __metal_simd_xor
+// takes float, which MLX's bfloat wrappers call).
+template <class T> inline T bitwise(const T& a, const T& b, char op) {
+  if constexpr (std::is_integral<T>::value || is_vec_v<T>) {
+    return op == '&' ? T(a & b) : op == '|' ? T(a | b) : T(a ^ b);
+  } else {
+    typedef std::conditional_t<sizeof(T) == 8, uint64_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>> U;
+    const U x = __builtin_bit_cast(U, a), y = __builtin_bit_cast(U, b);
+    return __builtin_bit_cast(T, U(op == '&' ? x & y : op == '|' ? x | y : x ^ y));
+  }
+}
+
 template <class T, class Op>
 MTL_EMU_UNCHECKED inline T reduce_lanes(const SimdExchange& ex, Op op) {
   // Pairwise tree over the active lanes, like the hardware's reduction order.
@@ -283,15 +302,15 @@ inline T simd_max(T x, MTL_EMU_SITE) {
 }
 template <unsigned __S = 0, class T>
 inline T simd_and(T x, MTL_EMU_SITE) {
-  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file, __S), [](T a, T b) { return T(a & b); });
+  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file, __S), [](T a, T b) { return __mtl::bitwise(a, b, '&'); });
 }
 template <unsigned __S = 0, class T>
 inline T simd_or(T x, MTL_EMU_SITE) {
-  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file, __S), [](T a, T b) { return T(a | b); });
+  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file, __S), [](T a, T b) { return __mtl::bitwise(a, b, '|'); });
 }
 template <unsigned __S = 0, class T>
 inline T simd_xor(T x, MTL_EMU_SITE) {
-  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file, __S), [](T a, T b) { return T(a ^ b); });
+  return __mtl::reduce_lanes<T>(__mtl::exchange(x, __line, __file, __S), [](T a, T b) { return __mtl::bitwise(a, b, '^'); });
 }
 
 template <unsigned __S = 0, class T>
@@ -402,6 +421,102 @@ inline bool simd_is_first(MTL_EMU_SITE) {
   return ex.lane == unsigned(__builtin_ctz(ex.active));
 }
 
+// simd_shuffle_and_fill_down/up: the SIMD group as windows of `modulo` lanes (32 by default);
+// a lane reads `data` from delta lanes further down (up) its window, or, past the window's
+// end (start), `filling_data` from the lane as far into the window from the other side.
+template <class T> struct __shuffle_fill_pair { T data, fill; };
+template <class T>
+inline T simd_shuffle_and_fill_down(T data, T filling_data, ushort delta, ushort modulo, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(__shuffle_fill_pair<T>{data, filling_data}, __line, __file);
+  const unsigned base = ex.lane - ex.lane % modulo, k = ex.lane % modulo + delta;
+  const auto own = __shuffle_fill_pair<T>{data, filling_data};
+  return k < modulo ? __mtl::read_lane(ex, own, base + k, __line, __file).data
+                    : __mtl::read_lane(ex, own, base + k - modulo, __line, __file).fill;
+}
+template <class T>
+inline T simd_shuffle_and_fill_down(T data, T filling_data, ushort delta, MTL_EMU_SITE) {
+  return simd_shuffle_and_fill_down(data, filling_data, delta, ushort(__mtl::kSimdWidth), __line, __file);
+}
+template <class T>
+inline T simd_shuffle_and_fill_up(T data, T filling_data, ushort delta, ushort modulo, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(__shuffle_fill_pair<T>{data, filling_data}, __line, __file);
+  const unsigned base = ex.lane - ex.lane % modulo, i = ex.lane % modulo;
+  const auto own = __shuffle_fill_pair<T>{data, filling_data};
+  return i >= delta ? __mtl::read_lane(ex, own, base + i - delta, __line, __file).data
+                    : __mtl::read_lane(ex, own, base + i + modulo - delta, __line, __file).fill;
+}
+template <class T>
+inline T simd_shuffle_and_fill_up(T data, T filling_data, ushort delta, MTL_EMU_SITE) {
+  return simd_shuffle_and_fill_up(data, filling_data, delta, ushort(__mtl::kSimdWidth), __line, __file);
+}
+
+// Quad-groups: four consecutive lanes of a SIMD group. Each function exchanges over the SIMD
+// group (so divergent call sites are still reported) and reads within the caller's quad.
+#define MTL_QUAD_REDUCE(NAME, EXPR)                                                                 \
+  template <class T> inline T quad_##NAME(T x, MTL_EMU_SITE) {                                     \
+    const auto ex = __mtl::exchange(x, __line, __file);                                            \
+    const unsigned base = ex.lane & ~3u;                                                           \
+    T acc = __mtl::read_lane(ex, x, base, __line, __file);                                         \
+    for (unsigned i = base + 1; i < base + 4; ++i) {                                               \
+      if (!((ex.active >> i) & 1u)) continue;                                                      \
+      const T b = __mtl::slot_value<T>(ex, i);                                                     \
+      acc = T(EXPR);                                                                               \
+    }                                                                                              \
+    return acc;                                                                                    \
+  }
+MTL_QUAD_REDUCE(sum, acc + b)
+MTL_QUAD_REDUCE(product, acc * b)
+MTL_QUAD_REDUCE(min, min(acc, b))
+MTL_QUAD_REDUCE(max, max(acc, b))
+MTL_QUAD_REDUCE(and, acc & b)
+MTL_QUAD_REDUCE(or, acc | b)
+MTL_QUAD_REDUCE(xor, acc ^ b)
+#undef MTL_QUAD_REDUCE
+template <class T> inline T quad_shuffle(T x, ushort src, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(x, __line, __file);
+  return __mtl::read_lane(ex, x, (ex.lane & ~3u) + (src & 3u), __line, __file);
+}
+template <class T> inline T quad_broadcast(T x, ushort src, MTL_EMU_SITE) { return quad_shuffle(x, src, __line, __file); }
+template <class T> inline T quad_shuffle_xor(T x, ushort mask, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(x, __line, __file);
+  return __mtl::read_lane(ex, x, (ex.lane & ~3u) + ((ex.lane ^ mask) & 3u), __line, __file);
+}
+template <class T> inline T quad_shuffle_up(T x, ushort delta, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(x, __line, __file);
+  return (ex.lane & 3u) < delta ? x : __mtl::read_lane(ex, x, ex.lane - delta, __line, __file);
+}
+template <class T> inline T quad_shuffle_down(T x, ushort delta, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(x, __line, __file);
+  return (ex.lane & 3u) + delta > 3u ? x : __mtl::read_lane(ex, x, ex.lane + delta, __line, __file);
+}
+
 #undef MTL_EMU_SITE
 
 }  // namespace metal
+
+// The __metal_simd_* builtins (see metal_intrinsics.h), keeping the caller's call site.
+#define MTL_EMU_SITE unsigned __line = __builtin_LINE(), const char* __file = __builtin_FILE()
+#define MTL_SIMD_INTRINSIC1(NAME)                                                                   \
+  template <class T> inline T __metal_##NAME(T x, MTL_EMU_SITE) { return metal::NAME(x, __line, __file); }
+#define MTL_SIMD_INTRINSIC2(NAME)                                                                   \
+  template <class T> inline T __metal_##NAME(T x, ushort k, MTL_EMU_SITE) {                        \
+    return metal::NAME(x, k, __line, __file);                                                      \
+  }
+MTL_SIMD_INTRINSIC1(simd_sum) MTL_SIMD_INTRINSIC1(simd_product) MTL_SIMD_INTRINSIC1(simd_min)
+MTL_SIMD_INTRINSIC1(simd_max) MTL_SIMD_INTRINSIC1(simd_and) MTL_SIMD_INTRINSIC1(simd_or) MTL_SIMD_INTRINSIC1(simd_xor)
+MTL_SIMD_INTRINSIC1(simd_prefix_inclusive_sum) MTL_SIMD_INTRINSIC1(simd_prefix_exclusive_sum)
+MTL_SIMD_INTRINSIC1(simd_prefix_inclusive_product) MTL_SIMD_INTRINSIC1(simd_prefix_exclusive_product)
+MTL_SIMD_INTRINSIC2(simd_shuffle) MTL_SIMD_INTRINSIC2(simd_broadcast) MTL_SIMD_INTRINSIC2(simd_shuffle_up)
+MTL_SIMD_INTRINSIC2(simd_shuffle_down) MTL_SIMD_INTRINSIC2(simd_shuffle_xor)
+MTL_SIMD_INTRINSIC2(simd_shuffle_rotate_up) MTL_SIMD_INTRINSIC2(simd_shuffle_rotate_down)
+#undef MTL_SIMD_INTRINSIC1
+#undef MTL_SIMD_INTRINSIC2
+template <class T> inline T __metal_simd_shuffle_and_fill_down(T x, T fill, ushort delta, ushort modulo, MTL_EMU_SITE) {
+  return metal::simd_shuffle_and_fill_down(x, fill, delta, modulo, __line, __file);
+}
+template <class T> inline T __metal_simd_shuffle_and_fill_up(T x, T fill, ushort delta, ushort modulo, MTL_EMU_SITE) {
+  return metal::simd_shuffle_and_fill_up(x, fill, delta, modulo, __line, __file);
+}
+// `__metal_get_simdgroup_size(ushort())`: the SIMD width, in the type of the argument.
+template <class T> inline T __metal_get_simdgroup_size(T) { return T(__mtl::kSimdWidth); }
+#undef MTL_EMU_SITE

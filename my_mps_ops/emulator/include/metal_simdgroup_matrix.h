@@ -222,4 +222,13 @@ MTL_EMU_UNCHECKED inline void simdgroup_multiply(simdgroup_matrix<TD, Cols, Rows
   d = result;
 }
 
+// `a * b` on matrices of one element type (MSL's operator* for simdgroup_matrix).
+template <class T, int Cols, int Rows, int K>
+inline simdgroup_matrix<T, Cols, Rows> operator*(const simdgroup_matrix<T, K, Rows>& a,
+                                                 const simdgroup_matrix<T, Cols, K>& b) {
+  simdgroup_matrix<T, Cols, Rows> d;
+  simdgroup_multiply(d, a, b);
+  return d;
+}
+
 }  // namespace metal

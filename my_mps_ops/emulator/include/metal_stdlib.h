@@ -30,3 +30,6 @@
 #include "metal_matrix.h"
 #include "metal_atomic.h"
 #include "metal_simdgroup_matrix.h"
+#include "metal_logging.h"
+#include "metal_intrinsics.h"
+#include "metal_globals.h"

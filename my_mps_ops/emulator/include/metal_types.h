@@ -64,6 +64,11 @@ struct bfloat {
   bfloat& operator--() { return *this = bfloat(float(*this) - 1.0f); }
   bfloat operator++(int) { bfloat old = *this; ++*this; return old; }
   bfloat operator--(int) { bfloat old = *this; --*this; return old; }
+  // From a class that converts to an arithmetic type (a mask type with `operator bool()`): in MSL
+  // bfloat is a built-in type and that is one user-defined conversion; here it would be two.
+  template <class U, std::enable_if_t<std::is_class<U>::value && !std::is_same<U, bfloat>::value &&
+                                          std::is_convertible<const U&, float>::value, int> = 0>
+  bfloat& operator=(const U& o) { return *this = bfloat(float(o)); }
   template <class U> bfloat& operator+=(const U& o) { return *this = bfloat(*this + o); }
   template <class U> bfloat& operator-=(const U& o) { return *this = bfloat(*this - o); }
   template <class U> bfloat& operator*=(const U& o) { return *this = bfloat(*this * o); }
@@ -233,12 +238,15 @@ template <class T, int N, bool Packed> struct vec : __mtl::vec_storage<T, N, Pac
   }
   // Component lists mixing scalars and vectors: float4(v.xy, 0, 1), float4(v3, 1), uint3(x, y, z).
   template <class A0, class A1, class... R,
-            std::enable_if_t<__mtl::component_total<A0, A1, R...> == N, int> = 0>
+            std::enable_if_t<__mtl::component_total<A0, A1, R...> <= N, int> = 0>
   vec(const A0& a0, const A1& a1, const R&... rest) {
     int k = 0;
     put(k, a0);
     put(k, a1);
     (put(k, rest), ...);
+    // Fewer components only from a brace list (`uint4 v = {a, b, c};`, the rest zero); the strict
+    // front end refuses `float4(a, b)`, as Metal does.
+    for (; k < N; ++k) (*this)[k] = T(0);
   }
 
   T& operator[](int i) { return reinterpret_cast<T*>(this)[i]; }
@@ -363,7 +371,8 @@ inline bool any(bool b) { return b; }
 
 // ---------------------------------------------------------------------------------------------
 // bfloat arithmetic and comparisons with any scalar. Templates (exact matches) so that the
-// implicit conversions both ways never make `b * 2.0f` ambiguous. bfloat op bfloat/integer
+// implicit conversions both ways never make `b * 2.0f` ambiguous. constexpr: bfloat is usable in
+// constant expressions, as in Metal (`static_assert(bfloat(1) + bfloat(2) == bfloat(3))`). bfloat op bfloat/integer
 // gives bfloat; with float (double) gives float (double); with half gives float.
 // ---------------------------------------------------------------------------------------------
 namespace bfloat_detail {
@@ -374,7 +383,7 @@ using enable_bf = std::enable_if_t<(std::is_same<A, bfloat>::value || std::is_sa
 #define MTL_BFLOAT_ARITH(OP)                                                                        \
   template <class A, class B, class = bfloat_detail::enable_bf<A, B>,                              \
             class R = __mtl::scalar_common_t<A, B>>                                                 \
-  inline R operator OP(const A& a, const B& b) {                                                   \
+  constexpr R operator OP(const A& a, const B& b) {                                                \
     typedef __mtl::compute_t<R> C;                                                                  \
     return R(C(a) OP C(b));                                                                         \
   }
@@ -385,7 +394,7 @@ MTL_BFLOAT_ARITH(/)
 #undef MTL_BFLOAT_ARITH
 #define MTL_BFLOAT_COMPARE(OP)                                                                      \
   template <class A, class B, class = bfloat_detail::enable_bf<A, B>>                              \
-  inline bool operator OP(const A& a, const B& b) {                                                \
+  constexpr bool operator OP(const A& a, const B& b) {                                             \
     typedef __mtl::compute_t<__mtl::scalar_common_t<A, B>> C;                                       \
     return C(a) OP C(b);                                                                            \
   }
@@ -452,7 +461,14 @@ using std::remove_volatile_t;
 using std::true_type;
 using std::underlying_type;
 using std::underlying_type_t;
-using std::void_t;
+// Apple's internal trait combinators (under `#pragma METAL internals : enable`); no void_t:
+// Metal's library has none, and libraries define their own metal::void_t.
+template <class... B> struct _disjunction : std::disjunction<B...> {};
+template <class... B> struct _conjunction : std::conjunction<B...> {};
+// remove_addrspace: address spaces are erased to nothing, `constant` to const (a constexpr
+// variable's type, `const int` in C++, is `constant int` in Metal).
+template <class T> struct remove_addrspace { typedef std::remove_const_t<T> type; };
+template <class T> using remove_addrspace_t = typename remove_addrspace<T>::type;
 template <class T> struct is_floating_point : bool_constant<__mtl::is_float_scalar_v<T>> {};
 template <class T> constexpr bool is_floating_point_v = is_floating_point<T>::value;
 template <class T> struct is_arithmetic : bool_constant<__mtl::is_scalar_v<T>> {};
@@ -468,6 +484,16 @@ template <class T> struct is_unsigned : std::is_unsigned<T> {};
 template <class T> constexpr bool is_unsigned_v = is_unsigned<T>::value;
 // Number of components: 1 for scalars, N for vectors.
 template <class T> struct vec_elements : integral_constant<int, __mtl::is_vec_v<T> ? __mtl::vec_traits<std::remove_cv_t<T>>::size : 1> {};
+
+// uniform<T> (MSL 2.0): a value the same in every thread; reads as T, arithmetic gives T (which
+// converts back).
+template <class T> struct uniform {
+  T __value;
+  uniform() = default;
+  constexpr uniform(T v) : __value(v) {}
+  constexpr operator T() const { return __value; }
+};
+template <class T> constexpr uniform<T> make_uniform(T v) { return uniform<T>(v); }
 
 // metal::array<T, N> (<metal_array>): a fixed-size aggregate, brace-initialisable.
 template <class T, size_t N> struct array {

@@ -1,0 +1,329 @@
+"""Source forms of Metal code written elsewhere (libraries such as MLX and
+PyTorch's MPS kernels), each in a minimal kernel of our own: instantiation
+forms, Apple's builtins and macros, names outside namespace metal, overloads
+on address spaces, function constants, threadgroup declarations.
+"""
+
+import pytest
+import torch
+
+from stdlib_harness import needs_gxx
+
+pytestmark = needs_gxx
+
+
+def _compile(source, **kw):
+    try:
+        from my_mps_ops.emulator import compile_shader
+    except Exception as exc:  # not built in this tree
+        pytest.skip(f"my_mps_ops.emulator.compile_shader unavailable: {exc}")
+    return compile_shader(source, **kw)
+
+
+INSTANTIATIONS = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+// A library-style kernel in a namespace, instantiated by its qualified name.
+namespace lib {
+template <typename T>
+kernel void scale(device T* out [[buffer(0)]], constant T& k [[buffer(1)]],
+                  uint i [[thread_position_in_grid]], uint l [[thread_index_in_threadgroup]]) {
+  threadgroup T tile[8];
+  tile[l % 8] = out[i];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[i] = tile[l % 8] * k;
+}
+}  // namespace lib
+template [[host_name("scale_float")]] kernel void ::lib::scale<float>(
+    device float*, constant float&, uint, uint);
+
+// Attributes beside `kernel`, instantiated through decltype.
+template <typename T, int N>
+[[kernel, max_total_threads_per_threadgroup(N * 32)]] void add_n(
+    device T* out [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  out[i] += T(N);
+}
+template [[host_name("add_3")]] [[kernel]] decltype(add_n<int, 3>) add_n<int, 3>;
+
+// Declared first, defined below.
+kernel void twice(device float* out [[buffer(0)]], uint i [[thread_position_in_grid]]);
+kernel void twice(device float* out [[buffer(0)]], uint i [[thread_position_in_grid]]) { out[i] *= 2.0f; }
+"""
+
+
+def test_qualified_decltype_and_declared_kernels():
+    lib = _compile(INSTANTIATIONS)
+    x = torch.arange(8, dtype=torch.float32)
+    lib.scale_float(x, 3.0, threads=8, group_size=8)
+    assert x.tolist() == [3.0 * i for i in range(8)]
+    n = torch.zeros(5, dtype=torch.int32)
+    lib.add_3(n)
+    assert n.tolist() == [3] * 5
+    y = torch.ones(4)
+    lib.twice(y)
+    assert y.tolist() == [2.0] * 4
+
+
+GLOBAL_NAMES = r"""
+// No <metal_stdlib>, no `using namespace metal;`: Apple's compiler declares these anyway.
+namespace mine {
+inline float4 widen(uint x) { return float4(float(x)); }
+}
+kernel void globals(device float4* out [[buffer(0)]], device uint* bits [[buffer(1)]],
+                    uint i [[thread_position_in_grid]]) {
+  out[i] = mine::widen(i);
+  half h = half(i);
+  bits[i] = as_type<uint>(float(h));
+}
+"""
+
+
+def test_metal_names_outside_namespace_metal():
+    lib = _compile(GLOBAL_NAMES)
+    out = torch.empty(3, 4)
+    bits = torch.empty(3, dtype=torch.int32)
+    lib.globals(out, bits, threads=3)
+    assert out.tolist() == [[float(i)] * 4 for i in range(3)]
+    assert bits.tolist() == torch.arange(3, dtype=torch.float32).view(torch.int32).tolist()
+
+
+BUILTINS = r"""
+#include <metal_stdlib>
+#include <metal_logging>
+using namespace metal;
+
+constant os_log logger("emulator", "test");
+
+METAL_FUNC float cube(float x) { return x * x * x; }
+
+kernel void builtins(device float* out [[buffer(0)]], device float* shuf [[buffer(1)]],
+                     device float* quad [[buffer(2)]], device uint* qid [[buffer(3)]],
+                     uint i [[thread_position_in_grid]],
+                     ushort qg [[quadgroup_index_in_threadgroup]],
+                     ushort ql [[thread_index_in_quadgroup]]) {
+  logger.log_debug("thread %u", i);
+  float x = float(i);
+  // Apple's internal builtins, as libraries call them.
+  out[i] = __metal_exp(x * 0.1f, __METAL_FAST_MATH__) + cube(__metal_fabs(-1.0f, __METAL_PRECISE_MATH__));
+  // Lane i of each 8-lane window: data from i + 3, past the window's end filling_data from i + 3 - 8.
+  shuf[i] = simd_shuffle_and_fill_down(x, x + 100.0f, ushort(3), ushort(8));
+  shuf[32 + i] = simd_shuffle_and_fill_up(x, x + 100.0f, ushort(2));
+  quad[i] = quad_sum(x) + quad_shuffle(x, ushort(1)) * 1000.0f;
+  qid[i] = uint(qg) * 10 + uint(ql);
+}
+"""
+
+
+def test_builtins_shuffle_fill_and_quads():
+    lib = _compile(BUILTINS)
+    out, shuf, quad = torch.empty(32), torch.empty(64), torch.empty(32)
+    qid = torch.empty(32, dtype=torch.int32)
+    lib.builtins(out, shuf, quad, qid, threads=32, group_size=32)
+    xs = torch.arange(32, dtype=torch.float32)
+    assert torch.allclose(out, torch.exp(xs * 0.1) + 1.0)
+    down = [i + 3 if i % 8 + 3 < 8 else (i - i % 8 + i % 8 + 3 - 8) + 100 for i in range(32)]
+    up = [i - 2 if i >= 2 else i + 32 - 2 + 100 for i in range(32)]
+    assert shuf.tolist() == [float(v) for v in down + up]
+    assert quad.tolist() == [float(4 * (i // 4) * 4 + 6 + 1000 * (4 * (i // 4) + 1)) for i in range(32)]
+    assert qid.tolist() == [(i // 4) * 10 + i % 4 for i in range(32)]
+
+
+ADDRESS_SPACE_OVERLOADS = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+struct acc_t {
+  float v;
+  acc_t() thread : v(0) {}
+  acc_t() threadgroup : v(0) {}
+  float get() const thread { return v; }
+  float get() const device { return v; }
+  float get() const constant { return v; }
+};
+inline void bump(thread float& x) { x += 1.0f; }
+inline void bump(device float& x) { x += 1.0f; }
+inline void bump(threadgroup float& x) { x += 1.0f; }
+
+template <typename T> struct elem {};
+template <typename T> struct elem<thread T*> { using type = T; };
+template <typename T> struct elem<device T*> { using type = T; };
+
+struct pick {
+  template <typename T> T operator()(T x) { return x; }
+  template <> float operator()(float x) { return -x; }  // clang accepts this in a class
+};
+
+kernel void overloads(device float* out [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  acc_t a;
+  a.v = float(i);
+  bump(out[i]);
+  float t = 1.0f;
+  bump(t);
+  typename elem<device float*>::type e = a.get() + t;
+  out[i] += e + pick()(2.0f) + float(pick()(3));
+}
+"""
+
+
+def test_overloads_on_address_spaces_and_member_specializations():
+    lib = _compile(ADDRESS_SPACE_OVERLOADS)
+    out = torch.zeros(4)
+    lib.overloads(out)
+    assert out.tolist() == [1.0 + i + 2.0 - 2.0 + 3.0 for i in range(4)]
+
+
+CONSTANT_EXPRESSIONS = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+static_assert(bfloat(1.0f) + bfloat(2.0f) == bfloat(3.0f), "bfloat in a constant expression");
+static_assert(half(1.5h) * half(2.0h) == 3.0h, "half in a constant expression");
+constexpr constant bfloat kScale = bfloat(0.5f) * bfloat(4.0f);
+static constant constexpr const int kOffset = 7;  // one const once `constant` is erased
+
+// A library's own void_t in namespace metal (Apple's library has none).
+namespace metal {
+template <typename... Ts> struct make_void_ { typedef void type; };
+template <typename... Ts> using void_t = typename make_void_<Ts...>::type;
+}
+
+struct wrapped { float v; operator float() const { return v; } };
+
+kernel void constants(device float* out [[buffer(0)]], device int* iout [[buffer(1)]],
+                      uint i [[thread_position_in_grid]]) {
+  const uniform<int> n = make_uniform(int(i) + 1);
+  int a = int(i), b = 2;
+  thread int& ra = a;
+  thread int& rb = b;
+  iout[i] = max(ra, rb) + n * kOffset;
+  out[i] = float(kScale) + log(wrapped{1.0f}) + exp(make_uniform(0.0f));
+}
+"""
+
+
+def test_constant_expressions_uniform_and_math_on_wrappers():
+    lib = _compile(CONSTANT_EXPRESSIONS)
+    out = torch.empty(4)
+    iout = torch.empty(4, dtype=torch.int32)
+    lib.constants(out, iout)
+    assert out.tolist() == [3.0] * 4
+    assert iout.tolist() == [max(i, 2) + (i + 1) * 7 for i in range(4)]
+
+
+FUNCTION_CONSTANTS = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+constant bool use_bias [[function_constant(0)]];
+constant int repeat_n [[function_constant(1)]];
+constant float unused_scale [[function_constant(2)]];
+constant bool has_scale = is_function_constant_defined(unused_scale);
+
+kernel void fc(device float* out [[buffer(0)]], constant float* bias [[buffer(1)]],
+               uint i [[thread_position_in_grid]]) {
+  float v = 0.0f;
+  for (int r = 0; r < repeat_n; ++r) v += 1.0f;
+  if (use_bias) v += bias[i];
+  if (has_scale) v *= unused_scale;
+  out[i] = v;
+}
+"""
+
+
+def test_function_constants():
+    bias = torch.tensor([10.0, 20.0, 30.0])
+    on = _compile(FUNCTION_CONSTANTS, function_constants={"use_bias": True, 1: 3})
+    off = _compile(FUNCTION_CONSTANTS, function_constants={"use_bias": False, "repeat_n": 2})
+    out = torch.empty(3)
+    on.fc(out, bias)
+    assert out.tolist() == [13.0, 23.0, 33.0]
+    off.fc(out, bias)
+    assert out.tolist() == [2.0, 2.0, 2.0]
+    from my_mps_ops.emulator import CompileError
+
+    with pytest.raises(CompileError, match="no_such"):
+        _compile(FUNCTION_CONSTANTS, function_constants={"no_such": 1})
+
+
+PARAMETERS_AND_THREADGROUP = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+template <typename T>
+struct traits { using acc = float; static constexpr constant int width = 4; };
+
+template <typename T>
+kernel void tg_forms(device float* out [[buffer(0)]],
+                     constant const int64_t strides[2] [[buffer(1)]],
+                     uint i [[thread_position_in_grid]], uint l [[thread_index_in_threadgroup]]) {
+  using K = traits<T>;
+  using acc_t = typename K::acc;
+  typedef float other_t;
+  threadgroup acc_t buf[K::width] = {0};
+  threadgroup other_t second[2];
+  if (l < 4) buf[l] = float(strides[0] * l + strides[1]);
+  if (l < 2) second[l] = 1.0f;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[i] = buf[l % 4] + second[l % 2];
+}
+template [[host_name("tg_forms_half")]] kernel void tg_forms<half>(
+    device float*, constant const int64_t strides[2], uint, uint);
+"""
+
+
+def test_array_parameters_and_threadgroup_declaration_forms():
+    lib = _compile(PARAMETERS_AND_THREADGROUP)
+    out = torch.empty(8)
+    lib.tg_forms_half(out, torch.tensor([10, 1]), threads=8, group_size=8)
+    assert out.tolist() == [float(10 * (l % 4) + 1 + 1) for l in range(8)]
+    assert lib.tg_forms_half.static_thread_group_memory_length >= 6 * 4
+
+
+MASK_TO_BFLOAT = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+struct always { char x; constexpr operator bool() const { return true; } };
+
+kernel void mask_scale(device const always* m [[buffer(0)]], device bfloat* out [[buffer(1)]],
+                       uint i [[thread_position_in_grid]]) {
+  bfloat s;
+  s = m[i];  // class -> bool -> bfloat: one user-defined conversion in MSL
+  out[i] = s * bfloat(float(i));
+}
+"""
+
+
+def test_bfloat_assigned_from_a_class_converting_to_bool():
+    lib = _compile(MASK_TO_BFLOAT)
+    out = torch.empty(5, dtype=torch.bfloat16)
+    lib.mask_scale(torch.zeros(5, dtype=torch.uint8), out)
+    assert out.float().tolist() == [float(i) for i in range(5)]
+
+
+MISC_FORMS = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+kernel void misc(volatile coherent(device) device float* out [[buffer(0)]],
+                 device float* prod [[buffer(1)]],
+                 uint i [[thread_position_in_grid]], ushort lane [[thread_index_in_simdgroup]]) {
+  uint4 v = {i, i + 1, i + 2};                         // the fourth component is zero
+  metal::remove_addrspace_t<const uint> w = v.w;
+  float bits = __metal_simd_xor(as_type<float>(uint(1) << lane));  // XOR of the bit patterns
+  out[i] = float(v.x + v.y + v.z + w) + float(as_type<uint>(bits) == 0xffffffffu);
+  simdgroup_matrix<float, 8, 8> a = make_filled_simdgroup_matrix<float, 8, 8>(2.0f);
+  simdgroup_matrix<float, 8, 8> b = make_filled_simdgroup_matrix<float, 8, 8>(0.5f);
+  simdgroup_matrix<float, 8, 8> c = a * b;            // 8 * (2 * 0.5) everywhere
+  simdgroup_store(c, prod, 8);
+}
+"""
+
+
+def test_coherent_partial_brace_list_float_simd_xor_and_matrix_product():
+    lib = _compile(MISC_FORMS)
+    out, prod = torch.empty(32), torch.empty(64)
+    lib.misc(out, prod, threads=32, group_size=32)
+    assert out.tolist() == [float(3 * i + 3 + 1) for i in range(32)]
+    assert prod.tolist() == [8.0] * 64
