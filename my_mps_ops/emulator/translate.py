@@ -75,7 +75,9 @@ SITE_FUNCTIONS = (
     "simd_or", "simd_xor", "simd_prefix_inclusive_sum", "simd_prefix_exclusive_sum", "simd_prefix_inclusive_product",
     "simd_prefix_exclusive_product", "simd_shuffle", "simd_broadcast", "simd_shuffle_up", "simd_shuffle_down",
     "simd_shuffle_xor", "simd_shuffle_rotate_up", "simd_shuffle_rotate_down", "simd_broadcast_first", "simd_ballot",
-    "simd_active_threads_mask", "simd_all", "simd_any", "simd_is_first",
+    "simd_active_threads_mask", "simd_all", "simd_any", "simd_is_first", "simd_shuffle_and_fill_up",
+    "simd_shuffle_and_fill_down", "quad_sum", "quad_product", "quad_min", "quad_max", "quad_and", "quad_or", "quad_xor",
+    "quad_shuffle", "quad_broadcast", "quad_shuffle_xor", "quad_shuffle_up", "quad_shuffle_down",
 )
 
 METAL_HEADERS = [

@@ -107,7 +107,9 @@ inline Bound bound(const Bindings& table, int slot) { return Bound{table.base[sl
 // now, must lie inside what was bound to that parameter.
 template <class I, class P>
 inline I buffer_index(I i, P* p, const Bound& b, unsigned line = __builtin_LINE(), const char* file = __builtin_FILE()) {
-  const long long offset = static_cast<long long>(reinterpret_cast<const unsigned char*>(p) - b.base) +
+  // (p may be volatile: `coherent(device)` buffers; only its address is used)
+  const auto* address = static_cast<const unsigned char*>(const_cast<const void*>(static_cast<const volatile void*>(p)));
+  const long long offset = static_cast<long long>(address - b.base) +
                            static_cast<long long>(i) * static_cast<long long>(sizeof(P));
   if (__builtin_expect(offset < 0 || static_cast<unsigned long long>(offset) + sizeof(P) > b.length, 0))
     buffer_index_fault(b.slot, static_cast<long long>(i), offset, sizeof(P), line, file);
@@ -425,36 +427,36 @@ inline bool simd_is_first(MTL_EMU_SITE) {
 // a lane reads `data` from delta lanes further down (up) its window, or, past the window's
 // end (start), `filling_data` from the lane as far into the window from the other side.
 template <class T> struct __shuffle_fill_pair { T data, fill; };
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_shuffle_and_fill_down(T data, T filling_data, ushort delta, ushort modulo, MTL_EMU_SITE) {
-  const auto ex = __mtl::exchange(__shuffle_fill_pair<T>{data, filling_data}, __line, __file);
+  const auto ex = __mtl::exchange(__shuffle_fill_pair<T>{data, filling_data}, __line, __file, __S);
   const unsigned base = ex.lane - ex.lane % modulo, k = ex.lane % modulo + delta;
   const auto own = __shuffle_fill_pair<T>{data, filling_data};
   return k < modulo ? __mtl::read_lane(ex, own, base + k, __line, __file).data
                     : __mtl::read_lane(ex, own, base + k - modulo, __line, __file).fill;
 }
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_shuffle_and_fill_down(T data, T filling_data, ushort delta, MTL_EMU_SITE) {
-  return simd_shuffle_and_fill_down(data, filling_data, delta, ushort(__mtl::kSimdWidth), __line, __file);
+  return simd_shuffle_and_fill_down<__S>(data, filling_data, delta, ushort(__mtl::kSimdWidth), __line, __file);
 }
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_shuffle_and_fill_up(T data, T filling_data, ushort delta, ushort modulo, MTL_EMU_SITE) {
-  const auto ex = __mtl::exchange(__shuffle_fill_pair<T>{data, filling_data}, __line, __file);
+  const auto ex = __mtl::exchange(__shuffle_fill_pair<T>{data, filling_data}, __line, __file, __S);
   const unsigned base = ex.lane - ex.lane % modulo, i = ex.lane % modulo;
   const auto own = __shuffle_fill_pair<T>{data, filling_data};
   return i >= delta ? __mtl::read_lane(ex, own, base + i - delta, __line, __file).data
                     : __mtl::read_lane(ex, own, base + i + modulo - delta, __line, __file).fill;
 }
-template <class T>
+template <unsigned __S = 0, class T>
 inline T simd_shuffle_and_fill_up(T data, T filling_data, ushort delta, MTL_EMU_SITE) {
-  return simd_shuffle_and_fill_up(data, filling_data, delta, ushort(__mtl::kSimdWidth), __line, __file);
+  return simd_shuffle_and_fill_up<__S>(data, filling_data, delta, ushort(__mtl::kSimdWidth), __line, __file);
 }
 
 // Quad-groups: four consecutive lanes of a SIMD group. Each function exchanges over the SIMD
 // group (so divergent call sites are still reported) and reads within the caller's quad.
 #define MTL_QUAD_REDUCE(NAME, EXPR)                                                                 \
-  template <class T> inline T quad_##NAME(T x, MTL_EMU_SITE) {                                     \
-    const auto ex = __mtl::exchange(x, __line, __file);                                            \
+  template <unsigned __S = 0, class T> inline T quad_##NAME(T x, MTL_EMU_SITE) {                                     \
+    const auto ex = __mtl::exchange(x, __line, __file, __S);                                            \
     const unsigned base = ex.lane & ~3u;                                                           \
     T acc = __mtl::read_lane(ex, x, base, __line, __file);                                         \
     for (unsigned i = base + 1; i < base + 4; ++i) {                                               \
@@ -472,21 +474,21 @@ MTL_QUAD_REDUCE(and, acc & b)
 MTL_QUAD_REDUCE(or, acc | b)
 MTL_QUAD_REDUCE(xor, acc ^ b)
 #undef MTL_QUAD_REDUCE
-template <class T> inline T quad_shuffle(T x, ushort src, MTL_EMU_SITE) {
-  const auto ex = __mtl::exchange(x, __line, __file);
+template <unsigned __S = 0, class T> inline T quad_shuffle(T x, ushort src, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(x, __line, __file, __S);
   return __mtl::read_lane(ex, x, (ex.lane & ~3u) + (src & 3u), __line, __file);
 }
-template <class T> inline T quad_broadcast(T x, ushort src, MTL_EMU_SITE) { return quad_shuffle(x, src, __line, __file); }
-template <class T> inline T quad_shuffle_xor(T x, ushort mask, MTL_EMU_SITE) {
-  const auto ex = __mtl::exchange(x, __line, __file);
+template <unsigned __S = 0, class T> inline T quad_broadcast(T x, ushort src, MTL_EMU_SITE) { return quad_shuffle<__S>(x, src, __line, __file); }
+template <unsigned __S = 0, class T> inline T quad_shuffle_xor(T x, ushort mask, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(x, __line, __file, __S);
   return __mtl::read_lane(ex, x, (ex.lane & ~3u) + ((ex.lane ^ mask) & 3u), __line, __file);
 }
-template <class T> inline T quad_shuffle_up(T x, ushort delta, MTL_EMU_SITE) {
-  const auto ex = __mtl::exchange(x, __line, __file);
+template <unsigned __S = 0, class T> inline T quad_shuffle_up(T x, ushort delta, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(x, __line, __file, __S);
   return (ex.lane & 3u) < delta ? x : __mtl::read_lane(ex, x, ex.lane - delta, __line, __file);
 }
-template <class T> inline T quad_shuffle_down(T x, ushort delta, MTL_EMU_SITE) {
-  const auto ex = __mtl::exchange(x, __line, __file);
+template <unsigned __S = 0, class T> inline T quad_shuffle_down(T x, ushort delta, MTL_EMU_SITE) {
+  const auto ex = __mtl::exchange(x, __line, __file, __S);
   return (ex.lane & 3u) + delta > 3u ? x : __mtl::read_lane(ex, x, ex.lane + delta, __line, __file);
 }
 
