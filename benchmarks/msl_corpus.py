@@ -193,10 +193,12 @@ def run_mlx(root: str) -> tuple:
         passed += _check(f"MLX vs_Dividefloat32 n={n}", out, a / s)
     # 2-D strided: a transposed, b broadcast along rows; strides as `constant int64_t s[2]` arrays.
     rows, cols = 37, 23
-    a = torch.randn(cols, rows, generator=g).t()
+    storage = torch.randn(cols, rows, generator=g)
+    a = storage.t()  # the kernel reads a's storage through a's strides (compile_shader binds dense tensors)
     b = torch.randn(cols, generator=g)
     out = torch.empty(rows, cols)
-    binary.g2_Subtractfloat32(a, b, out, [a.stride(0), a.stride(1)], [0, 1], threads=(cols, rows), group_size=(23, 1))
+    binary.g2_Subtractfloat32(storage, b, out, [a.stride(0), a.stride(1)], [0, 1], threads=(cols, rows),
+                              group_size=(23, 1))
     total += 1
     passed += _check(f"MLX g2_Subtractfloat32 {rows}x{cols} strided", out, a - b)
     return passed, total
