@@ -288,11 +288,12 @@ def run_torch(dirs) -> tuple:
         passed += _check(f"PyTorch unary_dense expo bfloat n={n}", outb, torch.exp(ab.double()).bfloat16())
     # binary_strided: a transposed, b broadcast along rows; sizes and byte strides innermost first.
     rows, cols = 19, 13
-    a = torch.randn(cols, rows, generator=g).t()
-    b = torch.randn(1, cols, generator=g).expand(rows, cols)
+    a_storage, b_storage = torch.randn(cols, rows, generator=g), torch.randn(1, cols, generator=g)
+    # the kernel reads the views' dense storage through their strides (compile_shader binds dense tensors)
+    a, b = a_storage.t(), b_storage.expand(rows, cols)
     out = torch.empty(rows, cols)
     es = 4
-    ew.sum_strided_float_float(out, a, b, [cols, rows], [es * out.stride(1), es * out.stride(0)],
+    ew.sum_strided_float_float(out, a_storage, b_storage, [cols, rows], [es * out.stride(1), es * out.stride(0)],
                                [es * a.stride(1), es * a.stride(0)], [es * b.stride(1), es * b.stride(0)],
                                [2, 0, 0, 0], threads=rows * cols, arg_casts={7: "int32"})
     total += 1
