@@ -78,6 +78,12 @@ def _shrink(cfg, dropout, by_pattern=True):
         for key in DROPOUT_ATTRS:
             if isinstance(getattr(cfg, key, None), float):
                 setattr(cfg, key, dropout)
+    if all(isinstance(getattr(cfg, k, None), int) for k in ("qk_head_dim", "qk_nope_head_dim", "qk_rope_head_dim")):
+        # multi-head latent attention: derived at init, and its rotary tables are head_dim wide
+        _set(cfg, "qk_head_dim", cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+        _set(cfg, "head_dim", cfg.qk_rope_head_dim)
+        if isinstance(getattr(cfg, "num_key_value_heads", None), int):  # keys and values per query head
+            _set(cfg, "num_key_value_heads", cfg.num_attention_heads)
     sub = getattr(cfg, "text_config", None)
     if sub is not None and hasattr(sub, "to_dict"):
         _shrink(sub, dropout, by_pattern)
@@ -86,10 +92,15 @@ def _shrink(cfg, dropout, by_pattern=True):
 
 def build(model_type: str, class_name: str, dropout: float = 0.0, seed: int = 0):
     """(model, tokens) for a family, or raises with the reason it cannot be built here."""
-    try:
-        return _build(model_type, class_name, dropout, seed, by_pattern=True)
-    except Exception:  # noqa: BLE001 - the pattern-shrunk widths broke a constraint: the generic ones only
-        return _build(model_type, class_name, dropout, seed, by_pattern=False)
+    attempts = [(True, dropout), (False, dropout)] + ([(True, 0.0), (False, 0.0)] if dropout else [])
+    for i, (by_pattern, p) in enumerate(attempts):
+        # the pattern-shrunk widths may break a config constraint (then the generic ones only), and a few
+        # families refuse dropout (then without it)
+        try:
+            return _build(model_type, class_name, p, seed, by_pattern)
+        except Exception:  # noqa: BLE001
+            if i == len(attempts) - 1:
+                raise
 
 
 def _build(model_type, class_name, dropout, seed, by_pattern):
