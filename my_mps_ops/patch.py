@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -213,12 +213,22 @@ _GATED_MLP_NAMES = (("gate_proj", "up_proj", "down_proj"),  # transformers' Llam
                     ("w_gate", "w_up", "w_down"),            # my_mps_ops.models.TinyLlama's plain twin
                     ("wi_0", "wi_1", "wo"))                  # T5-style gated GELU
 
-# kind -> fused activation of (gate, up).
-_GATED_ACTIVATIONS: Tuple[Tuple[str, Callable], ...] = (
-    ("swiglu", ops.swiglu),
-    ("geglu(tanh)", lambda g, u: ops.geglu(g, u, "tanh")),
-    ("geglu", lambda g, u: ops.geglu(g, u, "none")),
-)
+
+def _silu_product(gate, up):
+    return ops.swiglu(gate, up)
+
+
+def _gelu_tanh_product(gate, up):
+    return ops.geglu(gate, up, "tanh")
+
+
+def _gelu_product(gate, up):
+    return ops.geglu(gate, up, "none")
+
+
+# kind -> fused activation of (gate, up); named functions, looked up from the
+# module's `kind` at call time, so patched models still pickle.
+_GATED_ACTIVATIONS = {"swiglu": _silu_product, "geglu(tanh)": _gelu_tanh_product, "geglu": _gelu_product}
 
 
 class FusedGatedMLP(nn.Module):
@@ -230,13 +240,12 @@ class FusedGatedMLP(nn.Module):
         super().__init__()
         self._names = names
         self.kind = kind
-        self._fused = dict(_GATED_ACTIVATIONS)[kind]
         for name, linear in zip(names, (gate, up, down)):
             setattr(self, name, linear)
 
     def forward(self, x):
         gate, up, down = (getattr(self, n) for n in self._names)
-        return down(self._fused(gate(x), up(x)))
+        return down(_GATED_ACTIVATIONS[self.kind](gate(x), up(x)))
 
     def extra_repr(self) -> str:
         return self.kind
@@ -263,11 +272,10 @@ class FusedGateUpMLP(nn.Module):
         self.gate_up_proj = gate_up_proj
         self.down_proj = down_proj
         self.kind = kind
-        self._fused = dict(_GATED_ACTIVATIONS)[kind]
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self._fused(gate, up))
+        return self.down_proj(_GATED_ACTIVATIONS[self.kind](gate, up))
 
     def extra_repr(self) -> str:
         return self.kind
@@ -281,12 +289,12 @@ class FusedGateUpSwiGLUMLP(FusedGateUpMLP):
 
 
 def _fused_mlp(layout, kind):
-    gated = kind == "swiglu"
+    silu = kind == "swiglu"
     if layout[0] == "gate_up":
         _, gate_up, down = layout
-        return (FusedGateUpSwiGLUMLP if gated else FusedGateUpMLP)(gate_up, down, kind)
+        return (FusedGateUpSwiGLUMLP if silu else FusedGateUpMLP)(gate_up, down, kind)
     names, (gate, up, down) = layout
-    return (FusedSwiGLUMLP if gated else FusedGeGLUMLP)(names, gate, up, down, kind)
+    return (FusedSwiGLUMLP if silu else FusedGeGLUMLP)(names, gate, up, down, kind)
 
 
 def _mlp_layout(module: nn.Module):
@@ -327,7 +335,6 @@ class FusedGatedExperts(nn.Module):
         self.down_proj = down_proj
         self.num_experts = gate_up_proj.shape[0]
         self.kind = kind
-        self._fused = dict(_GATED_ACTIVATIONS)[kind]
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)
@@ -341,7 +348,7 @@ class FusedGatedExperts(nn.Module):
                 continue
             slot, token = torch.where(routed[expert])
             gate, up = nn.functional.linear(hidden_states[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            h = nn.functional.linear(self._fused(gate, up), self.down_proj[expert])
+            h = nn.functional.linear(_GATED_ACTIVATIONS[self.kind](gate, up), self.down_proj[expert])
             out.index_add_(0, token, (h * top_k_weights[token, slot, None]).to(out.dtype))
         return out
 
@@ -449,7 +456,7 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True,
         raise TypeError("patch_model expects a torch.nn.Module (the model to patch in place), "
                         f"got {type(model).__name__}")
     summary = PatchSummary()
-    mlp_kinds = [(k, f) for k, f in _GATED_ACTIVATIONS if (swiglu if k == "swiglu" else geglu)]
+    mlp_kinds = [k for k in _GATED_ACTIVATIONS if (swiglu if k == "swiglu" else geglu)]
     paths = {id(m): n for n, m in model.named_modules()}
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
@@ -458,7 +465,7 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True,
                 layout = _mlp_layout(child)
                 if layout is not None:
                     width, weights = _mlp_in_features(layout)
-                    candidates = [(k, _fused_mlp(layout, k)) for k, _ in mlp_kinds]
+                    candidates = [(k, _fused_mlp(layout, k)) for k in mlp_kinds]
                     match = _first_match(path, child, "gated_mlp", candidates, width, weights, summary, strict)
                     if match is not None:
                         setattr(module, child_name, match[1])
@@ -470,7 +477,7 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True,
                     gate_up, down = experts
                     n = gate_up.shape[0]
                     candidates = [(k + "(experts)", _ExpertsProbe(FusedGatedExperts(gate_up, down, k), n))
-                                  for k, _ in mlp_kinds]
+                                  for k in mlp_kinds]
                     match = _first_match(path, _ExpertsProbe(child, n), "experts", candidates, gate_up.shape[2],
                                          [gate_up, down], summary, strict)
                     if match is not None:
