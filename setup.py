@@ -56,6 +56,14 @@ def _cxx_string(text):
     return "\n".join(f'R"MPSOPS({c})MPSOPS"' for c in chunks)
 
 
+def _write_if_changed(path, code):
+    # An unchanged generated file keeps its timestamp, so ninja does not rebuild it.
+    old = open(path).read() if os.path.exists(path) else None
+    if old != code:
+        with open(path, "w") as f:
+            f.write(code)
+
+
 def generate_embedded_shaders():
     files = sorted(glob.glob(os.path.join(SHADER_DIR, "*.metal")))
     entries = []
@@ -88,10 +96,7 @@ const std::string& embedded_shader(const std::string& library) {{
 """
     os.makedirs(GENERATED_DIR, exist_ok=True)
     out = os.path.join(GENERATED_DIR, "embedded_shaders.cpp")
-    old = open(out).read() if os.path.exists(out) else None
-    if old != code:  # keep the timestamp when unchanged: no needless rebuild
-        with open(out, "w") as f:
-            f.write(code)
+    _write_if_changed(out, code)
     return out
 
 
@@ -103,14 +108,6 @@ def _is_x86_64():
     import platform
 
     return platform.machine().lower() in ("x86_64", "amd64")
-
-
-def _write_if_changed(path, code):
-    # An unchanged wrapper keeps its timestamp, so ninja does not rebuild it.
-    old = open(path).read() if os.path.exists(path) else None
-    if old != code:
-        with open(path, "w") as f:
-            f.write(code)
 
 
 def _unity_build():
