@@ -22,6 +22,20 @@ inline float threadgroup_sum(float value, threadgroup float* partials, uint simd
   return total;
 }
 
+// Max of `value` over every thread of the threadgroup, returned to all of
+// them; the same contract as threadgroup_sum.
+inline float threadgroup_max(float value, threadgroup float* partials, uint simd_lane, uint simd_group,
+                             uint simd_groups) {
+  value = simd_max(value);
+  if (simd_lane == 0) {
+    partials[simd_group] = value;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float total = simd_max(simd_lane < simd_groups ? partials[simd_lane] : -INFINITY);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  return total;
+}
+
 // Two sums at once (one barrier pair for both).
 inline float2 threadgroup_sum2(float2 value, threadgroup float2* partials, uint simd_lane, uint simd_group,
                                uint simd_groups) {

@@ -190,9 +190,9 @@ def test_no_classes_raises_on_every_backend(backend):
         my_mps_ops.cross_entropy(logits, target)
 
 
-# Vocabulary masking: each row takes one pattern, in turn. "fully masked" rows
-# of finfo.min are left out: there the float32 lse (m + log s) rounds to m and
-# the loss loses its log(V) (README, cross_entropy semantics).
+# Vocabulary masking: each row takes one pattern, in turn. A fully masked row
+# of finfo.min (every logit equal) has loss log(V) in PyTorch, which a loss
+# formed as lse - z_t loses (the float32 lse = m + log s rounds to m).
 MASK_PATTERNS = ["none", "ignored", "some", "target", "leading_block", "all_ignored", "all"]
 
 
@@ -204,8 +204,8 @@ def masked_inputs(sample, dtype, device, fill, rows):
     n, v = logits.shape
     value = float("-inf") if fill == "-inf" else torch.finfo(dtype).min
     patterns = [p for p in MASK_PATTERNS
-                if rows == "all" or p not in ("target", "all")
-                if not (p == "all" and fill != "-inf")]
+                if rows == "all" or p != "target"
+                if rows == "all" or not (p == "all" and fill == "-inf")]
     g = torch.Generator().manual_seed(1)
     for r in range(n):
         pattern = patterns[r % len(patterns)]
@@ -257,3 +257,31 @@ def test_masked_logits_match_pytorch(backend, dtype, fill, rows, smoothing, samp
         ref.backward(g)
         finite = ref_logits.grad.isfinite()
         torch.testing.assert_close(leaf.grad.cpu().double()[finite], ref_logits.grad[finite], **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("offset", [-1e4, 6e4, 2e5])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_large_logits_keep_their_precision(backend, dtype, offset, smoothing):
+    # Logits far from 0 (every row shifted by `offset`): F.cross_entropy forms
+    # z - m before anything else, so its loss and softmax keep float32
+    # precision; a float32 lse = m + log s here carries an error of ulp(|m|)
+    # (1e-3 at 1e4), which exp(z - lse) would pass on to every gradient.
+    if dtype == torch.float64 and backend.name != "cpu":
+        pytest.skip("float64 runs on the native CPU kernels only")
+    if offset > torch.finfo(dtype).max / 2:
+        pytest.skip("offset not representable in this dtype")
+    g = torch.Generator().manual_seed(3)
+    v = 777
+    logits = (torch.randn(5, v, generator=g, dtype=torch.float64) * 3 + offset).to(dtype)
+    logits[2] = offset  # one row of equal logits: softmax 1/V
+    target = torch.randint(0, v, (5,), generator=g)
+    leaf = logits.to(backend.device).requires_grad_()
+    loss = my_mps_ops.cross_entropy(leaf, target.to(backend.device), -100, smoothing, "none")
+    (ref_logits,) = float64_leaves(logits)
+    ref = F.cross_entropy(ref_logits, target, label_smoothing=smoothing, reduction="none")
+    torch.testing.assert_close(loss.cpu().double(), ref, **tol(dtype))
+    w = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    loss.backward(w.to(device=backend.device, dtype=dtype))
+    ref.backward(w)
+    torch.testing.assert_close(leaf.grad.cpu().double(), ref_logits.grad, **tol(dtype))
