@@ -80,6 +80,23 @@ inline at::Tensor param_for_metal(const std::optional<at::Tensor>& p, const at::
   return p.has_value() ? p->to(input.scalar_type()).contiguous() : input;
 }
 
+// Whether one of torch.func's differentiating transforms (grad, vjp, jacrev,
+// jvp, hessian) runs over these arguments: they wrap every tensor argument
+// (dispatch key FuncTorchGradWrapper) and refuse C++ autograd Functions. The
+// Autograd kernels then run the op as the PyTorch composite it stands for:
+// PyTorch's values, differentiable to any order by the transform (as MLX's
+// fast ops fall back to their composite under its transforms).
+inline bool wrapped_for_functorch(const at::Tensor& t) {
+  return t.defined() && t.key_set().has(c10::DispatchKey::FuncTorchGradWrapper);
+}
+inline bool wrapped_for_functorch(const std::optional<at::Tensor>& t) {
+  return t.has_value() && wrapped_for_functorch(*t);
+}
+template <typename... Tensors>
+bool under_functorch_differentiation(const Tensors&... tensors) {
+  return (wrapped_for_functorch(tensors) || ...);
+}
+
 // The empty tensor a backward op returns for a gradient output_mask does not want.
 inline at::Tensor unwanted_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
 

@@ -15,7 +15,10 @@
 #include "ops/double_backward.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/core/Reduction.h>
+#include <ATen/ops/cross_entropy_loss.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/logsumexp.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -196,8 +199,24 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
   }
 };
 
+// Under torch.func's grad / vjp / jvp (ops/common.h): F.cross_entropy in the
+// accumulation dtype, as the kernels compute it; lse as a plain output.
+std::tuple<Tensor, Tensor> cross_entropy_composite(const Tensor& logits, const Tensor& target, int64_t ignore_index,
+                                                   double smoothing, c10::string_view reduction_name) {
+  const Reduction reduction = parse_reduction(kCrossEntropyOp, reduction_name);
+  check_inputs(kCrossEntropyOp, logits, target, smoothing);
+  const int64_t aten_reduction = reduction == Reduction::None   ? at::Reduction::None
+                                 : reduction == Reduction::Mean ? at::Reduction::Mean
+                                                                : at::Reduction::Sum;
+  const Tensor acc = logits.to(stats_dtype(logits));
+  Tensor loss = at::cross_entropy_loss(acc, target, std::nullopt, aten_reduction, ignore_index, smoothing);
+  return {loss.to(logits.scalar_type()), at::logsumexp(acc, {1}).detach()};
+}
+
 std::tuple<Tensor, Tensor> cross_entropy_autograd(const Tensor& logits, const Tensor& target, int64_t ignore_index,
                                                   double smoothing, c10::string_view reduction) {
+  if (under_functorch_differentiation(logits, target))
+    return cross_entropy_composite(logits, target, ignore_index, smoothing, reduction);
   auto outs = CrossEntropyFunction::apply(logits, target, ignore_index, smoothing, reduction);
   return {outs[0], outs[1]};
 }

@@ -20,7 +20,12 @@
 #include "ops/common.h"
 #include "ops/double_backward.h"
 
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/logsumexp.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/softmax.h>
+#include <ATen/ops/where.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -281,8 +286,32 @@ class FlashAttentionFunction : public torch::autograd::Function<FlashAttentionFu
   }
 };
 
+// Under torch.func's grad / vjp / jvp (ops/common.h): attention written with
+// PyTorch ops, in the accumulation dtype, with the kernels' semantics (GQA by
+// repeating k/v heads, causal aligned bottom-right, rows that see no key 0).
+std::tuple<Tensor, Tensor> flash_attention_composite(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
+                                                     std::optional<double> scale) {
+  check_inputs(kFlashAttentionOp, q, k, v, scale);
+  const at::ScalarType acc = lse_dtype(q);
+  const int64_t group = k.size(1) > 0 ? q.size(1) / k.size(1) : 1;
+  const Tensor qa = q.to(acc), ka = k.to(acc).repeat_interleave(group, 1), va = v.to(acc).repeat_interleave(group, 1);
+  Tensor scores = at::matmul(qa, ka.transpose(-2, -1)) * resolve_scale(scale, q.size(3));
+  if (causal) {
+    const int64_t q_len = q.size(2), kv_len = k.size(2);
+    const auto index = q.options().dtype(at::kLong);
+    const Tensor sees = at::arange(kv_len, index).unsqueeze(0) <= at::arange(q_len, index).unsqueeze(1) + (kv_len - q_len);
+    scores = scores.masked_fill(sees.logical_not(), -std::numeric_limits<double>::infinity());
+  }
+  const Tensor lse = at::logsumexp(scores, {-1});
+  // A row with no key: softmax of zeros (no NaN in its backward), then 0.
+  const Tensor empty_row = lse.detach().isneginf().unsqueeze(-1);
+  const Tensor probs = at::where(empty_row, 0.0, at::softmax(at::where(empty_row, 0.0, scores), -1));
+  return {at::matmul(probs, va).to(q.scalar_type()), lse.detach()};
+}
+
 std::tuple<Tensor, Tensor> flash_attention_autograd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
                                                     std::optional<double> scale) {
+  if (under_functorch_differentiation(q, k, v)) return flash_attention_composite(q, k, v, causal, scale);
   auto outputs = FlashAttentionFunction::apply(q, k, v, causal, scale);
   return {outputs[0], outputs[1]};
 }

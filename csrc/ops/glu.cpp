@@ -14,6 +14,8 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/silu.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -205,11 +207,20 @@ class GeGLUFunction : public torch::autograd::Function<GeGLUFunction> {
 
 // Mixed dtypes are promoted here, differentiably, so each gradient comes back
 // in its input's dtype.
+// Under torch.func's grad / vjp / jvp the composites themselves (ops/common.h).
 Tensor swiglu_autograd(const Tensor& gate_in, const Tensor& up_in) {
+  if (under_functorch_differentiation(gate_in, up_in)) {
+    check_inputs(op_name(GluActivation::SiLU, false), gate_in, up_in);
+    return at::silu(gate_in) * up_in;
+  }
   const auto [gate, up] = promoted_pair(gate_in, up_in);
   return SwiGLUFunction::apply(gate, up);
 }
 Tensor geglu_autograd(const Tensor& gate_in, const Tensor& up_in, c10::string_view approximate) {
+  if (under_functorch_differentiation(gate_in, up_in)) {
+    check_inputs(op_name(gelu_kind("my_mps_ops.geglu", approximate), false), gate_in, up_in);
+    return at::gelu(gate_in, approximate) * up_in;
+  }
   const auto [gate, up] = promoted_pair(gate_in, up_in);
   return GeGLUFunction::apply(gate, up, approximate);
 }

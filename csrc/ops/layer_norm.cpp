@@ -9,6 +9,7 @@
 #include "ops/double_backward.h"
 #include "ops/norm.h"
 
+#include <ATen/ops/layer_norm.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -164,6 +165,10 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
 };
 
 Tensor layer_norm_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps) {
+  if (under_functorch_differentiation(input, weight, bias)) {  // F.layer_norm itself (ops/common.h)
+    check_inputs(kLayerNormOp, input, weight, bias, eps);
+    return at::layer_norm(input, {input.size(-1)}, weight, bias, eps);
+  }
   return LayerNormFunction::apply(input, weight, bias, eps);
 }
 

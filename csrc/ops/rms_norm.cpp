@@ -12,6 +12,7 @@
 #include "ops/double_backward.h"
 #include "ops/norm.h"
 
+#include <ATen/ops/rms_norm.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -258,7 +259,14 @@ class FusedAddRMSNormFunction : public torch::autograd::Function<FusedAddRMSNorm
   }
 };
 
+// Under torch.func's grad / vjp / jvp (ops/common.h): F.rms_norm itself.
+Tensor rms_norm_composite(const Tensor& input, const OptTensor& weight, double eps) {
+  check_inputs(kRmsNormOp, input, weight, eps);
+  return at::rms_norm(input, {input.size(-1)}, weight, eps);
+}
+
 Tensor rms_norm_autograd(const Tensor& input, const OptTensor& weight, double eps) {
+  if (under_functorch_differentiation(input, weight)) return rms_norm_composite(input, weight, eps);
   return RMSNormFunction::apply(input, weight, eps);
 }
 
@@ -266,6 +274,11 @@ Tensor rms_norm_autograd(const Tensor& input, const OptTensor& weight, double ep
 // in its input's dtype.
 std::tuple<Tensor, Tensor> fused_add_rms_norm_autograd(const Tensor& x_in, const Tensor& residual_in,
                                                        const OptTensor& weight, double eps) {
+  if (under_functorch_differentiation(x_in, residual_in, weight)) {
+    check_fused_inputs(x_in, residual_in, weight, eps);
+    const Tensor residual_out = x_in + residual_in;
+    return {at::rms_norm(residual_out, {residual_out.size(-1)}, weight, eps), residual_out};
+  }
   const auto [x, residual] = promoted_pair(x_in, residual_in);
   auto outs = FusedAddRMSNormFunction::apply(x, residual, weight, eps);
   return {outs[0], outs[1]};

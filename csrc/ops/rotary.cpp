@@ -15,7 +15,9 @@
 #include "ops/common.h"
 #include "ops/double_backward.h"
 
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/stack.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -27,6 +29,7 @@ namespace {
 
 using at::Tensor;
 constexpr const char* kRotaryOp = "my_mps_ops.rotary_embedding";
+constexpr const char* kRotaryQKOp = "my_mps_ops.rotary_embedding_qk";
 
 struct RotaryDims {
   int64_t batch, seq, heads, head_dim, pairs;
@@ -113,7 +116,7 @@ Tensor rotary_backward_impl(const Tensor& grad, const Tensor& cos, const Tensor&
 }
 std::tuple<Tensor, Tensor> rotary_qk_impl(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
                                           bool interleaved, int64_t seq_dim) {
-  return rotate_qk(q, k, cos, sin, interleaved, seq_dim, false, "my_mps_ops.rotary_embedding_qk");
+  return rotate_qk(q, k, cos, sin, interleaved, seq_dim, false, kRotaryQKOp);
 }
 std::tuple<Tensor, Tensor> rotary_qk_backward_impl(const Tensor& gq, const Tensor& gk, const Tensor& cos,
                                                    const Tensor& sin, bool interleaved, int64_t seq_dim) {
@@ -205,11 +208,41 @@ class RotaryQKFunction : public torch::autograd::Function<RotaryQKFunction> {
   }
 };
 
+// Under torch.func's grad / vjp / jvp (ops/common.h): the rotation written with
+// PyTorch ops in the kernels' dtypes (float32 tables and math; float64 for
+// float64 x), rounded once to x's dtype.
+Tensor rotary_composite(const Tensor& x, const Tensor& cos, const Tensor& sin, bool interleaved, int64_t seq_dim,
+                        const char* op, const char* name) {
+  check_inputs(op, name, x, cos, sin, seq_dim);
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // [seq, pairs] or [batch, seq, pairs] broadcast against x's layout.
+  auto table = [&](const Tensor& t) {
+    Tensor b = t.to(acc);
+    if (b.dim() == 2) b = b.unsqueeze(0);
+    return b.unsqueeze(seq_dim == 1 ? 2 : 1);
+  };
+  const Tensor c = table(cos), s = table(sin), xa = x.to(acc);
+  const int64_t pairs = cos.size(-1), head_dim = x.size(3);
+  const Tensor first = interleaved ? xa.slice(3, 0, 2 * pairs, 2) : xa.narrow(3, 0, pairs);
+  const Tensor second = interleaved ? xa.slice(3, 1, 2 * pairs, 2) : xa.narrow(3, pairs, pairs);
+  const Tensor out_first = first * c - second * s, out_second = second * c + first * s;
+  const Tensor rotated =
+      interleaved ? at::stack({out_first, out_second}, -1).flatten(-2) : at::cat({out_first, out_second}, -1);
+  return at::cat({rotated, xa.narrow(3, 2 * pairs, head_dim - 2 * pairs)}, -1).to(x.scalar_type());
+}
+
 Tensor rotary_autograd(const Tensor& x, const Tensor& cos, const Tensor& sin, bool interleaved, int64_t seq_dim) {
+  if (under_functorch_differentiation(x, cos, sin))
+    return rotary_composite(x, cos, sin, interleaved, seq_dim, kRotaryOp, "x");
   return RotaryFunction::apply(x, cos, sin, interleaved, seq_dim);
 }
 std::tuple<Tensor, Tensor> rotary_qk_autograd(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
                                               bool interleaved, int64_t seq_dim) {
+  if (under_functorch_differentiation(q, k, cos, sin)) {
+    check_same_dtype(k, q, kRotaryQKOp, "k", "q");
+    return {rotary_composite(q, cos, sin, interleaved, seq_dim, kRotaryQKOp, "q"),
+            rotary_composite(k, cos, sin, interleaved, seq_dim, kRotaryQKOp, "k")};
+  }
   auto outs = RotaryQKFunction::apply(q, k, cos, sin, interleaved, seq_dim);
   return {outs[0], outs[1]};
 }
