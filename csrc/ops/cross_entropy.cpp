@@ -13,6 +13,7 @@
 #include "ops/autograd_emulation.h"
 #include "ops/common.h"
 #include "ops/double_backward.h"
+#include "ops/loss.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/core/Reduction.h>
@@ -34,15 +35,6 @@ using at::Tensor;
 constexpr const char* kCrossEntropyOp = "my_mps_ops.cross_entropy";
 constexpr const char* kCrossEntropyBackwardOp = "my_mps_ops.cross_entropy_backward";
 
-enum class Reduction { None, Mean, Sum };
-
-Reduction parse_reduction(const char* op, c10::string_view r) {
-  if (r == "mean") return Reduction::Mean;
-  if (r == "sum") return Reduction::Sum;
-  if (r == "none") return Reduction::None;
-  TORCH_CHECK(false, op, ": reduction must be \"mean\", \"sum\" or \"none\", got \"", r, "\"");
-}
-
 void check_inputs(const char* op, const Tensor& logits, const Tensor& target, double label_smoothing) {
   check_float_dtype(logits, op, "logits");
   TORCH_CHECK(logits.dim() == 2, op, ": logits must have shape [N, V], got ", logits.sym_sizes());
@@ -59,25 +51,6 @@ void check_inputs(const char* op, const Tensor& logits, const Tensor& target, do
 // float64 for float64 logits (gradcheck). The Metal kernels keep float32.
 at::ScalarType stats_dtype(const Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Per-row factor of the gradient: grad_loss for "none", broadcast for "sum",
-// divided by the number of counted rows for "mean".
-Tensor row_scale(const Tensor& grad_loss, const Tensor& target, int64_t ignore_index, Reduction reduction,
-                 at::ScalarType dtype) {
-  const int64_t n = target.size(0);
-  Tensor g = grad_loss.to(dtype);
-  if (reduction == Reduction::None) return g.contiguous();
-  if (reduction == Reduction::Mean) g = g.div(target.ne(ignore_index).sum().to(dtype));
-  return g.reshape({1}).expand({n}).contiguous();
-}
-
-Tensor reduce_rows(const Tensor& losses, const Tensor& target, int64_t ignore_index, Reduction reduction,
-                   at::ScalarType dtype) {
-  if (reduction == Reduction::None) return losses.to(dtype);
-  Tensor total = losses.sum();
-  if (reduction == Reduction::Mean) total = total.div(target.ne(ignore_index).sum().to(losses.scalar_type()));
-  return total.to(dtype);
 }
 
 // (per-row losses, lse) of contiguous logits and target, float32 on the Metal

@@ -31,7 +31,13 @@ inline void double_backward_unsupported(const c10::OperatorHandle& op, c10::Disp
   // "my_mps_ops::rms_norm_backward" -> "my_mps_ops.rms_norm"
   std::string forward = schema.name();
   forward.replace(forward.find("::"), 2, ".");
-  forward.erase(forward.rfind("_backward"));
+  for (const char* suffix : {"_backward", "_with_grad"}) {
+    const auto at = forward.rfind(suffix);
+    if (at != std::string::npos) {
+      forward.erase(at);
+      break;
+    }
+  }
   auto node = c10::make_intrusive<torch::autograd::Error>(
       forward + ": double backward is not supported (its gradient has no derivative formula); use torch's ops "
                 "where second derivatives are needed",

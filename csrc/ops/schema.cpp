@@ -40,6 +40,19 @@ TORCH_LIBRARY(my_mps_ops, m) {
   m.def("geglu(Tensor gate, Tensor up, str approximate=\"none\") -> Tensor");
   m.def("geglu_backward(Tensor grad_out, Tensor gate, Tensor up, str approximate=\"none\") -> (Tensor, Tensor)");
 
+  // ---- linear_cross_entropy: F.cross_entropy(softcap(hidden @ weight.T + bias),
+  // target) + z_loss * lse^2 per counted row, without the [N, V] logits.
+  // hidden [N, H], weight [V, H], target [N] int64, bias [V]. Returns (loss,
+  // lse): lse [N] (float32; float64 for float64) of the capped logits, 0 for
+  // ignored rows.
+  m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, int ignore_index=-100, float label_smoothing=0.0, str reduction=\"mean\", float? logit_softcap=None, float z_loss=0.0) -> (Tensor, Tensor)");
+  // Returns (grad_hidden, grad_weight, grad_bias), recomputing each chunk's
+  // logits; empty tensors where output_mask does not want them.
+  m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor target, Tensor? bias, int ignore_index, float label_smoothing, str reduction, float? logit_softcap, float z_loss, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The forward and the gradients of its (mean or sum) loss in one pass:
+  // (loss, lse, grad_hidden, grad_weight, grad_bias) for a loss gradient of 1.
+  m.def("linear_cross_entropy_with_grad(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, int ignore_index, float label_smoothing, str reduction, float? logit_softcap, float z_loss, bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
   // ---- flash_attention
   // Fused softmax(scale * q k^T) v over (batch, heads, seq, head_dim) inputs,
   // grouped-query heads, causal aligned to the bottom right. Returns (out, lse)
