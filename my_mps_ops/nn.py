@@ -125,6 +125,33 @@ class CrossEntropyLoss(torch.nn.Module):
         return ops.cross_entropy(input, target, self.ignore_index, self.label_smoothing, self.reduction)
 
 
+class LinearCrossEntropy(torch.nn.Module):
+    """The loss of a language-model head without its logits:
+    ``loss = module(hidden, weight, target, bias=None)`` equals
+    ``F.cross_entropy(hidden @ weight.T + bias, target, ...)`` (with optional
+    Gemma-2 logit softcap and z-loss; see my_mps_ops.linear_cross_entropy).
+    hidden may have any leading shape ([..., H]; target [...])."""
+
+    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+                 logit_softcap: Optional[float] = None, z_loss: float = 0.0) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.reduction = reduction
+        self.logit_softcap = logit_softcap
+        self.z_loss = z_loss
+
+    def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        loss = ops.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1), bias,
+                                        self.ignore_index, self.label_smoothing, self.reduction,
+                                        self.logit_softcap, self.z_loss)
+        return loss.reshape(target.shape) if self.reduction == "none" else loss
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+                f"reduction={self.reduction!r}, logit_softcap={self.logit_softcap}, z_loss={self.z_loss}")
+
+
 class RotaryEmbedding(torch.nn.Module):
     """Rotary position embedding for q and k of shape (batch, seq, heads, head_dim)
     (or (batch, heads, seq, head_dim) with ``seq_dim=2``): cos/sin tables as

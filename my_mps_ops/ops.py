@@ -49,6 +49,22 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, labe
     return _ops.cross_entropy(logits, target, ignore_index, label_smoothing, reduction)[0]
 
 
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
+                         ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+                         logit_softcap: Optional[float] = None, z_loss: float = 0.0) -> Tensor:
+    """``F.cross_entropy(logits, target, ...)`` with ``logits = hidden[N, H] @ weight[V, H].T + bias``, never
+    holding the [N, V] logits: rows are taken in chunks, each chunk's logits made,
+    reduced and (for the gradient) turned into d loss / d logits before the next.
+
+    ``logit_softcap`` c applies Gemma 2's ``c * tanh(logits / c)`` first;
+    ``z_loss`` adds ``z_loss * logsumexp(logits)**2`` to each counted row's loss
+    (reduced like the loss: "mean" over the rows whose target is not
+    ignore_index). Gradients for hidden, weight and bias.
+    """
+    return _ops.linear_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoothing, reduction,
+                                     logit_softcap, z_loss)[0]
+
+
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
                     scale: Optional[float] = None) -> Tensor:
     """Fused attention ``softmax(scale * q @ k^T [masked]) @ v`` with memory linear in sequence length.

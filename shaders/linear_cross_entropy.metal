@@ -6,7 +6,8 @@
 //   d loss / d z_j = g (p_j (1 + 2 z_loss lse) - eps / V - (1 - eps) [j == t])
 // times 1 - (z_j / c)^2 for capped logits z = c tanh(x / c). Each thread
 // reads and writes only its own logits, so the in-place passes need no
-// barrier between them; the row's reductions go through reduce.h.
+// barrier between them, except around the target's logit, which every thread
+// reads; the row's reductions go through reduce.h.
 #include <metal_stdlib>
 #include "linear_cross_entropy.h"
 #include "reduce.h"
@@ -55,7 +56,9 @@ kernel void linear_cross_entropy_rows(
   const long t = target[row];
   const bool ignored = t == p.ignore_index;
   const bool valid = !ignored && t >= 0 && t < long(v);
-  // Every thread reads z_t before any thread overwrites the row.
+  // z_t was capped by the thread that owns it: order that write before every
+  // thread's read, and every read before the owner overwrites it below.
+  threadgroup_barrier(mem_flags::mem_device);
   const float z_t = valid ? z[uint(t)] : 0.0f;
   threadgroup_barrier(mem_flags::mem_device);
   if (tid == 0) {
