@@ -9,7 +9,8 @@
 // accumulation; tiles are converted to float as they are staged in
 // threadgroup memory (so every matrix operand is float, whatever T is). A
 // simdgroup owns 8 rows (queries, or keys in the dK/dV kernel); threadgroups
-// have flash_simdgroups(D) of them (flash_attention.h, which also gives the
+// have flash_simdgroups(D) of them, or fewer when the pipeline is specialised
+// with the function constant below (flash_attention.h, which also gives the
 // size of each [[threadgroup(n)]] buffer).
 //
 // No float atomics: dK/dV and dQ are separate kernels, each owning its rows;
@@ -17,6 +18,16 @@
 #include <metal_stdlib>
 #include "flash_attention.h"
 using namespace metal;
+
+// Simdgroups per threadgroup: the host specialises the pipeline with fewer
+// than flash_simdgroups(D) when it allows fewer threads per threadgroup.
+constant uint flash_simdgroups_constant [[function_constant(0)]];
+static_assert(kFlashSimdgroupsConstant == 0, "the index of flash_simdgroups_constant");
+
+template <uint D>
+inline uint kernel_simdgroups() {
+  return is_function_constant_defined(flash_simdgroups_constant) ? flash_simdgroups_constant : flash_simdgroups(D);
+}
 
 // Loads rows [first_row, first_row + 8) x columns [col, col + 8) of a
 // row-major matrix with `stride` columns and `rows` rows into a float matrix,
@@ -52,11 +63,11 @@ inline void store_block(simdgroup_float8x8 m, device T* dst, uint first_row, uin
 
 // Copies rows [first_row, first_row + count) of a (rows x D) matrix into a
 // float tile in threadgroup memory (row-major, D columns), times `factor`,
-// zero past the end. Every thread of the threadgroup takes part.
+// zero past the end. Every one of the threadgroup's `threads` threads takes part.
 template <typename T, uint D>
 inline void stage_rows(threadgroup float* tile, device const T* src, uint first_row, uint count, uint rows,
-                       float factor, uint tid) {
-  for (uint idx = tid; idx < count * D; idx += flash_threads(D)) {
+                       float factor, uint tid, uint threads) {
+  for (uint idx = tid; idx < count * D; idx += threads) {
     const uint row = first_row + idx / D;
     tile[idx] = row < rows ? float(src[size_t(row) * D + idx % D]) * factor : 0.0f;
   }
@@ -91,7 +102,9 @@ kernel void flash_attention_forward(
     uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
-  constexpr uint ROWS = flash_rows(D);
+  const uint SIMDGROUPS = kernel_simdgroups<D>();
+  const uint ROWS = flash_block_rows(SIMDGROUPS);
+  const uint THREADS = flash_block_threads(SIMDGROUPS);
   constexpr uint BLOCKS = D / 8;  // 8-wide column blocks of a head
   const uint q_heads = shape.q_heads;
   const uint group = shape.group;
@@ -106,11 +119,11 @@ kernel void flash_attention_forward(
   device const T* qh = q + (size_t(b) * q_heads + h) * q_len * D;
   device const T* kh = k + (size_t(b) * kv_heads + h / group) * kv_len * D;
   device const T* vh = v + (size_t(b) * kv_heads + h / group) * kv_len * D;
-  threadgroup float* scores = scratch + sg * flash_forward_scratch_floats(D);  // 8 x ROWS
-  threadgroup float* diag = scores + 8 * ROWS;                                   // 8 x 8
+  threadgroup float* scores = scratch + sg * flash_forward_scratch_floats(SIMDGROUPS);  // 8 x ROWS
+  threadgroup float* diag = scores + 8 * ROWS;                                            // 8 x 8
   const bool is_causal = shape.causal != 0;
 
-  stage_rows<T, D>(tile, qh, q0, ROWS, q_len, scale, tid);
+  stage_rows<T, D>(tile, qh, q0, ROWS, q_len, scale, tid, THREADS);
   threadgroup_barrier(mem_flags::mem_threadgroup);
   simdgroup_float8x8 qf[BLOCKS];
   simdgroup_float8x8 acc[BLOCKS];
@@ -129,7 +142,7 @@ kernel void flash_attention_forward(
   const uint key_end = visible_key_end(min(q_len, q0 + ROWS) - 1, q_len, kv_len, is_causal);
   for (uint k0 = 0; k0 < key_end; k0 += ROWS) {
     threadgroup_barrier(mem_flags::mem_threadgroup);  // everyone is done with the previous tile
-    stage_rows<T, D>(tile, kh, k0, ROWS, kv_len, 1.0f, tid);
+    stage_rows<T, D>(tile, kh, k0, ROWS, kv_len, 1.0f, tid, THREADS);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     // scores (8 x ROWS) = Q (8 x D) * K^T (D x ROWS)
     for (uint kc = 0; kc < ROWS / 8; ++kc) {
@@ -178,7 +191,7 @@ kernel void flash_attention_forward(
     }
 
     threadgroup_barrier(mem_flags::mem_threadgroup);  // every simdgroup is done with K
-    stage_rows<T, D>(tile, vh, k0, ROWS, kv_len, 1.0f, tid);
+    stage_rows<T, D>(tile, vh, k0, ROWS, kv_len, 1.0f, tid, THREADS);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     // acc += P (8 x ROWS) * V (ROWS x D)
     for (uint kc = 0; kc < ROWS / 8; ++kc) {
@@ -254,7 +267,9 @@ kernel void flash_attention_backward_kv(
     uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
-  constexpr uint ROWS = flash_rows(D);
+  const uint SIMDGROUPS = kernel_simdgroups<D>();
+  const uint ROWS = flash_block_rows(SIMDGROUPS);
+  const uint THREADS = flash_block_threads(SIMDGROUPS);
   constexpr uint BLOCKS = D / 8;  // 8-wide column blocks of a head
   const uint q_heads = shape.q_heads;
   const uint group = shape.group;
@@ -292,8 +307,8 @@ kernel void flash_attention_backward_kv(
     const size_t q_row0 = (size_t(b) * q_heads + kv_h * group + hh) * q_len;
     for (uint i0 = first_query / 8 * 8; i0 < q_len; i0 += 8) {
       threadgroup_barrier(mem_flags::mem_threadgroup);  // everyone is done with the previous tiles
-      stage_rows<T, D>(q_tile, q + q_row0 * D, i0, 8, q_len, scale, tid);
-      stage_rows<T, D>(do_tile, grad_out + q_row0 * D, i0, 8, q_len, 1.0f, tid);
+      stage_rows<T, D>(q_tile, q + q_row0 * D, i0, 8, q_len, scale, tid, THREADS);
+      stage_rows<T, D>(do_tile, grad_out + q_row0 * D, i0, 8, q_len, 1.0f, tid, THREADS);
       if (tid < 8) {
         const bool in = i0 + tid < q_len;
         lse_tile[tid] = in ? lse[q_row0 + i0 + tid] : 0.0f;
@@ -363,7 +378,9 @@ kernel void flash_attention_backward_q(
     uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
-  constexpr uint ROWS = flash_rows(D);
+  const uint SIMDGROUPS = kernel_simdgroups<D>();
+  const uint ROWS = flash_block_rows(SIMDGROUPS);
+  const uint THREADS = flash_block_threads(SIMDGROUPS);
   constexpr uint BLOCKS = D / 8;  // 8-wide column blocks of a head
   const uint q_heads = shape.q_heads;
   const uint group = shape.group;
@@ -399,8 +416,8 @@ kernel void flash_attention_backward_q(
   const uint key_end = visible_key_end(min(q_len, q0 + ROWS) - 1, q_len, kv_len, is_causal);
   for (uint k0 = 0; k0 < key_end; k0 += 8) {
     threadgroup_barrier(mem_flags::mem_threadgroup);  // everyone is done with the previous tiles
-    stage_rows<T, D>(k_tile, k + kv_offset, k0, 8, kv_len, 1.0f, tid);
-    stage_rows<T, D>(v_tile, v + kv_offset, k0, 8, kv_len, 1.0f, tid);
+    stage_rows<T, D>(k_tile, k + kv_offset, k0, 8, kv_len, 1.0f, tid, THREADS);
+    stage_rows<T, D>(v_tile, v + kv_offset, k0, 8, kv_len, 1.0f, tid, THREADS);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     simdgroup_float8x8 s = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     simdgroup_float8x8 dp = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);

@@ -1,7 +1,9 @@
 // Launch building for flash attention (shaders/flash_attention.metal): the
 // forward, then for the backward the delta rows, the dK/dV kernel and the dQ
-// kernel. Threadgroups own flash_rows(head_dim) rows (queries, or keys for
-// dK/dV) and their threadgroup memory is sized by the shared header.
+// kernel. Threadgroups of s simdgroups own flash_block_rows(s) rows (queries,
+// or keys for dK/dV), s = flash_simdgroups(head_dim) unless the pipeline
+// allows fewer threads (choose_simdgroups); their threadgroup memory is sized
+// by the shared header.
 #include "metal/flash_attention.h"
 
 #include <algorithm>
@@ -35,19 +37,34 @@ FlashAttentionShape shape_of(const at::Tensor& q, const at::Tensor& k, bool caus
                              static_cast<uint32_t>(k.size(2)), causal ? 1u : 0u, static_cast<float>(scale)};
 }
 
-// A grid of (ceil(rows / flash_rows(d)), heads, batch) threadgroups of
-// flash_threads(d) threads. The tiles are built around that many simdgroups,
-// so a pipeline that allows fewer threads (high register use) cannot run the
-// kernel: say so, naming the kernel, rather than launching an invalid grid.
-void dispatch_row_blocks(Launch& launch, Executor& executor, int64_t rows, int64_t heads, int64_t batch,
-                         uint32_t head_dim) {
-  const uint32_t threads = shaders::flash_threads(head_dim);
-  const PipelineInfo info = executor.pipeline_info(launch.library, launch.kernel);
-  TORCH_CHECK(info.max_threads_per_threadgroup >= threads, "my_mps_ops.flash_attention: Metal kernel '",
-              launch.kernel, "' needs threadgroups of ", threads, " threads but its pipeline allows ",
-              info.max_threads_per_threadgroup, " on this GPU");
-  launch.dispatch_threadgroups({ceil_div(rows, shaders::flash_rows(head_dim)), uint64_t(heads), uint64_t(batch)},
-                               {threads, 1, 1});
+// How many simdgroups a threadgroup of `launch` has, the launch specialised
+// for it: flash_simdgroups(head_dim) when the kernel's pipeline allows that
+// many threads, else as many as the pipeline allows, the launch carrying the
+// count as the kernels' function constant (flash_attention.h). A GPU may
+// allow fewer threads for a kernel with high register use; the specialised
+// pipeline is asked again, since its limit may differ.
+uint32_t choose_simdgroups(Launch& launch, Executor& executor, uint32_t head_dim) {
+  uint32_t simdgroups = shaders::flash_simdgroups(head_dim);
+  PipelineInfo info = executor.pipeline_info(launch);
+  while (info.max_threads_per_threadgroup < shaders::flash_block_threads(simdgroups)) {
+    const uint32_t allowed = info.max_threads_per_threadgroup / shaders::kFlashSimdWidth;
+    TORCH_CHECK(allowed >= 1, "my_mps_ops.flash_attention: Metal kernel '", launch.kernel,
+                "' needs threadgroups of at least one simdgroup (", shaders::kFlashSimdWidth,
+                " threads) but its pipeline allows ", info.max_threads_per_threadgroup, " on this GPU");
+    simdgroups = std::min(allowed, simdgroups - 1);
+    launch.constants.clear();
+    launch.constant(shaders::kFlashSimdgroupsConstant, simdgroups);
+    info = executor.pipeline_info(launch);
+  }
+  return simdgroups;
+}
+
+// A grid of (ceil(rows / rows per threadgroup), heads, batch) threadgroups of
+// `simdgroups` simdgroups.
+void dispatch_row_blocks(Launch& launch, int64_t rows, int64_t heads, int64_t batch, uint32_t simdgroups) {
+  launch.dispatch_threadgroups(
+      {ceil_div(rows, shaders::flash_block_rows(simdgroups)), uint64_t(heads), uint64_t(batch)},
+      {shaders::flash_block_threads(simdgroups), 1, 1});
 }
 
 }  // namespace
@@ -58,10 +75,11 @@ void flash_attention_forward(const char* op, const FlashAttentionForwardTensors&
   const FlashAttentionShape shape = shape_of(t.q, t.k, causal, scale);
   Executor& executor = executor_for(t.q.device());
   Launch launch(kFlashAttentionLibrary, flash_attention_kernel_name("flash_attention_forward", t.q));
+  const uint32_t simdgroups = choose_simdgroups(launch, executor, d);
   launch.buffer(t.q).buffer(t.k).buffer(t.v).buffer(t.out).buffer(t.lse).scalar(shape);
-  launch.threadgroup_memory(shaders::flash_forward_tile_floats(d) * sizeof(float))
-      .threadgroup_memory(shaders::flash_simdgroups(d) * shaders::flash_forward_scratch_floats(d) * sizeof(float));
-  dispatch_row_blocks(launch, executor, t.q.size(2), t.q.size(1), t.q.size(0), d);
+  launch.threadgroup_memory(shaders::flash_forward_tile_floats(d, simdgroups) * sizeof(float))
+      .threadgroup_memory(simdgroups * shaders::flash_forward_scratch_floats(simdgroups) * sizeof(float));
+  dispatch_row_blocks(launch, t.q.size(2), t.q.size(1), t.q.size(0), simdgroups);
   executor.run(launch);
 }
 
@@ -69,7 +87,6 @@ void flash_attention_backward(const char* op, const FlashAttentionBackwardTensor
   check_sizes(op, t.q, t.k);
   const uint32_t d = static_cast<uint32_t>(t.q.size(3));
   const FlashAttentionShape shape = shape_of(t.q, t.k, causal, scale);
-  const size_t scratch_bytes = shaders::flash_simdgroups(d) * shaders::kFlashBackwardScratchFloats * sizeof(float);
   Executor& executor = executor_for(t.q.device());
 
   // delta[row] = rowsum(grad_out * out), one thread per row.
@@ -86,21 +103,23 @@ void flash_attention_backward(const char* op, const FlashAttentionBackwardTensor
   // dK, dV: one threadgroup per (block of keys, k/v head, batch).
   {
     Launch launch(kFlashAttentionLibrary, flash_attention_kernel_name("flash_attention_backward_kv", t.q));
+    const uint32_t simdgroups = choose_simdgroups(launch, executor, d);
     launch.buffer(t.grad_out).buffer(t.q).buffer(t.k).buffer(t.v).buffer(t.lse).buffer(t.delta);
     launch.buffer(t.dk).buffer(t.dv).scalar(shape);
     launch.threadgroup_memory(shaders::flash_backward_kv_stage_floats(d) * sizeof(float))
-        .threadgroup_memory(scratch_bytes);
-    dispatch_row_blocks(launch, executor, t.k.size(2), t.k.size(1), t.k.size(0), d);
+        .threadgroup_memory(simdgroups * shaders::kFlashBackwardScratchFloats * sizeof(float));
+    dispatch_row_blocks(launch, t.k.size(2), t.k.size(1), t.k.size(0), simdgroups);
     executor.run(launch);
   }
   // dQ: one threadgroup per (block of queries, q head, batch).
   {
     Launch launch(kFlashAttentionLibrary, flash_attention_kernel_name("flash_attention_backward_q", t.q));
+    const uint32_t simdgroups = choose_simdgroups(launch, executor, d);
     launch.buffer(t.grad_out).buffer(t.q).buffer(t.k).buffer(t.v).buffer(t.lse).buffer(t.delta);
     launch.buffer(t.dq).scalar(shape);
     launch.threadgroup_memory(shaders::flash_backward_q_stage_floats(d) * sizeof(float))
-        .threadgroup_memory(scratch_bytes);
-    dispatch_row_blocks(launch, executor, t.q.size(2), t.q.size(1), t.q.size(0), d);
+        .threadgroup_memory(simdgroups * shaders::kFlashBackwardScratchFloats * sizeof(float));
+    dispatch_row_blocks(launch, t.q.size(2), t.q.size(1), t.q.size(0), simdgroups);
     executor.run(launch);
   }
 }

@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace my_mps_ops::metal {
@@ -33,10 +35,50 @@ struct Arg {
   size_t threadgroup_length = 0;  // ThreadgroupMemory: bytes
 };
 
+// The value of one of the kernel's `[[function_constant(index)]]`
+// declarations, or of one named `name` (index unused then): a pipeline is
+// specialised with them (newFunctionWithName:constantValues:error: on MPS, a
+// library compiled with them on the emulator). Types are the MSL scalar
+// types a function constant may have that ops use.
+struct FunctionConstant {
+  enum class Type : uint8_t { Bool, Int, UInt, Float };
+  std::string name;    // empty: by index
+  uint32_t index = 0;
+  Type type = Type::UInt;
+  uint32_t bits = 0;   // the value's bytes (bool: 0 or 1)
+
+  // "3:uint=2" or "use_bias:bool=1": a key for pipeline caches and error messages.
+  std::string key() const {
+    static const char* const names[] = {"bool", "int", "uint", "float"};
+    std::string value;
+    if (type == Type::Float) {
+      float f;
+      std::memcpy(&f, &bits, sizeof(f));
+      value = std::to_string(f) + "/" + std::to_string(bits);  // the bits keep distinct floats distinct
+    } else if (type == Type::Int) {
+      value = std::to_string(static_cast<int32_t>(bits));
+    } else {
+      value = std::to_string(bits);
+    }
+    return (name.empty() ? std::to_string(index) : name) + ":" + names[static_cast<int>(type)] + "=" + value;
+  }
+};
+
+// "" without constants, else "{0:uint=2,use_bias:bool=1}" in the order given.
+inline std::string function_constants_key(const std::vector<FunctionConstant>& constants) {
+  if (constants.empty()) return "";
+  std::string key = "{";
+  for (size_t i = 0; i < constants.size(); ++i) key += (i ? "," : "") + constants[i].key();
+  return key + "}";
+}
+
 struct Launch {
   std::string library;  // embedded shader file stem, e.g. "rms_norm"
   std::string kernel;   // the [[host_name]] of the instantiation
   std::vector<Arg> args;
+  // Function-constant values the pipeline is specialised with; none: the
+  // kernel as written (is_function_constant_defined() false for any it declares).
+  std::vector<FunctionConstant> constants;
   // grid_counts_threadgroups: dispatchThreadgroups; otherwise grid counts
   // threads (dispatchThreads, edge threadgroups may be partial).
   std::array<uint64_t, 3> grid{1, 1, 1};
@@ -66,6 +108,17 @@ struct Launch {
     args.push_back({Arg::Kind::Bytes, next_buffer_index_++, {}, std::vector<uint8_t>(p, p + length), 0});
     return *this;
   }
+  // The value of [[function_constant(index)]] (or of the one named `name`):
+  // bool, int32_t, uint32_t or float, the MSL type the shader declares it with.
+  template <typename T>
+  Launch& constant(uint32_t index, T value) {
+    return add_constant(FunctionConstant{"", index, constant_type<T>(), constant_bits(value)});
+  }
+  template <typename T>
+  Launch& constant(const std::string& name, T value) {
+    TORCH_CHECK(!name.empty(), "Launch::constant: empty function-constant name");
+    return add_constant(FunctionConstant{name, 0, constant_type<T>(), constant_bits(value)});
+  }
   Launch& threadgroup_memory(size_t length) {
     args.push_back({Arg::Kind::ThreadgroupMemory, next_threadgroup_index_++, {}, {}, length});
     return *this;
@@ -84,6 +137,34 @@ struct Launch {
   }
 
  private:
+  template <typename T>
+  static constexpr FunctionConstant::Type constant_type() {
+    static_assert(std::is_same_v<T, bool> || std::is_same_v<T, int32_t> || std::is_same_v<T, uint32_t> ||
+                      std::is_same_v<T, float>,
+                  "function constants are bool, int32_t, uint32_t or float");
+    if constexpr (std::is_same_v<T, bool>) return FunctionConstant::Type::Bool;
+    else if constexpr (std::is_same_v<T, int32_t>) return FunctionConstant::Type::Int;
+    else if constexpr (std::is_same_v<T, uint32_t>) return FunctionConstant::Type::UInt;
+    else return FunctionConstant::Type::Float;
+  }
+  template <typename T>
+  static uint32_t constant_bits(T value) {
+    if constexpr (std::is_same_v<T, bool>) {
+      return value ? 1u : 0u;
+    } else {
+      uint32_t bits;
+      std::memcpy(&bits, &value, sizeof(bits));
+      return bits;
+    }
+  }
+  Launch& add_constant(FunctionConstant c) {
+    for (const FunctionConstant& other : constants)
+      TORCH_CHECK(other.name != c.name || (c.name.empty() && other.index != c.index),
+                  "Launch: function constant ", c.key(), " of kernel '", kernel, "' is given twice");
+    constants.push_back(std::move(c));
+    return *this;
+  }
+
   uint32_t next_buffer_index_ = 0;
   uint32_t next_threadgroup_index_ = 0;
 };
@@ -98,7 +179,16 @@ struct PipelineInfo {
 class Executor {
  public:
   virtual ~Executor() = default;
-  virtual PipelineInfo pipeline_info(const std::string& library, const std::string& kernel) = 0;
+  // The pipeline of `kernel` specialised with `constants` (none: as written).
+  virtual PipelineInfo pipeline_info(const std::string& library, const std::string& kernel,
+                                     const std::vector<FunctionConstant>& constants) = 0;
+  PipelineInfo pipeline_info(const std::string& library, const std::string& kernel) {
+    return pipeline_info(library, kernel, {});
+  }
+  // The pipeline `launch` runs: its library, kernel and function constants.
+  PipelineInfo pipeline_info(const Launch& launch) {
+    return pipeline_info(launch.library, launch.kernel, launch.constants);
+  }
   // Encodes (MPS) or runs (emulator) one launch. Inputs must already be in
   // the layout the kernel expects; outputs must already be allocated.
   virtual void run(const Launch& launch) = 0;
@@ -148,7 +238,7 @@ inline uint32_t row_threadgroup_size(int64_t n, int64_t per_thread, uint32_t max
 // launch's pipeline on `executor`.
 inline void dispatch_row_threadgroups(Launch& launch, Executor& executor, uint64_t rows, int64_t row_length,
                                       int64_t per_thread) {
-  const PipelineInfo info = executor.pipeline_info(launch.library, launch.kernel);
+  const PipelineInfo info = executor.pipeline_info(launch);
   const uint32_t threads =
       row_threadgroup_size(row_length, per_thread, info.max_threads_per_threadgroup, info.thread_execution_width);
   launch.dispatch_threadgroups({rows, 1, 1}, {threads, 1, 1});

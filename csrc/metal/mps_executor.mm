@@ -1,8 +1,8 @@
 // The MPS executor: encodes Launches on PyTorch's current MPS stream.
 //
 // Each embedded shader library is compiled once per process; pipeline states
-// are cached per (library, kernel). Encoding follows PyTorch's rules for
-// kernels that share its stream:
+// are cached per (library, kernel, function-constant values). Encoding
+// follows PyTorch's rules for kernels that share its stream:
 // encode inside a synchronous dispatch on the stream's serial queue, reuse
 // the stream's shared compute encoder (never end it), never commit or wait
 // (.cpu(), .item() and torch.mps.synchronize() do), and never call ATen MPS
@@ -75,8 +75,10 @@ struct CompiledPipeline {
 
 class MPSExecutor final : public Executor {
  public:
-  PipelineInfo pipeline_info(const std::string& library, const std::string& kernel) override {
-    return pipeline(library, kernel).info;
+  using Executor::pipeline_info;
+  PipelineInfo pipeline_info(const std::string& library, const std::string& kernel,
+                             const std::vector<FunctionConstant>& constants) override {
+    return pipeline(library, kernel, constants).info;
   }
 
   void run(const Launch& launch) override {
@@ -97,7 +99,7 @@ class MPSExecutor final : public Executor {
       }
     }
 
-    const CompiledPipeline& compiled = pipeline(launch.library, kernel);
+    const CompiledPipeline& compiled = pipeline(launch.library, kernel, launch.constants);
     const PipelineInfo& info = compiled.info;
     uint64_t threads_per_group = 1;
     for (uint64_t g : launch.group) {
@@ -189,8 +191,41 @@ class MPSExecutor final : public Executor {
     return compiled.library;
   }
 
-  const CompiledPipeline& pipeline(const std::string& library_name, const std::string& kernel) {
-    CompiledPipeline& compiled = entry(pipelines_, library_name + '\0' + kernel);
+  // MTLFunctionConstantValues holding `constants` (MTLFunctionConstantValues.h,
+  // macOS 10.12+); owned by the caller.
+  static MTLFunctionConstantValues* constant_values(const std::vector<FunctionConstant>& constants) {
+    MTLFunctionConstantValues* values = [[MTLFunctionConstantValues alloc] init];
+    for (const FunctionConstant& c : constants) {
+      // Each value is read at the width of its MTLDataType: 1 byte for bool, 4 otherwise.
+      const bool flag = c.bits != 0;
+      const void* value = c.type == FunctionConstant::Type::Bool ? static_cast<const void*>(&flag)
+                                                                 : static_cast<const void*>(&c.bits);
+      MTLDataType type = MTLDataTypeUInt;
+      switch (c.type) {
+        case FunctionConstant::Type::Bool: type = MTLDataTypeBool; break;
+        case FunctionConstant::Type::Int: type = MTLDataTypeInt; break;
+        case FunctionConstant::Type::UInt: type = MTLDataTypeUInt; break;
+        case FunctionConstant::Type::Float: type = MTLDataTypeFloat; break;
+      }
+      if (c.name.empty()) {
+        [values setConstantValue:value type:type atIndex:c.index];
+      } else {
+        [values setConstantValue:value type:type withName:[NSString stringWithUTF8String:c.name.c_str()]];
+      }
+    }
+    return values;
+  }
+
+  // The pipeline of `kernel` specialised with `constants`. Apple's
+  // newFunctionWithName: documentation: a function that declares function
+  // constants yields, through it, an object that cannot make a pipeline;
+  // such a function is specialised with newFunctionWithName:constantValues:error:
+  // even when the launch gives no values (constants it leaves undefined read
+  // as is_function_constant_defined() false).
+  const CompiledPipeline& pipeline(const std::string& library_name, const std::string& kernel,
+                                   const std::vector<FunctionConstant>& constants) {
+    const std::string constants_key = function_constants_key(constants);
+    CompiledPipeline& compiled = entry(pipelines_, library_name + '\0' + kernel + '\0' + constants_key);
     std::lock_guard<std::mutex> lock(compiled.mutex);
     if (compiled.state != nil) return compiled;
     id<MTLLibrary> lib = library(library_name, kernel);
@@ -203,7 +238,16 @@ class MPSExecutor final : public Executor {
       NSString* name = [NSString stringWithUTF8String:kernel.c_str()];
       id<MTLFunction> function = [lib newFunctionWithName:name];
       found = function != nil;
-      if (found) {
+      if (found && (!constants.empty() || function.functionConstantsDictionary.count > 0)) {
+        [function release];
+        MTLFunctionConstantValues* values = constant_values(constants);
+        NSError* error = nil;
+        function = [lib newFunctionWithName:name constantValues:values error:&error];
+        [values release];
+        if (function == nil) error_text = "specialising it with function constants " + constants_key + ": " +
+                                          ns_error_text(error);
+      }
+      if (function != nil) {
         NSError* error = nil;
         state = [metal_device newComputePipelineStateWithFunction:function error:&error];
         if (state == nil) error_text = ns_error_text(error);

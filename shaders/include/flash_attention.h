@@ -14,19 +14,28 @@ MY_MPS_OPS_CONSTANT uint32_t kFlashSimdWidth = 32;
 MY_MPS_OPS_CONSTANT uint32_t kFlashSimdRows = 8;
 
 // Simdgroups per threadgroup for head_dim d: 4, or 2 above 128 so that the
-// tiles stay within 32 KB of threadgroup memory.
+// tiles stay within 32 KB of threadgroup memory. A pipeline that allows fewer
+// threads per threadgroup (a GPU may, for a kernel with high register use)
+// runs a specialisation with fewer: the kernels read their simdgroup count
+// from the function constant [[function_constant(kFlashSimdgroupsConstant)]]
+// (a uint, 1 .. flash_simdgroups(d)), and use flash_simdgroups(d) when the
+// pipeline leaves it undefined.
 constexpr uint32_t flash_simdgroups(uint32_t d) { return d > 128 ? 2 : 4; }
-// Rows of a threadgroup, and its threads.
-constexpr uint32_t flash_rows(uint32_t d) { return kFlashSimdRows * flash_simdgroups(d); }
-constexpr uint32_t flash_threads(uint32_t d) { return kFlashSimdWidth * flash_simdgroups(d); }
+MY_MPS_OPS_CONSTANT uint32_t kFlashSimdgroupsConstant = 0;
+// Rows of a threadgroup of `simdgroups` simdgroups, and its threads.
+constexpr uint32_t flash_block_rows(uint32_t simdgroups) { return kFlashSimdRows * simdgroups; }
+constexpr uint32_t flash_block_threads(uint32_t simdgroups) { return kFlashSimdWidth * simdgroups; }
 
-// Threadgroup memory of each kernel, in floats.
-// Forward: [[threadgroup(0)]] holds one tile of flash_rows(d) rows of a head
-// (the scaled queries, then each K tile, then each V tile); [[threadgroup(1)]]
-// holds per simdgroup an 8 x flash_rows(d) score block and an 8 x 8 diagonal.
-constexpr uint32_t flash_forward_tile_floats(uint32_t d) { return flash_rows(d) * d; }
-constexpr uint32_t flash_forward_scratch_floats(uint32_t d) {
-  return kFlashSimdRows * flash_rows(d) + kFlashSimdRows * kFlashSimdRows;
+// Threadgroup memory of each kernel, in floats, for `simdgroups` simdgroups.
+// Forward: [[threadgroup(0)]] holds one tile of flash_block_rows rows of a
+// head (the scaled queries, then each K tile, then each V tile);
+// [[threadgroup(1)]] holds per simdgroup an 8 x flash_block_rows score block
+// and an 8 x 8 diagonal.
+constexpr uint32_t flash_forward_tile_floats(uint32_t d, uint32_t simdgroups) {
+  return flash_block_rows(simdgroups) * d;
+}
+constexpr uint32_t flash_forward_scratch_floats(uint32_t simdgroups) {
+  return kFlashSimdRows * flash_block_rows(simdgroups) + kFlashSimdRows * kFlashSimdRows;
 }
 // dK/dV: [[threadgroup(0)]] holds Q and dO tiles of 8 queries, then their 8
 // lse and 8 delta; dQ: K and V tiles of 8 keys. [[threadgroup(1)]] holds per
@@ -38,8 +47,9 @@ MY_MPS_OPS_CONSTANT uint32_t kFlashBackwardScratchFloats = 2 * kFlashSimdRows * 
 // The problem of the forward and of the dK/dV and dQ kernels: q is
 // (batch, q_heads, q_len, d), k and v (batch, q_heads / group, kv_len, d),
 // all contiguous; q head h reads k/v head h / group. Grids:
-// (ceil(q_len / flash_rows(d)), q_heads, batch) for the forward and dQ,
-// (ceil(kv_len / flash_rows(d)), q_heads / group, batch) for dK/dV.
+// (ceil(q_len / flash_block_rows(s)), q_heads, batch) for the forward and dQ,
+// (ceil(kv_len / flash_block_rows(s)), q_heads / group, batch) for dK/dV,
+// for s simdgroups.
 struct FlashAttentionShape {
   uint32_t q_heads;
   uint32_t group;

@@ -110,6 +110,32 @@ void encode(at::mps::MPSStream* stream, id<MTLComputePipelineState> state, id<MT
     assert result.returncode == 0, result.stderr
 
 
+SPECIALISE = """
+id<MTLFunction> specialise(id<MTLLibrary> library, NSString* name, uint32_t simdgroups) {
+  MTLFunctionConstantValues* values = [[MTLFunctionConstantValues alloc] init];
+  [values setConstantValue:&simdgroups type:MTLDataTypeUInt atIndex:0];
+  bool flag = true;
+  [values setConstantValue:&flag type:MTLDataTypeBool withName:name];
+  NSError* error = nil;
+  id<MTLFunction> function = %s;
+  [values release];
+  return function;
+}
+"""
+
+
+def test_function_constant_specialisation_passes(tmp_path):
+    result = compile_snippet(tmp_path, SPECIALISE % "[library newFunctionWithName:name constantValues:values error:&error]")
+    assert result.returncode == 0, result.stderr
+
+
+def test_function_constant_specialisation_without_its_error_argument_fails(tmp_path):
+    # newFunctionWithName:constantValues: (no error:) is not Apple's selector.
+    result = compile_snippet(tmp_path, SPECIALISE % "[library newFunctionWithName:name constantValues:values]")
+    assert result.returncode != 0
+    assert "'-newFunctionWithName:constantValues:' not found" in result.stderr
+
+
 def test_misspelled_selector_fails(tmp_path):
     result = compile_snippet(tmp_path, """
 void encode(id<MTLComputeCommandEncoder> encoder, id<MTLBuffer> buffer) {

@@ -6,6 +6,7 @@
 #include "metal/launch.h"
 
 #include <cstdint>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -33,6 +34,19 @@ uint64_t runs_on_this_thread();
 // Makes the compiled emulator library at `so_path` (built by the Python
 // translator from the MSL source of `library`) available under `library`.
 void register_library(const std::string& library, const std::string& so_path);
+
+// Launches with function constants (metal::Launch::constants) run a library
+// compiled with those values, registered under specialised_library_key()
+// ("flash_attention{0:uint=2}"); the first such launch (or pipeline_info)
+// asks the resolver to build it: resolve(library, key, constants) returns the
+// path of the compiled library, which is then registered under `key`.
+// my_mps_ops.testing sets it (and re-registers the specialised libraries it
+// built when the race check is switched, as it does the plain ones).
+using LibraryResolver = std::function<std::string(const std::string& library, const std::string& key,
+                                                  const std::vector<metal::FunctionConstant>& constants)>;
+void set_library_resolver(LibraryResolver resolve);
+std::string specialised_library_key(const std::string& library,
+                                    const std::vector<metal::FunctionConstant>& constants);
 
 // What a loaded library's kernels declare (for my_mps_ops.emulator.compile_shader).
 struct ParamInfo {

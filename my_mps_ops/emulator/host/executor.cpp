@@ -85,12 +85,44 @@ std::map<std::string, std::shared_ptr<EmulatedLibrary>>& registry() {
   return libraries;
 }
 
-std::shared_ptr<EmulatedLibrary> find_library(const std::string& library) {
+// Builds a library specialised with function constants (set by
+// my_mps_ops.testing; see set_library_resolver).
+std::mutex g_resolver_mutex;
+LibraryResolver& resolver() {
+  static LibraryResolver fn;
+  return fn;
+}
+
+std::shared_ptr<EmulatedLibrary> find_registered(const std::string& key) {
   std::lock_guard<std::mutex> lock(g_registry_mutex);
-  auto it = registry().find(library);
-  TORCH_CHECK(it != registry().end(), "Metal emulator: no shader library '", library,
+  auto it = registry().find(key);
+  return it != registry().end() ? it->second : nullptr;
+}
+
+// The library a launch of `library` with `constants` runs: the one registered
+// under that name, or, with function constants, the library compiled with
+// them (built through the resolver on first use and registered under
+// specialised_library_key), as a Metal pipeline is specialised.
+std::shared_ptr<EmulatedLibrary> find_library(const std::string& library,
+                                              const std::vector<metal::FunctionConstant>& constants = {}) {
+  const std::string key = specialised_library_key(library, constants);
+  if (auto lib = find_registered(key)) return lib;
+  TORCH_CHECK(!constants.empty(), "Metal emulator: no shader library '", library,
               "' is loaded (ops run their Metal path on cpu tensors only inside my_mps_ops.testing.metal_emulation())");
-  return it->second;
+  TORCH_CHECK(find_registered(library) != nullptr, "Metal emulator: no shader library '", library,
+              "' is loaded (ops run their Metal path on cpu tensors only inside my_mps_ops.testing.metal_emulation())");
+  LibraryResolver build;
+  {
+    std::lock_guard<std::mutex> lock(g_resolver_mutex);
+    build = resolver();
+  }
+  TORCH_CHECK(build, "Metal emulator: library '", library, "' specialised with function constants ",
+              metal::function_constants_key(constants), " needs a builder (import my_mps_ops.testing)");
+  const std::string path = build(library, key, constants);
+  register_library(key, path);
+  auto lib = find_registered(key);
+  TORCH_CHECK(lib != nullptr, "Metal emulator: the specialised library ", key, " was not registered");
+  return lib;
 }
 
 // ------------------------------------------------------- guarded buffers
@@ -324,8 +356,10 @@ thread_local uint64_t t_runs = 0;  // launches run on this thread (for tests)
 
 class Emulator final : public Executor {
  public:
-  PipelineInfo pipeline_info(const std::string& library, const std::string& kernel) override {
-    auto lib = find_library(library);
+  using Executor::pipeline_info;
+  PipelineInfo pipeline_info(const std::string& library, const std::string& kernel,
+                             const std::vector<metal::FunctionConstant>& constants) override {
+    auto lib = find_library(library, constants);
     const mtl_emu_kernel& k = lib->kernel(library, kernel);
     PipelineInfo info;
     info.max_threads_per_threadgroup = g_pipeline_thread_limit.load();
@@ -338,7 +372,7 @@ class Emulator final : public Executor {
 
   void run(const Launch& launch, const RunOptions& options) {
     ++t_runs;
-    auto lib = find_library(launch.library);
+    auto lib = find_library(launch.library, launch.constants);
     const mtl_emu_kernel& k = lib->kernel(launch.library, launch.kernel);
     const std::string where = "Metal emulator: kernel '" + launch.kernel + "'";
 
@@ -605,5 +639,15 @@ void set_pipeline_thread_limit(uint32_t threads) {
 }
 
 uint32_t pipeline_thread_limit() { return g_pipeline_thread_limit.load(); }
+
+std::string specialised_library_key(const std::string& library,
+                                    const std::vector<metal::FunctionConstant>& constants) {
+  return library + metal::function_constants_key(constants);
+}
+
+void set_library_resolver(LibraryResolver resolve) {
+  std::lock_guard<std::mutex> lock(g_resolver_mutex);
+  resolver() = std::move(resolve);
+}
 
 }  // namespace my_mps_ops::emulator

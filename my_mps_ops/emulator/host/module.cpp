@@ -9,6 +9,8 @@
 #include "metal/executor_capsule.h"
 
 #include <array>
+#include <cstring>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -75,6 +77,47 @@ void launch_kernel(const std::string& library, const std::string& kernel, const 
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
+// {index or name: value} for the Python resolver (translate.py's function_constants).
+pybind11::dict constants_dict(const std::vector<my_mps_ops::metal::FunctionConstant>& constants) {
+  using Type = my_mps_ops::metal::FunctionConstant::Type;
+  pybind11::dict out;
+  for (const auto& c : constants) {
+    pybind11::object key = c.name.empty() ? pybind11::object(pybind11::int_(c.index)) : pybind11::str(c.name);
+    switch (c.type) {
+      case Type::Bool: out[key] = pybind11::bool_(c.bits != 0); break;
+      case Type::Int: out[key] = pybind11::int_(static_cast<int32_t>(c.bits)); break;
+      case Type::UInt: out[key] = pybind11::int_(c.bits); break;
+      case Type::Float: {
+        float f;
+        std::memcpy(&f, &c.bits, sizeof(f));
+        out[key] = pybind11::float_(f);
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+// resolve(library, key, constants) -> path of the library compiled with them;
+// None unsets it. Called from whichever thread launches (the GIL is taken).
+void set_library_resolver(const pybind11::object& resolve) {
+  if (resolve.is_none()) {
+    emulator::set_library_resolver(nullptr);
+    return;
+  }
+  // Kept for the life of the process: the executor may call it from any thread until exit.
+  auto* fn = new pybind11::object(resolve);
+  emulator::set_library_resolver([fn](const std::string& library, const std::string& key,
+                                      const std::vector<my_mps_ops::metal::FunctionConstant>& constants) {
+    pybind11::gil_scoped_acquire gil;
+    try {
+      return (*fn)(library, key, constants_dict(constants)).cast<std::string>();
+    } catch (pybind11::error_already_set& e) {
+      throw std::runtime_error("Metal emulator: building library " + key + " failed: " + e.what());
+    }
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -90,6 +133,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("runs_on_this_thread", &emulator::runs_on_this_thread,
         "How many launches the calling thread has run on the emulator");
   m.def("register_library", &emulator::register_library, pybind11::arg("library"), pybind11::arg("so_path"));
+  m.def("set_library_resolver", &set_library_resolver, pybind11::arg("resolve"),
+        "resolve(library, key, constants) -> path: builds the library specialised with function constants "
+        "({index or name: value}) that a launch asks for; it is registered under key");
   m.def("kernels", &kernels, pybind11::arg("library"),
         "Kernels of a loaded emulator library with their declared parameters");
   m.def("launch", &launch_kernel, pybind11::arg("library"), pybind11::arg("kernel"), pybind11::arg("args"),

@@ -65,8 +65,10 @@ NS_ENUM(NSStringEncoding) {
 @property (readonly, copy) NSString *localizedDescription;
 @end
 
-// NSDictionary.h (named by PyTorch's MPSStream.h)
+// NSDictionary.h (named by PyTorch's MPSStream.h; count: Metal's
+// functionConstantsDictionary)
 @interface NSDictionary<__covariant KeyType, __covariant ObjectType> : NSObject <NSCopying>
+@property (readonly) NSUInteger count;
 @end
 
 NS_ASSUME_NONNULL_END

@@ -1,9 +1,10 @@
 // Metal (Apple), declaration subset for the Linux syntax check of
 // csrc/metal/*.mm only: not the SDK, nothing here is ever linked. Signatures
 // follow the macOS SDK's Metal headers (MTLTypes.h, MTLDevice.h,
-// MTLLibrary.h, MTLComputePipeline.h, MTLCommandEncoder.h,
-// MTLComputeCommandEncoder.h, MTLResource.h, MTLAllocation.h, MTLBuffer.h,
-// MTLCommandQueue.h, MTLCommandBuffer.h, MTLEvent.h); availability and
+// MTLLibrary.h, MTLArgument.h, MTLFunctionConstantValues.h,
+// MTLComputePipeline.h, MTLCommandEncoder.h, MTLComputeCommandEncoder.h,
+// MTLResource.h, MTLAllocation.h, MTLBuffer.h, MTLCommandQueue.h,
+// MTLCommandBuffer.h, MTLEvent.h); availability and
 // deprecation attributes are left out. See test/objc/objc_sdk/README.md.
 #pragma once
 
@@ -35,8 +36,26 @@ static inline MTLSize MTLSizeMake(NSUInteger width, NSUInteger height, NSUIntege
 @protocol MTLBuffer <MTLResource>
 @end
 
+// MTLArgument.h: the MTLDataType values function constants are set with.
+typedef NS_ENUM(NSUInteger, MTLDataType) {
+    MTLDataTypeFloat = 3,
+    MTLDataTypeInt = 29,
+    MTLDataTypeUInt = 33,
+    MTLDataTypeBool = 53,
+};
+
+// MTLFunctionConstantValues.h (macOS 10.12)
+@interface MTLFunctionConstantValues : NSObject <NSCopying>
+- (void)setConstantValue:(const void *)value type:(MTLDataType)type atIndex:(NSUInteger)index;
+- (void)setConstantValue:(const void *)value type:(MTLDataType)type withName:(NSString *)name;
+@end
+
 // MTLLibrary.h
+@interface MTLFunctionConstant : NSObject
+@end
+
 @protocol MTLFunction <NSObject>
+@property (readonly) NSDictionary<NSString *, MTLFunctionConstant *> *functionConstantsDictionary;
 @end
 
 typedef NS_ENUM(NSUInteger, MTLLanguageVersion) {
@@ -70,6 +89,7 @@ typedef NS_ENUM(NSInteger, MTLMathFloatingPointFunctions) {
 
 @protocol MTLLibrary <NSObject>
 - (nullable id <MTLFunction>) newFunctionWithName:(NSString *)functionName;
+- (nullable id <MTLFunction>) newFunctionWithName:(NSString *)name constantValues:(MTLFunctionConstantValues *)constantValues error:(__autoreleasing NSError **)error;
 @end
 
 // MTLComputePipeline.h
