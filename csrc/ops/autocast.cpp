@@ -4,6 +4,8 @@
 // - flash_attention: lower precision, as scaled_dot_product_attention on both;
 // - cross_entropy: float32, as cross_entropy_loss on CPU (and its nll_loss /
 //   log_softmax parts on MPS);
+// - linear_cross_entropy: lower precision for hidden @ weight.T (linear's
+//   policy on both), the loss from float32 logits as always (cross_entropy's);
 // - layer_norm: float32 on MPS (layer_norm's policy there); on CPU ATen leaves
 //   layer_norm alone, and so do we;
 // - every other op falls through (rms_norm, silu/gelu products and the rotary
@@ -49,6 +51,27 @@ std::tuple<Tensor, Tensor> cross_entropy_autocast(const Tensor& logits, const Te
 }
 
 template <c10::DeviceType kDevice>
+std::tuple<Tensor, Tensor> linear_cross_entropy_autocast(const Tensor& hidden, const Tensor& weight,
+                                                         const Tensor& target, const OptTensor& bias,
+                                                         int64_t ignore_index, double smoothing,
+                                                         c10::string_view reduction, std::optional<double> softcap,
+                                                         double z_loss) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+  const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(kDevice);
+  const OptTensor cast_bias =
+      bias.has_value() ? OptTensor(at::autocast::cached_cast(dtype, *bias, kDevice)) : std::nullopt;
+  auto [loss, lse] =
+      typed_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, int64_t,
+                                          double, c10::string_view, std::optional<double>, double)>(
+          "my_mps_ops::linear_cross_entropy")
+          .call(at::autocast::cached_cast(dtype, hidden, kDevice), at::autocast::cached_cast(dtype, weight, kDevice),
+                target, cast_bias, ignore_index, smoothing, reduction, softcap, z_loss);
+  // The loss in float32, as cross_entropy_loss's is under autocast (its value
+  // was reduced in float32 and rounded once to the lower precision).
+  return {loss.to(at::kFloat), lse};
+}
+
+template <c10::DeviceType kDevice>
 Tensor layer_norm_autocast(const Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
   const auto to_float = [](const OptTensor& t) -> OptTensor {
@@ -63,11 +86,13 @@ Tensor layer_norm_autocast(const Tensor& input, const OptTensor& weight, const O
 TORCH_LIBRARY_IMPL(my_mps_ops, AutocastCPU, m) {
   m.impl("flash_attention", &flash_attention_autocast<c10::DeviceType::CPU>);
   m.impl("cross_entropy", &cross_entropy_autocast<c10::DeviceType::CPU>);
+  m.impl("linear_cross_entropy", &linear_cross_entropy_autocast<c10::DeviceType::CPU>);
 }
 
 TORCH_LIBRARY_IMPL(my_mps_ops, AutocastMPS, m) {
   m.impl("flash_attention", &flash_attention_autocast<c10::DeviceType::MPS>);
   m.impl("cross_entropy", &cross_entropy_autocast<c10::DeviceType::MPS>);
+  m.impl("linear_cross_entropy", &linear_cross_entropy_autocast<c10::DeviceType::MPS>);
   m.impl("layer_norm", &layer_norm_autocast<c10::DeviceType::MPS>);
 }
 

@@ -44,6 +44,24 @@ def test_cross_entropy_runs_in_float32_under_autocast_like_f_cross_entropy(dtype
     assert logits.grad.dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
+def test_linear_cross_entropy_under_autocast_like_linear_then_cross_entropy(dtype):
+    # linear runs in the lower precision, cross_entropy_loss in float32: the
+    # composite's loss is float32 and its gradients come back in float32.
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(6, 32, generator=g, requires_grad=True)
+    weight = (0.2 * torch.randn(50, 32, generator=g)).requires_grad_()
+    target = torch.randint(0, 50, (6,), generator=g)
+    with torch.autocast("cpu", dtype=dtype):
+        ours = my_mps_ops.linear_cross_entropy(hidden, weight, target)
+        theirs = F.cross_entropy(F.linear(hidden, weight), target)
+    assert ours.dtype == theirs.dtype == torch.float32
+    ref = F.cross_entropy((hidden.detach().to(dtype) @ weight.detach().to(dtype).T).double(), target)
+    torch.testing.assert_close(ours.double(), ref, atol=2e-2, rtol=2e-2)
+    ours.backward()
+    assert hidden.grad.dtype == weight.grad.dtype == torch.float32
+
+
 def test_other_ops_keep_their_dtypes_under_cpu_autocast():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 64, generator=g).bfloat16()
@@ -56,6 +74,7 @@ def test_other_ops_keep_their_dtypes_under_cpu_autocast():
 
 @pytest.mark.parametrize("op,keys", [("flash_attention", ["AutocastCPU", "AutocastMPS"]),
                                      ("cross_entropy", ["AutocastCPU", "AutocastMPS"]),
+                                     ("linear_cross_entropy", ["AutocastCPU", "AutocastMPS"]),
                                      ("layer_norm", ["AutocastMPS"])])
 def test_autocast_kernels_are_registered(op, keys):
     for key in ("AutocastCPU", "AutocastMPS"):
