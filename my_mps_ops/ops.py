@@ -59,7 +59,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
     ``logit_softcap`` c applies Gemma 2's ``c * tanh(logits / c)`` first;
     ``z_loss`` adds ``z_loss * logsumexp(logits)**2`` to each counted row's loss
     (reduced like the loss: "mean" over the rows whose target is not
-    ignore_index). Gradients for hidden, weight and bias.
+    ignore_index). The loss is float32 for float16 / bfloat16 inputs (their
+    logits are upcast first, as transformers' ForCausalLMLoss does). Gradients
+    for hidden, weight and bias, in their dtypes.
     """
     return _ops.linear_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoothing, reduction,
                                      logit_softcap, z_loss)[0]

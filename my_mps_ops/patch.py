@@ -430,8 +430,23 @@ def _use_fused_attention(model, summary, strict):
     summary.attention = hf_attention.stats
 
 
+def _use_fused_loss(model, summary, strict):
+    from . import hf_loss
+
+    reason = hf_loss.probe_mismatch(model)
+    if reason is not None:
+        _skip(summary, strict, "", model, "linear_cross_entropy", reason)
+        return
+    hf_loss.enable(model)
+    summary._count("linear_cross_entropy")
+
+
+def _is_causal_lm(model) -> bool:
+    return hasattr(model, "get_output_embeddings") and hasattr(model, "loss_function")
+
+
 def patch_model(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, geglu: bool = True,
-                attention: bool = False, strict: bool = False) -> nn.Module:
+                linear_cross_entropy: bool = True, attention: bool = False, strict: bool = False) -> nn.Module:
     """Swaps my_mps_ops kernels into a model, in place, keeping every Parameter
     (optimizers keep working) and state_dict key. Each switch turns one kind of
     replacement on or off; modules of a kind switched off are left untouched:
@@ -442,6 +457,11 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True,
     - ``swiglu`` / ``geglu``: gated MLPs (gate_proj/up_proj/down_proj, w1/w3/w2,
       wi_0/wi_1/wo, or one fused gate_up_proj) whose gate is SiLU / GELU (erf
       or tanh) run the activation and product through the fused op;
+    - ``linear_cross_entropy``: a transformers causal LM computes its training
+      loss (train mode, ``labels`` given) from the last hidden states and
+      ``lm_head`` with my_mps_ops.linear_cross_entropy, never holding the
+      logits (``output.logits`` is then None); eval mode and calls without
+      labels are unchanged (my_mps_ops.hf_loss);
     - ``attention`` (off by default): a transformers model switches to
       ``attn_implementation="my_mps_ops"`` (my_mps_ops.hf_attention: fused
       flash_attention where exact, SDPA otherwise, both counted).
@@ -495,6 +515,8 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True,
                 if match is not None:
                     setattr(module, child_name, match[1])
                     summary._count(match[0])
+    if linear_cross_entropy and _is_causal_lm(model):
+        _use_fused_loss(model, summary, strict)
     if attention:
         _use_fused_attention(model, summary, strict)
     model.my_mps_ops_patch_summary = summary

@@ -5,7 +5,8 @@
 // - cross_entropy: float32, as cross_entropy_loss on CPU (and its nll_loss /
 //   log_softmax parts on MPS);
 // - linear_cross_entropy: lower precision for hidden @ weight.T (linear's
-//   policy on both), the loss from float32 logits as always (cross_entropy's);
+//   policy on both); the loss comes from float32 logits and is float32, as
+//   cross_entropy_loss's is under autocast;
 // - layer_norm: float32 on MPS (layer_norm's policy there); on CPU ATen leaves
 //   layer_norm alone, and so do we;
 // - every other op falls through (rms_norm, silu/gelu products and the rotary
@@ -60,15 +61,11 @@ std::tuple<Tensor, Tensor> linear_cross_entropy_autocast(const Tensor& hidden, c
   const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(kDevice);
   const OptTensor cast_bias =
       bias.has_value() ? OptTensor(at::autocast::cached_cast(dtype, *bias, kDevice)) : std::nullopt;
-  auto [loss, lse] =
-      typed_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, int64_t,
+  return typed_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, int64_t,
                                           double, c10::string_view, std::optional<double>, double)>(
           "my_mps_ops::linear_cross_entropy")
           .call(at::autocast::cached_cast(dtype, hidden, kDevice), at::autocast::cached_cast(dtype, weight, kDevice),
                 target, cast_bias, ignore_index, smoothing, reduction, softcap, z_loss);
-  // The loss in float32, as cross_entropy_loss's is under autocast (its value
-  // was reduced in float32 and rounded once to the lower precision).
-  return {loss.to(at::kFloat), lse};
 }
 
 template <c10::DeviceType kDevice>

@@ -1,6 +1,8 @@
 // linear_cross_entropy: F.cross_entropy(softcap(hidden @ weight.T + bias),
 // target) + z_loss * lse^2 per counted row, without ever holding the [N, V]
-// logits. Rows are taken a chunk at a time: the chunk's logits come from one
+// logits. The logits of float16 / bfloat16 inputs are taken to float32 before
+// the loss, and the loss is float32 (float64 for float64), as language models
+// compute it (transformers' ForCausalLMLoss upcasts the logits first). Rows are taken a chunk at a time: the chunk's logits come from one
 // matmul, a fused per-row pass (CPU loop or Metal kernel) turns them into the
 // rows' loss and lse and, for a gradient, into d loss / d logits in place,
 // and two more matmuls add the chunk's share of grad_hidden and grad_weight.
@@ -207,7 +209,7 @@ LceResult linear_cross_entropy_pass(const Tensor& hidden_in, const Tensor& weigh
       grads.hidden = at::zeros_like(hidden).index_copy_(0, counted.index, grads.hidden);
   }
   LceResult result;
-  result.loss = reduce_rows(loss_rows, target, o.ignore_index, o.reduction, hidden.scalar_type());
+  result.loss = reduce_rows(loss_rows, target, o.ignore_index, o.reduction, acc);
   result.lse = lse;
   result.grad_hidden = want_grad && mask[0] ? grads.hidden : unwanted_grad(hidden);
   result.grad_weight = want_grad && mask[1] ? grads.weight_acc.to(weight.scalar_type()) : unwanted_grad(hidden);
@@ -256,8 +258,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_with_gra
 // Shapes only; symbolic-size safe.
 
 Tensor loss_like(const Tensor& hidden, Reduction reduction) {
-  return reduction == Reduction::None ? at::empty_symint({hidden.sym_size(0)}, hidden.options())
-                                      : at::empty({}, hidden.options());
+  const auto options = hidden.options().dtype(lce_acc_dtype(hidden));
+  return reduction == Reduction::None ? at::empty_symint({hidden.sym_size(0)}, options) : at::empty({}, options);
 }
 Grads grads_meta(const Tensor& hidden, const Tensor& weight, const OptTensor& bias, std::array<bool, 3> mask) {
   return {mask[0] ? at::empty_like(hidden, at::MemoryFormat::Contiguous) : unwanted_grad(hidden),
@@ -390,7 +392,7 @@ std::tuple<Tensor, Tensor> linear_cross_entropy_composite(const Tensor& hidden, 
     const Tensor z_rows = (lse * lse * o.z_loss).masked_fill(target.eq(o.ignore_index), 0.0);
     loss = loss + reduce_rows(z_rows, target, o.ignore_index, o.reduction, acc);
   }
-  return {loss.to(hidden.scalar_type()), lse.detach()};
+  return {loss, lse.detach()};
 }
 
 std::tuple<Tensor, Tensor> linear_cross_entropy_autograd(const Tensor& hidden, const Tensor& weight,

@@ -43,8 +43,9 @@ TORCH_LIBRARY(my_mps_ops, m) {
   // ---- linear_cross_entropy: F.cross_entropy(softcap(hidden @ weight.T + bias),
   // target) + z_loss * lse^2 per counted row, without the [N, V] logits.
   // hidden [N, H], weight [V, H], target [N] int64, bias [V]. Returns (loss,
-  // lse): lse [N] (float32; float64 for float64) of the capped logits, 0 for
-  // ignored rows.
+  // lse), both float32 (float64 for float64): the logits are upcast before the
+  // loss, as transformers' ForCausalLMLoss does. lse [N] of the capped
+  // logits, 0 for ignored rows.
   m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, int ignore_index=-100, float label_smoothing=0.0, str reduction=\"mean\", float? logit_softcap=None, float z_loss=0.0) -> (Tensor, Tensor)");
   // Returns (grad_hidden, grad_weight, grad_bias), recomputing each chunk's
   // logits; empty tensors where output_mask does not want them.
