@@ -351,6 +351,13 @@ def main() -> int:
             failed_runs += total - passed
     if args.torch:
         include = args.torch_include or [_torch_include()]
+        # PyTorch's kernels include their headers as <ATen/native/mps/kernels/X.h>: the tree's aten/src.
+        for d in args.torch:
+            root = os.path.abspath(d)
+            for _ in range(4):
+                root = os.path.dirname(root)
+            if os.path.isdir(os.path.join(root, "ATen")) and root not in include:
+                include = [*include, root]
         files = sorted(os.path.join(d, f) for d in args.torch for f in os.listdir(d) if f.endswith(".metal"))
         report_corpus("PyTorch", files, include, args.mode, args.strict, args.verbose)
         if not args.no_run:

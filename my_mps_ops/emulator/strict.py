@@ -25,7 +25,7 @@ second time, with clang in C++ for OpenCL mode, only to find such errors:
   operands of ``?:`` become prvalues, casts to vectors convert element-wise;
 - checks of its own: MSL type names and address spaces as declared names,
   kernel parameters (address spaces, built-in attributes and their types),
-  ``goto`` and direct recursion.
+  ``goto`` and direct recursion (of functions that are not templates).
 
 clang's generic address space stays on (without it clang cannot construct a
 class temporary), so `this` and what is reached through it are generic here
@@ -92,8 +92,10 @@ _CLANG_CANDIDATES = ["clang++", "clang"] + [f"clang++-{v}" for v in range(20, 13
 _OPENCL_FLAGS = [
     "-x", "clcpp", "-cl-std=clc++2021", "-target", "spir64",
     # No double (MSL has none); program-scope variables only in constant memory.
+    # Function pointers are on (the prelude enables them): MSL 2.3+ has them, and Apple's compiler builds
+    # PyTorch's and MLX's uses; the front end rejects function pointer variables and members itself.
     "-Xclang", "-cl-ext=-cl_khr_fp64,-__opencl_c_fp64,-__opencl_c_program_scope_global_variables,"
-               "-__opencl_c_device_enqueue",
+               "-__opencl_c_device_enqueue,+__cl_clang_function_pointers",
     "-cl-no-stdinc", "-nostdinc",
 ]
 # What Apple's compiler defines; OpenCL's own macros are removed so that
@@ -477,13 +479,17 @@ class _Rewriter:
                 self._c_style_cast(i, stack[-1][3])
             if text == "goto":
                 self.errors.append((i, "goto is not supported in MSL"))
+            if text == "virtual" and kind == "class":
+                # (clang's OpenCL allows them with function pointers on)
+                self.errors.append((i, "virtual functions are not supported in MSL"))
+            if kind in ("func", "class") and (text == "(" or text in self.function_pointer_aliases):
+                self._function_pointer_object(i)
             i += 1
 
     def _function_pointer_aliases(self) -> None:
-        """`using F = R (*)(A...);` -> `using F = ::metal::__function_pointer<R (A...)>;`: a function pointer
-        type, which MSL takes only as the type of a template parameter (a function bound at compile time, as
-        MLX's fft passes its radix codelets); such parameters become `auto` (_function_template_params), and
-        a variable, parameter or member of the type fails (the class is left undefined)."""
+        """The names of function pointer types, `using F = R (*)(A...);`: template parameters of such a type
+        become `auto` (_function_template_params; clang's OpenCL cannot bind a function to one), variables and
+        members of it are rejected (_function_pointer_object)."""
         toks = self.toks
         n = len(toks)
         for i in range(n - 4):
@@ -508,10 +514,64 @@ class _Rewriter:
             if star is None or _match(toks, star + 3, "(", ")") != end - 1:
                 continue
             self.function_pointer_aliases.add(toks[i + 1].text)
-            self.edit(i + 3, before="::metal::__function_pointer<")
-            for k in (star, star + 1, star + 2):
-                self.edit(k, "")
-            self.edit(end, before=">")
+
+    def _function_pointer_object(self, i: int) -> None:
+        """A variable or member of a function pointer type (`R (*name)(A...)`, or of an alias of one), in a
+        function body or a class: rejected. (Function pointers as parameters and template parameters, bound to
+        a function where the code is inlined, are what Apple's compiler builds in PyTorch's and MLX's
+        kernels; a function pointer object needs [[visible]] functions and a function table.)"""
+        toks = self.toks
+        n = len(toks)
+        e = self.edits.get(i)
+        if e is not None and e.text == "" and not e.before:
+            return  # a template parameter rewritten away
+        p = self._prev(i)
+        if p >= 0 and toks[p].text in ("::", ".", "->", "<", ","):
+            return
+        if toks[i].text == "(":
+            if not (i + 4 < n and toks[i + 1].text == "*" and toks[i + 2].kind == "id" and toks[i + 3].text == ")"
+                    and toks[i + 4].text == "("):
+                return
+            if p < 0 or not (toks[p].kind == "id" and toks[p].text not in _CONTROL_KEYWORDS or toks[p].text == ">"):
+                return
+            if self._in_parameter_list(i):
+                return
+            name = i + 2
+        else:
+            j = self._next(i)
+            if j < n and toks[j].text == "<":
+                j = self._angle_close(j) + 1
+            if j >= n or toks[j].kind != "id" or j + 1 >= n or toks[j + 1].text not in ("=", ";", "{", ",", "["):
+                return
+            if self._in_parameter_list(i):
+                return
+            name = j
+        self.errors.append((name, f"pointers to functions are not allowed: '{toks[name].text}' is a function "
+                                  "pointer variable or member (MSL takes a function pointer only as a parameter or "
+                                  "template parameter bound to a function at compile time; a function pointer "
+                                  "object needs [[visible]] functions)"))
+
+    def _in_parameter_list(self, i: int) -> bool:
+        """Whether token i is inside the parentheses of a function declarator's parameters."""
+        toks = self.toks
+        depth = 0
+        for j in range(i - 1, max(-1, i - 400), -1):
+            tx = toks[j].text
+            if tx in (")", "]", "}"):
+                depth += 1
+            elif tx in ("[", "{"):
+                if depth == 0:
+                    return False
+                depth -= 1
+            elif tx == "(":
+                if depth == 0:
+                    q = self._prev(j)
+                    return q >= 0 and (toks[q].kind == "id" and toks[q].text not in _CONTROL_KEYWORDS or
+                                       toks[q].text == ">")
+                depth -= 1
+            elif tx == ";" and depth == 0:
+                return False
+        return False
 
     def _function_template_params(self, open_i: int, close: int) -> None:
         """Non-type template parameters of a function pointer type (`F<T> f` with F an alias of one, or
@@ -1065,6 +1125,9 @@ class _Rewriter:
                 prefix = "= " if toks[self._prev(brace)].text != "=" else ""
                 self.edit(brace, prefix + "::metal::__brace<::" + toks[i].text + ">(")
                 self.edit(close, ")")
+                last = self._prev(close)
+                if last > brace and toks[last].text == ",":
+                    self.edit(last, "")  # `float2 v{a, b,};`: the trailing comma
                 end = close + 1
             else:
                 # another initializer: up to the next declarator
@@ -1148,7 +1211,9 @@ class _Rewriter:
         explicit = toks[self._next(p)].text == "<" or self._explicit_instantiation(p)
         if not is_kernel and not explicit:
             self._thread_pointer_params(i, close, in_template)
-        if after == "{":
+        if after == "{" and not in_template:
+            # (templates are left out of the recursion check: Apple's compiler builds c10/metal/special_math.h's
+            # recursive bessel_j1_forward<T>, which PyTorch's kernels instantiate)
             self.functions.append((name, p, i, close, k))
 
     def _redundant_static_definition(self, i: int) -> bool:
@@ -1516,10 +1581,6 @@ def _clean(message: str) -> str:
     if "no matching function for call to '__make'" in message:
         message = "no vector constructor for these arguments (MSL: a scalar, a vector of as many elements, or " \
                   "scalars and vectors adding up to the element count)"
-    if "__function_pointer<" in message:
-        message = "pointers to functions are not allowed (MSL takes a function pointer type only as a template " \
-                  "parameter, bound to a function at compile time; a function pointer object needs [[visible]] " \
-                  "functions)"
     if message == "read-only variable is not assignable":
         message += " (constant memory is read-only)"
     if "non-kernel function variable cannot be declared in local address space" in message:

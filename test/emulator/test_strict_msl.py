@@ -136,8 +136,9 @@ CASES = [
     ("function_pointer", "inline float sq(float x) { return x * x; }\ninline float f(float x) { "
      "float (*fp)(float) = sq; return fp(x); }", r"pointers to functions are not allowed",
      "inline float sq(float x) { return x * x; }\ninline float f(float x) { return sq(x); }"),
-    # A function pointer type is accepted as a template parameter (a function bound at compile time, the form
-    # MLX's fft passes its radix codelets in), not as a variable, parameter or member.
+    # A function pointer type is accepted as a template parameter or a parameter (a function bound at compile
+    # time where the code is inlined: MLX's fft passes its radix codelets so, PyTorch's c10/metal/atomic.h its
+    # operations), not as a variable or member.
     ("function_pointer_alias_variable",
      "template <typename T> using Fn = void (*)(thread vec<T, 2>*);\n"
      "template <typename T> inline void neg(thread vec<T, 2>* x) { x[0] = -x[0]; }\n"
@@ -147,13 +148,14 @@ CASES = [
      "template <typename T> inline void neg(thread vec<T, 2>* x) { x[0] = -x[0]; }\n"
      "template <typename T, Fn<T> op> inline void apply(thread vec<T, 2>* x) { op(x); }\n"
      "inline void f(thread float2* x) { apply<float, neg<float>>(x); }"),
-    ("function_pointer_alias_parameter",
-     "template <typename T> using Fn = void (*)(thread vec<T, 2>*);\n"
-     "inline void f(Fn<float> p, thread float2* x) { p(x); }",
+    ("function_pointer_member",
+     "inline float sq(float x) { return x * x; }\nstruct Op { float (*fn)(float); };\n"
+     "inline float f(float x) { Op op{sq}; return op.fn(x); }",
      r"pointers to functions are not allowed",
-     "template <typename T> using Fn = void (*)(thread vec<T, 2>*);\n"
-     "template <typename T, Fn<T> op = nullptr> inline void g(thread vec<T, 2>* x) { x[0] = x[0] * 2.0f; }\n"
-     "inline void f(thread float2* x) { g<float>(x); }"),
+     # a function pointer parameter of an inlined helper (c10/metal/atomic.h's form)
+     "inline float sq(float x) { return x * x; }\n"
+     "inline float apply(float x, float (*op)(float)) { return op(x); }\n"
+     "inline float f(float x) { return apply(x, sq); }"),
     # `vec<T, N>` deduces T, as Apple's vec is an ext vector type (a function template's parameter, a
     # partial specialization); a vector of another width does not match.
     ("vec_deduction_of_another_width",
