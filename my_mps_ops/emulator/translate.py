@@ -231,7 +231,53 @@ _INSTANTIATION_RE = re.compile(
 _DECLTYPE_INSTANTIATION_RE = re.compile(
     r"\btemplate\s*(?P<attrs>(?:\[\[[^\]]*\]\]\s*)*)(?:\bkernel\b\s*)?(?P<attrs2>(?:\[\[[^\]]*\]\]\s*)*)"
     r"decltype\s*\(\s*(?P<name>(?:::\s*)?(?:\w+\s*::\s*)*\w+)\s*(?P<targs><[^;{()]*?>)\s*\)\s*(?P=name)\s*<[^;{()]*?>\s*;")
+# The form whose template arguments are deduced from the parameters (PyTorch's Gamma.metal):
+# template [[host_name("n")]] kernel void f(constant half* x [[buffer(0)]], ...);
+_DEDUCED_INSTANTIATION_RE = re.compile(
+    r"\btemplate\s*(?P<attrs>(?:\[\[[^\]]*\]\]\s*)*)\bkernel\b\s*(?P<attrs2>(?:\[\[[^\]]*\]\]\s*)*)"
+    r"void\s+(?P<name>(?:::\s*)?(?:\w+\s*::\s*)*\w+)\s*\((?P<params>[^;{]*)\)\s*;")
 _HOST_NAME_RE = re.compile(r'host_name\s*\(\s*((?:"[^"]*"\s*)+)\)')
+
+
+def _template_param_names(tparams: str) -> List[str]:
+    """The names a template parameter list declares (`typename T, int N = 4` -> T, N)."""
+    names = []
+    for part in _split_top_level(tparams):
+        part = part.split("=")[0].strip()
+        m = re.search(r"(\w+)\s*$", part)
+        if m and not re.fullmatch(r"(?:typename|class)\s*", part):
+            names.append(m.group(1))
+    return names
+
+
+def _normal_type(text: str) -> str:
+    return re.sub(r"\s*([*&])\s*", r"\1 ", " ".join(text.split())).strip()
+
+
+def _deduce_template_args(tparams: List[str], def_types: List[str], inst_types: List[str]) -> Optional[str]:
+    """`<half, half>` for `template <typename T0, typename T1> f(constant T0*, device T1*)` instantiated with
+    `(constant half*, device half*)`, as C++ deduces them; None if that fails."""
+    if len(def_types) != len(inst_types):
+        return None
+    bound: Dict[str, str] = {}
+    for dt, it in zip(def_types, inst_types):
+        pattern, seen = re.escape(_normal_type(dt)), set()
+        for t in tparams:
+            def group(m, t=t):
+                if t in seen:
+                    return f"(?P={t})"
+                seen.add(t)
+                return f"(?P<{t}>.+?)"
+            pattern = re.sub(r"\b" + re.escape(t) + r"\b", group, pattern)
+        m = re.fullmatch(pattern, _normal_type(it))
+        if not m:
+            return None
+        for t, v in m.groupdict().items():
+            if bound.setdefault(t, v.strip()) != v.strip():
+                return None
+    if any(t not in bound for t in tparams):
+        return None
+    return "<" + ", ".join(bound[t] for t in tparams) + ">"
 
 
 def _host_name(attrs: str) -> Optional[str]:
@@ -430,6 +476,21 @@ def _check_subscripts(body: str, name: str, rank: int, checker, extra: str) -> s
 _FLOAT_CORE = r"(?:\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)"
 _SUFFIXED_RE = re.compile(r"(?<![\w.])(" + _FLOAT_CORE + r"|\d+)(h|H|bf|BF)(?![\w.])")
 _UNSUFFIXED_RE = re.compile(r"(?<![\w.])(" + _FLOAT_CORE + r")(?![\w.])")
+
+
+_VECTOR_TYPE = r"(?:::\s*)?(?:metal\s*::\s*)?(?:packed_)?(?:bool|char|uchar|short|ushort|int|uint|long|ulong|half|float|bfloat)[234]"
+_CONSTEXPR_VECTOR_RE = re.compile(r"\bconstexpr\b(?P<mid>(?:\s+(?:static|inline|const)\b)*\s+)(?P<type>" + _VECTOR_TYPE +
+                                  r")\b(?P<after>\s*\w+\s*(?P<next>[<(=;{])?)")
+
+
+def _constexpr_vectors(s: str) -> str:
+    """`constexpr float2 f() { return float2(1.0, 0.0); }`: the emulator's vectors are not literal types, so
+    a constexpr function or variable of a vector type is an inline function or a const variable (Metal
+    evaluates neither at compile time unless asked, and what asks is refused by g++ either way)."""
+    def rewrite(m):
+        word = "inline" if m.group("next") in ("<", "(") else "const"
+        return word + m.group("mid") + m.group("type") + m.group("after")
+    return _CONSTEXPR_VECTOR_RE.sub(rewrite, s)
 
 
 def _rewrite_literals(s: str) -> str:
@@ -795,6 +856,12 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
             host = _host_name(attrs) or qualified.split("::")[-1] + m.group("targs")
             instantiations.append((host, qualified, " ".join(m.group("targs").split())))
         s = pattern.sub(lambda m: _blank(m.group(0)), s)
+    for m in list(_DEDUCED_INSTANTIATION_RE.finditer(s)):
+        attrs = _restore_strings(m.group("attrs") + m.group("attrs2"), saved)
+        qualified = "".join(m.group("name").split())
+        host = _host_name(attrs) or qualified.split("::")[-1]
+        instantiations.append((host, qualified, _restore_strings(m.group("params"), saved)))
+    s = _DEDUCED_INSTANTIATION_RE.sub(lambda m: _blank(m.group(0)), s)
 
     # Kernel definitions: parse the parameters, strip `kernel`, rewrite the
     # body's threadgroup declarations, append a layout function.
@@ -829,6 +896,7 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
             re.search(r"\b" + re.escape(fn) + r"\s*[<(]", body) for fn in sync_fns)
         template = m.group("template") or ""
         definitions[fname] = dict(params=params, uses_sync=uses_sync, template=bool(template),
+                                  template_params=_template_param_names(m.group("tparams") or ""),
                                   max_threads=int(mt.group(1)) if mt else 1024,
                                   host_name=_host_name(attrs) or fname, threadgroup_names=tg_names,
                                   layout=f"__mtl_tg_layout_{fname}")
@@ -851,6 +919,14 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
         if fname not in definitions:
             raise TranslationError(f"host_name {host!r} instantiates {fname}, which is not a kernel defined in {name}.metal")
         d = definitions[fname]
+        if not targs.startswith("<"):  # deduced from the instantiation's parameters
+            inst = _parse_params(targs, fname)
+            deduced = _deduce_template_args(d["template_params"], [p.type for p in d["params"]],
+                                            [p.type for p in inst])
+            if deduced is None:
+                raise TranslationError(f"host_name {host!r}: cannot deduce the template arguments of {fname} from "
+                                       f"its parameters ({', '.join(p.type for p in inst)})")
+            targs = deduced
         kernels.append(Kernel(host, qualified, targs, d["params"], d["uses_sync"], d["max_threads"],
                               d["threadgroup_names"], d["layout"] if "::" not in qualified else
                               "::".join(qualified.split("::")[:-1] + [d["layout"]])))
@@ -863,6 +939,7 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
 
     s = _ATTR_RE.sub(" ", s)
     s = _erase_address_spaces(s)
+    s = _constexpr_vectors(s)
     s = _rewrite_literals(s)
     s = _rewrite_swizzles(s)
     s = _tag_sync_sites(s, user_functions)
