@@ -323,6 +323,7 @@ class _Rewriter:
         self._pending_template: frozenset = frozenset()
         self._own_template: frozenset = frozenset()  # the parameters of the template head being declared
         self.dependent_aliases: set = set()  # type aliases declared in templates
+        self.conditional_literals: List[Tuple[Tuple[int, int], Tuple[int, int]]] = []  # (literal, other operand)
 
     def edit(self, i: int, text: Optional[str] = None, before: str = "", after: str = "") -> None:
         e = self.edits.get(i)
@@ -340,6 +341,7 @@ class _Rewriter:
         self._function_pointer_aliases()
         self._scan()
         self._finish_threadgroup_variables()
+        self._finish_conditional_literals()
 
     def _attributes(self) -> None:
         toks = self.toks
@@ -882,6 +884,28 @@ class _Rewriter:
         for a, b in ((i + 1, colon), (colon + 1, end)):
             self.edit(a, before="::metal::__rv(")
             self.edit(b - 1, after=")")
+        lit2, lit3 = self._int_literal(i + 1, colon), self._int_literal(colon + 1, end)
+        if lit2 != lit3:
+            # `c ? bf : 1`: the literal takes the other operand's type if that is bfloat (finished at the end,
+            # once the other operand's tokens are rewritten)
+            self.conditional_literals.append(((colon + 1, end), (i + 1, colon)) if lit3 else
+                                             ((i + 1, colon), (colon + 1, end)))
+
+    def _int_literal(self, a: int, b: int) -> bool:
+        texts = [self.toks[k].text for k in range(a, b)]
+        if texts and texts[0] in ("-", "+"):
+            texts = texts[1:]
+        return len(texts) == 1 and self.toks[b - 1].kind == "num" and \
+            re.fullmatch(r"(?:0[xX][0-9a-fA-F]+|\d+)[uUlL]*", texts[0]) is not None
+
+    def _finish_conditional_literals(self) -> None:
+        toks = self.toks
+        for (la, lb), (oa, ob) in self.conditional_literals:
+            text = lambda m: (self.edits[m].before + self.edits[m].text + self.edits[m].after) if m in self.edits \
+                else toks[m].text
+            other = " ".join(text(m) for m in range(oa, ob))
+            self.edit(la, before=f"::metal::__cond_lit<decltype({other})>(")
+            self.edit(lb - 1, after=")")
 
     def _c_style_cast(self, i: int, template_params: frozenset) -> None:
         """`(float4)h` or `(T)x`: MSL converts vectors element-wise by a cast (clang's OpenCL reinterprets

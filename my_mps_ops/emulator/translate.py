@@ -493,6 +493,65 @@ def _constexpr_vectors(s: str) -> str:
     return _CONSTEXPR_VECTOR_RE.sub(rewrite, s)
 
 
+_INT_LITERAL_RE = re.compile(r"\s*[-+]?\s*(?:0[xX][0-9a-fA-F]+|\d+)[uUlL]*\s*")
+
+
+def _conditional_operand_end(s: str, j: int, stop_at_colon: bool) -> Optional[int]:
+    """Where the operand of `?:` starting at j ends (at depth 0: `:` for the second operand, `;`, `,` or a
+    closing bracket for the third); None if it does not end within the statement."""
+    depth, nested = 0, 0
+    while j < len(s):
+        ch = s[j]
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            if depth == 0:
+                return None if stop_at_colon else j
+            depth -= 1
+        elif ch == ";":
+            return None if stop_at_colon else j
+        elif depth == 0 and ch == "?":
+            nested += 1
+        elif depth == 0 and ch == ":" and s[j + 1:j + 2] != ":" and s[j - 1:j] != ":":
+            if nested:
+                nested -= 1
+            else:
+                return j if stop_at_colon else j
+        elif depth == 0 and ch == "," and not stop_at_colon:
+            return j
+        j += 1
+    return None
+
+
+def _conditional_literals(s: str) -> str:
+    """`c ? bf : 1` with bf a bfloat: in Metal the int converts to bfloat (a built-in arithmetic type); the
+    emulator's bfloat class converts both ways, which makes the conditional ambiguous in C++. An integer
+    literal operand becomes `__mtl::cond_operand<decltype(other)>(1)`: a bfloat when the other operand is
+    one, the literal itself otherwise (so the usual arithmetic conversions are untouched)."""
+    edits = []
+    for m in re.finditer(r"\?", s):
+        i = m.start()
+        colon = _conditional_operand_end(s, i + 1, True)
+        if colon is None:
+            continue
+        end = _conditional_operand_end(s, colon + 1, False)
+        if end is None:
+            continue
+        second, third = s[i + 1:colon], s[colon + 1:end]
+        second_lit = _INT_LITERAL_RE.fullmatch(second) is not None
+        third_lit = _INT_LITERAL_RE.fullmatch(third) is not None
+        if second_lit == third_lit or "\n" in second + third and len(second + third) > 2000:
+            continue
+        if third_lit:
+            edits.append((colon + 1, end, f" ::__mtl::cond_operand<decltype({second})>({third.strip()}) "))
+        else:
+            edits.append((i + 1, colon, f" ::__mtl::cond_operand<decltype({third})>({second.strip()}) "))
+    for start, stop, text in sorted(edits, reverse=True):
+        # (keep line breaks: line markers map errors to the .metal lines)
+        s = s[:start] + text.replace("\n", " ") + "\n" * s[start:stop].count("\n") + s[stop:]
+    return s
+
+
 def _rewrite_literals(s: str) -> str:
     def suffixed(m):
         num = m.group(1)
@@ -940,6 +999,7 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
     s = _ATTR_RE.sub(" ", s)
     s = _erase_address_spaces(s)
     s = _constexpr_vectors(s)
+    s = _conditional_literals(s)
     s = _rewrite_literals(s)
     s = _rewrite_swizzles(s)
     s = _tag_sync_sites(s, user_functions)
