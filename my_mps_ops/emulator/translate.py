@@ -485,10 +485,11 @@ _CONSTEXPR_VECTOR_RE = re.compile(r"\bconstexpr\b(?P<mid>(?:\s+(?:static|inline|
 
 def _constexpr_vectors(s: str) -> str:
     """`constexpr float2 f() { return float2(1.0, 0.0); }`: the emulator's vectors are not literal types, so
-    a constexpr function or variable of a vector type is an inline function or a const variable (Metal
+    a constexpr function or variable of a vector type is a plain function or a const variable (Metal
     evaluates neither at compile time unless asked, and what asks is refused by g++ either way)."""
     def rewrite(m):
-        word = "inline" if m.group("next") in ("<", "(") else "const"
+        # (a function keeps the `inline` it may have: `METAL_FUNC static constexpr short2 f()`)
+        word = "" if m.group("next") in ("<", "(") else "const"
         return word + m.group("mid") + m.group("type") + m.group("after")
     return _CONSTEXPR_VECTOR_RE.sub(rewrite, s)
 
@@ -538,6 +539,9 @@ def _conditional_literals(s: str) -> str:
         if end is None:
             continue
         second, third = s[i + 1:colon], s[colon + 1:end]
+        statement = s[max(s.rfind(";", 0, i), s.rfind("{", 0, i), s.rfind("}", 0, i)) + 1:i]
+        if re.search(r"\b(?:constexpr|static|template|using|typedef)\b", statement):
+            continue  # a constant expression (g++ 12 can fail on decltype there; bfloat is rare there)
         second_lit = _INT_LITERAL_RE.fullmatch(second) is not None
         third_lit = _INT_LITERAL_RE.fullmatch(third) is not None
         if second_lit == third_lit or "\n" in second + third and len(second + third) > 2000:
