@@ -25,7 +25,7 @@ second time, with clang in C++ for OpenCL mode, only to find such errors:
   operands of ``?:`` become prvalues, casts to vectors convert element-wise;
 - checks of its own: MSL type names and address spaces as declared names,
   kernel parameters (address spaces, built-in attributes and their types),
-  ``goto`` and direct recursion.
+  ``goto`` and direct recursion (of functions that are not templates).
 
 clang's generic address space stays on (without it clang cannot construct a
 class temporary), so `this` and what is reached through it are generic here
@@ -92,8 +92,10 @@ _CLANG_CANDIDATES = ["clang++", "clang"] + [f"clang++-{v}" for v in range(20, 13
 _OPENCL_FLAGS = [
     "-x", "clcpp", "-cl-std=clc++2021", "-target", "spir64",
     # No double (MSL has none); program-scope variables only in constant memory.
+    # Function pointers are on (the prelude enables them): MSL 2.3+ has them, and Apple's compiler builds
+    # PyTorch's and MLX's uses; the front end rejects function pointer variables and members itself.
     "-Xclang", "-cl-ext=-cl_khr_fp64,-__opencl_c_fp64,-__opencl_c_program_scope_global_variables,"
-               "-__opencl_c_device_enqueue",
+               "-__opencl_c_device_enqueue,+__cl_clang_function_pointers",
     "-cl-no-stdinc", "-nostdinc",
 ]
 # What Apple's compiler defines; OpenCL's own macros are removed so that
@@ -315,6 +317,13 @@ class _Rewriter:
         self.attr_end: Dict[int, int] = {}  # token index of `[[` -> index after its `]]`
         self.threadgroup_variables: List[Tuple[int, int, int, int]] = []
         self.functions: List[Tuple[str, int, int, int, int]] = []  # name, name tok, params (start, end), body start
+        self.function_pointer_aliases: set = set()  # `using F = R (*)(A...);` names
+        self.function_template_param_names: set = set()  # template parameters of those types (made `auto`)
+        self.template_function_params: List[Tuple[int, int, frozenset]] = []  # (open, close, template params)
+        self._pending_template: frozenset = frozenset()
+        self._own_template: frozenset = frozenset()  # the parameters of the template head being declared
+        self.dependent_aliases: set = set()  # type aliases declared in templates
+        self.conditional_literals: List[Tuple[Tuple[int, int], Tuple[int, int]]] = []  # (literal, other operand)
 
     def edit(self, i: int, text: Optional[str] = None, before: str = "", after: str = "") -> None:
         e = self.edits.get(i)
@@ -329,8 +338,10 @@ class _Rewriter:
 
     def run(self) -> None:
         self._attributes()
+        self._function_pointer_aliases()
         self._scan()
         self._finish_threadgroup_variables()
+        self._finish_conditional_literals()
 
     def _attributes(self) -> None:
         toks = self.toks
@@ -403,11 +414,26 @@ class _Rewriter:
                     names = {toks[k + 1].text for k in range(nxt, close)
                              if toks[k].text in ("class", "typename") and k + 1 < close and toks[k + 1].kind == "id"}
                     pending_template = frozenset(names) | stack[-1][3]
+                    self._own_template = frozenset(names)
+                    self._function_template_params(nxt, close)
             if t.kind == "id":
+                self._pending_template = pending_template
                 self._identifier(i, kind, stack)
                 if kind == "func" and text in stack[-1][3]:
                     self._template_typed_local(i)
                     self._template_construction(i)
+                elif kind == "func" and text in self.dependent_aliases:
+                    self._template_construction(i)
+                if text == "using" and (stack[-1][3] or pending_template) and i + 2 < n and \
+                        toks[i + 1].kind == "id" and toks[i + 2].text == "=":
+                    # `using complex_T = vec<T, 2>;` in a template: `complex_T(a, b)` may construct a vector
+                    self.dependent_aliases.add(toks[i + 1].text)
+                if text == "typedef" and (stack[-1][3] or pending_template):
+                    j = i + 1
+                    while j < n and toks[j].text not in (";", "{", "(", "["):
+                        j += 1
+                    if j < n and toks[j].text == ";" and toks[j - 1].kind == "id":
+                        self.dependent_aliases.add(toks[j - 1].text)
             elif t.kind == "num":
                 self._number(i)
             if text == "(" and kind in ("ns", "class"):
@@ -423,6 +449,9 @@ class _Rewriter:
                 pending_template = frozenset() if new_kind == "class" else pending_template
             elif text == ";" and kind in ("ns", "class"):
                 pending_template = stack[-1][3] if kind == "class" else frozenset()
+                self._own_template = frozenset()
+            if text in ("{", "}"):
+                self._own_template = frozenset()
             if text == "__local" and kind == "func":
                 self._threadgroup_variable(i)
             if text in _ADDRESS_SPACES and not self._qualifies_member(i):
@@ -452,7 +481,128 @@ class _Rewriter:
                 self._c_style_cast(i, stack[-1][3])
             if text == "goto":
                 self.errors.append((i, "goto is not supported in MSL"))
+            if text == "virtual" and kind == "class":
+                # (clang's OpenCL allows them with function pointers on)
+                self.errors.append((i, "virtual functions are not supported in MSL"))
+            if kind in ("func", "class") and (text == "(" or text in self.function_pointer_aliases):
+                self._function_pointer_object(i)
             i += 1
+
+    def _function_pointer_aliases(self) -> None:
+        """The names of function pointer types, `using F = R (*)(A...);`: template parameters of such a type
+        become `auto` (_function_template_params; clang's OpenCL cannot bind a function to one), variables and
+        members of it are rejected (_function_pointer_object)."""
+        toks = self.toks
+        n = len(toks)
+        for i in range(n - 4):
+            if toks[i].text != "using" or toks[i + 1].kind != "id" or toks[i + 2].text != "=":
+                continue
+            end = i + 3
+            while end < n and toks[end].text not in (";", "{", "}"):
+                end += 1
+            if end >= n or toks[end].text != ";":
+                continue
+            depth, star = 0, None
+            for j in range(i + 3, end - 3):
+                tx = toks[j].text
+                if tx == "(" and depth == 0 and toks[j + 1].text == "*" and toks[j + 2].text == ")" and \
+                        toks[j + 3].text == "(":
+                    star = j
+                    break
+                if tx in ("(", "[", "<"):
+                    depth += 1
+                elif tx in (")", "]", ">"):
+                    depth -= 1
+            if star is None or _match(toks, star + 3, "(", ")") != end - 1:
+                continue
+            self.function_pointer_aliases.add(toks[i + 1].text)
+
+    def _function_pointer_object(self, i: int) -> None:
+        """A variable or member of a function pointer type (`R (*name)(A...)`, or of an alias of one), in a
+        function body or a class: rejected. (Function pointers as parameters and template parameters, bound to
+        a function where the code is inlined, are what Apple's compiler builds in PyTorch's and MLX's
+        kernels; a function pointer object needs [[visible]] functions and a function table.)"""
+        toks = self.toks
+        n = len(toks)
+        e = self.edits.get(i)
+        if e is not None and e.text == "" and not e.before:
+            return  # a template parameter rewritten away
+        p = self._prev(i)
+        if p >= 0 and toks[p].text in ("::", ".", "->", "<", ","):
+            return
+        if toks[i].text == "(":
+            if not (i + 4 < n and toks[i + 1].text == "*" and toks[i + 2].kind == "id" and toks[i + 3].text == ")"
+                    and toks[i + 4].text == "("):
+                return
+            if p < 0 or not (toks[p].kind == "id" and toks[p].text not in _CONTROL_KEYWORDS or toks[p].text == ">"):
+                return
+            if self._in_parameter_list(i):
+                return
+            name = i + 2
+        else:
+            j = self._next(i)
+            if j < n and toks[j].text == "<":
+                j = self._angle_close(j) + 1
+            if j >= n or toks[j].kind != "id" or j + 1 >= n or toks[j + 1].text not in ("=", ";", "{", ",", "["):
+                return
+            if self._in_parameter_list(i):
+                return
+            name = j
+        self.errors.append((name, f"pointers to functions are not allowed: '{toks[name].text}' is a function "
+                                  "pointer variable or member (MSL takes a function pointer only as a parameter or "
+                                  "template parameter bound to a function at compile time; a function pointer "
+                                  "object needs [[visible]] functions)"))
+
+    def _in_parameter_list(self, i: int) -> bool:
+        """Whether token i is inside the parentheses of a function declarator's parameters."""
+        toks = self.toks
+        depth = 0
+        for j in range(i - 1, max(-1, i - 400), -1):
+            tx = toks[j].text
+            if tx in (")", "]", "}"):
+                depth += 1
+            elif tx in ("[", "{"):
+                if depth == 0:
+                    return False
+                depth -= 1
+            elif tx == "(":
+                if depth == 0:
+                    q = self._prev(j)
+                    return q >= 0 and (toks[q].kind == "id" and toks[q].text not in _CONTROL_KEYWORDS or
+                                       toks[q].text == ">")
+                depth -= 1
+            elif tx == ";" and depth == 0:
+                return False
+        return False
+
+    def _function_template_params(self, open_i: int, close: int) -> None:
+        """Non-type template parameters of a function pointer type (`F<T> f` with F an alias of one, or
+        `R (*f)(A...)`): `auto f`, a function bound at compile time."""
+        toks = self.toks
+        if toks[close].text != ">":
+            return
+        for s, e in _split_top_level(toks, open_i + 1, close):
+            texts = [toks[k].text for k in range(s, e)]
+            if not texts or texts[0] in ("typename", "class", "template"):
+                continue
+            if "=" in texts:
+                e = s + texts.index("=")
+                texts = texts[:e - s]
+            name = None
+            if texts[0] in self.function_pointer_aliases and toks[e - 1].kind == "id" and e - 1 > s:
+                name = e - 1
+            elif len(texts) >= 6 and "(" in texts:
+                j = s + texts.index("(")
+                if toks[j + 1].text == "*" and toks[j + 2].kind == "id" and toks[j + 3].text == ")" and \
+                        toks[j + 4].text == "(" and _match(toks, j + 4, "(", ")") == e - 1:
+                    name = j + 2
+            if name is None:
+                continue
+            for k in range(s, e):
+                if k != name:
+                    self.edit(k, "")
+            self.edit(s if s != name else name, before="auto ")
+            self.function_template_param_names.add(toks[name].text)
 
     def _angle_close(self, i: int) -> int:
         depth = 0
@@ -527,6 +677,8 @@ class _Rewriter:
                 self.edit(i, "__msl_" + text)  # a keyword or type of clang's OpenCL, a plain name in MSL
             return
         if text in ("vec", "packed_vec"):
+            if kind in ("ns", "class"):
+                self._deducible_vec(i, stack)
             self._vec_constructor(i)
             return
         if text in FUNCTION_QUALIFIERS:
@@ -597,6 +749,62 @@ class _Rewriter:
         if e is not None and e.text != toks[i].text:
             return
         self.edit(i, f"::metal::__construct<{toks[i].text}>")
+
+    def _deducible_vec(self, i: int, stack) -> None:
+        """`vec<T, N>` with T a template parameter where T is deduced from it (a function template's
+        parameter, a partial specialization's argument, an alias template of T): `::metal::__dvec<T, N>`, the
+        ext-vector form clang deduces T through (the library's `vec` maps bool and bfloat, so it does not).
+        (Deduced from a bfloat vector, T is the bfloat vector's element type here.)"""
+        toks = self.toks
+        p = self._prev(i)
+        first = i
+        if p >= 1 and toks[p].text == "::" and toks[p - 1].text == "metal":
+            first = p - 1
+            if first >= 1 and toks[first - 1].text == "::":
+                first -= 1
+        elif p >= 0 and toks[p].text in ("::", ".", "->"):
+            return
+        nxt = self._next(i)
+        if nxt >= len(toks) or toks[nxt].text != "<":
+            return
+        close = self._angle_close(nxt)
+        if toks[close].text not in (">", ">>"):
+            return
+        args = _split_top_level(toks, nxt + 1, close)
+        if len(args) != 2 or args[0][1] - args[0][0] != 1:
+            return
+        elem = toks[args[0][0]].text
+        after = self._next(close)
+        if toks[close].text == ">" and after < len(toks) and toks[after].text in ("(", "{"):
+            return  # a construction
+        deduced = False
+        for o, c, params in reversed(self.template_function_params):
+            if o < i < c:
+                deduced = elem in params
+                break
+        if not deduced and elem in self._own_template:
+            # an alias template of T, or a partial specialization's argument list
+            j = first - 1
+            depth = 0
+            while j >= 0 and toks[j].text not in (";", "{", "}"):
+                tx = toks[j].text
+                if tx in (">", ")"):
+                    depth += 1
+                elif tx in ("<", "("):
+                    if depth == 0 and tx == "<" and j >= 2 and toks[j - 1].kind == "id" and \
+                            toks[j - 2].text in ("struct", "class"):
+                        deduced = True
+                        break
+                    depth = max(0, depth - 1)
+                elif tx == "=" and depth == 0 and j >= 2 and toks[j - 2].text == "using":
+                    deduced = True
+                    break
+                j -= 1
+        if not deduced:
+            return
+        for k in range(first, i):
+            self.edit(k, "")
+        self.edit(i, "::metal::__dvec")
 
     def _vec_constructor(self, i: int) -> None:
         """`vec<T, N>(...)`, a vector constructor through metal::vec."""
@@ -676,6 +884,28 @@ class _Rewriter:
         for a, b in ((i + 1, colon), (colon + 1, end)):
             self.edit(a, before="::metal::__rv(")
             self.edit(b - 1, after=")")
+        lit2, lit3 = self._int_literal(i + 1, colon), self._int_literal(colon + 1, end)
+        if lit2 != lit3:
+            # `c ? bf : 1`: the literal takes the other operand's type if that is bfloat (finished at the end,
+            # once the other operand's tokens are rewritten)
+            self.conditional_literals.append(((colon + 1, end), (i + 1, colon)) if lit3 else
+                                             ((i + 1, colon), (colon + 1, end)))
+
+    def _int_literal(self, a: int, b: int) -> bool:
+        texts = [self.toks[k].text for k in range(a, b)]
+        if texts and texts[0] in ("-", "+"):
+            texts = texts[1:]
+        return len(texts) == 1 and self.toks[b - 1].kind == "num" and \
+            re.fullmatch(r"(?:0[xX][0-9a-fA-F]+|\d+)[uUlL]*", texts[0]) is not None
+
+    def _finish_conditional_literals(self) -> None:
+        toks = self.toks
+        for (la, lb), (oa, ob) in self.conditional_literals:
+            text = lambda m: (self.edits[m].before + self.edits[m].text + self.edits[m].after) if m in self.edits \
+                else toks[m].text
+            other = " ".join(text(m) for m in range(oa, ob))
+            self.edit(la, before=f"::metal::__cond_lit<decltype({other})>(")
+            self.edit(lb - 1, after=")")
 
     def _c_style_cast(self, i: int, template_params: frozenset) -> None:
         """`(float4)h` or `(T)x`: MSL converts vectors element-wise by a cast (clang's OpenCL reinterprets
@@ -850,6 +1080,11 @@ class _Rewriter:
         j, depth, first_bracket = i + 1, 0, None
         while j < len(toks):
             tx = toks[j].text
+            if tx == "<" and depth == 0 and first_bracket is None and toks[j - 1].kind == "id":
+                close = self._angle_close(j)  # template arguments (`vec<T, 2>`): their commas separate nothing
+                if toks[close].text in (">", ">>"):
+                    j = close + 1
+                    continue
             if tx in ("(", "[", "{"):
                 if tx == "[" and depth == 0 and first_bracket is None:
                     first_bracket = j
@@ -914,6 +1149,9 @@ class _Rewriter:
                 prefix = "= " if toks[self._prev(brace)].text != "=" else ""
                 self.edit(brace, prefix + "::metal::__brace<::" + toks[i].text + ">(")
                 self.edit(close, ")")
+                last = self._prev(close)
+                if last > brace and toks[last].text == ",":
+                    self.edit(last, "")  # `float2 v{a, b,};`: the trailing comma
                 end = close + 1
             else:
                 # another initializer: up to the next declarator
@@ -986,6 +1224,8 @@ class _Rewriter:
         if after not in ("{", ";", "=", "->", ":", ","):
             return
         name = toks[p].text
+        if self._own_template:
+            self.template_function_params.append((i, close, self._own_template))
         before = self._prev(p)
         if before >= 0 and (toks[before].text == "," or toks[before].text == ":" and
                             toks[self._prev(before)].text not in ("public", "private", "protected")):
@@ -995,7 +1235,9 @@ class _Rewriter:
         explicit = toks[self._next(p)].text == "<" or self._explicit_instantiation(p)
         if not is_kernel and not explicit:
             self._thread_pointer_params(i, close, in_template)
-        if after == "{":
+        if after == "{" and not in_template:
+            # (templates are left out of the recursion check: Apple's compiler builds c10/metal/special_math.h's
+            # recursive bessel_j1_forward<T>, which PyTorch's kernels instantiate)
             self.functions.append((name, p, i, close, k))
 
     def _redundant_static_definition(self, i: int) -> bool:
@@ -1384,7 +1626,26 @@ _DIAG_RE = re.compile(r"^(?P<path>.*?):(?P<line>\d+):(?P<col>\d+): (?P<kind>erro
                       r"(?P<msg>.*)$")
 
 
-def _parse_diagnostics(stderr: str, loc: _Locator) -> List[Diagnostic]:
+_INVALID_FUNCTION_ARGUMENT_RE = re.compile(r"candidate template ignored: invalid explicitly-specified argument for "
+                                          r"template parameter '(\w+)'")
+
+
+def _parse_diagnostics(stderr: str, loc: _Locator, function_params: Iterable[str] = ()) -> List[Diagnostic]:
+    diags = _parse_diagnostics_1(stderr, loc)
+    if function_params and any(m in stderr for m in _OPENCL_ONLY_ERRORS):
+        # A function template whose instantiation met an OpenCL-only error (set aside) is invalid to clang from
+        # then on, so passing it as a function template argument fails: a consequence, set aside too.
+        def consequence(d: Diagnostic) -> bool:
+            if not d.message.startswith("no matching function for call to"):
+                return False
+            cands = [n for n in d.notes if "candidate" in n]
+            return bool(cands) and all((m := _INVALID_FUNCTION_ARGUMENT_RE.search(n)) and m.group(1) in
+                                       function_params for n in cands)
+        diags = [d for d in diags if not consequence(d)]
+    return diags
+
+
+def _parse_diagnostics_1(stderr: str, loc: _Locator) -> List[Diagnostic]:
     diags: List[Diagnostic] = []
     pending_library_error: Optional[Diagnostic] = None
     current: Optional[Diagnostic] = None
@@ -1491,10 +1752,11 @@ def check_msl(source: str, name: str = "<source>", include_dirs: Sequence[str] =
         if keep:
             shutil.copy(rewritten, os.path.join(keep, base + ".cl"))
         proc = _run([clang, *flags, rewritten], tmp)
-        found = _parse_diagnostics(proc.stderr, loc)
+        found = _parse_diagnostics(proc.stderr, loc, rw.function_template_param_names)
         error_lines = [ln for ln in proc.stderr.splitlines() if " error: " in ln]
         if proc.returncode != 0 and not found and \
-                not all(any(m in ln for m in _OPENCL_ONLY_ERRORS) for ln in error_lines):
+                not all(any(m in ln for m in _OPENCL_ONLY_ERRORS) or "no matching function for call" in ln and
+                        rw.function_template_param_names for ln in error_lines):
             found = [Diagnostic(name, 0, 0, proc.stderr.strip()[-2000:])]
         diags += found
         if diags:

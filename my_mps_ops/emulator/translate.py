@@ -231,7 +231,53 @@ _INSTANTIATION_RE = re.compile(
 _DECLTYPE_INSTANTIATION_RE = re.compile(
     r"\btemplate\s*(?P<attrs>(?:\[\[[^\]]*\]\]\s*)*)(?:\bkernel\b\s*)?(?P<attrs2>(?:\[\[[^\]]*\]\]\s*)*)"
     r"decltype\s*\(\s*(?P<name>(?:::\s*)?(?:\w+\s*::\s*)*\w+)\s*(?P<targs><[^;{()]*?>)\s*\)\s*(?P=name)\s*<[^;{()]*?>\s*;")
+# The form whose template arguments are deduced from the parameters (PyTorch's Gamma.metal):
+# template [[host_name("n")]] kernel void f(constant half* x [[buffer(0)]], ...);
+_DEDUCED_INSTANTIATION_RE = re.compile(
+    r"\btemplate\s*(?P<attrs>(?:\[\[[^\]]*\]\]\s*)*)\bkernel\b\s*(?P<attrs2>(?:\[\[[^\]]*\]\]\s*)*)"
+    r"void\s+(?P<name>(?:::\s*)?(?:\w+\s*::\s*)*\w+)\s*\((?P<params>[^;{]*)\)\s*;")
 _HOST_NAME_RE = re.compile(r'host_name\s*\(\s*((?:"[^"]*"\s*)+)\)')
+
+
+def _template_param_names(tparams: str) -> List[str]:
+    """The names a template parameter list declares (`typename T, int N = 4` -> T, N)."""
+    names = []
+    for part in _split_top_level(tparams):
+        part = part.split("=")[0].strip()
+        m = re.search(r"(\w+)\s*$", part)
+        if m and not re.fullmatch(r"(?:typename|class)\s*", part):
+            names.append(m.group(1))
+    return names
+
+
+def _normal_type(text: str) -> str:
+    return re.sub(r"\s*([*&])\s*", r"\1 ", " ".join(text.split())).strip()
+
+
+def _deduce_template_args(tparams: List[str], def_types: List[str], inst_types: List[str]) -> Optional[str]:
+    """`<half, half>` for `template <typename T0, typename T1> f(constant T0*, device T1*)` instantiated with
+    `(constant half*, device half*)`, as C++ deduces them; None if that fails."""
+    if len(def_types) != len(inst_types):
+        return None
+    bound: Dict[str, str] = {}
+    for dt, it in zip(def_types, inst_types):
+        pattern, seen = re.escape(_normal_type(dt)), set()
+        for t in tparams:
+            def group(m, t=t):
+                if t in seen:
+                    return f"(?P={t})"
+                seen.add(t)
+                return f"(?P<{t}>.+?)"
+            pattern = re.sub(r"\b" + re.escape(t) + r"\b", group, pattern)
+        m = re.fullmatch(pattern, _normal_type(it))
+        if not m:
+            return None
+        for t, v in m.groupdict().items():
+            if bound.setdefault(t, v.strip()) != v.strip():
+                return None
+    if any(t not in bound for t in tparams):
+        return None
+    return "<" + ", ".join(bound[t] for t in tparams) + ">"
 
 
 def _host_name(attrs: str) -> Optional[str]:
@@ -430,6 +476,84 @@ def _check_subscripts(body: str, name: str, rank: int, checker, extra: str) -> s
 _FLOAT_CORE = r"(?:\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)"
 _SUFFIXED_RE = re.compile(r"(?<![\w.])(" + _FLOAT_CORE + r"|\d+)(h|H|bf|BF)(?![\w.])")
 _UNSUFFIXED_RE = re.compile(r"(?<![\w.])(" + _FLOAT_CORE + r")(?![\w.])")
+
+
+_VECTOR_TYPE = r"(?:::\s*)?(?:metal\s*::\s*)?(?:packed_)?(?:bool|char|uchar|short|ushort|int|uint|long|ulong|half|float|bfloat)[234]"
+_CONSTEXPR_VECTOR_RE = re.compile(r"\bconstexpr\b(?P<mid>(?:\s+(?:static|inline|const)\b)*\s+)(?P<type>" + _VECTOR_TYPE +
+                                  r")\b(?P<after>\s*\w+\s*(?P<next>[<(=;{])?)")
+
+
+def _constexpr_vectors(s: str) -> str:
+    """`constexpr float2 f() { return float2(1.0, 0.0); }`: the emulator's vectors are not literal types, so
+    a constexpr function or variable of a vector type is a plain function or a const variable (Metal
+    evaluates neither at compile time unless asked, and what asks is refused by g++ either way)."""
+    def rewrite(m):
+        # (a function keeps the `inline` it may have: `METAL_FUNC static constexpr short2 f()`)
+        word = "" if m.group("next") in ("<", "(") else "const"
+        return word + m.group("mid") + m.group("type") + m.group("after")
+    return _CONSTEXPR_VECTOR_RE.sub(rewrite, s)
+
+
+_INT_LITERAL_RE = re.compile(r"\s*[-+]?\s*(?:0[xX][0-9a-fA-F]+|\d+)[uUlL]*\s*")
+
+
+def _conditional_operand_end(s: str, j: int, stop_at_colon: bool) -> Optional[int]:
+    """Where the operand of `?:` starting at j ends (at depth 0: `:` for the second operand, `;`, `,` or a
+    closing bracket for the third); None if it does not end within the statement."""
+    depth, nested = 0, 0
+    while j < len(s):
+        ch = s[j]
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            if depth == 0:
+                return None if stop_at_colon else j
+            depth -= 1
+        elif ch == ";":
+            return None if stop_at_colon else j
+        elif depth == 0 and ch == "?":
+            nested += 1
+        elif depth == 0 and ch == ":" and s[j + 1:j + 2] != ":" and s[j - 1:j] != ":":
+            if nested:
+                nested -= 1
+            else:
+                return j if stop_at_colon else j
+        elif depth == 0 and ch == "," and not stop_at_colon:
+            return j
+        j += 1
+    return None
+
+
+def _conditional_literals(s: str) -> str:
+    """`c ? bf : 1` with bf a bfloat: in Metal the int converts to bfloat (a built-in arithmetic type); the
+    emulator's bfloat class converts both ways, which makes the conditional ambiguous in C++. An integer
+    literal operand becomes `__mtl::cond_operand<decltype(other)>(1)`: a bfloat when the other operand is
+    one, the literal itself otherwise (so the usual arithmetic conversions are untouched)."""
+    edits = []
+    for m in re.finditer(r"\?", s):
+        i = m.start()
+        colon = _conditional_operand_end(s, i + 1, True)
+        if colon is None:
+            continue
+        end = _conditional_operand_end(s, colon + 1, False)
+        if end is None:
+            continue
+        second, third = s[i + 1:colon], s[colon + 1:end]
+        statement = s[max(s.rfind(";", 0, i), s.rfind("{", 0, i), s.rfind("}", 0, i)) + 1:i]
+        if re.search(r"\b(?:constexpr|static|template|using|typedef)\b", statement):
+            continue  # a constant expression (g++ 12 can fail on decltype there; bfloat is rare there)
+        second_lit = _INT_LITERAL_RE.fullmatch(second) is not None
+        third_lit = _INT_LITERAL_RE.fullmatch(third) is not None
+        if second_lit == third_lit or "\n" in second + third and len(second + third) > 2000:
+            continue
+        if third_lit:
+            edits.append((colon + 1, end, f" ::__mtl::cond_operand<decltype({second})>({third.strip()}) "))
+        else:
+            edits.append((i + 1, colon, f" ::__mtl::cond_operand<decltype({third})>({second.strip()}) "))
+    for start, stop, text in sorted(edits, reverse=True):
+        # (keep line breaks: line markers map errors to the .metal lines)
+        s = s[:start] + text.replace("\n", " ") + "\n" * s[start:stop].count("\n") + s[stop:]
+    return s
 
 
 def _rewrite_literals(s: str) -> str:
@@ -795,6 +919,12 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
             host = _host_name(attrs) or qualified.split("::")[-1] + m.group("targs")
             instantiations.append((host, qualified, " ".join(m.group("targs").split())))
         s = pattern.sub(lambda m: _blank(m.group(0)), s)
+    for m in list(_DEDUCED_INSTANTIATION_RE.finditer(s)):
+        attrs = _restore_strings(m.group("attrs") + m.group("attrs2"), saved)
+        qualified = "".join(m.group("name").split())
+        host = _host_name(attrs) or qualified.split("::")[-1]
+        instantiations.append((host, qualified, _restore_strings(m.group("params"), saved)))
+    s = _DEDUCED_INSTANTIATION_RE.sub(lambda m: _blank(m.group(0)), s)
 
     # Kernel definitions: parse the parameters, strip `kernel`, rewrite the
     # body's threadgroup declarations, append a layout function.
@@ -829,6 +959,7 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
             re.search(r"\b" + re.escape(fn) + r"\s*[<(]", body) for fn in sync_fns)
         template = m.group("template") or ""
         definitions[fname] = dict(params=params, uses_sync=uses_sync, template=bool(template),
+                                  template_params=_template_param_names(m.group("tparams") or ""),
                                   max_threads=int(mt.group(1)) if mt else 1024,
                                   host_name=_host_name(attrs) or fname, threadgroup_names=tg_names,
                                   layout=f"__mtl_tg_layout_{fname}")
@@ -851,6 +982,14 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
         if fname not in definitions:
             raise TranslationError(f"host_name {host!r} instantiates {fname}, which is not a kernel defined in {name}.metal")
         d = definitions[fname]
+        if not targs.startswith("<"):  # deduced from the instantiation's parameters
+            inst = _parse_params(targs, fname)
+            deduced = _deduce_template_args(d["template_params"], [p.type for p in d["params"]],
+                                            [p.type for p in inst])
+            if deduced is None:
+                raise TranslationError(f"host_name {host!r}: cannot deduce the template arguments of {fname} from "
+                                       f"its parameters ({', '.join(p.type for p in inst)})")
+            targs = deduced
         kernels.append(Kernel(host, qualified, targs, d["params"], d["uses_sync"], d["max_threads"],
                               d["threadgroup_names"], d["layout"] if "::" not in qualified else
                               "::".join(qualified.split("::")[:-1] + [d["layout"]])))
@@ -863,6 +1002,8 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
 
     s = _ATTR_RE.sub(" ", s)
     s = _erase_address_spaces(s)
+    s = _constexpr_vectors(s)
+    s = _conditional_literals(s)
     s = _rewrite_literals(s)
     s = _rewrite_swizzles(s)
     s = _tag_sync_sites(s, user_functions)

@@ -327,3 +327,62 @@ def test_coherent_partial_brace_list_float_simd_xor_and_matrix_product():
     lib.misc(out, prod, threads=32, group_size=32)
     assert out.tolist() == [float(3 * i + 3 + 1) for i in range(32)]
     assert prod.tolist() == [8.0] * 64
+
+
+# Forms of PyTorch's MPS kernels (written here, each reduced to a line or two): template arguments of an
+# explicit instantiation deduced from its parameters (Gamma.metal), a constexpr function returning a
+# vector (Eye.metal), Metal's min/pow beside a library's own templates of them in scope (c10/metal's
+# min/pow, EmbeddingBag.metal and Gamma.metal), an integer literal beside a bfloat in `?:`
+# (HistogramKernel.metal: the int converts to bfloat).
+PYTORCH_FORMS = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+namespace lib {
+template <typename T, typename U>
+enable_if_t<is_integral_v<T> && is_integral_v<U>, T> min(T a, U b) { return a < T(b) ? a : T(b); }
+template <typename T, typename U, enable_if_t<is_floating_point_v<T> || is_floating_point_v<U>, bool> = true>
+float pow(T x, U y) { return ::metal::precise::pow(float(x), float(y)); }
+}  // namespace lib
+using namespace lib;
+
+template <typename T>
+constexpr T one() { return static_cast<T>(1); }
+template <>
+constexpr float2 one<float2>() { return float2(1.0, 0.0); }
+
+template <typename T0, typename T1>
+kernel void forms(constant T0* in [[buffer(0)]], device T1* out [[buffer(1)]],
+                  constant uint& n [[buffer(2)]], uint i [[thread_position_in_grid]]) {
+  const uint last = min(i + 1, n - 1);
+  const float z = float(in[last]);
+  const int k = 2;
+  out[i] = static_cast<T1>(pow(z, k) + one<float2>().x);
+}
+template [[host_name("forms_float_float")]] kernel void forms(
+    constant float* in [[buffer(0)]], device float* out [[buffer(1)]], constant uint& n [[buffer(2)]],
+    uint i [[thread_position_in_grid]]);
+
+template <typename T>
+kernel void weighted(constant T* w [[buffer(0)]], device T* out [[buffer(1)]],
+                     constant long& stride [[buffer(2)]], uint i [[thread_position_in_grid]]) {
+  out[i] += (stride >= 0) ? w[i * stride] : 1;
+}
+template [[host_name("weighted_bfloat")]] kernel void weighted<bfloat>(
+    constant bfloat*, device bfloat*, constant long&, uint);
+template [[host_name("weighted_int")]] kernel void weighted<int>(constant int*, device int*, constant long&, uint);
+"""
+
+
+def test_pytorch_kernel_forms():
+    lib = _compile(PYTORCH_FORMS)
+    x = torch.arange(6, dtype=torch.float32)
+    out = torch.empty(6)
+    lib.forms_float_float(x, out, 6, threads=6, arg_casts={2: "int32"})
+    assert out.tolist() == [float(min(i + 1, 5)) ** 2 + 1.0 for i in range(6)]
+    for dtype, kernel in ((torch.bfloat16, lib.weighted_bfloat), (torch.int32, lib.weighted_int)):
+        w = torch.arange(4).to(dtype) * 2
+        for stride, want in ((1, [0, 2, 4, 6]), (-1, [1, 1, 1, 1])):
+            out = torch.zeros(4, dtype=dtype)
+            kernel(w, out, stride, threads=4)
+            assert out.tolist() == want, (dtype, stride)

@@ -136,6 +136,37 @@ CASES = [
     ("function_pointer", "inline float sq(float x) { return x * x; }\ninline float f(float x) { "
      "float (*fp)(float) = sq; return fp(x); }", r"pointers to functions are not allowed",
      "inline float sq(float x) { return x * x; }\ninline float f(float x) { return sq(x); }"),
+    # A function pointer type is accepted as a template parameter or a parameter (a function bound at compile
+    # time where the code is inlined: MLX's fft passes its radix codelets so, PyTorch's c10/metal/atomic.h its
+    # operations), not as a variable or member.
+    ("function_pointer_alias_variable",
+     "template <typename T> using Fn = void (*)(thread vec<T, 2>*);\n"
+     "template <typename T> inline void neg(thread vec<T, 2>* x) { x[0] = -x[0]; }\n"
+     "inline void f(thread float2* x) { Fn<float> p = neg<float>; p(x); }",
+     r"pointers to functions are not allowed",
+     "template <typename T> using Fn = void (*)(thread vec<T, 2>*);\n"
+     "template <typename T> inline void neg(thread vec<T, 2>* x) { x[0] = -x[0]; }\n"
+     "template <typename T, Fn<T> op> inline void apply(thread vec<T, 2>* x) { op(x); }\n"
+     "inline void f(thread float2* x) { apply<float, neg<float>>(x); }"),
+    ("function_pointer_member",
+     "inline float sq(float x) { return x * x; }\nstruct Op { float (*fn)(float); };\n"
+     "inline float f(float x) { Op op{sq}; return op.fn(x); }",
+     r"pointers to functions are not allowed",
+     # a function pointer parameter of an inlined helper (c10/metal/atomic.h's form)
+     "inline float sq(float x) { return x * x; }\n"
+     "inline float apply(float x, float (*op)(float)) { return op(x); }\n"
+     "inline float f(float x) { return apply(x, sq); }"),
+    # `vec<T, N>` deduces T, as Apple's vec is an ext vector type (a function template's parameter, a
+    # partial specialization); a vector of another width does not match.
+    ("vec_deduction_of_another_width",
+     "template <typename T> inline T first(vec<T, 2> v) { return v.x; }\n"
+     "inline float f(float3 v) { return first(v); }",
+     r"no matching function for call to 'first'",
+     "template <typename T> inline T first(vec<T, 2> v) { return v.x; }\n"
+     "template <typename S> struct Lane { using type = S; };\n"
+     "template <typename T> struct Lane<vec<T, 2>> { using type = T; };\n"
+     "inline float f(float2 v, half2 h) { typename Lane<float2>::type a = first(v); "
+     "typename Lane<half2>::type b = first(h); return a + float(b); }"),
     ("virtual_function", "struct B { virtual float f() const { return 0.0f; } };",
      r"virtual functions are not supported", "struct B { float f() const { return 0.0f; } };"),
     ("throw", "inline float f(float x) { if (x < 0.0f) throw 1; return x; }", r"exceptions",
@@ -338,6 +369,65 @@ def test_rejected_while_preprocessing(case_id, source, pattern):
 
 def test_idioms_accepted():
     strict.check_msl(PRELUDE + IDIOMS, "idioms.metal")
+
+
+# Minimal reproductions (written here) of the two forms of MLX's kernels the front end once refused:
+# fft.metal's radix codelets passed as function-pointer template arguments (through an alias template,
+# one instantiation of them meeting a `float * half2` that OpenCL alone refuses), its lane type deduced by
+# a partial specialization on `vec<T, 2>` and a threadgroup `vec<T, 2>` array; steel_attention's
+# `vec<U, N>` member alias template deducing U in a function template's parameter.
+MLX_FORMS = """
+template <typename T> using Codelet = void (*)(thread vec<T, 2>*, thread vec<T, 2>*);
+template <typename T> METAL_FUNC void radix2(thread vec<T, 2>* x, thread vec<T, 2>* y) {
+  y[0] = x[0] + x[1];
+  y[1] = x[0] - 0.5 * x[1];
+}
+template <typename T, int radix, Codelet<T> codelet>
+METAL_FUNC void butterfly(thread vec<T, 2>* x, thread vec<T, 2>* y) { codelet(x, y); }
+template <typename S> struct LaneOf { using type = S; };
+template <typename T> struct LaneOf<vec<T, 2>> { using type = T; };
+template <typename In> struct Reader {
+  using lane_T = typename LaneOf<In>::type;
+  using complex_T = vec<lane_T, 2>;
+  complex_T conj(complex_T v) const thread { return complex_T(v.x, -v.y); }
+};
+template <typename In, int N>
+kernel void fft_like(device const In* in [[buffer(0)]], device In* out [[buffer(1)]],
+                     uint i [[thread_position_in_grid]]) {
+  using T = typename LaneOf<In>::type;
+  threadgroup vec<T, 2> shared[N];
+  thread Reader<In> reader;
+  vec<T, 2> x[2] = {in[0], in[1]}, y[2];
+  butterfly<T, 2, radix2<T>>(x, y);
+  butterfly<T, 2, radix2<T>>(y, x);
+  shared[i % N] = reader.conj(x[0]);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[i] = shared[0];
+}
+template [[host_name("fft_like_float2")]] [[kernel]] decltype(fft_like<float2, 16>) fft_like<float2, 16>;
+template [[host_name("fft_like_half2")]] [[kernel]] decltype(fft_like<half2, 16>) fft_like<half2, 16>;
+
+template <typename T, int N> struct Frag {
+  typedef vec<T, N> frag_type;
+  template <typename U> using dtype_frag_t = typename metal::vec<U, N>;
+  template <typename A, typename B>
+  METAL_FUNC static void mma(thread frag_type& d, thread dtype_frag_t<A>& a, thread dtype_frag_t<B>& b) {
+    d = frag_type(a) * frag_type(b);
+  }
+};
+kernel void mma_like(device float2* out [[buffer(0)]], device const half2* h [[buffer(1)]],
+                     uint i [[thread_position_in_grid]]) {
+  float2 d, a = out[0], b = out[1];
+  half2 c = h[0];
+  Frag<float, 2>::mma(d, a, b);
+  Frag<float, 2>::mma(d, a, c);
+  out[i] = d;
+}
+"""
+
+
+def test_mlx_forms_accepted():
+    strict.check_msl(PRELUDE + MLX_FORMS, "mlx_forms.metal")
 
 
 def test_errors_name_the_metal_line_and_column():

@@ -203,14 +203,20 @@ template <class T> inline std::enable_if_t<__mtl::is_int_scalar_v<T>, T> abs(T x
 MTL_LIFT1(abs)
 
 // ----- binary floating functions -----
+// Metal declares these for (float, float) and (half, half) only; mixed arguments convert. The exact
+// overloads are plain functions, the mixed ones a template taking its second argument as a pack: less
+// specialized than a library's own `template <class T, class U> f(T, U)` (PyTorch's c10/metal/utils.h
+// has pow so), which wins a mixed call as it does against Metal's plain functions.
 #define MTL_FLOAT2(NAME, EXPR)                                                                     \
-  template <class A, class B, class T = __mtl::scalar_common_t<A, B>,                              \
-            std::enable_if_t<__mtl::is_float_scalar_v<T>, int> = 0>                                \
-  inline T NAME(A x_, B y_) {                                                                      \
+  template <class A, class... B, class T = __mtl::scalar_common_t<A, B...>,                        \
+            std::enable_if_t<sizeof...(B) == 1 && __mtl::is_float_scalar_v<T>, int> = 0>           \
+  inline T NAME(A x_, B... y_) {                                                                   \
     typedef __mtl::compute_t<T> C;                                                                 \
-    const C x = C(T(x_)), y = C(T(y_));                                                            \
+    const C x = C(T(x_)), y = C(T(y_...));                                                         \
     return T(EXPR);                                                                                \
   }                                                                                                \
+  inline float NAME(float x, float y) { return NAME<float, float>(x, y); }                         \
+  inline half NAME(half x, half y) { return NAME<half, half>(x, y); }                              \
   MTL_LIFT2(NAME)
 MTL_FLOAT2(pow, __mtl::m_pow(x, y))
 MTL_FLOAT2(powr, __mtl::m_pow(x, y))  // defined for x >= 0 in Metal; same value there
@@ -225,16 +231,20 @@ MTL_FLOAT2(step, y < x ? C(0) : C(1))  // step(edge, x)
 #undef MTL_FLOAT2
 
 // min/max: fmin/fmax for floating types, the usual comparison for integers.
-template <class A, class B, class T = __mtl::scalar_common_t<A, B>> inline T min(A x_, B y_) {
-  const T x = T(x_), y = T(y_);
+template <class A, class... B, class T = __mtl::scalar_common_t<A, B...>,
+          std::enable_if_t<sizeof...(B) == 1, int> = 0>
+inline T min(A x_, B... y_) {
+  const T x = T(x_), y = T(y_...);
   if constexpr (__mtl::is_float_scalar_v<T>) {
     return T(__mtl::m_fmin(__mtl::compute_t<T>(x), __mtl::compute_t<T>(y)));
   } else {
     return y < x ? y : x;
   }
 }
-template <class A, class B, class T = __mtl::scalar_common_t<A, B>> inline T max(A x_, B y_) {
-  const T x = T(x_), y = T(y_);
+template <class A, class... B, class T = __mtl::scalar_common_t<A, B...>,
+          std::enable_if_t<sizeof...(B) == 1, int> = 0>
+inline T max(A x_, B... y_) {
+  const T x = T(x_), y = T(y_...);
   if constexpr (__mtl::is_float_scalar_v<T>) {
     return T(__mtl::m_fmax(__mtl::compute_t<T>(x), __mtl::compute_t<T>(y)));
   } else {
@@ -243,6 +253,24 @@ template <class A, class B, class T = __mtl::scalar_common_t<A, B>> inline T max
 }
 MTL_LIFT2(min)
 MTL_LIFT2(max)
+// Metal's min/max of two scalars of one type are plain functions: they win over a library's own
+// templates (`template <class T, class U> T min(T, U)` in PyTorch's c10/metal/utils.h) on an exact
+// match; the mixed-type template above loses to such a template (it takes its second argument as a
+// pack), as Metal's conversions to its plain functions do.
+#define MTL_MINMAX_EXACT(T) \
+  inline T min(T x, T y) { return min<T, T>(x, y); } \
+  inline T max(T x, T y) { return max<T, T>(x, y); }
+MTL_MINMAX_EXACT(char)
+MTL_MINMAX_EXACT(uchar)
+MTL_MINMAX_EXACT(short)
+MTL_MINMAX_EXACT(ushort)
+MTL_MINMAX_EXACT(int)
+MTL_MINMAX_EXACT(uint)
+MTL_MINMAX_EXACT(long)
+MTL_MINMAX_EXACT(ulong)
+MTL_MINMAX_EXACT(half)
+MTL_MINMAX_EXACT(float)
+#undef MTL_MINMAX_EXACT
 
 // ----- ternary -----
 template <class A, class B, class C_, class T = __mtl::scalar_common_t<A, B, C_>>

@@ -86,6 +86,16 @@ template <class T, int N> using packed_vec = vec<T, N, true>;
 namespace __mtl {
 using metal::bfloat;
 using metal::half;
+
+// An integer literal operand of `?:` whose other operand is a bfloat converts to it, as in Metal (the
+// translator writes this form); with any other type it stays as it is.
+template <class Other, class L> constexpr auto cond_operand(L lit) {
+  if constexpr (std::is_same<std::remove_cv_t<std::remove_reference_t<Other>>, bfloat>::value) {
+    return bfloat(float(lit));
+  } else {
+    return lit;
+  }
+}
 using metal::vec;
 
 template <class T> struct is_float_scalar : std::false_type {};
