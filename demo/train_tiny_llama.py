@@ -49,6 +49,60 @@ def peak_memory_mb(device: str) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (process max RSS)"
 
 
+def step_peak_memory_mb(model, tokens, device) -> float:
+    """Memory allocated at the peak of one forward + backward of model.loss,
+    above what existed before (cpu: the profiler's allocation records; mps:
+    growth of the driver's allocation)."""
+    model.zero_grad(set_to_none=True)
+    if device == "mps":
+        torch.mps.synchronize()
+        torch.mps.empty_cache()
+        base = torch.mps.driver_allocated_memory()
+        model.loss(tokens).backward()
+        torch.mps.synchronize()
+        return (torch.mps.driver_allocated_memory() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model.loss(tokens).backward()
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    current = peak = 0
+    for _, nbytes in records:
+        current += nbytes
+        peak = max(peak, current)
+    model.zero_grad(set_to_none=True)
+    return peak / 2**20
+
+
+def loss_memory_report(cfg: TinyLlamaConfig, tokens: int, vocab: int, device: str) -> str:
+    """Peak memory of the loss alone (lm_head + cross-entropy, forward and
+    backward) at a real vocabulary size: logits materialised vs
+    linear_cross_entropy."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(tokens, cfg.dim, generator=g).to(device).requires_grad_()
+    weight = (0.02 * torch.randn(vocab, cfg.dim, generator=g)).to(device).requires_grad_()
+    target = torch.randint(0, vocab, (tokens,), generator=g).to(device)
+
+    class Head(torch.nn.Module):
+        def __init__(self, fused):
+            super().__init__()
+            self.fused = fused
+
+        def loss(self, _):
+            if self.fused:
+                return my_mps_ops.linear_cross_entropy(hidden, weight, target)
+            return torch.nn.functional.cross_entropy(hidden @ weight.T, target)
+
+        def zero_grad(self, set_to_none=True):
+            hidden.grad = weight.grad = None
+
+    plain, fused = (step_peak_memory_mb(Head(f), None, device) for f in (False, True))
+    return (f"loss head alone at vocabulary {vocab} ({tokens} tokens x {cfg.dim}, float32, forward+backward): "
+            f"logits + F.cross_entropy {plain:.0f} MB, linear_cross_entropy {fused:.0f} MB "
+            f"({plain / max(fused, 1e-9):.1f}x less)")
+
+
 def train(model, batches, device, lr, desc):
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     losses, times = [], []
@@ -74,6 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--device", default="mps" if torch.backends.mps.is_available() else "cpu")
     p.add_argument("--out", default="demo_output")
+    p.add_argument("--memory-vocab", type=int, default=128256, help="vocabulary of the loss-memory comparison")
     p.add_argument("--tolerance", type=float, default=2e-2, help="max |loss difference| allowed between the runs")
     args = p.parse_args(argv)
 
@@ -93,13 +148,18 @@ def main(argv=None) -> int:
         tokens_per_s = args.batch * args.seq / (sum(steady) / len(steady))
         results[name] = (losses, times, tokens_per_s, peak_memory_mb(args.device))
 
-    print(f"\n{'run':<14} {'loss first':>10} {'loss last':>10} {'tokens/s':>10}  peak memory")
+    step_memory = {name: step_peak_memory_mb(model, batches[0].to(args.device), args.device)
+                   for name, model in (("plain PyTorch", reference), ("my_mps_ops", ours))}
+    print(f"\n{'run':<14} {'loss first':>10} {'loss last':>10} {'tokens/s':>10} {'step peak':>10}  process peak")
     for name, (losses, times, tps, mem) in results.items():
-        print(f"{name:<14} {losses[0]:>10.4f} {losses[-1]:>10.4f} {tps:>10.0f}  {mem}")
+        print(f"{name:<14} {losses[0]:>10.4f} {losses[-1]:>10.4f} {tps:>10.0f} {step_memory[name]:>7.1f} MB  {mem}")
+    print("step peak: memory allocated at the peak of one training step's forward+backward (my_mps_ops takes the "
+          "loss with linear_cross_entropy: no logits)")
+    print(loss_memory_report(cfg, args.batch * args.seq, args.memory_vocab, args.device))
     ref_losses, our_losses = results["plain PyTorch"][0], results["my_mps_ops"][0]
     max_diff = max(abs(a - b) for a, b in zip(ref_losses, our_losses))
     print(f"max |loss difference| over {args.steps} steps: {max_diff:.2e} (tolerance {args.tolerance:g})")
-    print("note: peak memory is the process's high-water mark after both runs on cpu; it is not per run.")
+    print("note: process peak is the process's high-water mark after both runs on cpu; it is not per run.")
 
     os.makedirs(args.out, exist_ok=True)
     try:

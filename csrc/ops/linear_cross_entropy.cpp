@@ -149,13 +149,15 @@ void run_chunks(const Tensor& hidden, const Tensor& weight, const OptTensor& bia
       at::mm_out(out, dz, weight);
     }
     if (mask[1]) {
-      if (acc == hidden.scalar_type()) {
+      if (r0 == 0) {  // the first chunk's product starts the sum (no zero fill)
+        grads.weight_acc = at::mm(dz.t(), h).to(acc);
+      } else if (acc == hidden.scalar_type()) {
         grads.weight_acc.addmm_(dz.t(), h);
       } else {  // a float16 / bfloat16 product per chunk, summed in float32
         grads.weight_acc.add_(at::mm(dz.t(), h));
       }
     }
-    if (mask[2]) grads.bias_acc.add_(z.sum(0));
+    if (mask[2]) grads.bias_acc = r0 == 0 ? z.sum(0) : grads.bias_acc.add_(z.sum(0));
   }
 }
 
@@ -198,10 +200,12 @@ LceResult linear_cross_entropy_pass(const Tensor& hidden_in, const Tensor& weigh
     scale = row_scale(grad_loss, target, o.ignore_index, o.reduction, acc);
     if (counted.index.defined()) scale = scale.index_select(0, counted.index);
     if (mask[0]) grads.hidden = at::empty({n, hidden.size(1)}, hidden.options());
+  }
+  if (n > 0) run_chunks(counted.hidden, weight, bias, counted.target, o, scale, mask, loss_rows, lse, grads);
+  if (want_grad && n == 0) {  // every row ignored: zero gradients
     if (mask[1]) grads.weight_acc = at::zeros({classes, hidden.size(1)}, hidden.options().dtype(acc));
     if (mask[2]) grads.bias_acc = at::zeros({classes}, hidden.options().dtype(acc));
   }
-  if (n > 0) run_chunks(counted.hidden, weight, bias, counted.target, o, scale, mask, loss_rows, lse, grads);
   if (counted.index.defined()) {  // back to every row: ignored ones have loss 0 (and lse 0)
     loss_rows = at::zeros({rows}, loss_rows.options()).index_copy_(0, counted.index, loss_rows);
     lse = at::zeros({rows}, lse.options()).index_copy_(0, counted.index, lse);
@@ -355,9 +359,16 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
     // the backward op runs instead (its own backward raises, naming the op).
     if (ctx->saved_data["prefold"].toBool() && !at::GradMode::is_enabled()) {
       const Tensor& g = grads[0];
-      if (mask[0]) gh = saved[4] * g.to(saved[4].scalar_type());
-      if (mask[1]) gw = saved[5] * g.to(saved[5].scalar_type());
-      if (mask[2]) gb = saved[6] * g.to(saved[6].scalar_type());
+      // loss.backward() on the CPU: the saved gradients as they are (no copy of
+      // a [V, H] weight gradient); otherwise scaled (no host sync on mps, and
+      // no value read from a tensor being traced by torch.compile).
+      const bool plain_cpu = g.is_cpu() && !g.key_set().has(c10::DispatchKey::Python) &&
+                             !g.key_set().has(c10::DispatchKey::Functionalize);
+      const bool unit = plain_cpu && g.numel() == 1 && g.item<double>() == 1.0;
+      auto scaled = [&](const Tensor& saved_grad) { return unit ? saved_grad : saved_grad * g.to(saved_grad.scalar_type()); };
+      if (mask[0]) gh = scaled(saved[4]);
+      if (mask[1]) gw = scaled(saved[5]);
+      if (mask[2]) gb = scaled(saved[6]);
     } else {
       static auto op = typed_op<BackwardSignature>("my_mps_ops::linear_cross_entropy_backward");
       const c10::IValue& softcap_value = ctx->saved_data["softcap"];

@@ -119,13 +119,23 @@ class TinyLlama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The final normed hidden states, which lm_head projects to logits."""
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x, self.rope_cos, self.rope_sin)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(tokens))
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy. With my_mps_ops the loss comes from the
+        hidden states and lm_head's weight (linear_cross_entropy: the logits
+        are never held); otherwise F.cross_entropy over the logits."""
+        target = tokens[:, 1:].reshape(-1)
+        if self.use_my_ops:
+            hidden = self.hidden_states(tokens[:, :-1])
+            return my_mps_ops.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, target)
         logits = self(tokens[:, :-1])
-        flat, target = logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
-        return my_mps_ops.cross_entropy(flat, target) if self.use_my_ops else F.cross_entropy(flat, target)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target)

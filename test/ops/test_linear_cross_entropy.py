@@ -235,3 +235,17 @@ def test_zero_rows(backend):
     loss = my_mps_ops.linear_cross_entropy(h, w, t, reduction="sum")
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(w.grad.cpu(), torch.zeros(10, 8))
+
+
+def test_backward_twice_with_retain_graph_and_a_scaled_loss():
+    # The gradient taken in the forward pass is returned as saved for
+    # loss.backward(): a second backward must still add the same amount.
+    hidden, weight, target, bias, o = sample_inputs(SAMPLES[1], torch.float64, "cpu", requires_grad=True)
+    loss = ours(hidden, weight, target, bias, o)
+    for _ in range(3):
+        loss.backward(retain_graph=True)
+    (3.0 * loss).backward()
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    (6.0 * reference(ref_leaves[0], ref_leaves[1], target, ref_leaves[2], **o)).backward()
+    for leaf, r in zip((hidden, weight, bias), ref_leaves):
+        torch.testing.assert_close(leaf.grad, r.grad)
