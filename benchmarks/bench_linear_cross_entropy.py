@@ -22,7 +22,7 @@ import sys
 
 _PROBE = r"""
 import json, sys, time, torch, torch.nn.functional as F, my_mps_ops
-from torch.profiler import ProfilerActivity, profile
+from my_mps_ops.memory import peak_allocated_mb
 n, h, v, impl, repeats = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 g = torch.Generator().manual_seed(0)
 hidden = torch.randn(n, h, generator=g, requires_grad=True)
@@ -36,20 +36,15 @@ def step():
         loss = F.cross_entropy(hidden @ weight.T, target)
     loss.backward()
     return loss.item()
-with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-    loss = step()
-records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                 if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-current = peak = 0
-for _, nbytes in records:
-    current += nbytes
-    peak = max(peak, current)
+losses = []
+peak = peak_allocated_mb(lambda: losses.append(step()))  # also the warm-up
+loss = losses[0]
 times = []
 for _ in range(repeats):
     start = time.perf_counter()
     step()
     times.append(time.perf_counter() - start)
-print(json.dumps(dict(loss=loss, peak=peak / 2**20, grads=(n * h + v * h) * 4 / 2**20, time=sorted(times)[len(times) // 2])))
+print(json.dumps(dict(loss=loss, peak=peak, grads=(n * h + v * h) * 4 / 2**20, time=sorted(times)[len(times) // 2])))
 """
 
 

@@ -18,6 +18,7 @@ import time
 import torch
 
 import my_mps_ops
+from my_mps_ops.memory import peak_allocated_mb
 from my_mps_ops.models import TinyLlama, TinyLlamaConfig
 
 
@@ -51,28 +52,11 @@ def peak_memory_mb(device: str) -> str:
 
 def step_peak_memory_mb(model, tokens, device) -> float:
     """Memory allocated at the peak of one forward + backward of model.loss,
-    above what existed before (cpu: the profiler's allocation records; mps:
-    growth of the driver's allocation)."""
+    above what existed before (my_mps_ops.memory.peak_allocated_mb)."""
     model.zero_grad(set_to_none=True)
-    if device == "mps":
-        torch.mps.synchronize()
-        torch.mps.empty_cache()
-        base = torch.mps.driver_allocated_memory()
-        model.loss(tokens).backward()
-        torch.mps.synchronize()
-        return (torch.mps.driver_allocated_memory() - base) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model.loss(tokens).backward()
-    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    current = peak = 0
-    for _, nbytes in records:
-        current += nbytes
-        peak = max(peak, current)
+    peak = peak_allocated_mb(lambda: model.loss(tokens).backward(), device)
     model.zero_grad(set_to_none=True)
-    return peak / 2**20
+    return peak
 
 
 def loss_memory_report(cfg: TinyLlamaConfig, tokens: int, vocab: int, device: str) -> str:

@@ -173,21 +173,14 @@ def test_peak_memory_stays_below_the_logits_cpu():
     # The [N, V] float32 logits would take 256 MiB; rows are chunked (64 MiB of
     # logits at a time), so forward + backward allocate well under that,
     # gradients included.
-    from torch.profiler import ProfilerActivity, profile
+    from my_mps_ops.memory import peak_allocated_mb
 
     n, h, v = 512, 64, 131072
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, h, generator=g, requires_grad=True)
     weight = (torch.randn(v, h, generator=g) * 0.1).requires_grad_()
     target = torch.randint(0, v, (n,), generator=g)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        my_mps_ops.linear_cross_entropy(hidden, weight, target).backward()
-    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    current = peak = 0
-    for _, nbytes in records:
-        current += nbytes
-        peak = max(peak, current)
+    peak = peak_allocated_mb(lambda: my_mps_ops.linear_cross_entropy(hidden, weight, target).backward()) * 2**20
     logits_bytes = n * v * 4
     assert peak < 0.5 * logits_bytes, f"peak {peak / 2**20:.0f} MiB vs logits {logits_bytes / 2**20:.0f} MiB"
 
