@@ -11,10 +11,11 @@ from . import _C  # noqa: F401  registers torch.ops.my_mps_ops.*
 from .ops import (cross_entropy, flash_attention, fused_add_rms_norm, geglu, layer_norm, linear_cross_entropy,
                   rms_norm, rotary_embedding, rotary_embedding_qk, swiglu)
 from . import nn
+from .quantization import dequantize, quantize
 from .patch import patch_model
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "layer_norm", "swiglu", "geglu", "cross_entropy", "linear_cross_entropy",
            "flash_attention",
            "rotary_embedding", "rotary_embedding_qk",
-           "nn", "patch_model"]
+           "quantize", "dequantize", "nn", "patch_model"]
 __version__ = "0.1.0"

@@ -26,6 +26,9 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
   "$PYTHON" -m pip install -q "torch==${TORCH_VERSION}"
 fi
 "$PYTHON" -m pip install -q ninja pytest expecttest tqdm matplotlib transformers
+# The reference implementations the quantization tests compare with: MLX's
+# affine format and bitsandbytes' NF4/FP4 (both have CPU builds on PyPI).
+"$PYTHON" -m pip install -q "mlx[cpu]==0.32.4" "bitsandbytes==0.50.2"
 
 # The extension itself, against the torch above.
 MAX_JOBS=${MAX_JOBS:-2} "$PYTHON" -m pip install -q --no-build-isolation -e .
