@@ -26,7 +26,7 @@ from transformers import PreTrainedConfig
 
 # Attribute values that make a default config tiny; applied where the config
 # (or its text_config) has the attribute.
-SMALL = dict(hidden_size=32, d_model=32, n_embd=32, n_embed=32, dim=32, intermediate_size=64, ffn_dim=64, n_inner=64,
+SMALL = dict(hidden_size=32, hidden_size_global=32, d_model=32, n_embd=32, n_embed=32, dim=32, intermediate_size=64, ffn_dim=64, n_inner=64,
              num_hidden_layers=2, n_layer=2, num_layers=2, n_layers=2, decoder_layers=2,
              num_attention_heads=4, n_head=4, n_heads=4, decoder_attention_heads=4, num_key_value_heads=2,
              head_dim=8, vocab_size=128, max_position_embeddings=64, n_positions=64,
@@ -65,6 +65,11 @@ FAMILY_CONFIG = {
 # hidden_size and the heads): left to that derivation.
 DERIVED = ("head_dim", "attention_head_dim", "num_key_value_heads")
 
+# Causal-LM classes that cannot run a plain token batch: skipped with the reason.
+_DRAFT = ("a speculative-decoding draft model: its forward requires the target model's inputs_embeds and "
+          "shared_kv_states, not a token batch")
+NOT_PLAIN_BATCH = {"gemma4_assistant": _DRAFT, "gemma4_unified_assistant": _DRAFT}
+
 # Family-specific steps after the model is built, each for a model that does not
 # run a plain batch otherwise.
 FAMILY_SETUP = {
@@ -88,7 +93,7 @@ def causal_lm_families():
 SMALL_BY_PATTERN = ((re.compile(r"head_dim$"), 8), (re.compile(r"(num|n)_(key_|value_)?heads$"), 4),
                     (re.compile(r"ffn_dim$"), 64), (re.compile(r"(lru_width|d_state|ssm_state_size)$"), 8),
                     (re.compile(r"chunk_size$"), 8), (re.compile(r"intermediate_size$"), 32),
-                    (re.compile(r"vocab_size"), 128), (re.compile(r"hidden_size_per_layer"), 8))
+                    (re.compile(r"vocab"), 128), (re.compile(r"hidden_size_per_layer"), 8))
 
 
 class Shrink(NamedTuple):
@@ -107,6 +112,15 @@ def _set(cfg, key, value):
         pass
 
 
+def _get(cfg, key):
+    """cfg.key or None; for a heterogeneous config (per-layer values, e.g.
+    Gemma 4's head_dim) the global value, which plain attribute access refuses."""
+    try:
+        return getattr(cfg, key, None)
+    except RuntimeError:  # AmbiguousGlobalPerLayerAttributeError
+        return cfg._getattr_without_heterogeneous_validation(key, None)
+
+
 def _fields(cfg):
     """{name: declared default} of the config's dataclass fields ({} for a plain class)."""
     if not dataclasses.is_dataclass(cfg):
@@ -123,7 +137,7 @@ def _overrides(cfg, rules):
         key = amap.get(key, key)
         if key in declared and declared[key] is None and key in DERIVED:
             continue  # left to the config's own derivation from the sizes set here
-        if isinstance(getattr(cfg, key, None), int) and not isinstance(getattr(cfg, key), bool):
+        if isinstance(_get(cfg, key), int) and not isinstance(_get(cfg, key), bool):
             out[key] = value
     for key, current in list(vars(cfg).items()) if rules.by_pattern else ():
         if isinstance(current, int) and not isinstance(current, bool) and key not in out and key not in SMALL:
@@ -138,7 +152,7 @@ def _overrides(cfg, rules):
     out.update(TOKEN_IDS)
     if rules.dropout:
         for key in DROPOUT_ATTRS:
-            if isinstance(getattr(cfg, key, None), float):
+            if isinstance(_get(cfg, key), float):
                 out[key] = rules.dropout
     return out
 
@@ -152,7 +166,7 @@ def _per_layer_lists(cfg, out, every_kind):
     while there is room (e.g. a sliding and a full attention layer, not two of
     the first kind; or, with every_kind False, the first layers' entries)."""
     count = next((k for k in LAYER_COUNTS if k in out), None)
-    default = getattr(cfg, count, None) if count else None
+    default = _get(cfg, count) if count else None
     if not isinstance(default, int) or default <= out[count]:
         return
     for key, value in vars(cfg).items():
@@ -176,7 +190,7 @@ SSM_SHAPES = (("num_heads", "head_dim", "expand", "n_groups", None),
 
 def _consistent(cfg, out):
     def get(key):
-        return out.get(key, getattr(cfg, key, None))
+        return out.get(key, _get(cfg, key))
 
     for heads, width, expand, groups, inner in SSM_SHAPES:
         h, e, hidden = get(heads), get(expand), get("hidden_size")
@@ -186,26 +200,34 @@ def _consistent(cfg, out):
                 out[inner] = e * hidden
             if isinstance(get(groups), int):
                 out[groups] = math.gcd(get(groups), h)
+    if all(isinstance(get(k), int) for k in ("qk_nope_head_dim", "qk_rope_head_dim")):
+        # multi-head latent attention: keys and values per query head (given to the constructor, which
+        # may check it; the widths follow in _derive)
+        if isinstance(get("num_key_value_heads"), int) and isinstance(get("num_attention_heads"), int):
+            out["num_key_value_heads"] = get("num_attention_heads")
     for experts in ("n_routed_experts", "num_experts"):
-        if isinstance(get(experts), int) and hasattr(cfg, "num_experts_per_tok") and get("num_experts_per_tok") is None:
+        if isinstance(get(experts), int) and "num_experts_per_tok" in vars(cfg) and get("num_experts_per_tok") is None:
             out["num_experts_per_tok"] = 2  # routed experts per token, None by default in a few configs
 
 
 def _derive(cfg):
     """Attributes the small sizes imply, where the config does not derive them itself."""
     def ints(*keys):
-        return all(isinstance(getattr(cfg, k, None), int) for k in keys)
+        return all(isinstance(_get(cfg, k), int) for k in keys)
 
-    if ints("hidden_size", "num_attention_heads") and hasattr(cfg, "head_dim") and cfg.head_dim is None:
+    def unset(key):  # declared, but None
+        return key in vars(cfg) and vars(cfg)[key] is None
+
+    if ints("hidden_size", "num_attention_heads") and unset("head_dim"):
         _set(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)  # read as an int by the model
-    if ints("num_attention_heads") and hasattr(cfg, "num_key_value_heads") and cfg.num_key_value_heads is None:
+    if ints("num_attention_heads") and unset("num_key_value_heads"):
         _set(cfg, "num_key_value_heads", cfg.num_attention_heads)
     if ints("qk_head_dim", "qk_nope_head_dim", "qk_rope_head_dim"):
         # multi-head latent attention: derived at init, and its rotary tables are head_dim wide
-        _set(cfg, "qk_head_dim", cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
-        _set(cfg, "head_dim", cfg.qk_rope_head_dim)
+        _set(cfg, "qk_head_dim", _get(cfg, "qk_nope_head_dim") + _get(cfg, "qk_rope_head_dim"))
+        _set(cfg, "head_dim", _get(cfg, "qk_rope_head_dim"))
         if ints("num_key_value_heads"):  # keys and values per query head
-            _set(cfg, "num_key_value_heads", cfg.num_attention_heads)
+            _set(cfg, "num_key_value_heads", _get(cfg, "num_attention_heads"))
     for experts in ("n_routed_experts", "num_experts"):
         if ints(experts, "n_group", "topk_group"):  # grouped routing: groups divide the experts
             _set(cfg, "n_group", 2)
@@ -223,6 +245,8 @@ def _rebuild(cfg, rules, extra=None):
     for key, value in vars(cfg).items():
         if isinstance(value, PreTrainedConfig) and key in declared:
             kwargs[key] = _rebuild(value, rules)
+    if getattr(cfg, "is_heterogeneous", False) and "per_layer_config" not in overrides:
+        kwargs["per_layer_config"] = _per_layer_config(cfg, overrides)
     try:
         new = type(cfg)(**kwargs)
     except Exception:  # noqa: BLE001 - a config that validates its arguments together: shrink in place
@@ -231,10 +255,40 @@ def _rebuild(cfg, rules, extra=None):
             if isinstance(value, PreTrainedConfig):
                 _set(new, key, _rebuild(value, rules))
     for key, value in overrides.items():
-        if getattr(new, key, None) != value:
+        if _get(new, key) != value:
             _set(new, key, value)
     _derive(new)
     return new
+
+
+def _per_layer_config(cfg, out):
+    """The per-layer overrides of a heterogeneous config (e.g. Gemma 4's wider
+    full-attention heads) for the small layers: each small layer takes the
+    overrides of the first default layer of its kind (layer_types), or of the
+    same index, with sizes scaled like the global ones (a per-layer size above
+    the global default becomes twice the small global size, one below it half)."""
+    spec = cfg._heterogeneity_spec.per_layer_overrides
+    count = next((k for k in LAYER_COUNTS if k in out), None)
+    old_types, new_types = vars(cfg).get("layer_types"), out.get("layer_types")
+    result = {}
+    for i in range(out[count] if count else 0):
+        j = i
+        if isinstance(old_types, list) and isinstance(new_types, list) and new_types[i] in old_types:
+            j = old_types.index(new_types[i])
+        layer = {}
+        for attr, value in spec.get(j, {}).items():
+            small, default = out.get(attr), _get(cfg, attr)
+            if isinstance(value, int) and isinstance(small, int) and isinstance(default, int) and value != default:
+                value = 2 * small if value > default else max(1, small // 2)
+            elif isinstance(value, int) and isinstance(small, int):
+                value = small
+            layer[attr] = value
+        for attr, value in spec.get(j, {}).items():  # sizes equal by default stay equal (heads and KV heads)
+            first = next(a for a, v in spec[j].items() if v == value)
+            layer[attr] = layer[first]
+        if layer:
+            result[i] = layer
+    return result
 
 
 def small_config(model_type, cls, rules=None):
@@ -257,6 +311,8 @@ def small_config(model_type, cls, rules=None):
 
 def build(model_type: str, class_name: str, dropout: float = 0.0, seed: int = 0):
     """(model, tokens) for a family, or raises with the reason it cannot be built here."""
+    if model_type in NOT_PLAIN_BATCH:
+        raise NotImplementedError(NOT_PLAIN_BATCH[model_type])
     # The pattern-shrunk widths may break a config constraint (then the generic ones only), a layer kind
     # may need settings the default config leaves unset (then the first layers' kinds only), and a few
     # families refuse dropout (then without it).
