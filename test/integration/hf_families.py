@@ -2,9 +2,14 @@
 own default config (random init, no downloads), for the patch_model tests.
 
 The list comes from transformers itself (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
-so families added by a newer transformers are tested as they appear. A family
-whose default config cannot be shrunk generically, or that does not run a plain
-token batch, is reported with the reason (its test is skipped, not dropped).
+so families added by a newer transformers are tested as they appear. Each
+default config is rebuilt through its own constructor with small sizes (so the
+attributes it derives from them follow), with rules for what the sizes imply
+(per-layer lists, Mamba-2 head shapes, latent-attention KV heads, heterogeneous
+per-layer overrides) and a small per-family table (FAMILY_CONFIG, FAMILY_SETUP)
+for defaults that do not run as they are. A family that still cannot be built,
+or that does not run a plain token batch (NOT_PLAIN_BATCH), is reported with
+the reason (its test is skipped, not dropped).
 
 `python test/integration/hf_families.py` prints what patch_model patches and
 skips in each family.
@@ -18,15 +23,16 @@ import math
 import re
 import time
 import warnings
-from unittest import mock
 from typing import NamedTuple
+from unittest import mock
 
 import torch
 from transformers import PreTrainedConfig
 
 # Attribute values that make a default config tiny; applied where the config
 # (or its text_config) has the attribute.
-SMALL = dict(hidden_size=32, hidden_size_global=32, d_model=32, n_embd=32, n_embed=32, dim=32, intermediate_size=64, ffn_dim=64, n_inner=64,
+SMALL = dict(hidden_size=32, hidden_size_global=32, d_model=32, n_embd=32, n_embed=32, dim=32,
+             intermediate_size=64, ffn_dim=64, n_inner=64,
              num_hidden_layers=2, n_layer=2, num_layers=2, n_layers=2, decoder_layers=2,
              num_attention_heads=4, n_head=4, n_heads=4, decoder_attention_heads=4, num_key_value_heads=2,
              head_dim=8, vocab_size=128, max_position_embeddings=64, n_positions=64,
@@ -54,11 +60,11 @@ FAMILY_CONFIG = {
     "gemma3n_text": dict(num_kv_shared_layers=0),
     # layer_types has no default (None), and the first num_dense_layers (default 2) are dense
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
-    # the hybrid layers share one transformer block, tied from the first hybrid layer to the others: a single
-    # hybrid layer leaves the tie without a target and the model refuses to build
     # ReformerModelWithLMHead refuses to run unless the config says decoder; its axial position embeddings
     # must sum to hidden_size and, in training, span exactly the sequence (7 tokens)
     "reformer": dict(is_decoder=True, axial_pos_embds_dim=(16, 16), axial_pos_shape=(1, 7)),
+    # the hybrid layers share one transformer block, tied from the first hybrid layer to the others: a single
+    # hybrid layer leaves the tie without a target and the model refuses to build
     "zamba": dict(num_hidden_layers=3, layers_block_type=["linear_attention", "hybrid", "hybrid"]),
 }
 # SMALL attributes whose default is None when the config derives them (head_dim from
