@@ -13,6 +13,7 @@ with the reason.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from dataclasses import dataclass, field
@@ -174,8 +175,22 @@ def _rms_norm_candidate(module: nn.Module) -> bool:
     return bool(_RMS_NORM_NAME.search(type(module).__name__)) and not any(True for _ in module.children())
 
 
+def _extra_inputs(module: nn.Module) -> List[str]:
+    """Names of the forward parameters after the input (e.g. a gated norm's
+    ``gate``): a caller may pass them, and the fused modules take the input
+    only, so a probe of forward(x) alone cannot prove a replacement exact."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params[1:]]
+
+
 def _rms_norm_replacements(norm: nn.Module):
     """(kind, replacement) pairs that may reproduce `norm`, or a reason string."""
+    extra = _extra_inputs(norm)
+    if extra:
+        return f"forward takes more than the input ({', '.join(extra)}); the fused norm takes the input only"
     weight = getattr(norm, "weight", None)
     if weight is not None and not (isinstance(weight, nn.Parameter) and weight.dim() == 1):
         return "weight is not a 1-D Parameter"
@@ -202,6 +217,14 @@ def _rms_norm_replacements(norm: nn.Module):
         candidates.append(("rms_norm(1+weight)", OffsetRMSNorm(width, weight_offset=1.0, **kwargs)))
         for _, r in candidates:
             r.weight = weight  # the same Parameter: optimizers keep working
+    for attr in _EPS_ATTRS:
+        # model code may read the norm's eps under its own name (transformers' Mamba-2 mixers pass
+        # self.norm.variance_epsilon to a fused kernel): keep it readable on the replacement
+        value = getattr(norm, attr, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            for _, r in candidates:
+                if not hasattr(r, attr):
+                    setattr(r, attr, value)
     return candidates
 
 
@@ -484,6 +507,11 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True,
             if mlp_kinds:
                 layout = _mlp_layout(child)
                 if layout is not None:
+                    extra = _extra_inputs(child)
+                    if extra:
+                        _skip(summary, strict, path, child, "gated_mlp", f"forward takes more than the input "
+                              f"({', '.join(extra)}); the fused MLP takes the input only")
+                        continue
                     width, weights = _mlp_in_features(layout)
                     candidates = [(k, _fused_mlp(layout, k)) for k in mlp_kinds]
                     match = _first_match(path, child, "gated_mlp", candidates, width, weights, summary, strict)

@@ -246,6 +246,81 @@ def test_patch_model_uses_offset_norm_and_geglu_where_exact():
     torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
 
 
+class GatedRMSNorm(nn.Module):
+    """transformers' *RMSNormGated (Bamba, Mamba-2, ...): forward(x, gate=None), a
+    plain RMSNorm when no gate is passed, so a probe of forward(x) alone passes."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states, gate=None):
+        if gate is not None:
+            hidden_states = hidden_states * nn.functional.silu(gate)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+
+
+class GatedMixer(nn.Module):
+    """Calls its norm with a gate, as transformers' Mamba-2 mixers do."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.in_proj = nn.Linear(dim, 2 * dim)
+        self.norm = GatedRMSNorm(dim)
+        self.mlp = GatedSiLUMLPWithResidual(dim, 24)
+
+    def forward(self, x):
+        hidden, gate = self.in_proj(x).chunk(2, dim=-1)
+        return self.mlp(self.norm(hidden, gate=gate), residual=x)
+
+
+class GatedSiLUMLPWithResidual(LlamaStyleMLP):
+    """A Llama MLP layout whose forward takes a second input."""
+
+    def forward(self, x, residual=None):
+        out = super().forward(x)
+        return out if residual is None else out + residual
+
+
+def test_patch_model_leaves_modules_whose_forward_takes_more_than_the_input():
+    torch.manual_seed(0)
+    model = GatedMixer(16).train()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, 16)
+    ref = model(x)
+    patch_model(model)
+    assert type(model.norm) is GatedRMSNorm and type(model.mlp) is GatedSiLUMLPWithResidual
+    summary = model.my_mps_ops_patch_summary
+    assert summary.patched == {}
+    reasons = {s.path: s.reason for s in summary.skipped}
+    assert "(gate)" in reasons["norm"] and "(residual)" in reasons["mlp"], str(summary)
+    torch.testing.assert_close(model(x), ref)
+
+
+class HFStyleRMSNorm(nn.Module):
+    """transformers' LlamaRMSNorm: the eps is stored as variance_epsilon."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+
+
+def test_patched_norm_keeps_the_eps_attribute_model_code_reads():
+    # transformers' Mamba-2 mixers pass self.norm.variance_epsilon to a fused kernel
+    model = nn.ModuleDict({"norm": HFStyleRMSNorm(16, eps=1e-5)})
+    patch_model(model)
+    assert isinstance(model["norm"], my_mps_ops.nn.RMSNorm)
+    assert model["norm"].variance_epsilon == 1e-5 and model["norm"].eps == 1e-5
+
+
 def test_patch_model_probes_do_not_move_the_random_stream():
     model = nn.Sequential(DropoutSwiGLUMLP(16, 24), nn.RMSNorm(16)).train()
     torch.manual_seed(5)

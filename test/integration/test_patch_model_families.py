@@ -20,8 +20,7 @@ def test_patched_family_matches_unpatched(model_type, class_name):
     try:
         reference, tokens = hf_families.build(model_type, class_name, dropout=0.1)
     except Exception as e:  # noqa: BLE001
-        pytest.skip(f"{model_type} does not build from its default config shrunk generically: "
-                    f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        pytest.skip(f"{model_type} is not built here: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     patched = patch_model(copy.deepcopy(reference))
     summary = patched.my_mps_ops_patch_summary
     print(model_type, summary)
@@ -38,7 +37,11 @@ def test_patched_family_matches_unpatched(model_type, class_name):
         if p_ref.grad is None:
             assert p.grad is None, name
             continue
-        torch.testing.assert_close(p.grad, p_ref.grad, atol=5e-5, rtol=1e-3, msg=f"{model_type}: grad of {name}")
+        # float32 rounding in the backward's reductions grows with the gradient's size (Gemma 4's scaled
+        # embeddings get gradients in the hundreds): the absolute tolerance scales with its largest entry
+        scale = max(1.0, p_ref.grad.abs().max().item())
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=5e-5 * scale, rtol=1e-3,
+                                   msg=f"{model_type}: grad of {name}")
 
     reference.eval()
     patched.eval()
