@@ -54,6 +54,14 @@ TORCH_LIBRARY(my_mps_ops, m) {
   // (loss, lse, grad_hidden, grad_weight, grad_bias) for a loss gradient of 1.
   m.def("linear_cross_entropy_with_grad(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, int ignore_index, float label_smoothing, str reduction, float? logit_softcap, float z_loss, bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
+  // ---- quantized_linear: x @ W^T + bias with W [out, in] quantized
+  // (my_mps_ops.quantize: mode "affine" with uint32 qweight, scales and
+  // biases [out, in / group_size]; "nf4" / "fp4" with uint8 qweight and the
+  // absmax as scales). W is frozen: gradients for x and bias only.
+  m.def("quantized_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? biases, Tensor? bias, int group_size, int bits, str mode) -> Tensor");
+  // Returns (grad_x, grad_bias); grad_bias empty unless want_bias.
+  m.def("quantized_linear_backward(Tensor grad_out, Tensor qweight, Tensor scales, Tensor? biases, int group_size, int bits, str mode, bool want_bias) -> (Tensor, Tensor)");
+
   // ---- flash_attention
   // Fused softmax(scale * q k^T) v over (batch, heads, seq, head_dim) inputs,
   // grouped-query heads, causal aligned to the bottom right. Returns (out, lse)

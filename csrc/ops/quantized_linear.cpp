@@ -1,0 +1,270 @@
+// quantized_linear: y = x @ W^T + bias with W held quantized (formats:
+// my_mps_ops/quantization.py; MLX's affine, bitsandbytes' nf4/fp4). W is
+// expanded to float32 a tile of output rows at a time (a few MiB, never the
+// whole weight) and each tile multiplies x with PyTorch's matmul; the backward
+// gives x (and bias) a gradient the same way: grad_x = grad_out @ W. The
+// quantized weight is frozen: it gets no gradient.
+//
+// Tiles: cpu/quantized_kernels.cpp (CPU) or shaders/quantized.metal (Metal).
+#include "cpu/quantized.h"
+#include "metal/quantized.h"
+#include "ops/autograd_emulation.h"
+#include "ops/common.h"
+#include "ops/double_backward.h"
+
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <tuple>
+
+namespace my_mps_ops {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+constexpr const char* kQuantizedLinearOp = "my_mps_ops.quantized_linear";
+constexpr const char* kQuantizedLinearBackwardOp = "my_mps_ops.quantized_linear_backward";
+// Float32 bytes of one dequantized tile of output rows.
+constexpr int64_t kTileBytes = int64_t(4) << 20;
+
+struct QuantFormat {
+  cpu::QuantMode mode;
+  int64_t bits, group_size, out_features, in_features;
+};
+
+cpu::QuantMode parse_mode(const char* op, c10::string_view mode) {
+  if (mode == "affine") return cpu::QuantMode::Affine;
+  if (mode == "nf4") return cpu::QuantMode::NF4;
+  if (mode == "fp4") return cpu::QuantMode::FP4;
+  TORCH_CHECK(false, op, ": mode must be \"affine\", \"nf4\" or \"fp4\", got \"", mode, "\"");
+}
+
+QuantFormat check_weight(const char* op, const Tensor& qweight, const Tensor& scales, const OptTensor& biases,
+                         int64_t group_size, int64_t bits, c10::string_view mode_name) {
+  const cpu::QuantMode mode = parse_mode(op, mode_name);
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0, op, ": group_size must be a positive multiple of 32, got ",
+              group_size);
+  TORCH_CHECK(qweight.dim() == 2 && scales.dim() == 2 && scales.size(0) == qweight.size(0), op,
+              ": qweight must be [out_features, packed] and scales [out_features, groups], got ", qweight.sizes(),
+              " and ", scales.sizes());
+  TORCH_CHECK(scales.is_floating_point(), op, ": scales must be floating point, got ", scales.scalar_type());
+  const int64_t in_features = scales.size(1) * group_size;
+  if (mode == cpu::QuantMode::Affine) {
+    TORCH_CHECK(bits >= 2 && bits <= 8 && bits != 7, op, ": affine bits must be 2, 3, 4, 5, 6 or 8, got ", bits);
+    TORCH_CHECK(qweight.scalar_type() == at::kUInt32, op, ": affine qweight must be uint32 words, got ",
+                qweight.scalar_type());
+    TORCH_CHECK(qweight.size(1) * 32 == in_features * bits, op, ": qweight has ", qweight.size(1),
+                " words per row, but ", scales.size(1), " groups of ", group_size, " codes of ", bits, " bits need ",
+                in_features * bits / 32);
+    TORCH_CHECK(biases.has_value() && biases->sizes() == scales.sizes(), op,
+                ": affine mode needs biases of the scales' shape ", scales.sizes());
+  } else {
+    TORCH_CHECK(bits == 4, op, ": ", mode_name, " stores 4 bits per weight, got bits=", bits);
+    TORCH_CHECK(qweight.scalar_type() == at::kByte, op, ": ", mode_name, " qweight must be uint8, got ",
+                qweight.scalar_type());
+    TORCH_CHECK(qweight.size(1) * 2 == in_features, op, ": qweight has ", qweight.size(1), " bytes per row, but ",
+                in_features, " inputs need ", in_features / 2);
+  }
+  check_same_device(scales, qweight, op, "scales", "qweight");
+  return QuantFormat{mode, bits, group_size, qweight.size(0), in_features};
+}
+
+void check_input(const char* op, const Tensor& x, const QuantFormat& f, const Tensor& qweight) {
+  check_float_dtype(x, op, "x");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == f.in_features, op, ": x's last dimension must be in_features = ",
+              f.in_features, ", got ", x.sizes());
+  check_same_device(qweight, x, op, "qweight", "x");
+}
+
+// Output rows [row_begin, row_begin + rows) of W as float32 [rows, in].
+Tensor dequantized_tile(const char* op, const QuantFormat& f, const Tensor& qweight, const Tensor& scales,
+                        const Tensor& biases, int64_t row_begin, int64_t rows) {
+  Tensor tile = at::empty({rows, f.in_features}, scales.options());
+  if (use_metal_path(tile)) {
+    metal::dequantize_rows(op, qweight, scales, biases, tile, row_begin, f.group_size, f.bits,
+                           static_cast<uint32_t>(f.mode));
+    return tile;
+  }
+  cpu::dequantize_rows_stub(cpu::DequantizeRowsArgs{qweight.const_data_ptr(), scales.const_data_ptr<float>(),
+                                                    biases.const_data_ptr<float>(), tile.mutable_data_ptr<float>(),
+                                                    row_begin, row_begin + rows, f.in_features, f.group_size,
+                                                    static_cast<int32_t>(f.bits), f.mode});
+  return tile;
+}
+
+int64_t tile_rows(const QuantFormat& f) {
+  return std::clamp<int64_t>(kTileBytes / std::max<int64_t>(4 * f.in_features, 1), 8, std::max<int64_t>(f.out_features, 1));
+}
+
+struct Prepared {
+  Tensor qweight, scales, biases;
+};
+// Contiguous codes and float32 scales / biases (biases: the scales for
+// nf4/fp4, bound but never read).
+Prepared prepare(const QuantFormat& f, const Tensor& qweight, const Tensor& scales, const OptTensor& biases) {
+  Tensor s = scales.to(at::kFloat).contiguous();
+  Tensor b = f.mode == cpu::QuantMode::Affine ? biases->to(at::kFloat).contiguous() : s;
+  return {qweight.contiguous(), s, b};
+}
+
+// ------------------------------------------------------- CPU and MPS kernels
+
+Tensor quantized_linear_impl(const Tensor& x, const Tensor& qweight, const Tensor& scales, const OptTensor& biases,
+                             const OptTensor& bias, int64_t group_size, int64_t bits, c10::string_view mode) {
+  const QuantFormat f = check_weight(kQuantizedLinearOp, qweight, scales, biases, group_size, bits, mode);
+  check_input(kQuantizedLinearOp, x, f, qweight);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == f.out_features, kQuantizedLinearOp,
+                ": bias must have shape [out_features] = [", f.out_features, "], got ", bias->sizes());
+  }
+  const Prepared w = prepare(f, qweight, scales, biases);
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor x2 = x.reshape({-1, f.in_features}).to(acc);
+  Tensor out = at::empty({x2.size(0), f.out_features}, x2.options());
+  const int64_t step = tile_rows(f);
+  for (int64_t o0 = 0; o0 < f.out_features; o0 += step) {
+    const int64_t n = std::min(step, f.out_features - o0);
+    Tensor slice = out.narrow(1, o0, n);
+    const Tensor tile = dequantized_tile(kQuantizedLinearOp, f, w.qweight, w.scales, w.biases, o0, n).to(acc);
+    if (bias.has_value()) {
+      slice.copy_(at::addmm(bias->narrow(0, o0, n).to(acc), x2, tile.t()));
+    } else {
+      slice.copy_(at::mm(x2, tile.t()));
+    }
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = f.out_features;
+  return out.to(x.scalar_type()).reshape(shape);
+}
+
+std::tuple<Tensor, Tensor> quantized_linear_backward_impl(const Tensor& grad_out, const Tensor& qweight,
+                                                          const Tensor& scales, const OptTensor& biases,
+                                                          int64_t group_size, int64_t bits, c10::string_view mode,
+                                                          bool want_bias) {
+  const QuantFormat f = check_weight(kQuantizedLinearBackwardOp, qweight, scales, biases, group_size, bits, mode);
+  check_float_dtype(grad_out, kQuantizedLinearBackwardOp, "grad_out");
+  TORCH_CHECK(grad_out.size(-1) == f.out_features, kQuantizedLinearBackwardOp,
+              ": grad_out's last dimension must be out_features = ", f.out_features, ", got ", grad_out.sizes());
+  const Prepared w = prepare(f, qweight, scales, biases);
+  const at::ScalarType acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor g2 = grad_out.reshape({-1, f.out_features}).to(acc);
+  Tensor grad_x = at::zeros({g2.size(0), f.in_features}, g2.options());
+  const int64_t step = tile_rows(f);
+  for (int64_t o0 = 0; o0 < f.out_features; o0 += step) {
+    const int64_t n = std::min(step, f.out_features - o0);
+    const Tensor tile = dequantized_tile(kQuantizedLinearBackwardOp, f, w.qweight, w.scales, w.biases, o0, n).to(acc);
+    grad_x.addmm_(g2.narrow(1, o0, n), tile);
+  }
+  auto shape = grad_out.sizes().vec();
+  shape.back() = f.in_features;
+  Tensor grad_bias = want_bias ? g2.sum(0).to(grad_out.scalar_type()) : unwanted_grad(grad_out);
+  return {grad_x.to(grad_out.scalar_type()).reshape(shape), grad_bias};
+}
+
+// ------------------------------------------------------------ Meta kernels
+
+Tensor quantized_linear_meta(const Tensor& x, const Tensor& qweight, const Tensor& scales, const OptTensor& biases,
+                             const OptTensor& bias, int64_t group_size, int64_t bits, c10::string_view mode) {
+  const QuantFormat f = check_weight(kQuantizedLinearOp, qweight, scales, biases, group_size, bits, mode);
+  check_input(kQuantizedLinearOp, x, f, qweight);
+  auto shape = x.sym_sizes().vec();
+  shape.back() = c10::SymInt(f.out_features);
+  return at::empty_symint(shape, x.options());
+}
+
+std::tuple<Tensor, Tensor> quantized_linear_backward_meta(const Tensor& grad_out, const Tensor& qweight,
+                                                          const Tensor& scales, const OptTensor& biases,
+                                                          int64_t group_size, int64_t bits, c10::string_view mode,
+                                                          bool want_bias) {
+  const QuantFormat f = check_weight(kQuantizedLinearBackwardOp, qweight, scales, biases, group_size, bits, mode);
+  auto shape = grad_out.sym_sizes().vec();
+  shape.back() = c10::SymInt(f.in_features);
+  return {at::empty_symint(shape, grad_out.options()),
+          want_bias ? at::empty({f.out_features}, grad_out.options()) : unwanted_grad(grad_out)};
+}
+
+// ---------------------------------------------------------------- autograd
+
+class QuantizedLinearFunction : public torch::autograd::Function<QuantizedLinearFunction> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& qweight,
+                        const Tensor& scales, const OptTensor& biases, const OptTensor& bias, int64_t group_size,
+                        int64_t bits, c10::string_view mode) {
+    static auto op = typed_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                                     int64_t, int64_t, c10::string_view)>("my_mps_ops::quantized_linear");
+    Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = op.call(x, qweight, scales, biases, bias, group_size, bits, mode);
+    }
+    save_metal_emulation(ctx);
+    ctx->save_for_backward({qweight, scales, biases.value_or(Tensor())});
+    ctx->saved_data["group_size"] = group_size;
+    ctx->saved_data["bits"] = bits;
+    ctx->saved_data["mode"] = std::string(mode);
+    ctx->saved_data["bias_dtype"] = bias.has_value() ? c10::IValue(static_cast<int64_t>(bias->scalar_type()))
+                                                     : c10::IValue();
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const BackwardEmulationScope emulation(ctx);
+    static auto op = typed_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                         const OptTensor&, int64_t, int64_t, c10::string_view, bool)>(
+        "my_mps_ops::quantized_linear_backward");
+    torch::autograd::variable_list none(8);
+    const bool want_x = ctx->needs_input_grad(0), want_bias = ctx->needs_input_grad(4);
+    if (!grads[0].defined() || (!want_x && !want_bias)) return none;
+    const auto saved = ctx->get_saved_variables();
+    const OptTensor biases = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
+    auto [grad_x, grad_bias] = op.call(grads[0], saved[0], saved[1], biases, ctx->saved_data["group_size"].toInt(),
+                                       ctx->saved_data["bits"].toInt(), ctx->saved_data["mode"].toStringRef(),
+                                       want_bias);
+    none[0] = want_x ? grad_x : Tensor();
+    if (want_bias) {
+      none[4] = grad_bias.to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+    }
+    return none;
+  }
+};
+
+Tensor quantized_linear_autograd(const Tensor& x, const Tensor& qweight, const Tensor& scales,
+                                 const OptTensor& biases, const OptTensor& bias, int64_t group_size, int64_t bits,
+                                 c10::string_view mode) {
+  const bool frozen = !scales.requires_grad() && !(biases.has_value() && biases->requires_grad());
+  TORCH_CHECK(frozen, kQuantizedLinearOp, ": the quantized weight is frozen (no gradient for scales or biases); "
+              "detach them, or train an adapter (LoRA) beside the layer");
+  return QuantizedLinearFunction::apply(x, qweight, scales, biases, bias, group_size, bits, mode);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(my_mps_ops, CPU, m) {
+  m.impl("quantized_linear", &quantized_linear_impl);
+  m.impl("quantized_linear_backward", &quantized_linear_backward_impl);
+}
+
+TORCH_LIBRARY_IMPL(my_mps_ops, MPS, m) {
+  m.impl("quantized_linear", &quantized_linear_impl);
+  m.impl("quantized_linear_backward", &quantized_linear_backward_impl);
+}
+
+TORCH_LIBRARY_IMPL(my_mps_ops, Meta, m) {
+  m.impl("quantized_linear", &quantized_linear_meta);
+  m.impl("quantized_linear_backward", &quantized_linear_backward_meta);
+}
+
+TORCH_LIBRARY_IMPL(my_mps_ops, Autograd, m) {
+  m.impl("quantized_linear", &quantized_linear_autograd);
+  m.impl("quantized_linear_backward", double_backward_unsupported_kernel());
+}
+
+}  // namespace my_mps_ops
