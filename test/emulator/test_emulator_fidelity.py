@@ -386,3 +386,22 @@ def test_pytorch_kernel_forms():
             out = torch.zeros(4, dtype=dtype)
             kernel(w, out, stride, threads=4)
             assert out.tolist() == want, (dtype, stride)
+
+
+FILLED_SQUARE = r"""
+#include <metal_stdlib>
+using namespace metal;
+kernel void filled(device float* out [[buffer(0)]], uint lane [[thread_index_in_simdgroup]]) {
+  simdgroup_float8x8 m = make_filled_simdgroup_matrix<float, 8>(2.5f);
+  simdgroup_store(m, out, 8);
+}
+"""
+
+
+def test_make_filled_simdgroup_matrix_takes_rows_from_cols():
+    # make_filled_simdgroup_matrix<float, 8>(x): Rows defaults to Cols (MSL
+    # specification; PyTorch's Quantized.metal relies on it).
+    lib = _compile(FILLED_SQUARE, strict=True)
+    out = torch.zeros(64)
+    lib.filled(out, threads=32, group_size=32)
+    assert out.tolist() == [2.5] * 64

@@ -430,6 +430,23 @@ def test_mlx_forms_accepted():
     strict.check_msl(PRELUDE + MLX_FORMS, "mlx_forms.metal")
 
 
+# PyTorch's forms (written here): a constant array's data() (GridSampler.metal) and a bfloat scale
+# times a float4 (Quantized.metal), both of which Apple's compiler builds.
+PYTORCH_FORMS = """
+template <int N> struct Params { array<int, N> sizes; };
+kernel void pytorch_like(constant Params<3>& params [[buffer(0)]], constant bfloat* scale [[buffer(1)]],
+                         device float4* out [[buffer(2)]], uint i [[thread_position_in_grid]]) {
+  auto sizes = params.sizes.data();
+  const bfloat s = scale[0];
+  out[i] = s * float4(float(sizes[0]), float(sizes[1]), float(sizes[2]), 1.0f) + s;
+}
+"""
+
+
+def test_pytorch_forms_accepted():
+    strict.check_msl(PRELUDE + PYTORCH_FORMS, "pytorch_forms.metal")
+
+
 def test_errors_name_the_metal_line_and_column():
     source = PRELUDE + "kernel void k(device float* out, uint i [[thread_position_in_grid]]) {\n" \
                        "  out[i] = undefined_name;\n}\n"

@@ -115,7 +115,9 @@ typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
 typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
 typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
 
-template <class T, int Cols, int Rows>
+// Rows defaults to Cols, as in the MSL specification's declaration
+// (PyTorch's Quantized.metal writes make_filled_simdgroup_matrix<float, 8>).
+template <class T, int Cols, int Rows = Cols>
 MTL_EMU_UNCHECKED inline simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(__mtl::type_identity_t<T> value) {
   simdgroup_matrix<T, Cols, Rows> m;
   for (int r = 0; r < Rows; ++r)
