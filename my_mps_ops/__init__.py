@@ -9,7 +9,7 @@ import torch  # noqa: F401  (the native library links against torch)
 
 from . import _C  # noqa: F401  registers torch.ops.my_mps_ops.*
 from .ops import (cross_entropy, flash_attention, fused_add_rms_norm, geglu, layer_norm, linear_cross_entropy,
-                  rms_norm, rotary_embedding, rotary_embedding_qk, swiglu)
+                  quantized_linear, rms_norm, rotary_embedding, rotary_embedding_qk, swiglu)
 from . import nn
 from .quantization import dequantize, quantize
 from .patch import patch_model
@@ -17,5 +17,5 @@ from .patch import patch_model
 __all__ = ["rms_norm", "fused_add_rms_norm", "layer_norm", "swiglu", "geglu", "cross_entropy", "linear_cross_entropy",
            "flash_attention",
            "rotary_embedding", "rotary_embedding_qk",
-           "quantize", "dequantize", "nn", "patch_model"]
+           "quantize", "dequantize", "quantized_linear", "nn", "patch_model"]
 __version__ = "0.1.0"

@@ -67,6 +67,15 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
                                      logit_softcap, z_loss)[0]
 
 
+def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, biases: Optional[Tensor] = None,
+                     bias: Optional[Tensor] = None, bits: int = 4, group_size: int = 64, mode: str = "affine") -> Tensor:
+    """``x @ W.T + bias`` with ``W = my_mps_ops.dequantize(qweight, scales, biases, bits, group_size, mode)``
+    (computed in float32), never holding the whole float weight: it is expanded a
+    tile of output rows at a time. The quantized weight is frozen; x and bias get
+    gradients."""
+    return _ops.quantized_linear(x, qweight, scales, biases, bias, group_size, bits, mode)
+
+
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
                     scale: Optional[float] = None) -> Tensor:
     """Fused attention ``softmax(scale * q @ k^T [masked]) @ v`` with memory linear in sequence length.

@@ -221,9 +221,13 @@ class QuantizedLinearFunction : public torch::autograd::Function<QuantizedLinear
                                                          const OptTensor&, int64_t, int64_t, c10::string_view, bool)>(
         "my_mps_ops::quantized_linear_backward");
     torch::autograd::variable_list none(8);
-    const bool want_x = ctx->needs_input_grad(0), want_bias = ctx->needs_input_grad(4);
-    if (!grads[0].defined() || (!want_x && !want_bias)) return none;
     const auto saved = ctx->get_saved_variables();
+    // needs_input_grad counts the tensors given (x, qweight, scales, then
+    // biases and bias when present); the result is by argument position.
+    const bool has_bias = !ctx->saved_data["bias_dtype"].isNone();
+    const bool want_x = ctx->needs_input_grad(0);
+    const bool want_bias = has_bias && ctx->needs_input_grad(saved[2].defined() ? 4 : 3);
+    if (!grads[0].defined() || (!want_x && !want_bias)) return none;
     const OptTensor biases = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
     auto [grad_x, grad_bias] = op.call(grads[0], saved[0], saved[1], biases, ctx->saved_data["group_size"].toInt(),
                                        ctx->saved_data["bits"].toInt(), ctx->saved_data["mode"].toStringRef(),

@@ -1,0 +1,105 @@
+"""my_mps_ops.quantized_linear: x @ W.T + bias with W the dequantized weight,
+vs the float64 product, for every format on every backend; gradients of x and
+bias; the weight frozen; registrations, compile, errors."""
+
+import pytest
+import torch
+
+import my_mps_ops
+from support import TOLERANCES
+
+ops = torch.ops.my_mps_ops
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (mode, bits, group_size)
+FORMATS = [("affine", 4, 64), ("affine", 2, 32), ("affine", 3, 128), ("affine", 5, 32), ("affine", 6, 64),
+           ("affine", 8, 32), ("nf4", 4, 64), ("fp4", 4, 32)]
+
+
+def quantized(out_features, in_features, mode, bits, group_size, seed=0):
+    w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)) / in_features ** 0.5
+    return my_mps_ops.quantize(w, bits, group_size, mode)
+
+
+def reference_weight(q, scales, biases, mode, bits, group_size):
+    # the float64 weight the codes stand for
+    if mode == "affine":
+        return my_mps_ops.dequantize(q, scales.double(), biases.double(), bits, group_size, mode)
+    return my_mps_ops.dequantize(q, scales, None, bits, group_size, mode).double()
+
+
+def tol(dtype):
+    return {k: v * 4 for k, v in TOLERANCES[dtype].items()}
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "-".join(map(str, f)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [(1,), (3, 5)], ids=["decode", "batch"])
+def test_values_and_gradients(backend, fmt, dtype, rows):
+    mode, bits, group_size = fmt
+    out_features, in_features = 40, 2 * 128
+    q, scales, biases = quantized(out_features, in_features, mode, bits, group_size)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*rows, in_features, generator=g).to(dtype)
+    bias = torch.randn(out_features, generator=g).to(dtype)
+    dev = backend.device
+    xl, bl = x.to(dev).requires_grad_(), bias.to(dev).requires_grad_()
+    to = lambda t: None if t is None else t.to(dev)  # noqa: E731
+    out = my_mps_ops.quantized_linear(xl, to(q), to(scales), to(biases), bl, bits, group_size, mode)
+    w = reference_weight(q, scales, biases, mode, bits, group_size)
+    x64, b64 = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    ref = x64 @ w.T + b64
+    assert out.dtype == dtype and out.shape == ref.shape
+    torch.testing.assert_close(out.cpu().double(), ref, **tol(dtype))
+    grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    out.backward(grad.to(device=dev, dtype=dtype))
+    ref.backward(grad)
+    torch.testing.assert_close(xl.grad.cpu().double(), x64.grad, **tol(dtype))
+    torch.testing.assert_close(bl.grad.cpu().double(), b64.grad, **tol(dtype))
+
+
+def test_tiles_cover_many_output_rows_cpu():
+    # More output rows than one dequantized tile holds (4 MiB of float32 rows).
+    q, scales, biases = quantized(4100, 512, "affine", 4, 64, seed=2)
+    x = torch.randn(2, 512, dtype=torch.float64)
+    out = my_mps_ops.quantized_linear(x, q, scales, biases)
+    ref = x @ reference_weight(q, scales, biases, "affine", 4, 64).T
+    # the weight is expanded in float32 (a float64 x keeps float64 products)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_opcheck_and_compile():
+    q, scales, biases = quantized(24, 128, "affine", 4, 64)
+    x = torch.randn(3, 128, requires_grad=True)
+    torch.library.opcheck(ops.quantized_linear.default, (x, q, scales, biases, None, 64, 4, "affine"))
+    torch.library.opcheck(ops.quantized_linear_backward.default,
+                          (torch.randn(3, 24), q, scales, biases, 64, 4, "affine", True))
+
+    def f(x):
+        return my_mps_ops.quantized_linear(x, q, scales, biases, None, 4, 64, "affine").square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    for n in (3, 5):
+        xs = torch.randn(n, 128, requires_grad=True)
+        torch.testing.assert_close(compiled(xs), f(xs))
+        torch.testing.assert_close(torch.autograd.grad(compiled(xs), xs)[0], torch.autograd.grad(f(xs), xs)[0])
+
+
+def test_the_weight_is_frozen():
+    q, scales, biases = quantized(8, 64, "affine", 4, 64)
+    with pytest.raises(RuntimeError, match="the quantized weight is frozen"):
+        my_mps_ops.quantized_linear(torch.randn(2, 64), q, scales.requires_grad_(), biases, None, 4, 64)
+
+
+def test_bad_arguments_raise_naming_them():
+    q, scales, biases = quantized(8, 64, "affine", 4, 64)
+    x = torch.randn(2, 64)
+    cases = [((x[:, :32], q, scales, biases), {}, "last dimension must be in_features = 64"),
+             ((x, q, scales, None), {}, "affine mode needs biases"),
+             ((x, q, scales, biases), dict(bits=3), "words per row"),
+             ((x, q, scales, biases), dict(mode="int4"), "mode must be"),
+             ((x, q.to(torch.int32), scales, biases), {}, "qweight must be uint32"),
+             ((x, q, scales, biases, torch.randn(7)), {}, "bias must have shape")]
+    for args, kwargs, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            my_mps_ops.quantized_linear(*args, **kwargs)
