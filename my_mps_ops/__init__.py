@@ -11,11 +11,12 @@ from . import _C  # noqa: F401  registers torch.ops.my_mps_ops.*
 from .ops import (cross_entropy, flash_attention, fused_add_rms_norm, geglu, layer_norm, linear_cross_entropy,
                   quantized_linear, rms_norm, rotary_embedding, rotary_embedding_qk, swiglu)
 from . import nn
+from .nn import quantize_model
 from .quantization import dequantize, quantize
 from .patch import patch_model
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "layer_norm", "swiglu", "geglu", "cross_entropy", "linear_cross_entropy",
            "flash_attention",
            "rotary_embedding", "rotary_embedding_qk",
-           "quantize", "dequantize", "quantized_linear", "nn", "patch_model"]
+           "quantize", "dequantize", "quantized_linear", "quantize_model", "nn", "patch_model"]
 __version__ = "0.1.0"

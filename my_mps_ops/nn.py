@@ -152,6 +152,65 @@ class LinearCrossEntropy(torch.nn.Module):
                 f"reduction={self.reduction!r}, logit_softcap={self.logit_softcap}, z_loss={self.z_loss}")
 
 
+class QuantizedLinear(torch.nn.Module):
+    """``nn.Linear`` with a frozen quantized weight (my_mps_ops.quantize formats):
+    ``y = x @ W.T + bias`` through my_mps_ops.quantized_linear. The codes,
+    scales (and affine biases) are buffers, so ``state_dict`` saves and loads
+    them; ``bias`` stays a Parameter, frozen like the weight (set
+    ``requires_grad`` to train it). Build one with ``from_linear``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4, group_size: int = 64,
+                 mode: str = "affine", dtype: Optional[torch.dtype] = None, device=None) -> None:
+        super().__init__()
+        from .quantization import quantize
+
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.mode = bits, group_size, mode
+        q, scales, biases = quantize(torch.zeros(out_features, in_features, dtype=dtype or torch.float32,
+                                                 device=device), bits, group_size, mode)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scales", scales)
+        self.register_buffer("biases", biases)
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
+                                       requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, bits: int = 4, group_size: int = 64,
+                    mode: str = "affine") -> "QuantizedLinear":
+        from .quantization import quantize
+
+        w = linear.weight.detach()
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size, mode,
+                     dtype=w.dtype, device=w.device)
+        module.qweight, module.scales, module.biases = quantize(w, bits, group_size, mode)
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.quantized_linear(x, self.qweight, self.scales, self.biases, self.bias, self.bits, self.group_size,
+                                    self.mode)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={self.bits}, group_size={self.group_size}, mode={self.mode!r}")
+
+
+def quantize_model(model: torch.nn.Module, bits: int = 4, group_size: int = 64, mode: str = "affine",
+                   skip: Sequence[str] = ("lm_head",)) -> torch.nn.Module:
+    """Replaces, in place, every ``nn.Linear`` whose input size is a multiple of
+    ``group_size`` by a QuantizedLinear (frozen quantized weight), except
+    modules whose qualified name contains one of ``skip`` (the output head by
+    default; embeddings are not Linear and stay as they are). Returns the model."""
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            path = f"{parent_name}.{name}".lstrip(".")
+            if type(child) is torch.nn.Linear and child.in_features % group_size == 0 \
+                    and not any(s in path for s in skip):
+                setattr(parent, name, QuantizedLinear.from_linear(child, bits, group_size, mode))
+    return model
+
+
 class RotaryEmbedding(torch.nn.Module):
     """Rotary position embedding for q and k of shape (batch, seq, heads, head_dim)
     (or (batch, heads, seq, head_dim) with ``seq_dim=2``): cos/sin tables as

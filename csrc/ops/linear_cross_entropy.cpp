@@ -49,9 +49,13 @@ using Grads = std::tuple<Tensor, Tensor, Tensor>;
 constexpr const char* kLinearCrossEntropyOp = "my_mps_ops.linear_cross_entropy";
 constexpr const char* kLinearCrossEntropyBackwardOp = "my_mps_ops.linear_cross_entropy_backward";
 constexpr const char* kLinearCrossEntropyWithGradOp = "my_mps_ops.linear_cross_entropy_with_grad";
-// Logits of one chunk of rows, in the accumulation dtype: 64 MiB (128 rows
-// of a 128k vocabulary in float32), at least 16 rows for the matmuls.
-constexpr int64_t kChunkBytes = int64_t(64) << 20;
+// Logits of one chunk of rows, in the accumulation dtype: an eighth of all
+// the rows' logits, within 64..256 MiB (512 rows of a 128k vocabulary in
+// float32 at most), at least 16 rows for the matmuls. Larger chunks mean
+// fewer passes over the weight and its gradient (each chunk reads weight
+// twice and reads and writes grad_weight once), smaller ones less memory.
+constexpr int64_t kMinChunkBytes = int64_t(64) << 20;
+constexpr int64_t kMaxChunkBytes = int64_t(256) << 20;
 constexpr int64_t kMinChunkRows = 16;
 
 struct LceOptions {
@@ -100,9 +104,9 @@ at::ScalarType lce_acc_dtype(const Tensor& hidden) {
 }
 
 int64_t chunk_rows(int64_t rows, int64_t classes, at::ScalarType acc) {
-  const int64_t bytes_per_row = classes * static_cast<int64_t>(c10::elementSize(acc));
-  return std::clamp<int64_t>(kChunkBytes / std::max<int64_t>(bytes_per_row, 1), kMinChunkRows,
-                             std::max<int64_t>(rows, 1));
+  const int64_t bytes_per_row = std::max<int64_t>(classes * static_cast<int64_t>(c10::elementSize(acc)), 1);
+  const int64_t chunk_bytes = std::clamp<int64_t>(rows * bytes_per_row / 8, kMinChunkBytes, kMaxChunkBytes);
+  return std::clamp<int64_t>(chunk_bytes / bytes_per_row, kMinChunkRows, std::max<int64_t>(rows, 1));
 }
 
 // Gradient accumulators: grad_weight / grad_bias sum over chunks in the

@@ -103,3 +103,40 @@ def test_bad_arguments_raise_naming_them():
     for args, kwargs, message in cases:
         with pytest.raises(RuntimeError, match=message):
             my_mps_ops.quantized_linear(*args, **kwargs)
+
+
+@pytest.mark.parametrize("mode,bits", [("affine", 4), ("nf4", 4), ("affine", 8)])
+def test_quantize_model_replaces_linears_and_round_trips_its_state_dict(tmp_path, mode, bits):
+    from my_mps_ops.models import TinyLlama, TinyLlamaConfig
+    from my_mps_ops.nn import QuantizedLinear, quantize_model
+
+    torch.manual_seed(0)
+    cfg = TinyLlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=128, max_seq_len=32)
+    model = TinyLlama(cfg, use_my_ops=False)
+    tokens = torch.randint(0, 64, (2, 9))
+    quantize_model(model, bits=bits, group_size=64, mode=mode)
+    linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(linears) == 2 * 4 + 2 * 3 and isinstance(model.lm_head, torch.nn.Linear)  # q,k,v,o + 3 MLP per block
+    # the same model with each weight dequantized: the same logits
+    reference = TinyLlama(cfg, use_my_ops=False)
+    reference.load_state_dict({k: v for k, v in model.state_dict().items() if k in reference.state_dict()},
+                              strict=False)
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            target = reference.get_submodule(name)
+            target.weight.data = my_mps_ops.dequantize(m.qweight, m.scales, m.biases, m.bits, m.group_size, m.mode,
+                                                       dtype=torch.float32)
+    torch.testing.assert_close(model(tokens), reference(tokens), atol=1e-5, rtol=1e-5)
+    # 4-bit parameter memory of the quantized layers, scales included, vs float32
+    if bits == 4:
+        stored = sum(t.numel() * t.element_size() for m in linears for t in (m.qweight, m.scales, m.biases)
+                     if t is not None)
+        assert stored <= 0.16 * sum(m.in_features * m.out_features * 4 for m in linears)
+    path = tmp_path / "q.pt"
+    torch.save(model.state_dict(), path)
+    fresh = quantize_model(TinyLlama(cfg, use_my_ops=False), bits=bits, group_size=64, mode=mode)
+    fresh.load_state_dict(torch.load(path))
+    torch.testing.assert_close(fresh(tokens), model(tokens))
+    # training the rest (here the embeddings) through the frozen layers
+    model(tokens).square().mean().backward()
+    assert model.embed.weight.grad is not None and all(m.qweight.grad is None for m in linears)
