@@ -12,9 +12,10 @@ from .ops import (cross_entropy, flash_attention, fused_add_rms_norm, geglu, lay
                   rms_norm, rotary_embedding, rotary_embedding_qk, swiglu)
 from . import nn
 from .patch import patch_model
+from ._info import info
+from ._version import __version__
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "layer_norm", "swiglu", "geglu", "cross_entropy", "linear_cross_entropy",
            "flash_attention",
            "rotary_embedding", "rotary_embedding_qk",
-           "nn", "patch_model"]
-__version__ = "0.1.0"
+           "nn", "patch_model", "info", "__version__"]

@@ -25,7 +25,7 @@ fi
 if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
   "$PYTHON" -m pip install -q "torch==${TORCH_VERSION}"
 fi
-"$PYTHON" -m pip install -q ninja pytest expecttest tqdm matplotlib transformers
+"$PYTHON" -m pip install -q ninja pytest expecttest hypothesis tqdm matplotlib transformers
 
 # The extension itself, against the torch above.
 MAX_JOBS=${MAX_JOBS:-2} "$PYTHON" -m pip install -q --no-build-isolation -e .
