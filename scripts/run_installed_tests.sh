@@ -7,11 +7,11 @@
 #
 #   scripts/run_installed_tests.sh PROJECT_DIR [quick|full] [pytest args...]
 #
-# quick (CI, about 2 minutes on 2 cores): what an installation can get wrong
+# quick (CI, about 3 minutes on 2 cores): what an installation can get wrong
 # (the binary, the embedded shaders through the emulator, the emulator's
 # headers and the strict front end's data files, the version and info, a fresh
-# process loading an AOTInductor package, the CPU copies) plus one op family on
-# every backend; `make test` runs the whole suite on the checkout just before.
+# process loading an AOTInductor package, a C++ program linking the installed
+# op library, the CPU copies) plus one op family on every backend; `make test` runs the whole suite on the checkout just before.
 # full: the whole suite (about 6 minutes).
 set -euo pipefail
 PROJECT=$(cd "${1:?usage: run_installed_tests.sh PROJECT_DIR [quick|full] [pytest args...]}" && pwd -P)
@@ -23,6 +23,9 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/my_mps_ops_installed_tests.XXXXXX")
 case "$WORK/" in "$PROJECT"/*) echo "the test copy must be outside the checkout" >&2; exit 2;; esac
 trap 'rm -rf "$WORK"' EXIT
 cp -r "$PROJECT/test" "$WORK/test"
+# The examples are user code the tests build and run against the installation
+# (the LibTorch consumer, the torchrun script); not part of the package.
+cp -r "$PROJECT/examples" "$WORK/examples"
 find "$WORK" -name __pycache__ -prune -exec rm -rf {} +
 printf '[pytest]\ntestpaths = test\npythonpath = test\n' > "$WORK/pytest.ini"
 
@@ -30,7 +33,8 @@ case "$PROFILE" in
   quick)
     SELECTION=(test/integration/test_packaging.py test/integration/test_build.py test/integration/test_aoti.py
                test/integration/test_models.py test/emulator/test_strict_msl.py::test_embedded_shader_passes
-               test/emulator/test_emulator_core.py test/ops/test_glu.py test/ops/test_cpu_isa.py) ;;
+               test/emulator/test_emulator_core.py test/ops/test_glu.py test/ops/test_cpu_isa.py
+               test/integration/test_cpp_consumer.py) ;;
   full) SELECTION=(test) ;;
   *) echo "profile: quick or full, not $PROFILE" >&2; exit 2 ;;
 esac
