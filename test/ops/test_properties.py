@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
+import hypothesis.configuration  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -37,6 +38,8 @@ def _database_dir():
     return os.path.join(root, "hypothesis")
 
 
+# Hypothesis's other files (its constants cache) go there too, not to ./.hypothesis.
+hypothesis.configuration.set_hypothesis_home_dir(_database_dir())
 _COMMON = dict(deadline=None, database=DirectoryBasedExampleDatabase(_database_dir()), print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                       HealthCheck.function_scoped_fixture])
