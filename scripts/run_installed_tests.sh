@@ -33,7 +33,9 @@ case "$PROFILE" in
   quick)
     SELECTION=(test/integration/test_packaging.py test/integration/test_build.py test/integration/test_aoti.py
                test/integration/test_models.py test/emulator/test_strict_msl.py::test_embedded_shader_passes
-               test/emulator/test_emulator_core.py test/ops/test_glu.py test/ops/test_cpu_isa.py
+               test/emulator/test_emulator_core.py test/ops/test_glu.py
+               test/ops/test_cpu_isa.py::test_default_runs_the_best_copy_this_cpu_has
+               test/ops/test_cpu_isa.py::test_unknown_cap_is_refused
                test/integration/test_cpp_consumer.py) ;;
   full) SELECTION=(test) ;;
   *) echo "profile: quick or full, not $PROFILE" >&2; exit 2 ;;
