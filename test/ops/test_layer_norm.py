@@ -72,6 +72,23 @@ def test_gradients(backend, dtype, sample):
         torch.testing.assert_close(ours.cpu().double(), ref.cpu(), **grad_tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_of_equal_values_give_exactly_the_bias(backend, dtype):
+    # Found by test_properties.py: the row mean was a float32 sum / n, off by an
+    # ulp for a row of equal values, and rstd (1/sqrt(eps) for such a row)
+    # scaled that ulp up to ~1e-3 in the output and the weight gradient, where
+    # F.layer_norm gives exactly the bias. The mean is now shifted by the row's
+    # first element: exact for such rows.
+    values = torch.tensor([3.7, -11.3, 0.1, 1e3], dtype=torch.float64)[:, None]
+    x = values.expand(4, 33).to(dtype).to(backend.device).requires_grad_()
+    w = torch.randn(33, dtype=dtype, device=backend.device, requires_grad=True)
+    b = torch.randn(33, dtype=dtype, device=backend.device, requires_grad=True)
+    out = my_mps_ops.layer_norm(x, w, b, 1e-8)
+    assert torch.equal(out, b.detach().expand_as(out))
+    out.backward(torch.randn_like(out))
+    assert torch.equal(w.grad, torch.zeros_like(w))  # sum of grad_out * xhat, xhat exactly 0
+
+
 @pytest.mark.parametrize("with_weight,with_bias", [(False, True), (True, False), (False, False)])
 def test_gradients_with_absent_parameters(backend, with_weight, with_bias):
     # A bias without a weight (found by test_properties.py): the backward asked
