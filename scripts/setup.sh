@@ -8,11 +8,13 @@ PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 
 # System packages (Linux): Boost.Context for the Metal emulator's fibers,
-# clang for the Objective-C++ compile check.
+# clang for the Objective-C++ compile check, cmake for the LibTorch consumer
+# example (test/integration/test_cpp_consumer.py).
 if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
   dpkg -s libboost-context-dev >/dev/null 2>&1 || missing+=(libboost-context-dev)
   command -v clang++ >/dev/null 2>&1 || missing+=(clang)
+  command -v cmake >/dev/null 2>&1 || missing+=(cmake)
   if [ ${#missing[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO="sudo"
