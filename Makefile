@@ -1,7 +1,7 @@
 # The README's commands. Each does all set-up first (scripts/setup.sh).
 PYTHON ?= python3
 
-.PHONY: setup demo test bench mac-check
+.PHONY: setup demo test wheel bench mac-check
 
 setup:
 	bash scripts/setup.sh
@@ -13,6 +13,12 @@ demo: setup
 # The whole test suite (cpu, Metal emulator; mps cases run on a Mac).
 test: setup
 	$(PYTHON) -m pytest test -q -ra
+
+# sdist and wheel (dist/), the wheel installed into a fresh venv outside the
+# checkout and tested there (scripts/test_wheel.sh; PROFILE=full: every test).
+PROFILE ?= quick
+wheel: setup
+	bash scripts/test_wheel.sh $(PROFILE)
 
 bench: setup
 	$(PYTHON) benchmarks/bench_ops.py

@@ -11,7 +11,7 @@ import os
 import re
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 MIN_TORCH = "2.6"
@@ -281,15 +281,21 @@ def emulator_extension():
     )
 
 
+def install_requires():
+    """The torch a built extension runs with: the minor release it was compiled
+    against (a C++ extension binds to one torch release's ABI). An sdist
+    declares the oldest torch the sources build with."""
+    if "sdist" in sys.argv:
+        return [f"torch>={MIN_TORCH}"]
+    import torch
+
+    major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    return [f"torch>={major}.{minor},<{major}.{minor + 1}"]
+
+
+# Metadata, packages and package data: pyproject.toml (the version: my_mps_ops/_version.py).
 setup(
-    name="my_mps_ops",
-    version="0.1.0",
-    description="Fused PyTorch operators for Apple GPUs (MPS), with a Metal emulator for testing on any CPU",
-    packages=find_packages(include=["my_mps_ops", "my_mps_ops.*"]),
-    package_data={"my_mps_ops": ["emulator/include/*.h", "emulator/include/*.cpp"]},
-    python_requires=">=3.9",
-    install_requires=[f"torch>={MIN_TORCH}"],
+    install_requires=install_requires(),
     ext_modules=[native_extension(), emulator_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    zip_safe=False,
 )

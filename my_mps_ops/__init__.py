@@ -14,9 +14,10 @@ from . import nn
 from .nn import quantize_model
 from .quantization import dequantize, quantize
 from .patch import patch_model
+from ._info import info
+from ._version import __version__
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "layer_norm", "swiglu", "geglu", "cross_entropy", "linear_cross_entropy",
            "flash_attention",
            "rotary_embedding", "rotary_embedding_qk",
-           "quantize", "dequantize", "quantized_linear", "quantize_model", "nn", "patch_model"]
-__version__ = "0.1.0"
+           "quantize", "dequantize", "quantized_linear", "quantize_model", "nn", "patch_model", "info", "__version__"]

@@ -8,11 +8,13 @@ PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 
 # System packages (Linux): Boost.Context for the Metal emulator's fibers,
-# clang for the Objective-C++ compile check.
+# clang for the Objective-C++ compile check, cmake for the LibTorch consumer
+# example (test/integration/test_cpp_consumer.py).
 if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
   dpkg -s libboost-context-dev >/dev/null 2>&1 || missing+=(libboost-context-dev)
   command -v clang++ >/dev/null 2>&1 || missing+=(clang)
+  command -v cmake >/dev/null 2>&1 || missing+=(cmake)
   if [ ${#missing[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -25,7 +27,7 @@ fi
 if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
   "$PYTHON" -m pip install -q "torch==${TORCH_VERSION}"
 fi
-"$PYTHON" -m pip install -q ninja pytest expecttest tqdm matplotlib transformers
+"$PYTHON" -m pip install -q ninja pytest expecttest hypothesis tqdm matplotlib transformers
 # The reference implementations the quantization tests compare with: MLX's
 # affine format and bitsandbytes' NF4/FP4 (both have CPU builds on PyPI).
 "$PYTHON" -m pip install -q "mlx[cpu]==0.32.4" "bitsandbytes==0.50.2"

@@ -1,6 +1,7 @@
 // LayerNorm over the last dimension, forward and backward.
-// One threadgroup per row; statistics in float with two passes (mean, then
-// the variance of x - mean) for accuracy; SIMD-group then threadgroup sums.
+// One threadgroup per row; statistics in float with two passes (mean, shifted
+// by the row's first element, then the variance of x - mean) for accuracy;
+// SIMD-group then threadgroup sums.
 #include <metal_stdlib>
 #include "norm.h"
 #include "reduce.h"
@@ -11,13 +12,17 @@ template <typename T>
 inline float2 row_stats(device const T* x, size_t offset, uint n, float eps, uint tid, uint threads,
                         threadgroup float* partials, uint simd_lane, uint simd_group, uint simd_groups) {
   const uint stride = threads * kNormReadsPerThread;
+  // The mean is the first element plus the mean of the deviations from it:
+  // exact for a row of equal values (output exactly the bias), and closer for
+  // rows whose spread is small next to their mean.
+  const float shift = n > 0 ? float(x[offset]) : 0.0f;
   float sum = 0.0f;
   for (uint base = tid * kNormReadsPerThread; base < n; base += stride) {
     for (uint k = 0; k < kNormReadsPerThread; ++k) {
-      if (base + k < n) sum += float(x[offset + base + k]);
+      if (base + k < n) sum += float(x[offset + base + k]) - shift;
     }
   }
-  const float mean = threadgroup_sum(sum, partials, simd_lane, simd_group, simd_groups) / float(n);
+  const float mean = shift + threadgroup_sum(sum, partials, simd_lane, simd_group, simd_groups) / float(n);
   float sq = 0.0f;
   for (uint base = tid * kNormReadsPerThread; base < n; base += stride) {
     for (uint k = 0; k < kNormReadsPerThread; ++k) {

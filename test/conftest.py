@@ -23,6 +23,18 @@ import torch
 
 import my_mps_ops  # noqa: F401  registers the ops
 
+# Testing an installed wheel (scripts/run_installed_tests.sh): the package
+# must be the installed one, and nothing may touch the source checkout.
+if os.environ.get("MY_MPS_OPS_TEST_INSTALLED") == "1":
+    from support import forbid_reads_under
+
+    _forbidden = os.environ.get("MY_MPS_OPS_TEST_FORBID_ROOT")
+    _package = os.path.dirname(os.path.abspath(my_mps_ops.__file__))
+    if _forbidden and os.path.commonpath([_package, os.path.abspath(_forbidden)]) == os.path.abspath(_forbidden):
+        raise RuntimeError(f"MY_MPS_OPS_TEST_INSTALLED=1 but my_mps_ops was imported from the checkout: {_package}")
+    if _forbidden:
+        forbid_reads_under(_forbidden)
+
 BACKENDS = ["cpu", "metal_emulator", "mps"]
 
 

@@ -11,6 +11,50 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Whether the tests run against an installed wheel from a copy of test/
+# outside the checkout (scripts/run_installed_tests.sh): then ROOT holds only
+# the tests, and tests of the source tree itself skip.
+INSTALLED = os.environ.get("MY_MPS_OPS_TEST_INSTALLED") == "1"
+HAS_SOURCE_TREE = os.path.isdir(os.path.join(ROOT, "csrc")) and os.path.isdir(os.path.join(ROOT, "shaders"))
+needs_source_tree = pytest.mark.skipif(not HAS_SOURCE_TREE, reason="needs the source checkout (csrc/, shaders/, "
+                                       "scripts/); this run tests an installed package from a copy of test/")
+
+
+def forbid_reads_under(root):
+    """From now on, opening, listing or running anything under `root` (or a
+    child process whose arguments, working directory or PYTHONPATH name it)
+    raises: proves an installed package reads nothing from the source tree.
+    A Python audit hook: it sees Python-level file access and subprocesses
+    (the emulator's compiler runs), not reads inside the C++ libraries, which
+    read no files (the shaders are compiled in)."""
+    import sys
+
+    root = os.path.realpath(root)
+    prefix = root + os.sep
+
+    def under(path):
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        if not isinstance(path, str):
+            return False
+        if path == root or path.startswith(prefix) or prefix in path or path.endswith(root):
+            return True
+        return False
+
+    def hook(event, args):
+        if event in ("open", "os.listdir", "os.scandir", "os.chdir", "shutil.copyfile", "os.exec"):
+            if args and under(args[0]):
+                raise PermissionError(f"{event} under the source checkout {root}: {args[0]!r}")
+        elif event == "subprocess.Popen":
+            executable, argv, cwd, env = args
+            names = [executable, cwd, *(argv if isinstance(argv, (list, tuple)) else [argv])]
+            if env:
+                names.append(env.get("PYTHONPATH") if isinstance(env, dict) else None)
+            for name in names:
+                if under(name) or (isinstance(name, str) and root in name):
+                    raise PermissionError(f"a subprocess naming the source checkout {root}: {argv!r}")
+
+    sys.addaudithook(hook)
 
 # Tolerances against a float64 reference, per dtype (outputs rounded once).
 TOLERANCES = {

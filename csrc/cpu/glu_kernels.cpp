@@ -206,6 +206,18 @@ void backward_range(const T* dy, const T* gate, const T* up, T* dgate, T* dup, i
     backward_block<A, T>(dy + b, gate + b, up + b, dgate + b, dup + b, std::min(kGluBlock, end - b));
 }
 
+// A flat range of n elements in parallel, split only at multiples of
+// kGluBlock: every element then falls at the same place of the same block
+// (vector body or scalar tail) whatever the thread count, so the results are
+// bitwise the same for any number of threads.
+template <typename F>
+void parallel_blocks(int64_t n, const F& fn) {
+  const int64_t blocks = (n + kGluBlock - 1) / kGluBlock;
+  at::parallel_for(0, blocks, kGrain / kGluBlock, [&](int64_t b0, int64_t b1) {
+    fn(b0 * kGluBlock, std::min(n, b1 * kGluBlock));
+  });
+}
+
 // Contiguous inputs run as one flat range (no per-row overhead for narrow
 // rows), strided ones row by row.
 template <GluActivation A, typename T>
@@ -216,9 +228,7 @@ void forward_rows(const GluForwardArgs& a) {
   const int64_t n = a.rows * a.cols;
   const bool stream = n * int64_t(sizeof(T)) >= vec::kStreamMinBytes;
   if (a.gate_stride == a.cols && a.up_stride == a.cols) {
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      forward_range<A, T>(gate, up, out, begin, end, stream);
-    });
+    parallel_blocks(n, [&](int64_t begin, int64_t end) { forward_range<A, T>(gate, up, out, begin, end, stream); });
     return;
   }
   at::parallel_for(0, a.rows, cpu::row_grain(a.cols), [&](int64_t begin, int64_t end) {
@@ -237,7 +247,7 @@ void backward_rows(const GluBackwardArgs& a) {
   const int64_t n = a.rows * a.cols;
   const bool stream = n * int64_t(sizeof(T)) >= vec::kStreamMinBytes;
   if (a.grad_out_stride == a.cols && a.gate_stride == a.cols && a.up_stride == a.cols) {
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    parallel_blocks(n, [&](int64_t begin, int64_t end) {
       backward_range<A, T>(dy, gate, up, dgate, dup, begin, end, stream);
     });
     return;

@@ -28,9 +28,13 @@ using norm_rows::store_row;
 
 // ---- float32 / float16 / bfloat16
 
-// (mean, rstd) of a float32 row.
+// (mean, rstd) of a float32 row. The mean is the first element plus the mean
+// of the deviations from it: exact for a row of equal values (whose output is
+// then exactly the bias, as F.layer_norm's), and closer for rows whose spread
+// is small next to their mean.
 __attribute__((always_inline)) inline std::pair<float, float> row_stats_f32(const float* x, int64_t n, float eps) {
-  const float mean = row_sum(x, n, norm_rows::Value{}) / static_cast<float>(n);
+  const float shift = n > 0 ? x[0] : 0.0f;
+  const float mean = shift + row_sum(x, n, norm_rows::Deviation{shift}) / static_cast<float>(n);
   const float sq = row_sum(x, n, norm_rows::SquaredDeviation{mean});
   return {mean, 1.0f / std::sqrt(sq / static_cast<float>(n) + eps)};
 }
@@ -144,9 +148,10 @@ MY_MPS_OPS_NO_FP_CONTRACT_BEGIN
 
 // (mean, rstd) of a float64 row, two passes as row_stats_f32.
 inline std::pair<double, double> row_stats_f64(const double* xr, int64_t n, double eps) {
+  const double shift = n > 0 ? xr[0] : 0.0;
   double sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += xr[i];
-  const double mean = sum / static_cast<double>(n);
+  for (int64_t i = 0; i < n; ++i) sum += xr[i] - shift;
+  const double mean = shift + sum / static_cast<double>(n);
   double sq = 0;
   for (int64_t i = 0; i < n; ++i) sq += (xr[i] - mean) * (xr[i] - mean);
   return {mean, 1.0 / std::sqrt(sq / static_cast<double>(n) + eps)};

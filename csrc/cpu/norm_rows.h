@@ -28,6 +28,11 @@ struct Square {
   template <typename V>
   __attribute__((always_inline)) V operator()(V x) const { return x * x; }
 };
+struct Deviation {
+  float shift;
+  template <typename V>
+  __attribute__((always_inline)) V operator()(V x) const { return x - shift; }
+};
 struct SquaredDeviation {
   float mean;
   template <typename V>

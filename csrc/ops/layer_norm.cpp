@@ -154,8 +154,11 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     const auto saved = ctx->get_saved_variables();
     const OptTensor weight = param_from_saved(saved[1]);
     const OptTensor bias = param_from_saved(saved[2]);
+    // needs_input_grad counts the tensors the forward was given: an absent
+    // weight takes no slot, so a bias without a weight is the second.
+    const size_t bias_slot = weight.has_value() ? 2 : 1;
     const std::array<bool, 3> mask{ctx->needs_input_grad(0), weight.has_value() && ctx->needs_input_grad(1),
-                                   bias.has_value() && ctx->needs_input_grad(2)};
+                                   bias.has_value() && ctx->needs_input_grad(bias_slot)};
     if (!grads[0].defined() || (!mask[0] && !mask[1] && !mask[2])) return {Tensor(), Tensor(), Tensor(), Tensor()};
     auto [grad_input, grad_weight, grad_bias] =
         op.call(grads[0], saved[0], weight, bias, ctx->saved_data["eps"].toDouble(), mask);

@@ -61,15 +61,22 @@ inline at::Tensor empty_contiguous_like(const at::Tensor& like) {
 // most one per thread (deterministic, no atomics), into zeroed rows of
 // partial sums in the accumulation dtype; the gradient is their sum in the
 // parameter's dtype.
+// The row chunks of the CPU weight-gradient partial sums: a function of the
+// row count only, not of the thread count, so the gradients are bitwise the
+// same for any number of threads (up to kMaxGradChunks chunks run in parallel).
+constexpr int64_t kMaxGradChunks = 64;
 inline int64_t cpu_grad_chunks(int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+  return std::max<int64_t>(1, std::min<int64_t>(rows, kMaxGradChunks));
 }
 inline at::Tensor zeroed_grad_partials(int64_t chunks, int64_t cols, const at::Tensor& input) {
   const auto accumulation = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return at::zeros({chunks, cols}, input.options().dtype(accumulation));
 }
 inline at::Tensor grad_from_partials(const at::Tensor& partials, const at::Tensor& param) {
-  return partials.sum(0).to(param.scalar_type());
+  // Chunk by chunk, in order: how at::sum splits a reduction can follow the thread count.
+  at::Tensor total = partials[0].clone();
+  for (int64_t c = 1; c < partials.size(0); ++c) total.add_(partials[c]);
+  return total.to(param.scalar_type());
 }
 
 // A parameter's gradient as the Meta kernels give it: the parameter's shape

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 import my_mps_ops
@@ -107,10 +108,16 @@ class Block(nn.Module):
 
 
 class TinyLlama(nn.Module):
-    def __init__(self, cfg: TinyLlamaConfig = TinyLlamaConfig(), use_my_ops: bool = True):
+    """``activation_checkpointing=True``: in training with gradients on, each
+    block runs under ``torch.utils.checkpoint`` (non-reentrant): its
+    activations are recomputed in the backward pass instead of stored."""
+
+    def __init__(self, cfg: TinyLlamaConfig = TinyLlamaConfig(), use_my_ops: bool = True,
+                 activation_checkpointing: bool = False):
         super().__init__()
         self.cfg = cfg
         self.use_my_ops = use_my_ops
+        self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, use_my_ops) for _ in range(cfg.n_layers))
         self.norm = _norm(cfg, use_my_ops)
@@ -122,8 +129,12 @@ class TinyLlama(nn.Module):
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """The final normed hidden states, which lm_head projects to logits."""
         x = self.embed(tokens)
+        checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, self.rope_cos, self.rope_sin)
+            if checkpointed:
+                x = torch.utils.checkpoint.checkpoint(block, x, self.rope_cos, self.rope_sin, use_reentrant=False)
+            else:
+                x = block(x, self.rope_cos, self.rope_sin)
         return self.norm(x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

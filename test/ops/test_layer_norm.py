@@ -72,6 +72,40 @@ def test_gradients(backend, dtype, sample):
         torch.testing.assert_close(ours.cpu().double(), ref.cpu(), **grad_tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_of_equal_values_give_exactly_the_bias(backend, dtype):
+    # Found by test_properties.py: the row mean was a float32 sum / n, off by an
+    # ulp for a row of equal values, and rstd (1/sqrt(eps) for such a row)
+    # scaled that ulp up to ~1e-3 in the output and the weight gradient, where
+    # F.layer_norm gives exactly the bias. The mean is now shifted by the row's
+    # first element: exact for such rows.
+    values = torch.tensor([3.7, -11.3, 0.1, 1e3], dtype=torch.float64)[:, None]
+    x = values.expand(4, 33).to(dtype).to(backend.device).requires_grad_()
+    w = torch.randn(33, dtype=dtype, device=backend.device, requires_grad=True)
+    b = torch.randn(33, dtype=dtype, device=backend.device, requires_grad=True)
+    out = my_mps_ops.layer_norm(x, w, b, 1e-8)
+    assert torch.equal(out, b.detach().expand_as(out))
+    out.backward(torch.randn_like(out))
+    assert torch.equal(w.grad, torch.zeros_like(w))  # sum of grad_out * xhat, xhat exactly 0
+
+
+@pytest.mark.parametrize("with_weight,with_bias", [(False, True), (True, False), (False, False)])
+def test_gradients_with_absent_parameters(backend, with_weight, with_bias):
+    # A bias without a weight (found by test_properties.py): the backward asked
+    # autograd about the bias by its argument position, past the end of the
+    # tensors given, and raised "Index out of range".
+    x = torch.randn(3, 40, device=backend.device, requires_grad=True)
+    w = torch.randn(40, device=backend.device, requires_grad=True) if with_weight else None
+    b = torch.randn(40, device=backend.device, requires_grad=True) if with_bias else None
+    g = torch.randn(3, 40, device=backend.device)
+    my_mps_ops.layer_norm(x, w, b, 1e-5).backward(g)
+    x64, w64, b64 = float64_leaves(x, w, b)
+    F.layer_norm(x64, (40,), w64, b64, 1e-5).backward(g.cpu().double())
+    for ours, ref in ((x, x64), (w, w64), (b, b64)):
+        if ours is not None:
+            torch.testing.assert_close(ours.grad.cpu().double(), ref.grad, **grad_tol(torch.float32))
+
+
 @pytest.mark.parametrize("sample", feeding(SAMPLES, GRADCHECK), ids=str)
 def test_gradcheck_float64(sample):
     x, w, b = sample_inputs(sample, torch.float64, "cpu", requires_grad=True)
