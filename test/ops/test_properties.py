@@ -111,11 +111,12 @@ def tol(dtype, factor):
     return {k: v * factor for k, v in TOLERANCES[dtype].items()}
 
 
-def check(path, fn, ref, inputs, differentiable, dtype, gen, value_factor=2, grad_factor=8):
+def check(path, fn, ref, inputs, differentiable, dtype, gen, value_factor=2, grad_factor=8, out_dtype=None):
     """fn(*inputs) on `path` equals ref(*float64 copies) (outputs rounded to
     dtype once), and so do the gradients of every differentiable input for a
     random grad_output. Inputs are used as the views they are (a leaf that
-    keeps its strides and storage offset)."""
+    keeps its strides and storage offset). Outputs have `out_dtype` (default:
+    the inputs' dtype)."""
     leaves = [t.detach().requires_grad_(i in differentiable) if isinstance(t, torch.Tensor) else t
               for i, t in enumerate(inputs)]
     ref_leaves = [t.detach().double().requires_grad_(i in differentiable)
@@ -130,14 +131,14 @@ def check(path, fn, ref, inputs, differentiable, dtype, gen, value_factor=2, gra
     expected = ref(*ref_leaves)
     expected = expected if isinstance(expected, (tuple, list)) else (expected,)
     for o, e in zip(outs, expected):
-        assert o.shape == e.shape and o.dtype == dtype
+        assert o.shape == e.shape and o.dtype == (out_dtype or dtype)
         t = tol(dtype, value_factor)
         t["atol"] *= max(1.0, e.detach().abs().max().item()) if e.numel() else 1.0
         torch.testing.assert_close(o.detach().double(), e.detach(), equal_nan=True, **t)
     wanted = [i for i in sorted(differentiable) if isinstance(leaves[i], torch.Tensor) and leaves[i].requires_grad]
     if not wanted:
         return
-    grad_outs = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(dtype) for o in outs]
+    grad_outs = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in outs]
     with path_context(path):
         grads = torch.autograd.grad(outs, [leaves[i] for i in wanted], grad_outs, allow_unused=True)
     ref_grads = torch.autograd.grad(expected, [ref_leaves[i] for i in wanted], [g.double() for g in grad_outs],
@@ -279,7 +280,9 @@ def test_linear_cross_entropy(path, data):
         return rows.sum() / counted.sum().clamp_min(1) + nan_if_none
 
     # The logits are a matmul of rounded inputs rounded to the dtype, then reduced over V.
-    check(path, fn, ref, [hidden, weight, target, bias], {0, 1, 3}, dtype, gen, 8, 16)
+    # The loss of float16/bfloat16 inputs is float32 (their logits are upcast first).
+    check(path, fn, ref, [hidden, weight, target, bias], {0, 1, 3}, dtype, gen, 8, 16,
+          out_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def ref_attention(q, k, v, causal, scale):
