@@ -95,11 +95,13 @@ def fused_loss_forward(model: nn.Module, *args, **kwargs):
         called.append(True)
         return base_loss(*a, **k)
 
-    model._modules[name] = stand_in
-    model.loss_function = loss_function
-    if softcap is not None:
-        setattr(config, _SOFTCAP_ATTR, None)  # the op applies it, from the hidden states
     try:
+        model._modules[name] = stand_in
+        model.loss_function = loss_function
+        if softcap is not None:
+            # The op applies it, from the hidden states. object.__setattr__:
+            # some configs validate the field's type on assignment.
+            object.__setattr__(config, _SOFTCAP_ATTR, None)
         out = _original_forward(model)(*args, **kwargs)
     finally:
         model._modules[name] = head
@@ -108,7 +110,7 @@ def fused_loss_forward(model: nn.Module, *args, **kwargs):
         else:
             vars(model).pop("_loss_function", None)
         if softcap is not None:
-            setattr(config, _SOFTCAP_ATTR, softcap)
+            object.__setattr__(config, _SOFTCAP_ATTR, softcap)
     if not called:
         raise FusedLossNotApplicable("the forward did not call loss_function")
     if isinstance(out, tuple):

@@ -49,12 +49,26 @@ def test_patched_family_matches_unpatched(model_type, class_name):
         torch.testing.assert_close(hf_families.run(patched, tokens, 0), hf_families.run(reference, tokens, 0),
                                    atol=2e-5, rtol=1e-4, msg=f"{model_type}: eval-mode logits")
 
+    if "linear_cross_entropy" in summary.patched:
+        # The training loss with labels (fused: no logits) equals the model's own, same dropout masks.
+        reference.train()
+        patched.train()
+        labels = tokens.clone()
+        labels[0, :2] = -100
+        losses = []
+        for model in (reference, patched):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(11)
+                losses.append(model(tokens, labels=labels, use_cache=False).loss)
+        torch.testing.assert_close(losses[1], losses[0], atol=2e-5, rtol=1e-4, msg=f"{model_type}: training loss")
+
 
 def test_llama_family_is_patched_and_gemma_norms_use_the_offset_variant():
     # The families this project was built for must not silently fall back.
     llama, _ = hf_families.build("llama", "LlamaForCausalLM")
     summary = patch_model(llama).my_mps_ops_patch_summary
-    assert summary.patched == {"rms_norm": 5, "swiglu": 2} and not summary.skipped, str(summary)
+    assert summary.patched == {"rms_norm": 5, "swiglu": 2, "linear_cross_entropy": 1} and not summary.skipped, \
+        str(summary)
     gemma, _ = hf_families.build("gemma", "GemmaForCausalLM")
     summary = patch_model(gemma).my_mps_ops_patch_summary
     assert summary.patched.get("rms_norm(1+weight)") == 5 and summary.patched.get("geglu(tanh)") == 2, str(summary)
