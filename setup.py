@@ -286,7 +286,7 @@ setup(
     version="0.1.0",
     description="Fused PyTorch operators for Apple GPUs (MPS), with a Metal emulator for testing on any CPU",
     packages=find_packages(include=["my_mps_ops", "my_mps_ops.*"]),
-    package_data={"my_mps_ops": ["emulator/include/*.h", "emulator/include/*.cpp"]},
+    package_data={"my_mps_ops": ["emulator/include/*.h", "emulator/include/*.cpp", "emulator/*.json"]},
     python_requires=">=3.9",
     install_requires=[f"torch>={MIN_TORCH}"],
     ext_modules=[native_extension(), emulator_extension()],
