@@ -23,6 +23,9 @@ CASES = [
         "op": "rms_norm",
         "shapes": [(4096, 4096), (16384, 1024), (8, 2048, 4096)],
         "quick_shapes": [(4096, 4096)],
+    "model_shapes": {(4096, 4096): (64, 4096), (16384, 1024): (64, 1024)},
+        # Emulator-sized stand-ins for --model (bench_ops.py): fewer rows, the same row length.
+        "model_shapes": {(4096, 4096): (64, 4096), (16384, 1024): (64, 1024), (8, 2048, 4096): (1, 64, 4096)},
         "dtypes": [torch.float32, torch.bfloat16],
         "make_inputs": _inputs,
         "ours": lambda x, w: my_mps_ops.rms_norm(x, w, EPS),
