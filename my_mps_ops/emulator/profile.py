@@ -31,7 +31,9 @@ What is counted, per launch (include/metal_profile.cpp has the details):
 - threadgroup memory: per access site, bank conflicts (``banks`` banks of
   ``bank_bytes`` bytes, 32 x 4 by default): the most distinct words one bank
   serves in one SIMD-group access (a word read by several lanes is broadcast),
-  minus one; bytes allocated per threadgroup;
+  minus the fewest passes its distinct words need (one, unless the lanes ask
+  for more words than there are banks: 8- and 16-byte accesses); bytes
+  allocated per threadgroup;
 - threadgroup barriers (per thread), SIMD-group function calls (per SIMD group),
   simdgroup_barrier calls, simdgroup_matrix multiply-accumulates as FLOPs
   (2*8*8*8 per SIMD group), transcendental functions evaluated (exp, log, sqrt,

@@ -20,7 +20,8 @@
 //   memory: the distinct aligned segments it touches (segment_bytes) and the
 //   fewest segments its distinct bytes could fill. For threadgroup memory: the
 //   bank conflict degree (banks of bank_bytes: the most distinct words any bank
-//   serves; words read by several lanes are broadcast).
+//   serves; words read by several lanes are broadcast) beyond the fewest passes
+//   the distinct words need (ceil(words / banks): 8- and 16-byte accesses).
 // - threadgroup memory allocated per threadgroup; barrier arrivals; SIMD-group
 //   function calls (per SIMD group); simdgroup_barrier calls; FLOPs of
 //   simdgroup_multiply_accumulate (2*8*8*K per SIMD group); transcendental
@@ -295,12 +296,16 @@ struct InstrKey {
   }
 };
 
-struct LaneSite {
+// A lane's recent dynamic instances of one site, which later accesses may complete.
+struct Open {
   uint32_t occurrence = 0;
-  uint64_t end = 0;        // offset past the last access of the current occurrence
-  uint32_t merged = 0;     // bytes in it
+  uint64_t end = 0;     // offset past its last byte so far
+  uint32_t merged = 0;  // bytes in it
   PcKey last{};
-  bool any = false;
+};
+struct LaneSite {
+  uint32_t next = 0;    // instances so far
+  Open open[4];         // the latest ones, round robin
 };
 
 void flush_group() {
@@ -344,17 +349,28 @@ void flush_group() {
   for (size_t i = 0; i < g.accesses.size(); ++i) {
     const Access& a = g.accesses[i];
     LaneSite& ls = lanes[(uint64_t(a.thread) << 32) | site_of[i]];
-    // One access of a lane may reach here as several: a vector copied component
-    // by component in a header's helper (not made at the shader line itself),
-    // or by different instructions of that line. Contiguous, up to 16 bytes.
-    const bool merge = ls.any && a.offset == ls.end && (!direct[i] || !(a.pcs == ls.last)) &&
-                       ls.merged + a.bytes <= 16;
-    if (ls.any && !merge) ++ls.occurrence;
-    ls.merged = merge ? ls.merged + a.bytes : a.bytes;
-    ls.end = a.offset + a.bytes;
-    ls.last = a.pcs;
-    ls.any = true;
-    instrs[InstrKey{site_of[i], uint32_t(a.thread / kSimdWidth), ls.occurrence}].push_back({a.offset, a.bytes});
+    // One access of a lane may reach here as several: a vector read component by
+    // component in a header's helper (not at the shader line itself; possibly
+    // interleaved with another vector's components, as in `a + b`), or by
+    // different instructions of that line. Contiguous, up to 16 bytes in all.
+    uint32_t occurrence = ls.next;
+    bool merged = false;
+    for (uint32_t k = 0; k < 4 && k < ls.next; ++k) {
+      Open& o = ls.open[k];
+      if (o.end == a.offset && (!direct[i] || !(a.pcs == o.last)) && o.merged + a.bytes <= 16) {
+        o.end += a.bytes;
+        o.merged += a.bytes;
+        o.last = a.pcs;
+        occurrence = o.occurrence;
+        merged = true;
+        break;
+      }
+    }
+    if (!merged) {
+      ls.open[ls.next % 4] = Open{occurrence, a.offset + a.bytes, a.bytes, a.pcs};
+      ++ls.next;
+    }
+    instrs[InstrKey{site_of[i], uint32_t(a.thread / kSimdWidth), occurrence}].push_back({a.offset, a.bytes});
   }
   std::vector<SiteStats> stats(site_names.size());
   const Params& P = st->params;
@@ -393,9 +409,12 @@ void flush_group() {
         run = (i > 0 && bank_words[i].first == bank_words[i - 1].first) ? run + 1 : 1;
         degree = std::max(degree, run);
       }
+      // The fewest passes the distinct words need (more than one when the lanes ask for more
+      // words than there are banks: 8- and 16-byte accesses); conflicts are passes beyond it.
+      const uint64_t least = (bank_words.size() + P.banks - 1) / P.banks;
       s.wavefronts += degree;
-      if (degree > 1) {
-        s.conflicts += degree - 1;
+      if (degree > least) {
+        s.conflicts += degree - least;
         s.conflicted += 1;
       }
     }
