@@ -184,7 +184,7 @@ def model_columns(case, shape, dtype, mode, model) -> dict:
         kernels.append(dict(kernel=l.kernel, intensity=l.mma_flops / max(l.compulsory_bytes, 1),
                             fraction=roof / t, bytes_ratio=l.bytes_ratio,
                             coalescing=l.coalescing if l.coalescing is not None else float("nan"),
-                            bank_conflicts=l.bank_conflicts, barriers_per_thread=l.barriers_per_thread,
+                            bank_conflicts=l.bank_conflicts * scale, barriers_per_thread=l.barriers_per_thread,
                             threadgroup_bytes=l.threadgroup_memory_bytes, mma_flops=l.mma_flops * scale))
     out = dict(model_shape="x".join(map(str, mshape)), model_scale=scale, ours_launches=len(launches),
                ours_aten_ops=len(rec.ops), ours_bytes_mb=moved / 2**20, compulsory_mb=compulsory / 2**20,
@@ -259,7 +259,7 @@ def projection_table(rows, kernel_points, model) -> None:
               "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for k in kernel_points:
         lines.append(f"| {k['op']} | {k['dtype']} | {k['shape']} | {k['mode']} | {k['kernel']} | {k['bytes_ratio']:.2f} | "
-                     f"{100 * k['coalescing']:.0f}% | {k['bank_conflicts']} | {k['barriers_per_thread']:g} | "
+                     f"{100 * k['coalescing']:.0f}% | {k['bank_conflicts']:.0f} | {k['barriers_per_thread']:g} | "
                      f"{k['threadgroup_bytes']} | {k['mma_flops'] / 1e9:.3f} | {k['fraction']:.2f} |")
     with open(os.path.join(RESULTS, "projection.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
