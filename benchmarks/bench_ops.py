@@ -185,7 +185,8 @@ def model_columns(case, shape, dtype, mode, model) -> dict:
                             fraction=roof / t, bytes_ratio=l.bytes_ratio,
                             coalescing=l.coalescing if l.coalescing is not None else float("nan"),
                             bank_conflicts=l.bank_conflicts * scale, barriers_per_thread=l.barriers_per_thread,
-                            threadgroup_bytes=l.threadgroup_memory_bytes, mma_flops=l.mma_flops * scale))
+                            threadgroup_bytes=l.threadgroup_memory_bytes, mma_flops=l.mma_flops * scale,
+                            threadgroups_per_core=l.threadgroups_per_core(model.chip.threadgroup_memory_per_core)))
     out = dict(model_shape="x".join(map(str, mshape)), model_scale=scale, ours_launches=len(launches),
                ours_aten_ops=len(rec.ops), ours_bytes_mb=moved / 2**20, compulsory_mb=compulsory / 2**20,
                ours_bytes_ratio=moved / compulsory if compulsory else float("nan"),
@@ -255,12 +256,14 @@ def projection_table(rows, kernel_points, model) -> None:
                      f"{r['proj_ratio']:.2f}x |")
     lines += ["", "Per kernel (ours):", "",
               "| op | dtype | shape | mode | kernel | bytes / compulsory | coalescing | bank conflicts | barriers/thread "
-              "| threadgroup B | GFLOP (MMA) | fraction of roof |",
-              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| threadgroup B | threadgroups/core by its memory | GFLOP (MMA) | fraction of roof |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for k in kernel_points:
         lines.append(f"| {k['op']} | {k['dtype']} | {k['shape']} | {k['mode']} | {k['kernel']} | {k['bytes_ratio']:.2f} | "
                      f"{100 * k['coalescing']:.0f}% | {k['bank_conflicts']:.0f} | {k['barriers_per_thread']:g} | "
-                     f"{k['threadgroup_bytes']} | {k['mma_flops'] / 1e9:.3f} | {k['fraction']:.2f} |")
+                     f"{k['threadgroup_bytes']} | "
+                     f"{'-' if not k['threadgroup_bytes'] else k['threadgroups_per_core'] or 'unknown'} | "
+                     f"{k['mma_flops'] / 1e9:.3f} | {k['fraction']:.2f} |")
     with open(os.path.join(RESULTS, "projection.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(RESULTS, "projection_kernels.csv"), "w", newline="") as f:

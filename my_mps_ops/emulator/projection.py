@@ -161,15 +161,25 @@ def _tensors(x, out: list) -> list:
     return out
 
 
-def _matmul_flops(name: str, args, outs) -> float:
+def _matmul_flops(func, name: str, args, kwargs, outs) -> float:
+    """FLOPs of matrix products: mm/bmm/addmm/baddbmm, and scaled dot-product attention
+    (4 B H L S D forward, 2.5 times that backward; half of it with is_causal)."""
     try:
         if name in ("aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default"):
-            a, b = (args[0], args[1]) if name in ("aten.mm.default", "aten.bmm.default") else (args[1], args[2])
+            a = args[0] if name in ("aten.mm.default", "aten.bmm.default") else args[1]
             return 2.0 * outs[0].numel() * a.shape[-1]
-        if name.startswith("aten._scaled_dot_product") or name.startswith("aten.scaled_dot_product"):
-            q, k = args[0], args[1]
-            return 4.0 * q.numel() * k.shape[-2]  # QK^T and PV: 2 * 2 * B*H*L*S*D
-    except (AttributeError, IndexError, TypeError):
+        if "scaled_dot_product" in name:
+            names = [a.name for a in func._schema.arguments]
+            values = dict(zip(names, args))
+            values.update(kwargs)
+            q, k = values["query"], values["key"]
+            flops = 4.0 * q.numel() * k.shape[-2]
+            if "backward" in name:
+                flops *= 2.5
+            if values.get("is_causal"):
+                flops *= 0.5
+            return flops
+    except (AttributeError, IndexError, KeyError, TypeError):
         pass
     return 0.0
 
@@ -222,7 +232,7 @@ class AtenRecorder(TorchDispatchMode):
                 seen.add(key)
                 in_bytes += _distinct_bytes(t)
         out_bytes = sum(_distinct_bytes(t) for t in outs)
-        self.ops.append(AtenOp(name, in_bytes, out_bytes, _matmul_flops(name, args, outs)))
+        self.ops.append(AtenOp(name, in_bytes, out_bytes, _matmul_flops(func, name, args, kwargs, outs)))
         return out
 
     @property

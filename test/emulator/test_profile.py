@@ -268,3 +268,12 @@ def test_composite_projection_counts_aten_ops():
     row = 64 * 4
     assert rec.ops[0].bytes == 2 * n and rec.ops[1].bytes == n + row and rec.ops[4].bytes == 2 * n + row
     assert rec.bytes == sum(op.bytes for op in rec.ops) and rec.dispatches == 5
+
+
+def test_composite_attention_flops():
+    q, k, v = (torch.randn(1, 2, 32, 8, requires_grad=True) for _ in range(3))
+    for causal, factor in ((False, 1.0), (True, 0.5)):
+        with projection.AtenRecorder() as rec:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(torch.ones(1, 2, 32, 8))
+        flops = [op.flops for op in rec.ops if op.flops]
+        assert flops == [4.0 * q.numel() * 32 * factor, 2.5 * 4.0 * q.numel() * 32 * factor]
