@@ -221,10 +221,13 @@ def roofline_chart(points, model, path) -> None:
 
     floor = 0.01
     fig, ax = plt.subplots(figsize=(10, 6))
-    for p in points:
+    unique = {}
+    for p in points:  # one point per kernel, dtype and shape (a kernel runs in fwd and in fwd+bwd alike)
+        unique.setdefault((p["kernel"], p["dtype"], p["shape"]), p)
+    for p in unique.values():
         x = max(p["intensity"], floor)
         ax.scatter(x, p["fraction"], s=18)
-        ax.annotate(f"{p['kernel']} {p['dtype']} {p['mode']}", (x, p["fraction"]), fontsize=5,
+        ax.annotate(f"{p['kernel']} {p['shape']}", (x, p["fraction"]), fontsize=5,
                     xytext=(3, 2), textcoords="offset points")
     ax.axvline(model.ridge(False), color="grey", linestyle="--", linewidth=0.8)
     ax.text(model.ridge(False), 1.02, "ridge (FP32)", fontsize=7, color="grey")
