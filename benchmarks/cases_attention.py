@@ -63,6 +63,10 @@ CASES = [
         "shapes": _shapes(CPU_SEQS),
         "quick_shapes": [(BATCH, Q_HEADS, KV_HEADS, 512, 64)],
         "device_shapes": {"cpu": _shapes(CPU_SEQS), "mps": _shapes(MPS_SEQS)},
+        # Emulator-sized stand-ins for --model (bench_ops.py): half the heads (the work per head is
+        # independent); only seq 256 and 512, longer ones take too long to profile on the emulator.
+        "model_shapes": {(BATCH, Q_HEADS, KV_HEADS, s, d): (BATCH, Q_HEADS // 2, KV_HEADS // 2, s, d)
+                         for s in (256, 512) for d in HEAD_DIMS},
         "dtypes": [torch.float32, torch.float16],
         "make_inputs": make_inputs,
         "ours": ours(causal),

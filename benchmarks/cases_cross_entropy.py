@@ -21,6 +21,8 @@ CASES = [{
     "op": "cross_entropy",
     "shapes": [(4096, 32768), (4096, 131072)],
     "quick_shapes": [(1024, 32768)],
+    # Emulator-sized stand-ins for --model (bench_ops.py): fewer rows, the same vocabulary.
+    "model_shapes": {(4096, 32768): (16, 32768), (4096, 131072): (4, 131072), (1024, 32768): (16, 32768)},
     "dtypes": [torch.float32, torch.bfloat16],
     "make_inputs": _inputs,
     "ours": lambda z, t: my_mps_ops.cross_entropy(z, t),

@@ -11,11 +11,14 @@ def _inputs(shape, dtype, device):
 
 
 SHAPES = [(4096, 11008), (16384, 4096)]
+# Emulator-sized stand-ins for --model (bench_ops.py): fewer rows, the same row length.
+MODEL_SHAPES = {(4096, 11008): (16, 11008), (16384, 4096): (64, 4096), (4096, 4096): (64, 4096)}
 CASES = [
     {
         "op": "swiglu",
         "shapes": SHAPES,
         "quick_shapes": [(4096, 4096)],
+        "model_shapes": MODEL_SHAPES,
         "dtypes": [torch.float32, torch.bfloat16],
         "make_inputs": _inputs,
         "ours": my_mps_ops.swiglu,
@@ -27,6 +30,7 @@ CASES = [
         "op": "geglu",
         "shapes": SHAPES,
         "quick_shapes": [(4096, 4096)],
+        "model_shapes": MODEL_SHAPES,
         "dtypes": [torch.float32, torch.bfloat16],
         "make_inputs": _inputs,
         "ours": lambda g, u: my_mps_ops.geglu(g, u, "tanh"),

@@ -10,6 +10,7 @@ from . import emulator  # noqa: F401  registers the emulator as the executor for
 from . import _emulator
 from ._emulator import register_library
 from .emulator.build import build
+from .emulator.profile import profile_enabled
 from .emulator.race import race_check_enabled
 
 _lock = threading.Lock()
@@ -22,10 +23,17 @@ def _constants_key(constants: dict) -> tuple:
     return tuple(sorted(((str(k), v) for k, v in constants.items())))
 
 
-def _build_embedded(name: str, constants: dict, race: bool) -> str:
+def _variant():
+    """Which build of the shaders is in force: "profile" within my_mps_ops.emulator.profile(),
+    else True within race_check(), else False."""
+    return "profile" if profile_enabled() else race_check_enabled()
+
+
+def _build_embedded(name: str, constants: dict, race) -> str:
     key = (name, _constants_key(constants), race)
     if key not in _built:
-        _built[key], _ = build(_C.embedded_shaders()[name], name, race_check=race, function_constants=constants)
+        _built[key], _ = build(_C.embedded_shaders()[name], name, race_check=bool(race),
+                               function_constants=constants, profile=race == "profile")
     return _built[key]
 
 
@@ -33,7 +41,7 @@ def load_embedded_shaders() -> dict:
     """Builds (cached on disk) and registers every shader compiled into this build,
     with the race check when my_mps_ops.emulator.race_check() is in force; and
     the variants specialised with function constants that launches have asked for."""
-    race = race_check_enabled()
+    race = _variant()
     with _lock:
         wanted = {name: (name, {}) for name in _C.embedded_shaders()}
         wanted.update(_specialised)
@@ -50,7 +58,7 @@ def _resolve_specialised(name: str, registered: str, constants: dict) -> str:
     (a launch's metal::Launch::constants, {index or name: value}), as a Metal
     pipeline is: the library compiled with them, registered by the caller
     under `registered`."""
-    race = race_check_enabled()
+    race = _variant()
     with _lock:
         path = _build_embedded(name, dict(constants), race)
         _specialised[registered] = (name, dict(constants))

@@ -58,10 +58,10 @@ kernel void cross_entropy_forward(
   const uint v = p.classes;
   const size_t offset = size_t(row) * v;
   LseState st{-INFINITY, 0.0f, 0.0f, 0.0f};
-  for (uint base = tid * kCrossEntropyReadsPerThread; base < v; base += threads * kCrossEntropyReadsPerThread) {
+  for (uint base = tid; base < v; base += threads * kCrossEntropyReadsPerThread) {
     for (uint k = 0; k < kCrossEntropyReadsPerThread; ++k) {
-      if (base + k < v) {
-        const float z = float(logits[offset + base + k]);
+      if (base + k * threads < v) {
+        const float z = float(logits[offset + base + k * threads]);
         st = lse_combine(st, LseState{z, 1.0f, 0.0f, 1.0f});
       }
     }
@@ -147,9 +147,9 @@ kernel void cross_entropy_backward(
     shift = m;
     log_s = precise::log(threadgroup_sum(local_s, partials_s, simd_lane, simd_group, simd_groups));
   }
-  for (uint base = tid * kCrossEntropyReadsPerThread; base < v; base += threads * kCrossEntropyReadsPerThread) {
+  for (uint base = tid; base < v; base += threads * kCrossEntropyReadsPerThread) {
     for (uint k = 0; k < kCrossEntropyReadsPerThread; ++k) {
-      const uint j = base + k;
+      const uint j = base + k * threads;
       if (j < v) {
         float d = precise::exp((float(logits[offset + j]) - shift) - log_s) - uniform;
         if (long(j) == t) d -= 1.0f - smoothing;

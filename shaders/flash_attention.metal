@@ -225,23 +225,31 @@ kernel void flash_attention_forward(
   }
 }
 
-// delta[row] = sum over the head of grad_out * out (FlashAttention-2's D), one thread per row.
+// delta[row] = sum over the head of grad_out * out (FlashAttention-2's D), one
+// SIMD group per row: lane c takes columns c, c + 32, ... so that each step
+// reads 32 consecutive elements (one thread per row read 32 rows a head_dim
+// apart per step: 3% coalescing by the emulator's profile()).
 template <typename T>
 kernel void flash_attention_backward_delta(
     device const T* grad_out [[buffer(0)]],
     device const T* out [[buffer(1)]],
     device float* delta [[buffer(2)]],
     constant FlashAttentionDeltaShape& shape [[buffer(3)]],
-    uint row [[thread_position_in_grid]]) {
+    uint gid [[thread_position_in_grid]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  const uint row = gid / 32;
   if (row >= shape.rows) {
-    return;
+    return;  // whole SIMD groups: the grid is rows * 32 threads
   }
   const size_t base = size_t(row) * shape.head_dim;
   float acc = 0.0f;
-  for (uint c = 0; c < shape.head_dim; ++c) {
+  for (uint c = lane; c < shape.head_dim; c += 32) {
     acc += float(grad_out[base + c]) * float(out[base + c]);
   }
-  delta[row] = acc;
+  acc = simd_sum(acc);
+  if (lane == 0) {
+    delta[row] = acc;
+  }
 }
 
 // dK, dV per (block of ROWS keys, k/v head, batch): every q head of the group

@@ -17,17 +17,17 @@ inline float2 row_stats(device const T* x, size_t offset, uint n, float eps, uin
   // rows whose spread is small next to their mean.
   const float shift = n > 0 ? float(x[offset]) : 0.0f;
   float sum = 0.0f;
-  for (uint base = tid * kNormReadsPerThread; base < n; base += stride) {
+  for (uint base = tid; base < n; base += stride) {
     for (uint k = 0; k < kNormReadsPerThread; ++k) {
-      if (base + k < n) sum += float(x[offset + base + k]) - shift;
+      if (base + k * threads < n) sum += float(x[offset + base + k * threads]) - shift;
     }
   }
   const float mean = shift + threadgroup_sum(sum, partials, simd_lane, simd_group, simd_groups) / float(n);
   float sq = 0.0f;
-  for (uint base = tid * kNormReadsPerThread; base < n; base += stride) {
+  for (uint base = tid; base < n; base += stride) {
     for (uint k = 0; k < kNormReadsPerThread; ++k) {
-      if (base + k < n) {
-        const float d = float(x[offset + base + k]) - mean;
+      if (base + k * threads < n) {
+        const float d = float(x[offset + base + k * threads]) - mean;
         sq += d * d;
       }
     }
@@ -51,9 +51,9 @@ kernel void layer_norm_forward(device const T* x [[buffer(0)]], device const T* 
   const size_t offset = size_t(row) * n;
   const float2 stats = row_stats(x, offset, n, p.eps, tid, threads, partials, simd_lane, simd_group, simd_groups);
   const bool has_weight = (p.flags & kNormHasWeight) != 0, has_bias = (p.flags & kNormHasBias) != 0;
-  for (uint base = tid * kNormReadsPerThread; base < n; base += threads * kNormReadsPerThread) {
+  for (uint base = tid; base < n; base += threads * kNormReadsPerThread) {
     for (uint k = 0; k < kNormReadsPerThread; ++k) {
-      const uint i = base + k;
+      const uint i = base + k * threads;
       if (i < n) {
         float v = (float(x[offset + i]) - stats.x) * stats.y;
         if (has_weight) v *= float(w[i]);
@@ -92,9 +92,9 @@ kernel void layer_norm_backward_input(device const T* grad_out [[buffer(0)]], de
   }
   const uint stride = threads * kNormReadsPerThread;
   float2 acc = float2(0.0f);  // (sum g, sum g * xhat)
-  for (uint base = tid * kNormReadsPerThread; base < n; base += stride) {
+  for (uint base = tid; base < n; base += stride) {
     for (uint k = 0; k < kNormReadsPerThread; ++k) {
-      const uint i = base + k;
+      const uint i = base + k * threads;
       if (i < n) {
         const float g = float(grad_out[offset + i]) * (has_weight ? float(w[i]) : 1.0f);
         const float xhat = (float(x[offset + i]) - stats.x) * stats.y;
@@ -103,9 +103,9 @@ kernel void layer_norm_backward_input(device const T* grad_out [[buffer(0)]], de
     }
   }
   const float2 sums = threadgroup_sum2(acc, partials2, simd_lane, simd_group, simd_groups) / float(n);
-  for (uint base = tid * kNormReadsPerThread; base < n; base += stride) {
+  for (uint base = tid; base < n; base += stride) {
     for (uint k = 0; k < kNormReadsPerThread; ++k) {
-      const uint i = base + k;
+      const uint i = base + k * threads;
       if (i < n) {
         const float g = float(grad_out[offset + i]) * (has_weight ? float(w[i]) : 1.0f);
         const float xhat = (float(x[offset + i]) - stats.x) * stats.y;

@@ -1,8 +1,9 @@
 // RMSNorm over the last dimension, forward and backward, and
 // fused_add_rms_norm's forward (its backward is rms_norm_backward_input with
 // grad_residual_out added). One threadgroup per row; each thread reads
-// kNormReadsPerThread consecutive elements per pass; float accumulation for
-// every element type.
+// kNormReadsPerThread elements per pass, a threadgroup's width apart (tid,
+// tid + threads, ...: the lanes of a SIMD group read consecutive elements at
+// each step, coalesced); float accumulation for every element type.
 #include <metal_stdlib>
 #include "norm.h"
 #include "reduce.h"
@@ -15,6 +16,7 @@ kernel void rms_norm_forward(device const T* x [[buffer(0)]], device const T* w 
                              device T* y [[buffer(2)]], constant NormRowParams& p [[buffer(3)]],
                              uint row [[threadgroup_position_in_grid]],
                              uint tid [[thread_position_in_threadgroup]],
+                             uint threads [[threads_per_threadgroup]],
                              uint simd_lane [[thread_index_in_simdgroup]],
                              uint simd_group [[simdgroup_index_in_threadgroup]],
                              uint simd_groups [[simdgroups_per_threadgroup]]) {
@@ -23,20 +25,20 @@ kernel void rms_norm_forward(device const T* x [[buffer(0)]], device const T* w 
   const bool has_weight = (p.flags & kNormHasWeight) != 0;
   const device T* xr = x + size_t(row) * n;
   device T* yr = y + size_t(row) * n;
-  const uint base = tid * kNormReadsPerThread;
+  const uint base = tid;
 
   float v[kNormReadsPerThread];
   float sum_sq = 0.0f;
   for (uint k = 0; k < kNormReadsPerThread; ++k) {
-    v[k] = base + k < n ? float(xr[base + k]) : 0.0f;
+    v[k] = base + k * threads < n ? float(xr[base + k * threads]) : 0.0f;
     sum_sq += v[k] * v[k];
   }
   const float total = threadgroup_sum(sum_sq, partials, simd_lane, simd_group, simd_groups);
   const float rstd = rsqrt(total / float(n) + p.eps);
   for (uint k = 0; k < kNormReadsPerThread; ++k) {
-    if (base + k < n) {
-      const float scale = has_weight ? float(w[base + k]) : 1.0f;
-      yr[base + k] = T(v[k] * rstd * scale);
+    if (base + k * threads < n) {
+      const float scale = has_weight ? float(w[base + k * threads]) : 1.0f;
+      yr[base + k * threads] = T(v[k] * rstd * scale);
     }
   }
 }
@@ -59,21 +61,21 @@ kernel void rms_norm_forward_looped(device const T* x [[buffer(0)]], device cons
   const uint stride = threads * kNormReadsPerThread;
 
   float sum_sq = 0.0f;
-  for (uint base = tid * kNormReadsPerThread; base < n; base += stride) {
+  for (uint base = tid; base < n; base += stride) {
     for (uint k = 0; k < kNormReadsPerThread; ++k) {
-      if (base + k < n) {
-        const float v = float(xr[base + k]);
+      if (base + k * threads < n) {
+        const float v = float(xr[base + k * threads]);
         sum_sq += v * v;
       }
     }
   }
   const float total = threadgroup_sum(sum_sq, partials, simd_lane, simd_group, simd_groups);
   const float rstd = rsqrt(total / float(n) + p.eps);
-  for (uint base = tid * kNormReadsPerThread; base < n; base += stride) {
+  for (uint base = tid; base < n; base += stride) {
     for (uint k = 0; k < kNormReadsPerThread; ++k) {
-      if (base + k < n) {
-        const float scale = has_weight ? float(w[base + k]) : 1.0f;
-        yr[base + k] = T(float(xr[base + k]) * rstd * scale);
+      if (base + k * threads < n) {
+        const float scale = has_weight ? float(w[base + k * threads]) : 1.0f;
+        yr[base + k * threads] = T(float(xr[base + k * threads]) * rstd * scale);
       }
     }
   }
@@ -104,9 +106,9 @@ kernel void rms_norm_backward_input(device const T* grad_out [[buffer(0)]], devi
   const uint stride = threads * kNormReadsPerThread;
 
   float2 acc = float2(0.0f);  // (sum x^2, sum g*x)
-  for (uint base = tid * kNormReadsPerThread; base < n; base += stride) {
+  for (uint base = tid; base < n; base += stride) {
     for (uint k = 0; k < kNormReadsPerThread; ++k) {
-      const uint i = base + k;
+      const uint i = base + k * threads;
       if (i < n) {
         const float xv = float(x[offset + i]);
         const float g = float(grad_out[offset + i]) * (has_weight ? float(w[i]) : 1.0f);
@@ -123,9 +125,9 @@ kernel void rms_norm_backward_input(device const T* grad_out [[buffer(0)]], devi
     return;
   }
   const float coef = rstd * rstd * rstd * total.y / float(n);
-  for (uint base = tid * kNormReadsPerThread; base < n; base += stride) {
+  for (uint base = tid; base < n; base += stride) {
     for (uint k = 0; k < kNormReadsPerThread; ++k) {
-      const uint i = base + k;
+      const uint i = base + k * threads;
       if (i < n) {
         const float g = float(grad_out[offset + i]) * (has_weight ? float(w[i]) : 1.0f);
         grad_input[offset + i] =
@@ -155,9 +157,9 @@ kernel void fused_add_rms_norm_forward(device const T* x [[buffer(0)]], device c
   const size_t offset = size_t(row) * n;
   const uint stride = threads * kNormReadsPerThread;
   float sum_sq = 0.0f;
-  for (uint base = tid * kNormReadsPerThread; base < n; base += stride) {
+  for (uint base = tid; base < n; base += stride) {
     for (uint k = 0; k < kNormReadsPerThread; ++k) {
-      const uint i = base + k;
+      const uint i = base + k * threads;
       if (i < n) {
         const T h = T(float(x[offset + i]) + float(residual[offset + i]));
         residual_out[offset + i] = h;
@@ -167,9 +169,9 @@ kernel void fused_add_rms_norm_forward(device const T* x [[buffer(0)]], device c
   }
   const float total = threadgroup_sum(sum_sq, partials, simd_lane, simd_group, simd_groups);
   const float rstd = rsqrt(total / float(n) + p.eps);
-  for (uint base = tid * kNormReadsPerThread; base < n; base += stride) {
+  for (uint base = tid; base < n; base += stride) {
     for (uint k = 0; k < kNormReadsPerThread; ++k) {
-      const uint i = base + k;
+      const uint i = base + k * threads;
       if (i < n) {
         const float scale = has_weight ? float(w[i]) : 1.0f;
         y[offset + i] = T(float(residual_out[offset + i]) * rstd * scale);

@@ -89,15 +89,16 @@ void flash_attention_backward(const char* op, const FlashAttentionBackwardTensor
   const FlashAttentionShape shape = shape_of(t.q, t.k, causal, scale);
   Executor& executor = executor_for(t.q.device());
 
-  // delta[row] = rowsum(grad_out * out), one thread per row.
+  // delta[row] = rowsum(grad_out * out), one SIMD group (32 threads) per row.
   {
     const std::string kernel = std::string("flash_attention_backward_delta_") + metal_type_name(t.q.scalar_type());
     const PipelineInfo info = executor.pipeline_info(kFlashAttentionLibrary, kernel);
     const FlashAttentionDeltaShape delta_shape{static_cast<uint32_t>(t.delta.numel()), d};
     Launch launch(kFlashAttentionLibrary, kernel);
     launch.buffer(t.grad_out).buffer(t.out).buffer(t.delta).scalar(delta_shape);
-    launch.dispatch_threads({delta_shape.rows, 1, 1},
-                            {std::min<uint64_t>(delta_shape.rows, info.max_threads_per_threadgroup), 1, 1});
+    const uint64_t threads = uint64_t(delta_shape.rows) * 32;
+    const uint64_t group = std::min<uint64_t>(threads, info.max_threads_per_threadgroup / 32 * 32);
+    launch.dispatch_threads({threads, 1, 1}, {group, 1, 1});
     executor.run(launch);
   }
   // dK, dV: one threadgroup per (block of keys, k/v head, batch).

@@ -1,5 +1,6 @@
 // Launch building for the gated activations (shaders/glu.metal): one thread
-// per kGluColumnsPerThread columns of a row, on a 2-D grid of rows x column groups.
+// per kGluColumnsPerThread columns of a row (a grid width apart), on a 2-D
+// grid of rows x column groups.
 #include "metal/glu.h"
 
 #include <algorithm>

@@ -26,10 +26,14 @@ RotaryShape shape_of(const char* op, const at::Tensor& x, const RotaryOptions& o
 
 uint64_t rows_of(const RotaryShape& s) { return uint64_t(s.batch) * s.seq * s.heads; }
 
+// Grid (kRotaryThreadsPerRow, rows): each row's pairs split among
+// kRotaryThreadsPerRow threads; threadgroups of up to 256 threads.
 void dispatch_rows(Launch& launch, Executor& executor, uint64_t rows) {
   const PipelineInfo info = executor.pipeline_info(launch.library, launch.kernel);
-  const uint64_t group = std::min<uint64_t>({uint64_t(info.max_threads_per_threadgroup), 256, rows});
-  launch.dispatch_threads({rows, 1, 1}, {group, 1, 1});
+  const uint64_t width = shaders::kRotaryThreadsPerRow;
+  const uint64_t group_rows =
+      std::max<uint64_t>(1, std::min<uint64_t>({uint64_t(info.max_threads_per_threadgroup) / width, 256 / width, rows}));
+  launch.dispatch_threads({width, rows, 1}, {width, group_rows, 1});
 }
 
 }  // namespace

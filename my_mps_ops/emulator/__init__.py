@@ -33,6 +33,9 @@ The executor is the extension module ``my_mps_ops._emulator``
 
 Data races (missing barriers, unordered device writes) are raised within
 ``race_check()``; ``schedule()`` changes the order threads run in (race.py).
+``profile()`` counts memory traffic, coalescing, bank conflicts, barriers and
+SIMD-group calls of every launch inside it (profile.py); ``projection.py``
+turns counters into projected times on Apple GPUs.
 """
 
 from __future__ import annotations
@@ -48,10 +51,13 @@ from .. import _C, _emulator
 from .binding import dims, pack_args
 from .build import CompileError, build
 from .race import race_check, race_check_enabled, schedule
+from .profile import LaunchProfile, Profile, profile, profile_enabled
+from .profile import profile as _profile_block
 
 _C._set_cpu_executor(_emulator.executor())
 
-__all__ = ["compile_shader", "ShaderLibrary", "CompileError", "race_check", "schedule", "pipeline_thread_limit"]
+__all__ = ["compile_shader", "ShaderLibrary", "CompileError", "race_check", "schedule", "pipeline_thread_limit",
+           "profile", "Profile", "LaunchProfile"]
 
 MAX_THREADS_PER_THREADGROUP = 1024
 THREAD_EXECUTION_WIDTH = 32
@@ -75,10 +81,17 @@ class ShaderKernel:
         return int(self._info["static_thread_group_memory_length"])
 
     def __call__(self, *args, threads=None, group_size=None,
-                 arg_casts: Optional[Union[str, Dict[int, str]]] = None, timeout: Optional[float] = None) -> None:
+                 arg_casts: Optional[Union[str, Dict[int, str]]] = None, timeout: Optional[float] = None,
+                 profile: bool = False) -> Optional[LaunchProfile]:
         """Runs the kernel; raises, naming the parameter, on an argument that
         does not match it (binding.py). timeout: seconds after which the run
-        stops with an error (default: MY_MPS_OPS_EMULATOR_TIMEOUT, else none)."""
+        stops with an error (default: MY_MPS_OPS_EMULATOR_TIMEOUT, else none).
+        profile=True: runs it with the performance counters and returns its
+        LaunchProfile (see my_mps_ops.emulator.profile)."""
+        if profile:
+            with _profile_block() as prof:
+                self(*args, threads=threads, group_size=group_size, arg_casts=arg_casts, timeout=timeout)
+            return prof.launches[-1]
         bound = pack_args(self.name, self._info["params"], args, arg_casts)
         if threads is None:
             first_tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
@@ -113,12 +126,20 @@ class ShaderLibrary:
         self._build_args = (source, name or f"shader_{digest}", tuple(include_dirs))
         self._function_constants = dict(function_constants or {})
         self._race_key = None
+        self._profile_key = None
         self.path, self.translation = build(*self._build_args, function_constants=self._function_constants)
         _emulator.register_library(self._key, self.path)
         self._kernels = {k["name"]: ShaderKernel(self, k) for k in _emulator.kernels(self._key)}
 
     def _launch_key(self) -> str:
-        """The registered library to launch: its race-check build within race_check()."""
+        """The registered library to launch: its profile build within profile(),
+        its race-check build within race_check()."""
+        if profile_enabled():
+            if self._profile_key is None:
+                path, _ = build(*self._build_args, profile=True, function_constants=self._function_constants)
+                _emulator.register_library(self._key + "+profile", path)
+                self._profile_key = self._key + "+profile"
+            return self._profile_key
         if not race_check_enabled():
             return self._key
         if self._race_key is None:

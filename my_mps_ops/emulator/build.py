@@ -11,6 +11,12 @@ thread-sanitizer instrumentation, linked with the scheduler built for it and
 the race check (metal_race_check.cpp) that receives the instrumentation's
 calls; no sanitizer runtime is linked. Unoptimised code compiles several
 times faster than -O2, and the check is about correctness, not speed.
+
+A profile library (profile=True, my_mps_ops.emulator.profile()) is built the
+same way with MTL_EMU_PROFILE, linked with the performance counters
+(metal_profile.cpp) in place of the race check: they receive the same calls
+and count device and threadgroup memory traffic, coalescing and bank
+conflicts, barriers and SIMD-group calls (profile.py reads them).
 """
 
 from __future__ import annotations
@@ -82,6 +88,10 @@ def _race_runtime_flags() -> List[str]:
     return [*_flags(), "-DMTL_EMU_RACE_CHECK=1", "-fno-omit-frame-pointer", "-fno-optimize-sibling-calls"]
 
 
+def _profile_runtime_flags() -> List[str]:
+    return [*_race_runtime_flags(), "-DMTL_EMU_PROFILE=1"]
+
+
 def _race_kernel_flags(cxx: str) -> List[str]:
     flags = [f for f in _flags() if f != "-O2"]
     flags += ["-O0", "-g", "-DMTL_EMU_RACE_CHECK=1", "-fno-omit-frame-pointer", "-fsanitize=thread"]
@@ -120,34 +130,44 @@ def _object(cxx: str, source: str, flags: List[str]) -> str:
     return obj
 
 
-def _runtime_objects(cxx: str, race_check: bool) -> List[str]:
+def _runtime_objects(cxx: str, race_check: bool, profile: bool = False) -> List[str]:
+    if profile:
+        return [_object(cxx, source, _profile_runtime_flags()) for source in ("metal_runtime.cpp", "metal_profile.cpp")]
     if not race_check:
         return [_object(cxx, "metal_runtime.cpp", _flags())]
     return [_object(cxx, source, _race_runtime_flags()) for source in ("metal_runtime.cpp", "metal_race_check.cpp")]
 
 
 def build(source: str, name: str = "shader", include_dirs=(), race_check: bool = False,
-          function_constants: Optional[dict] = None) -> tuple:
+          function_constants: Optional[dict] = None, profile: bool = False) -> tuple:
     """Translates and compiles MSL source; returns (library path, Translation).
     race_check: the library checks every run for data races (slower).
+    profile: the library counts memory traffic and the like instead (slower;
+    takes precedence over race_check).
     function_constants: values of the source's [[function_constant]]s, by name or index."""
     cxx = compiler()
     try:
         translation = translate(source, name, include_dirs, compiler=cxx, function_constants=function_constants)
     except TranslationError as e:
         raise CompileError(f"Metal emulator: cannot translate {name}.metal: {e}") from None
-    flags = _race_kernel_flags(cxx) if race_check else _flags()
+    if profile:
+        race_check = False
+        flags = _race_kernel_flags(cxx) + ["-DMTL_EMU_PROFILE=1"]
+    else:
+        flags = _race_kernel_flags(cxx) if race_check else _flags()
+    instrumented = race_check or profile
+    suffix = "-profile" if profile else "-race" if race_check else ""
     key = hashlib.sha256((translation.cpp + _headers_digest() + _compiler_version(cxx) +
                           " ".join(flags)).encode()).hexdigest()[:24]
-    lib = os.path.join(cache_dir(), f"{name}{'-race' if race_check else ''}-{key}.so")
+    lib = os.path.join(cache_dir(), f"{name}{suffix}-{key}.so")
     if not os.path.exists(lib):
-        runtime = _runtime_objects(cxx, race_check)
+        runtime = _runtime_objects(cxx, race_check, profile)
         fd, cpp_path = tempfile.mkstemp(suffix=".cpp", prefix=f"{name}-", dir=cache_dir())
         with os.fdopen(fd, "w") as f:
             f.write(translation.cpp)
         tmp_lib = cpp_path[:-4] + ".so.tmp"
         try:
-            if race_check:
+            if instrumented:
                 # Linked without -fsanitize: the race check, not a sanitizer runtime, takes the calls.
                 obj = cpp_path[:-4] + ".o"
                 _run([cxx, *flags, "-c", cpp_path, "-o", obj], f"Metal emulator: compiling {name}.metal")

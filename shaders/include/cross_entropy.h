@@ -6,7 +6,8 @@
 
 MY_MPS_OPS_SHADER_NAMESPACE_BEGIN
 
-// Logits each thread reads per pass over its row (one threadgroup per row).
+// Logits each thread reads per pass over its row (one threadgroup per row), a
+// threadgroup's width apart (coalesced across the lanes of a SIMD group).
 MY_MPS_OPS_CONSTANT uint32_t kCrossEntropyReadsPerThread = 4;
 
 // The backward computes softmax as exp(z - lse) with the forward's float32

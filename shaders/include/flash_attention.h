@@ -60,7 +60,7 @@ struct FlashAttentionShape {
 };
 
 // delta[row] = sum of grad_out * out over a row of head_dim, for `rows` rows;
-// one thread per row.
+// one SIMD group (32 threads) per row.
 struct FlashAttentionDeltaShape {
   uint32_t rows;
   uint32_t head_dim;

@@ -7,7 +7,7 @@
 
 MY_MPS_OPS_SHADER_NAMESPACE_BEGIN
 
-// Columns each thread of the glu kernels handles.
+// Columns each thread of the glu kernels handles (the grid's width apart).
 MY_MPS_OPS_CONSTANT uint32_t kGluColumnsPerThread = 4;
 
 // GELU's approximation, as geglu's `approximate` argument names it.

@@ -8,7 +8,8 @@
 MY_MPS_OPS_SHADER_NAMESPACE_BEGIN
 
 // Elements each thread of a row kernel reads per pass over the row (one
-// threadgroup per row).
+// threadgroup per row), a threadgroup's width apart: thread t reads t,
+// t + threads, ... so that a SIMD group's lanes read consecutive elements.
 MY_MPS_OPS_CONSTANT uint32_t kNormReadsPerThread = 4;
 
 // Bits of the kernels' `flags`: which optional tensors are bound for real

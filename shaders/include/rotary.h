@@ -6,6 +6,9 @@
 
 MY_MPS_OPS_SHADER_NAMESPACE_BEGIN
 
+// Threads per row of the rotary kernels (a row's pairs are split among them).
+MY_MPS_OPS_CONSTANT uint32_t kRotaryThreadsPerRow = 32;
+
 // One tensor's rows of head_dim elements, in layout (batch, seq, heads,
 // head_dim) when seq_dim is 1 or (batch, heads, seq, head_dim) when it is 2.
 // The first 2 * pairs elements of a row rotate; cos/sin rows hold `pairs`

@@ -31,6 +31,10 @@ void run(const metal::Launch& launch, const RunOptions& options);
 // How many launches the calling thread has run (tests tell which path an op took).
 uint64_t runs_on_this_thread();
 
+// The counters (JSON, one per launch, in launch order) of the launches run
+// from profile libraries (my_mps_ops.emulator.profile()) since the last call.
+std::vector<std::string> take_profile_records();
+
 // Makes the compiled emulator library at `so_path` (built by the Python
 // translator from the MSL source of `library`) available under `library`.
 void register_library(const std::string& library, const std::string& so_path);

@@ -68,6 +68,7 @@ struct EmulatedLibrary {
   mtl_emu_cancel_fn cancel = nullptr;
   mtl_emu_race_begin_fn race_begin = nullptr;  // race-check libraries only
   mtl_emu_race_end_fn race_end = nullptr;
+  mtl_emu_profile_result_fn profile_result = nullptr;  // profile libraries only
 
   const mtl_emu_kernel& kernel(const std::string& library, const std::string& name) const {
     for (int32_t i = 0; i < count; ++i)
@@ -205,6 +206,10 @@ struct FaultState {
 FaultState* g_fault = nullptr;  // set while a launch runs (launches are serialised)
 thread_local sigjmp_buf* tls_recover = nullptr;
 std::mutex g_launch_mutex;
+
+// Counters of launches run from profile libraries, as JSON, until taken.
+std::mutex g_profile_mutex;
+std::vector<std::string> g_profile_records;
 
 void on_fault(int sig, siginfo_t* info, void* uctx) {
   FaultState* fs = g_fault;
@@ -552,6 +557,10 @@ class Emulator final : public Executor {
       interrupted = g_interrupted != 0;
     }
     if (lib->race_end) lib->race_end(&L);
+    if (lib->profile_result && !error.failed && !fault.faulted && !timed_out && !interrupted) {
+      std::lock_guard<std::mutex> lock(g_profile_mutex);
+      g_profile_records.push_back(lib->profile_result(&L));
+    }
     if (interrupted) throw Interrupted(where + " interrupted (SIGINT): " + error.message);
     TORCH_CHECK(!timed_out, where, " ran longer than its ", timeout,
                 " s timeout (timeout= or MY_MPS_OPS_EMULATOR_TIMEOUT) and was stopped: ", error.message);
@@ -586,6 +595,13 @@ void run(const metal::Launch& launch, const RunOptions& options) { emulator_inst
 
 uint64_t runs_on_this_thread() { return t_runs; }
 
+std::vector<std::string> take_profile_records() {
+  std::lock_guard<std::mutex> lock(g_profile_mutex);
+  std::vector<std::string> out;
+  out.swap(g_profile_records);
+  return out;
+}
+
 void register_library(const std::string& library, const std::string& so_path) {
   std::lock_guard<std::mutex> lock(g_registry_mutex);
   auto& libs = registry();
@@ -602,6 +618,7 @@ void register_library(const std::string& library, const std::string& so_path) {
   lib->cancel = reinterpret_cast<mtl_emu_cancel_fn>(dlsym(lib->handle, "mtl_emu_cancel"));
   lib->race_begin = reinterpret_cast<mtl_emu_race_begin_fn>(dlsym(lib->handle, "mtl_emu_race_begin"));
   lib->race_end = reinterpret_cast<mtl_emu_race_end_fn>(dlsym(lib->handle, "mtl_emu_race_end"));
+  lib->profile_result = reinterpret_cast<mtl_emu_profile_result_fn>(dlsym(lib->handle, "mtl_emu_profile_result"));
   TORCH_CHECK(list_kernels && lib->run && lib->current && lib->bind && lib->cancel, "Metal emulator: ", so_path,
               " is not an emulator library");
   int32_t abi = 0;

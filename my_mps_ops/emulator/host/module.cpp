@@ -132,6 +132,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pipeline_thread_limit", &emulator::pipeline_thread_limit);
   m.def("runs_on_this_thread", &emulator::runs_on_this_thread,
         "How many launches the calling thread has run on the emulator");
+  m.def("take_profile_records", &emulator::take_profile_records,
+        "The counters (JSON strings) of launches run from profile libraries since the last call");
   m.def("register_library", &emulator::register_library, pybind11::arg("library"), pybind11::arg("so_path"));
   m.def("set_library_resolver", &set_library_resolver, pybind11::arg("resolve"),
         "resolve(library, key, constants) -> path: builds the library specialised with function constants "

@@ -103,6 +103,11 @@ typedef int (*mtl_emu_current_fn)(uint32_t thread_in_grid[3], uint32_t group_pos
 typedef void (*mtl_emu_race_begin_fn)(const struct mtl_emu_launch* launch, const size_t* lengths);
 typedef void (*mtl_emu_race_end_fn)(const struct mtl_emu_launch* launch);
 
+// Exported by libraries built with the profile counters only (emulator/profile.py,
+// include/metal_profile.cpp): after mtl_emu_race_end, the launch's counters as a
+// JSON object (valid until the next launch of the library).
+typedef const char* (*mtl_emu_profile_result_fn)(const struct mtl_emu_launch* launch);
+
 // Exported by every kernel library: the host calls it with each launch before
 // its first mtl_emu_run (launches of a library do not overlap).
 typedef void (*mtl_emu_bind_fn)(const struct mtl_emu_launch* launch);

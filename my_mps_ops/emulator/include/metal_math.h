@@ -14,41 +14,54 @@
 #pragma once
 
 #include "metal_types.h"
+#ifdef MTL_EMU_PROFILE
+#include "metal_profile.h"
+#define MTL_EMU_COUNT_TRANSCENDENTAL() ::__mtl::profile_transcendental()
+#else
+#define MTL_EMU_COUNT_TRANSCENDENTAL() ((void)0)
+#endif
 
 namespace __mtl {
 // Libm through GCC builtins (no <cmath>), one overload per computation type.
+// The transcendental ones (MTL_LIBM1T/2T) are counted by the profile counters.
 #define MTL_LIBM1(NAME, FB, DB)                                   \
   inline float NAME(float x) { return __builtin_##FB(x); }       \
   inline double NAME(double x) { return __builtin_##DB(x); }
+#define MTL_LIBM1T(NAME, FB, DB)                                                                      \
+  inline float NAME(float x) { MTL_EMU_COUNT_TRANSCENDENTAL(); return __builtin_##FB(x); }           \
+  inline double NAME(double x) { MTL_EMU_COUNT_TRANSCENDENTAL(); return __builtin_##DB(x); }
+#define MTL_LIBM2T(NAME, FB, DB)                                                                       \
+  inline float NAME(float x, float y) { MTL_EMU_COUNT_TRANSCENDENTAL(); return __builtin_##FB(x, y); } \
+  inline double NAME(double x, double y) { MTL_EMU_COUNT_TRANSCENDENTAL(); return __builtin_##DB(x, y); }
 #define MTL_LIBM2(NAME, FB, DB)                                             \
   inline float NAME(float x, float y) { return __builtin_##FB(x, y); }     \
   inline double NAME(double x, double y) { return __builtin_##DB(x, y); }
-MTL_LIBM1(m_sqrt, sqrtf, sqrt)
-MTL_LIBM1(m_exp, expf, exp)
-MTL_LIBM1(m_exp2, exp2f, exp2)
-MTL_LIBM1(m_log, logf, log)
-MTL_LIBM1(m_log2, log2f, log2)
-MTL_LIBM1(m_log10, log10f, log10)
-MTL_LIBM1(m_sin, sinf, sin)
-MTL_LIBM1(m_cos, cosf, cos)
-MTL_LIBM1(m_tan, tanf, tan)
-MTL_LIBM1(m_asin, asinf, asin)
-MTL_LIBM1(m_acos, acosf, acos)
-MTL_LIBM1(m_atan, atanf, atan)
-MTL_LIBM1(m_sinh, sinhf, sinh)
-MTL_LIBM1(m_cosh, coshf, cosh)
-MTL_LIBM1(m_tanh, tanhf, tanh)
-MTL_LIBM1(m_asinh, asinhf, asinh)
-MTL_LIBM1(m_acosh, acoshf, acosh)
-MTL_LIBM1(m_atanh, atanhf, atanh)
+MTL_LIBM1T(m_sqrt, sqrtf, sqrt)
+MTL_LIBM1T(m_exp, expf, exp)
+MTL_LIBM1T(m_exp2, exp2f, exp2)
+MTL_LIBM1T(m_log, logf, log)
+MTL_LIBM1T(m_log2, log2f, log2)
+MTL_LIBM1T(m_log10, log10f, log10)
+MTL_LIBM1T(m_sin, sinf, sin)
+MTL_LIBM1T(m_cos, cosf, cos)
+MTL_LIBM1T(m_tan, tanf, tan)
+MTL_LIBM1T(m_asin, asinf, asin)
+MTL_LIBM1T(m_acos, acosf, acos)
+MTL_LIBM1T(m_atan, atanf, atan)
+MTL_LIBM1T(m_sinh, sinhf, sinh)
+MTL_LIBM1T(m_cosh, coshf, cosh)
+MTL_LIBM1T(m_tanh, tanhf, tanh)
+MTL_LIBM1T(m_asinh, asinhf, asinh)
+MTL_LIBM1T(m_acosh, acoshf, acosh)
+MTL_LIBM1T(m_atanh, atanhf, atanh)
 MTL_LIBM1(m_floor, floorf, floor)
 MTL_LIBM1(m_ceil, ceilf, ceil)
 MTL_LIBM1(m_round, roundf, round)
 MTL_LIBM1(m_trunc, truncf, trunc)
 MTL_LIBM1(m_rint, rintf, rint)
 MTL_LIBM1(m_fabs, fabsf, fabs)
-MTL_LIBM2(m_pow, powf, pow)
-MTL_LIBM2(m_atan2, atan2f, atan2)
+MTL_LIBM2T(m_pow, powf, pow)
+MTL_LIBM2T(m_atan2, atan2f, atan2)
 MTL_LIBM2(m_fmod, fmodf, fmod)
 MTL_LIBM2(m_copysign, copysignf, copysign)
 MTL_LIBM2(m_fmin, fminf, fmin)
@@ -57,10 +70,12 @@ MTL_LIBM2(m_fdim, fdimf, fdim)
 MTL_LIBM2(m_nextafter, nextafterf, nextafter)
 #undef MTL_LIBM1
 #undef MTL_LIBM2
+#undef MTL_LIBM1T
+#undef MTL_LIBM2T
 inline float m_fma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 inline double m_fma(double a, double b, double c) { return __builtin_fma(a, b, c); }
-inline float m_exp10(float x) { return __builtin_powf(10.0f, x); }
-inline double m_exp10(double x) { return __builtin_pow(10.0, x); }
+inline float m_exp10(float x) { MTL_EMU_COUNT_TRANSCENDENTAL(); return __builtin_powf(10.0f, x); }
+inline double m_exp10(double x) { MTL_EMU_COUNT_TRANSCENDENTAL(); return __builtin_pow(10.0, x); }
 inline float m_ldexp(float x, int e) { return __builtin_ldexpf(x, e); }
 inline double m_ldexp(double x, int e) { return __builtin_ldexp(x, e); }
 inline float m_frexp(float x, int* e) { return __builtin_frexpf(x, e); }

@@ -23,6 +23,9 @@
 #ifdef MTL_EMU_RACE_CHECK
 #include "metal_race_check.h"
 #endif
+#ifdef MTL_EMU_PROFILE
+#include "metal_profile.h"
+#endif
 
 #include <boost/context/fiber.hpp>
 
@@ -57,6 +60,9 @@ std::string two_sites(const Site& a, const Site& b) {
   if (a.line == b.line && std::strcmp(a.file, b.file) == 0) s += " (two different calls on that line)";
   return s;
 }
+
+// The file name of the runtime's own SIMD-group exchanges (simdgroup_allgather).
+const char* const internal_site_file = __FILE__;
 
 struct Abort {};  // unwinds a lane after the error has been recorded
 
@@ -302,6 +308,9 @@ bool release_simd_groups(Worker& w, uint32_t count) {
 #ifdef MTL_EMU_RACE_CHECK
     if (lead.at_simd_barrier) race::simdgroup_barrier_released(s, flags);
 #endif
+#ifdef MTL_EMU_PROFILE
+    profile::simd_released(uint32_t(at_simd.size()), lead.at_simd_barrier, lead.site.file == internal_site_file);
+#endif
     (void)flags;
     released = true;
   }
@@ -347,6 +356,9 @@ bool release_barrier(Worker& w, uint32_t count, const mtl_emu_launch* L) {
   }
 #ifdef MTL_EMU_RACE_CHECK
   race::threadgroup_barrier_released(flags);
+#endif
+#ifdef MTL_EMU_PROFILE
+  profile::barrier_released(uint32_t(waiting.size()));
 #endif
   (void)flags;
   return true;
@@ -525,7 +537,7 @@ unsigned char* threadgroup_dynamic_base(int index) { return tls_worker->tg_dynam
 unsigned short simdgroup_lane_id() { return (unsigned short)current_lane("simdgroup_lane_id").info.simd_lane; }
 
 void simdgroup_allgather(const void* mine, void* all, unsigned long bytes) {
-  const SimdExchange ex = simd_exchange(mine, bytes, __LINE__, __FILE__);
+  const SimdExchange ex = simd_exchange(mine, bytes, __LINE__, internal_site_file);
   for (unsigned i = 0; i < kSimdWidth; ++i) {
     if ((ex.active >> i) & 1u) std::memcpy(static_cast<unsigned char*>(all) + i * bytes, ex.slots + i * kSimdSlotBytes, bytes);
     else std::memset(static_cast<unsigned char*>(all) + i * bytes, 0, bytes);

@@ -36,6 +36,10 @@ __attribute__((weak)) void simdgroup_allgather(const void* mine, void* all, unsi
 // Records an access for the race check (metal_race_check.cpp).
 void race_record(const void* address, size_t bytes, bool write);
 #endif
+#ifdef MTL_EMU_PROFILE
+// Counts a multiply-accumulate's FLOPs for the profile counters (metal_profile.cpp), once per SIMD group.
+void profile_mma(unsigned long flops);
+#endif
 
 // (row, first column) of the two elements lane `lane` holds in an 8x8 simdgroup_matrix.
 inline void simdgroup_matrix_lane_position(unsigned lane, int& row, int& col) {
@@ -192,6 +196,9 @@ MTL_EMU_UNCHECKED inline void simdgroup_multiply_accumulate(simdgroup_matrix<TD,
   const auto& a = a_;
   const auto& b = b_;
   const auto& c = c_;
+#ifdef MTL_EMU_PROFILE
+  __mtl::profile_mma(2ul * Rows * Cols * K);
+#endif
   typedef __mtl::compute_t<TD> C;
   simdgroup_matrix<TD, Cols, Rows> result;  // a temporary: d may alias a, b or c
   for (int r = 0; r < Rows; ++r)
@@ -213,6 +220,9 @@ MTL_EMU_UNCHECKED inline void simdgroup_multiply(simdgroup_matrix<TD, Cols, Rows
   }
   const auto& a = a_;
   const auto& b = b_;
+#ifdef MTL_EMU_PROFILE
+  __mtl::profile_mma(2ul * Rows * Cols * K);
+#endif
   typedef __mtl::compute_t<TD> C;
   simdgroup_matrix<TD, Cols, Rows> result;
   for (int r = 0; r < Rows; ++r)
