@@ -319,6 +319,7 @@ class _Rewriter:
         self.functions: List[Tuple[str, int, int, int, int]] = []  # name, name tok, params (start, end), body start
         self.function_pointer_aliases: set = set()  # `using F = R (*)(A...);` names
         self.function_template_param_names: set = set()  # template parameters of those types (made `auto`)
+        self.dropped: set = set()  # token indices removed for good (later passes may not bring their text back)
         self.template_function_params: List[Tuple[int, int, frozenset]] = []  # (open, close, template params)
         self._pending_template: frozenset = frozenset()
         self._own_template: frozenset = frozenset()  # the parameters of the template head being declared
@@ -329,7 +330,7 @@ class _Rewriter:
         e = self.edits.get(i)
         if e is None:
             e = self.edits[i] = Edit(i, self.toks[i].text)
-        if text is not None:
+        if text is not None and i not in self.dropped:
             e.text = text
         e.before += before
         e.after += after
@@ -601,6 +602,7 @@ class _Rewriter:
             for k in range(s, e):
                 if k != name:
                     self.edit(k, "")
+                    self.dropped.add(k)  # e.g. a vector return type, which a later pass would qualify
             self.edit(s if s != name else name, before="auto ")
             self.function_template_param_names.add(toks[name].text)
 

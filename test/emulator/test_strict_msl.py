@@ -432,9 +432,18 @@ def test_mlx_forms_accepted():
     strict.check_msl(PRELUDE + MLX_FORMS, "mlx_forms.metal")
 
 
-# PyTorch's forms (written here): a constant array's data() (GridSampler.metal) and a bfloat scale
-# times a float4 (Quantized.metal), both of which Apple's compiler builds.
+# PyTorch's forms (written here): a function-pointer template parameter returning a vector
+# (Quantized.metal), a constant array's data() (GridSampler.metal) and a bfloat scale times a float4
+# (Quantized.metal), all of which Apple's compiler builds.
 PYTORCH_FORMS = """
+template <typename T> float2 scale_zero(constant T* p, uint2 i) { return float2(float(p[i.x]), 0.0f); }
+template <typename T, float2 (*get)(constant T*, uint2)>
+kernel void with_getter(constant T* a [[buffer(0)]], device float* out [[buffer(1)]],
+                        uint i [[thread_position_in_grid]]) {
+  out[i] = get(a, uint2(i, 0)).x;
+}
+template [[host_name("with_getter_float")]] kernel void with_getter<float, scale_zero<float>>(
+    constant float*, device float*, uint);
 template <int N> struct Params { array<int, N> sizes; };
 kernel void pytorch_like(constant Params<3>& params [[buffer(0)]], constant bfloat* scale [[buffer(1)]],
                          device float4* out [[buffer(2)]], uint i [[thread_position_in_grid]]) {
