@@ -84,30 +84,12 @@ def time_fns(fns, device, min_rounds=5, budget_s=3.0, max_rounds=50):
 
 
 def peak_memory_mb(fn, device):
-    """Peak memory allocated above what existed before one call of fn.
+    """Peak memory allocated above what existed before one call of fn
+    (my_mps_ops.memory.peak_allocated_mb: the profiler's allocation records on
+    cpu, the driver's allocation growth on mps)."""
+    from my_mps_ops.memory import peak_allocated_mb
 
-    CPU: the PyTorch profiler's allocation records (every allocation and free,
-    in order; the running sum's maximum). MPS: growth of the driver's
-    allocation after emptying the cache (the caching allocator keeps the peak's
-    blocks until the next empty_cache, so this is the high-water mark)."""
-    if device == "mps":
-        torch.mps.synchronize()
-        torch.mps.empty_cache()
-        base = torch.mps.driver_allocated_memory()
-        fn()
-        torch.mps.synchronize()
-        return (torch.mps.driver_allocated_memory() - base) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    current = peak = 0
-    for _, nbytes in records:
-        current += nbytes
-        peak = max(peak, current)
-    return peak / 2**20
+    return peak_allocated_mb(fn, device)
 
 
 def make_runner(fn, inputs, grad_inputs, backward):
