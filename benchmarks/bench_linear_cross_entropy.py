@@ -3,13 +3,13 @@ F.cross_entropy) on this machine's CPU: forward+backward time and peak memory,
 each implementation measured in its own fresh process (the process's own
 allocations only), ratios from one run.
 
-    python benchmarks/bench_linear_cross_entropy.py            # N=4096 H=2048 V=128256 float32 (issue 17's shape)
+    python benchmarks/bench_linear_cross_entropy.py            # N=4096 H=2048 V=128256 float32 (a Llama-3-sized head)
     python benchmarks/bench_linear_cross_entropy.py --quick    # N=1024 H=512 V=32000
 
 Peak memory is what the profiler's allocation records show at the peak of one
 forward+backward above what existed before: "all" counts everything, "extra"
 leaves out the gradients of hidden and weight (N*H + V*H), which every
-implementation returns. Targets (issue 17): extra peak at most 1/10 of the
+implementation returns. Targets: extra peak at most 1/10 of the
 unfused pair's, forward+backward time at least 1.0x. MPS rows need a Mac (not
 measured here).
 """

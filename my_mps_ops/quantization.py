@@ -1,6 +1,5 @@
-"""Weight quantization formats for quantized linear layers (issue 19's first
-part): quantize / dequantize, bit-compatible with the libraries users bring
-weights from.
+"""Weight quantization formats for quantized linear layers: quantize /
+dequantize, bit-compatible with the libraries users bring weights from.
 
 - ``mode="affine"``: MLX's group-wise affine format (``mlx.core.quantize``):
   groups of ``group_size`` (32, 64, 128) along the last (input) dimension,

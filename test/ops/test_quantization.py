@@ -99,7 +99,7 @@ def test_representable_codebook_weights_round_trip_exactly(mode, table):
 
 
 def test_storage_at_4_bits_is_under_a_sixth_of_float32():
-    # issue 19's memory target, for the weight alone: 4-bit codes plus one
+    # the memory target of 4-bit layers, for the weight alone: 4-bit codes plus one
     # float32 scale and bias per group of 64.
     w = torch.randn(256, 1024)
     q, scales, biases = my_mps_ops.quantize(w, 4, 64)
