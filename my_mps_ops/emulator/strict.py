@@ -576,9 +576,24 @@ class _Rewriter:
                 return False
         return False
 
+    def _function_declarator_return(self, open_i: int) -> bool:
+        """Whether the `(` at open_i opens `(*name)(`, `(&name)(` or `(*)(`: the type before it is a function
+        pointer's return type, not a vector construction (a call on a constructed vector is no expression)."""
+        toks = self.toks
+        j = open_i + 1
+        if j >= len(toks) or toks[j].text not in ("*", "&"):
+            return False
+        j += 1
+        if j < len(toks) and toks[j].kind == "id":
+            j += 1
+        return j + 1 < len(toks) and toks[j].text == ")" and toks[j + 1].text == "("
+
     def _function_template_params(self, open_i: int, close: int) -> None:
-        """Non-type template parameters of a function pointer type (`F<T> f` with F an alias of one, or
-        `R (*f)(A...)`): `auto f`, a function bound at compile time."""
+        """Non-type template parameters of a function pointer type. clang's OpenCL cannot take a function's
+        address in a constant expression (the pointer would need an address space), so `R (*f)(A...)` becomes
+        a function reference `R (&f)(A...)`: bound at compile time like Apple's pointer, a function template's
+        bare name still deduces its arguments from the parameter type, and calls keep their type checks.
+        `F<T> f` with F an alias of a function pointer type becomes `auto f`."""
         toks = self.toks
         if toks[close].text != ">":
             return
@@ -596,7 +611,8 @@ class _Rewriter:
                 j = s + texts.index("(")
                 if toks[j + 1].text == "*" and toks[j + 2].kind == "id" and toks[j + 3].text == ")" and \
                         toks[j + 4].text == "(" and _match(toks, j + 4, "(", ")") == e - 1:
-                    name = j + 2
+                    self.edit(j + 1, "&")
+                    continue
             if name is None:
                 continue
             for k in range(s, e):
@@ -702,7 +718,8 @@ class _Rewriter:
             return
         nxt = self._next(i)
         is_ctor = nxt < len(toks) and toks[nxt].text == "(" and text in EXT_VECTOR_TYPES and \
-            ptext != "operator" and not (qualified_by_metal and toks[self._prev(p - 1)].text == "operator")
+            ptext != "operator" and not (qualified_by_metal and toks[self._prev(p - 1)].text == "operator") and \
+            not self._function_declarator_return(nxt)
         if text in EXT_VECTOR_TYPES and nxt < len(toks) and toks[nxt].kind == "id":
             self._vector_brace_init(i)
         if kind == "func" and text in EXT_VECTOR_TYPES and nxt < len(toks) and toks[nxt].kind == "id":

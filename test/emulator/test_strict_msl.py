@@ -158,6 +158,17 @@ CASES = [
      "inline float sq(float x) { return x * x; }\n"
      "inline float apply(float x, float (*op)(float)) { return op(x); }\n"
      "inline float f(float x) { return apply(x, sq); }"),
+    # A function as a function-pointer template argument: a function template's bare name deduces its
+    # arguments from the parameter's type (PyTorch's Quantized.metal); a function of another signature is no
+    # valid argument.
+    ("function_template_argument_of_another_signature",
+     "template <typename T> float2 get(constant T* p, uint2 i) { return float2(float(p[i.x]), 0.0f); }\n"
+     "template <typename T, float2 (*op)(constant T*, uint2)> float apply(constant T* p) { return op(p, 0).x; }\n"
+     "kernel void k(constant int* p, device float* out) { out[0] = apply<int, get<float>>(p); }",
+     r"no matching function for call to 'apply'",
+     "template <typename T> float2 get(constant T* p, uint2 i) { return float2(float(p[i.x]), 0.0f); }\n"
+     "template <typename T, float2 (*op)(constant T*, uint2)> float apply(constant T* p) { return op(p, 0).x; }\n"
+     "kernel void k(constant int* p, device float* out) { out[0] = apply<int, get>(p); }"),
     # `vec<T, N>` deduces T, as Apple's vec is an ext vector type (a function template's parameter, a
     # partial specialization); a vector of another width does not match.
     ("vec_deduction_of_another_width",
@@ -432,8 +443,8 @@ def test_mlx_forms_accepted():
     strict.check_msl(PRELUDE + MLX_FORMS, "mlx_forms.metal")
 
 
-# PyTorch's forms (written here): a function-pointer template parameter returning a vector
-# (Quantized.metal), a constant array's data() (GridSampler.metal) and a bfloat scale times a float4
+# PyTorch's forms (written here): a function-pointer template parameter returning a vector, bound to a
+# function template's bare name too (Quantized.metal), a constant array's data() (GridSampler.metal) and a bfloat scale times a float4
 # (Quantized.metal), all of which Apple's compiler builds.
 PYTORCH_FORMS = """
 template <typename T> float2 scale_zero(constant T* p, uint2 i) { return float2(float(p[i.x]), 0.0f); }
@@ -444,6 +455,8 @@ kernel void with_getter(constant T* a [[buffer(0)]], device float* out [[buffer(
 }
 template [[host_name("with_getter_float")]] kernel void with_getter<float, scale_zero<float>>(
     constant float*, device float*, uint);
+template [[host_name("with_getter_half")]] kernel void with_getter<half, scale_zero>(
+    constant half*, device float*, uint);
 template <int N> struct Params { array<int, N> sizes; };
 kernel void pytorch_like(constant Params<3>& params [[buffer(0)]], constant bfloat* scale [[buffer(1)]],
                          device float4* out [[buffer(2)]], uint i [[thread_position_in_grid]]) {
