@@ -1439,6 +1439,7 @@ def _kernel_checks(rw: _Rewriter) -> None:
     for k in rw.kernels:
         if k.body is None:
             continue
+        grid_vectors: List[Tuple[int, str, str, str]] = []  # (token, attribute, parameter, type)
         for s, e in k.params:
             rng = [j for j in range(s, e) if not rw._is_attr_tok(j)]
             if not rng:
@@ -1484,6 +1485,17 @@ def _kernel_checks(rw: _Rewriter) -> None:
             if ptype in _SCALAR_AND_VECTOR_NAMES and ptype not in allowed:
                 rw.errors.append((s, f"kernel {k.name}: [[{builtins[0]}]] parameter '{pname}' has type '{ptype}' "
                                      f"(expected {' or '.join(sorted(allowed))})"))
+            elif allowed is _BUILTIN_TYPES_GRID and ptype[-1:] in ("2", "3"):
+                grid_vectors.append((s, builtins[0], pname, ptype))
+        # MSL: the position and size attributes declared as vectors must all have the same number of
+        # components (a uint2 position with a uint3 threadgroup size is refused).
+        for s, attr, pname, ptype in grid_vectors[1:]:
+            s0, attr0, pname0, ptype0 = grid_vectors[0]
+            if ptype[-1] != ptype0[-1]:
+                rw.errors.append((s, f"kernel {k.name}: [[{attr}]] parameter '{pname}' is a {ptype[-1]}-component "
+                                     f"vector but [[{attr0}]] parameter '{pname0}' has {ptype0[-1]} (the position "
+                                     "and size attributes that are vectors must have the same number of "
+                                     "components)"))
 
 
 def _recursion_checks(rw: _Rewriter, library_names: Iterable[str]) -> None:
