@@ -33,7 +33,7 @@ MEMORY_FILE = "peak_memory.png"
 NUMERIC = ("ours_ms", "baseline_ms", "speedup", "ours_peak_mb", "baseline_peak_mb")
 MODES = ("fwd", "fwd+bwd")
 MODE_LABEL = {"fwd": "forward", "fwd+bwd": "forward+backward"}
-# Per dtype; tab10 colours that stay apart for the common colour-vision deficiencies.
+# Per dtype (matplotlib tab10 colours); the mode is told apart by hatching, not colour.
 DTYPE_COLOURS = {"float32": "#1f77b4", "bfloat16": "#ff7f0e", "float16": "#2ca02c", "float64": "#9467bd"}
 OTHER_COLOURS = ["#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
 OURS_COLOUR = "#1f77b4"
@@ -149,7 +149,7 @@ def _panel_title(op: str, device: str, shape: str, name_device: bool) -> str:
 
 
 def _speedup_ticks(lo: float, hi: float) -> List[float]:
-    candidates = [0.1, 0.2, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000]
+    candidates = [0.1, 0.2, 0.5, 1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000]
     return [t for t in candidates if lo <= t <= hi]
 
 
