@@ -1,6 +1,7 @@
 """Benchmarks every my_mps_ops op against PyTorch on each available device.
 
     python benchmarks/bench_ops.py [--quick] [--ops rms_norm,...] [--devices cpu,mps]
+    python benchmarks/bench_ops.py --plot-only benchmarks/results/results.json
 
 Ops register cases in benchmarks/cases_*.py as a list CASES of dicts:
 op, shapes (and optional quick_shapes, device_shapes {device: shapes}), dtypes, make_inputs(shape, dtype, device),
@@ -24,8 +25,9 @@ roofline.png (one point per kernel).
 Times are medians of repeated runs after warm-up, in one process; speedups are
 ratios from the same run. Forward+backward runs the forward and out.backward(grad)
 with a gradient made once before timing (see make_runner). Peak memory is measured on one further call of each
-implementation (see peak_memory_mb). Writes benchmarks/results/results.{csv,json,md} and a
-bar chart speedups.png. MPS rows appear only when run on a Mac.
+implementation (see peak_memory_mb). Writes benchmarks/results/results.{csv,json,md} and the
+charts speedups.png and peak_memory.png (benchmarks/bench_charts.py; --plot-only RESULTS redraws
+them from a saved results file). MPS rows appear only when run on a Mac.
 """
 
 from __future__ import annotations
@@ -259,6 +261,14 @@ def projection_table(rows, kernel_points, model) -> None:
     print("\n".join(lines))
 
 
+def _charts():
+    """benchmarks/bench_charts.py, found next to this file however this one was loaded."""
+    spec = importlib.util.spec_from_file_location("bench_charts", os.path.join(HERE, "bench_charts.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer shapes")
@@ -268,7 +278,12 @@ def main(argv=None) -> int:
     p.add_argument("--model-only", action="store_true", help="with --model: projections only, no timings")
     p.add_argument("--bandwidth-fraction", type=float, default=None, help="achievable fraction of the bandwidth")
     p.add_argument("--dispatch-us", type=float, default=None, help="assumed overhead per dispatch, microseconds")
+    p.add_argument("--plot-only", metavar="RESULTS", default="",
+                   help="no benchmark: redraw the charts from a results.json, .csv or .md into its directory")
     args = p.parse_args(argv)
+    if args.plot_only:
+        _charts().plot_results(args.plot_only)
+        return 0
     model = None
     if args.model:
         from my_mps_ops.emulator.projection import Model, find_chip
@@ -393,22 +408,9 @@ def main(argv=None) -> int:
                       f"(target <= {max_ratio}) {verdict}")
 
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        labels = [f"{r['op']}\n{r['device']} {r['dtype']}\n{r['shape']} {r['mode']}\nvs {r['baseline']}" for r in rows]
-        fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.7), 5))
-        ax.bar(range(len(rows)), [r["speedup"] for r in rows])
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(labels, rotation=90, fontsize=6)
-        ax.set_ylabel("speedup of my_mps_ops (x)")
-        fig.tight_layout()
-        fig.savefig(os.path.join(RESULTS, "speedups.png"), dpi=100)
+        _charts().write_charts(rows, RESULTS)
     except ImportError:
-        pass
+        print("matplotlib not installed: no charts written")
     return 0
 
 

@@ -62,7 +62,8 @@ def _pack_bits(q: Tensor, bits: int) -> Tensor:
     q = q.to(torch.int64)
     shifts = torch.arange(bits, device=q.device)
     stream = ((q.unsqueeze(-1) >> shifts) & 1).flatten(-2)  # [..., n * bits] bits
-    stream = stream.reshape(*stream.shape[:-1], -1, 32)
+    # explicit sizes, not -1: a weight with no rows has no elements to infer them from
+    stream = stream.reshape(*stream.shape[:-1], stream.shape[-1] // 32, 32)
     words = (stream << torch.arange(32, device=q.device)).sum(-1)
     return words.to(torch.uint32)
 
@@ -77,7 +78,7 @@ def _affine_quantize(weight: Tensor, bits: int, group_size: int) -> Tuple[Tensor
     # MLX's reference (mlx/ops.cpp, affine_quantize): float32 statistics, the
     # scale chosen so that the group's edge with the larger magnitude is exact.
     n_bins = float((1 << bits) - 1)
-    groups = weight.reshape(*weight.shape[:-1], -1, group_size)
+    groups = weight.reshape(*weight.shape[:-1], weight.shape[-1] // group_size, group_size)
     w_max = groups.amax(-1, keepdim=True).float()
     w_min = groups.amin(-1, keepdim=True).float()
     mask = w_min.abs() > w_max.abs()
@@ -101,7 +102,7 @@ def _codebook_quantize(weight: Tensor, group_size: int, mode: str) -> Tuple[Tens
     # the block's absmax, clamped to [-1, 1], bucketed between the midpoints of
     # the sorted codes (FP4's +0 and -0 codes sorted stably: a small positive
     # value takes the later one).
-    groups = weight.float().reshape(*weight.shape[:-1], -1, group_size)
+    groups = weight.float().reshape(*weight.shape[:-1], weight.shape[-1] // group_size, group_size)
     absmax = groups.abs().amax(-1, keepdim=True)
     scaled = torch.clamp(groups * (1.0 / absmax.clamp(min=1e-38)), -1, 1)
     code = _codebook(mode, weight.device)

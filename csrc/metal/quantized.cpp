@@ -16,8 +16,14 @@ void dequantize_rows(const char* op, const at::Tensor& qweight, const at::Tensor
   Executor& executor = executor_for(out.device());
   Launch launch("quantized", "quantized_dequantize_rows");
   // nf4/fp4 bytes are read as the uint32 words they fill (rows are a multiple
-  // of 16 bytes: group sizes are multiples of 32).
-  launch.buffer(qweight.scalar_type() == at::kUInt32 ? qweight : qweight.view(at::kUInt32))
+  // of 16 bytes: group sizes are multiples of 32). A view starting inside a
+  // word (a storage offset not a multiple of 4 bytes) is copied to a fresh,
+  // word-aligned buffer first.
+  at::Tensor words = qweight;
+  if (qweight.scalar_type() != at::kUInt32) {
+    words = (qweight.storage_offset() % 4 == 0 ? qweight : qweight.clone()).view(at::kUInt32);
+  }
+  launch.buffer(words)
       .buffer(scales).buffer(biases).buffer(out).scalar(p);
   const PipelineInfo info = executor.pipeline_info(launch);
   const uint32_t width = std::min<uint32_t>(info.max_threads_per_threadgroup, 256);

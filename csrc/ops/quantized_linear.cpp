@@ -16,6 +16,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/accumulate.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -154,7 +155,9 @@ std::tuple<Tensor, Tensor> quantized_linear_backward_impl(const Tensor& grad_out
               ": grad_out's last dimension must be out_features = ", f.out_features, ", got ", grad_out.sizes());
   const Prepared w = prepare(f, qweight, scales, biases);
   const at::ScalarType acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Tensor g2 = grad_out.reshape({-1, f.out_features}).to(acc);
+  // The row count named, not -1: with no output features there is nothing to infer it from.
+  const int64_t rows = c10::multiply_integers(grad_out.sizes().begin(), grad_out.sizes().end() - 1);
+  const Tensor g2 = grad_out.reshape({rows, f.out_features}).to(acc);
   Tensor grad_x = at::zeros({g2.size(0), f.in_features}, g2.options());
   const int64_t step = tile_rows(f);
   for (int64_t o0 = 0; o0 < f.out_features; o0 += step) {

@@ -107,6 +107,19 @@ def make(shape, layout, dtype, gen, scale=1.0, shift=0.0):
     return t.expand(shape)
 
 
+def place(t, layout):
+    """t's values in `layout` (no broadcast dims: every element is t's own), for
+    tensors whose values matter as they are (quantized codes and their scales)."""
+    assert not any(layout.broadcast)
+    full = [n * s for n, s in zip(t.shape, layout.steps)]
+    stored = [full[p] for p in layout.perm]
+    storage = torch.zeros(math.prod(stored) + layout.offset, dtype=t.dtype)
+    view = storage[layout.offset:].view(stored).permute(sorted(range(t.dim()), key=lambda i: layout.perm[i]))
+    view = view[tuple(slice(None, None, s) for s in layout.steps)]
+    view.copy_(t)
+    return view
+
+
 def tol(dtype, factor):
     return {k: v * factor for k, v in TOLERANCES[dtype].items()}
 
@@ -371,3 +384,39 @@ def test_rotary_embedding_qk(path, data):
     check(path, lambda q, k: my_mps_ops.rotary_embedding_qk(q, k, cos, sin, interleaved, seq_dim),
           lambda q, k: (ref_rotary(q, cos, sin, interleaved, seq_dim), ref_rotary(k, cos, sin, interleaved, seq_dim)),
           [q, k], {0, 1}, dtype, gen)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@given(data=st.data())
+def test_quantized_linear(path, data):
+    dtype, gen = common(data.draw, path)
+    mode = data.draw(st.sampled_from(["affine", "affine", "nf4", "fp4"]))
+    bits = data.draw(st.sampled_from(my_mps_ops.quantization.AFFINE_BITS)) if mode == "affine" else 4
+    group_size = data.draw(st.sampled_from(my_mps_ops.quantization.AFFINE_GROUP_SIZES))
+    in_features = group_size * data.draw(st.integers(1, 3))
+    out_features = data.draw(st.integers(0, 5) | st.sampled_from([1, 7, 33, 40]))
+    # The stored weight's dtype is the scales' (affine); independent of x's.
+    w_dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    w = (torch.randn(out_features, in_features, generator=gen, dtype=torch.float64) / math.sqrt(in_features)).to(w_dtype)
+    qweight, scales, biases = my_mps_ops.quantize(w, bits, group_size, mode)
+    qweight, scales = place(qweight, data.draw(layouts(2, False))), place(scales, data.draw(layouts(2, False)))
+    if biases is not None:
+        biases = place(biases, data.draw(layouts(2, False)))
+    shape = tuple(data.draw(st.lists(dims, min_size=0, max_size=2))) + (in_features,)
+    x = make(shape, data.draw(layouts(len(shape))), dtype, gen)
+    bias = make((out_features,), data.draw(layouts(1)), dtype, gen) if data.draw(st.booleans()) else None
+
+    def fn(x, qweight, scales, biases, bias):
+        return my_mps_ops.quantized_linear(x, qweight, scales, biases, bias, bits, group_size, mode)
+
+    def ref(x, qweight, scales, biases, bias):
+        # scales / biases arrive as float64 copies: the weight the codes stand for, in float64
+        # (the codebooks' values are float32 numbers)
+        weight = my_mps_ops.dequantize(qweight, scales, biases, bits, group_size, mode).double()
+        out = x @ weight.T
+        return out + bias if bias is not None else out
+
+    # The op expands the weight in float32 (a rounding of about 6e-8 relative per
+    # weight): for float64 x that, not float64's own rounding, bounds the error.
+    factors = (1e4, 1e4) if dtype == torch.float64 else (4, 8)
+    check(path, fn, ref, [x, qweight, scales, biases, bias], {0, 4}, dtype, gen, *factors)

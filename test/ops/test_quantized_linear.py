@@ -67,6 +67,25 @@ def test_tiles_cover_many_output_rows_cpu():
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
 
 
+def test_no_output_features_and_codes_at_an_unaligned_offset(backend):
+    dev = backend.device
+    # A weight with no rows: quantize, the forward and the backward give empty results.
+    q, scales, biases = my_mps_ops.quantize(torch.randn(0, 64), 3, 32, "affine")
+    x = torch.randn(2, 3, 64, device=dev, requires_grad=True)
+    out = my_mps_ops.quantized_linear(x, q.to(dev), scales.to(dev), biases.to(dev), None, 3, 32, "affine")
+    assert out.shape == (2, 3, 0)
+    out.sum().backward()
+    assert torch.equal(x.grad.cpu(), torch.zeros(2, 3, 64))
+    # nf4 bytes starting one byte into their storage (the Metal path reads them as words)
+    q, scales, _ = quantized(8, 64, "nf4", 4, 32)
+    shifted = torch.empty(q.numel() + 1, dtype=torch.uint8)[1:].view(q.shape)
+    shifted.copy_(q)
+    x = torch.randn(3, 64)
+    expected = my_mps_ops.quantized_linear(x, q, scales, None, None, 4, 32, "nf4")
+    got = my_mps_ops.quantized_linear(x.to(dev), shifted.to(dev), scales.to(dev), None, None, 4, 32, "nf4")
+    torch.testing.assert_close(got.cpu(), expected, **tol(torch.float32))
+
+
 def test_opcheck_and_compile():
     q, scales, biases = quantized(24, 128, "affine", 4, 64)
     x = torch.randn(3, 128, requires_grad=True)

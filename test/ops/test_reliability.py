@@ -75,6 +75,22 @@ def case_linear_cross_entropy(gen):
     return my_mps_ops.linear_cross_entropy(h, w, target, b, -100, 0.1, "mean", 30.0, 1e-4), [h, w, b]
 
 
+def _quantized_linear(gen, bits, group_size, mode):
+    # The codes are fixed inputs (the weight is frozen): gradients of x and bias.
+    x, bias = _randn(gen, 150, 256), _randn(gen, 300)
+    qweight, scales, biases = my_mps_ops.quantize(torch.randn(300, 256, generator=gen) * 0.06, bits, group_size, mode)
+    return my_mps_ops.quantized_linear(x, qweight, scales, biases, bias, bits, group_size, mode), [x, bias]
+
+
+def case_quantized_linear(gen):
+    # 3 bits: codes straddle the uint32 words
+    return _quantized_linear(gen, 3, 32, "affine")
+
+
+def case_quantized_linear_nf4(gen):
+    return _quantized_linear(gen, 4, 64, "nf4")
+
+
 def case_flash_attention(gen):
     q, k, v = _randn(gen, 2, 4, 70, 64), _randn(gen, 2, 2, 90, 64), _randn(gen, 2, 2, 90, 64)
     return my_mps_ops.flash_attention(q, k, v, True, None), [q, k, v]
@@ -95,6 +111,7 @@ def case_rotary_qk(gen):
 
 CASES = {f.__name__[len("case_"):]: f for f in (case_rms_norm, case_fused_add_rms_norm, case_layer_norm, case_swiglu,
                                                 case_geglu, case_cross_entropy, case_linear_cross_entropy,
+                                                case_quantized_linear, case_quantized_linear_nf4,
                                                 case_flash_attention, case_rotary, case_rotary_qk)}
 
 
