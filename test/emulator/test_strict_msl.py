@@ -109,6 +109,12 @@ CASES = [
      "kernel void k(device float* out, float i [[thread_position_in_grid]]) { out[0] = i; }",
      r"\[\[thread_position_in_grid\]\] parameter 'i' has type 'float'",
      "kernel void k(device float* out, ushort2 i [[thread_position_in_grid]]) { out[0] = i.x; }"),
+    ("kernel_position_and_size_of_other_widths",
+     "kernel void k(device float* out, uint2 pos [[thread_position_in_grid]], "
+     "uint3 size [[threads_per_threadgroup]]) { out[pos.x] = size.x; }",
+     r"\[\[threads_per_threadgroup\]\] parameter 'size' is a 3-component vector but \[\[thread_position_in_grid\]\]",
+     "kernel void k(device float* out, uint2 pos [[thread_position_in_grid]], ushort2 size [[threads_per_threadgroup]], "
+     "uint lid [[thread_index_in_threadgroup]]) { out[pos.x] = size.x + lid; }"),
     ("kernel_unknown_attribute",
      "kernel void k(device float* out, uint i [[thread_positon_in_grid]]) { out[i] = 1.0f; }",
      r"unknown attribute \[\[thread_positon_in_grid\]\]",
