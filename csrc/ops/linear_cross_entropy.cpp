@@ -98,6 +98,19 @@ void check_lce_inputs(const char* op, const Tensor& hidden, const Tensor& weight
   }
 }
 
+// The options after every argument check of `op`; `scalar_loss`: the op
+// returns gradients of a reduced loss, so reduction "none" is refused.
+LceOptions checked_lce_options(const char* op, const Tensor& hidden, const Tensor& weight, const Tensor& target,
+                               const OptTensor& bias, int64_t ignore_index, double smoothing,
+                               c10::string_view reduction, const std::optional<double>& softcap, double z_loss,
+                               bool scalar_loss = false) {
+  const LceOptions o = lce_options(op, ignore_index, smoothing, reduction, softcap, z_loss);
+  TORCH_CHECK(!scalar_loss || o.reduction != Reduction::None, op,
+              ": needs reduction \"mean\" or \"sum\" (a scalar loss)");
+  check_lce_inputs(op, hidden, weight, target, bias);
+  return o;
+}
+
 // Per-row statistics and the row pass run in float32 (float64 for float64).
 at::ScalarType lce_acc_dtype(const Tensor& hidden) {
   return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -231,10 +244,9 @@ std::tuple<Tensor, Tensor> linear_cross_entropy_impl(const Tensor& hidden, const
                                                      const OptTensor& bias, int64_t ignore_index, double smoothing,
                                                      c10::string_view reduction,
                                                      std::optional<double> softcap, double z_loss) {
-  const LceOptions o = lce_options(kLinearCrossEntropyOp, ignore_index, smoothing, reduction, softcap, z_loss);
-  check_lce_inputs(kLinearCrossEntropyOp, hidden, weight, target, bias);
-  LceResult r = linear_cross_entropy_pass(hidden, weight, target, bias, o, Tensor(),
-                                          {false, false, false});
+  const LceOptions o = checked_lce_options(kLinearCrossEntropyOp, hidden, weight, target, bias, ignore_index,
+                                           smoothing, reduction, softcap, z_loss);
+  LceResult r = linear_cross_entropy_pass(hidden, weight, target, bias, o, Tensor(), {false, false, false});
   return {r.loss, r.lse};
 }
 
@@ -242,10 +254,9 @@ Grads linear_cross_entropy_backward_impl(const Tensor& grad_loss, const Tensor& 
                                          const Tensor& target, const OptTensor& bias, int64_t ignore_index,
                                          double smoothing, c10::string_view reduction, std::optional<double> softcap,
                                          double z_loss, std::array<bool, 3> mask) {
-  const LceOptions o = lce_options(kLinearCrossEntropyBackwardOp, ignore_index, smoothing, reduction, softcap, z_loss);
-  check_lce_inputs(kLinearCrossEntropyBackwardOp, hidden, weight, target, bias);
-  LceResult r = linear_cross_entropy_pass(hidden, weight, target, bias, o, grad_loss,
-                                          mask);
+  const LceOptions o = checked_lce_options(kLinearCrossEntropyBackwardOp, hidden, weight, target, bias, ignore_index,
+                                           smoothing, reduction, softcap, z_loss);
+  LceResult r = linear_cross_entropy_pass(hidden, weight, target, bias, o, grad_loss, mask);
   return {r.grad_hidden, r.grad_weight, r.grad_bias};
 }
 
@@ -253,10 +264,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_with_gra
     const Tensor& hidden, const Tensor& weight, const Tensor& target, const OptTensor& bias, int64_t ignore_index,
     double smoothing, c10::string_view reduction, std::optional<double> softcap, double z_loss,
     std::array<bool, 3> mask) {
-  const LceOptions o = lce_options(kLinearCrossEntropyWithGradOp, ignore_index, smoothing, reduction, softcap, z_loss);
-  TORCH_CHECK(o.reduction != Reduction::None, kLinearCrossEntropyWithGradOp,
-              ": needs reduction \"mean\" or \"sum\" (a scalar loss)");
-  check_lce_inputs(kLinearCrossEntropyWithGradOp, hidden, weight, target, bias);
+  const LceOptions o = checked_lce_options(kLinearCrossEntropyWithGradOp, hidden, weight, target, bias, ignore_index,
+                                           smoothing, reduction, softcap, z_loss, /*scalar_loss=*/true);
   const Tensor one = at::ones({}, hidden.options().dtype(lce_acc_dtype(hidden)));
   LceResult r = linear_cross_entropy_pass(hidden, weight, target, bias, o, one, mask);
   return {r.loss, r.lse, r.grad_hidden, r.grad_weight, r.grad_bias};
@@ -279,8 +288,8 @@ std::tuple<Tensor, Tensor> linear_cross_entropy_meta(const Tensor& hidden, const
                                                      const OptTensor& bias, int64_t ignore_index, double smoothing,
                                                      c10::string_view reduction,
                                                      std::optional<double> softcap, double z_loss) {
-  const LceOptions o = lce_options(kLinearCrossEntropyOp, ignore_index, smoothing, reduction, softcap, z_loss);
-  check_lce_inputs(kLinearCrossEntropyOp, hidden, weight, target, bias);
+  const LceOptions o = checked_lce_options(kLinearCrossEntropyOp, hidden, weight, target, bias, ignore_index,
+                                           smoothing, reduction, softcap, z_loss);
   return {loss_like(hidden, o.reduction),
           at::empty_symint({hidden.sym_size(0)}, hidden.options().dtype(lce_acc_dtype(hidden)))};
 }
@@ -289,8 +298,8 @@ Grads linear_cross_entropy_backward_meta(const Tensor& grad_loss, const Tensor& 
                                          const Tensor& target, const OptTensor& bias, int64_t ignore_index,
                                          double smoothing, c10::string_view reduction, std::optional<double> softcap,
                                          double z_loss, std::array<bool, 3> mask) {
-  lce_options(kLinearCrossEntropyBackwardOp, ignore_index, smoothing, reduction, softcap, z_loss);
-  check_lce_inputs(kLinearCrossEntropyBackwardOp, hidden, weight, target, bias);
+  checked_lce_options(kLinearCrossEntropyBackwardOp, hidden, weight, target, bias, ignore_index, smoothing, reduction,
+                      softcap, z_loss);
   return grads_meta(hidden, weight, bias, mask);
 }
 
@@ -298,10 +307,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_with_gra
     const Tensor& hidden, const Tensor& weight, const Tensor& target, const OptTensor& bias, int64_t ignore_index,
     double smoothing, c10::string_view reduction, std::optional<double> softcap, double z_loss,
     std::array<bool, 3> mask) {
-  const LceOptions o = lce_options(kLinearCrossEntropyWithGradOp, ignore_index, smoothing, reduction, softcap, z_loss);
-  TORCH_CHECK(o.reduction != Reduction::None, kLinearCrossEntropyWithGradOp,
-              ": needs reduction \"mean\" or \"sum\" (a scalar loss)");
-  check_lce_inputs(kLinearCrossEntropyWithGradOp, hidden, weight, target, bias);
+  const LceOptions o = checked_lce_options(kLinearCrossEntropyWithGradOp, hidden, weight, target, bias, ignore_index,
+                                           smoothing, reduction, softcap, z_loss, /*scalar_loss=*/true);
   auto [gh, gw, gb] = grads_meta(hidden, weight, bias, mask);
   return {loss_like(hidden, o.reduction),
           at::empty_symint({hidden.sym_size(0)}, hidden.options().dtype(lce_acc_dtype(hidden))), gh, gw, gb};

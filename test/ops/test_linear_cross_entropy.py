@@ -218,6 +218,15 @@ def test_bad_inputs_raise_naming_the_argument():
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):
             my_mps_ops.linear_cross_entropy(*args)
+    # The op that returns the gradients with the loss needs a scalar loss, on every backend (Meta too), and
+    # checks its inputs like the others.
+    with_grad = torch.ops.my_mps_ops.linear_cross_entropy_with_grad
+    for device in ("cpu", "meta"):
+        hd, wd, td = h.to(device), w.to(device), t.to(device)
+        with pytest.raises(RuntimeError, match=r'linear_cross_entropy_with_grad: needs reduction "mean" or "sum"'):
+            with_grad(hd, wd, td, None, -100, 0.0, "none", None, 0.0, [True, True, False])
+        with pytest.raises(RuntimeError, match=r"linear_cross_entropy_with_grad: weight must have shape"):
+            with_grad(hd, wd[:, :7], td, None, -100, 0.0, "mean", None, 0.0, [True, True, False])
 
 
 def test_zero_rows(backend):
