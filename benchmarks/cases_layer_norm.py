@@ -24,7 +24,7 @@ CASES = [{
     "shapes": [(4096, 4096), (16384, 1024)],
     "quick_shapes": [(4096, 4096)],
     # Emulator-sized stand-ins for --model (bench_ops.py): fewer rows, the same row length.
-    "model_shapes": {(4096, 4096): (64, 4096), (16384, 1024): (64, 1024)},
+    "model_shapes": {(4096, 4096): (512, 4096), (16384, 1024): (512, 1024)},
     "dtypes": [torch.float32, torch.bfloat16],
     "make_inputs": _inputs,
     "ours": lambda x, w, b: my_mps_ops.layer_norm(x, w, b, EPS),

@@ -24,7 +24,7 @@ CASES = [
         "shapes": [(4096, 4096), (16384, 1024), (8, 2048, 4096)],
         "quick_shapes": [(4096, 4096)],
         # Emulator-sized stand-ins for --model (bench_ops.py): fewer rows, the same row length.
-        "model_shapes": {(4096, 4096): (64, 4096), (16384, 1024): (64, 1024), (8, 2048, 4096): (1, 64, 4096)},
+        "model_shapes": {(4096, 4096): (512, 4096), (16384, 1024): (512, 1024), (8, 2048, 4096): (1, 512, 4096)},
         "dtypes": [torch.float32, torch.bfloat16],
         "make_inputs": _inputs,
         "ours": lambda x, w: my_mps_ops.rms_norm(x, w, EPS),
@@ -54,7 +54,7 @@ CASES.append({
     "op": "fused_add_rms_norm",
     "shapes": [(4096, 4096), (16384, 1024)],
     "quick_shapes": [(4096, 4096)],
-    "model_shapes": {(4096, 4096): (64, 4096), (16384, 1024): (64, 1024)},
+    "model_shapes": {(4096, 4096): (512, 4096), (16384, 1024): (512, 1024)},
     "dtypes": [torch.float32, torch.bfloat16],
     "make_inputs": _fused_inputs,
     "ours": lambda x, r, w: (lambda o: o[0] + o[1])(my_mps_ops.fused_add_rms_norm(x, r, w, EPS)),

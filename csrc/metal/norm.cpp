@@ -1,5 +1,5 @@
 // Launch building for the norms (shaders/rms_norm.metal and
-// shaders/layer_norm.metal). Row kernels run one threadgroup per row; the
+// shaders/layer_norm.metal). Row kernels run a threadgroup per few rows; the
 // parameter gradients then take one thread per (column, chunk of rows) for
 // partial sums, and one per column to add the chunks up (no float atomics).
 #include "metal/norm.h"
@@ -15,6 +15,8 @@ namespace {
 using shaders::kNormAddGradResidualOut;
 using shaders::kNormHasBias;
 using shaders::kNormHasWeight;
+using shaders::kNormMaxRowsPerGroup;
+using shaders::kNormMinRowGroups;
 using shaders::kNormReadsPerThread;
 using shaders::kNormWantGradBias;
 using shaders::kNormWantGradInput;
@@ -44,9 +46,10 @@ uint32_t row_threads(const PipelineInfo& info, int64_t cols) {
                               info.thread_execution_width);
 }
 
-// One threadgroup of row_threads per row.
-void run_per_row(Executor& executor, Launch& launch, const NormRows& shape) {
-  dispatch_row_threadgroups(launch, executor, uint64_t(shape.rows), shape.cols, kNormReadsPerThread);
+// Threadgroups of row_threads, each over params.rows_per_group rows.
+void run_per_row(Executor& executor, Launch& launch, const NormRows& shape, const NormRowParams& params) {
+  const uint64_t groups = (uint64_t(shape.rows) + params.rows_per_group - 1) / params.rows_per_group;
+  dispatch_row_threadgroups(launch, executor, groups, shape.cols, kNormReadsPerThread);
   executor.run(launch);
 }
 
@@ -58,10 +61,11 @@ void run_per_column(Executor& executor, Launch& launch, const NormRows& shape, i
   executor.run(launch);
 }
 
-// The shaders index rows with 32-bit threadgroup positions, hence the check of rows.
+// The shaders index rows with 32-bit numbers, hence the check of rows.
 NormRowParams row_params(const char* op, const NormRows& shape, double eps, uint32_t flags) {
-  checked_u32(shape.rows, op, "rows");
-  return {static_cast<float>(eps), checked_u32(shape.cols, op, "row length"), flags};
+  const uint32_t rows = checked_u32(shape.rows, op, "rows");
+  const uint32_t per_group = std::clamp<uint32_t>(rows / kNormMinRowGroups, 1, kNormMaxRowsPerGroup);
+  return {static_cast<float>(eps), checked_u32(shape.cols, op, "row length"), flags, rows, per_group};
 }
 
 // The chunks of rows of the parameter-gradient kernels.
@@ -90,13 +94,13 @@ void rms_norm_forward(const char* op, const RmsNormForwardTensors& t, const Norm
   if (fused) {
     Launch launch(kRmsNormLibrary, norm_kernel_name("fused_add_rms_norm_forward", dtype));
     launch.buffer(t.input).buffer(t.residual).buffer(weight).buffer(t.out).buffer(t.residual_out).scalar(params);
-    return run_per_row(executor, launch, shape);
+    return run_per_row(executor, launch, shape, params);
   }
   const std::string one_pass = norm_kernel_name("rms_norm_forward", dtype);
   const bool fits = rms_norm_row_fits_one_pass(executor.pipeline_info(kRmsNormLibrary, one_pass), shape.cols);
   Launch launch(kRmsNormLibrary, fits ? one_pass : norm_kernel_name("rms_norm_forward_looped", dtype));
   launch.buffer(t.input).buffer(weight).buffer(t.out).scalar(params);
-  run_per_row(executor, launch, shape);
+  run_per_row(executor, launch, shape, params);
 }
 
 void rms_norm_backward(const char* op, const RmsNormBackwardTensors& t, const NormRows& shape, double eps) {
@@ -108,6 +112,7 @@ void rms_norm_backward(const char* op, const RmsNormBackwardTensors& t, const No
     const uint32_t flags = flag_if(t.weight.defined(), kNormHasWeight) |
                            flag_if(t.grad_input.defined(), kNormWantGradInput) |
                            flag_if(t.grad_residual_out.defined(), kNormAddGradResidualOut);
+    const NormRowParams params = row_params(op, shape, eps, flags);
     Launch launch(kRmsNormLibrary, norm_kernel_name("rms_norm_backward_input", dtype));
     launch.buffer(t.grad_out)
         .buffer(t.input)
@@ -115,8 +120,8 @@ void rms_norm_backward(const char* op, const RmsNormBackwardTensors& t, const No
         .buffer(bound(t.grad_residual_out, t.input))
         .buffer(bound(t.grad_input, t.input))
         .buffer(rstd)
-        .scalar(row_params(op, shape, eps, flags));
-    run_per_row(executor, launch, shape);
+        .scalar(params);
+    run_per_row(executor, launch, shape, params);
   }
   if (!t.grad_weight.defined()) return;
 
@@ -138,13 +143,14 @@ void rms_norm_backward(const char* op, const RmsNormBackwardTensors& t, const No
 void layer_norm_forward(const char* op, const LayerNormForwardTensors& t, const NormRows& shape, double eps) {
   Executor& executor = executor_for(t.input.device());
   const uint32_t flags = flag_if(t.weight.defined(), kNormHasWeight) | flag_if(t.bias.defined(), kNormHasBias);
+  const NormRowParams params = row_params(op, shape, eps, flags);
   Launch launch(kLayerNormLibrary, norm_kernel_name("layer_norm_forward", t.input.scalar_type()));
   launch.buffer(t.input)
       .buffer(bound(t.weight, t.input))
       .buffer(bound(t.bias, t.input))
       .buffer(t.out)
-      .scalar(row_params(op, shape, eps, flags));
-  run_per_row(executor, launch, shape);
+      .scalar(params);
+  run_per_row(executor, launch, shape, params);
 }
 
 void layer_norm_backward(const char* op, const LayerNormBackwardTensors& t, const NormRows& shape, double eps) {
@@ -155,14 +161,15 @@ void layer_norm_backward(const char* op, const LayerNormBackwardTensors& t, cons
   {
     const uint32_t flags =
         flag_if(t.weight.defined(), kNormHasWeight) | flag_if(t.grad_input.defined(), kNormWantGradInput);
+    const NormRowParams params = row_params(op, shape, eps, flags);
     Launch launch(kLayerNormLibrary, norm_kernel_name("layer_norm_backward_input", dtype));
     launch.buffer(t.grad_out)
         .buffer(t.input)
         .buffer(bound(t.weight, t.input))
         .buffer(bound(t.grad_input, t.input))
         .buffer(stats)
-        .scalar(row_params(op, shape, eps, flags));
-    run_per_row(executor, launch, shape);
+        .scalar(params);
+    run_per_row(executor, launch, shape, params);
   }
   const bool want_weight = t.grad_weight.defined(), want_bias = t.grad_bias.defined();
   if (!want_weight && !want_bias) return;

@@ -22,12 +22,28 @@ MY_MPS_OPS_CONSTANT uint32_t kNormWantGradBias = 1u << 4;
 // fused_add_rms_norm's backward: grad_residual_out is added to grad_input.
 MY_MPS_OPS_CONSTANT uint32_t kNormAddGradResidualOut = 1u << 5;
 
-// The row kernels: one threadgroup per contiguous row of `cols` elements.
+// The row kernels: threadgroup g normalises the contiguous rows
+// [g * rows_per_group, min(rows, (g + 1) * rows_per_group)) of `cols`
+// elements, one after another, so that a row that fits one pass (cols <=
+// threads * kNormReadsPerThread) reads the weight (and bias) once per
+// threadgroup, not once per row.
 struct NormRowParams {
   float eps;
   uint32_t cols;
   uint32_t flags;
+  uint32_t rows;
+  uint32_t rows_per_group;
 };
+
+// Rows per threadgroup: the most that still leaves kNormMinRowGroups
+// threadgroups (enough to occupy every core of the largest Apple GPUs a few
+// times over), at most kNormMaxRowsPerGroup.
+MY_MPS_OPS_CONSTANT uint32_t kNormMinRowGroups = 64;
+MY_MPS_OPS_CONSTANT uint32_t kNormMaxRowsPerGroup = 8;
+
+// Rows whose statistics the parameter-gradient kernels stage in threadgroup
+// memory at a time.
+MY_MPS_OPS_CONSTANT uint32_t kNormStagedRows = 256;
 
 // The parameter-gradient kernels over contiguous rows of `cols` elements:
 // first one thread per (column, chunk of rows_per_chunk rows) writes a
@@ -39,5 +55,34 @@ struct NormColumnParams {
   uint32_t chunks;
   uint32_t flags;
 };
+
+#ifdef __METAL__
+// The rows [x, y) threadgroup `group` normalises.
+inline uint2 norm_group_rows(constant NormRowParams& p, uint group) {
+  const uint first = group * p.rows_per_group;
+  return uint2(first, metal::min(p.rows, first + p.rows_per_group));
+}
+
+// A row's slice that thread `tid` holds when the row fits one pass: elements
+// tid + k * threads (0 past the row's end).
+template <typename T>
+inline void norm_load_slice(device const T* row, uint n, uint tid, uint threads, thread float* v) {
+  for (uint k = 0; k < kNormReadsPerThread; ++k) {
+    const uint i = tid + k * threads;
+    v[k] = i < n ? float(row[i]) : 0.0f;
+  }
+}
+
+// An optional parameter's slice (weight or bias), or `absent` everywhere.
+template <typename T>
+inline void norm_load_param_slice(bool present, device const T* param, uint n, uint tid, uint threads,
+                                  float absent, thread float* v) {
+  if (present) {
+    norm_load_slice(param, n, tid, threads, v);
+  } else {
+    for (uint k = 0; k < kNormReadsPerThread; ++k) v[k] = absent;
+  }
+}
+#endif
 
 MY_MPS_OPS_SHADER_NAMESPACE_END

@@ -181,7 +181,8 @@ def test_shipped_shaders_raise_no_diagnostics():
     from my_mps_ops.testing import load_embedded_shaders, metal_emulation
     import my_mps_ops
 
-    assert set(load_embedded_shaders()) == set(_C.embedded_shaders())
+    # (libraries specialised by function constants, built by earlier tests, are named "<shader>{...}")
+    assert {name.split("{")[0] for name in load_embedded_shaders()} == set(_C.embedded_shaders())
     with metal_emulation():
         x = torch.randn(6, 5000, requires_grad=True)
         w = torch.randn(5000, requires_grad=True)

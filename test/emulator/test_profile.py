@@ -235,6 +235,28 @@ def test_op_launches_under_metal_emulation():
     assert all(s.line.startswith(("rms_norm.metal:", "reduce.h:", "norm.h:")) for s in p.sites), p.report()
 
 
+@pytest.mark.parametrize("op", ["rms_norm", "fused_add_rms_norm", "layer_norm"])
+def test_norm_kernels_move_at_most_a_quarter_above_compulsory(op):
+    """Rows kept in registers, weights read once per threadgroup of rows, row statistics staged in threadgroup
+    memory for the parameter gradients: every launch of the forward and backward stays within 1.25x of its
+    compulsory bytes (each input read once, each output written once)."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 1024, requires_grad=True)
+    w, b = torch.randn(1024, requires_grad=True), torch.randn(1024, requires_grad=True)
+    with metal_emulation(), profile() as prof:
+        if op == "rms_norm":
+            y = my_mps_ops.rms_norm(x, w, 1e-6)
+        elif op == "layer_norm":
+            y = my_mps_ops.layer_norm(x, w, b, 1e-5)
+        else:
+            out, residual_out = my_mps_ops.ops.fused_add_rms_norm(x, x * 0.5, w, 1e-6)
+            y = out + residual_out * residual_out
+        y.backward(torch.randn_like(y))
+    assert len(prof.launches) == 4, prof.report()
+    for launch in prof.launches:
+        assert launch.bytes_moved <= 1.25 * launch.compulsory_bytes, launch.report()
+
+
 # ------------------------------------------------------------- projection
 
 def test_chip_table_has_a_source_for_every_number():

@@ -39,6 +39,11 @@ SAMPLES = [
     Sample((3, 4096)),
     Sample((5, 5000)),
     Sample((3, 8191)),
+    # Several rows per threadgroup (the Metal path groups rows once there are
+    # enough of them), row counts that do not divide evenly, and long rows.
+    Sample((131, 24)),
+    Sample((517, 9)),
+    Sample((130, 4100)),
     Sample((2, 65536)),
     Sample((0, 16)),
     Sample((4, 0)),
