@@ -310,6 +310,96 @@ def test_rows_without_keys_are_zero(backend):
     assert all(torch.isfinite(g).all() for g in (q.grad, k.grad, v.grad))
 
 
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_rows_outside_the_window_are_zero(backend, with_sinks):
+    """A window (0, 0) with L > S: rows 0..23 sit before the first key and see
+    nothing. Their output is 0, lse -inf (the sink's logit with sinks), and no
+    gradient is NaN; the sink of such a row takes the whole softmax and gets no
+    gradient from it (its output is constant 0)."""
+    q, k, v = inputs(1, 2, 1, 40, 16, 64, torch.float32, backend.device, requires_grad=True)
+    sinks = torch.tensor([0.5, -1.0], device=backend.device, requires_grad=True) if with_sinks else None
+    out, lse = ops.flash_attention(q, k, v, False, None, 0, 0, 0.0, sinks)
+    assert torch.all(out[:, :, :24].cpu() == 0) and torch.isfinite(out).all()
+    expected_lse = torch.tensor([0.5, -1.0])[:, None].expand(2, 24) if with_sinks else torch.full((2, 24), -math.inf)
+    assert torch.equal(lse[0, :, :24].cpu(), expected_lse) and torch.isfinite(lse[:, :, 24:]).all()
+    out.square().sum().backward()
+    assert torch.all(q.grad[:, :, :24].cpu() == 0)
+    grads = [q.grad, k.grad, v.grad] + ([sinks.grad] if with_sinks else [])
+    assert all(torch.isfinite(g).all() for g in grads)
+    expected = reference_grads(q, k, v, grad_out=2 * out.detach(), causal=False, window=(0, 0), sinks=sinks)
+    for ours, ref in zip(grads, expected):
+        assert_close(ours, ref, torch.float32, GRAD_FACTOR)
+
+
+def test_key_blocks_outside_every_window_are_skipped(backend):
+    """Keys no query sees are never read: NaN in them (whole key blocks on
+    every path) leaves the outputs and every gradient finite, and their k/v
+    gradients 0. A kernel that multiplied a masked block's V by zero
+    probabilities would give NaN."""
+    q, k, v = inputs(1, 2, 1, 64, 512, 64, torch.float32, backend.device)
+    k[:, :, :384] = math.nan
+    v[:, :, :384] = math.nan
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    sinks = torch.zeros(2, device=backend.device, requires_grad=True)
+    # query i (at i + 448) sees keys i + 433 .. i + 448
+    out = my_mps_ops.flash_attention(q, k, v, True, window=(15, -1), softcap=3.0, sinks=sinks)
+    assert torch.isfinite(out).all()
+    q_ref, k_ref, v_ref = (t.detach()[:, :, 384:] if t is not q else t.detach() for t in (q, k, v))
+    expected = reference(q_ref, k_ref, v_ref, True, None, (15, -1), 3.0, sinks)
+    assert_close(out, expected, torch.float32)
+    out.sum().backward()
+    assert all(torch.isfinite(g).all() for g in (q.grad, k.grad, v.grad, sinks.grad))
+    assert torch.all(k.grad[:, :, :384].cpu() == 0) and torch.all(v.grad[:, :, :384].cpu() == 0)
+
+
+def test_window_wider_than_the_sequences_is_no_window(backend):
+    q, k, v = inputs(1, 2, 1, 30, 45, 64, torch.float32, backend.device)
+    for causal in (False, True):
+        plain = my_mps_ops.flash_attention(q, k, v, causal)
+        for window in [(45, 30), (10**12, 10**12), (2**40, -1)]:
+            torch.testing.assert_close(my_mps_ops.flash_attention(q, k, v, causal, window=window), plain)
+
+
+def test_python_api_maps_its_options():
+    q, k, v = inputs(1, 4, 2, 9, 12, 32, torch.float64, "cpu")
+    sinks = torch.randn(4, dtype=torch.float64)
+    out = my_mps_ops.flash_attention(q, k, v, True, 0.3, window=(2, 5), softcap=1.5, sinks=sinks)
+    expected, _ = ops.flash_attention(q, k, v, True, 0.3, 2, 5, 1.5, sinks)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    # with causal the right bound is min(right, 0)
+    torch.testing.assert_close(out, my_mps_ops.flash_attention(q, k, v, True, 0.3, window=(2, -1), softcap=1.5,
+                                                               sinks=sinks), atol=0, rtol=0)
+    # defaults: no window, no softcap, no sinks; old positional calls still work
+    plain = my_mps_ops.flash_attention(q, k, v, True, 0.3, window=None, softcap=None, sinks=None)
+    torch.testing.assert_close(plain, ops.flash_attention(q, k, v, True, 0.3)[0], atol=0, rtol=0)
+    torch.testing.assert_close(plain, my_mps_ops.flash_attention(q, k, v, True, 0.3, window=(-1, -1), softcap=0.0))
+    out, lse = ops.flash_attention(q, k, v, True, 0.3)
+    grads = ops.flash_attention_backward(torch.ones_like(out), q, k, v, out, lse, True, 0.3)
+    assert len(grads) == 4 and grads[3].shape == (0,)
+
+
+def test_only_the_sinks_gradient():
+    q, k, v = inputs(1, 4, 2, 9, 12, 32, torch.float64, "cpu")
+    sinks = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    out = my_mps_ops.flash_attention(q, k, v, True, window=(3, -1), softcap=2.0, sinks=sinks)
+    out.backward(torch.ones_like(out))
+    expected = reference_grads(q, k, v, grad_out=torch.ones_like(out), causal=True, window=(3, -1), softcap=2.0,
+                               sinks=sinks)[3]
+    assert_close(sinks.grad, expected, torch.float64)
+
+
+def test_sinks_keep_their_dtype_and_autocast_leaves_them():
+    q, k, v = inputs(1, 2, 1, 9, 12, 32, torch.float32, "cpu")
+    sinks = torch.randn(2, dtype=torch.float32, requires_grad=True)
+    out = my_mps_ops.flash_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), True, sinks=sinks)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert sinks.grad.dtype == torch.float32 and torch.isfinite(sinks.grad).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_autocast = my_mps_ops.flash_attention(q, k, v, True, sinks=sinks)
+    torch.testing.assert_close(out_autocast, out)
+
+
 def test_noncontiguous_inputs(backend):
     # (batch, seq, heads, head_dim) storage transposed to (batch, heads, seq, head_dim), with an offset.
     base = torch.randn(2, 41, 5, 64, device=backend.device)
@@ -331,6 +421,13 @@ def test_zero_size(backend, sizes):
     out.sum().backward()
     for t in (q, k, v):
         assert t.grad.shape == t.shape and torch.all(t.grad.cpu() == 0)
+    # with sinks: lse is the sink's logit, and the sinks' gradient 0
+    sinks = torch.linspace(-1, 1, q_heads, device=backend.device).requires_grad_()
+    out, lse = ops.flash_attention(q, k, v, True, None, 3, -1, 2.0, sinks)
+    assert torch.all(out.cpu() == 0)
+    assert torch.equal(lse.cpu(), sinks.detach().cpu()[:, None].expand(lse.shape))
+    out.sum().backward()
+    assert sinks.grad.shape == sinks.shape and torch.all(sinks.grad.cpu() == 0)
 
 
 def test_cpu_memory_is_linear_in_sequence_length():
@@ -456,6 +553,22 @@ def test_bad_inputs_raise_clear_errors():
         my_mps_ops.flash_attention(q, k.to("meta"), v)
     with pytest.raises(RuntimeError, match="scale must be finite"):
         my_mps_ops.flash_attention(q, k, v, scale=math.inf)
+    with pytest.raises(RuntimeError, match="window_left and window_right must be >= 0, or -1"):
+        my_mps_ops.flash_attention(q, k, v, window=(-2, 0))
+    with pytest.raises(RuntimeError, match="window_left and window_right must be >= 0, or -1"):
+        my_mps_ops.flash_attention(q, k, v, window=(0, -3))
+    with pytest.raises(RuntimeError, match="softcap must be finite and >= 0"):
+        my_mps_ops.flash_attention(q, k, v, softcap=-1.0)
+    with pytest.raises(RuntimeError, match="softcap must be finite and >= 0"):
+        my_mps_ops.flash_attention(q, k, v, softcap=math.inf)
+    with pytest.raises(RuntimeError, match=r"sinks must have shape \(q heads,\)"):
+        my_mps_ops.flash_attention(q, k, v, sinks=torch.zeros(2))
+    with pytest.raises(RuntimeError, match=r"sinks must have shape \(q heads,\)"):
+        my_mps_ops.flash_attention(q, k, v, sinks=torch.zeros(1, 4))
+    with pytest.raises(RuntimeError, match="sinks must be float32, float16 or bfloat16"):
+        my_mps_ops.flash_attention(q, k, v, sinks=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="sinks must be on the same device as q"):
+        my_mps_ops.flash_attention(q, k, v, sinks=torch.zeros(4, device="meta"))
     out, lse = ops.flash_attention(q, k, v)
     with pytest.raises(RuntimeError, match="lse must have shape"):
         ops.flash_attention_backward(out, q, k, v, out, lse[:, :, :4], False, None)
