@@ -192,11 +192,46 @@ inline int64_t query_end(const FlashAttentionDims& d, int64_t j1) {
   return std::clamp<int64_t>(j1 + d.window_left - (d.kv_len - d.q_len), 0, d.q_len);
 }
 
+// tanh(x) = 1 - 2 / (exp(2x) + 1) on float32 vectors, saturating to +-1
+// (exp_poly clamps its argument); absolute error ~1e-7, which a capped score
+// carries times the cap.
+__attribute__((always_inline)) inline Vec tanh_vec(Vec x) {
+  return 1.0f - 2.0f / (vec::exp_poly(x + x) + 1.0f);
+}
+
 // s[j] = cap * tanh(s[j] * scale / cap): the capped, scaled scores.
 template <typename A>
 void softcap_scores(A* s, int64_t n, A scale, A cap) {
   const A inner = scale / cap;
-  for (int64_t j = 0; j < n; ++j) s[j] = cap * std::tanh(s[j] * inner);
+  int64_t j = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    constexpr int64_t L = vec::kLanes<Vec>;
+    for (; j + L <= n; j += L) vec::storev(s + j, tanh_vec(vec::loadv<Vec>(s + j) * inner) * cap);
+  }
+  for (; j < n; ++j) s[j] = cap * std::tanh(s[j] * inner);
+}
+
+// The backward's capped row: for raw scores p[j] (q.k) and dO.v products
+// ds[j], p[j] = exp(cap * t - lse) and ds[j] = p[j] * (ds[j] - delta) *
+// (1 - t^2), t = tanh(scale * q.k / cap).
+template <typename A>
+void capped_probabilities(A* p, A* ds, int64_t n, A scale, A cap, A lse, A delta) {
+  const A inner = scale / cap;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    constexpr int64_t L = vec::kLanes<Vec>;
+    for (; j + L <= n; j += L) {
+      const Vec t = tanh_vec(vec::loadv<Vec>(p + j) * inner);
+      const Vec pj = vec::exp_poly_nonpositive(t * cap - lse);  // capped scores <= lse
+      vec::storev(p + j, pj);
+      vec::storev(ds + j, pj * (vec::loadv<Vec>(ds + j) - delta) * (1.0f - t * t));
+    }
+  }
+  for (; j < n; ++j) {
+    const A t = std::tanh(p[j] * inner);
+    p[j] = std::exp(cap * t - lse);
+    ds[j] = p[j] * (ds[j] - delta) * (A(1) - t * t);
+  }
 }
 
 // log(exp(a) + exp(b)), either may be -inf.
@@ -313,12 +348,7 @@ void backward_tile(const A* q_block, const A* go_block, const A* k_t, const A* v
     A* pr = p + r * BK;
     A* dsr = ds + r * BK;
     if (softcap > A(0)) {
-      const A inner = scale / softcap;
-      for (int64_t j = lo; j < hi; ++j) {
-        const A t = std::tanh(pr[j] * inner);
-        pr[j] = std::exp(softcap * t - lse[r]);
-        dsr[j] = pr[j] * (dsr[j] - delta[r]) * (A(1) - t * t);
-      }
+      capped_probabilities(pr + lo, dsr + lo, hi - lo, scale, softcap, lse[r], delta[r]);
     } else {
       exp_shifted(pr + lo, hi - lo, scale, lse[r]);
       for (int64_t j = lo; j < hi; ++j) dsr[j] = pr[j] * (dsr[j] - delta[r]);
