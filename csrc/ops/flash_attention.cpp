@@ -37,12 +37,12 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/ops/logsumexp.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/softmax.h>
 #include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -103,8 +103,8 @@ void check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor
   }
 }
 
-void check_attention_options(const char* op, const Tensor& q, int64_t window_left, int64_t window_right, double softcap,
-                   const OptTensor& sinks) {
+void check_attention_options(const char* op, const Tensor& q, int64_t window_left, int64_t window_right,
+                             double softcap, const OptTensor& sinks) {
   TORCH_CHECK(window_left >= -1 && window_right >= -1, op,
               ": window_left and window_right must be >= 0, or -1 for unbounded; got ", window_left, " and ",
               window_right);
@@ -124,7 +124,8 @@ void check_attention_options(const char* op, const Tensor& q, int64_t window_lef
 struct AttentionWindow {
   int64_t left, right;
 };
-AttentionWindow attention_window(const Tensor& q, const Tensor& k, bool causal, int64_t window_left, int64_t window_right) {
+AttentionWindow attention_window(const Tensor& q, const Tensor& k, bool causal, int64_t window_left,
+                                 int64_t window_right) {
   const int64_t span = q.size(2) + k.size(2);
   const auto bound = [span](int64_t w) { return w > span ? -1 : w; };
   return {bound(window_left), causal ? 0 : bound(window_right)};
@@ -187,8 +188,8 @@ Tensor sink_grad(const Tensor& sinks, const Tensor& lse, const Tensor& delta) {
   return (p_sink * delta).sum({0, 2}).neg().to(sinks.scalar_type());
 }
 
-std::tuple<Tensor, Tensor> forward_cpu(const Tensor& q, const Tensor& k, const Tensor& v, AttentionWindow w, double scale,
-                                       double softcap, const OptTensor& sinks) {
+std::tuple<Tensor, Tensor> forward_cpu(const Tensor& q, const Tensor& k, const Tensor& v, AttentionWindow w,
+                                       double scale, double softcap, const OptTensor& sinks) {
   const Tensor qa = to_acc(q), ka = to_acc(k), va = to_acc(v);
   const Tensor sa = sinks.has_value() ? to_acc(sinks->to(qa.scalar_type())) : Tensor();
   Tensor out_acc = at::empty(q.sizes(), qa.options());
@@ -213,8 +214,9 @@ Tensor sinks_grad_or_empty(const Tensor& q, const OptTensor& sinks, const Tensor
   return sink_grad(*sinks, lse, delta);
 }
 
-AttentionGrads backward_cpu(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                   const Tensor& lse, AttentionWindow w, double scale, double softcap, const OptTensor& sinks) {
+AttentionGrads backward_cpu(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                            const Tensor& out, const Tensor& lse, AttentionWindow w, double scale, double softcap,
+                            const OptTensor& sinks) {
   const Tensor ga = to_acc(grad_out), qa = to_acc(q), ka = to_acc(k), va = to_acc(v), oa = to_acc(out);
   const Tensor lse_c = lse.contiguous();
   Tensor dq = at::empty(q.sizes(), qa.options());
@@ -233,12 +235,13 @@ AttentionGrads backward_cpu(const Tensor& grad_out, const Tensor& q, const Tenso
   return {dq.to(dt), dk.to(dt), dv.to(dt), sinks_grad_or_empty(q, sinks, lse_c, delta)};
 }
 
-metal::FlashAttentionOptions attention_metal_options(AttentionWindow w, double scale, double softcap, const OptTensor& sinks) {
+metal::FlashAttentionOptions attention_metal_options(AttentionWindow w, double scale, double softcap,
+                                                     const OptTensor& sinks) {
   return {w.left, w.right, scale, softcap, sinks.has_value()};
 }
 
-std::tuple<Tensor, Tensor> forward_metal(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, AttentionWindow w,
-                                         double scale, double softcap, const OptTensor& sinks) {
+std::tuple<Tensor, Tensor> forward_metal(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                         AttentionWindow w, double scale, double softcap, const OptTensor& sinks) {
   const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   Tensor out = at::empty(q.sizes(), q.options());
   Tensor lse = lse_like(q);
@@ -260,8 +263,8 @@ std::tuple<Tensor, Tensor> forward_metal(const Tensor& q_in, const Tensor& k_in,
 }
 
 AttentionGrads backward_metal(const Tensor& grad_out, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
-                     const Tensor& out, const Tensor& lse, AttentionWindow w, double scale, double softcap,
-                     const OptTensor& sinks) {
+                              const Tensor& out, const Tensor& lse, AttentionWindow w, double scale, double softcap,
+                              const OptTensor& sinks) {
   const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   Tensor dq = at::empty(q.sizes(), q.options());
   Tensor dk = at::empty(k.sizes(), k.options());
@@ -271,7 +274,8 @@ AttentionGrads backward_metal(const Tensor& grad_out, const Tensor& q_in, const 
     dk.zero_();
     dv.zero_();
     // No key: out is 0, so delta and every sink gradient are 0 too.
-    const Tensor no_grad = sinks.has_value() ? at::zeros(sinks->sizes(), sinks->options()) : at::empty({0}, q.options());
+    const Tensor no_grad =
+        sinks.has_value() ? at::zeros(sinks->sizes(), sinks->options()) : at::empty({0}, q.options());
     return {dq, dk, dv, no_grad};
   }
   const Tensor lse_c = lse.contiguous(), delta = lse_like(q);
@@ -294,10 +298,10 @@ std::tuple<Tensor, Tensor> flash_attention_impl(const Tensor& q, const Tensor& k
   return forward_cpu(q, k, v, w, s, softcap, sinks);
 }
 
-AttentionGrads flash_attention_backward_impl(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
-                                    const Tensor& out, const Tensor& lse, bool causal, std::optional<double> scale,
-                                    int64_t window_left, int64_t window_right, double softcap,
-                                    const OptTensor& sinks) {
+AttentionGrads flash_attention_backward_impl(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                             const Tensor& v, const Tensor& out, const Tensor& lse, bool causal,
+                                             std::optional<double> scale, int64_t window_left, int64_t window_right,
+                                             double softcap, const OptTensor& sinks) {
   check_backward_inputs(grad_out, q, k, v, out, lse, scale);
   check_attention_options(kFlashAttentionBackwardOp, q, window_left, window_right, softcap, sinks);
   const double s = resolve_scale(scale, q.size(3));
@@ -319,10 +323,10 @@ std::tuple<Tensor, Tensor> flash_attention_meta(const Tensor& q, const Tensor& k
   return {out, lse};
 }
 
-AttentionGrads flash_attention_backward_meta(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
-                                    const Tensor& out, const Tensor& lse, bool causal, std::optional<double> scale,
-                                    int64_t window_left, int64_t window_right, double softcap,
-                                    const OptTensor& sinks) {
+AttentionGrads flash_attention_backward_meta(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                             const Tensor& v, const Tensor& out, const Tensor& lse, bool causal,
+                                             std::optional<double> scale, int64_t window_left, int64_t window_right,
+                                             double softcap, const OptTensor& sinks) {
   check_backward_inputs(grad_out, q, k, v, out, lse, scale);
   check_attention_options(kFlashAttentionBackwardOp, q, window_left, window_right, softcap, sinks);
   return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
@@ -333,11 +337,11 @@ AttentionGrads flash_attention_backward_meta(const Tensor& grad_out, const Tenso
 // ---------------------------------------------------------------- autograd
 
 using AttentionForwardSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, bool,
-                                                     std::optional<double>, int64_t, int64_t, double,
-                                                     const OptTensor&);
-using AttentionBackwardSignature = AttentionGrads(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                const Tensor&, bool, std::optional<double>, int64_t, int64_t, double,
-                                const OptTensor&);
+                                                              std::optional<double>, int64_t, int64_t, double,
+                                                              const OptTensor&);
+using AttentionBackwardSignature = AttentionGrads(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                  const Tensor&, const Tensor&, bool, std::optional<double>, int64_t,
+                                                  int64_t, double, const OptTensor&);
 
 class FlashAttentionFunction : public torch::autograd::Function<FlashAttentionFunction> {
  public:
