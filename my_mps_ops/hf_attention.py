@@ -122,6 +122,11 @@ def _fallback(module, query, key, value, attention_mask, dropout, scaling, is_ca
         # the mask to the scores, so a boolean mask becomes 0 / finfo.min.
         eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if eager is not None:
+            causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+            if attention_mask is None and causal and query.shape[2] > 1:
+                # No mask stands for SDPA's is_causal (top-left); eager would attend everywhere.
+                attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool,
+                                            device=query.device).tril()
             if attention_mask is not None and attention_mask.dtype == torch.bool:
                 attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
                     ~attention_mask, torch.finfo(query.dtype).min)

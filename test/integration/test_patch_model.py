@@ -429,6 +429,25 @@ def test_attention_with_softcap_sliding_window_and_sinks_is_fused_and_matches_ea
     assert len(sinks) == (2 if build is tiny_gpt_oss else 0) and all(g.abs().sum() > 0 for g in sinks)
 
 
+def test_softcap_fallback_without_a_mask_stays_causal():
+    """A query shorter than its keys without a mask (a static cache's prefill)
+    falls back to the model's eager attention, which is given the top-left
+    causal mask SDPA's is_causal stands for."""
+    transformers = pytest.importorskip("transformers")
+    from my_mps_ops import hf_attention
+
+    torch.manual_seed(0)
+    attention = tiny_gemma2(transformers).model.layers[1].self_attn
+    q, k, v = torch.randn(1, 4, 3, 32), torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32)
+    hf_attention.stats.reset()
+    out, _ = hf_attention.attention_forward(attention, q, k, v, None, scaling=0.3, softcap=1.0)
+    assert hf_attention.stats.fallbacks == {"query shorter than the keys": 1}
+    scores = (1.0 * torch.tanh(0.3 * q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 1.0))
+    scores = scores.masked_fill(~torch.ones(3, 6, dtype=torch.bool).tril(), -torch.inf)
+    expected = (scores.softmax(-1) @ v.repeat_interleave(2, 1)).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
+
+
 def test_attention_switch_on_a_plain_module_is_reported():
     model = patch_model(nn.Sequential(nn.RMSNorm(8)), attention=True)
     assert [s.kind for s in model.my_mps_ops_patch_summary.skipped] == ["attention"]
