@@ -4,13 +4,28 @@
 its mask registry, with SDPA's mask builder, which hands the attention function
 no mask at all when the mask is plain causal). The attention function runs
 my_mps_ops.flash_attention when that computes exactly what the model asks for
-(causal, no mask, no dropout, sliding window, softcap, sinks or position bias,
-a supported head_dim) and falls back to transformers' SDPA function otherwise;
-`stats` counts both, the fallbacks by reason.
+(causal, no mask or exactly a sliding-window mask, no dropout, no position
+bias, a supported head_dim), with the model's sliding window, logit softcap
+(Gemma 2) and attention sinks (gpt-oss's ``s_aux``) passed to the kernel, and
+falls back otherwise: to the model's own eager attention when the call has a
+softcap or sinks (transformers' SDPA function refuses softcap and ignores
+sinks), to transformers' SDPA function for the rest. `stats` counts both, the
+fallbacks by reason.
+
+transformers' ``sliding_window=w`` is a window of w tokens, the query
+included: query i sees keys i - w < j <= i (masking_utils.py in transformers,
+``sliding_window_overlay``: ``kv_idx > q_idx - sliding_window``, and'ed with
+the causal mask), which is flash_attention's ``window=(w - 1, 0)`` with
+``causal=True``. For a sliding layer whose keys outnumber the window,
+transformers builds that mask even without padding (``_ignore_causal_mask_sdpa``
+keeps it); it is checked to be exactly the window, aligned bottom-right as the
+kernel aligns it, before the mask is dropped for the kernel's own window.
 """
 
 from __future__ import annotations
 
+import sys
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -33,30 +48,55 @@ class AttentionStats:
 
     def __str__(self) -> str:
         reasons = ", ".join(f"{n} {r}" for r, n in self.fallbacks.most_common())
-        return f"attention: {self.fused} fused calls, {sum(self.fallbacks.values())} SDPA fallbacks" + (
+        return f"attention: {self.fused} fused calls, {sum(self.fallbacks.values())} fallbacks to SDPA or eager" + (
             f" ({reasons})" if reasons else "")
 
 
 stats = AttentionStats()
 
+# The last masks found to be (or not to be) a sliding window: every sliding
+# layer of a forward pass gets the same mask tensor, so it is compared once.
+_window_checks: dict = {}
+
+
+def _sliding_window_mask(mask, q_len, k_len, window):
+    """Whether boolean `mask` (batch or 1, 1, q_len, k_len) is, for every batch
+    row, exactly the causal window of `window` tokens aligned bottom-right:
+    query i sees keys j with i + k_len - q_len - window < j <= i + k_len - q_len."""
+    if (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1
+            or tuple(mask.shape[-2:]) != (q_len, k_len)):
+        return False
+    if torch.compiler.is_compiling():  # comparing values would break the graph
+        return False
+    entry = _window_checks.get(window)
+    if entry is not None and entry[0]() is mask and entry[1] == mask._version:
+        return entry[2]
+    aligned = torch.arange(q_len, device=mask.device)[:, None] + (k_len - q_len)
+    key = torch.arange(k_len, device=mask.device)[None, :]
+    expected = (key <= aligned) & (key > aligned - window)
+    result = bool(torch.equal(mask, expected.expand(mask.shape)))
+    _window_checks[window] = (weakref.ref(mask), mask._version, result)
+    return result
+
 
 def _fallback_reason(module, query, key, attention_mask, dropout, is_causal, kwargs):
-    if attention_mask is not None:
+    q_len, k_len = query.shape[2], key.shape[2]
+    window = kwargs.get("sliding_window")
+    if attention_mask is not None and not (
+            window is not None and _sliding_window_mask(attention_mask, q_len, k_len, window)):
         return "explicit attention mask (padding or a non-causal pattern)"
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if not causal:
         return "not causal"
     if dropout:
         return "attention dropout"
-    for key_name, what in (("sliding_window", "sliding window"), ("softcap", "softcap"), ("s_aux", "attention sinks"),
-                           ("sinks", "attention sinks"), ("position_bias", "position bias")):
-        if kwargs.get(key_name) is not None:
-            return what
+    if kwargs.get("position_bias") is not None:
+        return "position bias"
     if kwargs.get("output_attentions"):
         return "output_attentions"
-    q_len, k_len = query.shape[2], key.shape[2]
-    if q_len not in (1, k_len):
-        # SDPA's is_causal aligns the diagonal top-left, the fused op bottom-right.
+    if attention_mask is None and q_len not in (1, k_len):
+        # SDPA's is_causal aligns the diagonal top-left, the fused op bottom-right
+        # (a sliding-window mask was checked to be bottom-right above).
         return "query shorter than the keys"
     if query.shape[-1] not in SUPPORTED_HEAD_DIMS or key.shape[-1] != query.shape[-1]:
         return f"head_dim {query.shape[-1]}"
@@ -65,7 +105,36 @@ def _fallback_reason(module, query, key, attention_mask, dropout, is_causal, kwa
     if query.dtype not in (torch.float32, torch.float16, torch.bfloat16) and not (
             query.dtype == torch.float64 and query.device.type == "cpu"):
         return f"dtype {query.dtype}"
+    sinks = _sinks_of(kwargs)
+    if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != query.shape[1]):
+        return "sinks not one per query head"
     return None
+
+
+def _sinks_of(kwargs):
+    sinks = kwargs.get("s_aux")
+    return kwargs.get("sinks") if sinks is None else sinks
+
+
+def _fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    if kwargs.get("softcap") is not None or _sinks_of(kwargs) is not None:
+        # The model's eager attention implements its softcap / sinks; it adds
+        # the mask to the scores, so a boolean mask becomes 0 / finfo.min.
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is not None:
+            causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+            if attention_mask is None and causal and query.shape[2] > 1:
+                # No mask stands for SDPA's is_causal (top-left); eager would attend everywhere.
+                attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool,
+                                            device=query.device).tril()
+            if attention_mask is not None and attention_mask.dtype == torch.bool:
+                attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                    ~attention_mask, torch.finfo(query.dtype).min)
+            return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
@@ -74,13 +143,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     inputs; returns (batch, seq, heads, head_dim) and no attention weights."""
     reason = _fallback_reason(module, query, key, attention_mask, dropout, is_causal, kwargs)
     if reason is not None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         stats.fallbacks[reason] += 1
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return _fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     stats.fused += 1
-    out = ops.flash_attention(query, key, value, causal=True, scale=scaling)
+    window = kwargs.get("sliding_window")
+    out = ops.flash_attention(query, key, value, causal=True, scale=scaling,
+                              window=None if window is None else (window - 1, 0), softcap=kwargs.get("softcap"),
+                              sinks=_sinks_of(kwargs))
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1,6 +1,6 @@
 """Functional API: thin wrappers over torch.ops.my_mps_ops."""
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -76,8 +76,9 @@ def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, biases: Optiona
     return _ops.quantized_linear(x, qweight, scales, biases, bias, group_size, bits, mode)
 
 
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
-                    scale: Optional[float] = None) -> Tensor:
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
+                    window: Optional[Tuple[int, int]] = None, softcap: Optional[float] = None,
+                    sinks: Optional[Tensor] = None) -> Tensor:
     """Fused attention ``softmax(scale * q @ k^T [masked]) @ v`` with memory linear in sequence length.
 
     Inputs are (batch, heads, seq, head_dim); k and v may have fewer heads than q
@@ -86,11 +87,21 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
     right (query i sees key j iff ``j <= i + k_len - q_len``, as
     ``torch.nn.attention.bias.causal_lower_right``; the same as
     ``F.scaled_dot_product_attention(is_causal=True)`` when the lengths are equal).
+    ``window=(left, right)``: query i, aligned the same way at ``a = i + k_len - q_len``,
+    sees keys ``a - left .. a + right`` (-1: unbounded on that side; with ``causal``
+    the right bound is ``min(right, 0)``); a sliding window of ``w`` tokens
+    including the query itself is ``window=(w - 1, 0)`` with ``causal=True``.
+    ``softcap``: the scaled scores become ``softcap * tanh(scores / softcap)``
+    before the softmax (None or 0: off). ``sinks``: a (q_heads,) tensor of
+    per-head logits that join every row's softmax denominator without adding a
+    value (gpt-oss's attention sinks); it receives a gradient.
     Rows that see no key give zeros. ``scale`` defaults to ``1/sqrt(head_dim)``.
     head_dim 32, 64, 80, 96, 128 or 256; float32, float16, bfloat16 (float64 on
     cpu). Supports autograd (FlashAttention-2 backward) and torch.compile.
     """
-    return _ops.flash_attention(q, k, v, causal, scale)[0]
+    left, right = (-1, -1) if window is None else window
+    return _ops.flash_attention(q, k, v, causal, scale, int(left), int(right),
+                                0.0 if softcap is None else float(softcap), sinks)[0]
 
 
 def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, seq_dim: int = 1) -> Tensor:

@@ -1,9 +1,12 @@
 // Flash attention (FlashAttention-2 style), forward and backward.
 //
 // Inputs are contiguous (batch, heads, seq, D); k/v head = q head / group.
-// Causal masks are aligned to the bottom right: query i sees key j iff
-// j <= i + (kv_len - q_len). A query row that sees no key gives output 0 and
-// lse -inf.
+// Masks are aligned to the bottom right: query i, at a = i + (kv_len - q_len),
+// sees keys a - window_left .. a + window_right (-1: unbounded; causal is
+// window_right 0). Scores may be capped (softcap * tanh(s / softcap)), and a
+// per-head sink logit may join each row's softmax denominator (it is part of
+// lse, so the backward kernels never read it). A query row that sees no key
+// gives output 0 and lse -inf (the sink with sinks).
 //
 // Every product runs on 8x8 simdgroup_float8x8 multiply-accumulates with float
 // accumulation; tiles are converted to float as they are staged in
@@ -73,16 +76,44 @@ inline void stage_rows(threadgroup float* tile, device const T* src, uint first_
   }
 }
 
-// Keys [0, end) that any query in [first, last] sees.
-inline uint visible_key_end(uint last_query, uint q_len, uint kv_len, bool causal) {
-  if (!causal) {
-    return kv_len;
+// Keys [key_begin_of(query), key_end_of(query)) are visible to a query; both
+// grow with the query, so a block of queries [first, last] sees keys
+// [key_begin_of(first), key_end_of(last)) and the loops skip the rest.
+inline uint key_begin_of(uint query, uint q_len, uint kv_len, int left) {
+  if (left < 0) {
+    return 0;
   }
-  return uint(clamp(int(last_query) + int(kv_len) - int(q_len) + 1, 0, int(kv_len)));
+  return uint(clamp(int(query) + int(kv_len) - int(q_len) - left, 0, int(kv_len)));
 }
 
-inline bool key_visible(uint query, uint key, uint q_len, uint kv_len, bool causal) {
-  return query < q_len && key < kv_len && (!causal || int(key) <= int(query) + int(kv_len) - int(q_len));
+inline uint key_end_of(uint query, uint q_len, uint kv_len, int right) {
+  if (right < 0) {
+    return kv_len;
+  }
+  return uint(clamp(int(query) + int(kv_len) - int(q_len) + right + 1, 0, int(kv_len)));
+}
+
+// Queries [query_begin_of(k0), query_end_of(k1)) see some key of [k0, k1).
+inline uint query_begin_of(uint k0, uint q_len, uint kv_len, int right) {
+  if (right < 0) {
+    return 0;
+  }
+  return uint(clamp(int(k0) - right - (int(kv_len) - int(q_len)), 0, int(q_len)));
+}
+
+inline uint query_end_of(uint k1, uint q_len, uint kv_len, int left) {
+  if (left < 0) {
+    return q_len;
+  }
+  return uint(clamp(int(k1) + left - (int(kv_len) - int(q_len)), 0, int(q_len)));
+}
+
+inline bool key_visible(uint query, uint key, uint q_len, uint kv_len, int left, int right) {
+  if (query >= q_len || key >= kv_len) {
+    return false;
+  }
+  const int aligned = int(query) + int(kv_len) - int(q_len);
+  return (left < 0 || int(key) >= aligned - left) && (right < 0 || int(key) <= aligned + right);
 }
 
 // out = softmax(scale * q k^T) v and lse, per (block of ROWS queries, q head, batch).
@@ -93,9 +124,10 @@ kernel void flash_attention_forward(
     device const T* q [[buffer(0)]],
     device const T* k [[buffer(1)]],
     device const T* v [[buffer(2)]],
-    device T* out [[buffer(3)]],
-    device float* lse [[buffer(4)]],
-    constant FlashAttentionShape& shape [[buffer(5)]],
+    device const float* sinks [[buffer(3)]],
+    device T* out [[buffer(4)]],
+    device float* lse [[buffer(5)]],
+    constant FlashAttentionShape& shape [[buffer(6)]],
     threadgroup float* tile [[threadgroup(0)]],
     threadgroup float* scratch [[threadgroup(1)]],
     uint3 block [[threadgroup_position_in_grid]],
@@ -111,6 +143,9 @@ kernel void flash_attention_forward(
   const uint q_len = shape.q_len;
   const uint kv_len = shape.kv_len;
   const float scale = shape.scale;
+  const float softcap = shape.softcap;
+  const int left = shape.window_left;
+  const int right = shape.window_right;
   const float neg_inf = -INFINITY;
   const uint h = block.y;
   const uint b = block.z;
@@ -121,7 +156,6 @@ kernel void flash_attention_forward(
   device const T* vh = v + (size_t(b) * kv_heads + h / group) * kv_len * D;
   threadgroup float* scores = scratch + sg * flash_forward_scratch_floats(SIMDGROUPS);  // 8 x ROWS
   threadgroup float* diag = scores + 8 * ROWS;                                            // 8 x 8
-  const bool is_causal = shape.causal != 0;
 
   stage_rows<T, D>(tile, qh, q0, ROWS, q_len, scale, tid, THREADS);
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -139,8 +173,9 @@ kernel void flash_attention_forward(
   float row_max = neg_inf;
   float row_sum = 0.0f;
 
-  const uint key_end = visible_key_end(min(q_len, q0 + ROWS) - 1, q_len, kv_len, is_causal);
-  for (uint k0 = 0; k0 < key_end; k0 += ROWS) {
+  const uint key_begin = key_begin_of(q0, q_len, kv_len, left) / ROWS * ROWS;
+  const uint key_end = key_end_of(min(q_len, q0 + ROWS) - 1, q_len, kv_len, right);
+  for (uint k0 = key_begin; k0 < key_end; k0 += ROWS) {
     threadgroup_barrier(mem_flags::mem_threadgroup);  // everyone is done with the previous tile
     stage_rows<T, D>(tile, kh, k0, ROWS, kv_len, 1.0f, tid, THREADS);
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -158,10 +193,16 @@ kernel void flash_attention_forward(
 
     // Online softmax over this tile; masked scores are skipped, never -inf,
     // so no NaN reaches the matrices (a diagonal product mixes rows with 0 * x).
+    // Each lane caps its own scores in place (softcap) and reads them back below.
     float tile_max = neg_inf;
     for (uint j = part; j < ROWS; j += 4) {
-      if (key_visible(query, k0 + j, q_len, kv_len, is_causal)) {
-        tile_max = max(tile_max, scores[row * ROWS + j]);
+      if (key_visible(query, k0 + j, q_len, kv_len, left, right)) {
+        float s = scores[row * ROWS + j];
+        if (softcap > 0.0f) {
+          s = softcap * tanh(s / softcap);
+          scores[row * ROWS + j] = s;
+        }
+        tile_max = max(tile_max, s);
       }
     }
     tile_max = max(tile_max, simd_shuffle_xor(tile_max, ushort(1)));
@@ -170,7 +211,7 @@ kernel void flash_attention_forward(
     const float correction = new_max == neg_inf ? 1.0f : exp(row_max - new_max);
     float tile_sum = 0.0f;
     for (uint j = part; j < ROWS; j += 4) {
-      const bool visible = key_visible(query, k0 + j, q_len, kv_len, is_causal);
+      const bool visible = key_visible(query, k0 + j, q_len, kv_len, left, right);
       const float p = visible ? exp(scores[row * ROWS + j] - new_max) : 0.0f;
       scores[row * ROWS + j] = p;
       tile_sum += p;
@@ -206,8 +247,22 @@ kernel void flash_attention_forward(
   }
 
   // out = acc / row_sum (0 for rows that saw no key); lse = row_max + log(row_sum).
+  // A sink adds exp(sink) to the denominator: lse = log(exp(lse) + exp(sink))
+  // and out = acc * exp(row_max - lse).
   simdgroup_barrier(mem_flags::mem_threadgroup);
-  const float inv_sum = row_sum > 0.0f ? 1.0f / row_sum : 0.0f;
+  float inv_sum = row_sum > 0.0f ? 1.0f / row_sum : 0.0f;
+  float row_lse = row_sum > 0.0f ? row_max + log(row_sum) : neg_inf;
+  if (shape.has_sinks != 0) {
+    const float sink = sinks[h];
+    const float m = max(row_lse, sink);
+    if (m != neg_inf) {
+      const float total = m + log(exp(row_lse - m) + exp(sink - m));
+      if (row_sum > 0.0f) {
+        inv_sum = exp(row_max - total);
+      }
+      row_lse = total;
+    }
+  }
   for (uint c = part * 2; c < part * 2 + 2; ++c) {
     diag[row * 8 + c] = row == c ? inv_sum : 0.0f;
   }
@@ -221,7 +276,7 @@ kernel void flash_attention_forward(
     store_block(o, oh, q0 + sg * 8, q_len, dc * 8, D, 1.0f, scores, lane);
   }
   if (part == 0 && query < q_len) {
-    lse[(size_t(b) * q_heads + h) * q_len + query] = row_sum > 0.0f ? row_max + log(row_sum) : neg_inf;
+    lse[(size_t(b) * q_heads + h) * q_len + query] = row_lse;
   }
 }
 
@@ -296,7 +351,9 @@ kernel void flash_attention_backward_kv(
   threadgroup float* delta_tile = lse_tile + 8;
   threadgroup float* block_a = scratch + sg * kFlashBackwardScratchFloats;
   threadgroup float* block_b = block_a + 64;
-  const bool is_causal = shape.causal != 0;
+  const float softcap = shape.softcap;
+  const int left = shape.window_left;
+  const int right = shape.window_right;
 
   simdgroup_float8x8 kf[BLOCKS];
   simdgroup_float8x8 vf[BLOCKS];
@@ -309,11 +366,12 @@ kernel void flash_attention_backward_kv(
     dvf[dc] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   }
 
-  // The first query that sees key k0 (causal: query + kv_len - q_len >= k0).
-  const uint first_query = is_causal ? uint(clamp(int(k0) - int(kv_len) + int(q_len), 0, int(q_len))) : 0;
+  // Only the queries that see some key of the threadgroup's block.
+  const uint first_query = query_begin_of(k0, q_len, kv_len, right);
+  const uint query_end = query_end_of(min(kv_len, k0 + ROWS), q_len, kv_len, left);
   for (uint hh = 0; hh < group; ++hh) {
     const size_t q_row0 = (size_t(b) * q_heads + kv_h * group + hh) * q_len;
-    for (uint i0 = first_query / 8 * 8; i0 < q_len; i0 += 8) {
+    for (uint i0 = first_query / 8 * 8; i0 < query_end; i0 += 8) {
       threadgroup_barrier(mem_flags::mem_threadgroup);  // everyone is done with the previous tiles
       stage_rows<T, D>(q_tile, q + q_row0 * D, i0, 8, q_len, scale, tid, THREADS);
       stage_rows<T, D>(do_tile, grad_out + q_row0 * D, i0, 8, q_len, 1.0f, tid, THREADS);
@@ -338,10 +396,17 @@ kernel void flash_attention_backward_kv(
       simdgroup_barrier(mem_flags::mem_threadgroup);
       for (uint e = lane * 2; e < lane * 2 + 2; ++e) {
         const uint c = e % 8;  // query i0 + c, key key0 + e / 8
-        const bool visible = key_visible(i0 + c, key0 + e / 8, q_len, kv_len, is_causal);
-        const float p = visible ? exp(block_a[e] - lse_tile[c]) : 0.0f;
+        const bool visible = key_visible(i0 + c, key0 + e / 8, q_len, kv_len, left, right);
+        float s = block_a[e];
+        float cap_grad = 1.0f;  // d softcap(s) / ds = 1 - tanh^2
+        if (softcap > 0.0f) {
+          const float t = tanh(s / softcap);
+          s = softcap * t;
+          cap_grad = 1.0f - t * t;
+        }
+        const float p = visible ? exp(s - lse_tile[c]) : 0.0f;
         block_a[e] = p;
-        block_b[e] = p * (block_b[e] - delta_tile[c]);
+        block_b[e] = p * (block_b[e] - delta_tile[c]) * cap_grad;
       }
       simdgroup_barrier(mem_flags::mem_threadgroup);
       simdgroup_float8x8 pt;
@@ -406,7 +471,9 @@ kernel void flash_attention_backward_q(
   threadgroup float* v_tile = stage + 8 * D;
   threadgroup float* block_a = scratch + sg * kFlashBackwardScratchFloats;
   threadgroup float* block_b = block_a + 64;
-  const bool is_causal = shape.causal != 0;
+  const float softcap = shape.softcap;
+  const int left = shape.window_left;
+  const int right = shape.window_right;
 
   simdgroup_float8x8 qf[BLOCKS];
   simdgroup_float8x8 dof[BLOCKS];
@@ -421,8 +488,9 @@ kernel void flash_attention_backward_q(
   const float my_lse = my_query < q_len ? lse[q_row0 + my_query] : 0.0f;
   const float my_delta = my_query < q_len ? delta[q_row0 + my_query] : 0.0f;
 
-  const uint key_end = visible_key_end(min(q_len, q0 + ROWS) - 1, q_len, kv_len, is_causal);
-  for (uint k0 = 0; k0 < key_end; k0 += 8) {
+  const uint key_begin = key_begin_of(q0, q_len, kv_len, left) / 8 * 8;
+  const uint key_end = key_end_of(min(q_len, q0 + ROWS) - 1, q_len, kv_len, right);
+  for (uint k0 = key_begin; k0 < key_end; k0 += 8) {
     threadgroup_barrier(mem_flags::mem_threadgroup);  // everyone is done with the previous tiles
     stage_rows<T, D>(k_tile, k + kv_offset, k0, 8, kv_len, 1.0f, tid, THREADS);
     stage_rows<T, D>(v_tile, v + kv_offset, k0, 8, kv_len, 1.0f, tid, THREADS);
@@ -441,9 +509,16 @@ kernel void flash_attention_backward_q(
     simdgroup_store(dp, block_b, 8);
     simdgroup_barrier(mem_flags::mem_threadgroup);
     for (uint e = lane * 2; e < lane * 2 + 2; ++e) {  // query query0 + e / 8 = my_query, key k0 + e % 8
-      const bool visible = key_visible(my_query, k0 + e % 8, q_len, kv_len, is_causal);
-      const float p = visible ? exp(block_a[e] - my_lse) : 0.0f;
-      block_b[e] = p * (block_b[e] - my_delta);
+      const bool visible = key_visible(my_query, k0 + e % 8, q_len, kv_len, left, right);
+      float s = block_a[e];
+      float cap_grad = 1.0f;  // d softcap(s) / ds = 1 - tanh^2
+      if (softcap > 0.0f) {
+        const float t = tanh(s / softcap);
+        s = softcap * t;
+        cap_grad = 1.0f - t * t;
+      }
+      const float p = visible ? exp(s - my_lse) : 0.0f;
+      block_b[e] = p * (block_b[e] - my_delta) * cap_grad;
     }
     simdgroup_barrier(mem_flags::mem_threadgroup);
     simdgroup_float8x8 ds;

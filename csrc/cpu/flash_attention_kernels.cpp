@@ -1,7 +1,7 @@
 // cpu copies: baseline avx2
 // CPU loops of flash attention, forward and backward (FlashAttention-2):
-// softmax(scale * q k^T [+ causal mask]) v without ever materialising the
-// [L, S] score matrix.
+// softmax(softcap(scale * q k^T) [+ causal / window mask], [+ sink]) v
+// without ever materialising the [L, S] score matrix.
 //
 // Each task owns a tile of queries x keys at a time; the tile products are
 // small row-major matrix multiplies on the copy's vectors (matmul_acc: Vec for
@@ -171,16 +171,82 @@ std::vector<A> transposed_key_blocks(const A* x, int64_t slabs, int64_t len, int
   return xt;
 }
 
-// Keys visible to query row i: [0, visible_keys(i)).
-inline int64_t visible_keys(const FlashAttentionDims& d, int64_t i) {
-  if (!d.causal) return d.kv_len;
-  return std::clamp<int64_t>(i + d.kv_len - d.q_len + 1, 0, d.kv_len);
+// Keys visible to query row i: [key_begin(i), key_end(i)), empty when
+// key_end <= key_begin. Both only grow with i, so a block of queries sees
+// [key_begin(first), key_end(last)) and key blocks outside it are skipped.
+inline int64_t key_begin(const FlashAttentionDims& d, int64_t i) {
+  if (d.window_left < 0) return 0;
+  return std::clamp<int64_t>(i + d.kv_len - d.q_len - d.window_left, 0, d.kv_len);
+}
+inline int64_t key_end(const FlashAttentionDims& d, int64_t i) {
+  if (d.window_right < 0) return d.kv_len;
+  return std::clamp<int64_t>(i + d.kv_len - d.q_len + d.window_right + 1, 0, d.kv_len);
+}
+// Queries that see some key of [j0, j1): [query_begin(j0), query_end(j1)).
+inline int64_t query_begin(const FlashAttentionDims& d, int64_t j0) {
+  if (d.window_right < 0) return 0;
+  return std::clamp<int64_t>(j0 - d.window_right - (d.kv_len - d.q_len), 0, d.q_len);
+}
+inline int64_t query_end(const FlashAttentionDims& d, int64_t j1) {
+  if (d.window_left < 0) return d.q_len;
+  return std::clamp<int64_t>(j1 + d.window_left - (d.kv_len - d.q_len), 0, d.q_len);
+}
+
+// tanh(x) = 1 - 2 / (exp(2x) + 1) on float32 vectors, saturating to +-1
+// (exp_poly clamps its argument); absolute error ~1e-7, which a capped score
+// carries times the cap.
+__attribute__((always_inline)) inline Vec tanh_vec(Vec x) {
+  return 1.0f - 2.0f / (vec::exp_poly(x + x) + 1.0f);
+}
+
+// s[j] = cap * tanh(s[j] * scale / cap): the capped, scaled scores.
+template <typename A>
+void softcap_scores(A* s, int64_t n, A scale, A cap) {
+  const A inner = scale / cap;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    constexpr int64_t L = vec::kLanes<Vec>;
+    for (; j + L <= n; j += L) vec::storev(s + j, tanh_vec(vec::loadv<Vec>(s + j) * inner) * cap);
+  }
+  for (; j < n; ++j) s[j] = cap * std::tanh(s[j] * inner);
+}
+
+// The backward's capped row: for raw scores p[j] (q.k) and dO.v products
+// ds[j], p[j] = exp(cap * t - lse) and ds[j] = p[j] * (ds[j] - delta) *
+// (1 - t^2), t = tanh(scale * q.k / cap).
+template <typename A>
+void capped_probabilities(A* p, A* ds, int64_t n, A scale, A cap, A lse, A delta) {
+  const A inner = scale / cap;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    constexpr int64_t L = vec::kLanes<Vec>;
+    for (; j + L <= n; j += L) {
+      const Vec t = tanh_vec(vec::loadv<Vec>(p + j) * inner);
+      const Vec pj = vec::exp_poly_nonpositive(t * cap - lse);  // capped scores <= lse
+      vec::storev(p + j, pj);
+      vec::storev(ds + j, pj * (vec::loadv<Vec>(ds + j) - delta) * (1.0f - t * t));
+    }
+  }
+  for (; j < n; ++j) {
+    const A t = std::tanh(p[j] * inner);
+    p[j] = std::exp(cap * t - lse);
+    ds[j] = p[j] * (ds[j] - delta) * (A(1) - t * t);
+  }
+}
+
+// log(exp(a) + exp(b)), either may be -inf.
+template <typename A>
+inline A log_add_exp(A a, A b) {
+  const A m = std::max(a, b);
+  if (m == -std::numeric_limits<A>::infinity()) return m;
+  return m + std::log(std::exp(a - m) + std::exp(b - m));
 }
 
 // Forward: one task per (batch, q head, block of kQueryBlock queries); each
 // walks key blocks with an online softmax.
 template <typename A>
-void forward_kernel(const A* q, const A* k, const A* v, A* out, A* lse, const FlashAttentionDims& d, A scale) {
+void forward_kernel(const A* q, const A* k, const A* v, const A* sinks, A* out, A* lse, const FlashAttentionDims& d,
+                    A scale, A softcap) {
   const int64_t D = d.head_dim;
   constexpr int64_t BQ = kQueryBlock, BK = kKeyBlock;
   const int64_t q_blocks = (d.q_len + BQ - 1) / BQ;
@@ -202,24 +268,33 @@ void forward_kernel(const A* q, const A* k, const A* v, A* out, A* lse, const Fl
       std::fill(acc.begin(), acc.end(), A(0));
       std::fill(row_max.begin(), row_max.end(), kNegInf);
       std::fill(row_sum.begin(), row_sum.end(), A(0));
-      const int64_t key_end = visible_keys(d, i0 + rows - 1);  // the block's last row sees the most
-      for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
-        const int64_t keys = std::min(key_end, j0 + BK) - j0;
+      // Key blocks (aligned, to index k_tiles) from the first row's first key
+      // to the last row's last.
+      const int64_t first_key = key_begin(d, i0) / BK * BK, last_key = key_end(d, i0 + rows - 1);
+      for (int64_t j0 = first_key; j0 < last_key; j0 += BK) {
+        const int64_t keys = std::min(last_key, j0 + BK) - j0;
         std::fill(scores.begin(), scores.end(), A(0));
         matmul_acc(scores.data(), BK, q_block, D, k_t + (j0 / BK) * D * BK, BK, rows, keys, D);
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t row_keys = std::min(keys, visible_keys(d, i0 + r) - j0);
+          const int64_t lo = std::clamp<int64_t>(key_begin(d, i0 + r) - j0, 0, keys);
+          const int64_t hi = std::clamp<int64_t>(key_end(d, i0 + r) - j0, 0, keys);
           A* s = scores.data() + r * BK;
-          if (row_keys <= 0) {  // nothing visible in this block: contributes nothing
+          if (hi <= lo) {  // nothing visible in this block: contributes nothing
             std::fill(s, s + keys, A(0));
             continue;
           }
-          const A block_max = max_scaled(s, row_keys, scale);
+          A row_scale = scale;
+          if (softcap > A(0)) {
+            softcap_scores(s + lo, hi - lo, scale, softcap);
+            row_scale = A(1);
+          }
+          const A block_max = max_scaled(s + lo, hi - lo, row_scale);
           const A new_max = std::max(row_max[r], block_max);
           const A correction = std::exp(row_max[r] - new_max);  // 0 while row_max is -inf
-          exp_shifted(s, row_keys, scale, new_max);
-          const A block_sum = sum_of(s, row_keys);
-          std::fill(s + row_keys, s + keys, A(0));
+          exp_shifted(s + lo, hi - lo, row_scale, new_max);
+          const A block_sum = sum_of(s + lo, hi - lo);
+          std::fill(s, s + lo, A(0));
+          std::fill(s + hi, s + keys, A(0));
           A* acc_row = acc.data() + r * D;
           for (int64_t c = 0; c < D; ++c) acc_row[c] *= correction;
           row_sum[r] = row_sum[r] * correction + block_sum;
@@ -231,9 +306,15 @@ void forward_kernel(const A* q, const A* k, const A* v, A* out, A* lse, const Fl
         const int64_t row = bh * d.q_len + i0 + r;
         A* out_row = out + row * D;
         const A* acc_row = acc.data() + r * D;
-        const A inv = row_sum[r] > A(0) ? A(1) / row_sum[r] : A(0);
+        A inv = row_sum[r] > A(0) ? A(1) / row_sum[r] : A(0);
+        A row_lse = row_sum[r] > A(0) ? row_max[r] + std::log(row_sum[r]) : kNegInf;
+        if (sinks != nullptr) {  // the sink joins the denominator, adds no value
+          const A total = log_add_exp(row_lse, sinks[h]);
+          if (row_sum[r] > A(0)) inv = std::exp(row_max[r] - total);
+          row_lse = total;
+        }
         for (int64_t c = 0; c < D; ++c) out_row[c] = acc_row[c] * inv;
-        lse[row] = row_sum[r] > A(0) ? row_max[r] + std::log(row_sum[r]) : kNegInf;
+        lse[row] = row_lse;
       }
     }
   });
@@ -248,12 +329,13 @@ void row_dot(const A* grad_out, const A* out, A* delta, int64_t rows, int64_t D)
 }
 
 // One tile of the backward: for queries [i0, i0 + rows) and keys [j0, j0 + keys)
-// (k_t, v_t: the keys' K^T and V^T, [D, BK]), fills p = exp(scale * q.k - lse)
-// and ds = p * (dO.v - delta), both [rows, BK], zero where masked.
+// (k_t, v_t: the keys' K^T and V^T, [D, BK]), fills p = exp(s - lse) with
+// s = softcap(scale * q.k) and ds = p * (dO.v - delta) * ds/d(scale q.k)
+// (1 - tanh^2 under softcap, else 1), both [rows, BK], zero where masked.
 template <typename A>
 void backward_tile(const A* q_block, const A* go_block, const A* k_t, const A* v_t, const A* lse, const A* delta,
-                   int64_t i0, int64_t rows, int64_t j0, int64_t keys, const FlashAttentionDims& d, A scale, A* p,
-                   A* ds) {
+                   int64_t i0, int64_t rows, int64_t j0, int64_t keys, const FlashAttentionDims& d, A scale,
+                   A softcap, A* p, A* ds) {
   const int64_t D = d.head_dim;
   constexpr int64_t BK = kKeyBlock;
   std::fill(p, p + rows * BK, A(0));
@@ -261,13 +343,20 @@ void backward_tile(const A* q_block, const A* go_block, const A* k_t, const A* v
   matmul_acc(p, BK, q_block, D, k_t, BK, rows, keys, D);
   matmul_acc(ds, BK, go_block, D, v_t, BK, rows, keys, D);
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t row_keys = std::clamp<int64_t>(visible_keys(d, i0 + r) - j0, 0, keys);
+    const int64_t lo = std::clamp<int64_t>(key_begin(d, i0 + r) - j0, 0, keys);
+    const int64_t hi = std::max(lo, std::clamp<int64_t>(key_end(d, i0 + r) - j0, 0, keys));
     A* pr = p + r * BK;
     A* dsr = ds + r * BK;
-    exp_shifted(pr, row_keys, scale, lse[r]);
-    for (int64_t j = 0; j < row_keys; ++j) dsr[j] = pr[j] * (dsr[j] - delta[r]);
-    std::fill(pr + row_keys, pr + keys, A(0));
-    std::fill(dsr + row_keys, dsr + keys, A(0));
+    if (softcap > A(0)) {
+      capped_probabilities(pr + lo, dsr + lo, hi - lo, scale, softcap, lse[r], delta[r]);
+    } else {
+      exp_shifted(pr + lo, hi - lo, scale, lse[r]);
+      for (int64_t j = lo; j < hi; ++j) dsr[j] = pr[j] * (dsr[j] - delta[r]);
+    }
+    std::fill(pr, pr + lo, A(0));
+    std::fill(dsr, dsr + lo, A(0));
+    std::fill(pr + hi, pr + keys, A(0));
+    std::fill(dsr + hi, dsr + keys, A(0));
   }
 }
 
@@ -276,7 +365,7 @@ void backward_tile(const A* q_block, const A* go_block, const A* k_t, const A* v
 // dK += scale * dS^T Q. No atomics, no [L, S].
 template <typename A>
 void backward_kv_kernel(const A* grad_out, const A* q, const A* k, const A* v, const A* lse, const A* delta, A* dk,
-                        A* dv, const FlashAttentionDims& d, A scale) {
+                        A* dv, const FlashAttentionDims& d, A scale, A softcap) {
   const int64_t D = d.head_dim;
   constexpr int64_t BQ = kQueryBlock, BK = kKeyBlock;
   const int64_t k_blocks = (d.kv_len + BK - 1) / BK;
@@ -295,15 +384,15 @@ void backward_kv_kernel(const A* grad_out, const A* q, const A* k, const A* v, c
       A* dv_block = dv + kv_row0 * D;
       std::fill(dk_block, dk_block + keys * D, A(0));
       std::fill(dv_block, dv_block + keys * D, A(0));
-      // First query that sees key j0: i + kv_len - q_len >= j0.
-      const int64_t i_begin = d.causal ? std::clamp<int64_t>(j0 - (d.kv_len - d.q_len), 0, d.q_len) : 0;
+      // Only the queries that see some key of the block.
+      const int64_t i_begin = query_begin(d, j0), i_end = query_end(d, j0 + keys);
       for (int64_t h = kv_h * d.group; h < (kv_h + 1) * d.group; ++h) {
         const int64_t bh = b * d.q_heads + h;
-        for (int64_t i0 = i_begin; i0 < d.q_len; i0 += BQ) {
-          const int64_t rows = std::min(d.q_len, i0 + BQ) - i0;
+        for (int64_t i0 = i_begin; i0 < i_end; i0 += BQ) {
+          const int64_t rows = std::min(i_end, i0 + BQ) - i0;
           const int64_t row0 = bh * d.q_len + i0;
           backward_tile(q + row0 * D, grad_out + row0 * D, k_t.data(), v_t.data(), lse + row0, delta + row0, i0,
-                        rows, j0, keys, d, scale, p.data(), ds.data());
+                        rows, j0, keys, d, scale, softcap, p.data(), ds.data());
           transpose_into(p_t.data(), BQ, p.data(), BK, rows, keys);
           transpose_into(ds_t.data(), BQ, ds.data(), BK, rows, keys);
           matmul_acc(dv_block, D, p_t.data(), BQ, grad_out + row0 * D, D, keys, D, rows);
@@ -319,7 +408,7 @@ void backward_kv_kernel(const A* grad_out, const A* q, const A* k, const A* v, c
 // blocks: dQ += scale * dS K.
 template <typename A>
 void backward_q_kernel(const A* grad_out, const A* q, const A* k, const A* v, const A* lse, const A* delta, A* dq,
-                       const FlashAttentionDims& d, A scale) {
+                       const FlashAttentionDims& d, A scale, A softcap) {
   const int64_t D = d.head_dim;
   constexpr int64_t BQ = kQueryBlock, BK = kKeyBlock;
   const int64_t q_blocks = (d.q_len + BQ - 1) / BQ;
@@ -338,13 +427,13 @@ void backward_q_kernel(const A* grad_out, const A* q, const A* k, const A* v, co
       const int64_t row0 = bh * d.q_len + i0;
       A* dq_block = dq + row0 * D;
       std::fill(dq_block, dq_block + rows * D, A(0));
-      const int64_t key_end = visible_keys(d, i0 + rows - 1);
-      for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
-        const int64_t keys = std::min(key_end, j0 + BK) - j0;
+      const int64_t first_key = key_begin(d, i0) / BK * BK, last_key = key_end(d, i0 + rows - 1);
+      for (int64_t j0 = first_key; j0 < last_key; j0 += BK) {
+        const int64_t keys = std::min(last_key, j0 + BK) - j0;
         const A* k_block = k + (kv_bh * d.kv_len + j0) * D;
         const int64_t tile = (kv_bh * k_blocks + j0 / BK) * D * BK;
         backward_tile(q + row0 * D, grad_out + row0 * D, k_tiles.data() + tile, v_tiles.data() + tile, lse + row0,
-                      delta + row0, i0, rows, j0, keys, d, scale, p.data(), ds.data());
+                      delta + row0, i0, rows, j0, keys, d, scale, softcap, p.data(), ds.data());
         matmul_acc(dq_block, D, ds.data(), BK, k_block, D, rows, D, keys);
       }
       for (int64_t e = 0; e < rows * D; ++e) dq_block[e] *= scale;
@@ -355,7 +444,8 @@ void backward_q_kernel(const A* grad_out, const A* q, const A* k, const A* v, co
 template <typename A>
 void forward(const FlashAttentionForwardArgs& a) {
   forward_kernel<A>(static_cast<const A*>(a.q), static_cast<const A*>(a.k), static_cast<const A*>(a.v),
-                    static_cast<A*>(a.out), static_cast<A*>(a.lse), a.dims, A(a.scale));
+                    static_cast<const A*>(a.sinks), static_cast<A*>(a.out), static_cast<A*>(a.lse), a.dims,
+                    A(a.scale), A(a.softcap));
 }
 
 template <typename A>
@@ -368,8 +458,9 @@ void backward(const FlashAttentionBackwardArgs& a) {
   auto* delta = static_cast<A*>(a.delta);
   const FlashAttentionDims& d = a.dims;
   row_dot<A>(grad_out, static_cast<const A*>(a.out), delta, d.batch * d.q_heads * d.q_len, d.head_dim);
-  backward_kv_kernel<A>(grad_out, q, k, v, lse, delta, static_cast<A*>(a.dk), static_cast<A*>(a.dv), d, A(a.scale));
-  backward_q_kernel<A>(grad_out, q, k, v, lse, delta, static_cast<A*>(a.dq), d, A(a.scale));
+  backward_kv_kernel<A>(grad_out, q, k, v, lse, delta, static_cast<A*>(a.dk), static_cast<A*>(a.dv), d, A(a.scale),
+                        A(a.softcap));
+  backward_q_kernel<A>(grad_out, q, k, v, lse, delta, static_cast<A*>(a.dq), d, A(a.scale), A(a.softcap));
 }
 
 // The kernels run in the accumulation dtype only: float32 or float64.

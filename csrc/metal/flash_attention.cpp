@@ -30,11 +30,24 @@ void check_sizes(const char* op, const at::Tensor& q, const at::Tensor& k) {
               ": inputs are too large for the Metal kernels (more than 2^31 elements)");
 }
 
-FlashAttentionShape shape_of(const at::Tensor& q, const at::Tensor& k, bool causal, double scale) {
+// A window wider than the keys is unbounded: clamped so it fits the kernels' int32.
+int32_t window_bound(int64_t w, int64_t kv_len, int64_t q_len) {
+  return w < 0 || w > kv_len + q_len ? -1 : static_cast<int32_t>(w);
+}
+
+FlashAttentionShape shape_of(const at::Tensor& q, const at::Tensor& k, const FlashAttentionOptions& o) {
   const uint32_t q_heads = static_cast<uint32_t>(q.size(1));
   const uint32_t kv_heads = static_cast<uint32_t>(k.size(1));
-  return FlashAttentionShape{q_heads, kv_heads > 0 ? q_heads / kv_heads : 1u, static_cast<uint32_t>(q.size(2)),
-                             static_cast<uint32_t>(k.size(2)), causal ? 1u : 0u, static_cast<float>(scale)};
+  const int64_t q_len = q.size(2), kv_len = k.size(2);
+  return FlashAttentionShape{q_heads,
+                             kv_heads > 0 ? q_heads / kv_heads : 1u,
+                             static_cast<uint32_t>(q_len),
+                             static_cast<uint32_t>(kv_len),
+                             window_bound(o.window_left, kv_len, q_len),
+                             window_bound(o.window_right, kv_len, q_len),
+                             static_cast<float>(o.scale),
+                             static_cast<float>(o.softcap),
+                             o.has_sinks ? 1u : 0u};
 }
 
 // How many simdgroups a threadgroup of `launch` has, the launch specialised
@@ -69,24 +82,24 @@ void dispatch_row_blocks(Launch& launch, int64_t rows, int64_t heads, int64_t ba
 
 }  // namespace
 
-void flash_attention_forward(const char* op, const FlashAttentionForwardTensors& t, bool causal, double scale) {
+void flash_attention_forward(const char* op, const FlashAttentionForwardTensors& t, const FlashAttentionOptions& o) {
   check_sizes(op, t.q, t.k);
   const uint32_t d = static_cast<uint32_t>(t.q.size(3));
-  const FlashAttentionShape shape = shape_of(t.q, t.k, causal, scale);
+  const FlashAttentionShape shape = shape_of(t.q, t.k, o);
   Executor& executor = executor_for(t.q.device());
   Launch launch(kFlashAttentionLibrary, flash_attention_kernel_name("flash_attention_forward", t.q));
   const uint32_t simdgroups = choose_simdgroups(launch, executor, d);
-  launch.buffer(t.q).buffer(t.k).buffer(t.v).buffer(t.out).buffer(t.lse).scalar(shape);
+  launch.buffer(t.q).buffer(t.k).buffer(t.v).buffer(t.sinks).buffer(t.out).buffer(t.lse).scalar(shape);
   launch.threadgroup_memory(shaders::flash_forward_tile_floats(d, simdgroups) * sizeof(float))
       .threadgroup_memory(simdgroups * shaders::flash_forward_scratch_floats(simdgroups) * sizeof(float));
   dispatch_row_blocks(launch, t.q.size(2), t.q.size(1), t.q.size(0), simdgroups);
   executor.run(launch);
 }
 
-void flash_attention_backward(const char* op, const FlashAttentionBackwardTensors& t, bool causal, double scale) {
+void flash_attention_backward(const char* op, const FlashAttentionBackwardTensors& t, const FlashAttentionOptions& o) {
   check_sizes(op, t.q, t.k);
   const uint32_t d = static_cast<uint32_t>(t.q.size(3));
-  const FlashAttentionShape shape = shape_of(t.q, t.k, causal, scale);
+  const FlashAttentionShape shape = shape_of(t.q, t.k, o);
   Executor& executor = executor_for(t.q.device());
 
   // delta[row] = rowsum(grad_out * out), one SIMD group (32 threads) per row.

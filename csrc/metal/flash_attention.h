@@ -11,7 +11,9 @@ namespace my_mps_ops::metal {
 // allocated; lse and delta float32 (batch, q_heads, q_len). At least one key
 // (kv_len > 0) and one query.
 struct FlashAttentionForwardTensors {
-  at::Tensor q, k, v, out, lse;
+  at::Tensor q, k, v;
+  at::Tensor sinks;  // float32 (q_heads,); read only when FlashAttentionOptions::has_sinks
+  at::Tensor out, lse;
 };
 struct FlashAttentionBackwardTensors {
   at::Tensor grad_out, q, k, v, out, lse;
@@ -19,7 +21,16 @@ struct FlashAttentionBackwardTensors {
   at::Tensor dq, dk, dv;
 };
 
-void flash_attention_forward(const char* op, const FlashAttentionForwardTensors& t, bool causal, double scale);
-void flash_attention_backward(const char* op, const FlashAttentionBackwardTensors& t, bool causal, double scale);
+// The window as the kernels take it (causal folded into window_right = 0;
+// -1 unbounded), the resolved scale, softcap (0: off), whether lse includes
+// a sink (the backward only needs lse).
+struct FlashAttentionOptions {
+  int64_t window_left, window_right;
+  double scale, softcap;
+  bool has_sinks;
+};
+
+void flash_attention_forward(const char* op, const FlashAttentionForwardTensors& t, const FlashAttentionOptions& o);
+void flash_attention_backward(const char* op, const FlashAttentionBackwardTensors& t, const FlashAttentionOptions& o);
 
 }  // namespace my_mps_ops::metal

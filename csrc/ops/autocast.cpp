@@ -30,15 +30,19 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
+// sinks stay as they are: the kernels read them in float32 (float64 for
+// float64 inputs) whatever their dtype, as logits of the softmax.
 template <c10::DeviceType kDevice>
 std::tuple<Tensor, Tensor> flash_attention_autocast(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
-                                                    std::optional<double> scale) {
+                                                    std::optional<double> scale, int64_t window_left,
+                                                    int64_t window_right, double softcap, const OptTensor& sinks) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
   const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(kDevice);
   return typed_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, bool,
-                                             std::optional<double>)>("my_mps_ops::flash_attention")
+                                             std::optional<double>, int64_t, int64_t, double, const OptTensor&)>(
+             "my_mps_ops::flash_attention")
       .call(at::autocast::cached_cast(dtype, q, kDevice), at::autocast::cached_cast(dtype, k, kDevice),
-            at::autocast::cached_cast(dtype, v, kDevice), causal, scale);
+            at::autocast::cached_cast(dtype, v, kDevice), causal, scale, window_left, window_right, softcap, sinks);
 }
 
 template <c10::DeviceType kDevice>

@@ -6,12 +6,26 @@
 // Causal masking is aligned to the bottom right: query i sees key j iff
 // j <= i + (S - L) (torch.nn.attention.bias.causal_lower_right; equal to
 // is_causal=True of F.scaled_dot_product_attention when L == S). A query row
-// that sees no key at all (L > S, causal) gets output 0 and log-sum-exp -inf,
-// and contributes nothing to any gradient.
+// that sees no key at all (L > S, causal; or a window past the keys) gets
+// output 0 and log-sum-exp -inf (the sink's logit with sinks), and contributes
+// nothing to any gradient.
 //
-// The forward returns (out, lse): lse[b, h, i] = log(sum_j exp(scale * q_i.k_j))
-// over visible keys, float32 (float64 for float64 inputs), which the backward
-// uses to recompute the probabilities tile by tile (FlashAttention-2). Loops:
+// Options, all off by default:
+// - window (window_left, window_right): query i, aligned as for causal at
+//   a = i + S - L, sees keys a - window_left .. a + window_right, -1 meaning
+//   unbounded on that side; with causal the right bound is min(right, 0).
+//   Key blocks no query of a block sees are skipped.
+// - softcap > 0: scores s = scale * q.k become softcap * tanh(s / softcap)
+//   before the softmax (Gemma 2); the backward multiplies by 1 - tanh^2.
+// - sinks (q_heads,): a learned logit per head that joins every row's softmax
+//   denominator and contributes no value (gpt-oss): p_j = exp(s_j - lse) with
+//   lse = log(exp(sink) + sum_j exp(s_j)). d loss / d sink_h =
+//   -sum over the head's rows of exp(sink_h - lse) * rowsum(dO * O).
+//
+// The forward returns (out, lse): lse[b, h, i] = log(sum_j exp(s_ij) [+
+// exp(sink_h)]) over visible keys, float32 (float64 for float64 inputs), which
+// the backward uses to recompute the probabilities tile by tile
+// (FlashAttention-2). Loops:
 // cpu/flash_attention_kernels.cpp; Metal: metal/flash_attention.cpp and
 // shaders/flash_attention.metal.
 #include "cpu/flash_attention.h"
@@ -21,11 +35,14 @@
 #include "ops/double_backward.h"
 
 #include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/logsumexp.h>
 #include <ATen/ops/matmul.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/softmax.h>
 #include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -36,6 +53,7 @@ namespace my_mps_ops {
 namespace {
 
 using at::Tensor;
+using OptTensor = std::optional<Tensor>;
 
 constexpr const char* kFlashAttentionOp = "my_mps_ops.flash_attention";
 constexpr const char* kFlashAttentionBackwardOp = "my_mps_ops.flash_attention_backward";
@@ -85,6 +103,34 @@ void check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor
   }
 }
 
+void check_attention_options(const char* op, const Tensor& q, int64_t window_left, int64_t window_right,
+                             double softcap, const OptTensor& sinks) {
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, op,
+              ": window_left and window_right must be >= 0, or -1 for unbounded; got ", window_left, " and ",
+              window_right);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, ": softcap must be finite and >= 0 (0: off), got ",
+              softcap);
+  if (sinks.has_value()) {
+    check_float_dtype(*sinks, op, "sinks");
+    check_same_device(*sinks, q, op, "sinks", "q");
+    TORCH_CHECK(sinks->dim() == 1 && sinks->sym_size(0) == q.sym_size(1), op,
+                ": sinks must have shape (q heads,) = [", q.sym_size(1), "], got ", sinks->sym_sizes());
+  }
+}
+
+// The kernels' window: causal caps the right bound at the diagonal; a bound
+// wider than both sequences is unbounded (-1), so that no index arithmetic
+// on it overflows.
+struct AttentionWindow {
+  int64_t left, right;
+};
+AttentionWindow attention_window(const Tensor& q, const Tensor& k, bool causal, int64_t window_left,
+                                 int64_t window_right) {
+  const int64_t span = q.size(2) + k.size(2);
+  const auto bound = [span](int64_t w) { return w > span ? -1 : w; };
+  return {bound(window_left), causal ? 0 : bound(window_right)};
+}
+
 // lse (and the backward's delta rows) are float32, float64 for float64 inputs.
 at::ScalarType lse_dtype(const Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -112,7 +158,7 @@ double resolve_scale(const std::optional<double>& scale, int64_t head_dim) {
   return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
 }
 
-cpu::FlashAttentionDims dims_of(const Tensor& q, const Tensor& k, bool causal) {
+cpu::FlashAttentionDims dims_of(const Tensor& q, const Tensor& k, AttentionWindow w) {
   cpu::FlashAttentionDims d;
   d.batch = q.size(0);
   d.q_heads = q.size(1);
@@ -121,7 +167,8 @@ cpu::FlashAttentionDims dims_of(const Tensor& q, const Tensor& k, bool causal) {
   d.q_len = q.size(2);
   d.kv_len = k.size(2);
   d.head_dim = q.size(3);
-  d.causal = causal;
+  d.window_left = w.left;
+  d.window_right = w.right;
   return d;
 }
 
@@ -134,24 +181,42 @@ Tensor lse_like(const Tensor& q) {
 // memory, linear in the sequence.
 Tensor to_acc(const Tensor& t) { return t.to(lse_dtype(t)).contiguous(); }
 
-std::tuple<Tensor, Tensor> forward_cpu(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
+// grad_sinks[h] = -sum over the rows of head h of exp(sink_h - lse) * delta
+// (rows with lse -inf, no key and a -inf sink, count 0).
+Tensor sink_grad(const Tensor& sinks, const Tensor& lse, const Tensor& delta) {
+  const Tensor p_sink = at::where(lse.isneginf(), 0.0, (sinks.to(lse.scalar_type()).view({1, -1, 1}) - lse).exp());
+  return (p_sink * delta).sum({0, 2}).neg().to(sinks.scalar_type());
+}
+
+std::tuple<Tensor, Tensor> forward_cpu(const Tensor& q, const Tensor& k, const Tensor& v, AttentionWindow w,
+                                       double scale, double softcap, const OptTensor& sinks) {
   const Tensor qa = to_acc(q), ka = to_acc(k), va = to_acc(v);
+  const Tensor sa = sinks.has_value() ? to_acc(sinks->to(qa.scalar_type())) : Tensor();
   Tensor out_acc = at::empty(q.sizes(), qa.options());
   Tensor lse = lse_like(q);
   if (out_acc.numel() > 0) {
-    cpu::flash_attention_forward_stub(qa.scalar_type(),
-                                      cpu::FlashAttentionForwardArgs{qa.const_data_ptr(), ka.const_data_ptr(),
-                                                                     va.const_data_ptr(), out_acc.mutable_data_ptr(),
-                                                                     lse.mutable_data_ptr(), dims_of(q, k, causal),
-                                                                     scale});
+    cpu::flash_attention_forward_stub(
+        qa.scalar_type(),
+        cpu::FlashAttentionForwardArgs{qa.const_data_ptr(), ka.const_data_ptr(), va.const_data_ptr(),
+                                       sa.defined() ? sa.const_data_ptr() : nullptr, out_acc.mutable_data_ptr(),
+                                       lse.mutable_data_ptr(), dims_of(q, k, w), scale, softcap});
   }
   Tensor out = out_acc.scalar_type() == q.scalar_type() ? out_acc : out_acc.to(q.scalar_type());
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out, const Tensor& q, const Tensor& k,
-                                                const Tensor& v, const Tensor& out, const Tensor& lse, bool causal,
-                                                double scale) {
+using AttentionGrads = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+// The gradient of sinks, or the empty tensor the schema returns without them.
+Tensor sinks_grad_or_empty(const Tensor& q, const OptTensor& sinks, const Tensor& lse, const Tensor& delta) {
+  if (!sinks.has_value()) return at::empty({0}, q.options());
+  if (q.numel() == 0) return at::zeros(sinks->sizes(), sinks->options());
+  return sink_grad(*sinks, lse, delta);
+}
+
+AttentionGrads backward_cpu(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                            const Tensor& out, const Tensor& lse, AttentionWindow w, double scale, double softcap,
+                            const OptTensor& sinks) {
   const Tensor ga = to_acc(grad_out), qa = to_acc(q), ka = to_acc(k), va = to_acc(v), oa = to_acc(out);
   const Tensor lse_c = lse.contiguous();
   Tensor dq = at::empty(q.sizes(), qa.options());
@@ -164,30 +229,42 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out, const Te
         cpu::FlashAttentionBackwardArgs{ga.const_data_ptr(), qa.const_data_ptr(), ka.const_data_ptr(),
                                         va.const_data_ptr(), oa.const_data_ptr(), lse_c.const_data_ptr(),
                                         delta.mutable_data_ptr(), dq.mutable_data_ptr(), dk.mutable_data_ptr(),
-                                        dv.mutable_data_ptr(), dims_of(q, k, causal), scale});
+                                        dv.mutable_data_ptr(), dims_of(q, k, w), scale, softcap});
   }
   const auto dt = q.scalar_type();
-  return {dq.to(dt), dk.to(dt), dv.to(dt)};
+  return {dq.to(dt), dk.to(dt), dv.to(dt), sinks_grad_or_empty(q, sinks, lse_c, delta)};
 }
 
-std::tuple<Tensor, Tensor> forward_metal(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, bool causal,
-                                         double scale) {
+metal::FlashAttentionOptions attention_metal_options(AttentionWindow w, double scale, double softcap,
+                                                     const OptTensor& sinks) {
+  return {w.left, w.right, scale, softcap, sinks.has_value()};
+}
+
+std::tuple<Tensor, Tensor> forward_metal(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                         AttentionWindow w, double scale, double softcap, const OptTensor& sinks) {
   const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   Tensor out = at::empty(q.sizes(), q.options());
   Tensor lse = lse_like(q);
   if (out.numel() == 0) return {out, lse};
-  if (k.size(2) == 0) {  // no key at all: defined as zeros / -inf, nothing to launch
+  if (k.size(2) == 0) {  // no key at all: defined as zeros / -inf (the sink), nothing to launch
     out.zero_();
-    lse.fill_(-std::numeric_limits<float>::infinity());
+    if (sinks.has_value()) {
+      lse.copy_(sinks->to(at::kFloat).view({1, -1, 1}).expand(lse.sizes()));
+    } else {
+      lse.fill_(-std::numeric_limits<float>::infinity());
+    }
     return {out, lse};
   }
-  metal::flash_attention_forward(kFlashAttentionOp, {q, k, v, out, lse}, causal, scale);
+  // The kernel reads sinks only when there are any; it is given a buffer either way.
+  const Tensor sinks_f = sinks.has_value() ? sinks->to(at::kFloat).contiguous() : at::zeros({1}, lse.options());
+  metal::flash_attention_forward(kFlashAttentionOp, {q, k, v, sinks_f, out, lse},
+                                 attention_metal_options(w, scale, softcap, sinks));
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> backward_metal(const Tensor& grad_out, const Tensor& q_in, const Tensor& k_in,
-                                                  const Tensor& v_in, const Tensor& out, const Tensor& lse,
-                                                  bool causal, double scale) {
+AttentionGrads backward_metal(const Tensor& grad_out, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                              const Tensor& out, const Tensor& lse, AttentionWindow w, double scale, double softcap,
+                              const OptTensor& sinks) {
   const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   Tensor dq = at::empty(q.sizes(), q.options());
   Tensor dk = at::empty(k.sizes(), k.options());
@@ -196,72 +273,95 @@ std::tuple<Tensor, Tensor, Tensor> backward_metal(const Tensor& grad_out, const 
     dq.zero_();
     dk.zero_();
     dv.zero_();
-    return {dq, dk, dv};
+    // No key: out is 0, so delta and every sink gradient are 0 too.
+    const Tensor no_grad =
+        sinks.has_value() ? at::zeros(sinks->sizes(), sinks->options()) : at::empty({0}, q.options());
+    return {dq, dk, dv, no_grad};
   }
-  metal::flash_attention_backward(
-      kFlashAttentionBackwardOp, {grad_out.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), lse_like(q), dq, dk, dv},
-      causal, scale);
-  return {dq, dk, dv};
+  const Tensor lse_c = lse.contiguous(), delta = lse_like(q);
+  metal::flash_attention_backward(kFlashAttentionBackwardOp,
+                                  {grad_out.contiguous(), q, k, v, out.contiguous(), lse_c, delta, dq, dk, dv},
+                                  attention_metal_options(w, scale, softcap, sinks));
+  return {dq, dk, dv, sinks_grad_or_empty(q, sinks, lse_c, delta)};
 }
 
 // ------------------------------------------------------- CPU and MPS kernels
 
 std::tuple<Tensor, Tensor> flash_attention_impl(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
-                                                std::optional<double> scale) {
+                                                std::optional<double> scale, int64_t window_left,
+                                                int64_t window_right, double softcap, const OptTensor& sinks) {
   check_inputs(kFlashAttentionOp, q, k, v, scale);
+  check_attention_options(kFlashAttentionOp, q, window_left, window_right, softcap, sinks);
   const double s = resolve_scale(scale, q.size(3));
-  if (use_metal_path(q)) return forward_metal(q, k, v, causal, s);
-  return forward_cpu(q, k, v, causal, s);
+  const AttentionWindow w = attention_window(q, k, causal, window_left, window_right);
+  if (use_metal_path(q)) return forward_metal(q, k, v, w, s, softcap, sinks);
+  return forward_cpu(q, k, v, w, s, softcap, sinks);
 }
 
-std::tuple<Tensor, Tensor, Tensor> flash_attention_backward_impl(const Tensor& grad_out, const Tensor& q,
-                                                                 const Tensor& k, const Tensor& v, const Tensor& out,
-                                                                 const Tensor& lse, bool causal,
-                                                                 std::optional<double> scale) {
+AttentionGrads flash_attention_backward_impl(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                             const Tensor& v, const Tensor& out, const Tensor& lse, bool causal,
+                                             std::optional<double> scale, int64_t window_left, int64_t window_right,
+                                             double softcap, const OptTensor& sinks) {
   check_backward_inputs(grad_out, q, k, v, out, lse, scale);
+  check_attention_options(kFlashAttentionBackwardOp, q, window_left, window_right, softcap, sinks);
   const double s = resolve_scale(scale, q.size(3));
-  if (use_metal_path(q)) return backward_metal(grad_out, q, k, v, out, lse, causal, s);
-  return backward_cpu(grad_out, q, k, v, out, lse, causal, s);
+  const AttentionWindow w = attention_window(q, k, causal, window_left, window_right);
+  if (use_metal_path(q)) return backward_metal(grad_out, q, k, v, out, lse, w, s, softcap, sinks);
+  return backward_cpu(grad_out, q, k, v, out, lse, w, s, softcap, sinks);
 }
 
 // ------------------------------------------------------------ Meta kernels
 // Shapes only; symbolic-size safe.
 
 std::tuple<Tensor, Tensor> flash_attention_meta(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
-                                                std::optional<double> scale) {
+                                                std::optional<double> scale, int64_t window_left,
+                                                int64_t window_right, double softcap, const OptTensor& sinks) {
   check_inputs(kFlashAttentionOp, q, k, v, scale);
+  check_attention_options(kFlashAttentionOp, q, window_left, window_right, softcap, sinks);
   Tensor out = at::empty_symint(q.sym_sizes(), q.options());
   Tensor lse = at::empty_symint({q.sym_size(0), q.sym_size(1), q.sym_size(2)}, q.options().dtype(lse_dtype(q)));
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> flash_attention_backward_meta(const Tensor& grad_out, const Tensor& q,
-                                                                 const Tensor& k, const Tensor& v, const Tensor& out,
-                                                                 const Tensor& lse, bool causal,
-                                                                 std::optional<double> scale) {
+AttentionGrads flash_attention_backward_meta(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                             const Tensor& v, const Tensor& out, const Tensor& lse, bool causal,
+                                             std::optional<double> scale, int64_t window_left, int64_t window_right,
+                                             double softcap, const OptTensor& sinks) {
   check_backward_inputs(grad_out, q, k, v, out, lse, scale);
+  check_attention_options(kFlashAttentionBackwardOp, q, window_left, window_right, softcap, sinks);
   return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
-          at::empty_symint(v.sym_sizes(), v.options())};
+          at::empty_symint(v.sym_sizes(), v.options()),
+          sinks.has_value() ? at::empty_symint(sinks->sym_sizes(), sinks->options()) : at::empty({0}, q.options())};
 }
 
 // ---------------------------------------------------------------- autograd
+
+using AttentionForwardSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, bool,
+                                                              std::optional<double>, int64_t, int64_t, double,
+                                                              const OptTensor&);
+using AttentionBackwardSignature = AttentionGrads(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                  const Tensor&, const Tensor&, bool, std::optional<double>, int64_t,
+                                                  int64_t, double, const OptTensor&);
 
 class FlashAttentionFunction : public torch::autograd::Function<FlashAttentionFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& q,
                                                 const Tensor& k, const Tensor& v, bool causal,
-                                                std::optional<double> scale) {
-    static auto op = typed_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, bool,
-                                                         std::optional<double>)>("my_mps_ops::flash_attention");
+                                                std::optional<double> scale, int64_t window_left,
+                                                int64_t window_right, double softcap, const OptTensor& sinks) {
+    static auto op = typed_op<AttentionForwardSignature>("my_mps_ops::flash_attention");
     Tensor out, lse;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(out, lse) = op.call(q, k, v, causal, scale);
+      std::tie(out, lse) = op.call(q, k, v, causal, scale, window_left, window_right, softcap, sinks);
     }
     save_metal_emulation(ctx);
-    ctx->save_for_backward({q, k, v, out, lse});
+    ctx->save_for_backward({q, k, v, out, lse, sinks.value_or(Tensor())});
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["scale"] = scale.has_value() ? c10::IValue(*scale) : c10::IValue();
+    ctx->saved_data["window_left"] = window_left;
+    ctx->saved_data["window_right"] = window_right;
+    ctx->saved_data["softcap"] = softcap;
     ctx->mark_non_differentiable({lse});
     return {out, lse};
   }
@@ -269,50 +369,74 @@ class FlashAttentionFunction : public torch::autograd::Function<FlashAttentionFu
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     const BackwardEmulationScope emulation(ctx);
-    static auto op = typed_op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                 const Tensor&, const Tensor&, const Tensor&, bool,
-                                                                 std::optional<double>)>(
-        "my_mps_ops::flash_attention_backward");
-    const bool any = ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
-    if (!grad_outputs[0].defined() || !any) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    static auto op = typed_op<AttentionBackwardSignature>("my_mps_ops::flash_attention_backward");
+    torch::autograd::variable_list grads(9);
     const auto saved = ctx->get_saved_variables();
+    // needs_input_grad counts tensor arguments only (q, k, v, sinks); the
+    // returned list has one entry per argument.
+    const bool want_sinks = saved[5].defined() && ctx->needs_input_grad(3);
+    const bool any = ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2) || want_sinks;
+    if (!grad_outputs[0].defined() || !any) return grads;
     const c10::IValue& scale_value = ctx->saved_data["scale"];
     const std::optional<double> scale =
         scale_value.isNone() ? std::nullopt : std::optional<double>(scale_value.toDouble());
-    auto [dq, dk, dv] = op.call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4],
-                                ctx->saved_data["causal"].toBool(), scale);
-    return {ctx->needs_input_grad(0) ? dq : Tensor(), ctx->needs_input_grad(1) ? dk : Tensor(),
-            ctx->needs_input_grad(2) ? dv : Tensor(), Tensor(), Tensor()};
+    const OptTensor sinks = saved[5].defined() ? OptTensor(saved[5]) : std::nullopt;
+    auto [dq, dk, dv, dsinks] =
+        op.call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], ctx->saved_data["causal"].toBool(),
+                scale, ctx->saved_data["window_left"].toInt(), ctx->saved_data["window_right"].toInt(),
+                ctx->saved_data["softcap"].toDouble(), sinks);
+    if (ctx->needs_input_grad(0)) grads[0] = dq;
+    if (ctx->needs_input_grad(1)) grads[1] = dk;
+    if (ctx->needs_input_grad(2)) grads[2] = dv;
+    if (want_sinks) grads[8] = dsinks;
+    return grads;
   }
 };
 
 // Under torch.func's grad / vjp / jvp (ops/common.h): attention written with
 // PyTorch ops, in the accumulation dtype, with the kernels' semantics (GQA by
-// repeating k/v heads, causal aligned bottom-right, rows that see no key 0).
+// repeating k/v heads, causal and windows aligned bottom-right, softcap, the
+// sink as an extra logit without a value, rows that see no key 0).
 std::tuple<Tensor, Tensor> flash_attention_composite(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
-                                                     std::optional<double> scale) {
+                                                     std::optional<double> scale, int64_t window_left,
+                                                     int64_t window_right, double softcap, const OptTensor& sinks) {
   check_inputs(kFlashAttentionOp, q, k, v, scale);
+  check_attention_options(kFlashAttentionOp, q, window_left, window_right, softcap, sinks);
   const at::ScalarType acc = lse_dtype(q);
   const int64_t group = k.size(1) > 0 ? q.size(1) / k.size(1) : 1;
   const Tensor qa = q.to(acc), ka = k.to(acc).repeat_interleave(group, 1), va = v.to(acc).repeat_interleave(group, 1);
   Tensor scores = at::matmul(qa, ka.transpose(-2, -1)) * resolve_scale(scale, q.size(3));
-  if (causal) {
-    const int64_t q_len = q.size(2), kv_len = k.size(2);
+  if (softcap > 0.0) scores = (scores / softcap).tanh() * softcap;
+  const AttentionWindow w = attention_window(q, k, causal, window_left, window_right);
+  const int64_t q_len = q.size(2), kv_len = k.size(2);
+  if (w.left >= 0 || w.right >= 0) {
     const auto index = q.options().dtype(at::kLong);
-    const Tensor sees = at::arange(kv_len, index).unsqueeze(0) <= at::arange(q_len, index).unsqueeze(1) + (kv_len - q_len);
+    const Tensor key = at::arange(kv_len, index).unsqueeze(0);
+    const Tensor aligned = at::arange(q_len, index).unsqueeze(1) + (kv_len - q_len);
+    Tensor sees = at::ones({q_len, kv_len}, index.dtype(at::kBool));
+    if (w.right >= 0) sees = sees.logical_and(key <= aligned + w.right);
+    if (w.left >= 0) sees = sees.logical_and(key >= aligned - w.left);
     scores = scores.masked_fill(sees.logical_not(), -std::numeric_limits<double>::infinity());
   }
+  if (sinks.has_value()) {
+    const Tensor sink = sinks->to(acc).view({1, -1, 1, 1}).expand({q.size(0), q.size(1), q_len, 1});
+    scores = at::cat({scores, sink}, -1);
+  }
   const Tensor lse = at::logsumexp(scores, {-1});
-  // A row with no key: softmax of zeros (no NaN in its backward), then 0.
+  // A row with no key (and no sink): softmax of zeros (no NaN in its backward), then 0.
   const Tensor empty_row = lse.detach().isneginf().unsqueeze(-1);
-  const Tensor probs = at::where(empty_row, 0.0, at::softmax(at::where(empty_row, 0.0, scores), -1));
+  Tensor probs = at::where(empty_row, 0.0, at::softmax(at::where(empty_row, 0.0, scores), -1));
+  if (sinks.has_value()) probs = probs.narrow(-1, 0, kv_len);
   return {at::matmul(probs, va).to(q.scalar_type()), lse.detach()};
 }
 
 std::tuple<Tensor, Tensor> flash_attention_autograd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
-                                                    std::optional<double> scale) {
-  if (under_functorch_differentiation(q, k, v)) return flash_attention_composite(q, k, v, causal, scale);
-  auto outputs = FlashAttentionFunction::apply(q, k, v, causal, scale);
+                                                    std::optional<double> scale, int64_t window_left,
+                                                    int64_t window_right, double softcap, const OptTensor& sinks) {
+  if (under_functorch_differentiation(q, k, v, sinks)) {
+    return flash_attention_composite(q, k, v, causal, scale, window_left, window_right, softcap, sinks);
+  }
+  auto outputs = FlashAttentionFunction::apply(q, k, v, causal, scale, window_left, window_right, softcap, sinks);
   return {outputs[0], outputs[1]};
 }
 

@@ -66,7 +66,13 @@ TORCH_LIBRARY(my_mps_ops, m) {
   // Fused softmax(scale * q k^T) v over (batch, heads, seq, head_dim) inputs,
   // grouped-query heads, causal aligned to the bottom right. Returns (out, lse)
   // with lse the per-row log-sum-exp (float32; float64 for float64 inputs).
-  m.def("flash_attention(Tensor q, Tensor k, Tensor v, bool causal=False, float? scale=None) -> (Tensor out, Tensor lse)");
-  // Returns (grad_q, grad_k, grad_v), recomputing probabilities from lse.
-  m.def("flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float? scale) -> (Tensor, Tensor, Tensor)");
+  // window_left / window_right: query i (aligned bottom-right, a = i + S - L)
+  // sees keys a - left .. a + right, -1 unbounded (causal caps right at 0);
+  // softcap > 0: scores -> softcap * tanh(scores / softcap) after the scale;
+  // sinks (q_heads,): a per-head logit in every row's softmax denominator,
+  // included in lse.
+  m.def("flash_attention(Tensor q, Tensor k, Tensor v, bool causal=False, float? scale=None, int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? sinks=None) -> (Tensor out, Tensor lse)");
+  // Returns (grad_q, grad_k, grad_v, grad_sinks), recomputing probabilities
+  // from lse; grad_sinks is empty (shape [0]) without sinks.
+  m.def("flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float? scale, int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? sinks=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -50,13 +50,21 @@ MY_MPS_OPS_CONSTANT uint32_t kFlashBackwardScratchFloats = 2 * kFlashSimdRows * 
 // (ceil(q_len / flash_block_rows(s)), q_heads, batch) for the forward and dQ,
 // (ceil(kv_len / flash_block_rows(s)), q_heads / group, batch) for dK/dV,
 // for s simdgroups.
+// Query i, aligned bottom-right at a = i + kv_len - q_len, sees keys
+// a - window_left .. a + window_right (-1: unbounded on that side; causal is
+// window_right 0). softcap > 0: scaled scores s -> softcap * tanh(s / softcap).
+// has_sinks: the forward's sinks buffer holds a logit per q head that joins
+// each row's softmax denominator (and lse).
 struct FlashAttentionShape {
   uint32_t q_heads;
   uint32_t group;
   uint32_t q_len;
   uint32_t kv_len;
-  uint32_t causal;  // 1: query i sees key j iff j <= i + kv_len - q_len
+  int32_t window_left;
+  int32_t window_right;
   float scale;
+  float softcap;
+  uint32_t has_sinks;
 };
 
 // delta[row] = sum of grad_out * out over a row of head_dim, for `rows` rows;

@@ -352,7 +352,7 @@ def test_attention_implementation_is_fused_where_exact_and_falls_back_to_sdpa():
         torch.testing.assert_close(model(tokens, attention_mask=mask).logits,
                                    reference(tokens, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
     assert hf_attention.stats.fused == 2 and sum(hf_attention.stats.fallbacks.values()) == 2
-    assert "SDPA fallbacks" in str(summary)
+    assert "fallbacks to SDPA or eager" in str(summary)
     # decoding with a cache: one query row attends to every key (fused)
     assert model.generate(tokens[:1], max_new_tokens=4, do_sample=False).tolist() == \
         reference.generate(tokens[:1], max_new_tokens=4, do_sample=False).tolist()
@@ -363,6 +363,89 @@ def test_attention_implementation_is_fused_where_exact_and_falls_back_to_sdpa():
     reference(tokens).logits.square().mean().backward()
     for (name, p_ref), p in zip(reference.named_parameters(), model.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+ATTENTION_ONLY = dict(rms_norm=False, swiglu=False, geglu=False, linear_cross_entropy=False)
+
+
+def tiny_gemma2(transformers):
+    """Gemma 2's attention: a logit softcap on every layer and a sliding window
+    of 5 tokens on every other one (sequences of 13 make the window bite).
+    Weights large enough that the softcap of 1 bends the scores."""
+    config = transformers.Gemma2Config(
+        vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, sliding_window=5, attn_logit_softcapping=1.0,
+        final_logit_softcapping=None, query_pre_attn_scalar=32, max_position_embeddings=64, initializer_range=0.3,
+        attn_implementation="eager")
+    return transformers.Gemma2ForCausalLM(config)
+
+
+def tiny_gpt_oss(transformers):
+    """gpt-oss's attention: a learned sink logit per head on every layer and a
+    sliding window of 5 tokens on every other one."""
+    config = transformers.GptOssConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, sliding_window=5, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, initializer_range=0.3, attn_implementation="eager")
+    return transformers.GptOssForCausalLM(config)
+
+
+@pytest.mark.parametrize("build", [tiny_gemma2, tiny_gpt_oss])
+def test_attention_with_softcap_sliding_window_and_sinks_is_fused_and_matches_eager(build):
+    transformers = pytest.importorskip("transformers")
+    from my_mps_ops import hf_attention
+
+    torch.manual_seed(0)
+    reference = build(transformers).eval()
+    assert reference.config.layer_types == ["sliding_attention", "full_attention"]
+    model = patch_model(copy.deepcopy(reference), attention=True, **ATTENTION_ONLY)
+    hf_attention.stats.reset()
+    tokens = torch.randint(0, 64, (2, 13))
+    with torch.no_grad():  # both layers fused: the sliding layer's mask is exactly the kernel's window
+        torch.testing.assert_close(model(tokens).logits, reference(tokens).logits, atol=2e-5, rtol=2e-5)
+    assert hf_attention.stats.fused == 2 and not hf_attention.stats.fallbacks
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[0, :3] = 0  # left padding: the model's eager attention with the mask (SDPA has no softcap / sinks)
+    with torch.no_grad():
+        ours, theirs = model(tokens, attention_mask=mask).logits, reference(tokens, attention_mask=mask).logits
+    torch.testing.assert_close(ours[1], theirs[1], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(ours[0, 3:], theirs[0, 3:], atol=2e-5, rtol=2e-5)
+    assert sum(hf_attention.stats.fallbacks.values()) == 2
+    assert model.generate(tokens[:1], max_new_tokens=4, do_sample=False).tolist() == \
+        reference.generate(tokens[:1], max_new_tokens=4, do_sample=False).tolist()
+    # training: every gradient (the sinks' included) matches eager's
+    model.train()
+    reference.train()
+    hf_attention.stats.reset()
+    model(tokens).logits.square().mean().backward()
+    reference(tokens).logits.square().mean().backward()
+    assert hf_attention.stats.fused == 2
+    for (name, p_ref), p in zip(reference.named_parameters(), model.parameters()):
+        if p_ref.grad is None:
+            assert p.grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+    sinks = [p.grad for name, p in model.named_parameters() if name.endswith("sinks")]
+    assert len(sinks) == (2 if build is tiny_gpt_oss else 0) and all(g.abs().sum() > 0 for g in sinks)
+
+
+def test_softcap_fallback_without_a_mask_stays_causal():
+    """A query shorter than its keys without a mask (a static cache's prefill)
+    falls back to the model's eager attention, which is given the top-left
+    causal mask SDPA's is_causal stands for."""
+    transformers = pytest.importorskip("transformers")
+    from my_mps_ops import hf_attention
+
+    torch.manual_seed(0)
+    attention = tiny_gemma2(transformers).model.layers[1].self_attn
+    q, k, v = torch.randn(1, 4, 3, 32), torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32)
+    hf_attention.stats.reset()
+    out, _ = hf_attention.attention_forward(attention, q, k, v, None, scaling=0.3, softcap=1.0)
+    assert hf_attention.stats.fallbacks == {"query shorter than the keys": 1}
+    scores = (1.0 * torch.tanh(0.3 * q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 1.0))
+    scores = scores.masked_fill(~torch.ones(3, 6, dtype=torch.bool).tril(), -torch.inf)
+    expected = (scores.softmax(-1) @ v.repeat_interleave(2, 1)).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
 
 
 def test_attention_switch_on_a_plain_module_is_reported():

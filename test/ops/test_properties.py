@@ -298,16 +298,27 @@ def test_linear_cross_entropy(path, data):
           out_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-def ref_attention(q, k, v, causal, scale):
+def ref_attention(q, k, v, causal, scale, window=(-1, -1), softcap=0.0, sinks=None):
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     lq, lk = q.shape[2], k.shape[2]
-    if causal:
-        mask = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
-        s = s.masked_fill(~mask, float("-inf"))
+    left, right = window
+    right = 0 if causal else right
+    aligned = torch.arange(lq)[:, None] + (lk - lq)
+    key = torch.arange(lk)[None, :]
+    mask = torch.ones(lq, lk, dtype=torch.bool)
+    if left >= 0:
+        mask &= key >= aligned - left
+    if right >= 0:
+        mask &= key <= aligned + right
+    s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:  # a logit per head in the denominator, without a value
+        s = torch.cat([s, sinks.view(1, -1, 1, 1).expand(*s.shape[:3], 1)], -1)
     p = torch.softmax(s, -1).nan_to_num(0.0)  # rows that see no key: 0
-    return p @ v
+    return p[..., :lk] @ v
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -321,11 +332,17 @@ def test_flash_attention(path, data):
     head_dim = data.draw(st.sampled_from([32, 32, 64, 80, 96, 128, 256]))
     causal = data.draw(st.booleans())
     scale = data.draw(st.none() | st.floats(0.05, 1.0))
+    window = data.draw(st.none() | st.tuples(st.integers(-1, 8), st.integers(-1, 8)))
+    softcap = data.draw(st.sampled_from([0.0, 0.0, 0.7, 3.0]))
     q = make((batch, q_heads, q_len, head_dim), data.draw(layouts(4)), dtype, gen)
     k = make((batch, kv_heads, kv_len, head_dim), data.draw(layouts(4)), dtype, gen)
     v = make((batch, kv_heads, kv_len, head_dim), data.draw(layouts(4)), dtype, gen)
-    check(path, lambda q, k, v: my_mps_ops.flash_attention(q, k, v, causal, scale),
-          lambda q, k, v: ref_attention(q, k, v, causal, scale), [q, k, v], {0, 1, 2}, dtype, gen, 4, 16)
+    sinks = make((q_heads,), data.draw(layouts(1)), dtype, gen, shift=1.0) if data.draw(st.booleans()) else None
+    w = (-1, -1) if window is None else window
+    check(path, lambda q, k, v, sinks: my_mps_ops.flash_attention(q, k, v, causal, scale, window=window,
+                                                                    softcap=softcap, sinks=sinks),
+          lambda q, k, v, sinks: ref_attention(q, k, v, causal, scale, w, softcap, sinks), [q, k, v, sinks],
+          {0, 1, 2, 3}, dtype, gen, 4, 16)
 
 
 def ref_rotary(x, cos, sin, interleaved, seq_dim):

@@ -31,13 +31,24 @@ def attention(x, causal):  # x [4, 16] -> q [1, 2, 4, 32], k/v [1, 1, 3, 32] (GQ
     return q, kv, kv.flip(-1)
 
 
-def attention_reference(q, k, v, scale):
+def attention_reference(q, k, v, scale, window_left=-1, softcap=0.0, sinks=None):
     # softmax(scale q k^T) v with k/v heads repeated (GQA) and the causal mask
-    # aligned bottom-right; the row that sees no key gives 0. (SDPA's CPU
-    # kernel has no forward-mode derivative, so jvp needs the math form.)
+    # aligned bottom-right (a window of window_left + 1 keys when >= 0), scores
+    # capped by softcap, a sink logit per head in the denominator; a row that
+    # sees no key (nor a sink) gives 0. (SDPA's CPU kernel has no forward-mode
+    # derivative, so jvp needs the math form.)
     k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
-    sees = bottom_right_causal(q.shape[2], k.shape[2])
-    scores = (q @ k.transpose(-2, -1) * scale).masked_fill(~sees, float("-inf"))
+    q_len, kv_len = q.shape[2], k.shape[2]
+    sees = bottom_right_causal(q_len, kv_len)
+    if window_left >= 0:
+        sees &= torch.arange(kv_len)[None, :] >= torch.arange(q_len)[:, None] + (kv_len - q_len) - window_left
+    scores = q @ k.transpose(-2, -1) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~sees, float("-inf"))
+    if sinks is not None:  # every row has the sink: no empty row
+        scores = torch.cat([scores, sinks.view(1, -1, 1, 1).expand(*scores.shape[:3], 1)], -1)
+        return torch.softmax(scores, -1)[..., :kv_len] @ v
     empty = ~sees.any(-1, keepdim=True)
     return torch.where(empty, 0.0, torch.softmax(scores.masked_fill(empty, 0.0), -1)) @ v
 
@@ -74,6 +85,10 @@ CASES = {
                       lambda x: F.cross_entropy(x, TARGET, label_smoothing=0.1)),
     "flash_attention": (lambda x: ops.flash_attention(*attention(x, True), True, 0.3)[0],
                         lambda x: attention_reference(*attention(x, True), scale=0.3)),
+    # a window of 2 keys, softcap and sinks that depend on x (their gradient flows too)
+    "flash_attention_options": (
+        lambda x: ops.flash_attention(*attention(x, True), True, 0.3, 1, -1, 0.8, x[0, :2] * 2)[0],
+        lambda x: attention_reference(*attention(x, True), scale=0.3, window_left=1, softcap=0.8, sinks=x[0, :2] * 2)),
     "rotary_embedding": (lambda x: ops.rotary_embedding(as_rotary_input(x), COS, SIN, False, 1),
                          lambda x: neox(as_rotary_input(x), COS, SIN)),
     "rotary_embedding_qk": (lambda x: ops.rotary_embedding_qk(as_rotary_input(x), as_rotary_input(x.flip(0)), COS,
@@ -114,10 +129,11 @@ def test_grad_vjp_jacrev_jvp_match_the_composite(name):
     torch.testing.assert_close(jvp(ours, (x,), (tangent,)), jvp(theirs, (x,), (tangent,)))
 
 
-@pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "swiglu", "cross_entropy", "flash_attention"])
+@pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "swiglu", "cross_entropy", "flash_attention",
+                                  "flash_attention_options"])
 def test_hessian_matches_the_composite(name):
     ours, theirs = CASES[name]
-    x = x_input()[:2, :8].clone() if name != "flash_attention" else x_input()
+    x = x_input()[:2, :8].clone() if not name.startswith("flash_attention") else x_input()
     if name in ("rms_norm", "layer_norm"):
         ours, theirs = (lambda x: ops.rms_norm(x, None, 1e-6), lambda x: F.rms_norm(x, (8,), None, 1e-6)) \
             if name == "rms_norm" else (lambda x: ops.layer_norm(x, None, None, 1e-5),
