@@ -1,7 +1,7 @@
 # The README's commands. Each does all set-up first (scripts/setup.sh).
 PYTHON ?= python3
 
-.PHONY: setup demo test wheel bench mac-check
+.PHONY: setup demo qlora test wheel bench mac-check
 
 setup:
 	bash scripts/setup.sh
@@ -9,6 +9,10 @@ setup:
 # Main job: train a tiny Llama-style model with my_mps_ops and with plain PyTorch.
 demo: setup
 	$(PYTHON) demo/train_tiny_llama.py
+
+# QLoRA-style fine-tuning: LoRA adapters on a 4-bit base next to a float one.
+qlora: setup
+	$(PYTHON) demo/finetune_qlora.py
 
 # The whole test suite (cpu, Metal emulator; mps cases run on a Mac).
 test: setup

@@ -22,10 +22,9 @@ from my_mps_ops.memory import peak_allocated_mb
 from my_mps_ops.models import TinyLlama, TinyLlamaConfig
 
 
-def synthetic_batches(cfg: TinyLlamaConfig, batch: int, seq: int, steps: int, seed: int = 0):
-    """Sequences from a fixed noisy affine recurrence: learnable, made on the fly."""
+def synthetic_batches(cfg: TinyLlamaConfig, batch: int, seq: int, steps: int, seed: int = 0, a: int = 5, b: int = 3):
+    """Sequences from a fixed noisy affine recurrence t -> a t + b (mod vocabulary): learnable, made on the fly."""
     g = torch.Generator().manual_seed(seed)
-    a, b = 5, 3
     for _ in range(steps):
         tokens = torch.empty(batch, seq + 1, dtype=torch.long)
         tokens[:, 0] = torch.randint(0, cfg.vocab_size, (batch,), generator=g)

@@ -31,6 +31,8 @@ fi
 # The reference implementations the quantization tests compare with: MLX's
 # affine format and bitsandbytes' NF4/FP4 (both have CPU builds on PyPI).
 "$PYTHON" -m pip install -q "mlx[cpu]==0.32.4" "bitsandbytes==0.50.2"
+# PEFT, whose LoRA layers my_mps_ops.lora puts on quantized linear layers.
+"$PYTHON" -m pip install -q "peft==0.21.0"
 
 # The extension itself, against the torch above.
 MAX_JOBS=${MAX_JOBS:-2} "$PYTHON" -m pip install -q --no-build-isolation -e .
