@@ -1,5 +1,5 @@
-// Launch building for rotary_embedding (shaders/rotary.metal): one thread per
-// row of head_dim elements, in threadgroups of up to 256 threads.
+// Launch building for rotary_embedding (shaders/rotary.metal): a SIMD group's
+// width of threads per position (batch, seq), rotating every head there.
 #include "metal/rotary.h"
 
 #include <algorithm>
@@ -24,16 +24,17 @@ RotaryShape shape_of(const char* op, const at::Tensor& x, const RotaryOptions& o
                      static_cast<uint32_t>(o.conj)};
 }
 
-uint64_t rows_of(const RotaryShape& s) { return uint64_t(s.batch) * s.seq * s.heads; }
+uint64_t positions_of(const RotaryShape& s) { return uint64_t(s.batch) * s.seq; }
 
-// Grid (kRotaryThreadsPerRow, rows): each row's pairs split among
-// kRotaryThreadsPerRow threads; threadgroups of up to 256 threads.
-void dispatch_rows(Launch& launch, Executor& executor, uint64_t rows) {
+// Grid (kRotaryThreadsPerRow, positions): each position's pairs split among
+// kRotaryThreadsPerRow threads, which rotate every head's row there;
+// threadgroups of up to 256 threads (fewer if the pipeline allows fewer).
+void dispatch_positions(Launch& launch, Executor& executor, uint64_t positions) {
   const PipelineInfo info = executor.pipeline_info(launch.library, launch.kernel);
   const uint64_t width = shaders::kRotaryThreadsPerRow;
-  const uint64_t group_rows =
-      std::max<uint64_t>(1, std::min<uint64_t>({uint64_t(info.max_threads_per_threadgroup) / width, 256 / width, rows}));
-  launch.dispatch_threads({width, rows, 1}, {width, group_rows, 1});
+  const uint64_t group_rows = std::max<uint64_t>(
+      1, std::min<uint64_t>({uint64_t(info.max_threads_per_threadgroup) / width, 256 / width, positions}));
+  launch.dispatch_threads({width, positions, 1}, {width, group_rows, 1});
 }
 
 }  // namespace
@@ -43,18 +44,17 @@ void rotary(const char* op, const RotaryTensors& x, const RotaryOptions& o) {
   Executor& executor = executor_for(x.x.device());
   Launch launch(kRotaryLibrary, std::string("rotary_") + metal_type_name(x.x.scalar_type()));
   launch.buffer(x.x).buffer(x.out).buffer(o.cos).buffer(o.sin).scalar(shape);
-  dispatch_rows(launch, executor, rows_of(shape));
+  dispatch_positions(launch, executor, positions_of(shape));
   executor.run(launch);
 }
 
 void rotary_qk(const char* op, const RotaryTensors& q, const RotaryTensors& k, const RotaryOptions& o) {
   const RotaryShape pq = shape_of(op, q.x, o), pk = shape_of(op, k.x, o);
-  const uint64_t q_rows = rows_of(pq);
+  TORCH_INTERNAL_ASSERT(pq.batch == pk.batch && pq.seq == pk.seq, op, ": q and k positions differ");
   Executor& executor = executor_for(q.x.device());
   Launch launch(kRotaryLibrary, std::string("rotary_qk_") + metal_type_name(q.x.scalar_type()));
-  launch.buffer(q.x).buffer(q.out).buffer(k.x).buffer(k.out).buffer(o.cos).buffer(o.sin).scalar(pq).scalar(pk)
-      .scalar(checked_u32(int64_t(q_rows), op, "q rows"));
-  dispatch_rows(launch, executor, q_rows + rows_of(pk));
+  launch.buffer(q.x).buffer(q.out).buffer(k.x).buffer(k.out).buffer(o.cos).buffer(o.sin).scalar(pq).scalar(pk);
+  dispatch_positions(launch, executor, positions_of(pq));
   executor.run(launch);
 }
 

@@ -257,6 +257,24 @@ def test_norm_kernels_move_at_most_a_quarter_above_compulsory(op):
         assert launch.bytes_moved <= 1.25 * launch.compulsory_bytes, launch.report()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_reads_its_tables_once_per_position(dtype):
+    """The threads of a position rotate every head there (q's and k's in rotary_qk) from one read of its cos/sin:
+    every launch within 1.1x of its compulsory bytes (the tables were read once per head: 1.45x-1.9x)."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 16, 8, 64, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 16, 2, 64, dtype=dtype)
+    angles = torch.randn(16, 32)
+    cos, sin = angles.cos(), angles.sin()
+    with metal_emulation(), profile() as prof:
+        y = my_mps_ops.rotary_embedding(q, cos, sin)
+        y.backward(torch.randn_like(y))
+        my_mps_ops.ops.rotary_embedding_qk(q.detach(), k, cos, sin)
+    assert [l.kernel.rsplit("_", 1)[0] for l in prof.launches] == ["rotary", "rotary", "rotary_qk"], prof.report()
+    for launch in prof.launches:
+        assert launch.bytes_moved <= 1.1 * launch.compulsory_bytes, launch.report()
+
+
 # ------------------------------------------------------------- projection
 
 def test_chip_table_has_a_source_for_every_number():
