@@ -120,17 +120,26 @@ kernel void cross_entropy_backward(
     uint simd_groups [[simdgroups_per_threadgroup]]) {
   threadgroup float partials_m[32];
   threadgroup float partials_s[32];
+  threadgroup long row_target;
+  threadgroup float row_values[2];  // scale, lse
   const uint v = p.classes;
   const float smoothing = p.label_smoothing;
   const size_t offset = size_t(row) * v;
-  const long t = target[row];
+  // The row's target, scale and lse, read once and handed to every thread.
+  if (tid == 0) {
+    row_target = target[row];
+    row_values[0] = row_target == p.ignore_index ? 0.0f : scale[row];
+    row_values[1] = lse[row];
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const long t = row_target;
   const bool ignored = t == p.ignore_index;
-  const float g = ignored ? 0.0f : scale[row];
+  const float g = row_values[0];
   const float uniform = smoothing / float(v);
   // softmax = exp((z - shift) - log_s): the forward's lse as the shift while
   // it is exact enough, else the row's m and s recomputed (shared header).
   // The branch depends on the row only, so the barriers inside are uniform.
-  float shift = lse[row];
+  float shift = row_values[1];
   float log_s = 0.0f;
   if (!ignored && !(abs(shift) < kCrossEntropyExactLseBound)) {
     float local_m = -INFINITY;

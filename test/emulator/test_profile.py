@@ -275,6 +275,26 @@ def test_rotary_reads_its_tables_once_per_position(dtype):
         assert launch.bytes_moved <= 1.1 * launch.compulsory_bytes, launch.report()
 
 
+def test_cross_entropy_kernels_read_a_row_at_most_twice_coalesced():
+    """cross_entropy's forward and backward read each logit once (the row's target, scale and lse once per row, not
+    once per thread); linear_cross_entropy's row pass, which forms the loss and the gradient in one launch, reads a
+    row twice (an online max and sum, then the gradient written in place): 1.5x its compulsory bytes. Every access
+    coalesced (rows of 8192 float32 logits start on segment boundaries)."""
+    torch.manual_seed(0)
+    h, w = torch.randn(16, 64, requires_grad=True), torch.randn(8192, 64, requires_grad=True)
+    target = torch.randint(0, 8192, (16,))
+    logits = torch.randn(16, 8192, requires_grad=True)
+    with metal_emulation(), profile() as prof:
+        my_mps_ops.linear_cross_entropy(h, w, target).backward()
+        my_mps_ops.cross_entropy(logits, target).backward()
+    bound = {"linear_cross_entropy_rows": 1.51, "cross_entropy_forward_float": 1.01,
+             "cross_entropy_backward_float": 1.01}
+    assert [l.kernel for l in prof.launches] == list(bound), prof.report()
+    for launch in prof.launches:
+        assert launch.bytes_moved <= bound[launch.kernel] * launch.compulsory_bytes, launch.report()
+        assert launch.coalescing == 1.0, launch.report()
+
+
 # ------------------------------------------------------------- projection
 
 def test_chip_table_has_a_source_for_every_number():
