@@ -1,11 +1,14 @@
 // quantized_linear: y = x @ W^T + bias with W held quantized (formats:
-// my_mps_ops/quantization.py; MLX's affine, bitsandbytes' nf4/fp4). W is
-// expanded to float32 a tile of output rows at a time (a few MiB, never the
-// whole weight) and each tile multiplies x with PyTorch's matmul; the backward
-// gives x (and bias) a gradient the same way: grad_x = grad_out @ W. The
-// quantized weight is frozen: it gets no gradient.
+// my_mps_ops/quantization.py; MLX's affine, bitsandbytes' nf4/fp4). For a few
+// rows of x (decoding) fused products read the codes and expand them where
+// they are used, never writing a float weight: y = x @ W^T forward and
+// grad_x = grad_out @ W backward. For more rows, W is expanded to float32 a
+// tile of output rows at a time (a few MiB, never the whole weight) and each
+// tile multiplies x with PyTorch's matmul (the matmul's arithmetic per weight
+// outweighs the expansion there). The quantized weight is frozen: it gets no
+// gradient.
 //
-// Tiles: cpu/quantized_kernels.cpp (CPU) or shaders/quantized.metal (Metal).
+// Kernels: cpu/quantized_kernels.cpp (CPU) or shaders/quantized.metal (Metal).
 #include "cpu/quantized.h"
 #include "metal/quantized.h"
 #include "ops/autograd_emulation.h"
@@ -103,6 +106,14 @@ int64_t tile_rows(const QuantFormat& f) {
   return std::clamp<int64_t>(kTileBytes / std::max<int64_t>(4 * f.in_features, 1), 8, std::max<int64_t>(f.out_features, 1));
 }
 
+// Rows of x (grad_out) up to which the fused products run instead of the
+// tiles (chosen by measurement: benchmarks/bench_quantized_linear.py).
+constexpr int64_t kFusedMaxRows = cpu::kQuantMatvecMaxRows;
+
+bool use_fused(const QuantFormat& f, int64_t rows) {
+  return rows > 0 && rows <= kFusedMaxRows && f.in_features > 0 && f.out_features > 0;
+}
+
 struct Prepared {
   Tensor qweight, scales, biases;
 };
@@ -112,6 +123,15 @@ Prepared prepare(const QuantFormat& f, const Tensor& qweight, const Tensor& scal
   Tensor s = scales.to(at::kFloat).contiguous();
   Tensor b = f.mode == cpu::QuantMode::Affine ? biases->to(at::kFloat).contiguous() : s;
   return {qweight.contiguous(), s, b};
+}
+
+cpu::QuantMatvecArgs matvec_args(const QuantFormat& f, const Prepared& w, const Tensor& in, const Tensor& bias,
+                                 const Tensor& out) {
+  return cpu::QuantMatvecArgs{w.qweight.const_data_ptr(), w.scales.const_data_ptr<float>(),
+                              w.biases.const_data_ptr<float>(), in.const_data_ptr(),
+                              bias.defined() ? bias.const_data_ptr() : nullptr, out.mutable_data_ptr(), in.size(0),
+                              f.out_features, f.in_features, f.group_size, static_cast<int32_t>(f.bits), f.mode,
+                              in.scalar_type() == at::kDouble};
 }
 
 // ------------------------------------------------------- CPU and MPS kernels
@@ -128,6 +148,20 @@ Tensor quantized_linear_impl(const Tensor& x, const Tensor& qweight, const Tenso
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const Tensor x2 = x.reshape({-1, f.in_features}).to(acc);
   Tensor out = at::empty({x2.size(0), f.out_features}, x2.options());
+  auto shape = x.sizes().vec();
+  shape.back() = f.out_features;
+  if (use_fused(f, x2.size(0))) {
+    // The Metal kernel reads x as float4 (16-byte aligned).
+    const Tensor xc = x2.storage_offset() % 4 == 0 ? x2.contiguous() : x2.clone(at::MemoryFormat::Contiguous);
+    const Tensor b = bias.has_value() ? bias->to(acc).contiguous() : Tensor();
+    if (use_metal_path(xc)) {
+      metal::quantized_matvec(kQuantizedLinearOp, w.qweight, w.scales, w.biases, xc, b, out, f.group_size, f.bits,
+                              static_cast<uint32_t>(f.mode));
+    } else {
+      cpu::quantized_matvec_stub(matvec_args(f, w, xc, b, out));
+    }
+    return out.to(x.scalar_type()).reshape(shape);
+  }
   const int64_t step = tile_rows(f);
   for (int64_t o0 = 0; o0 < f.out_features; o0 += step) {
     const int64_t n = std::min(step, f.out_features - o0);
@@ -139,8 +173,6 @@ Tensor quantized_linear_impl(const Tensor& x, const Tensor& qweight, const Tenso
       slice.copy_(at::mm(x2, tile.t()));
     }
   }
-  auto shape = x.sizes().vec();
-  shape.back() = f.out_features;
   return out.to(x.scalar_type()).reshape(shape);
 }
 
@@ -155,12 +187,25 @@ std::tuple<Tensor, Tensor> quantized_linear_backward_impl(const Tensor& grad_out
   const Prepared w = prepare(f, qweight, scales, biases);
   const at::ScalarType acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const Tensor g2 = grad_out.reshape({-1, f.out_features}).to(acc);
-  Tensor grad_x = at::zeros({g2.size(0), f.in_features}, g2.options());
-  const int64_t step = tile_rows(f);
-  for (int64_t o0 = 0; o0 < f.out_features; o0 += step) {
-    const int64_t n = std::min(step, f.out_features - o0);
-    const Tensor tile = dequantized_tile(kQuantizedLinearBackwardOp, f, w.qweight, w.scales, w.biases, o0, n).to(acc);
-    grad_x.addmm_(g2.narrow(1, o0, n), tile);
+  Tensor grad_x;
+  if (use_fused(f, g2.size(0))) {
+    const Tensor gc = g2.contiguous();
+    grad_x = at::empty({g2.size(0), f.in_features}, g2.options());
+    if (use_metal_path(gc)) {
+      metal::quantized_matvec_t(kQuantizedLinearBackwardOp, w.qweight, w.scales, w.biases, gc, grad_x, f.group_size,
+                                f.bits, static_cast<uint32_t>(f.mode));
+    } else {
+      cpu::quantized_matvec_t_stub(matvec_args(f, w, gc, Tensor(), grad_x));
+    }
+  } else {
+    grad_x = at::zeros({g2.size(0), f.in_features}, g2.options());
+    const int64_t step = tile_rows(f);
+    for (int64_t o0 = 0; o0 < f.out_features; o0 += step) {
+      const int64_t n = std::min(step, f.out_features - o0);
+      const Tensor tile =
+          dequantized_tile(kQuantizedLinearBackwardOp, f, w.qweight, w.scales, w.biases, o0, n).to(acc);
+      grad_x.addmm_(g2.narrow(1, o0, n), tile);
+    }
   }
   auto shape = grad_out.sizes().vec();
   shape.back() = f.in_features;
