@@ -344,6 +344,10 @@ __attribute__((noinline)) void matvec_t_f64(const QuantMatvecArgs& a, int64_t c0
 }
 MY_MPS_OPS_NO_FP_CONTRACT_END
 
+// Weights expanded per parallel task at least (~0.1 ms): waking a second
+// thread for less costs more than it saves.
+constexpr int64_t kTaskValues = int64_t(1) << 20;
+
 template <template <int> class F, typename... Args>
 void with_rows(int64_t rows, Args&&... args) {
   switch (rows) {
@@ -372,7 +376,7 @@ struct MatvecTF32 {
 
 void quantized_matvec(const QuantMatvecArgs& a) {
   const int64_t chunk = chunk_cols(a, 1024);
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(a.in_features, 1));
+  const int64_t grain = std::max<int64_t>(1, kTaskValues / a.in_features);
   if (a.is_double) {
     at::parallel_for(0, a.out_features, grain, [&](int64_t b, int64_t e) {
       std::vector<float> buf(chunk);
@@ -393,7 +397,8 @@ void quantized_matvec_t(const QuantMatvecArgs& a) {
   const int64_t block = chunk_cols(a, 256);
   const int64_t blocks = (a.in_features + block - 1) / block;
   const int64_t block_groups = block / a.group_size;
-  at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
+  const int64_t grain = std::max<int64_t>(1, kTaskValues / (block * std::max<int64_t>(a.out_features, 1)));
+  at::parallel_for(0, blocks, grain, [&](int64_t b, int64_t e) {
     std::vector<float> buf(kTRows * block);
     if (a.is_double) {
       std::vector<double> acc(a.rows * block);
