@@ -5,6 +5,7 @@ ratios from one run.
 
     python benchmarks/bench_quantized_linear.py            # rows 1, 4, 8, 512
     python benchmarks/bench_quantized_linear.py --quick    # 1024 x 1024, rows 1, 8, 64
+    python benchmarks/bench_quantized_linear.py --threads 1
 
 Columns: "ours" is my_mps_ops.quantized_linear (forward) and the
 quantized_linear_backward op (grad_x = grad_out @ W); "composite" is
@@ -49,7 +50,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out_features = in_features = 1024 if args.quick else 4096
     row_counts = (1, 8, 64) if args.quick else (1, 4, 8, 512)
     formats = (("affine", 4, 64), ("nf4", 4, 64))

@@ -34,8 +34,12 @@ using OptTensor = std::optional<Tensor>;
 
 constexpr const char* kQuantizedLinearOp = "my_mps_ops.quantized_linear";
 constexpr const char* kQuantizedLinearBackwardOp = "my_mps_ops.quantized_linear_backward";
-// Float32 bytes of one dequantized tile of output rows.
-constexpr int64_t kTileBytes = int64_t(4) << 20;
+// Float32 bytes of one dequantized tile of output rows: a quarter of a
+// 4096 x 4096 weight, so that such a layer takes 4 expansions and 4 matmuls
+// (each a parallel region whose threads all have to be scheduled before it
+// ends: fewer is faster on a busy machine) while the float weight is never
+// held whole.
+constexpr int64_t kTileBytes = int64_t(16) << 20;
 
 struct QuantFormat {
   cpu::QuantMode mode;
@@ -198,13 +202,19 @@ std::tuple<Tensor, Tensor> quantized_linear_backward_impl(const Tensor& grad_out
       cpu::quantized_matvec_t_stub(matvec_args(f, w, gc, Tensor(), grad_x));
     }
   } else {
-    grad_x = at::zeros({g2.size(0), f.in_features}, g2.options());
+    grad_x = at::empty({g2.size(0), f.in_features}, g2.options());
+    if (f.out_features == 0) grad_x.zero_();
     const int64_t step = tile_rows(f);
     for (int64_t o0 = 0; o0 < f.out_features; o0 += step) {
       const int64_t n = std::min(step, f.out_features - o0);
       const Tensor tile =
           dequantized_tile(kQuantizedLinearBackwardOp, f, w.qweight, w.scales, w.biases, o0, n).to(acc);
-      grad_x.addmm_(g2.narrow(1, o0, n), tile);
+      // The first tile writes grad_x, the others add to it.
+      if (o0 == 0) {
+        at::mm_out(grad_x, g2.narrow(1, o0, n), tile);
+      } else {
+        grad_x.addmm_(g2.narrow(1, o0, n), tile);
+      }
     }
   }
   auto shape = grad_out.sizes().vec();

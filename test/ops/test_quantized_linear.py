@@ -139,13 +139,17 @@ def test_fused_results_do_not_depend_on_the_thread_count_cpu(dtype):
 
 
 def test_tiles_cover_many_output_rows_cpu():
-    # More output rows than one dequantized tile holds (4 MiB of float32 rows).
-    q, scales, biases = quantized(4100, 512, "affine", 4, 64, seed=2)
-    x = torch.randn(2, 512, dtype=torch.float64)
+    # More output rows than one dequantized tile holds (16 MiB of float32
+    # rows), and more rows of x than the fused products take: the tiles.
+    q, scales, biases = quantized(8200, 512, "affine", 4, 64, seed=2)
+    x = torch.randn(9, 512, dtype=torch.float64)
+    w = reference_weight(q, scales, biases, "affine", 4, 64)
     out = my_mps_ops.quantized_linear(x, q, scales, biases)
-    ref = x @ reference_weight(q, scales, biases, "affine", 4, 64).T
     # the weight is expanded in float32 (a float64 x keeps float64 products)
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, x @ w.T, atol=1e-6, rtol=1e-6)
+    grad = torch.randn(9, 8200, dtype=torch.float64)
+    grad_x, _ = ops.quantized_linear_backward(grad, q, scales, biases, 64, 4, "affine", False)
+    torch.testing.assert_close(grad_x, grad @ w, atol=1e-6, rtol=1e-6)
 
 
 def test_opcheck_and_compile():
