@@ -1,13 +1,23 @@
 // cpu copies: baseline avx2
-// CPU loop of quantized_linear: rows of a quantized weight expanded to
-// float32, a group at a time (its scale and bias read once). Affine codes are
-// a little-endian bit stream in uint32 words (a code of 3, 5 or 6 bits may
-// straddle two words); nf4/fp4 codes are nibble pairs, the first high.
+// CPU loops of quantized_linear. Affine codes are a little-endian bit stream
+// in uint32 words (a code of 3, 5 or 6 bits may straddle two words); nf4/fp4
+// codes are nibble pairs, the first high.
+//
+// Tiles (many rows of x): rows of the weight expanded to float32 for
+// PyTorch's matmul. Fused products (a few rows): a weight row is expanded
+// 1024 codes at a time into an L1 buffer, q for affine or code[q] for
+// nf4/fp4, and the group's scale is applied once per group instead of once
+// per weight:
+//   sum_k (s q_k + b) x_k = s sum_k q_k x_k + b sum_k x_k,
+// with sum_k x_k per group of x taken once for all weight rows.
 #include "cpu/dispatch.h"
 #include "cpu/parallel.h"
 #include "cpu/quantized.h"
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 MY_MPS_OPS_CPU_KERNELS_BEGIN
 // Named: the unity build puts every loop file of a copy in one translation unit.
@@ -23,6 +33,7 @@ constexpr float kFp4[16] = {0.0f, 0.0052083333f, 0.6666666667f, 1.0f, 0.33333333
                             0.0f, -0.0052083333f, -0.6666666667f, -1.0f, -0.3333333333f, -0.5f, -0.1666666667f,
                             -0.25f};
 
+// 3, 5 and 6 bits, a value at a time.
 void affine_row(const uint32_t* words, const float* scales, const float* biases, float* out, int64_t cols,
                 int64_t group_size, int32_t bits) {
   const uint32_t mask = bits == 32 ? ~0u : ((1u << bits) - 1u);
@@ -38,63 +49,11 @@ void affine_row(const uint32_t* words, const float* scales, const float* biases,
   }
 }
 
-// Power-of-two widths never straddle a word: one word gives 32 / bits codes.
-template <int kBits>
-void affine_row_aligned(const uint32_t* words, const float* scales, const float* biases, float* out, int64_t cols,
-                        int64_t group_size) {
-  constexpr int kPerWord = 32 / kBits;
-  constexpr uint32_t kMask = (1u << kBits) - 1u;
-  for (int64_t g = 0; g < cols / group_size; ++g) {
-    const float scale = scales[g], bias = biases[g];
-    const uint32_t* w = words + g * group_size / kPerWord;
-    float* o = out + g * group_size;
-    for (int64_t i = 0; i < group_size / kPerWord; ++i) {
-      const uint32_t word = w[i];
-      for (int j = 0; j < kPerWord; ++j) o[i * kPerWord + j] = float((word >> (j * kBits)) & kMask) * scale + bias;
-    }
-  }
-}
-
-void codebook_row(const uint8_t* bytes, const float* absmax, float* out, int64_t cols, int64_t group_size,
-                  const float* code) {
-  for (int64_t g = 0; g < cols / group_size; ++g) {
-    const float a = absmax[g];
-    for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 2) {
-      const uint8_t b = bytes[k / 2];
-      out[k] = code[b >> 4] * a;
-      out[k + 1] = code[b & 0xF] * a;
-    }
-  }
-}
-
-void dequantize_rows(const DequantizeRowsArgs& a) {
-  const int64_t rows = a.row_end - a.row_begin, groups = a.cols / a.group_size;
-  at::parallel_for(0, rows, cpu::row_grain(a.cols), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t row = a.row_begin + r;
-      float* out = a.out + r * a.cols;
-      const float* scales = a.scales + row * groups;
-      if (a.mode == QuantMode::Affine) {
-        const auto* words = static_cast<const uint32_t*>(a.qweight) + row * (a.cols * a.bits / 32);
-        const float* biases = a.biases + row * groups;
-        switch (a.bits) {
-          case 2: affine_row_aligned<2>(words, scales, biases, out, a.cols, a.group_size); break;
-          case 4: affine_row_aligned<4>(words, scales, biases, out, a.cols, a.group_size); break;
-          case 8: affine_row_aligned<8>(words, scales, biases, out, a.cols, a.group_size); break;
-          default: affine_row(words, scales, biases, out, a.cols, a.group_size, a.bits);
-        }
-      } else {
-        const auto* bytes = static_cast<const uint8_t*>(a.qweight) + row * (a.cols / 2);
-        codebook_row(bytes, scales, out, a.cols, a.group_size, a.mode == QuantMode::NF4 ? kNf4 : kFp4);
-      }
-    }
-  });
-}
-
-// ------------------------------------------------ fused products, few rows
+// ------------------------------------------------ code expansion
 
 // The two values of each byte of nf4/fp4 codes, the high nibble first: one
-// 8-byte copy per byte instead of two lookups and shifts.
+// 8-byte copy per byte instead of two lookups and shifts, where no vector
+// table shuffle is compiled (unpack_codebook).
 struct CodePairs {
   float value[256][2];
 };
@@ -198,6 +157,50 @@ int64_t chunk_cols(const QuantMatvecArgs& a, int64_t target) {
   return std::min(a.in_features, a.group_size * std::max<int64_t>(1, target / a.group_size));
 }
 
+// ------------------------------------------------ tiles (many rows)
+
+void dequantize_rows(const DequantizeRowsArgs& a) {
+  const int64_t rows = a.row_end - a.row_begin, groups = a.cols / a.group_size;
+  at::parallel_for(0, rows, cpu::row_grain(a.cols), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t row = a.row_begin + r;
+      float* out = a.out + r * a.cols;
+      const float* scales = a.scales + row * groups;
+      const float* biases = a.biases + row * groups;
+      if (a.mode == QuantMode::Affine && a.bits != 2 && a.bits != 4 && a.bits != 8) {
+        const auto* words = static_cast<const uint32_t*>(a.qweight) + row * (a.cols * a.bits / 32);
+        affine_row(words, scales, biases, out, a.cols, a.group_size, a.bits);
+        continue;
+      }
+      // The codes by the vector expansion of the fused products, then each
+      // group's scale (and bias) in place.
+      if (a.mode == QuantMode::Affine) {
+        const auto* words = static_cast<const uint32_t*>(a.qweight) + row * (a.cols * a.bits / 32);
+        switch (a.bits) {
+          case 2: unpack_pow2<2>(words, out, a.cols); break;
+          case 4: unpack_pow2<4>(words, out, a.cols); break;
+          default: unpack_pow2<8>(words, out, a.cols);
+        }
+      } else {
+        unpack_codebook(static_cast<const uint8_t*>(a.qweight) + row * (a.cols / 2), out, a.cols,
+                        a.mode == QuantMode::NF4 ? kNf4 : kFp4);
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        float* o = out + g * a.group_size;
+        const float scale = scales[g];
+        if (a.mode == QuantMode::Affine) {
+          const float bias = biases[g];
+          for (int64_t k = 0; k < a.group_size; ++k) o[k] = o[k] * scale + bias;
+        } else {
+          for (int64_t k = 0; k < a.group_size; ++k) o[k] *= scale;
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------ fused products, few rows
+
 // Per-group sums of the rows of x [rows, in_features] (affine only).
 std::vector<float> group_sums(const QuantMatvecArgs& a) {
   const auto* in = static_cast<const float*>(a.in);
@@ -299,7 +302,7 @@ void matvec_t_f32(const QuantMatvecArgs& a, int64_t c0, int64_t cn, float* buf, 
 }
 
 // float64 rows (gradcheck, float64 models): the weight expanded in float32
-// as the tiles expand it (code * scale + bias, rounded once each), products
+// as the tiles expand it (code * scale + bias in float32), products
 // and sums in float64, scalar, one weight row at a time.
 MY_MPS_OPS_NO_FP_CONTRACT_BEGIN
 void expand_group(const QuantMatvecArgs& a, int64_t row, int64_t group, float* values) {
