@@ -111,8 +111,10 @@ int64_t tile_rows(const QuantFormat& f) {
 }
 
 // Rows of x (grad_out) up to which the fused products run instead of the
-// tiles (chosen by measurement: benchmarks/bench_quantized_linear.py).
-constexpr int64_t kFusedMaxRows = cpu::kQuantMatvecMaxRows;
+// tiles, in passes of at most kQuantMatvecMaxRows rows (measured, one thread,
+// 4096 x 4096 at 4 bits: the fused forward took 5 ms for 8 rows, the tiles
+// 8-10 ms for 9 to 16 rows).
+constexpr int64_t kFusedMaxRows = 2 * cpu::kQuantMatvecMaxRows;
 
 bool use_fused(const QuantFormat& f, int64_t rows) {
   return rows > 0 && rows <= kFusedMaxRows && f.in_features > 0 && f.out_features > 0;
@@ -158,11 +160,15 @@ Tensor quantized_linear_impl(const Tensor& x, const Tensor& qweight, const Tenso
     // The Metal kernel reads x as float4 (16-byte aligned).
     const Tensor xc = x2.storage_offset() % 4 == 0 ? x2.contiguous() : x2.clone(at::MemoryFormat::Contiguous);
     const Tensor b = bias.has_value() ? bias->to(acc).contiguous() : Tensor();
-    if (use_metal_path(xc)) {
-      metal::quantized_matvec(kQuantizedLinearOp, w.qweight, w.scales, w.biases, xc, b, out, f.group_size, f.bits,
-                              static_cast<uint32_t>(f.mode));
-    } else {
-      cpu::quantized_matvec_stub(matvec_args(f, w, xc, b, out));
+    for (int64_t m0 = 0; m0 < xc.size(0); m0 += cpu::kQuantMatvecMaxRows) {
+      const int64_t m = std::min(cpu::kQuantMatvecMaxRows, xc.size(0) - m0);
+      const Tensor xs = xc.narrow(0, m0, m), outs = out.narrow(0, m0, m);
+      if (use_metal_path(xc)) {
+        metal::quantized_matvec(kQuantizedLinearOp, w.qweight, w.scales, w.biases, xs, b, outs, f.group_size,
+                                f.bits, static_cast<uint32_t>(f.mode));
+      } else {
+        cpu::quantized_matvec_stub(matvec_args(f, w, xs, b, outs));
+      }
     }
     return out.to(x.scalar_type()).reshape(shape);
   }
@@ -195,11 +201,15 @@ std::tuple<Tensor, Tensor> quantized_linear_backward_impl(const Tensor& grad_out
   if (use_fused(f, g2.size(0))) {
     const Tensor gc = g2.contiguous();
     grad_x = at::empty({g2.size(0), f.in_features}, g2.options());
-    if (use_metal_path(gc)) {
-      metal::quantized_matvec_t(kQuantizedLinearBackwardOp, w.qweight, w.scales, w.biases, gc, grad_x, f.group_size,
-                                f.bits, static_cast<uint32_t>(f.mode));
-    } else {
-      cpu::quantized_matvec_t_stub(matvec_args(f, w, gc, Tensor(), grad_x));
+    for (int64_t m0 = 0; m0 < gc.size(0); m0 += cpu::kQuantMatvecMaxRows) {
+      const int64_t m = std::min(cpu::kQuantMatvecMaxRows, gc.size(0) - m0);
+      const Tensor gs = gc.narrow(0, m0, m), grad_xs = grad_x.narrow(0, m0, m);
+      if (use_metal_path(gc)) {
+        metal::quantized_matvec_t(kQuantizedLinearBackwardOp, w.qweight, w.scales, w.biases, gs, grad_xs,
+                                  f.group_size, f.bits, static_cast<uint32_t>(f.mode));
+      } else {
+        cpu::quantized_matvec_t_stub(matvec_args(f, w, gs, Tensor(), grad_xs));
+      }
     }
   } else {
     grad_x = at::empty({g2.size(0), f.in_features}, g2.options());

@@ -33,7 +33,7 @@ def tol(dtype):
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "-".join(map(str, f)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows", [(1,), (3, 5)], ids=["decode", "batch"])
+@pytest.mark.parametrize("rows", [(1,), (3, 6)], ids=["decode", "batch"])  # fused products; tiles
 def test_values_and_gradients(backend, fmt, dtype, rows):
     mode, bits, group_size = fmt
     out_features, in_features = 40, 2 * 128
@@ -58,10 +58,11 @@ def test_values_and_gradients(backend, fmt, dtype, rows):
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "-".join(map(str, f)))
-@pytest.mark.parametrize("rows", [(1,), (3,), (2, 4), (9,)], ids=["1", "3", "2x4", "9"])
+@pytest.mark.parametrize("rows", [(1,), (3,), (2, 4), (11,), (17,)], ids=["1", "3", "2x4", "11", "17"])
 def test_fused_few_rows_and_tiles_vs_float64(backend, fmt, rows):
-    # Up to 8 rows of x take the fused products (forward, and the transposed
-    # one for grad_x), 9 the dequantized tiles. 37 output features: not a
+    # Up to 16 rows of x take the fused products (forward, and the transposed
+    # one for grad_x; 8 rows a pass, so 11 takes two), 17 the dequantized
+    # tiles. 37 output features: not a
     # multiple of any block; 1152 inputs: more than the CPU's 1024-value chunks
     # and its 512-column blocks of grad_x, a multiple of neither.
     mode, bits, group_size = fmt
@@ -97,10 +98,10 @@ def test_fused_x_at_any_offset(backend):
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "-".join(map(str, f)))
-@pytest.mark.parametrize("rows", [1, 6, 8, 9])
+@pytest.mark.parametrize("rows", [1, 6, 8, 11, 17])
 def test_float64_vs_the_float32_expanded_weight_cpu(fmt, rows):
     # float64 x: the weight expanded in float32 (as the tiles expand it),
-    # products and sums in float64, on the fused path (<= 8 rows) and the tiles
+    # products and sums in float64, on the fused path (<= 16 rows) and the tiles
     mode, bits, group_size = fmt
     q, scales, biases = quantized(21, 1152, mode, bits, group_size, seed=5)
     g = torch.Generator().manual_seed(6)
@@ -142,12 +143,12 @@ def test_tiles_cover_many_output_rows_cpu():
     # More output rows than one dequantized tile holds (16 MiB of float32
     # rows), and more rows of x than the fused products take: the tiles.
     q, scales, biases = quantized(8200, 512, "affine", 4, 64, seed=2)
-    x = torch.randn(9, 512, dtype=torch.float64)
+    x = torch.randn(17, 512, dtype=torch.float64)
     w = reference_weight(q, scales, biases, "affine", 4, 64)
     out = my_mps_ops.quantized_linear(x, q, scales, biases)
     # the weight is expanded in float32 (a float64 x keeps float64 products)
     torch.testing.assert_close(out, x @ w.T, atol=1e-6, rtol=1e-6)
-    grad = torch.randn(9, 8200, dtype=torch.float64)
+    grad = torch.randn(17, 8200, dtype=torch.float64)
     grad_x, _ = ops.quantized_linear_backward(grad, q, scales, biases, 64, 4, "affine", False)
     torch.testing.assert_close(grad_x, grad @ w, atol=1e-6, rtol=1e-6)
 
