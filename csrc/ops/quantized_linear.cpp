@@ -110,14 +110,17 @@ int64_t tile_rows(const QuantFormat& f) {
   return std::clamp<int64_t>(kTileBytes / std::max<int64_t>(4 * f.in_features, 1), 8, std::max<int64_t>(f.out_features, 1));
 }
 
-// Rows of x (grad_out) up to which the fused products run instead of the
-// tiles, in passes of at most kQuantMatvecMaxRows rows (measured, one thread,
-// 4096 x 4096 at 4 bits: the fused forward took 5 ms for 8 rows, the tiles
-// 8-10 ms for 9 to 16 rows).
-constexpr int64_t kFusedMaxRows = 2 * cpu::kQuantMatvecMaxRows;
+// Rows of x (forward) and of grad_out (backward) up to which the fused
+// products run instead of the tiles, in passes of at most
+// kQuantMatvecMaxRows rows. Measured with one thread, 4096 x 4096 at 4 bits:
+// the fused forward took 5 ms for 8 rows and 10 ms for 16, the tiles 13 ms
+// for 17; the fused grad_x 7 ms for 8 rows and 15-18 ms for 12-16, the tiles
+// 9-14 ms for 9-17.
+constexpr int64_t kFusedMaxRowsForward = 2 * cpu::kQuantMatvecMaxRows;
+constexpr int64_t kFusedMaxRowsBackward = cpu::kQuantMatvecMaxRows;
 
-bool use_fused(const QuantFormat& f, int64_t rows) {
-  return rows > 0 && rows <= kFusedMaxRows && f.in_features > 0 && f.out_features > 0;
+bool use_fused(const QuantFormat& f, int64_t rows, int64_t max_rows) {
+  return rows > 0 && rows <= max_rows && f.in_features > 0 && f.out_features > 0;
 }
 
 struct Prepared {
@@ -156,7 +159,7 @@ Tensor quantized_linear_impl(const Tensor& x, const Tensor& qweight, const Tenso
   Tensor out = at::empty({x2.size(0), f.out_features}, x2.options());
   auto shape = x.sizes().vec();
   shape.back() = f.out_features;
-  if (use_fused(f, x2.size(0))) {
+  if (use_fused(f, x2.size(0), kFusedMaxRowsForward)) {
     // The Metal kernel reads x as float4 (16-byte aligned).
     const Tensor xc = x2.storage_offset() % 4 == 0 ? x2.contiguous() : x2.clone(at::MemoryFormat::Contiguous);
     const Tensor b = bias.has_value() ? bias->to(acc).contiguous() : Tensor();
@@ -198,7 +201,7 @@ std::tuple<Tensor, Tensor> quantized_linear_backward_impl(const Tensor& grad_out
   const at::ScalarType acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const Tensor g2 = grad_out.reshape({-1, f.out_features}).to(acc);
   Tensor grad_x;
-  if (use_fused(f, g2.size(0))) {
+  if (use_fused(f, g2.size(0), kFusedMaxRowsBackward)) {
     const Tensor gc = g2.contiguous();
     grad_x = at::empty({g2.size(0), f.in_features}, g2.options());
     for (int64_t m0 = 0; m0 < gc.size(0); m0 += cpu::kQuantMatvecMaxRows) {

@@ -33,7 +33,7 @@ def tol(dtype):
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "-".join(map(str, f)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows", [(1,), (3, 6)], ids=["decode", "batch"])  # fused products; tiles
+@pytest.mark.parametrize("rows", [(1,), (3, 6)], ids=["decode", "batch"])  # the fused products; the tiles
 def test_values_and_gradients(backend, fmt, dtype, rows):
     mode, bits, group_size = fmt
     out_features, in_features = 40, 2 * 128
@@ -60,8 +60,8 @@ def test_values_and_gradients(backend, fmt, dtype, rows):
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "-".join(map(str, f)))
 @pytest.mark.parametrize("rows", [(1,), (3,), (2, 4), (11,), (17,)], ids=["1", "3", "2x4", "11", "17"])
 def test_fused_few_rows_and_tiles_vs_float64(backend, fmt, rows):
-    # Up to 16 rows of x take the fused products (forward, and the transposed
-    # one for grad_x; 8 rows a pass, so 11 takes two), 17 the dequantized
+    # The fused products: forward up to 16 rows of x (8 a pass, so 11 takes
+    # two), the transposed one for grad_x up to 8; more take the dequantized
     # tiles. 37 output features: not a
     # multiple of any block; 1152 inputs: more than the CPU's 1024-value chunks
     # and its 512-column blocks of grad_x, a multiple of neither.
@@ -101,7 +101,7 @@ def test_fused_x_at_any_offset(backend):
 @pytest.mark.parametrize("rows", [1, 6, 8, 11, 17])
 def test_float64_vs_the_float32_expanded_weight_cpu(fmt, rows):
     # float64 x: the weight expanded in float32 (as the tiles expand it),
-    # products and sums in float64, on the fused path (<= 16 rows) and the tiles
+    # products and sums in float64, on the fused paths and the tiles
     mode, bits, group_size = fmt
     q, scales, biases = quantized(21, 1152, mode, bits, group_size, seed=5)
     g = torch.Generator().manual_seed(6)
