@@ -258,91 +258,48 @@ void matvec_f32(const QuantMatvecArgs& a, const float* xsum, int64_t n_begin, in
   }
 }
 
+// Weight rows added to grad_x's accumulators per pass over them.
 constexpr int kTRows = 4;
-// Groups in a block of grad_x columns at most (blocks of about 256 columns,
-// groups of at least 32).
-constexpr int64_t kTBlockCols = 256;
-constexpr int64_t kMaxBlockGroups = kTBlockCols / 32;
 
-// grad_x[0, c0 .. c0 + cn) for one row of grad_out: the codes times one
-// coefficient per group and weight row, grad_out * scale, plus
-// grad_out * bias per group (added at the end): no pass over the expanded
-// rows to apply scales, which one row of grad_out does not repay.
-void matvec_t_f32_one_row(const QuantMatvecArgs& a, int64_t c0, int64_t cn, float* buf, float* acc) {
+// grad_x[m, c0 .. c0 + cn) for kM rows of float32 grad_out: every weight row's
+// contribution, kTRows weight rows at a time so that each pass over the
+// accumulators adds that many expanded rows.
+template <int kM>
+void matvec_t_f32(const QuantMatvecArgs& a, int64_t c0, int64_t cn, float* buf, float* acc, float* offsets) {
   using V = Vec;
   constexpr int64_t kL = vec::kLanes<V>;
   constexpr int kRows = kTRows;
   const auto* g = static_cast<const float*>(a.in);
   auto* out = static_cast<float*>(a.out);
-  const int64_t rows = a.out_features, gs = a.group_size, groups = a.in_features / gs, g0 = c0 / gs;
+  const int64_t rows = a.out_features, gs = a.group_size, groups = a.in_features / gs, g0 = c0 / gs,
+                block_groups = cn / gs;
   const bool affine = a.mode == QuantMode::Affine;
-  float offsets[kMaxBlockGroups] = {};
-  std::fill(acc, acc + cn, 0.0f);
+  std::fill(acc, acc + kM * cn, 0.0f);
+  std::fill(offsets, offsets + kM * block_groups, 0.0f);
   std::fill(buf, buf + kRows * cn, 0.0f);  // rows past the end add 0 * these
   for (int64_t n0 = 0; n0 < rows; n0 += kRows) {
     const int count = int(std::min<int64_t>(kRows, rows - n0));
     for (int r = 0; r < count; ++r) unpack_codes(a, n0 + r, c0, cn, buf + r * cn);
-    for (int64_t gi = 0; gi < cn / gs; ++gi) {
-      V coef[kRows];
-      for (int r = 0; r < kRows; ++r)
-        coef[r] = vec::splatv<V>(r < count ? g[n0 + r] * a.scales[(n0 + r) * groups + g0 + gi] : 0.0f);
-      if (affine)
-        for (int r = 0; r < count; ++r) offsets[gi] += g[n0 + r] * a.biases[(n0 + r) * groups + g0 + gi];
-      for (int64_t k = gi * gs; k < (gi + 1) * gs; k += kL) {
-        V s = vec::loadv<V>(acc + k);
-        for (int r = 0; r < kRows; ++r) s += coef[r] * vec::loadv<V>(buf + r * cn + k);
-        vec::storev(acc + k, s);
-      }
-    }
-  }
-  for (int64_t k = 0; k < cn; ++k) out[c0 + k] = acc[k] + offsets[k / gs];
-}
-
-// grad_x[m, c0 .. c0 + cn) for kM rows of float32 grad_out: every weight row's
-// contribution, kTRows weight rows at a time so that each pass over the
-// accumulators adds that many rows. The rows are expanded with their scales
-// (and biases) first: one coefficient per row of grad_out and weight row
-// instead of one per group.
-template <int kM>
-void matvec_t_f32(const QuantMatvecArgs& a, int64_t c0, int64_t cn, float* buf, float* acc) {
-  if constexpr (kM == 1) {
-    matvec_t_f32_one_row(a, c0, cn, buf, acc);
-    return;
-  }
-  using V = Vec;
-  constexpr int64_t kL = vec::kLanes<V>;
-  constexpr int kRows = kTRows;
-  const auto* g = static_cast<const float*>(a.in);
-  auto* out = static_cast<float*>(a.out);
-  const int64_t rows = a.out_features, gs = a.group_size, groups = a.in_features / gs, g0 = c0 / gs;
-  const bool affine = a.mode == QuantMode::Affine;
-  std::fill(acc, acc + kM * cn, 0.0f);
-  std::fill(buf, buf + kRows * cn, 0.0f);  // rows past the end add 0 * these
-  for (int64_t n0 = 0; n0 < rows; n0 += kRows) {
-    const int count = int(std::min<int64_t>(kRows, rows - n0));
-    for (int r = 0; r < count; ++r) {
-      float* w = buf + r * cn;
-      unpack_codes(a, n0 + r, c0, cn, w);
-      const float* scales = a.scales + (n0 + r) * groups + g0;
-      const float* biases = a.biases + (n0 + r) * groups + g0;
-      for (int64_t gi = 0; gi < cn / gs; ++gi) {
-        const V scale = vec::splatv<V>(scales[gi]);
-        const V bias = vec::splatv<V>(affine ? biases[gi] : 0.0f);
-        for (int64_t k = gi * gs; k < (gi + 1) * gs; k += kL) vec::storev(w + k, vec::loadv<V>(w + k) * scale + bias);
-      }
-    }
     for (int m = 0; m < kM; ++m) {
-      V coef[kRows];
-      for (int r = 0; r < kRows; ++r) coef[r] = vec::splatv<V>(r < count ? g[m * rows + n0 + r] : 0.0f);
-      float* dst = acc + m * cn;
-      for (int64_t k = 0; k < cn; k += kL) {
-        V s = vec::loadv<V>(dst + k);
-        for (int r = 0; r < kRows; ++r) s += coef[r] * vec::loadv<V>(buf + r * cn + k);
-        vec::storev(dst + k, s);
+      const float* gm = g + m * rows + n0;
+      for (int64_t gi = 0; gi < block_groups; ++gi) {
+        V coef[kRows];
+        for (int r = 0; r < kRows; ++r)
+          coef[r] = vec::splatv<V>(r < count ? gm[r] * a.scales[(n0 + r) * groups + g0 + gi] : 0.0f);
+        if (affine)
+          for (int r = 0; r < count; ++r) offsets[m * block_groups + gi] += gm[r] * a.biases[(n0 + r) * groups + g0 + gi];
+        float* dst = acc + m * cn + gi * gs;
+        const float* w = buf + gi * gs;
+        for (int64_t k = 0; k < gs; k += kL) {
+          V s = vec::loadv<V>(dst + k);
+          for (int r = 0; r < kRows; ++r) s += coef[r] * vec::loadv<V>(w + r * cn + k);
+          vec::storev(dst + k, s);
+        }
       }
     }
   }
-  for (int m = 0; m < kM; ++m) std::copy(acc + m * cn, acc + (m + 1) * cn, out + m * a.in_features + c0);
+  for (int m = 0; m < kM; ++m)
+    for (int64_t k = 0; k < cn; ++k) out[m * a.in_features + c0 + k] = acc[m * cn + k] + offsets[m * block_groups + k / gs];
 }
 
 // float64 rows (gradcheck, float64 models): the weight expanded in float32
@@ -416,8 +373,8 @@ struct MatvecF32 {
 };
 template <int kM>
 struct MatvecTF32 {
-  static void run(const QuantMatvecArgs& a, int64_t c0, int64_t cn, float* buf, float* acc) {
-    matvec_t_f32<kM>(a, c0, cn, buf, acc);
+  static void run(const QuantMatvecArgs& a, int64_t c0, int64_t cn, float* buf, float* acc, float* offsets) {
+    matvec_t_f32<kM>(a, c0, cn, buf, acc, offsets);
   }
 };
 
@@ -441,8 +398,9 @@ void quantized_matvec(const QuantMatvecArgs& a) {
 void quantized_matvec_t(const QuantMatvecArgs& a) {
   // Blocks of columns of grad_x, each summed over every weight row by one
   // task: no partial sums to combine.
-  const int64_t block = chunk_cols(a, kTBlockCols);
+  const int64_t block = chunk_cols(a, 256);
   const int64_t blocks = (a.in_features + block - 1) / block;
+  const int64_t block_groups = block / a.group_size;
   const int64_t grain = std::max<int64_t>(1, kTaskValues / (block * std::max<int64_t>(a.out_features, 1)));
   at::parallel_for(0, blocks, grain, [&](int64_t b, int64_t e) {
     std::vector<float> buf(kTRows * block);
@@ -451,10 +409,10 @@ void quantized_matvec_t(const QuantMatvecArgs& a) {
       for (int64_t i = b; i < e; ++i)
         matvec_t_f64(a, i * block, std::min(block, a.in_features - i * block), buf.data(), acc.data());
     } else {
-      std::vector<float> acc(a.rows * block);
+      std::vector<float> acc(a.rows * block), offsets(a.rows * block_groups);
       for (int64_t i = b; i < e; ++i)
         with_rows<MatvecTF32>(a.rows, a, i * block, std::min(block, a.in_features - i * block), buf.data(),
-                              acc.data());
+                              acc.data(), offsets.data());
     }
   });
 }
