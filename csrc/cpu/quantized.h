@@ -31,8 +31,8 @@ MY_MPS_OPS_CPU_STUB(dequantize_rows_stub, DequantizeRowsFn);
 // few rows of x (at most kQuantMatvecMaxRows):
 //   quantized_matvec:   out[rows, out_features] = in[rows, in_features] @ W^T (+ bias)
 //   quantized_matvec_t: out[rows, in_features]  = in[rows, out_features] @ W
-// in, bias and out are float32, or float64 when is_double (codes and scales
-// stay float32; products and sums are float64), all contiguous. Each output
+// in, bias and out are float32, or float64 when is_double (the weight is
+// expanded in float32, products and sums are float64), all contiguous. Each output
 // element is summed by one thread in a fixed order: results do not depend on
 // the number of threads.
 constexpr int64_t kQuantMatvecMaxRows = 8;

@@ -117,6 +117,8 @@ int64_t tile_rows(const QuantFormat& f) {
 // for 17; the fused grad_x 7 ms for 8 rows and 15-18 ms for 12-16, the tiles
 // 9-14 ms for 9-17.
 constexpr int64_t kFusedMaxRowsForward = 2 * cpu::kQuantMatvecMaxRows;
+static_assert(cpu::kQuantMatvecMaxRows == shaders::kQuantMatvecMaxRows,
+              "a pass of the fused products takes as many rows on both paths");
 constexpr int64_t kFusedMaxRowsBackward = cpu::kQuantMatvecMaxRows;
 
 bool use_fused(const QuantFormat& f, int64_t rows, int64_t max_rows) {
