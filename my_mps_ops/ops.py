@@ -70,9 +70,10 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
 def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, biases: Optional[Tensor] = None,
                      bias: Optional[Tensor] = None, bits: int = 4, group_size: int = 64, mode: str = "affine") -> Tensor:
     """``x @ W.T + bias`` with ``W = my_mps_ops.dequantize(qweight, scales, biases, bits, group_size, mode)``
-    (computed in float32), never holding the whole float weight: it is expanded a
-    tile of output rows at a time. The quantized weight is frozen; x and bias get
-    gradients."""
+    (computed in float32), never holding the whole float weight: for a few rows
+    of x (decoding) fused kernels expand the codes where they are used, for more
+    a tile of output rows is expanded at a time. The quantized weight is frozen;
+    x and bias get gradients."""
     return _ops.quantized_linear(x, qweight, scales, biases, bias, group_size, bits, mode)
 
 

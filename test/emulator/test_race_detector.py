@@ -299,7 +299,16 @@ def _rotary(dtype):
     return [x, q, k], outs + list(my_mps_ops.rotary_embedding_qk(q, k, cos, sin))
 
 
-SHIPPED = [_rms_norm, _fused_add_rms_norm, _layer_norm, _glu, _cross_entropy, _flash_attention, _rotary]
+def _quantized_linear(dtype):
+    import my_mps_ops
+
+    q, scales, biases = my_mps_ops.quantize(torch.randn(37, 128, generator=torch.Generator().manual_seed(3)), 4, 64)
+    x, xl = _inputs(dtype, (3, 128), (20, 128))  # the fused products; the dequantize tiles
+    return [x, xl], [my_mps_ops.quantized_linear(t, q, scales, biases) for t in (x, xl)]
+
+
+SHIPPED = [_rms_norm, _fused_add_rms_norm, _layer_norm, _glu, _cross_entropy, _flash_attention, _rotary,
+           _quantized_linear]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])

@@ -33,7 +33,7 @@ def tol(dtype):
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "-".join(map(str, f)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows", [(1,), (3, 5)], ids=["decode", "batch"])
+@pytest.mark.parametrize("rows", [(1,), (3, 6)], ids=["decode", "batch"])  # the fused products; the tiles
 def test_values_and_gradients(backend, fmt, dtype, rows):
     mode, bits, group_size = fmt
     out_features, in_features = 40, 2 * 128
@@ -57,14 +57,100 @@ def test_values_and_gradients(backend, fmt, dtype, rows):
     torch.testing.assert_close(bl.grad.cpu().double(), b64.grad, **tol(dtype))
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "-".join(map(str, f)))
+@pytest.mark.parametrize("rows", [(1,), (3,), (2, 4), (11,), (17,)], ids=["1", "3", "2x4", "11", "17"])
+def test_fused_few_rows_and_tiles_vs_float64(backend, fmt, rows):
+    # The fused products: forward up to 16 rows of x (8 a pass, so 11 takes
+    # two), the transposed one for grad_x up to 8; more take the dequantized
+    # tiles. 37 output features: not a
+    # multiple of any block; 1152 inputs: more than the CPU's 1024-value chunks
+    # and its 512-column blocks of grad_x, a multiple of neither.
+    mode, bits, group_size = fmt
+    out_features, in_features = 37, 1152
+    q, scales, biases = quantized(out_features, in_features, mode, bits, group_size, seed=3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(*rows, in_features, generator=g)
+    bias = torch.randn(out_features, generator=g)
+    grad = torch.randn(*rows, out_features, generator=g)
+    dev = backend.device
+    to = lambda t: None if t is None else t.to(dev)  # noqa: E731
+    w = reference_weight(q, scales, biases, mode, bits, group_size)
+    out = my_mps_ops.quantized_linear(to(x), to(q), to(scales), to(biases), to(bias), bits, group_size, mode)
+    torch.testing.assert_close(out.cpu().double(), x.double() @ w.T + bias.double(), **tol(torch.float32))
+    grad_x, grad_bias = ops.quantized_linear_backward(to(grad), to(q), to(scales), to(biases), group_size, bits, mode,
+                                                      True)
+    torch.testing.assert_close(grad_x.cpu().double(), grad.double() @ w, **tol(torch.float32))
+    torch.testing.assert_close(grad_bias.cpu().double(), grad.double().reshape(-1, out_features).sum(0),
+                               **tol(torch.float32))
+
+
+def test_fused_x_at_any_offset(backend):
+    # x a view starting one float into its storage (the Metal kernel reads
+    # aligned float4s of x: such a view is copied first)
+    q, scales, biases = quantized(12, 128, "nf4", 4, 64)
+    flat = torch.randn(1 + 3 * 128, generator=torch.Generator().manual_seed(9))
+    dev = backend.device
+    x = flat.to(dev)[1:].view(3, 128)
+    assert x.storage_offset() == 1
+    out = my_mps_ops.quantized_linear(x, q.to(dev), scales.to(dev), None, None, 4, 64, "nf4")
+    w = reference_weight(q, scales, biases, "nf4", 4, 64)
+    torch.testing.assert_close(out.cpu().double(), flat[1:].view(3, 128).double() @ w.T, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "-".join(map(str, f)))
+@pytest.mark.parametrize("rows", [1, 6, 8, 11, 17])
+def test_float64_vs_the_float32_expanded_weight_cpu(fmt, rows):
+    # float64 x: the weight expanded in float32 (as the tiles expand it),
+    # products and sums in float64, on the fused paths and the tiles
+    mode, bits, group_size = fmt
+    q, scales, biases = quantized(21, 1152, mode, bits, group_size, seed=5)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(rows, 1152, generator=g, dtype=torch.float64)
+    grad = torch.randn(rows, 21, generator=g, dtype=torch.float64)
+    bias = torch.randn(21, generator=g, dtype=torch.float64)
+    w = my_mps_ops.dequantize(q, scales, biases, bits, group_size, mode, dtype=torch.float32).double()
+    out = my_mps_ops.quantized_linear(x, q, scales, biases, bias, bits, group_size, mode)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, x @ w.T + bias, atol=1e-6, rtol=1e-6)
+    grad_x, _ = ops.quantized_linear_backward(grad, q, scales, biases, group_size, bits, mode, False)
+    torch.testing.assert_close(grad_x, grad @ w, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_fused_results_do_not_depend_on_the_thread_count_cpu(dtype):
+    q, scales, biases = quantized(300, 2048, "affine", 4, 64, seed=7)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 2048, generator=g, dtype=dtype)
+    grad = torch.randn(5, 300, generator=g, dtype=dtype)
+
+    def run():
+        return (my_mps_ops.quantized_linear(x, q, scales, biases),
+                ops.quantized_linear_backward(grad, q, scales, biases, 64, 4, "affine", False)[0])
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+        torch.set_num_threads(max(threads, 2))
+        several = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, several):
+        assert torch.equal(a, b)
+
+
 def test_tiles_cover_many_output_rows_cpu():
-    # More output rows than one dequantized tile holds (4 MiB of float32 rows).
-    q, scales, biases = quantized(4100, 512, "affine", 4, 64, seed=2)
-    x = torch.randn(2, 512, dtype=torch.float64)
+    # More output rows than one dequantized tile holds (16 MiB of float32
+    # rows), and more rows of x than the fused products take: the tiles.
+    q, scales, biases = quantized(8200, 512, "affine", 4, 64, seed=2)
+    x = torch.randn(17, 512, dtype=torch.float64)
+    w = reference_weight(q, scales, biases, "affine", 4, 64)
     out = my_mps_ops.quantized_linear(x, q, scales, biases)
-    ref = x @ reference_weight(q, scales, biases, "affine", 4, 64).T
     # the weight is expanded in float32 (a float64 x keeps float64 products)
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, x @ w.T, atol=1e-6, rtol=1e-6)
+    grad = torch.randn(17, 8200, dtype=torch.float64)
+    grad_x, _ = ops.quantized_linear_backward(grad, q, scales, biases, 64, 4, "affine", False)
+    torch.testing.assert_close(grad_x, grad @ w, atol=1e-6, rtol=1e-6)
 
 
 def test_no_output_features_and_codes_at_an_unaligned_offset(backend):
