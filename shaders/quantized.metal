@@ -111,15 +111,21 @@ kernel void quantized_matvec(
   }
   const uint step = kQuantMatvecSimdWidth * kQuantMatvecLaneValues;
   for (uint k = lane * kQuantMatvecLaneValues; k < p.in_features; k += step) {
+    // This lane's 8 values of every row of x, read once for all the SIMD
+    // group's output features. 16-byte loads (rows of x start 128-byte
+    // aligned: in_features is a multiple of 32), so a SIMD group's loads
+    // touch half the segments that single floats 32 bytes apart would.
+    float4 x_lo[kQuantMatvecMaxRows], x_hi[kQuantMatvecMaxRows];
+    for (uint m = 0; m < p.rows; ++m) {
+      device const float4* xm = reinterpret_cast<device const float4*>(x + size_t(m) * p.in_features + k);
+      x_lo[m] = xm[0];
+      x_hi[m] = xm[1];
+    }
     for (uint r = 0; r < kQuantMatvecOutRows && n0 + r < p.out_features; ++r) {
       float w[kQuantMatvecLaneValues];
       dequantized_eight(words, scales, biases, n0 + r, k, p.in_features, p.group_size, p.bits, p.mode, w);
       for (uint m = 0; m < p.rows; ++m) {
-        // 16-byte loads (rows of x start 128-byte aligned: in_features is a
-        // multiple of 32), so a SIMD group's loads touch half the segments
-        // that single floats 32 bytes apart would.
-        device const float4* xm = reinterpret_cast<device const float4*>(x + size_t(m) * p.in_features + k);
-        acc[r][m] += dot(float4(w[0], w[1], w[2], w[3]), xm[0]) + dot(float4(w[4], w[5], w[6], w[7]), xm[1]);
+        acc[r][m] += dot(float4(w[0], w[1], w[2], w[3]), x_lo[m]) + dot(float4(w[4], w[5], w[6], w[7]), x_hi[m]);
       }
     }
   }
