@@ -1206,7 +1206,9 @@ class _Rewriter:
             body = (nxt, _match(toks, nxt, "{", "}"))
         attrs = {k: [self.attrs[k]] for k in self.attrs if j < k < close}
         self.kernels.append(KernelInfo(toks[name_tok].text, name_tok, params, attrs, body, qualifier))
-        if body is not None and "void" not in [toks[k].text for k in range(i + 1, name_tok)]:
+        before = self._prev(i)  # `void kernel f(...)`: the qualifier may follow the return type
+        if body is not None and "void" not in [toks[k].text for k in range(i + 1, name_tok)] and \
+                not (before >= 0 and toks[before].text == "void"):
             self.errors.append((name_tok, f"kernel function '{toks[name_tok].text}' must return void"))
 
     def _function_declarator(self, i: int, stack, template_params: frozenset) -> None:
@@ -1340,11 +1342,15 @@ class _Rewriter:
             texts = [toks[k].text for k in range(s, e) if not self._is_attr_tok(k)]
             if "=" in texts:
                 texts = texts[:texts.index("=")]
-            if "*" not in texts or any(x in _PARAM_SKIP for x in texts) or "(" in texts:
+            # An array parameter (`acc_t v[N]`) is a pointer to thread memory too; its element type, even a
+            # template parameter, is deduced without an address space (as Apple's compiler deduces it).
+            array = len(texts) > 3 and texts[-1] == "]" and "[" in texts and "*" not in texts and \
+                re.match(r"[A-Za-z_]", texts[texts.index("[") - 1]) is not None
+            if "*" not in texts and not array or any(x in _PARAM_SKIP for x in texts) or "(" in texts:
                 continue
-            if not re.match(r"[A-Za-z_]", texts[-1]) and texts[-1] != "*":
+            if not re.match(r"[A-Za-z_]", texts[-1]) and texts[-1] != "*" and not array:
                 continue  # an expression, not a declaration
-            if any(x in template_params or x in ("auto", "decltype", "...") for x in texts):
+            if any((x in template_params and not array) or x in ("auto", "decltype", "...") for x in texts):
                 continue
             first = s
             while first < e and self._is_attr_tok(first):
@@ -1374,7 +1380,8 @@ class _Rewriter:
                 if params[:2] in ([name, "&"], [name, "const"]) or params[:1] == [name] and "&" in params[:4]:
                     has_copy = True
             j += 1
-        members = [f"public: {name}(const __constant {name}&) = default;",
+        # (public: the class may end in a private section)
+        members = [f"{name}(const __constant {name}&) = default;",
                    f"{name}(const {name}&) __constant = default;",
                    f"{name}(const __constant {name}&) __constant = default;",
                    f"template <class __U, class = ::metal::__same_class_t<__U, {name}>> {name}& operator=(const __U&);"]
@@ -1382,7 +1389,7 @@ class _Rewriter:
             members.insert(0, f"{name}(const {name}&) = default;")
         if not has_ctor:
             members.insert(0, f"{name}() = default;")
-        self.edit(close, before=" " + " ".join(members) + " ")
+        self.edit(close, before=" public: " + " ".join(members) + " ")
 
     # -- output
 

@@ -573,6 +573,12 @@ template <class T> struct numeric_limits<T, std::enable_if_t<std::is_integral<T>
   static constexpr T min() { return is_signed ? T(-max() - 1) : T(0); }
   static constexpr T lowest() { return min(); }
   static constexpr T epsilon() { return T(0); }
+  // As C++'s: defined (zero) for integers too, so `is_floating_point_v<T> ? infinity() : max()` compiles.
+  static constexpr T infinity() { return T(0); }
+  static constexpr T quiet_NaN() { return T(0); }
+  static constexpr T signaling_NaN() { return T(0); }
+  static constexpr T denorm_min() { return T(0); }
+  static constexpr T round_error() { return T(0); }
 };
 template <> struct numeric_limits<float> {
   static constexpr bool is_specialized = true, is_signed = true, is_integer = false, is_exact = false;
