@@ -325,6 +325,7 @@ class _Rewriter:
         self._own_template: frozenset = frozenset()  # the parameters of the template head being declared
         self.dependent_aliases: set = set()  # type aliases declared in templates
         self.conditional_literals: List[Tuple[Tuple[int, int], Tuple[int, int]]] = []  # (literal, other operand)
+        self.conditional_operands: List[Tuple[int, Tuple[int, int], Tuple[int, int]]] = []  # ('?', 2nd, 3rd)
 
     def edit(self, i: int, text: Optional[str] = None, before: str = "", after: str = "") -> None:
         e = self.edits.get(i)
@@ -909,6 +910,10 @@ class _Rewriter:
             # once the other operand's tokens are rewritten)
             self.conditional_literals.append(((colon + 1, end), (i + 1, colon)) if lit3 else
                                              ((i + 1, colon), (colon + 1, end)))
+        elif not lit2:
+            # `c ? i : bf` with i of an integer type: it converts to bfloat too (both operands are passed
+            # through ::metal::__cond_op, which converts only that)
+            self.conditional_operands.append((i, (i + 1, colon), (colon + 1, end)))
 
     def _int_literal(self, a: int, b: int) -> bool:
         texts = [self.toks[k].text for k in range(a, b)]
@@ -917,14 +922,32 @@ class _Rewriter:
         return len(texts) == 1 and self.toks[b - 1].kind == "num" and \
             re.fullmatch(r"(?:0[xX][0-9a-fA-F]+|\d+)[uUlL]*", texts[0]) is not None
 
-    def _finish_conditional_literals(self) -> None:
+    def _operand_text(self, a: int, b: int) -> str:
+        """The rewritten text of tokens [a, b): an operand, without the parentheses that wrappers of an
+        enclosing operand ending at the same token leave after it."""
         toks = self.toks
+        text = " ".join((self.edits[m].before + self.edits[m].text + self.edits[m].after) if m in self.edits
+                        else toks[m].text for m in range(a, b))
+        excess = text.count(")") - text.count("(")
+        while excess > 0 and text.rstrip().endswith(")"):
+            text = text.rstrip()[:-1]
+            excess -= 1
+        return text
+
+    def _finish_conditional_literals(self) -> None:
         for (la, lb), (oa, ob) in self.conditional_literals:
-            text = lambda m: (self.edits[m].before + self.edits[m].text + self.edits[m].after) if m in self.edits \
-                else toks[m].text
-            other = " ".join(text(m) for m in range(oa, ob))
+            other = self._operand_text(oa, ob)
             self.edit(la, before=f"::metal::__cond_lit<decltype({other})>(")
             self.edit(lb - 1, after=")")
+        # innermost (last) first: an enclosing conditional's decltype sees them rewritten
+        for _q, (a2, b2), (a3, b3) in sorted(self.conditional_operands, reverse=True):
+            second, third = self._operand_text(a2, b2), self._operand_text(a3, b3)
+            if len(second) + len(third) > 4000:
+                continue
+            self.edit(a2, before=f"::metal::__cond_op<decltype({third})>(")
+            self.edit(b2 - 1, after=")")
+            self.edit(a3, before=f"::metal::__cond_op<decltype({second})>(")
+            self.edit(b3 - 1, after=")")
 
     def _c_style_cast(self, i: int, template_params: frozenset) -> None:
         """`(float4)h` or `(T)x`: MSL converts vectors element-wise by a cast (clang's OpenCL reinterprets

@@ -287,10 +287,9 @@ def _pick_overload(definitions: Dict[str, dict], fname: str, targs: str, inst_pa
     overloads = [n for n, d in definitions.items() if d["base"] == fname]
     if len(overloads) == 1 or inst_params is None:
         return overloads[0]
-    try:
-        inst = [_normal_type(p.type) for p in _parse_params(inst_params, fname)]
-    except TranslationError:
-        return overloads[0]
+    inst = []
+    for raw in _split_top_level(inst_params):  # (types only: parameter names and attributes are optional)
+        inst.append(_ATTR_RE.sub(" ", raw).strip())
     args = _split_top_level(targs[1:-1]) if targs.startswith("<") else []
     same_count = [n for n in overloads if len(definitions[n]["params"]) == len(inst)]
     for n in same_count:
@@ -301,10 +300,17 @@ def _pick_overload(definitions: Dict[str, dict], fname: str, targs: str, inst_pa
             for tp, a in zip(d["template_params"], args):
                 t = re.sub(r"\b" + re.escape(tp) + r"\b", a.strip(), t)
             types.append(_normal_type(t))
-        if [" ".join(t.replace("<", " < ").replace(">", " > ").split()) for t in types] == \
-                [" ".join(t.replace("<", " < ").replace(">", " > ").split()) for t in inst]:
+        if all(_same_param_type(t, i) for t, i in zip(types, inst)):
             return n
     return (same_count or overloads)[0]
+
+
+def _same_param_type(definition_type: str, declaration: str) -> bool:
+    """Whether an instantiation's parameter declaration (`device float* p`, or unnamed `device float*`)
+    declares the type `definition_type`."""
+    spaced = lambda t: " ".join(re.sub(r"([<>*&,])", r" \1 ", t).split())
+    want, got = spaced(definition_type), spaced(declaration)
+    return got == want or got.rsplit(" ", 1)[0] == want
 
 
 def _host_name(attrs: str) -> Optional[str]:
@@ -551,13 +557,18 @@ def _conditional_operand_end(s: str, j: int, stop_at_colon: bool) -> Optional[in
     return None
 
 
+_ANGLE_NOISE_RE = re.compile(r"<<|>>|<=|>=|->")
+
+
 def _conditional_literals(s: str) -> str:
-    """`c ? bf : 1` with bf a bfloat: in Metal the int converts to bfloat (a built-in arithmetic type); the
-    emulator's bfloat class converts both ways, which makes the conditional ambiguous in C++. An integer
-    literal operand becomes `__mtl::cond_operand<decltype(other)>(1)`: a bfloat when the other operand is
-    one, the literal itself otherwise (so the usual arithmetic conversions are untouched)."""
-    edits = []
-    for m in re.finditer(r"\?", s):
+    """The operands of `?:`, for Metal's bfloat: in Metal an integer converts to bfloat (a built-in arithmetic
+    type), while the emulator's bfloat class converts both ways, which makes `c ? bf : i` ambiguous in C++.
+    An integer literal operand becomes `__mtl::cond_operand<decltype(other)>(1)`: a bfloat when the other
+    operand is one, the literal itself otherwise (so the usual arithmetic conversions are untouched). Other
+    operands become `(__mtl::cond_tag<decltype(other)>(), x)`, which converts an integer-typed x beside a
+    bfloat and passes anything else through (lvalues stay lvalues, a void operand takes the built-in comma).
+    Conditionals are rewritten innermost (last) first, so an outer one's decltype sees the inner rewritten."""
+    for m in reversed(list(re.finditer(r"\?", s))):
         i = m.start()
         colon = _conditional_operand_end(s, i + 1, True)
         if colon is None:
@@ -571,15 +582,23 @@ def _conditional_literals(s: str) -> str:
             continue  # a constant expression (g++ 12 can fail on decltype there; bfloat is rare there)
         second_lit = _INT_LITERAL_RE.fullmatch(second) is not None
         third_lit = _INT_LITERAL_RE.fullmatch(third) is not None
-        if second_lit == third_lit or "\n" in second + third and len(second + third) > 2000:
+        if second_lit and third_lit or "\n" in second + third and len(second + third) > 2000 or \
+                re.search(r"^\s*#", second + third, re.M):  # (a line marker cannot be joined into one line)
             continue
-        if third_lit:
-            edits.append((colon + 1, end, f" ::__mtl::cond_operand<decltype({second})>({third.strip()}) "))
+        if second_lit != third_lit:
+            if third_lit:
+                edits = [(colon + 1, end, f" ::__mtl::cond_operand<decltype({second})>({third.strip()}) ")]
+            else:
+                edits = [(i + 1, colon, f" ::__mtl::cond_operand<decltype({third})>({second.strip()}) ")]
         else:
-            edits.append((i + 1, colon, f" ::__mtl::cond_operand<decltype({third})>({second.strip()}) "))
-    for start, stop, text in sorted(edits, reverse=True):
-        # (keep line breaks: line markers map errors to the .metal lines)
-        s = s[:start] + text.replace("\n", " ") + "\n" * s[start:stop].count("\n") + s[stop:]
+            if len(second) + len(third) > 600 or "{" in second + third or any(
+                    (lambda t: t.count("<") != t.count(">"))(_ANGLE_NOISE_RE.sub(" ", x)) for x in (second, third)):
+                continue  # (a `<` or `>` of its own may be a template argument list the scan cut through)
+            edits = [(colon + 1, end, f" (::__mtl::cond_tag<decltype({second.strip()})>(), {third.strip()}) "),
+                     (i + 1, colon, f" (::__mtl::cond_tag<decltype({third.strip()})>(), {second.strip()}) ")]
+        for start, stop, text in edits:
+            # (keep line breaks: line markers map errors to the .metal lines)
+            s = s[:start] + text.replace("\n", " ") + "\n" * s[start:stop].count("\n") + s[stop:]
     return s
 
 

@@ -405,3 +405,73 @@ def test_make_filled_simdgroup_matrix_takes_rows_from_cols():
     out = torch.zeros(64)
     lib.filled(out, threads=32, group_size=32)
     assert out.tolist() == [2.5] * 64
+
+
+# More forms of PyTorch's MPS kernels: `void kernel f` (SpecialOps.metal), two kernel templates of one name
+# told apart by their parameters (FusedOptimizerOps.metal's fused_sgd), numeric_limits<int>::infinity()
+# in a conditional on the type (ScanKernel.metal), an integer expression beside a bfloat in `?:`
+# (GridSampler3D.metal), an array parameter whose element type is deduced (ScanKernel.metal's load_safe)
+# and a functor ending in a private section, default-constructed.
+PYTORCH_FORMS_2 = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+template <typename T>
+T clip(T coord, long size) {
+  return coord < 0 ? 0 : coord > size - 1 ? size - 1 : coord;
+}
+
+template <typename T, int N>
+void fill(T values[N], T init) {
+  for (int i = 0; i < N; i++) values[i] = init;
+}
+
+template <typename T>
+struct MinOp {
+  static constexpr constant T init = is_floating_point_v<T> ? numeric_limits<T>::infinity()
+                                                            : numeric_limits<T>::max();
+  T operator()(T a, T b) { return a < b ? a : b; }
+
+ private:
+  int unused_;
+};
+
+template <typename T>
+void kernel
+clipped(device T* out [[buffer(0)]], constant long& size [[buffer(1)]], uint i [[thread_position_in_grid]]) {
+  T v[2];
+  fill<T, 2>(v, T(int(i)));
+  MinOp<T> op;
+  out[i] = op(clip(v[1], size), MinOp<T>::init);
+}
+template [[host_name("clipped_bfloat")]] void kernel clipped<bfloat>(device bfloat*, constant long&, uint);
+template [[host_name("clipped_int")]] void kernel clipped<int>(device int*, constant long&, uint);
+
+template <typename T>
+kernel void step(device T* p [[buffer(0)]], constant float& lr [[buffer(1)]], uint i [[thread_position_in_grid]]) {
+  p[i] -= T(lr);
+}
+template <typename T>
+kernel void step(device T* p [[buffer(0)]], device T* m [[buffer(1)]], constant float& lr [[buffer(2)]],
+                 uint i [[thread_position_in_grid]]) {
+  m[i] += T(1);
+  p[i] -= T(lr) * m[i];
+}
+template [[host_name("step_float")]] kernel void step<float>(device float*, constant float&, uint);
+template [[host_name("step_momentum_float")]] kernel void step<float>(
+    device float* p [[buffer(0)]], device float* m [[buffer(1)]], constant float& lr [[buffer(2)]], uint i);
+"""
+
+
+def test_pytorch_kernel_forms_2():
+    lib = _compile(PYTORCH_FORMS_2)
+    for dtype, kernel in ((torch.bfloat16, lib.clipped_bfloat), (torch.int32, lib.clipped_int)):
+        out = torch.zeros(6, dtype=dtype)
+        kernel(out, 4, threads=6)
+        assert out.tolist() == [0, 1, 2, 3, 3, 3], dtype
+    p = torch.ones(4)
+    lib.step_float(p, 0.5, threads=4)
+    assert p.tolist() == [0.5] * 4
+    m = torch.ones(4)
+    lib.step_momentum_float(p, m, 0.25, threads=4)
+    assert p.tolist() == [0.0] * 4 and m.tolist() == [2.0] * 4

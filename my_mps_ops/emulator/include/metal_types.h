@@ -96,6 +96,25 @@ template <class Other, class L> constexpr auto cond_operand(L lit) {
     return lit;
   }
 }
+// The operands of any other `?:`, as the translator writes them: `(cond_tag<decltype(b)>(), a)`. An
+// integer-typed operand whose other operand is a bfloat converts to bfloat, as to Metal's built-in type
+// (the class converts both ways, which C++ finds ambiguous); a bfloat beside a float becomes a float, by
+// the usual arithmetic conversions. Anything else passes through, lvalues as lvalues; a void operand
+// takes the built-in comma.
+template <class Other> struct cond_tag {};
+template <class Other, class L> constexpr decltype(auto) operator,(cond_tag<Other>, L&& x) {
+  using O = std::remove_cv_t<std::remove_reference_t<Other>>;
+  using X = std::remove_cv_t<std::remove_reference_t<L>>;
+  if constexpr (std::is_same<O, bfloat>::value && (std::is_integral<X>::value || std::is_enum<X>::value)) {
+    return bfloat(float(x));
+  } else if constexpr (std::is_same<X, bfloat>::value && std::is_same<O, float>::value) {
+    return float(x);
+  } else if constexpr (std::is_lvalue_reference<L>::value) {
+    return static_cast<L&&>(x);
+  } else {
+    return X(static_cast<L&&>(x));
+  }
+}
 using metal::vec;
 
 template <class T> struct is_float_scalar : std::false_type {};
