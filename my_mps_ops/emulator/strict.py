@@ -325,6 +325,7 @@ class _Rewriter:
         self._own_template: frozenset = frozenset()  # the parameters of the template head being declared
         self.dependent_aliases: set = set()  # type aliases declared in templates
         self.conditional_literals: List[Tuple[Tuple[int, int], Tuple[int, int]]] = []  # (literal, other operand)
+        self.renamed_tokens: List[Tuple[int, str]] = []  # (index, original text) of _static_only_structs
         self.conditional_operands: List[Tuple[int, Tuple[int, int], Tuple[int, int]]] = []  # ('?', 2nd, 3rd)
 
     def edit(self, i: int, text: Optional[str] = None, before: str = "", after: str = "") -> None:
@@ -341,9 +342,12 @@ class _Rewriter:
     def run(self) -> None:
         self._attributes()
         self._function_pointer_aliases()
+        self._static_only_structs()
         self._scan()
         self._finish_threadgroup_variables()
         self._finish_conditional_literals()
+        for k, text in self.renamed_tokens:
+            self.toks[k].text = text
 
     def _attributes(self) -> None:
         toks = self.toks
@@ -489,6 +493,54 @@ class _Rewriter:
             if kind in ("func", "class") and (text == "(" or text in self.function_pointer_aliases):
                 self._function_pointer_object(i)
             i += 1
+
+    def _static_only_structs(self) -> None:
+        """A struct of static member functions only, named only as a qualifier (`Op::amax<T>`, PyTorch's
+        IndexReduceOp), becomes a namespace of inline functions: clang's OpenCL gives static member functions
+        a `__generic` method qualifier, so one cannot bind to a function-pointer template parameter, which
+        Apple's compiler allows."""
+        toks = self.toks
+        n = len(toks)
+        for i in range(n - 3):
+            if toks[i].text != "struct" or not toks[i].user or toks[i + 1].kind != "id" or toks[i + 2].text != "{":
+                continue
+            p = self._prev(i)
+            if p >= 0 and toks[p].text not in (";", "}", "{"):
+                continue  # a template, a declaration's type...
+            name, close = toks[i + 1].text, _match(toks, i + 2, "{", "}")
+            if close + 1 >= n or toks[close + 1].text != ";":
+                continue
+            statics, j, ok = [], i + 3, True
+            while j < close and ok:  # each member: [template <...>] static R f(...) {...}
+                if toks[j].text == "template" and j + 1 < close and toks[j + 1].text == "<":
+                    j = self._angle_close(j + 1) + 1
+                if j >= close or toks[j].text != "static":
+                    ok = False
+                    break
+                statics.append(j)
+                k = j + 1
+                while k < close and toks[k].text not in ("(", ";", "{", "="):
+                    k += 1
+                if k >= close or toks[k].text != "(":
+                    ok = False
+                    break
+                k = _match(toks, k, "(", ")") + 1
+                while k < close and toks[k].text != "{" and toks[k].text != ";":
+                    k += 1
+                if k >= close or toks[k].text != "{":
+                    ok = False
+                    break
+                j = _match(toks, k, "{", "}") + 1
+            if not ok or not statics:
+                continue
+            if any(toks[k].text == name and (k + 1 >= n or toks[k + 1].text != "::") for k in range(n)
+                   if k != i + 1):
+                continue  # used as a type
+            # (the passes read the new words; output() needs the old ones' lengths: run() restores them)
+            for k, word in [(i, "namespace")] + [(k, "inline") for k in statics]:
+                self.renamed_tokens.append((k, toks[k].text))
+                toks[k].text = word
+                self.edit(k, word)
 
     def _function_pointer_aliases(self) -> None:
         """The names of function pointer types, `using F = R (*)(A...);`: template parameters of such a type
