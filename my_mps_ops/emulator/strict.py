@@ -325,6 +325,7 @@ class _Rewriter:
         self._own_template: frozenset = frozenset()  # the parameters of the template head being declared
         self.dependent_aliases: set = set()  # type aliases declared in templates
         self.conditional_literals: List[Tuple[Tuple[int, int], Tuple[int, int]]] = []  # (literal, other operand)
+        self.alias_templates: set = set()  # names of `template <...> using X = ...;`
         self.renamed_tokens: List[Tuple[int, str]] = []  # (index, original text) of _static_only_structs
         self.conditional_operands: List[Tuple[int, Tuple[int, int], Tuple[int, int]]] = []  # ('?', 2nd, 3rd)
 
@@ -485,6 +486,8 @@ class _Rewriter:
                 self._conditional(i)
             if text == "(" and kind == "func":
                 self._c_style_cast(i, stack[-1][3])
+            if kind == "func" and (text == "static_cast" or text in self.alias_templates):
+                self._vector_cast(i, stack[-1][3])
             if text == "goto":
                 self.errors.append((i, "goto is not supported in MSL"))
             if text == "virtual" and kind == "class":
@@ -570,6 +573,10 @@ class _Rewriter:
             if star is None or _match(toks, star + 3, "(", ")") != end - 1:
                 continue
             self.function_pointer_aliases.add(toks[i + 1].text)
+        for i in range(1, n - 2):  # alias templates: `template <...> using X =`
+            if toks[i].text == "using" and toks[i - 1].text == ">" and toks[i + 1].kind == "id" and \
+                    toks[i + 2].text == "=":
+                self.alias_templates.add(toks[i + 1].text)
 
     def _function_pointer_object(self, i: int) -> None:
         """A variable or member of a function pointer type (`R (*name)(A...)`, or of an alias of one), in a
@@ -1000,6 +1007,35 @@ class _Rewriter:
             self.edit(b2 - 1, after=")")
             self.edit(a3, before=f"::metal::__cond_op<decltype({second})>(")
             self.edit(b3 - 1, after=")")
+
+    def _vector_cast(self, i: int, template_params: frozenset) -> None:
+        """`static_cast<X>(v)` with X a vector type, a template parameter or a template-id (`opmath_t<T>`), and
+        `alias<T>(v)` with alias an alias template: MSL converts a vector to another of its length element-wise
+        this way (PyTorch's ReplicationPad.metal, half2 to float2); `::metal::__scast<X>(v)` does."""
+        toks = self.toks
+        n = len(toks)
+        if i + 1 >= n or toks[i + 1].text != "<":
+            return
+        close = self._angle_close(i + 1)
+        if close + 1 >= n or toks[close].text not in (">", ">>") or toks[close + 1].text != "(" or \
+                toks[close].text == ">>" and toks[i].text != "static_cast":
+            return
+        target = [toks[k].text for k in range(i + 2, close)]  # (`static_cast<a<T>>`: the `<` is in it)
+        if not target or "&" in target or "&&" in target or "*" in target:
+            return
+        if toks[i].text == "static_cast":
+            if not (target[0] in EXT_VECTOR_TYPES or target[0] in template_params or "<" in target):
+                return
+            self.edit(i, "::metal::__scast")
+            return
+        p = self._prev(i)
+        if p >= 0 and toks[p].text in (".", "->", "::"):
+            return
+        pc = _match(toks, close + 1, "(", ")")
+        if pc == close + 2 or len(_split_top_level(toks, close + 2, pc)) != 1:
+            return  # (a conversion takes one value)
+        self.edit(i, before="::metal::__scast<")
+        self.edit(close, after=">")
 
     def _c_style_cast(self, i: int, template_params: frozenset) -> None:
         """`(float4)h` or `(T)x`: MSL converts vectors element-wise by a cast (clang's OpenCL reinterprets

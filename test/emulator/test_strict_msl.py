@@ -532,15 +532,21 @@ void kernel gather_like(device T* out [[buffer(0)]], constant long* strides [[bu
 template [[host_name("gather_like_bfloat")]] void kernel gather_like<bfloat>(device bfloat*, constant long*, uint);
 template [[host_name("gather_like_long")]] void kernel gather_like<long>(device long*, constant long*, uint);
 
+template <typename T> struct Wide { using type = T; };
+template <> struct Wide<half2> { using type = float2; };
+template <typename T> using wide_t = typename Wide<T>::type;
 template <typename T>
 kernel void step(device T* p [[buffer(0)]], constant float& lr [[buffer(1)]], uint i [[thread_position_in_grid]]) {
-  p[i] -= T(lr);
+  wide_t<T> s = wide_t<T>(p[i]);  // (half2 to float2, ReplicationPad.metal)
+  s += static_cast<wide_t<T>>(p[i]);
+  p[i] = static_cast<T>(s) - T(lr);
 }
 template <typename T>
 kernel void step(device T* p [[buffer(0)]], device T* m [[buffer(1)]], constant float& lr [[buffer(2)]],
                  uint i [[thread_position_in_grid]]) {
   p[i] -= T(lr) * m[i];
 }
+template [[host_name("step_half2")]] kernel void step<half2>(device half2*, constant float&, uint);
 template [[host_name("step_half")]] kernel void step<half>(device half*, constant float&, uint);
 template [[host_name("step_momentum_half")]] kernel void step<half>(device half*, device half*, constant float&, uint);
 """
@@ -548,6 +554,18 @@ template [[host_name("step_momentum_half")]] kernel void step<half>(device half*
 
 def test_pytorch_forms_2_accepted():
     strict.check_msl(PRELUDE + PYTORCH_FORMS_2, "pytorch_forms_2.metal")
+
+
+def test_static_cast_between_vector_lengths_rejected():
+    # static_cast converts a vector to another of its length (element-wise), not of another length.
+    src = PRELUDE + """
+template <typename T> struct Wide { using type = float2; };
+template <typename T> using wide_t = typename Wide<T>::type;
+template <typename T> float2 widen(T h) { return static_cast<wide_t<T>>(h); }
+kernel void k(device float2* out [[buffer(0)]], uint i [[thread_position_in_grid]]) { out[i] = widen(half3(1.0h)); }
+"""
+    with pytest.raises(strict.MSLStrictError, match=r"error"):
+        strict.check_msl(src, "vector_lengths.metal")
 
 
 def test_thread_array_element_is_a_thread_pointer():
