@@ -1024,6 +1024,13 @@ class _Rewriter:
         if not target or "&" in target or "&&" in target or "*" in target:
             return
         if toks[i].text == "static_cast":
+            if target[0] == "decltype":
+                # `static_cast<decltype(x.y)>(f)`: a vector element's decltype is a thread reference here, which
+                # clang's OpenCL cannot bind to a converted temporary; the value is what MSL code means
+                self.edit(i, "::metal::__scast")
+                self.edit(i + 2, before="::metal::remove_reference_t<")
+                self.edit(close - 1, after=">")
+                return
             if not (target[0] in EXT_VECTOR_TYPES or target[0] in template_params or "<" in target):
                 return
             self.edit(i, "::metal::__scast")

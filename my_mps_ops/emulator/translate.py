@@ -591,9 +591,11 @@ def _conditional_literals(s: str) -> str:
             else:
                 edits = [(i + 1, colon, f" ::__mtl::cond_operand<decltype({third})>({second.strip()}) ")]
         else:
-            if len(second) + len(third) > 600 or "{" in second + third or any(
-                    (lambda t: t.count("<") != t.count(">"))(_ANGLE_NOISE_RE.sub(" ", x)) for x in (second, third)):
-                continue  # (a `<` or `>` of its own may be a template argument list the scan cut through)
+            bare = _ANGLE_NOISE_RE.sub(" ", third)
+            if len(second) + len(third) > 600 or "{" in second + third or bare.count(">") > bare.count("<") or \
+                    s[end] == "," and bare.count("<") > bare.count(">"):
+                continue  # (the third operand may run through the end of a template argument list, or the
+                # scan may have cut one at its comma: `c ? a : f<int, 2>(x)`)
             edits = [(colon + 1, end, f" (::__mtl::cond_tag<decltype({second.strip()})>(), {third.strip()}) "),
                      (i + 1, colon, f" (::__mtl::cond_tag<decltype({third.strip()})>(), {second.strip()}) ")]
         for start, stop, text in edits:

@@ -475,3 +475,44 @@ def test_pytorch_kernel_forms_2():
     m = torch.ones(4)
     lib.step_momentum_float(p, m, 0.25, threads=4)
     assert p.tolist() == [0.0] * 4 and m.tolist() == [2.0] * 4
+
+
+# Metal's is_floating_point and is_integral hold for vectors too (c10/metal's is_scalar_floating_point_v
+# is `is_floating_point_v<T> && is_scalar_v<T>`; UnaryKernel.metal's complex half2 functors are chosen by
+# is_floating_point_v), is_signed_v of a vector is false rather than an error (c10/metal's integer pow
+# instantiates it), and `static_cast<decltype(v.y)>(f)` converts to the element type.
+VECTOR_TRAITS = r"""
+#include <metal_stdlib>
+using namespace metal;
+static_assert(is_floating_point_v<half2> && is_floating_point_v<float> && is_integral_v<int2>, "");
+static_assert(!is_scalar_v<float2> && is_scalar_v<float> && !is_signed_v<float2> && is_signed_v<int>, "");
+struct twice_functor {
+  template <typename T, enable_if_t<is_floating_point_v<T> && is_scalar_v<T>, bool> = true>
+  T operator()(const T x) { return x * T(2); }
+  template <typename T, enable_if_t<is_floating_point_v<T> && is_vector_v<T>, bool> = true>
+  T operator()(const T x) { return T(x.x * 2, static_cast<decltype(x.y)>(float(x.y) * 3.0f)); }
+  template <typename T, enable_if_t<is_integral_v<T> && !is_signed_v<T>, bool> = true>
+  T operator()(const T x) { return x + 1; }
+};
+template <typename T>
+kernel void twice(device T* x [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  twice_functor f;
+  x[i] = f(x[i]);
+}
+template [[host_name("twice_float")]] kernel void twice<float>(device float*, uint);
+template [[host_name("twice_half2")]] kernel void twice<half2>(device half2*, uint);
+template [[host_name("twice_uint")]] kernel void twice<uint>(device uint*, uint);
+"""
+
+
+def test_vector_type_traits():
+    lib = _compile(VECTOR_TRAITS)
+    x = torch.tensor([1.0, 2.0])
+    lib.twice_float(x, threads=2)
+    assert x.tolist() == [2.0, 4.0]
+    h = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float16)
+    lib.twice_half2(h, threads=2)
+    assert h.tolist() == [2.0, 6.0, 6.0, 12.0]
+    u = torch.tensor([1, 5], dtype=torch.int32)
+    lib.twice_uint(u, threads=2)
+    assert u.tolist() == [2, 6]

@@ -138,6 +138,8 @@ template <class T, int N, bool P> struct vec_traits<vec<T, N, P>> {
   typedef T elem;
 };
 template <class T> constexpr bool is_vec_v = vec_traits<std::remove_cv_t<std::remove_reference_t<T>>>::is_vec;
+template <class T> struct scalar_of { typedef T type; };  // a vector's element type, a scalar's own
+template <class T, int N, bool P> struct scalar_of<vec<T, N, P>> { typedef T type; };
 
 // The type computations happen in: double for double, float for every narrower floating type.
 template <class T> using compute_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
@@ -463,8 +465,6 @@ using std::is_convertible;
 using std::is_convertible_v;
 using std::is_enum;
 using std::is_enum_v;
-using std::is_integral;
-using std::is_integral_v;
 using std::is_pointer;
 using std::is_pointer_v;
 using std::is_same;
@@ -498,8 +498,15 @@ template <class... B> struct _conjunction : std::conjunction<B...> {};
 // variable's type, `const int` in C++, is `constant int` in Metal).
 template <class T> struct remove_addrspace { typedef std::remove_const_t<T> type; };
 template <class T> using remove_addrspace_t = typename remove_addrspace<T>::type;
-template <class T> struct is_floating_point : bool_constant<__mtl::is_float_scalar_v<T>> {};
+// Metal's is_floating_point and is_integral hold for vectors of such elements too (c10/metal's
+// is_scalar_floating_point_v is `is_floating_point_v<T> && is_scalar_v<T>`; its complex half2 functors
+// are selected by is_floating_point_v); is_arithmetic and is_scalar stay scalar.
+template <class T> struct is_floating_point
+    : bool_constant<__mtl::is_float_scalar_v<typename __mtl::scalar_of<std::remove_cv_t<T>>::type>> {};
 template <class T> constexpr bool is_floating_point_v = is_floating_point<T>::value;
+template <class T> struct is_integral
+    : bool_constant<std::is_integral<typename __mtl::scalar_of<std::remove_cv_t<T>>::type>::value> {};
+template <class T> constexpr bool is_integral_v = is_integral<T>::value;
 template <class T> struct is_arithmetic : bool_constant<__mtl::is_scalar_v<T>> {};
 template <class T> constexpr bool is_arithmetic_v = is_arithmetic<T>::value;
 template <class T> struct is_scalar : bool_constant<__mtl::is_scalar_v<T>> {};
