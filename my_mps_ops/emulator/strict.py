@@ -1009,7 +1009,8 @@ class _Rewriter:
             self.edit(b3 - 1, after=")")
 
     def _vector_cast(self, i: int, template_params: frozenset) -> None:
-        """`static_cast<X>(v)` with X a vector type, a template parameter or a template-id (`opmath_t<T>`), and
+        """`static_cast<X>(v)` with X not a scalar type name (a vector, a template parameter, an alias, a
+        template-id such as `opmath_t<T>`), and
         `alias<T>(v)` with alias an alias template: MSL converts a vector to another of its length element-wise
         this way (PyTorch's ReplicationPad.metal, half2 to float2); `::metal::__scast<X>(v)` does."""
         toks = self.toks
@@ -1031,17 +1032,20 @@ class _Rewriter:
                 self.edit(i + 2, before="::metal::remove_reference_t<")
                 self.edit(close - 1, after=">")
                 return
-            if not (target[0] in EXT_VECTOR_TYPES or target[0] in template_params or "<" in target):
-                return
+            if len(target) == 1 and target[0] in _SCALAR_AND_VECTOR_NAMES and target[0] not in EXT_VECTOR_TYPES:
+                return  # a scalar type: static_cast as it is
+            # (a vector, template parameter, template-id or alias, such as c10/metal's `using res_t = ...`)
             self.edit(i, "::metal::__scast")
             return
         p = self._prev(i)
         if p >= 0 and toks[p].text in (".", "->", "::"):
             return
         pc = _match(toks, close + 1, "(", ")")
-        if pc == close + 2 or len(_split_top_level(toks, close + 2, pc)) != 1:
-            return  # (a conversion takes one value)
-        self.edit(i, before="::metal::__scast<")
+        if pc == close + 2:
+            return
+        # one value: a conversion; more: a construction (`ret_type<T>(a, b)`, a float2 in BinaryKernel.metal)
+        helper = "__scast" if len(_split_top_level(toks, close + 2, pc)) == 1 else "__construct"
+        self.edit(i, before=f"::metal::{helper}<")
         self.edit(close, after=">")
 
     def _c_style_cast(self, i: int, template_params: frozenset) -> None:

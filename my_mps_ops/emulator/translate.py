@@ -524,7 +524,13 @@ def _constexpr_vectors(s: str) -> str:
         # (a function keeps the `inline` it may have: `METAL_FUNC static constexpr short2 f()`)
         word = "" if m.group("next") in ("<", "(") else "const"
         return word + m.group("mid") + m.group("type") + m.group("after")
-    return _CONSTEXPR_VECTOR_RE.sub(rewrite, s)
+    s = _CONSTEXPR_VECTOR_RE.sub(rewrite, s)
+    return _CONSTEXPR_LIMIT_ELEMENT_RE.sub(lambda m: "const" + m.group(0)[len("constexpr"):], s)
+
+
+# `constexpr auto inf = numeric_limits<float2>::infinity().x;`: an element of a vector's limit
+_CONSTEXPR_LIMIT_ELEMENT_RE = re.compile(
+    r"\bconstexpr(?=\s+(?:const\s+)?auto\s+\w+\s*=[^;{}]*\bnumeric_limits\s*<[^;{}]*>\s*::\s*\w+\s*\(\s*\)\s*\.\s*[xyzw]\b)")
 
 
 _INT_LITERAL_RE = re.compile(r"\s*[-+]?\s*(?:0[xX][0-9a-fA-F]+|\d+)[uUlL]*\s*")

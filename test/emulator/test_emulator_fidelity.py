@@ -499,6 +499,21 @@ kernel void twice(device T* x [[buffer(0)]], uint i [[thread_position_in_grid]])
   twice_functor f;
   x[i] = f(x[i]);
 }
+template <typename T> struct vec2type { using type = float2; };
+template <> struct vec2type<half> { using type = half2; };
+template <typename T> using vec2type_t = typename vec2type<T>::type;
+struct make_complex_functor {  // (BinaryKernel.metal: a vector built through an alias template)
+  template <typename U>
+  using ret_type = vec2type_t<U>;
+  template <typename T>
+  ret_type<T> operator()(const T a, const T b) { return ret_type<T>(a, b); }
+};
+kernel void complex_inf(device float2* out [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  // numeric_limits of a vector (c10/metal's logaddexp reads numeric_limits<float2>::infinity().x)
+  constexpr auto inf = numeric_limits<float2>::infinity().x;
+  make_complex_functor f;
+  out[i] = f(float(i), i == 0 ? -inf : inf);
+}
 template [[host_name("twice_float")]] kernel void twice<float>(device float*, uint);
 template [[host_name("twice_half2")]] kernel void twice<half2>(device half2*, uint);
 template [[host_name("twice_uint")]] kernel void twice<uint>(device uint*, uint);
@@ -516,3 +531,6 @@ def test_vector_type_traits():
     u = torch.tensor([1, 5], dtype=torch.int32)
     lib.twice_uint(u, threads=2)
     assert u.tolist() == [2, 6]
+    c = torch.zeros(2, 2)
+    lib.complex_inf(c, threads=2)
+    assert c.tolist() == [[0.0, float("-inf")], [1.0, float("inf")]]

@@ -643,6 +643,23 @@ template <> struct numeric_limits<bfloat> {
   static constexpr bfloat quiet_NaN() { return bfloat::from_bits(0x7fc0); }
 };
 template <class T> struct numeric_limits<const T> : numeric_limits<T> {};
+// A vector's: its element's limits, each in every component (c10/metal's logaddexp reads
+// `constexpr auto inf = numeric_limits<float2>::infinity().x;`; vectors are no literal types here, and
+// the translator makes such a variable const).
+template <class T, int N, bool P> struct numeric_limits<vec<T, N, P>> {
+  typedef numeric_limits<T> E;
+  typedef vec<T, N> V;
+  static constexpr bool is_specialized = E::is_specialized, is_signed = E::is_signed, is_integer = E::is_integer;
+  static constexpr bool is_exact = E::is_exact, has_infinity = E::has_infinity, has_quiet_NaN = E::has_quiet_NaN;
+  static constexpr int digits = E::digits;
+  static V max() { return V(E::max()); }
+  static V min() { return V(E::min()); }
+  static V lowest() { return V(E::lowest()); }
+  static V epsilon() { return V(E::epsilon()); }
+  static V denorm_min() { return V(E::denorm_min()); }
+  static V infinity() { return V(E::infinity()); }
+  static V quiet_NaN() { return V(E::quiet_NaN()); }
+};
 
 }  // namespace metal
 
