@@ -325,6 +325,9 @@ class _Rewriter:
         self._own_template: frozenset = frozenset()  # the parameters of the template head being declared
         self.dependent_aliases: set = set()  # type aliases declared in templates
         self.conditional_literals: List[Tuple[Tuple[int, int], Tuple[int, int]]] = []  # (literal, other operand)
+        self.alias_templates: set = set()  # names of `template <...> using X = ...;`
+        self.renamed_tokens: List[Tuple[int, str]] = []  # (index, original text) of _static_only_structs
+        self.conditional_operands: List[Tuple[int, Tuple[int, int], Tuple[int, int]]] = []  # ('?', 2nd, 3rd)
 
     def edit(self, i: int, text: Optional[str] = None, before: str = "", after: str = "") -> None:
         e = self.edits.get(i)
@@ -340,9 +343,12 @@ class _Rewriter:
     def run(self) -> None:
         self._attributes()
         self._function_pointer_aliases()
+        self._static_only_structs()
         self._scan()
         self._finish_threadgroup_variables()
         self._finish_conditional_literals()
+        for k, text in self.renamed_tokens:
+            self.toks[k].text = text
 
     def _attributes(self) -> None:
         toks = self.toks
@@ -480,6 +486,8 @@ class _Rewriter:
                 self._conditional(i)
             if text == "(" and kind == "func":
                 self._c_style_cast(i, stack[-1][3])
+            if kind == "func" and (text == "static_cast" or text in self.alias_templates):
+                self._vector_cast(i, stack[-1][3])
             if text == "goto":
                 self.errors.append((i, "goto is not supported in MSL"))
             if text == "virtual" and kind == "class":
@@ -488,6 +496,54 @@ class _Rewriter:
             if kind in ("func", "class") and (text == "(" or text in self.function_pointer_aliases):
                 self._function_pointer_object(i)
             i += 1
+
+    def _static_only_structs(self) -> None:
+        """A struct of static member functions only, named only as a qualifier (`Op::amax<T>`, PyTorch's
+        IndexReduceOp), becomes a namespace of inline functions: clang's OpenCL gives static member functions
+        a `__generic` method qualifier, so one cannot bind to a function-pointer template parameter, which
+        Apple's compiler allows."""
+        toks = self.toks
+        n = len(toks)
+        for i in range(n - 3):
+            if toks[i].text != "struct" or not toks[i].user or toks[i + 1].kind != "id" or toks[i + 2].text != "{":
+                continue
+            p = self._prev(i)
+            if p >= 0 and toks[p].text not in (";", "}", "{"):
+                continue  # a template, a declaration's type...
+            name, close = toks[i + 1].text, _match(toks, i + 2, "{", "}")
+            if close + 1 >= n or toks[close + 1].text != ";":
+                continue
+            statics, j, ok = [], i + 3, True
+            while j < close and ok:  # each member: [template <...>] static R f(...) {...}
+                if toks[j].text == "template" and j + 1 < close and toks[j + 1].text == "<":
+                    j = self._angle_close(j + 1) + 1
+                if j >= close or toks[j].text != "static":
+                    ok = False
+                    break
+                statics.append(j)
+                k = j + 1
+                while k < close and toks[k].text not in ("(", ";", "{", "="):
+                    k += 1
+                if k >= close or toks[k].text != "(":
+                    ok = False
+                    break
+                k = _match(toks, k, "(", ")") + 1
+                while k < close and toks[k].text != "{" and toks[k].text != ";":
+                    k += 1
+                if k >= close or toks[k].text != "{":
+                    ok = False
+                    break
+                j = _match(toks, k, "{", "}") + 1
+            if not ok or not statics:
+                continue
+            if any(toks[k].text == name and (k + 1 >= n or toks[k + 1].text != "::") for k in range(n)
+                   if k != i + 1):
+                continue  # used as a type
+            # (the passes read the new words; output() needs the old ones' lengths: run() restores them)
+            for k, word in [(i, "namespace")] + [(k, "inline") for k in statics]:
+                self.renamed_tokens.append((k, toks[k].text))
+                toks[k].text = word
+                self.edit(k, word)
 
     def _function_pointer_aliases(self) -> None:
         """The names of function pointer types, `using F = R (*)(A...);`: template parameters of such a type
@@ -517,6 +573,10 @@ class _Rewriter:
             if star is None or _match(toks, star + 3, "(", ")") != end - 1:
                 continue
             self.function_pointer_aliases.add(toks[i + 1].text)
+        for i in range(1, n - 2):  # alias templates: `template <...> using X =`
+            if toks[i].text == "using" and toks[i - 1].text == ">" and toks[i + 1].kind == "id" and \
+                    toks[i + 2].text == "=":
+                self.alias_templates.add(toks[i + 1].text)
 
     def _function_pointer_object(self, i: int) -> None:
         """A variable or member of a function pointer type (`R (*name)(A...)`, or of an alias of one), in a
@@ -909,6 +969,10 @@ class _Rewriter:
             # once the other operand's tokens are rewritten)
             self.conditional_literals.append(((colon + 1, end), (i + 1, colon)) if lit3 else
                                              ((i + 1, colon), (colon + 1, end)))
+        elif not lit2:
+            # `c ? i : bf` with i of an integer type: it converts to bfloat too (both operands are passed
+            # through ::metal::__cond_op, which converts only that)
+            self.conditional_operands.append((i, (i + 1, colon), (colon + 1, end)))
 
     def _int_literal(self, a: int, b: int) -> bool:
         texts = [self.toks[k].text for k in range(a, b)]
@@ -917,14 +981,72 @@ class _Rewriter:
         return len(texts) == 1 and self.toks[b - 1].kind == "num" and \
             re.fullmatch(r"(?:0[xX][0-9a-fA-F]+|\d+)[uUlL]*", texts[0]) is not None
 
-    def _finish_conditional_literals(self) -> None:
+    def _operand_text(self, a: int, b: int) -> str:
+        """The rewritten text of tokens [a, b): an operand, without the parentheses that wrappers of an
+        enclosing operand ending at the same token leave after it."""
         toks = self.toks
+        text = " ".join((self.edits[m].before + self.edits[m].text + self.edits[m].after) if m in self.edits
+                        else toks[m].text for m in range(a, b))
+        excess = text.count(")") - text.count("(")
+        while excess > 0 and text.rstrip().endswith(")"):
+            text = text.rstrip()[:-1]
+            excess -= 1
+        return text
+
+    def _finish_conditional_literals(self) -> None:
         for (la, lb), (oa, ob) in self.conditional_literals:
-            text = lambda m: (self.edits[m].before + self.edits[m].text + self.edits[m].after) if m in self.edits \
-                else toks[m].text
-            other = " ".join(text(m) for m in range(oa, ob))
+            other = self._operand_text(oa, ob)
             self.edit(la, before=f"::metal::__cond_lit<decltype({other})>(")
             self.edit(lb - 1, after=")")
+        # innermost (last) first: an enclosing conditional's decltype sees them rewritten
+        for _q, (a2, b2), (a3, b3) in sorted(self.conditional_operands, reverse=True):
+            second, third = self._operand_text(a2, b2), self._operand_text(a3, b3)
+            if len(second) + len(third) > 4000:
+                continue
+            self.edit(a2, before=f"::metal::__cond_op<decltype({third})>(")
+            self.edit(b2 - 1, after=")")
+            self.edit(a3, before=f"::metal::__cond_op<decltype({second})>(")
+            self.edit(b3 - 1, after=")")
+
+    def _vector_cast(self, i: int, template_params: frozenset) -> None:
+        """`static_cast<X>(v)` with X not a scalar type name (a vector, a template parameter, an alias, a
+        template-id such as `opmath_t<T>`), and
+        `alias<T>(v)` with alias an alias template: MSL converts a vector to another of its length element-wise
+        this way (PyTorch's ReplicationPad.metal, half2 to float2); `::metal::__scast<X>(v)` does."""
+        toks = self.toks
+        n = len(toks)
+        if i + 1 >= n or toks[i + 1].text != "<":
+            return
+        close = self._angle_close(i + 1)
+        if close + 1 >= n or toks[close].text not in (">", ">>") or toks[close + 1].text != "(" or \
+                toks[close].text == ">>" and toks[i].text != "static_cast":
+            return
+        target = [toks[k].text for k in range(i + 2, close)]  # (`static_cast<a<T>>`: the `<` is in it)
+        if not target or "&" in target or "&&" in target or "*" in target:
+            return
+        if toks[i].text == "static_cast":
+            if target[0] == "decltype":
+                # `static_cast<decltype(x.y)>(f)`: a vector element's decltype is a thread reference here, which
+                # clang's OpenCL cannot bind to a converted temporary; the value is what MSL code means
+                self.edit(i, "::metal::__scast")
+                self.edit(i + 2, before="::metal::remove_reference_t<")
+                self.edit(close - 1, after=">")
+                return
+            if len(target) == 1 and target[0] in _SCALAR_AND_VECTOR_NAMES and target[0] not in EXT_VECTOR_TYPES:
+                return  # a scalar type: static_cast as it is
+            # (a vector, template parameter, template-id or alias, such as c10/metal's `using res_t = ...`)
+            self.edit(i, "::metal::__scast")
+            return
+        p = self._prev(i)
+        if p >= 0 and toks[p].text in (".", "->", "::"):
+            return
+        pc = _match(toks, close + 1, "(", ")")
+        if pc == close + 2:
+            return
+        # one value: a conversion; more: a construction (`ret_type<T>(a, b)`, a float2 in BinaryKernel.metal)
+        helper = "__scast" if len(_split_top_level(toks, close + 2, pc)) == 1 else "__construct"
+        self.edit(i, before=f"::metal::{helper}<")
+        self.edit(close, after=">")
 
     def _c_style_cast(self, i: int, template_params: frozenset) -> None:
         """`(float4)h` or `(T)x`: MSL converts vectors element-wise by a cast (clang's OpenCL reinterprets
@@ -1206,7 +1328,9 @@ class _Rewriter:
             body = (nxt, _match(toks, nxt, "{", "}"))
         attrs = {k: [self.attrs[k]] for k in self.attrs if j < k < close}
         self.kernels.append(KernelInfo(toks[name_tok].text, name_tok, params, attrs, body, qualifier))
-        if body is not None and "void" not in [toks[k].text for k in range(i + 1, name_tok)]:
+        before = self._prev(i)  # `void kernel f(...)`: the qualifier may follow the return type
+        if body is not None and "void" not in [toks[k].text for k in range(i + 1, name_tok)] and \
+                not (before >= 0 and toks[before].text == "void"):
             self.errors.append((name_tok, f"kernel function '{toks[name_tok].text}' must return void"))
 
     def _function_declarator(self, i: int, stack, template_params: frozenset) -> None:
@@ -1340,11 +1464,15 @@ class _Rewriter:
             texts = [toks[k].text for k in range(s, e) if not self._is_attr_tok(k)]
             if "=" in texts:
                 texts = texts[:texts.index("=")]
-            if "*" not in texts or any(x in _PARAM_SKIP for x in texts) or "(" in texts:
+            # An array parameter (`acc_t v[N]`) is a pointer to thread memory too; its element type, even a
+            # template parameter, is deduced without an address space (as Apple's compiler deduces it).
+            array = len(texts) > 3 and texts[-1] == "]" and "[" in texts and "*" not in texts and \
+                re.match(r"[A-Za-z_]", texts[texts.index("[") - 1]) is not None
+            if "*" not in texts and not array or any(x in _PARAM_SKIP for x in texts) or "(" in texts:
                 continue
-            if not re.match(r"[A-Za-z_]", texts[-1]) and texts[-1] != "*":
+            if not re.match(r"[A-Za-z_]", texts[-1]) and texts[-1] != "*" and not array:
                 continue  # an expression, not a declaration
-            if any(x in template_params or x in ("auto", "decltype", "...") for x in texts):
+            if any((x in template_params and not array) or x in ("auto", "decltype", "...") for x in texts):
                 continue
             first = s
             while first < e and self._is_attr_tok(first):
@@ -1374,7 +1502,8 @@ class _Rewriter:
                 if params[:2] in ([name, "&"], [name, "const"]) or params[:1] == [name] and "&" in params[:4]:
                     has_copy = True
             j += 1
-        members = [f"public: {name}(const __constant {name}&) = default;",
+        # (public: the class may end in a private section)
+        members = [f"{name}(const __constant {name}&) = default;",
                    f"{name}(const {name}&) __constant = default;",
                    f"{name}(const __constant {name}&) __constant = default;",
                    f"template <class __U, class = ::metal::__same_class_t<__U, {name}>> {name}& operator=(const __U&);"]
@@ -1382,7 +1511,7 @@ class _Rewriter:
             members.insert(0, f"{name}(const {name}&) = default;")
         if not has_ctor:
             members.insert(0, f"{name}() = default;")
-        self.edit(close, before=" " + " ".join(members) + " ")
+        self.edit(close, before=" public: " + " ".join(members) + " ")
 
     # -- output
 

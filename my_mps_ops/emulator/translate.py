@@ -220,12 +220,12 @@ _ATTR_RE = re.compile(r"\[\[\s*(.*?)\s*\]\]", re.S)
 _KERNEL_DEF_RE = re.compile(
     r"(?P<template>template\s*<(?P<tparams>[^{};]*?)>\s*)?"
     r"(?P<attrs>(?:\[\[[^\]]*\]\]\s*)*)"
-    r"(?P<kw>\[\[\s*kernel\s*(?:,[^\]]*)?\]\]|\bkernel\b)\s*"
+    r"(?:(?P<kw>\[\[\s*kernel\s*(?:,[^\]]*)?\]\]|\bkernel\b)\s*"
     r"(?P<attrs2>(?:\[\[[^\]]*\]\]\s*)*)"
-    r"void\s+(?P<name>\w+)\s*\(")
+    r"void|void\s+(?P<kw2>\bkernel\b))\s+(?P<name>\w+)\s*\(")  # `void kernel f(...)` too (PyTorch's SpecialOps)
 _INSTANTIATION_RE = re.compile(
     r"\btemplate\s*(?P<attrs>(?:\[\[[^\]]*\]\]\s*)*)(?:\bkernel\b\s*)?(?P<attrs2>(?:\[\[[^\]]*\]\]\s*)*)"
-    r"void\s+(?P<name>(?:::\s*)?(?:\w+\s*::\s*)*\w+)\s*(?P<targs><[^;{]*?>)\s*\((?P<params>[^;{]*)\)\s*;")
+    r"void\s+(?:kernel\s+)?(?P<name>(?:::\s*)?(?:\w+\s*::\s*)*\w+)\s*(?P<targs><[^;{]*?>)\s*\((?P<params>[^;{]*)\)\s*;")
 # The form whose signature comes from the template itself (as MLX's
 # instantiate_kernel): template [[host_name("n")]] [[kernel]] decltype(f<T>) f<T>;
 _DECLTYPE_INSTANTIATION_RE = re.compile(
@@ -234,8 +234,8 @@ _DECLTYPE_INSTANTIATION_RE = re.compile(
 # The form whose template arguments are deduced from the parameters (PyTorch's Gamma.metal):
 # template [[host_name("n")]] kernel void f(constant half* x [[buffer(0)]], ...);
 _DEDUCED_INSTANTIATION_RE = re.compile(
-    r"\btemplate\s*(?P<attrs>(?:\[\[[^\]]*\]\]\s*)*)\bkernel\b\s*(?P<attrs2>(?:\[\[[^\]]*\]\]\s*)*)"
-    r"void\s+(?P<name>(?:::\s*)?(?:\w+\s*::\s*)*\w+)\s*\((?P<params>[^;{]*)\)\s*;")
+    r"\btemplate\s*(?P<attrs>(?:\[\[[^\]]*\]\]\s*)*)(?:\bkernel\b\s*(?P<attrs2>(?:\[\[[^\]]*\]\]\s*)*)void|void\s+kernel)"
+    r"\s+(?P<name>(?:::\s*)?(?:\w+\s*::\s*)*\w+)\s*\((?P<params>[^;{]*)\)\s*;")
 _HOST_NAME_RE = re.compile(r'host_name\s*\(\s*((?:"[^"]*"\s*)+)\)')
 
 
@@ -278,6 +278,39 @@ def _deduce_template_args(tparams: List[str], def_types: List[str], inst_types: 
     if any(t not in bound for t in tparams):
         return None
     return "<" + ", ".join(bound[t] for t in tparams) + ">"
+
+
+def _pick_overload(definitions: Dict[str, dict], fname: str, targs: str, inst_params: Optional[str]) -> str:
+    """The definition of kernel `fname` (one of its overloads) that an instantiation with template arguments
+    `targs` and parameters `inst_params` names: the one whose parameter types, the template's parameters
+    replaced by targs, are the instantiation's (else the first with as many parameters)."""
+    overloads = [n for n, d in definitions.items() if d["base"] == fname]
+    if len(overloads) == 1 or inst_params is None:
+        return overloads[0]
+    inst = []
+    for raw in _split_top_level(inst_params):  # (types only: parameter names and attributes are optional)
+        inst.append(_ATTR_RE.sub(" ", raw).strip())
+    args = _split_top_level(targs[1:-1]) if targs.startswith("<") else []
+    same_count = [n for n in overloads if len(definitions[n]["params"]) == len(inst)]
+    for n in same_count:
+        d = definitions[n]
+        types = []
+        for p in d["params"]:
+            t = p.type
+            for tp, a in zip(d["template_params"], args):
+                t = re.sub(r"\b" + re.escape(tp) + r"\b", a.strip(), t)
+            types.append(_normal_type(t))
+        if all(_same_param_type(t, i) for t, i in zip(types, inst)):
+            return n
+    return (same_count or overloads)[0]
+
+
+def _same_param_type(definition_type: str, declaration: str) -> bool:
+    """Whether an instantiation's parameter declaration (`device float* p`, or unnamed `device float*`)
+    declares the type `definition_type`."""
+    spaced = lambda t: " ".join(re.sub(r"([<>*&,])", r" \1 ", t).split())
+    want, got = spaced(definition_type), spaced(declaration)
+    return got == want or got.rsplit(" ", 1)[0] == want
 
 
 def _host_name(attrs: str) -> Optional[str]:
@@ -491,7 +524,13 @@ def _constexpr_vectors(s: str) -> str:
         # (a function keeps the `inline` it may have: `METAL_FUNC static constexpr short2 f()`)
         word = "" if m.group("next") in ("<", "(") else "const"
         return word + m.group("mid") + m.group("type") + m.group("after")
-    return _CONSTEXPR_VECTOR_RE.sub(rewrite, s)
+    s = _CONSTEXPR_VECTOR_RE.sub(rewrite, s)
+    return _CONSTEXPR_LIMIT_ELEMENT_RE.sub(lambda m: "const" + m.group(0)[len("constexpr"):], s)
+
+
+# `constexpr auto inf = numeric_limits<float2>::infinity().x;`: an element of a vector's limit
+_CONSTEXPR_LIMIT_ELEMENT_RE = re.compile(
+    r"\bconstexpr(?=\s+(?:const\s+)?auto\s+\w+\s*=[^;{}]*\bnumeric_limits\s*<[^;{}]*>\s*::\s*\w+\s*\(\s*\)\s*\.\s*[xyzw]\b)")
 
 
 _INT_LITERAL_RE = re.compile(r"\s*[-+]?\s*(?:0[xX][0-9a-fA-F]+|\d+)[uUlL]*\s*")
@@ -524,13 +563,18 @@ def _conditional_operand_end(s: str, j: int, stop_at_colon: bool) -> Optional[in
     return None
 
 
+_ANGLE_NOISE_RE = re.compile(r"<<|>>|<=|>=|->")
+
+
 def _conditional_literals(s: str) -> str:
-    """`c ? bf : 1` with bf a bfloat: in Metal the int converts to bfloat (a built-in arithmetic type); the
-    emulator's bfloat class converts both ways, which makes the conditional ambiguous in C++. An integer
-    literal operand becomes `__mtl::cond_operand<decltype(other)>(1)`: a bfloat when the other operand is
-    one, the literal itself otherwise (so the usual arithmetic conversions are untouched)."""
-    edits = []
-    for m in re.finditer(r"\?", s):
+    """The operands of `?:`, for Metal's bfloat: in Metal an integer converts to bfloat (a built-in arithmetic
+    type), while the emulator's bfloat class converts both ways, which makes `c ? bf : i` ambiguous in C++.
+    An integer literal operand becomes `__mtl::cond_operand<decltype(other)>(1)`: a bfloat when the other
+    operand is one, the literal itself otherwise (so the usual arithmetic conversions are untouched). Other
+    operands become `(__mtl::cond_tag<decltype(other)>(), x)`, which converts an integer-typed x beside a
+    bfloat and passes anything else through (lvalues stay lvalues, a void operand takes the built-in comma).
+    Conditionals are rewritten innermost (last) first, so an outer one's decltype sees the inner rewritten."""
+    for m in reversed(list(re.finditer(r"\?", s))):
         i = m.start()
         colon = _conditional_operand_end(s, i + 1, True)
         if colon is None:
@@ -544,15 +588,25 @@ def _conditional_literals(s: str) -> str:
             continue  # a constant expression (g++ 12 can fail on decltype there; bfloat is rare there)
         second_lit = _INT_LITERAL_RE.fullmatch(second) is not None
         third_lit = _INT_LITERAL_RE.fullmatch(third) is not None
-        if second_lit == third_lit or "\n" in second + third and len(second + third) > 2000:
+        if second_lit and third_lit or "\n" in second + third and len(second + third) > 2000 or \
+                re.search(r"^\s*#", second + third, re.M):  # (a line marker cannot be joined into one line)
             continue
-        if third_lit:
-            edits.append((colon + 1, end, f" ::__mtl::cond_operand<decltype({second})>({third.strip()}) "))
+        if second_lit != third_lit:
+            if third_lit:
+                edits = [(colon + 1, end, f" ::__mtl::cond_operand<decltype({second})>({third.strip()}) ")]
+            else:
+                edits = [(i + 1, colon, f" ::__mtl::cond_operand<decltype({third})>({second.strip()}) ")]
         else:
-            edits.append((i + 1, colon, f" ::__mtl::cond_operand<decltype({third})>({second.strip()}) "))
-    for start, stop, text in sorted(edits, reverse=True):
-        # (keep line breaks: line markers map errors to the .metal lines)
-        s = s[:start] + text.replace("\n", " ") + "\n" * s[start:stop].count("\n") + s[stop:]
+            bare = _ANGLE_NOISE_RE.sub(" ", third)
+            if len(second) + len(third) > 600 or "{" in second + third or bare.count(">") > bare.count("<") or \
+                    s[end] == "," and bare.count("<") > bare.count(">"):
+                continue  # (the third operand may run through the end of a template argument list, or the
+                # scan may have cut one at its comma: `c ? a : f<int, 2>(x)`)
+            edits = [(colon + 1, end, f" (::__mtl::cond_tag<decltype({second.strip()})>(), {third.strip()}) "),
+                     (i + 1, colon, f" (::__mtl::cond_tag<decltype({third.strip()})>(), {second.strip()}) ")]
+        for start, stop, text in edits:
+            # (keep line breaks: line markers map errors to the .metal lines)
+            s = s[:start] + text.replace("\n", " ") + "\n" * s[start:stop].count("\n") + s[stop:]
     return s
 
 
@@ -917,13 +971,16 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
             attrs = _restore_strings(m.group("attrs") + m.group("attrs2"), saved)
             qualified = "".join(m.group("name").split())
             host = _host_name(attrs) or qualified.split("::")[-1] + m.group("targs")
-            instantiations.append((host, qualified, " ".join(m.group("targs").split())))
+            params = m.groupdict().get("params")
+            instantiations.append((host, qualified, " ".join(m.group("targs").split()),
+                                   _restore_strings(params, saved) if params is not None else None))
         s = pattern.sub(lambda m: _blank(m.group(0)), s)
     for m in list(_DEDUCED_INSTANTIATION_RE.finditer(s)):
-        attrs = _restore_strings(m.group("attrs") + m.group("attrs2"), saved)
+        attrs = _restore_strings(m.group("attrs") + (m.group("attrs2") or ""), saved)
         qualified = "".join(m.group("name").split())
         host = _host_name(attrs) or qualified.split("::")[-1]
-        instantiations.append((host, qualified, _restore_strings(m.group("params"), saved)))
+        params = _restore_strings(m.group("params"), saved)
+        instantiations.append((host, qualified, params, params))
     s = _DEDUCED_INSTANTIATION_RE.sub(lambda m: _blank(m.group(0)), s)
 
     # Kernel definitions: parse the parameters, strip `kernel`, rewrite the
@@ -934,13 +991,14 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
         if m.start() < last:
             continue
         fname = m.group("name")
+        kw_start, kw_end = m.span("kw") if m.group("kw") is not None else m.span("kw2")
         open_paren = m.end() - 1
         close_paren = _match_forward(s, open_paren, "(", ")")
         after = s[close_paren + 1:]
         q = re.match(r"\s*\{", after)
         if not q:  # a declaration (`kernel void f(...);`): the keyword goes, the definition is found later
-            out.append(s[last:m.start("kw")] + " " * (m.end("kw") - m.start("kw")))
-            last = m.end("kw")
+            out.append(s[last:kw_start] + " " * (kw_end - kw_start))
+            last = kw_end
             continue
         open_brace = close_paren + 1 + q.end() - 1
         close_brace = _match_forward(s, open_brace, "{", "}")
@@ -958,12 +1016,18 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
         uses_sync = bool(SYNC_RE.search(body)) or any(
             re.search(r"\b" + re.escape(fn) + r"\s*[<(]", body) for fn in sync_fns)
         template = m.group("template") or ""
-        definitions[fname] = dict(params=params, uses_sync=uses_sync, template=bool(template),
+        # Overloaded kernel templates (PyTorch's two fused_sgd): each definition gets its own name, and an
+        # instantiation picks the one its parameters match (a kernel cannot be called, so nothing else
+        # names it).
+        base, fname = fname, fname
+        while fname in definitions:
+            fname = f"{base}__mtl_overload{sum(d['base'] == base for d in definitions.values())}"
+        definitions[fname] = dict(base=base, params=params, uses_sync=uses_sync, template=bool(template),
                                   template_params=_template_param_names(m.group("tparams") or ""),
                                   max_threads=int(mt.group(1)) if mt else 1024,
-                                  host_name=_host_name(attrs) or fname, threadgroup_names=tg_names,
+                                  host_name=_host_name(attrs) or base, threadgroup_names=tg_names,
                                   layout=f"__mtl_tg_layout_{fname}")
-        header = s[m.start():m.start("kw")] + " " + s[m.end("kw"):open_paren]
+        header = s[m.start():kw_start] + " " + s[kw_end:m.start("name")] + fname + s[m.end("name"):open_paren]
         layout_lines = [f"{' '.join(template.split())} inline size_t __mtl_tg_layout_{fname}(size_t* offsets) {{", "  size_t total = 0;"]
         layout_lines += ["  " + " ".join(decl.split()) for decl in _local_constants_for(body, tg_decls)]
         for site, type_id in enumerate(tg_decls):
@@ -977,10 +1041,12 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
     s = "".join(out)
 
     kernels: List[Kernel] = []
-    for host, qualified, targs in instantiations:
+    for host, qualified, targs, inst_params in instantiations:
         fname = qualified.split("::")[-1]  # `kernel void ::c10::metal::f<T>(...)`: defined as f
         if fname not in definitions:
             raise TranslationError(f"host_name {host!r} instantiates {fname}, which is not a kernel defined in {name}.metal")
+        fname = _pick_overload(definitions, fname, targs, inst_params)
+        qualified = "::".join(qualified.split("::")[:-1] + [fname])
         d = definitions[fname]
         if not targs.startswith("<"):  # deduced from the instantiation's parameters
             inst = _parse_params(targs, fname)

@@ -405,3 +405,132 @@ def test_make_filled_simdgroup_matrix_takes_rows_from_cols():
     out = torch.zeros(64)
     lib.filled(out, threads=32, group_size=32)
     assert out.tolist() == [2.5] * 64
+
+
+# More forms of PyTorch's MPS kernels: `void kernel f` (SpecialOps.metal), two kernel templates of one name
+# told apart by their parameters (FusedOptimizerOps.metal's fused_sgd), numeric_limits<int>::infinity()
+# in a conditional on the type (ScanKernel.metal), an integer expression beside a bfloat in `?:`
+# (GridSampler3D.metal), an array parameter whose element type is deduced (ScanKernel.metal's load_safe)
+# and a functor ending in a private section, default-constructed.
+PYTORCH_FORMS_2 = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+template <typename T>
+T clip(T coord, long size) {
+  return coord < 0 ? 0 : coord > size - 1 ? size - 1 : coord;
+}
+
+template <typename T, int N>
+void fill(T values[N], T init) {
+  for (int i = 0; i < N; i++) values[i] = init;
+}
+
+template <typename T>
+struct MinOp {
+  static constexpr constant T init = is_floating_point_v<T> ? numeric_limits<T>::infinity()
+                                                            : numeric_limits<T>::max();
+  T operator()(T a, T b) { return a < b ? a : b; }
+
+ private:
+  int unused_;
+};
+
+template <typename T>
+void kernel
+clipped(device T* out [[buffer(0)]], constant long& size [[buffer(1)]], uint i [[thread_position_in_grid]]) {
+  T v[2];
+  fill<T, 2>(v, T(int(i)));
+  MinOp<T> op;
+  out[i] = op(clip(v[1], size), MinOp<T>::init);
+}
+template [[host_name("clipped_bfloat")]] void kernel clipped<bfloat>(device bfloat*, constant long&, uint);
+template [[host_name("clipped_int")]] void kernel clipped<int>(device int*, constant long&, uint);
+
+template <typename T>
+kernel void step(device T* p [[buffer(0)]], constant float& lr [[buffer(1)]], uint i [[thread_position_in_grid]]) {
+  p[i] -= T(lr);
+}
+template <typename T>
+kernel void step(device T* p [[buffer(0)]], device T* m [[buffer(1)]], constant float& lr [[buffer(2)]],
+                 uint i [[thread_position_in_grid]]) {
+  m[i] += T(1);
+  p[i] -= T(lr) * m[i];
+}
+template [[host_name("step_float")]] kernel void step<float>(device float*, constant float&, uint);
+template [[host_name("step_momentum_float")]] kernel void step<float>(
+    device float* p [[buffer(0)]], device float* m [[buffer(1)]], constant float& lr [[buffer(2)]], uint i);
+"""
+
+
+def test_pytorch_kernel_forms_2():
+    lib = _compile(PYTORCH_FORMS_2)
+    for dtype, kernel in ((torch.bfloat16, lib.clipped_bfloat), (torch.int32, lib.clipped_int)):
+        out = torch.zeros(6, dtype=dtype)
+        kernel(out, 4, threads=6)
+        assert out.tolist() == [0, 1, 2, 3, 3, 3], dtype
+    p = torch.ones(4)
+    lib.step_float(p, 0.5, threads=4)
+    assert p.tolist() == [0.5] * 4
+    m = torch.ones(4)
+    lib.step_momentum_float(p, m, 0.25, threads=4)
+    assert p.tolist() == [0.0] * 4 and m.tolist() == [2.0] * 4
+
+
+# Metal's is_floating_point and is_integral hold for vectors too (c10/metal's is_scalar_floating_point_v
+# is `is_floating_point_v<T> && is_scalar_v<T>`; UnaryKernel.metal's complex half2 functors are chosen by
+# is_floating_point_v), is_signed_v of a vector is false rather than an error (c10/metal's integer pow
+# instantiates it), and `static_cast<decltype(v.y)>(f)` converts to the element type.
+VECTOR_TRAITS = r"""
+#include <metal_stdlib>
+using namespace metal;
+static_assert(is_floating_point_v<half2> && is_floating_point_v<float> && is_integral_v<int2>, "");
+static_assert(!is_scalar_v<float2> && is_scalar_v<float> && !is_signed_v<float2> && is_signed_v<int>, "");
+struct twice_functor {
+  template <typename T, enable_if_t<is_floating_point_v<T> && is_scalar_v<T>, bool> = true>
+  T operator()(const T x) { return x * T(2); }
+  template <typename T, enable_if_t<is_floating_point_v<T> && is_vector_v<T>, bool> = true>
+  T operator()(const T x) { return T(x.x * 2, static_cast<decltype(x.y)>(float(x.y) * 3.0f)); }
+  template <typename T, enable_if_t<is_integral_v<T> && !is_signed_v<T>, bool> = true>
+  T operator()(const T x) { return x + 1; }
+};
+template <typename T>
+kernel void twice(device T* x [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  twice_functor f;
+  x[i] = f(x[i]);
+}
+template <typename T> struct vec2type { using type = float2; };
+template <> struct vec2type<half> { using type = half2; };
+template <typename T> using vec2type_t = typename vec2type<T>::type;
+struct make_complex_functor {  // (BinaryKernel.metal: a vector built through an alias template)
+  template <typename U>
+  using ret_type = vec2type_t<U>;
+  template <typename T>
+  ret_type<T> operator()(const T a, const T b) { return ret_type<T>(a, b); }
+};
+kernel void complex_inf(device float2* out [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  // numeric_limits of a vector (c10/metal's logaddexp reads numeric_limits<float2>::infinity().x)
+  constexpr auto inf = numeric_limits<float2>::infinity().x;
+  make_complex_functor f;
+  out[i] = f(float(i), i == 0 ? -inf : inf);
+}
+template [[host_name("twice_float")]] kernel void twice<float>(device float*, uint);
+template [[host_name("twice_half2")]] kernel void twice<half2>(device half2*, uint);
+template [[host_name("twice_uint")]] kernel void twice<uint>(device uint*, uint);
+"""
+
+
+def test_vector_type_traits():
+    lib = _compile(VECTOR_TRAITS)
+    x = torch.tensor([1.0, 2.0])
+    lib.twice_float(x, threads=2)
+    assert x.tolist() == [2.0, 4.0]
+    h = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float16)
+    lib.twice_half2(h, threads=2)
+    assert h.tolist() == [2.0, 6.0, 6.0, 12.0]
+    u = torch.tensor([1, 5], dtype=torch.int32)
+    lib.twice_uint(u, threads=2)
+    assert u.tolist() == [2, 6]
+    c = torch.zeros(2, 2)
+    lib.complex_inf(c, threads=2)
+    assert c.tolist() == [[0.0, float("-inf")], [1.0, float("inf")]]

@@ -477,6 +477,111 @@ def test_pytorch_forms_accepted():
     strict.check_msl(PRELUDE + PYTORCH_FORMS, "pytorch_forms.metal")
 
 
+# More of PyTorch's forms, which Apple's compiler builds: a static member function template of an
+# operations struct as a function-pointer template argument (Indexing.metal's IndexReduceOp), `&pos[0]` of
+# a thread metal::array as a thread pointer (Scatter.metal), `void kernel f` (SpecialOps.metal), a functor
+# ending in a private section default-constructed, an array parameter whose element type is deduced beside
+# a by-value one and numeric_limits<long>::infinity() (ScanKernel.metal), an integer expression beside a
+# bfloat in `?:` (GridSampler3D.metal), two kernel templates of one name (FusedOptimizerOps.metal).
+PYTORCH_FORMS_2 = """
+struct ReduceOps {
+  template <typename T>
+  static T amax(T a, T b) { return max(a, b); }
+  template <typename T>
+  static T sum(T a, T b) { return a + b; }
+};
+template <typename T, T (*Op)(T, T)>
+kernel void reduce_into(device T* x [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  x[i] = Op(x[i], T(1));
+}
+template [[host_name("reduce_into_amax_float")]] kernel void reduce_into<float, ReduceOps::amax<float>>(
+    device float* x [[buffer(0)]], uint i [[thread_position_in_grid]]);
+struct Twice {  // (named as a type: stays a struct)
+  static float apply(float x) { return 2 * x; }
+};
+template <typename F>
+inline float call_apply(float x) { return F::apply(x); }
+kernel void twice(device float* x [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  x[i] = call_apply<Twice>(x[i]);
+}
+
+inline long offset_of(thread long pos[4], constant long* strides) { return pos[0] * strides[0]; }
+template <typename T, int N>
+inline void fill(T values[N], T init) { for (int k = 0; k < N; k++) values[k] = init; }
+template <typename T>
+struct MinOp {
+  static constexpr constant T init = is_floating_point_v<T> ? numeric_limits<T>::infinity()
+                                                            : numeric_limits<T>::max();
+  T operator()(T a, T b) { return a < b ? a : b; }
+ private:
+  int unused_;
+};
+template <typename T>
+T clip(T c, long size) { return c < 0 ? 0 : c > size - 1 ? size - 1 : c; }
+
+template <typename T>
+void kernel gather_like(device T* out [[buffer(0)]], constant long* strides [[buffer(1)]],
+                        uint i [[thread_position_in_grid]]) {
+  ::metal::array<long, 4> pos;
+  pos[0] = i;
+  T v[2];
+  fill<T, 2>(v, MinOp<T>::init);
+  MinOp<T> op;
+  out[offset_of(&pos[0], strides)] = clip(op(v[0], T(3)), 2);
+}
+template [[host_name("gather_like_bfloat")]] void kernel gather_like<bfloat>(device bfloat*, constant long*, uint);
+template [[host_name("gather_like_long")]] void kernel gather_like<long>(device long*, constant long*, uint);
+
+template <typename T> struct Wide { using type = T; };
+template <> struct Wide<half2> { using type = float2; };
+template <typename T> using wide_t = typename Wide<T>::type;
+template <typename T>
+kernel void step(device T* p [[buffer(0)]], constant float& lr [[buffer(1)]], uint i [[thread_position_in_grid]]) {
+  wide_t<T> s = wide_t<T>(p[i]);  // (half2 to float2, ReplicationPad.metal)
+  s += static_cast<wide_t<T>>(p[i]);
+  p[i] = static_cast<T>(s) - T(lr);
+}
+template <typename T>
+kernel void step(device T* p [[buffer(0)]], device T* m [[buffer(1)]], constant float& lr [[buffer(2)]],
+                 uint i [[thread_position_in_grid]]) {
+  p[i] -= T(lr) * m[i];
+}
+template [[host_name("step_half2")]] kernel void step<half2>(device half2*, constant float&, uint);
+template [[host_name("step_half")]] kernel void step<half>(device half*, constant float&, uint);
+template [[host_name("step_momentum_half")]] kernel void step<half>(device half*, device half*, constant float&, uint);
+"""
+
+
+def test_pytorch_forms_2_accepted():
+    strict.check_msl(PRELUDE + PYTORCH_FORMS_2, "pytorch_forms_2.metal")
+
+
+def test_static_cast_between_vector_lengths_rejected():
+    # static_cast converts a vector to another of its length (element-wise), not of another length.
+    src = PRELUDE + """
+template <typename T> struct Wide { using type = float2; };
+template <typename T> using wide_t = typename Wide<T>::type;
+template <typename T> float2 widen(T h) { return static_cast<wide_t<T>>(h); }
+kernel void k(device float2* out [[buffer(0)]], uint i [[thread_position_in_grid]]) { out[i] = widen(half3(1.0h)); }
+"""
+    with pytest.raises(strict.MSLStrictError, match=r"error"):
+        strict.check_msl(src, "vector_lengths.metal")
+
+
+def test_thread_array_element_is_a_thread_pointer():
+    # `&pos[0]` of a thread array is a thread pointer, not a device one.
+    src = PRELUDE + """
+inline long first(device long* p) { return p[0]; }
+kernel void k(device long* out [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  ::metal::array<long, 4> pos;
+  pos[0] = i;
+  out[i] = first(&pos[0]);
+}
+"""
+    with pytest.raises(strict.MSLStrictError, match=r"no matching function for call to 'first'"):
+        strict.check_msl(src, "thread_array.metal")
+
+
 def test_errors_name_the_metal_line_and_column():
     source = PRELUDE + "kernel void k(device float* out, uint i [[thread_position_in_grid]]) {\n" \
                        "  out[i] = undefined_name;\n}\n"

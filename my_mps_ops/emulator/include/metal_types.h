@@ -96,6 +96,25 @@ template <class Other, class L> constexpr auto cond_operand(L lit) {
     return lit;
   }
 }
+// The operands of any other `?:`, as the translator writes them: `(cond_tag<decltype(b)>(), a)`. An
+// integer-typed operand whose other operand is a bfloat converts to bfloat, as to Metal's built-in type
+// (the class converts both ways, which C++ finds ambiguous); a bfloat beside a float becomes a float, by
+// the usual arithmetic conversions. Anything else passes through, lvalues as lvalues; a void operand
+// takes the built-in comma.
+template <class Other> struct cond_tag {};
+template <class Other, class L> constexpr decltype(auto) operator,(cond_tag<Other>, L&& x) {
+  using O = std::remove_cv_t<std::remove_reference_t<Other>>;
+  using X = std::remove_cv_t<std::remove_reference_t<L>>;
+  if constexpr (std::is_same<O, bfloat>::value && (std::is_integral<X>::value || std::is_enum<X>::value)) {
+    return bfloat(float(x));
+  } else if constexpr (std::is_same<X, bfloat>::value && std::is_same<O, float>::value) {
+    return float(x);
+  } else if constexpr (std::is_lvalue_reference<L>::value) {
+    return static_cast<L&&>(x);
+  } else {
+    return X(static_cast<L&&>(x));
+  }
+}
 using metal::vec;
 
 template <class T> struct is_float_scalar : std::false_type {};
@@ -119,6 +138,8 @@ template <class T, int N, bool P> struct vec_traits<vec<T, N, P>> {
   typedef T elem;
 };
 template <class T> constexpr bool is_vec_v = vec_traits<std::remove_cv_t<std::remove_reference_t<T>>>::is_vec;
+template <class T> struct scalar_of { typedef T type; };  // a vector's element type, a scalar's own
+template <class T, int N, bool P> struct scalar_of<vec<T, N, P>> { typedef T type; };
 
 // The type computations happen in: double for double, float for every narrower floating type.
 template <class T> using compute_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
@@ -444,8 +465,6 @@ using std::is_convertible;
 using std::is_convertible_v;
 using std::is_enum;
 using std::is_enum_v;
-using std::is_integral;
-using std::is_integral_v;
 using std::is_pointer;
 using std::is_pointer_v;
 using std::is_same;
@@ -479,8 +498,15 @@ template <class... B> struct _conjunction : std::conjunction<B...> {};
 // variable's type, `const int` in C++, is `constant int` in Metal).
 template <class T> struct remove_addrspace { typedef std::remove_const_t<T> type; };
 template <class T> using remove_addrspace_t = typename remove_addrspace<T>::type;
-template <class T> struct is_floating_point : bool_constant<__mtl::is_float_scalar_v<T>> {};
+// Metal's is_floating_point and is_integral hold for vectors of such elements too (c10/metal's
+// is_scalar_floating_point_v is `is_floating_point_v<T> && is_scalar_v<T>`; its complex half2 functors
+// are selected by is_floating_point_v); is_arithmetic and is_scalar stay scalar.
+template <class T> struct is_floating_point
+    : bool_constant<__mtl::is_float_scalar_v<typename __mtl::scalar_of<std::remove_cv_t<T>>::type>> {};
 template <class T> constexpr bool is_floating_point_v = is_floating_point<T>::value;
+template <class T> struct is_integral
+    : bool_constant<std::is_integral<typename __mtl::scalar_of<std::remove_cv_t<T>>::type>::value> {};
+template <class T> constexpr bool is_integral_v = is_integral<T>::value;
 template <class T> struct is_arithmetic : bool_constant<__mtl::is_scalar_v<T>> {};
 template <class T> constexpr bool is_arithmetic_v = is_arithmetic<T>::value;
 template <class T> struct is_scalar : bool_constant<__mtl::is_scalar_v<T>> {};
@@ -573,6 +599,12 @@ template <class T> struct numeric_limits<T, std::enable_if_t<std::is_integral<T>
   static constexpr T min() { return is_signed ? T(-max() - 1) : T(0); }
   static constexpr T lowest() { return min(); }
   static constexpr T epsilon() { return T(0); }
+  // As C++'s: defined (zero) for integers too, so `is_floating_point_v<T> ? infinity() : max()` compiles.
+  static constexpr T infinity() { return T(0); }
+  static constexpr T quiet_NaN() { return T(0); }
+  static constexpr T signaling_NaN() { return T(0); }
+  static constexpr T denorm_min() { return T(0); }
+  static constexpr T round_error() { return T(0); }
 };
 template <> struct numeric_limits<float> {
   static constexpr bool is_specialized = true, is_signed = true, is_integer = false, is_exact = false;
@@ -611,6 +643,23 @@ template <> struct numeric_limits<bfloat> {
   static constexpr bfloat quiet_NaN() { return bfloat::from_bits(0x7fc0); }
 };
 template <class T> struct numeric_limits<const T> : numeric_limits<T> {};
+// A vector's: its element's limits, each in every component (c10/metal's logaddexp reads
+// `constexpr auto inf = numeric_limits<float2>::infinity().x;`; vectors are no literal types here, and
+// the translator makes such a variable const).
+template <class T, int N, bool P> struct numeric_limits<vec<T, N, P>> {
+  typedef numeric_limits<T> E;
+  typedef vec<T, N> V;
+  static constexpr bool is_specialized = E::is_specialized, is_signed = E::is_signed, is_integer = E::is_integer;
+  static constexpr bool is_exact = E::is_exact, has_infinity = E::has_infinity, has_quiet_NaN = E::has_quiet_NaN;
+  static constexpr int digits = E::digits;
+  static V max() { return V(E::max()); }
+  static V min() { return V(E::min()); }
+  static V lowest() { return V(E::lowest()); }
+  static V epsilon() { return V(E::epsilon()); }
+  static V denorm_min() { return V(E::denorm_min()); }
+  static V infinity() { return V(E::infinity()); }
+  static V quiet_NaN() { return V(E::quiet_NaN()); }
+};
 
 }  // namespace metal
 
