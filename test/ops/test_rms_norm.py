@@ -76,12 +76,14 @@ def reference_grads(x, weight, eps, grad_out):
     return x64.grad, (w64.grad if w64 is not None else None)
 
 
-def grad_tol(dtype, n):
+def grad_tol(dtype, n, rows=1):
     # Gradients sum over a row (dx) or over rows (dw): allow for the extra
-    # rounding of low-precision inputs.
+    # rounding of low-precision inputs, and for dw's sum over many rows (its
+    # rounding errors grow like the square root of their count).
     tol = dict(TOLERANCES[dtype])
     if dtype != torch.float64:
-        tol = {k: v * 4 for k, v in tol.items()}
+        factor = 4 * max(1.0, (rows / 8) ** 0.5)
+        tol = {k: v * factor for k, v in tol.items()}
     return tol
 
 
@@ -107,7 +109,7 @@ def test_gradients(backend, dtype, sample):
         dx_ref, dw_ref = reference_grads(x, w, EPS, g)
         torch.testing.assert_close(x.grad.cpu().double(), dx_ref, **grad_tol(dtype, n))
         if with_weight:
-            torch.testing.assert_close(w.grad.cpu().double(), dw_ref, **grad_tol(dtype, n))
+            torch.testing.assert_close(w.grad.cpu().double(), dw_ref, **grad_tol(dtype, n, x.numel() // max(n, 1)))
 
 
 def test_matches_torch_rms_norm(backend):
@@ -320,7 +322,7 @@ def test_fused_add_gradients(backend, dtype, use_residual_out, sample):
     tol = grad_tol(dtype, n)
     torch.testing.assert_close(x.grad.cpu().double(), x64.grad.cpu(), **tol)
     torch.testing.assert_close(r.grad.cpu().double(), r64.grad.cpu(), **tol)
-    torch.testing.assert_close(w.grad.cpu().double(), w64.grad.cpu(), **tol)
+    torch.testing.assert_close(w.grad.cpu().double(), w64.grad.cpu(), **grad_tol(dtype, n, x.numel() // max(n, 1)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
