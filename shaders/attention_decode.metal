@@ -5,7 +5,7 @@
 // attention_decode_partial: one threadgroup per (chunk of keys, kv head and
 // block of kDecodeRows of its group's query rows, batch). The group's q
 // heads share each read of K and V (GQA without repeating them). Per block
-// of kDecodeKeys keys: the scores (one thread per (row, key) dot product),
+// of kDecodeKeys keys: the scores (a SIMD group per key, for every row),
 // an online-softmax update (one thread per row), then the accumulators (one
 // thread per (row, column), reading V rows coalesced). It leaves per row the
 // chunk's max, sum of exponentials and unnormalised output, in float.
@@ -39,10 +39,13 @@ kernel void attention_decode_partial(
     threadgroup float* acc [[threadgroup(1)]],
     threadgroup float* scratch [[threadgroup(2)]],
     uint3 block [[threadgroup_position_in_grid]],
-    uint tid [[thread_index_in_threadgroup]]) {
+    uint tid [[thread_index_in_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]]) {
   constexpr uint RB = kDecodeRows, BK = kDecodeKeys;
+  static_assert(RB <= kDecodeSimdWidth, "a lane writes each row's score");
   const float neg_inf = -INFINITY;
-  const uint threads = shape.threads;
+  const uint threads = shape.threads, simdgroups = threads / kDecodeSimdWidth;
   const uint R = shape.group * shape.q_len;
   const uint row_blocks = (R + RB - 1) / RB;
   const uint split = block.x, kv_h = block.y / row_blocks, r0 = (block.y % row_blocks) * RB, b = block.z;
@@ -74,20 +77,28 @@ kernel void attention_decode_partial(
   device const T* v_head = v + size_t(b) * shape.v_batch_stride + size_t(kv_h) * shape.v_head_stride;
   for (uint j0 = c0; j0 < c1; j0 += BK) {
     const uint keys = min(BK, c1 - j0);
-    for (uint item = tid; item < RB * BK; item += threads) {
-      const uint r = item / BK, j = item % BK;
-      float s = neg_inf;
-      if (r < rows && j < keys) {
-        const uint2 seen = decode_visible(shape, len, (r0 + r) % shape.q_len);
-        const uint key = j0 + j;
-        if (key >= seen.x && key < seen.y) {
-          device const T* k_row = k_head + size_t(key) * D;
-          float dot = 0.0f;
-          for (uint c = 0; c < D; ++c) dot += q_tile[r * D + c] * float(k_row[c]);
-          s = shape.softcap > 0.0f ? shape.softcap * tanh(dot / shape.softcap) : dot;
+    // Scores: a SIMD group per key, its lanes along head_dim (each K row read
+    // once, coalesced, for all the block's rows), summed across the group.
+    for (uint j = sg; j < BK; j += simdgroups) {
+      float dots[RB];
+      for (uint r = 0; r < RB; ++r) dots[r] = 0.0f;
+      if (j < keys) {
+        device const T* k_row = k_head + size_t(j0 + j) * D;
+        for (uint c = lane; c < D; c += kDecodeSimdWidth) {
+          const float kc = float(k_row[c]);
+          for (uint r = 0; r < RB; ++r) dots[r] += q_tile[r * D + c] * kc;
         }
       }
-      scores[item] = s;
+      for (uint r = 0; r < RB; ++r) {
+        const float dot = simd_sum(dots[r]);
+        if (lane == r) {
+          const uint2 seen = decode_visible(shape, len, (r0 + r) % shape.q_len);
+          const uint key = j0 + j;
+          const bool visible = r < rows && j < keys && key >= seen.x && key < seen.y;
+          scores[r * BK + j] =
+              !visible ? neg_inf : (shape.softcap > 0.0f ? shape.softcap * tanh(dot / shape.softcap) : dot);
+        }
+      }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (uint r = tid; r < RB; r += threads) {

@@ -44,10 +44,13 @@ void attention_decode(const char* op, const AttentionDecodeTensors& t, const Att
   Executor& executor = executor_for(t.q.device());
   Launch partial(kAttentionDecodeLibrary, decode_kernel_name("attention_decode_partial", t.q));
   const PipelineInfo info = executor.pipeline_info(partial);
-  // Threads: up to 256 (a row block's 8 x 32 scores), as the pipeline allows.
-  const uint32_t threads = std::max<uint32_t>(
-      1, std::min<uint32_t>(256, info.max_threads_per_threadgroup / info.thread_execution_width *
-                                     info.thread_execution_width));
+  // Threads: whole SIMD groups, up to 256 (8 SIMD groups over a block's 32
+  // keys; 8 x 32 rows x columns per pass of the accumulators), as the pipeline allows.
+  const uint32_t threads =
+      std::min<uint32_t>(256, info.max_threads_per_threadgroup / shaders::kDecodeSimdWidth * shaders::kDecodeSimdWidth);
+  TORCH_CHECK(threads >= shaders::kDecodeSimdWidth, op, ": Metal kernel '", partial.kernel,
+              "' needs threadgroups of at least one SIMD group (", shaders::kDecodeSimdWidth,
+              " threads) but its pipeline allows ", info.max_threads_per_threadgroup);
 
   const shaders::AttentionDecodeShape shape{
       checked_u32(batch, op, "batch"),

@@ -13,6 +13,8 @@ MY_MPS_OPS_SHADER_NAMESPACE_BEGIN
 // kDecodeKeys at a time.
 MY_MPS_OPS_CONSTANT uint32_t kDecodeRows = 8;
 MY_MPS_OPS_CONSTANT uint32_t kDecodeKeys = 32;
+// Threadgroups are whole SIMD groups of this many threads.
+MY_MPS_OPS_CONSTANT uint32_t kDecodeSimdWidth = 32;
 
 // Threadgroup memory, in floats: [[threadgroup(0)]] the scaled query rows,
 // [[threadgroup(1)]] their output accumulators (both kDecodeRows x d),
@@ -31,7 +33,7 @@ MY_MPS_OPS_CONSTANT uint32_t kDecodeScratchFloats = kDecodeRows * kDecodeKeys + 
 // unbounded). softcap > 0 caps the scaled scores; has_sinks: the combine's
 // sinks buffer holds a logit per q head in each row's denominator.
 // Grids: partial (splits, kv_heads * ceil(rows / kDecodeRows), batch)
-// threadgroups of `threads` threads; combine one thread per output element.
+// threadgroups of `threads` threads (a multiple of kDecodeSimdWidth); combine one thread per output element.
 struct AttentionDecodeShape {
   uint32_t batch;
   uint32_t kv_heads;
