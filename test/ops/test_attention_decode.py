@@ -92,19 +92,19 @@ def check(q, k, v, seqlens, dtype=torch.float64, **kw):
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("q_len", [1, 4, 16])
 @pytest.mark.parametrize("causal", [True, False])
-def test_float64_against_sdpa(head_dim, q_len, causal):
+def test_cpu_float64_against_sdpa(head_dim, q_len, causal):
     q, k, v, lens = make_case(2, 8, 2, q_len, 1200, [1100, 37], head_dim, seed=head_dim + q_len)
     check(q, k, v, lens, causal=causal)
 
 
 @pytest.mark.parametrize("heads", [(4, 4), (6, 1), (32, 8)])
-def test_float64_head_groupings(heads):
+def test_cpu_float64_head_groupings(heads):
     q, k, v, lens = make_case(3, heads[0], heads[1], 2, 700, [700, 300, 2], 64, seed=1)
     check(q, k, v, lens, causal=True)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 7])
-def test_splits_do_not_change_the_result(threads):
+def test_cpu_splits_do_not_change_the_result(threads):
     """More threads cut the keys into more chunks; the combine gives the same values."""
     q, k, v, lens = make_case(1, 4, 1, 3, 4096, [4000], 128, seed=3)
     previous = torch.get_num_threads()
@@ -120,7 +120,7 @@ def test_splits_do_not_change_the_result(threads):
     dict(softcap=2.0, scale=0.5), dict(sinks=True), dict(sinks=True, causal=False),
     dict(window_left=50, softcap=3.0, sinks=True, scale=0.3),
 ], ids=str)
-def test_float64_options(opts):
+def test_cpu_float64_options(opts):
     q, k, v, lens = make_case(2, 6, 2, 5, 900, [850, 60], 64, seed=4)
     opts = dict(opts)
     if opts.pop("sinks", False):
@@ -128,7 +128,7 @@ def test_float64_options(opts):
     check(q, k, v, lens, **opts)
 
 
-def test_rows_that_see_no_key():
+def test_cpu_rows_that_see_no_key():
     """A sequence shorter than q_len (causal), or empty: those rows are 0, lse -inf (the sink with sinks)."""
     q, k, v, lens = make_case(3, 2, 1, 6, 40, [3, 0, 40], 32, seed=5)
     check(q, k, v, lens)
