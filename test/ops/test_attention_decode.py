@@ -231,3 +231,15 @@ def test_bad_inputs_raise_clear_errors():
         ops.flash_attention_decode(q[..., :48], k[..., :48], v[..., :48], lens)
     with pytest.raises(RuntimeError, match="same shape"):
         ops.flash_attention_decode(q, k, v[:, :, :8], lens)
+
+
+@pytest.mark.parametrize("limit", [32, 96])
+def test_metal_follows_the_pipeline_thread_limit(limit):
+    """Threadgroups sized from the pipeline's maxTotalThreadsPerThreadgroup: with the emulator's pipelines
+    allowing only `limit` threads (one or three SIMD groups) the kernels give the same values."""
+    from my_mps_ops.emulator import pipeline_thread_limit, race_check
+    from my_mps_ops.testing import metal_emulation
+
+    q, k, v, lens = make_case(2, 6, 2, 2, 90, [90, 20], 64, dtype=torch.float32, seed=10)
+    with metal_emulation(), race_check(), pipeline_thread_limit(limit):
+        check(q, k, v, lens, dtype=torch.float32, window_left=30)
