@@ -66,3 +66,25 @@ def test_padding_still_falls_back():
     assert got.tolist() == reference.generate(tokens, attention_mask=mask, max_new_tokens=4,
                                               do_sample=False).tolist()
     assert hf_attention.stats.decode == 0 and sum(hf_attention.stats.fallbacks.values()) > 0
+
+
+def test_sliding_window_model_decodes_with_the_window():
+    """Mistral with a 5-token sliding window: once the keys outnumber the window transformers hands each step
+    the window mask, checked and left to the decode kernel's window_left."""
+    hf_attention.register()
+    config = transformers.MistralConfig(vocab_size=64, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        sliding_window=5, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    reference = transformers.MistralForCausalLM(config).eval()
+    ours = copy.deepcopy(reference)
+    ours.set_attn_implementation("my_mps_ops")
+    tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(tokens)
+    hf_attention.stats.reset()
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    got, expected = ours.generate(tokens, **kw), reference.generate(tokens, **kw)
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    for a, b in zip(got.logits, expected.logits):  # without the window they differ by ~1
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert hf_attention.stats.decode == 10 and not hf_attention.stats.fallbacks
