@@ -21,6 +21,7 @@
 #include "ops/common.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -214,6 +215,21 @@ std::tuple<Tensor, Tensor> decode_autograd(const Tensor& q, const Tensor& k_cach
   return {outputs[0], outputs[1]};
 }
 
+// Autocast: lower precision, as scaled_dot_product_attention (and
+// flash_attention, ops/autocast.cpp). A cache allocated in that dtype is not
+// copied; a float32 cache is converted on every call. sinks stay as they are.
+template <c10::DeviceType kDevice>
+std::tuple<Tensor, Tensor> decode_autocast(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                           const Tensor& cache_seqlens, bool causal, std::optional<double> scale,
+                                           int64_t window_left, double softcap, const OptTensor& sinks) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+  const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(kDevice);
+  static auto op = typed_op<DecodeSignature>("my_mps_ops::flash_attention_decode");
+  return op.call(at::autocast::cached_cast(dtype, q, kDevice), at::autocast::cached_cast(dtype, k_cache, kDevice),
+                 at::autocast::cached_cast(dtype, v_cache, kDevice), cache_seqlens, causal, scale, window_left,
+                 softcap, sinks);
+}
+
 }  // namespace
 }  // namespace attention_decode_op
 
@@ -222,6 +238,12 @@ TORCH_LIBRARY_IMPL(my_mps_ops, MPS, m) { m.impl("flash_attention_decode", &atten
 TORCH_LIBRARY_IMPL(my_mps_ops, Meta, m) { m.impl("flash_attention_decode", &attention_decode_op::decode_meta); }
 TORCH_LIBRARY_IMPL(my_mps_ops, Autograd, m) {
   m.impl("flash_attention_decode", &attention_decode_op::decode_autograd);
+}
+TORCH_LIBRARY_IMPL(my_mps_ops, AutocastCPU, m) {
+  m.impl("flash_attention_decode", &attention_decode_op::decode_autocast<c10::DeviceType::CPU>);
+}
+TORCH_LIBRARY_IMPL(my_mps_ops, AutocastMPS, m) {
+  m.impl("flash_attention_decode", &attention_decode_op::decode_autocast<c10::DeviceType::MPS>);
 }
 
 }  // namespace my_mps_ops

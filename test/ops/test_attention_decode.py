@@ -243,3 +243,14 @@ def test_metal_follows_the_pipeline_thread_limit(limit):
     q, k, v, lens = make_case(2, 6, 2, 2, 90, [90, 20], 64, dtype=torch.float32, seed=10)
     with metal_emulation(), race_check(), pipeline_thread_limit(limit):
         check(q, k, v, lens, dtype=torch.float32, window_left=30)
+
+
+def test_cpu_autocast_runs_in_lower_precision():
+    """Under torch.autocast, as scaled_dot_product_attention: a float32 q against a bfloat16 cache runs in
+    bfloat16 (the cache is not copied), the same as calling it with q in bfloat16."""
+    q, k, v, lens = make_case(2, 4, 2, 2, 64, [60, 9], 64, dtype=torch.float32, seed=11)
+    k, v = k.bfloat16(), v.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = my_mps_ops.flash_attention_decode(q, k, v, lens)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, my_mps_ops.flash_attention_decode(q.bfloat16(), k, v, lens), atol=0, rtol=0)
