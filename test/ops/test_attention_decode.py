@@ -254,3 +254,13 @@ def test_cpu_autocast_runs_in_lower_precision():
         out = my_mps_ops.flash_attention_decode(q, k, v, lens)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, my_mps_ops.flash_attention_decode(q.bfloat16(), k, v, lens), atol=0, rtol=0)
+
+
+def test_torch_export():
+    class Decode(torch.nn.Module):
+        def forward(self, q, k, v, lens):
+            return my_mps_ops.flash_attention_decode(q, k, v, lens)
+
+    q, k, v, lens = make_case(2, 4, 2, 1, 64, [50, 9], 64, dtype=torch.float32, garbage=0.0)
+    exported = torch.export.export(Decode(), (q, k, v, lens))
+    torch.testing.assert_close(exported.module()(q, k, v, lens), Decode()(q, k, v, lens))
