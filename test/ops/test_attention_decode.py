@@ -264,3 +264,13 @@ def test_torch_export():
     q, k, v, lens = make_case(2, 4, 2, 1, 64, [50, 9], 64, dtype=torch.float32, garbage=0.0)
     exported = torch.export.export(Decode(), (q, k, v, lens))
     torch.testing.assert_close(exported.module()(q, k, v, lens), Decode()(q, k, v, lens))
+
+
+def test_empty_inputs(backend):
+    """No sequence, no new token, or an empty cache: shapes kept, rows that see nothing 0 with lse -inf."""
+    for q_shape, k_shape, lens in [((0, 4, 1, 64), (0, 2, 8, 64), []), ((2, 4, 0, 64), (2, 2, 8, 64), [3, 8]),
+                                   ((2, 4, 2, 64), (2, 2, 0, 64), [0, 0])]:
+        q, k = torch.randn(q_shape, device=backend.device), torch.randn(k_shape, device=backend.device)
+        out, lse = ops.flash_attention_decode(q, k, k, torch.tensor(lens, dtype=torch.long, device=backend.device))
+        assert out.shape == q.shape and lse.shape == q.shape[:3]
+        assert (out == 0).all() and lse.isneginf().all()
