@@ -35,7 +35,8 @@ void attention_decode(const char* op, const AttentionDecodeTensors& t, const Att
   TORCH_CHECK(t.q.numel() <= limit && t.k_cache.numel() <= limit && t.v_cache.numel() <= limit, op,
               ": inputs are too large for the Metal kernels (more than 2^31 elements)");
 
-  const int64_t wanted = std::max<int64_t>(1, kTargetThreadgroups / std::max<int64_t>(1, batch * kv_heads * row_blocks));
+  const int64_t tiles = std::max<int64_t>(1, batch * kv_heads * row_blocks);
+  const int64_t wanted = std::max<int64_t>(1, kTargetThreadgroups / tiles);
   int64_t chunk = std::max<int64_t>(kDecodeKeys, (cache_len + wanted - 1) / wanted);
   chunk = (chunk + kDecodeKeys - 1) / kDecodeKeys * kDecodeKeys;
   chunk = std::max(chunk, (cache_len + kMaxSplits - 1) / kMaxSplits);

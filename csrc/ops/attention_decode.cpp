@@ -170,7 +170,9 @@ std::tuple<Tensor, Tensor> decode_impl(const Tensor& q, const Tensor& k_cache, c
                                        int64_t window_left, double softcap, const OptTensor& sinks) {
   check_inputs(q, k_cache, v_cache, cache_seqlens, scale, window_left, softcap, sinks);
   const double s = resolve_scale(scale, q.size(3));
-  if (use_metal_path(q)) return forward_metal(q, k_cache, v_cache, cache_seqlens, causal, s, window_left, softcap, sinks);
+  if (use_metal_path(q)) {
+    return forward_metal(q, k_cache, v_cache, cache_seqlens, causal, s, window_left, softcap, sinks);
+  }
   return forward_cpu(q, k_cache, v_cache, cache_seqlens, causal, s, window_left, softcap, sinks);
 }
 
