@@ -76,18 +76,43 @@ void matmul_acc(A* C, int64_t ldc, const A* Am, int64_t lda, const A* B, int64_t
       for (int64_t j = j0; j < n; ++j) C[i * ldc + j] += Am[i * lda + p] * B[p * ldb + j];
 }
 
-// s[r * lds + j] = q_r . k_j for R query rows and `keys` cache rows: four
-// rows at a time share each load of a key row (the group's q heads read K
-// once), the products in vectors along head_dim.
+// The lane sums of four vectors: out[u] = sum of a_u's lanes. With eight
+// lanes (the AVX2 float32 copy) a shuffle tree gives all four in a few
+// instructions; reduce_sumv is one dependent add per lane.
+template <typename V, typename A>
+__attribute__((always_inline)) inline void lane_sums4(V a0, V a1, V a2, V a3, A* out) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+  if constexpr (std::is_same_v<V, vec::f32x8>) {
+    const V t01 = __builtin_shufflevector(a0, a1, 0, 8, 2, 10, 4, 12, 6, 14) +
+                  __builtin_shufflevector(a0, a1, 1, 9, 3, 11, 5, 13, 7, 15);
+    const V t23 = __builtin_shufflevector(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) +
+                  __builtin_shufflevector(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15);
+    // [a0, a1, a2, a3] sums of lanes 0-3, then of lanes 4-7
+    const V u = __builtin_shufflevector(t01, t23, 0, 1, 8, 9, 4, 5, 12, 13) +
+                __builtin_shufflevector(t01, t23, 2, 3, 10, 11, 6, 7, 14, 15);
+    for (int i = 0; i < 4; ++i) out[i] = u[i] + u[i + 4];
+    return;
+  }
+#endif
+  out[0] = vec::reduce_sumv(a0);
+  out[1] = vec::reduce_sumv(a1);
+  out[2] = vec::reduce_sumv(a2);
+  out[3] = vec::reduce_sumv(a3);
+}
+
+// s[r * lds + j] = q_r . k_j for R query rows and `keys` cache rows, products
+// in vectors along head_dim: four rows at a time share each load of a key
+// row (the group's q heads read K once); a leftover row takes four keys at a
+// time, so that every lane reduction sums four vectors at once.
 template <typename A>
 void block_scores(A* s, int64_t lds, const A* q, int64_t R, const A* k, int64_t keys, int64_t D) {
   using V = VecOf<A>;
   constexpr int64_t L = vec::kLanes<V>;
   const int64_t Dv = D / L * L;
+  const int64_t R4 = R / 4 * 4;
   for (int64_t j = 0; j < keys; ++j) {
     const A* kj = k + j * D;
-    int64_t r = 0;
-    for (; r + 4 <= R; r += 4) {
+    for (int64_t r = 0; r < R4; r += 4) {
       const A* q0 = q + r * D;
       V a0{}, a1{}, a2{}, a3{};
       for (int64_t p = 0; p < Dv; p += L) {
@@ -97,13 +122,34 @@ void block_scores(A* s, int64_t lds, const A* q, int64_t R, const A* k, int64_t 
         a2 += vec::loadv<V>(q0 + 2 * D + p) * kv;
         a3 += vec::loadv<V>(q0 + 3 * D + p) * kv;
       }
-      A t[4] = {vec::reduce_sumv(a0), vec::reduce_sumv(a1), vec::reduce_sumv(a2), vec::reduce_sumv(a3)};
+      A t[4];
+      lane_sums4(a0, a1, a2, a3, t);
       for (int64_t p = Dv; p < D; ++p)
         for (int u = 0; u < 4; ++u) t[u] += q0[u * D + p] * kj[p];
       for (int u = 0; u < 4; ++u) s[(r + u) * lds + j] = t[u];
     }
-    for (; r < R; ++r) {
-      const A* qr = q + r * D;
+  }
+  for (int64_t r = R4; r < R; ++r) {
+    const A* qr = q + r * D;
+    int64_t j = 0;
+    for (; j + 4 <= keys; j += 4) {
+      const A* k0 = k + j * D;
+      V a0{}, a1{}, a2{}, a3{};
+      for (int64_t p = 0; p < Dv; p += L) {
+        const V qv = vec::loadv<V>(qr + p);
+        a0 += vec::loadv<V>(k0 + p) * qv;
+        a1 += vec::loadv<V>(k0 + D + p) * qv;
+        a2 += vec::loadv<V>(k0 + 2 * D + p) * qv;
+        a3 += vec::loadv<V>(k0 + 3 * D + p) * qv;
+      }
+      A t[4];
+      lane_sums4(a0, a1, a2, a3, t);
+      for (int64_t p = Dv; p < D; ++p)
+        for (int u = 0; u < 4; ++u) t[u] += qr[p] * k0[u * D + p];
+      for (int u = 0; u < 4; ++u) s[r * lds + j + u] = t[u];
+    }
+    for (; j < keys; ++j) {
+      const A* kj = k + j * D;
       V a{};
       for (int64_t p = 0; p < Dv; p += L) a += vec::loadv<V>(qr + p) * vec::loadv<V>(kj + p);
       A t = vec::reduce_sumv(a);
