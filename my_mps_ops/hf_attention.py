@@ -12,6 +12,15 @@ softcap or sinks (transformers' SDPA function refuses softcap and ignores
 sinks), to transformers' SDPA function for the rest. `stats` counts both, the
 fallbacks by reason.
 
+Decoding with a cache (transformers' cache classes; keys outnumber queries):
+a single new token gets no mask (it sees every key); several new tokens get
+an explicit causal mask offset by the cache length, which is checked to be
+exactly the bottom-right causal mask (the kernels' alignment) and dropped. Up
+to 16 new tokens without gradients run my_mps_ops.flash_attention_decode (the
+keys split over the whole device, K/V read once per kv head); longer ones,
+or ones that need gradients, flash_attention with causal=True. `stats.decode`
+counts the decode calls (included in `stats.fused`).
+
 transformers' ``sliding_window=w`` is a window of w tokens, the query
 included: query i sees keys i - w < j <= i (masking_utils.py in transformers,
 ``sliding_window_overlay``: ``kv_idx > q_idx - sliding_window``, and'ed with
@@ -35,15 +44,19 @@ from . import ops
 
 NAME = "my_mps_ops"
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+# Decoding steps of up to this many new tokens run flash_attention_decode.
+DECODE_MAX_QUERIES = 16
 
 
 @dataclass
 class AttentionStats:
     fused: int = 0
+    decode: int = 0  # of the fused calls, those run by flash_attention_decode
     fallbacks: Counter = field(default_factory=Counter)
 
     def reset(self) -> None:
         self.fused = 0
+        self.decode = 0
         self.fallbacks.clear()
 
     def __str__(self) -> str:
@@ -62,7 +75,9 @@ _window_checks: dict = {}
 def _sliding_window_mask(mask, q_len, k_len, window):
     """Whether boolean `mask` (batch or 1, 1, q_len, k_len) is, for every batch
     row, exactly the causal window of `window` tokens aligned bottom-right:
-    query i sees keys j with i + k_len - q_len - window < j <= i + k_len - q_len."""
+    query i sees keys j with i + k_len - q_len - window < j <= i + k_len - q_len
+    (window None: no lower bound, the plain bottom-right causal mask of
+    decoding several tokens against a cache)."""
     if (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1
             or tuple(mask.shape[-2:]) != (q_len, k_len)):
         return False
@@ -73,7 +88,9 @@ def _sliding_window_mask(mask, q_len, k_len, window):
         return entry[2]
     aligned = torch.arange(q_len, device=mask.device)[:, None] + (k_len - q_len)
     key = torch.arange(k_len, device=mask.device)[None, :]
-    expected = (key <= aligned) & (key > aligned - window)
+    expected = key <= aligned
+    if window is not None:
+        expected = expected & (key > aligned - window)
     result = bool(torch.equal(mask, expected.expand(mask.shape)))
     _window_checks[window] = (weakref.ref(mask), mask._version, result)
     return result
@@ -82,8 +99,7 @@ def _sliding_window_mask(mask, q_len, k_len, window):
 def _fallback_reason(module, query, key, attention_mask, dropout, is_causal, kwargs):
     q_len, k_len = query.shape[2], key.shape[2]
     window = kwargs.get("sliding_window")
-    if attention_mask is not None and not (
-            window is not None and _sliding_window_mask(attention_mask, q_len, k_len, window)):
+    if attention_mask is not None and not _sliding_window_mask(attention_mask, q_len, k_len, window):
         return "explicit attention mask (padding or a non-causal pattern)"
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if not causal:
@@ -147,6 +163,18 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         return _fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     stats.fused += 1
     window = kwargs.get("sliding_window")
+    q_len, k_len = query.shape[2], key.shape[2]
+    sinks = _sinks_of(kwargs)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, sinks))
+    if q_len <= DECODE_MAX_QUERIES and q_len < k_len and not needs_grad:
+        # New tokens against the cache (the last q_len of the keys): split over the keys.
+        stats.decode += 1
+        lengths = torch.full((query.shape[0],), k_len, dtype=torch.int32, device=query.device)
+        out = ops.flash_attention_decode(query, key, value, lengths, causal=True, scale=scaling,
+                                         window_left=-1 if window is None else window - 1,
+                                         softcap=kwargs.get("softcap"), sinks=sinks)
+        return out.transpose(1, 2).contiguous(), None
     out = ops.flash_attention(query, key, value, causal=True, scale=scaling,
                               window=None if window is None else (window - 1, 0), softcap=kwargs.get("softcap"),
                               sinks=_sinks_of(kwargs))

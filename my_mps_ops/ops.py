@@ -105,6 +105,34 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
                                 0.0 if softcap is None else float(softcap), sinks)[0]
 
 
+def flash_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, causal: bool = True,
+                           scale: Optional[float] = None, window_left: int = -1, softcap: Optional[float] = None,
+                           sinks: Optional[Tensor] = None, return_lse: bool = False):
+    """Attention of a few new tokens per sequence against a preallocated KV cache (generation), forward only.
+
+    ``q`` is (batch, q_heads, q_len, head_dim) with q_len small (1..16: the new
+    tokens); ``k_cache`` / ``v_cache`` are (batch, kv_heads, cache_len,
+    head_dim), kv_heads dividing q_heads (grouped-query attention, K/V never
+    repeated), allocated once for the longest sequence and filled in place.
+    ``cache_seqlens`` (batch,), int32 or int64 on q's device: only the first
+    ``cache_seqlens[b]`` rows of sequence b are valid (the rest is never read,
+    so it may hold anything), and the q_len new tokens are the last q_len of
+    them, already written into the cache. So query i of sequence b sits at
+    ``a = i + cache_seqlens[b] - q_len``: ``causal`` lets it see keys ``<= a``
+    (bottom-right alignment per sequence), otherwise every valid key;
+    ``window_left`` >= 0 also drops keys before ``a - window_left``;
+    ``softcap`` and ``sinks`` as in :func:`flash_attention`. Rows that see no
+    key give zeros. The key range is split into chunks computed in parallel
+    and combined in a second pass (split-K), so one long sequence uses the
+    whole device. Forward only: a backward through it raises (use
+    :func:`flash_attention` for training). Returns ``out``, or ``(out, lse)``
+    with ``return_lse``.
+    """
+    out, lse = _ops.flash_attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, int(window_left),
+                                           0.0 if softcap is None else float(softcap), sinks)
+    return (out, lse) if return_lse else out
+
+
 def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, seq_dim: int = 1) -> Tensor:
     """Rotary position embedding of 4-D ``x``: (batch, seq, heads, head_dim) with
     ``seq_dim=1`` or (batch, heads, seq, head_dim) with ``seq_dim=2``.

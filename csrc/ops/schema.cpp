@@ -76,3 +76,12 @@ TORCH_LIBRARY(my_mps_ops, m) {
   // from lse; grad_sinks is empty (shape [0]) without sinks.
   m.def("flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float? scale, int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? sinks=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }
+
+// ---- flash_attention_decode: a few new tokens (q_len 1..16) per sequence
+// against a preallocated KV cache (batch, kv_heads, cache_len, head_dim) of
+// which the first cache_seqlens[b] rows are valid, the new tokens being the
+// last q_len of them (causal aligned bottom-right per sequence). Split over
+// the key length, forward only. Returns (out, lse) as flash_attention.
+TORCH_LIBRARY_FRAGMENT(my_mps_ops, m) {
+  m.def("flash_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, bool causal=True, float? scale=None, int window_left=-1, float softcap=0.0, Tensor? sinks=None) -> (Tensor out, Tensor lse)");
+}
