@@ -525,9 +525,15 @@ AttentionWindow varlen_window(int64_t max_q, int64_t max_k, bool causal, int64_t
   return {bound(window_left), causal ? 0 : bound(window_right)};
 }
 
-// (total, heads, D) -> contiguous (heads, total, D) in the accumulation dtype.
-Tensor heads_major_acc(const Tensor& t) { return to_acc(t.transpose(0, 1)); }
-Tensor rows_major(const Tensor& t, at::ScalarType dt) { return t.transpose(0, 1).to(dt).contiguous(); }
+// (total, heads, D) <-> contiguous (heads, total, D), converting in the same
+// pass (.to() of a transposed view keeps its strides: a second copy).
+Tensor swap_rows_and_heads(const Tensor& t, at::ScalarType dt) {
+  Tensor r = at::empty({t.size(1), t.size(0), t.size(2)}, t.options().dtype(dt));
+  r.copy_(t.transpose(0, 1));
+  return r;
+}
+Tensor heads_major_acc(const Tensor& t) { return swap_rows_and_heads(t, lse_dtype(t)); }
+Tensor rows_major(const Tensor& t, at::ScalarType dt) { return swap_rows_and_heads(t, dt); }
 
 cpu::FlashAttentionDims varlen_dims(const Tensor& q, const Tensor& k, const Tensor& cu_q, const Tensor& cu_k,
                                     int64_t max_q, int64_t max_k, AttentionWindow w) {
@@ -615,7 +621,7 @@ metal::FlashAttentionOptions varlen_metal_options(const VarlenProblem& p, double
 }
 
 // The Metal kernels read (heads, total, D) copies and the offsets on q's device.
-Tensor heads_major(const Tensor& t) { return t.transpose(0, 1).contiguous(); }
+Tensor heads_major(const Tensor& t) { return swap_rows_and_heads(t, t.scalar_type()); }
 
 std::tuple<Tensor, Tensor> varlen_forward_metal(const Tensor& q, const Tensor& k, const Tensor& v,
                                                 const Tensor& cu_q, const Tensor& cu_k, const VarlenProblem& p,
