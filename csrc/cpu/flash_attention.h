@@ -10,16 +10,15 @@
 
 namespace my_mps_ops::cpu {
 
-// Rows of head_dim elements; q head h reads k/v head h / group. Dense:
-// q is (batch, q_heads, q_len, head_dim), k and v (batch, kv_heads, kv_len,
-// head_dim). Packed variable-length (cu_q and cu_k set, host int32 arrays of
-// batch + 1 offsets): q is (q_heads, total_q, head_dim), k and v (kv_heads,
-// total_k, head_dim), sequence b owning rows cu_q[b] .. cu_q[b + 1] of every
-// q head and cu_k[b] .. cu_k[b + 1] of every k/v head; q_len and kv_len are
-// then only upper bounds. Both are one addressing: row i of q head h of
-// sequence b is seq_start(b) + h * q_head_stride + i (dense: b * q_heads *
-// q_len and q_len; packed: cu_q[b] and total_q), and lse / delta rows
-// follow q's rows.
+// q head h reads k/v head h / group. Dense: q is (batch, q_heads, q_len,
+// head_dim), k and v (batch, kv_heads, kv_len, head_dim), lse and delta
+// (batch, q_heads, q_len). Packed variable-length (cu_q and cu_k set, host
+// int32 arrays of batch + 1 offsets; FlashAttention's varlen layout): q is
+// (total_q, q_heads, head_dim), k and v (total_k, kv_heads, head_dim), lse
+// and delta (q_heads, q_head_stride = total_q); sequence b owns q rows
+// cu_q[b] .. cu_q[b + 1] and k/v rows cu_k[b] .. cu_k[b + 1]; q_len and
+// kv_len are then only upper bounds. The kernels read both in place: a head's
+// rows are head_dim or heads * head_dim apart.
 // Query i of a sequence, aligned bottom-right at a = i + its kv_len - its
 // q_len, sees keys a - window_left .. a + window_right (-1: unbounded on that
 // side; causal is window_right 0, folded in by the caller).

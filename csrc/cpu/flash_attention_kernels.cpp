@@ -167,12 +167,34 @@ inline int64_t q_head_stride(const FlashAttentionDims& d) { return d.cu_q != nul
 inline int64_t kv_head_stride(const FlashAttentionDims& d) {
   return d.cu_k != nullptr ? d.kv_head_stride : d.kv_len;
 }
-// Row of q (and lse, delta) of query i of q head h, and of key j of k/v head kv_h.
-inline int64_t q_row(const FlashAttentionDims& d, const Seq& s, int64_t h, int64_t i) {
+// lse / delta element of query i of q head h.
+inline int64_t lse_row(const FlashAttentionDims& d, const Seq& s, int64_t h, int64_t i) {
   return s.q0 + h * q_head_stride(d) + i;
 }
-inline int64_t kv_row(const FlashAttentionDims& d, const Seq& s, int64_t kv_h, int64_t j) {
-  return s.k0 + kv_h * kv_head_stride(d) + j;
+// First element of query i of q head h, of key j of k/v head kv_h, and the
+// distance between consecutive rows of one head (head_dim dense, heads *
+// head_dim packed).
+inline int64_t q_off(const FlashAttentionDims& d, const Seq& s, int64_t h, int64_t i) {
+  if (d.cu_q != nullptr) return ((s.q0 + i) * d.q_heads + h) * d.head_dim;
+  return (s.q0 + h * d.q_len + i) * d.head_dim;
+}
+inline int64_t kv_off(const FlashAttentionDims& d, const Seq& s, int64_t kv_h, int64_t j) {
+  if (d.cu_k != nullptr) return ((s.k0 + j) * d.kv_heads + kv_h) * d.head_dim;
+  return (s.k0 + kv_h * d.kv_len + j) * d.head_dim;
+}
+inline int64_t q_ld(const FlashAttentionDims& d) { return d.cu_q != nullptr ? d.q_heads * d.head_dim : d.head_dim; }
+inline int64_t kv_ld(const FlashAttentionDims& d) {
+  return d.cu_k != nullptr ? d.kv_heads * d.head_dim : d.head_dim;
+}
+// rows x D block at p, ld apart: zeroed, or scaled.
+template <typename A>
+void fill_rows(A* p, int64_t ld, int64_t rows, int64_t D, A value) {
+  for (int64_t r = 0; r < rows; ++r) std::fill(p + r * ld, p + r * ld + D, value);
+}
+template <typename A>
+void scale_rows(A* p, int64_t ld, int64_t rows, int64_t D, A factor) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < D; ++c) p[r * ld + c] *= factor;
 }
 
 // Tasks over (sequence, head, block of `block` rows of the sequence's q or k
@@ -217,7 +239,7 @@ std::vector<A> transposed_key_blocks(const A* x, const FlashAttentionDims& d, co
       kb.locate(t, b, kv_h, blk);
       const Seq s = seq_of(d, b);
       const int64_t j0 = blk * BK;
-      transpose_into(xt.data() + t * D * BK, BK, x + kv_row(d, s, kv_h, j0) * D, D, std::min(s.kv_len, j0 + BK) - j0,
+      transpose_into(xt.data() + t * D * BK, BK, x + kv_off(d, s, kv_h, j0), kv_ld(d), std::min(s.kv_len, j0 + BK) - j0,
                      D);
     }
   });
@@ -314,9 +336,10 @@ void forward_kernel(const A* q, const A* k, const A* v, const A* sinks, A* out, 
       const Seq sq = seq_of(d, b);
       const int64_t kv_h = h / d.group;
       const A* k_t = k_tiles.data() + (kbs.base[b] + kv_h * kbs.blocks[b]) * D * BK;  // this head's [D, BK] tiles
-      const A* vh = v + kv_row(d, sq, kv_h, 0) * D;
+      const A* vh = v + kv_off(d, sq, kv_h, 0);
+      const int64_t ldq = q_ld(d), ldkv = kv_ld(d);
       const int64_t i0 = qb * BQ, rows = std::min(sq.q_len, i0 + BQ) - i0;
-      const A* q_block = q + q_row(d, sq, h, i0) * D;
+      const A* q_block = q + q_off(d, sq, h, i0);
       std::fill(acc.begin(), acc.end(), A(0));
       std::fill(row_max.begin(), row_max.end(), kNegInf);
       std::fill(row_sum.begin(), row_sum.end(), A(0));
@@ -326,7 +349,7 @@ void forward_kernel(const A* q, const A* k, const A* v, const A* sinks, A* out, 
       for (int64_t j0 = first_key; j0 < last_key; j0 += BK) {
         const int64_t keys = std::min(last_key, j0 + BK) - j0;
         std::fill(scores.begin(), scores.end(), A(0));
-        matmul_acc(scores.data(), BK, q_block, D, k_t + (j0 / BK) * D * BK, BK, rows, keys, D);
+        matmul_acc(scores.data(), BK, q_block, ldq, k_t + (j0 / BK) * D * BK, BK, rows, keys, D);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t lo = std::clamp<int64_t>(key_begin(d, sq, i0 + r) - j0, 0, keys);
           const int64_t hi = std::clamp<int64_t>(key_end(d, sq, i0 + r) - j0, 0, keys);
@@ -352,11 +375,11 @@ void forward_kernel(const A* q, const A* k, const A* v, const A* sinks, A* out, 
           row_sum[r] = row_sum[r] * correction + block_sum;
           row_max[r] = new_max;
         }
-        matmul_acc(acc.data(), D, scores.data(), BK, vh + j0 * D, D, rows, D, keys);
+        matmul_acc(acc.data(), D, scores.data(), BK, vh + j0 * ldkv, ldkv, rows, D, keys);
       }
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = q_row(d, sq, h, i0 + r);
-        A* out_row = out + row * D;
+        const int64_t row = lse_row(d, sq, h, i0 + r);
+        A* out_row = out + q_off(d, sq, h, i0 + r);
         const A* acc_row = acc.data() + r * D;
         A inv = row_sum[r] > A(0) ? A(1) / row_sum[r] : A(0);
         A row_lse = row_sum[r] > A(0) ? row_max[r] + std::log(row_sum[r]) : kNegInf;
@@ -372,11 +395,16 @@ void forward_kernel(const A* q, const A* k, const A* v, const A* sinks, A* out, 
   });
 }
 
-// delta[row] = sum_c grad_out[row, c] * out[row, c] (FlashAttention-2's D).
+// delta = sum_c grad_out[., c] * out[., c] per query row (FlashAttention-2's
+// D): `rows` contiguous rows of D, delta in the same order, or packed rows
+// (t, h) of `heads` heads with delta at h * (rows / heads) + t.
 template <typename A>
-void row_dot(const A* grad_out, const A* out, A* delta, int64_t rows, int64_t D) {
+void row_dot(const A* grad_out, const A* out, A* delta, int64_t rows, int64_t D, int64_t packed_heads) {
   at::parallel_for(0, rows, cpu::row_grain(D), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) delta[r] = dot(grad_out + r * D, out + r * D, D);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t at = packed_heads > 0 ? (r % packed_heads) * (rows / packed_heads) + r / packed_heads : r;
+      delta[at] = dot(grad_out + r * D, out + r * D, D);
+    }
   });
 }
 
@@ -385,15 +413,15 @@ void row_dot(const A* grad_out, const A* out, A* delta, int64_t rows, int64_t D)
 // s = softcap(scale * q.k) and ds = p * (dO.v - delta) * ds/d(scale q.k)
 // (1 - tanh^2 under softcap, else 1), both [rows, BK], zero where masked.
 template <typename A>
-void backward_tile(const A* q_block, const A* go_block, const A* k_t, const A* v_t, const A* lse, const A* delta,
+void backward_tile(const A* q_block, const A* go_block, int64_t ldq, const A* k_t, const A* v_t, const A* lse, const A* delta,
                    int64_t i0, int64_t rows, int64_t j0, int64_t keys, const FlashAttentionDims& d, const Seq& sq,
                    A scale, A softcap, A* p, A* ds) {
   const int64_t D = d.head_dim;
   constexpr int64_t BK = kKeyBlock;
   std::fill(p, p + rows * BK, A(0));
   std::fill(ds, ds + rows * BK, A(0));
-  matmul_acc(p, BK, q_block, D, k_t, BK, rows, keys, D);
-  matmul_acc(ds, BK, go_block, D, v_t, BK, rows, keys, D);
+  matmul_acc(p, BK, q_block, ldq, k_t, BK, rows, keys, D);
+  matmul_acc(ds, BK, go_block, ldq, v_t, BK, rows, keys, D);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t lo = std::clamp<int64_t>(key_begin(d, sq, i0 + r) - j0, 0, keys);
     const int64_t hi = std::max(lo, std::clamp<int64_t>(key_end(d, sq, i0 + r) - j0, 0, keys));
@@ -428,28 +456,28 @@ void backward_kv_kernel(const A* grad_out, const A* q, const A* k, const A* v, c
       kbs.locate(task, b, kv_h, kb);
       const Seq sq = seq_of(d, b);
       const int64_t j0 = kb * BK, keys = std::min(sq.kv_len, j0 + BK) - j0;
-      const int64_t kv_row0 = kv_row(d, sq, kv_h, j0);
-      transpose_into(k_t.data(), BK, k + kv_row0 * D, D, keys, D);
-      transpose_into(v_t.data(), BK, v + kv_row0 * D, D, keys, D);
-      A* dk_block = dk + kv_row0 * D;
-      A* dv_block = dv + kv_row0 * D;
-      std::fill(dk_block, dk_block + keys * D, A(0));
-      std::fill(dv_block, dv_block + keys * D, A(0));
+      const int64_t kv0 = kv_off(d, sq, kv_h, j0), ldq = q_ld(d), ldkv = kv_ld(d);
+      transpose_into(k_t.data(), BK, k + kv0, ldkv, keys, D);
+      transpose_into(v_t.data(), BK, v + kv0, ldkv, keys, D);
+      A* dk_block = dk + kv0;
+      A* dv_block = dv + kv0;
+      fill_rows(dk_block, ldkv, keys, D, A(0));
+      fill_rows(dv_block, ldkv, keys, D, A(0));
       // Only the queries that see some key of the block.
       const int64_t i_begin = query_begin(d, sq, j0), i_end = query_end(d, sq, j0 + keys);
       for (int64_t h = kv_h * d.group; h < (kv_h + 1) * d.group; ++h) {
         for (int64_t i0 = i_begin; i0 < i_end; i0 += BQ) {
           const int64_t rows = std::min(i_end, i0 + BQ) - i0;
-          const int64_t row0 = q_row(d, sq, h, i0);
-          backward_tile(q + row0 * D, grad_out + row0 * D, k_t.data(), v_t.data(), lse + row0, delta + row0, i0,
-                        rows, j0, keys, d, sq, scale, softcap, p.data(), ds.data());
+          const int64_t row0 = lse_row(d, sq, h, i0), q0 = q_off(d, sq, h, i0);
+          backward_tile(q + q0, grad_out + q0, ldq, k_t.data(), v_t.data(), lse + row0, delta + row0, i0, rows, j0,
+                        keys, d, sq, scale, softcap, p.data(), ds.data());
           transpose_into(p_t.data(), BQ, p.data(), BK, rows, keys);
           transpose_into(ds_t.data(), BQ, ds.data(), BK, rows, keys);
-          matmul_acc(dv_block, D, p_t.data(), BQ, grad_out + row0 * D, D, keys, D, rows);
-          matmul_acc(dk_block, D, ds_t.data(), BQ, q + row0 * D, D, keys, D, rows);
+          matmul_acc(dv_block, ldkv, p_t.data(), BQ, grad_out + q0, ldq, keys, D, rows);
+          matmul_acc(dk_block, ldkv, ds_t.data(), BQ, q + q0, ldq, keys, D, rows);
         }
       }
-      for (int64_t e = 0; e < keys * D; ++e) dk_block[e] *= scale;
+      scale_rows(dk_block, ldkv, keys, D, scale);
     }
   });
 }
@@ -472,19 +500,19 @@ void backward_q_kernel(const A* grad_out, const A* q, const A* k, const A* v, co
       const Seq sq = seq_of(d, b);
       const int64_t kv_h = h / d.group;
       const int64_t i0 = qb * BQ, rows = std::min(sq.q_len, i0 + BQ) - i0;
-      const int64_t row0 = q_row(d, sq, h, i0);
-      A* dq_block = dq + row0 * D;
-      std::fill(dq_block, dq_block + rows * D, A(0));
+      const int64_t row0 = lse_row(d, sq, h, i0), q0 = q_off(d, sq, h, i0), ldq = q_ld(d), ldkv = kv_ld(d);
+      A* dq_block = dq + q0;
+      fill_rows(dq_block, ldq, rows, D, A(0));
       const int64_t first_key = key_begin(d, sq, i0) / BK * BK, last_key = key_end(d, sq, i0 + rows - 1);
       for (int64_t j0 = first_key; j0 < last_key; j0 += BK) {
         const int64_t keys = std::min(last_key, j0 + BK) - j0;
-        const A* k_block = k + kv_row(d, sq, kv_h, j0) * D;
+        const A* k_block = k + kv_off(d, sq, kv_h, j0);
         const int64_t tile = (kbs.base[b] + kv_h * kbs.blocks[b] + j0 / BK) * D * BK;
-        backward_tile(q + row0 * D, grad_out + row0 * D, k_tiles.data() + tile, v_tiles.data() + tile, lse + row0,
+        backward_tile(q + q0, grad_out + q0, ldq, k_tiles.data() + tile, v_tiles.data() + tile, lse + row0,
                       delta + row0, i0, rows, j0, keys, d, sq, scale, softcap, p.data(), ds.data());
-        matmul_acc(dq_block, D, ds.data(), BK, k_block, D, rows, D, keys);
+        matmul_acc(dq_block, ldq, ds.data(), BK, k_block, ldkv, rows, D, keys);
       }
-      for (int64_t e = 0; e < rows * D; ++e) dq_block[e] *= scale;
+      scale_rows(dq_block, ldq, rows, D, scale);
     }
   });
 }
@@ -506,7 +534,7 @@ void backward(const FlashAttentionBackwardArgs& a) {
   auto* delta = static_cast<A*>(a.delta);
   const FlashAttentionDims& d = a.dims;
   const int64_t q_rows = d.cu_q != nullptr ? d.q_heads * d.q_head_stride : d.batch * d.q_heads * d.q_len;
-  row_dot<A>(grad_out, static_cast<const A*>(a.out), delta, q_rows, d.head_dim);
+  row_dot<A>(grad_out, static_cast<const A*>(a.out), delta, q_rows, d.head_dim, d.cu_q != nullptr ? d.q_heads : 0);
   backward_kv_kernel<A>(grad_out, q, k, v, lse, delta, static_cast<A*>(a.dk), static_cast<A*>(a.dv), d, A(a.scale),
                         A(a.softcap));
   backward_q_kernel<A>(grad_out, q, k, v, lse, delta, static_cast<A*>(a.dq), d, A(a.scale), A(a.softcap));

@@ -451,8 +451,9 @@ std::tuple<Tensor, Tensor> flash_attention_autograd(const Tensor& q, const Tenso
 // and windows aligned bottom-right per sequence). lse is (q_heads, total_q),
 // FlashAttention's layout. max_seqlen_q / max_seqlen_k bound the lengths (the
 // Metal grid is sized by them). The kernels are the dense ones, reading each
-// sequence at its offsets: they run on (heads, total, D) copies, where a dense
-// batch is the case of equal lengths.
+// sequence at its offsets (the CPU loops in the packed layout, the Metal
+// kernels on (heads, total, D) copies); a dense batch is the case of equal
+// lengths.
 
 constexpr const char* kVarlenOp = "my_mps_ops.flash_attention_varlen";
 constexpr const char* kVarlenBackwardOp = "my_mps_ops.flash_attention_varlen_backward";
@@ -532,7 +533,6 @@ Tensor swap_rows_and_heads(const Tensor& t, at::ScalarType dt) {
   r.copy_(t.transpose(0, 1));
   return r;
 }
-Tensor heads_major_acc(const Tensor& t) { return swap_rows_and_heads(t, lse_dtype(t)); }
 Tensor rows_major(const Tensor& t, at::ScalarType dt) { return swap_rows_and_heads(t, dt); }
 
 cpu::FlashAttentionDims varlen_dims(const Tensor& q, const Tensor& k, const Tensor& cu_q, const Tensor& cu_k,
@@ -572,9 +572,10 @@ VarlenProblem varlen_problem(const char* op, const Tensor& q, const Tensor& k, c
           resolve_scale(scale, q.size(2))};
 }
 
+// The CPU kernels read the packed (total, heads, D) layout in place (contiguous, accumulation dtype).
 std::tuple<Tensor, Tensor> varlen_forward_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                               const VarlenProblem& p, double softcap, const OptTensor& sinks) {
-  const Tensor qa = heads_major_acc(q), ka = heads_major_acc(k), va = heads_major_acc(v);
+  const Tensor qa = to_acc(q), ka = to_acc(k), va = to_acc(v);
   const Tensor sa = sinks.has_value() ? to_acc(sinks->to(qa.scalar_type())) : Tensor();
   Tensor out_acc = at::empty(qa.sizes(), qa.options());
   Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(lse_dtype(q)));
@@ -586,14 +587,13 @@ std::tuple<Tensor, Tensor> varlen_forward_cpu(const Tensor& q, const Tensor& k, 
                                        lse.mutable_data_ptr(),
                                        varlen_dims(q, k, p.cu_q, p.cu_k, p.max_q, p.max_k, p.w), p.scale, softcap});
   }
-  return {rows_major(out_acc, q.scalar_type()), lse};
+  return {out_acc.to(q.scalar_type()), lse};
 }
 
 AttentionGrads varlen_backward_cpu(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                                    const Tensor& out, const Tensor& lse, const VarlenProblem& p, double softcap,
                                    const OptTensor& sinks) {
-  const Tensor ga = heads_major_acc(grad_out), qa = heads_major_acc(q), ka = heads_major_acc(k),
-               va = heads_major_acc(v), oa = heads_major_acc(out);
+  const Tensor ga = to_acc(grad_out), qa = to_acc(q), ka = to_acc(k), va = to_acc(v), oa = to_acc(out);
   const Tensor lse_c = lse.contiguous();
   Tensor dq = at::empty(qa.sizes(), qa.options());
   Tensor dk = at::empty(ka.sizes(), ka.options());
@@ -609,8 +609,7 @@ AttentionGrads varlen_backward_cpu(const Tensor& grad_out, const Tensor& q, cons
                                         varlen_dims(q, k, p.cu_q, p.cu_k, p.max_q, p.max_k, p.w), p.scale, softcap});
   }
   const auto dt = q.scalar_type();
-  return {rows_major(dq, dt), rows_major(dk, dt), rows_major(dv, dt),
-          sinks_grad_or_empty(q, sinks, lse_c.unsqueeze(0), delta.unsqueeze(0))};
+  return {dq.to(dt), dk.to(dt), dv.to(dt), sinks_grad_or_empty(q, sinks, lse_c.unsqueeze(0), delta.unsqueeze(0))};
 }
 
 metal::FlashAttentionOptions varlen_metal_options(const VarlenProblem& p, double softcap, const OptTensor& sinks) {
