@@ -186,6 +186,18 @@ inline int64_t q_ld(const FlashAttentionDims& d) { return d.cu_q != nullptr ? d.
 inline int64_t kv_ld(const FlashAttentionDims& d) {
   return d.cu_k != nullptr ? d.kv_heads * d.head_dim : d.head_dim;
 }
+// A rows x D block whose rows are ld apart, as contiguous rows: itself when
+// ld == D, else copied into buf. The packed layout's rows are heads * D
+// apart, a stride that maps a block's rows onto a few L1 sets; the matmuls
+// read their operands many times, so they get a contiguous copy.
+template <typename A>
+const A* contiguous_rows(const A* src, int64_t ld, int64_t rows, int64_t D, std::vector<A>& buf) {
+  if (ld == D) return src;
+  buf.resize(rows * D);
+  for (int64_t r = 0; r < rows; ++r) std::copy(src + r * ld, src + r * ld + D, buf.data() + r * D);
+  return buf.data();
+}
+
 // rows x D block at p, ld apart: zeroed, or scaled.
 template <typename A>
 void fill_rows(A* p, int64_t ld, int64_t rows, int64_t D, A value) {
@@ -329,7 +341,7 @@ void forward_kernel(const A* q, const A* k, const A* v, const A* sinks, A* out, 
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   const std::vector<A> k_tiles = transposed_key_blocks(k, d, kbs);
   at::parallel_for(0, qbs.tasks(), 1, [&](int64_t task_begin, int64_t task_end) {
-    std::vector<A> scores(BQ * BK), acc(BQ * D), row_max(BQ), row_sum(BQ);
+    std::vector<A> scores(BQ * BK), acc(BQ * D), row_max(BQ), row_sum(BQ), q_buf, v_buf;
     for (int64_t task = task_begin; task < task_end; ++task) {
       int64_t b, h, qb;
       qbs.locate(task, b, h, qb);
@@ -339,7 +351,7 @@ void forward_kernel(const A* q, const A* k, const A* v, const A* sinks, A* out, 
       const A* vh = v + kv_off(d, sq, kv_h, 0);
       const int64_t ldq = q_ld(d), ldkv = kv_ld(d);
       const int64_t i0 = qb * BQ, rows = std::min(sq.q_len, i0 + BQ) - i0;
-      const A* q_block = q + q_off(d, sq, h, i0);
+      const A* q_block = contiguous_rows(q + q_off(d, sq, h, i0), ldq, rows, D, q_buf);
       std::fill(acc.begin(), acc.end(), A(0));
       std::fill(row_max.begin(), row_max.end(), kNegInf);
       std::fill(row_sum.begin(), row_sum.end(), A(0));
@@ -349,7 +361,7 @@ void forward_kernel(const A* q, const A* k, const A* v, const A* sinks, A* out, 
       for (int64_t j0 = first_key; j0 < last_key; j0 += BK) {
         const int64_t keys = std::min(last_key, j0 + BK) - j0;
         std::fill(scores.begin(), scores.end(), A(0));
-        matmul_acc(scores.data(), BK, q_block, ldq, k_t + (j0 / BK) * D * BK, BK, rows, keys, D);
+        matmul_acc(scores.data(), BK, q_block, D, k_t + (j0 / BK) * D * BK, BK, rows, keys, D);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t lo = std::clamp<int64_t>(key_begin(d, sq, i0 + r) - j0, 0, keys);
           const int64_t hi = std::clamp<int64_t>(key_end(d, sq, i0 + r) - j0, 0, keys);
@@ -375,7 +387,8 @@ void forward_kernel(const A* q, const A* k, const A* v, const A* sinks, A* out, 
           row_sum[r] = row_sum[r] * correction + block_sum;
           row_max[r] = new_max;
         }
-        matmul_acc(acc.data(), D, scores.data(), BK, vh + j0 * ldkv, ldkv, rows, D, keys);
+        matmul_acc(acc.data(), D, scores.data(), BK, contiguous_rows(vh + j0 * ldkv, ldkv, keys, D, v_buf), D, rows, D,
+                   keys);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = lse_row(d, sq, h, i0 + r);
@@ -450,7 +463,7 @@ void backward_kv_kernel(const A* grad_out, const A* q, const A* k, const A* v, c
   constexpr int64_t BQ = kQueryBlock, BK = kKeyBlock;
   const SeqBlocks kbs(d, d.kv_heads, BK, true);
   at::parallel_for(0, kbs.tasks(), 1, [&](int64_t task_begin, int64_t task_end) {
-    std::vector<A> k_t(D * BK), v_t(D * BK), p(BQ * BK), ds(BQ * BK), p_t(BK * BQ), ds_t(BK * BQ);
+    std::vector<A> k_t(D * BK), v_t(D * BK), p(BQ * BK), ds(BQ * BK), p_t(BK * BQ), ds_t(BK * BQ), q_buf, go_buf;
     for (int64_t task = task_begin; task < task_end; ++task) {
       int64_t b, kv_h, kb;
       kbs.locate(task, b, kv_h, kb);
@@ -469,12 +482,14 @@ void backward_kv_kernel(const A* grad_out, const A* q, const A* k, const A* v, c
         for (int64_t i0 = i_begin; i0 < i_end; i0 += BQ) {
           const int64_t rows = std::min(i_end, i0 + BQ) - i0;
           const int64_t row0 = lse_row(d, sq, h, i0), q0 = q_off(d, sq, h, i0);
-          backward_tile(q + q0, grad_out + q0, ldq, k_t.data(), v_t.data(), lse + row0, delta + row0, i0, rows, j0,
-                        keys, d, sq, scale, softcap, p.data(), ds.data());
+          const A* q_block = contiguous_rows(q + q0, ldq, rows, D, q_buf);
+          const A* go_block = contiguous_rows(grad_out + q0, ldq, rows, D, go_buf);
+          backward_tile(q_block, go_block, D, k_t.data(), v_t.data(), lse + row0, delta + row0, i0, rows, j0, keys, d,
+                        sq, scale, softcap, p.data(), ds.data());
           transpose_into(p_t.data(), BQ, p.data(), BK, rows, keys);
           transpose_into(ds_t.data(), BQ, ds.data(), BK, rows, keys);
-          matmul_acc(dv_block, ldkv, p_t.data(), BQ, grad_out + q0, ldq, keys, D, rows);
-          matmul_acc(dk_block, ldkv, ds_t.data(), BQ, q + q0, ldq, keys, D, rows);
+          matmul_acc(dv_block, ldkv, p_t.data(), BQ, go_block, D, keys, D, rows);
+          matmul_acc(dk_block, ldkv, ds_t.data(), BQ, q_block, D, keys, D, rows);
         }
       }
       scale_rows(dk_block, ldkv, keys, D, scale);
@@ -493,7 +508,7 @@ void backward_q_kernel(const A* grad_out, const A* q, const A* k, const A* v, co
   const std::vector<A> k_tiles = transposed_key_blocks(k, d, kbs);
   const std::vector<A> v_tiles = transposed_key_blocks(v, d, kbs);
   at::parallel_for(0, qbs.tasks(), 1, [&](int64_t task_begin, int64_t task_end) {
-    std::vector<A> p(BQ * BK), ds(BQ * BK);
+    std::vector<A> p(BQ * BK), ds(BQ * BK), q_buf, go_buf, k_buf;
     for (int64_t task = task_begin; task < task_end; ++task) {
       int64_t b, h, qb;
       qbs.locate(task, b, h, qb);
@@ -503,14 +518,16 @@ void backward_q_kernel(const A* grad_out, const A* q, const A* k, const A* v, co
       const int64_t row0 = lse_row(d, sq, h, i0), q0 = q_off(d, sq, h, i0), ldq = q_ld(d), ldkv = kv_ld(d);
       A* dq_block = dq + q0;
       fill_rows(dq_block, ldq, rows, D, A(0));
+      const A* q_block = contiguous_rows(q + q0, ldq, rows, D, q_buf);
+      const A* go_block = contiguous_rows(grad_out + q0, ldq, rows, D, go_buf);
       const int64_t first_key = key_begin(d, sq, i0) / BK * BK, last_key = key_end(d, sq, i0 + rows - 1);
       for (int64_t j0 = first_key; j0 < last_key; j0 += BK) {
         const int64_t keys = std::min(last_key, j0 + BK) - j0;
-        const A* k_block = k + kv_off(d, sq, kv_h, j0);
+        const A* k_block = contiguous_rows(k + kv_off(d, sq, kv_h, j0), ldkv, keys, D, k_buf);
         const int64_t tile = (kbs.base[b] + kv_h * kbs.blocks[b] + j0 / BK) * D * BK;
-        backward_tile(q + q0, grad_out + q0, ldq, k_tiles.data() + tile, v_tiles.data() + tile, lse + row0,
-                      delta + row0, i0, rows, j0, keys, d, sq, scale, softcap, p.data(), ds.data());
-        matmul_acc(dq_block, ldq, ds.data(), BK, k_block, ldkv, rows, D, keys);
+        backward_tile(q_block, go_block, D, k_tiles.data() + tile, v_tiles.data() + tile, lse + row0, delta + row0, i0,
+                      rows, j0, keys, d, sq, scale, softcap, p.data(), ds.data());
+        matmul_acc(dq_block, ldq, ds.data(), BK, k_block, D, rows, D, keys);
       }
       scale_rows(dq_block, ldq, rows, D, scale);
     }
