@@ -15,6 +15,7 @@
 #include "cpu/parallel.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -234,6 +235,22 @@ struct SeqBlocks {
   }
 };
 
+// Runs body(task) for task in [0, tasks) over the threads, handing tasks out
+// one at a time: their costs differ (a causal block sees more keys the later
+// it is, a long sequence's blocks more than a short one's), and a static
+// split into one contiguous range per thread left one thread with the long
+// sequences. Each task writes only its own outputs, so results do not depend
+// on which thread runs what. make_state() gives each thread its scratch.
+template <typename MakeState, typename Body>
+void for_each_task(int64_t tasks, const MakeState& make_state, const Body& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto state = make_state();
+    for (int64_t task = next.fetch_add(1); task < tasks; task = next.fetch_add(1)) body(task, state);
+  });
+}
+
 // Every key block of every (sequence, k/v head) [len, D] slab transposed to a
 // [D, BK] tile (the layout matmul_acc reads as B; one tile per block keeps its
 // rows BK apart, where a whole-slab [D, len] transpose puts them len apart and
@@ -340,9 +357,14 @@ void forward_kernel(const A* q, const A* k, const A* v, const A* sinks, A* out, 
   const SeqBlocks qbs(d, d.q_heads, BQ, false), kbs(d, d.kv_heads, BK, true);
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   const std::vector<A> k_tiles = transposed_key_blocks(k, d, kbs);
-  at::parallel_for(0, qbs.tasks(), 1, [&](int64_t task_begin, int64_t task_end) {
-    std::vector<A> scores(BQ * BK), acc(BQ * D), row_max(BQ), row_sum(BQ), q_buf, v_buf;
-    for (int64_t task = task_begin; task < task_end; ++task) {
+  struct Scratch {
+    std::vector<A> scores, acc, row_max, row_sum, q_buf, v_buf;
+  };
+  const auto scratch = [&] { return Scratch{std::vector<A>(BQ * BK), std::vector<A>(BQ * D), std::vector<A>(BQ),
+                                            std::vector<A>(BQ), {}, {}}; };
+  for_each_task(qbs.tasks(), scratch, [&](int64_t task, Scratch& st) {
+    auto& [scores, acc, row_max, row_sum, q_buf, v_buf] = st;
+    {
       int64_t b, h, qb;
       qbs.locate(task, b, h, qb);
       const Seq sq = seq_of(d, b);
@@ -462,9 +484,16 @@ void backward_kv_kernel(const A* grad_out, const A* q, const A* k, const A* v, c
   const int64_t D = d.head_dim;
   constexpr int64_t BQ = kQueryBlock, BK = kKeyBlock;
   const SeqBlocks kbs(d, d.kv_heads, BK, true);
-  at::parallel_for(0, kbs.tasks(), 1, [&](int64_t task_begin, int64_t task_end) {
-    std::vector<A> k_t(D * BK), v_t(D * BK), p(BQ * BK), ds(BQ * BK), p_t(BK * BQ), ds_t(BK * BQ), q_buf, go_buf;
-    for (int64_t task = task_begin; task < task_end; ++task) {
+  struct Scratch {
+    std::vector<A> k_t, v_t, p, ds, p_t, ds_t, q_buf, go_buf;
+  };
+  const auto scratch = [&] {
+    return Scratch{std::vector<A>(D * BK),  std::vector<A>(D * BK),  std::vector<A>(BQ * BK), std::vector<A>(BQ * BK),
+                   std::vector<A>(BK * BQ), std::vector<A>(BK * BQ), {},                       {}};
+  };
+  for_each_task(kbs.tasks(), scratch, [&](int64_t task, Scratch& st) {
+    auto& [k_t, v_t, p, ds, p_t, ds_t, q_buf, go_buf] = st;
+    {
       int64_t b, kv_h, kb;
       kbs.locate(task, b, kv_h, kb);
       const Seq sq = seq_of(d, b);
@@ -507,9 +536,13 @@ void backward_q_kernel(const A* grad_out, const A* q, const A* k, const A* v, co
   const SeqBlocks qbs(d, d.q_heads, BQ, false), kbs(d, d.kv_heads, BK, true);
   const std::vector<A> k_tiles = transposed_key_blocks(k, d, kbs);
   const std::vector<A> v_tiles = transposed_key_blocks(v, d, kbs);
-  at::parallel_for(0, qbs.tasks(), 1, [&](int64_t task_begin, int64_t task_end) {
-    std::vector<A> p(BQ * BK), ds(BQ * BK), q_buf, go_buf, k_buf;
-    for (int64_t task = task_begin; task < task_end; ++task) {
+  struct Scratch {
+    std::vector<A> p, ds, q_buf, go_buf, k_buf;
+  };
+  const auto scratch = [&] { return Scratch{std::vector<A>(BQ * BK), std::vector<A>(BQ * BK), {}, {}, {}}; };
+  for_each_task(qbs.tasks(), scratch, [&](int64_t task, Scratch& st) {
+    auto& [p, ds, q_buf, go_buf, k_buf] = st;
+    {
       int64_t b, h, qb;
       qbs.locate(task, b, h, qb);
       const Seq sq = seq_of(d, b);
