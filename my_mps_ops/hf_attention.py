@@ -32,7 +32,8 @@ restart: every position equal to the row's minimum starts a sequence
 (``prepare_fa_kwargs_from_position_ids``). The mask transformers builds for them
 (masking_utils.py: ``find_packed_sequence_indices``, causal and'ed with "same
 sequence") is checked to be exactly the sequences' causal blocks (and sliding
-window) before the kernel replaces it.
+window) before the kernel replaces it. Under torch.compile packed calls fall
+back (reading the offsets would break the graph).
 """
 
 from __future__ import annotations
