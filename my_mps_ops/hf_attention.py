@@ -29,6 +29,20 @@ the causal mask), which is flash_attention's ``window=(w - 1, 0)`` with
 transformers builds that mask even without padding (``_ignore_causal_mask_sdpa``
 keeps it); it is checked to be exactly the window, aligned bottom-right as the
 kernel aligns it, before the mask is dropped for the kernel's own window.
+
+Packed sequences (several sequences in one row, as DataCollatorWithFlattening
+builds them for padding-free training) run my_mps_ops.flash_attention_varlen,
+found as transformers' flash-attention path finds them
+(modeling_flash_attention_utils.py in transformers, ``_flash_attention_forward``):
+the ``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k``
+keyword arguments when the call has all four (the rows of the batch flattened
+into one packed sequence), or else, for a single row, ``position_ids`` that
+restart: every position equal to the row's minimum starts a sequence
+(``prepare_fa_kwargs_from_position_ids``). The mask transformers builds for them
+(masking_utils.py: ``find_packed_sequence_indices``, causal and'ed with "same
+sequence") is checked to be exactly the sequences' causal blocks (and sliding
+window) before the kernel replaces it. Under torch.compile packed calls fall
+back (reading the offsets would break the graph).
 """
 
 from __future__ import annotations
@@ -52,11 +66,13 @@ DECODE_MAX_QUERIES = 16
 class AttentionStats:
     fused: int = 0
     decode: int = 0  # of the fused calls, those run by flash_attention_decode
+    packed: int = 0  # of the fused calls, those over packed sequences (flash_attention_varlen)
     fallbacks: Counter = field(default_factory=Counter)
 
     def reset(self) -> None:
         self.fused = 0
         self.decode = 0
+        self.packed = 0
         self.fallbacks.clear()
 
     def __str__(self) -> str:
@@ -93,6 +109,77 @@ def _sliding_window_mask(mask, q_len, k_len, window):
         expected = expected & (key > aligned - window)
     result = bool(torch.equal(mask, expected.expand(mask.shape)))
     _window_checks[window] = (weakref.ref(mask), mask._version, result)
+    return result
+
+
+# The last packed-sequence check: every layer of a forward pass gets the same
+# position_ids / cu_seq_lens and mask tensors, so they are read once.
+_packed_checks: dict = {}
+
+
+def _same_tensor(entry, t):
+    if entry is None or t is None:
+        return entry is None and t is None
+    return entry[0]() is t and entry[1] == t._version
+
+
+def _tensor_key(t):
+    return None if t is None else (weakref.ref(t), t._version)
+
+
+def _block_causal_mask(cu, total, window, device):
+    """Boolean (total, total): query i sees key j iff both are in one sequence
+    (cu: offsets), j <= i, and with a window of w tokens j > i - w."""
+    index = torch.arange(total, device=device)
+    seq = torch.searchsorted(cu[1:].to(device=device, dtype=torch.long), index, right=True)
+    mask = (seq[:, None] == seq[None, :]) & (index[None, :] <= index[:, None])
+    if window is not None:
+        mask &= index[None, :] > index[:, None] - window
+    return mask
+
+
+def _find_packed(query, key, attention_mask, kwargs):
+    """(cu_seqlens_q, cu_seqlens_k, max_q, max_k) when the call is packed
+    sequences whose mask (if any) is exactly their causal blocks, else None."""
+    batch, _, q_len, _ = query.shape
+    names = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    given = [kwargs.get(n) for n in names]
+    position_ids = kwargs.get("position_ids")
+    if all(x is not None for x in given):
+        cu_q, cu_k, max_q, max_k = given
+        if attention_mask is not None and batch != 1:
+            return None
+    elif position_ids is None or batch != 1 or q_len in (0, 1) or key.shape[2] != q_len             or position_ids.numel() != q_len:
+        return None
+    else:
+        cu_q = cu_k = None
+    if torch.compiler.is_compiling():  # reading the offsets would break the graph
+        return None
+    window = kwargs.get("sliding_window")
+    source = cu_q if cu_q is not None else position_ids
+    entry = _packed_checks.get(window)
+    if entry is not None and _same_tensor(entry[0], source) and _same_tensor(entry[1], attention_mask):
+        return entry[2]
+    result = None
+    if cu_q is None:
+        positions = position_ids.reshape(-1)
+        starts = (positions == positions.min()).nonzero().view(-1)
+        if starts.numel() > 1 and starts[0].item() == 0:  # a single sequence is the dense case
+            cu_q = cu_k = torch.cat([starts, starts.new_tensor([q_len])]).to(torch.int32)
+            max_q = max_k = cu_q.diff().max()
+    if cu_q is not None:
+        cu_q, cu_k = cu_q.to(device=query.device, dtype=torch.int32), cu_k.to(device=query.device, dtype=torch.int32)
+        max_q, max_k = int(max_q), int(max_k)
+        total_q, total_k = batch * q_len, key.shape[0] * key.shape[2]
+        if int(cu_q[-1]) == total_q and int(cu_k[-1]) == total_k:
+            result = (cu_q, cu_k, max_q, max_k)
+        if result is not None and attention_mask is not None:
+            expected = _block_causal_mask(cu_q, q_len, window, attention_mask.device) if total_q == total_k else None
+            if not (expected is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
+                    and tuple(attention_mask.shape[-2:]) == (q_len, q_len)
+                    and torch.equal(attention_mask, expected.expand(attention_mask.shape))):
+                result = None
+    _packed_checks[window] = (_tensor_key(source), _tensor_key(attention_mask), result)
     return result
 
 
@@ -157,12 +244,22 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                       **kwargs):
     """transformers' attention-function signature: (batch, heads, seq, head_dim)
     inputs; returns (batch, seq, heads, head_dim) and no attention weights."""
-    reason = _fallback_reason(module, query, key, attention_mask, dropout, is_causal, kwargs)
+    packed = _find_packed(query, key, attention_mask, kwargs)
+    # A packed call's mask was checked to be its sequences' causal blocks.
+    reason = _fallback_reason(module, query, key, None if packed else attention_mask, dropout, is_causal, kwargs)
     if reason is not None:
         stats.fallbacks[reason] += 1
         return _fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     stats.fused += 1
     window = kwargs.get("sliding_window")
+    if packed is not None:
+        stats.packed += 1
+        batch, heads, q_len, head_dim = query.shape
+        rows = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])
+        out = ops.flash_attention_varlen(rows(query), rows(key), rows(value), *packed, causal=True, scale=scaling,
+                                         window=None if window is None else (window - 1, 0),
+                                         softcap=kwargs.get("softcap"), sinks=_sinks_of(kwargs))
+        return out.view(batch, q_len, heads, head_dim), None
     q_len, k_len = query.shape[2], key.shape[2]
     sinks = _sinks_of(kwargs)
     needs_grad = torch.is_grad_enabled() and any(

@@ -133,6 +133,31 @@ def flash_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
     return (out, lse) if return_lse else out
 
 
+def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, causal: bool = False,
+                           scale: Optional[float] = None, window: Optional[Tuple[int, int]] = None,
+                           softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
+                           return_lse: bool = False):
+    """``flash_attention`` over packed sequences of different lengths (FlashAttention's varlen layout).
+
+    q is (total_q, q_heads, head_dim), k and v (total_k, kv_heads, head_dim): the
+    sequences back to back, sequence b being q rows ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]``
+    and k/v rows ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]``. ``cu_seqlens_*`` are int32
+    (batch + 1,) offsets from 0 to the totals, on q's device; ``max_seqlen_*`` bound the
+    sequences' lengths. Each sequence is attended to on its own, exactly as
+    ``flash_attention`` of it alone (causal and windows aligned bottom-right per
+    sequence; a sequence may have no query or no key). Options as ``flash_attention``.
+    Returns out (total_q, q_heads, head_dim), and with ``return_lse`` also lse
+    (q_heads, total_q), float32 (float64 for float64 inputs), FlashAttention's layout.
+    The offsets are read on the host (a sync on mps).
+    """
+    left, right = (-1, -1) if window is None else window
+    out, lse = _ops.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                           scale, int(left), int(right), 0.0 if softcap is None else float(softcap),
+                                           sinks)
+    return (out, lse) if return_lse else out
+
+
 def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, seq_dim: int = 1) -> Tensor:
     """Rotary position embedding of 4-D ``x``: (batch, seq, heads, head_dim) with
     ``seq_dim=1`` or (batch, heads, seq, head_dim) with ``seq_dim=2``.

@@ -1,6 +1,7 @@
 // Flash attention (FlashAttention-2 style), forward and backward.
 //
-// Inputs are contiguous (batch, heads, seq, D); k/v head = q head / group.
+// Inputs are contiguous (batch, heads, seq, D), or packed sequences read at
+// their offsets cu_q / cu_k (FlashAttentionShape); k/v head = q head / group.
 // Masks are aligned to the bottom right: query i, at a = i + (kv_len - q_len),
 // sees keys a - window_left .. a + window_right (-1: unbounded; causal is
 // window_right 0). Scores may be capped (softcap * tanh(s / softcap)), and a
@@ -116,7 +117,31 @@ inline bool key_visible(uint query, uint key, uint q_len, uint kv_len, int left,
   return (left < 0 || int(key) >= aligned - left) && (right < 0 || int(key) <= aligned + right);
 }
 
-// out = softmax(scale * q k^T) v and lse, per (block of ROWS queries, q head, batch).
+// One sequence: its first q and k/v row (head 0) and its lengths.
+struct SeqRows {
+  uint q0;
+  uint q_len;
+  uint k0;
+  uint kv_len;
+};
+
+inline SeqRows seq_rows(constant FlashAttentionShape& shape, device const int* cu_q, device const int* cu_k, uint b) {
+  SeqRows s;
+  if (shape.varlen != 0) {
+    s.q0 = uint(cu_q[b]);
+    s.q_len = uint(cu_q[b + 1]) - s.q0;
+    s.k0 = uint(cu_k[b]);
+    s.kv_len = uint(cu_k[b + 1]) - s.k0;
+  } else {
+    s.q0 = b * shape.q_heads * shape.q_len;
+    s.q_len = shape.q_len;
+    s.k0 = b * (shape.q_heads / shape.group) * shape.kv_len;
+    s.kv_len = shape.kv_len;
+  }
+  return s;
+}
+
+// out = softmax(scale * q k^T) v and lse, per (block of ROWS queries, q head, sequence).
 // threadgroup(0): the scaled queries, then each K tile, then each V tile;
 // threadgroup(1): per simdgroup 8 x ROWS scores and an 8 x 8 diagonal.
 template <typename T, uint D>
@@ -128,6 +153,8 @@ kernel void flash_attention_forward(
     device T* out [[buffer(4)]],
     device float* lse [[buffer(5)]],
     constant FlashAttentionShape& shape [[buffer(6)]],
+    device const int* cu_q [[buffer(7)]],
+    device const int* cu_k [[buffer(8)]],
     threadgroup float* tile [[threadgroup(0)]],
     threadgroup float* scratch [[threadgroup(1)]],
     uint3 block [[threadgroup_position_in_grid]],
@@ -138,22 +165,25 @@ kernel void flash_attention_forward(
   const uint ROWS = flash_block_rows(SIMDGROUPS);
   const uint THREADS = flash_block_threads(SIMDGROUPS);
   constexpr uint BLOCKS = D / 8;  // 8-wide column blocks of a head
-  const uint q_heads = shape.q_heads;
   const uint group = shape.group;
-  const uint q_len = shape.q_len;
-  const uint kv_len = shape.kv_len;
   const float scale = shape.scale;
   const float softcap = shape.softcap;
   const int left = shape.window_left;
   const int right = shape.window_right;
   const float neg_inf = -INFINITY;
   const uint h = block.y;
-  const uint b = block.z;
+  const SeqRows seq = seq_rows(shape, cu_q, cu_k, block.z);
+  const uint q_len = seq.q_len;
+  const uint kv_len = seq.kv_len;
   const uint q0 = block.x * ROWS;
-  const uint kv_heads = q_heads / group;
-  device const T* qh = q + (size_t(b) * q_heads + h) * q_len * D;
-  device const T* kh = k + (size_t(b) * kv_heads + h / group) * kv_len * D;
-  device const T* vh = v + (size_t(b) * kv_heads + h / group) * kv_len * D;
+  if (q0 >= q_len) {
+    return;  // past this sequence's end: the whole threadgroup leaves
+  }
+  const size_t q_row0 = size_t(seq.q0) + size_t(h) * shape.q_head_stride;
+  const size_t kv_offset = (size_t(seq.k0) + size_t(h / group) * shape.kv_head_stride) * D;
+  device const T* qh = q + q_row0 * D;
+  device const T* kh = k + kv_offset;
+  device const T* vh = v + kv_offset;
   threadgroup float* scores = scratch + sg * flash_forward_scratch_floats(SIMDGROUPS);  // 8 x ROWS
   threadgroup float* diag = scores + 8 * ROWS;                                            // 8 x 8
 
@@ -269,14 +299,14 @@ kernel void flash_attention_forward(
   simdgroup_barrier(mem_flags::mem_threadgroup);
   simdgroup_float8x8 normalise;
   simdgroup_load(normalise, diag, 8);
-  device T* oh = out + (size_t(b) * q_heads + h) * q_len * D;
+  device T* oh = out + q_row0 * D;
   for (uint dc = 0; dc < BLOCKS; ++dc) {
     simdgroup_float8x8 o;
     simdgroup_multiply(o, normalise, acc[dc]);
     store_block(o, oh, q0 + sg * 8, q_len, dc * 8, D, 1.0f, scores, lane);
   }
   if (part == 0 && query < q_len) {
-    lse[(size_t(b) * q_heads + h) * q_len + query] = row_lse;
+    lse[q_row0 + query] = row_lse;
   }
 }
 
@@ -307,7 +337,7 @@ kernel void flash_attention_backward_delta(
   }
 }
 
-// dK, dV per (block of ROWS keys, k/v head, batch): every q head of the group
+// dK, dV per (block of ROWS keys, k/v head, sequence): every q head of the group
 // and every query that sees these keys, in tiles of 8 queries.
 //   S^T = K (scale Q)^T, P^T = exp(S^T - lse), dV += P^T dO,
 //   dP^T = V dO^T, dS^T = P^T * (dP^T - delta), dK += dS^T (scale Q).
@@ -324,6 +354,8 @@ kernel void flash_attention_backward_kv(
     device T* dk [[buffer(6)]],
     device T* dv [[buffer(7)]],
     constant FlashAttentionShape& shape [[buffer(8)]],
+    device const int* cu_q [[buffer(9)]],
+    device const int* cu_k [[buffer(10)]],
     threadgroup float* stage [[threadgroup(0)]],
     threadgroup float* scratch [[threadgroup(1)]],
     uint3 block [[threadgroup_position_in_grid]],
@@ -334,17 +366,18 @@ kernel void flash_attention_backward_kv(
   const uint ROWS = flash_block_rows(SIMDGROUPS);
   const uint THREADS = flash_block_threads(SIMDGROUPS);
   constexpr uint BLOCKS = D / 8;  // 8-wide column blocks of a head
-  const uint q_heads = shape.q_heads;
   const uint group = shape.group;
-  const uint q_len = shape.q_len;
-  const uint kv_len = shape.kv_len;
   const float scale = shape.scale;
   const uint kv_h = block.y;
-  const uint b = block.z;
+  const SeqRows seq = seq_rows(shape, cu_q, cu_k, block.z);
+  const uint q_len = seq.q_len;
+  const uint kv_len = seq.kv_len;
   const uint k0 = block.x * ROWS;  // the threadgroup's first key
+  if (k0 >= kv_len) {
+    return;  // past this sequence's end: the whole threadgroup leaves
+  }
   const uint key0 = k0 + sg * 8;   // this simdgroup's first key
-  const uint kv_heads = q_heads / group;
-  const size_t kv_offset = (size_t(b) * kv_heads + kv_h) * kv_len * D;
+  const size_t kv_offset = (size_t(seq.k0) + size_t(kv_h) * shape.kv_head_stride) * D;
   threadgroup float* q_tile = stage;
   threadgroup float* do_tile = stage + 8 * D;
   threadgroup float* lse_tile = stage + 16 * D;
@@ -370,7 +403,7 @@ kernel void flash_attention_backward_kv(
   const uint first_query = query_begin_of(k0, q_len, kv_len, right);
   const uint query_end = query_end_of(min(kv_len, k0 + ROWS), q_len, kv_len, left);
   for (uint hh = 0; hh < group; ++hh) {
-    const size_t q_row0 = (size_t(b) * q_heads + kv_h * group + hh) * q_len;
+    const size_t q_row0 = size_t(seq.q0) + size_t(kv_h * group + hh) * shape.q_head_stride;
     for (uint i0 = first_query / 8 * 8; i0 < query_end; i0 += 8) {
       threadgroup_barrier(mem_flags::mem_threadgroup);  // everyone is done with the previous tiles
       stage_rows<T, D>(q_tile, q + q_row0 * D, i0, 8, q_len, scale, tid, THREADS);
@@ -430,7 +463,7 @@ kernel void flash_attention_backward_kv(
   }
 }
 
-// dQ per (block of ROWS queries, q head, batch), over tiles of 8 visible keys:
+// dQ per (block of ROWS queries, q head, sequence), over tiles of 8 visible keys:
 //   S = (scale Q) K^T, P = exp(S - lse), dP = dO V^T, dS = P * (dP - delta),
 //   dQ = scale * dS K.
 // threadgroup(0): K and V tiles (8 x D floats each); threadgroup(1): per
@@ -445,6 +478,8 @@ kernel void flash_attention_backward_q(
     device const float* delta [[buffer(5)]],
     device T* dq [[buffer(6)]],
     constant FlashAttentionShape& shape [[buffer(7)]],
+    device const int* cu_q [[buffer(8)]],
+    device const int* cu_k [[buffer(9)]],
     threadgroup float* stage [[threadgroup(0)]],
     threadgroup float* scratch [[threadgroup(1)]],
     uint3 block [[threadgroup_position_in_grid]],
@@ -455,18 +490,19 @@ kernel void flash_attention_backward_q(
   const uint ROWS = flash_block_rows(SIMDGROUPS);
   const uint THREADS = flash_block_threads(SIMDGROUPS);
   constexpr uint BLOCKS = D / 8;  // 8-wide column blocks of a head
-  const uint q_heads = shape.q_heads;
   const uint group = shape.group;
-  const uint q_len = shape.q_len;
-  const uint kv_len = shape.kv_len;
   const float scale = shape.scale;
   const uint h = block.y;
-  const uint b = block.z;
+  const SeqRows seq = seq_rows(shape, cu_q, cu_k, block.z);
+  const uint q_len = seq.q_len;
+  const uint kv_len = seq.kv_len;
   const uint q0 = block.x * ROWS;
+  if (q0 >= q_len) {
+    return;  // past this sequence's end: the whole threadgroup leaves
+  }
   const uint query0 = q0 + sg * 8;  // this simdgroup's first query
-  const uint kv_heads = q_heads / group;
-  const size_t q_row0 = (size_t(b) * q_heads + h) * q_len;
-  const size_t kv_offset = (size_t(b) * kv_heads + h / group) * kv_len * D;
+  const size_t q_row0 = size_t(seq.q0) + size_t(h) * shape.q_head_stride;
+  const size_t kv_offset = (size_t(seq.k0) + size_t(h / group) * shape.kv_head_stride) * D;
   threadgroup float* k_tile = stage;
   threadgroup float* v_tile = stage + 8 * D;
   threadgroup float* block_a = scratch + sg * kFlashBackwardScratchFloats;

@@ -10,19 +10,29 @@
 
 namespace my_mps_ops::cpu {
 
-// q is (batch, q_heads, q_len, head_dim), k and v (batch, kv_heads, kv_len,
-// head_dim); q head h reads k/v head h / group.
-// Query i, aligned bottom-right at a = i + kv_len - q_len, sees keys
-// a - window_left .. a + window_right (-1: unbounded on that side; causal is
-// window_right 0, folded in by the caller).
+// q head h reads k/v head h / group. Dense: q is (batch, q_heads, q_len,
+// head_dim), k and v (batch, kv_heads, kv_len, head_dim), lse and delta
+// (batch, q_heads, q_len). Packed variable-length (cu_q and cu_k set, host
+// int32 arrays of batch + 1 offsets; FlashAttention's varlen layout): q is
+// (total_q, q_heads, head_dim), k and v (total_k, kv_heads, head_dim), lse
+// and delta (q_heads, q_head_stride = total_q); sequence b owns q rows
+// cu_q[b] .. cu_q[b + 1] and k/v rows cu_k[b] .. cu_k[b + 1]; q_len and
+// kv_len are then only upper bounds. The kernels read both in place: a head's
+// rows are head_dim or heads * head_dim apart.
+// Query i of a sequence, aligned bottom-right at a = i + its kv_len - its
+// q_len, sees keys a - window_left .. a + window_right (-1: unbounded on that
+// side; causal is window_right 0, folded in by the caller).
 struct FlashAttentionDims {
   int64_t batch, q_heads, kv_heads, group, q_len, kv_len, head_dim;
   int64_t window_left, window_right;
+  const int32_t* cu_q = nullptr;
+  const int32_t* cu_k = nullptr;
+  int64_t q_head_stride = 0, kv_head_stride = 0;  // packed only: total_q, total_k
 };
 
 // Every pointer is a contiguous tensor of the call's dtype, float32 or
-// float64 (the accumulation dtype the entry converts to); lse and delta are
-// (batch, q_heads, q_len); sinks is (q_heads,) or null. softcap > 0 caps
+// float64 (the accumulation dtype the entry converts to); lse and delta have
+// one element per q row; sinks is (q_heads,) or null. softcap > 0 caps
 // the scaled scores at softcap * tanh(s / softcap).
 struct FlashAttentionForwardArgs {
   const void* q;

@@ -1,7 +1,8 @@
 // Autocast: what torch.autocast does to each op's inputs, following the
 // policy ATen gives the PyTorch op ours stands in for (aten/src/ATen/
 // autocast_mode.cpp, the AutocastCPU and AutocastMPS lists):
-// - flash_attention: lower precision, as scaled_dot_product_attention on both;
+// - flash_attention, flash_attention_varlen: lower precision, as
+//   scaled_dot_product_attention on both;
 // - cross_entropy: float32, as cross_entropy_loss on CPU (and its nll_loss /
 //   log_softmax parts on MPS);
 // - linear_cross_entropy: lower precision for hidden @ weight.T (linear's
@@ -46,6 +47,24 @@ std::tuple<Tensor, Tensor> flash_attention_autocast(const Tensor& q, const Tenso
 }
 
 template <c10::DeviceType kDevice>
+std::tuple<Tensor, Tensor> flash_attention_varlen_autocast(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                           const Tensor& cu_q, const Tensor& cu_k, c10::SymInt max_q,
+                                                           c10::SymInt max_k, bool causal,
+                                                           std::optional<double> scale, int64_t window_left,
+                                                           int64_t window_right, double softcap,
+                                                           const OptTensor& sinks) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+  const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(kDevice);
+  return typed_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                             const Tensor&, c10::SymInt, c10::SymInt, bool, std::optional<double>,
+                                             int64_t, int64_t, double, const OptTensor&)>(
+             "my_mps_ops::flash_attention_varlen")
+      .call(at::autocast::cached_cast(dtype, q, kDevice), at::autocast::cached_cast(dtype, k, kDevice),
+            at::autocast::cached_cast(dtype, v, kDevice), cu_q, cu_k, max_q, max_k, causal, scale, window_left,
+            window_right, softcap, sinks);
+}
+
+template <c10::DeviceType kDevice>
 std::tuple<Tensor, Tensor> cross_entropy_autocast(const Tensor& logits, const Tensor& target, int64_t ignore_index,
                                                   double label_smoothing, c10::string_view reduction) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
@@ -86,12 +105,14 @@ Tensor layer_norm_autocast(const Tensor& input, const OptTensor& weight, const O
 
 TORCH_LIBRARY_IMPL(my_mps_ops, AutocastCPU, m) {
   m.impl("flash_attention", &flash_attention_autocast<c10::DeviceType::CPU>);
+  m.impl("flash_attention_varlen", &flash_attention_varlen_autocast<c10::DeviceType::CPU>);
   m.impl("cross_entropy", &cross_entropy_autocast<c10::DeviceType::CPU>);
   m.impl("linear_cross_entropy", &linear_cross_entropy_autocast<c10::DeviceType::CPU>);
 }
 
 TORCH_LIBRARY_IMPL(my_mps_ops, AutocastMPS, m) {
   m.impl("flash_attention", &flash_attention_autocast<c10::DeviceType::MPS>);
+  m.impl("flash_attention_varlen", &flash_attention_varlen_autocast<c10::DeviceType::MPS>);
   m.impl("cross_entropy", &cross_entropy_autocast<c10::DeviceType::MPS>);
   m.impl("linear_cross_entropy", &linear_cross_entropy_autocast<c10::DeviceType::MPS>);
   m.impl("layer_norm", &layer_norm_autocast<c10::DeviceType::MPS>);

@@ -48,6 +48,7 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 namespace my_mps_ops {
 namespace {
@@ -440,27 +441,449 @@ std::tuple<Tensor, Tensor> flash_attention_autograd(const Tensor& q, const Tenso
   return {outputs[0], outputs[1]};
 }
 
+
+// ===================================================== packed variable length
+// flash_attention_varlen: FlashAttention's varlen layout. q (total_q, q_heads,
+// D), k and v (total_k, kv_heads, D) hold `batch` sequences back to back:
+// sequence b is q rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] and k/v rows
+// cu_seqlens_k[b] .. cu_seqlens_k[b + 1] (int32, batch + 1 offsets from 0 to
+// the totals), attended to as flash_attention of that sequence alone (causal
+// and windows aligned bottom-right per sequence). lse is (q_heads, total_q),
+// FlashAttention's layout. max_seqlen_q / max_seqlen_k bound the lengths (the
+// Metal grid is sized by them). The kernels are the dense ones, reading each
+// sequence at its offsets (the CPU loops in the packed layout, the Metal
+// kernels on (heads, total, D) copies); a dense batch is the case of equal
+// lengths.
+
+constexpr const char* kVarlenOp = "my_mps_ops.flash_attention_varlen";
+constexpr const char* kVarlenBackwardOp = "my_mps_ops.flash_attention_varlen_backward";
+
+void check_cu_seqlens(const char* op, const Tensor& cu, const Tensor& q, const char* name) {
+  TORCH_CHECK(cu.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", cu.scalar_type());
+  check_same_device(cu, q, op, name, "q");
+  TORCH_CHECK(cu.dim() == 1 && cu.sym_size(0) >= 1, op, ": ", name,
+              " must have shape (batch + 1,) (cumulative sequence offsets starting at 0), got ", cu.sym_sizes());
+}
+
+void check_varlen_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q,
+                         const Tensor& cu_k, const c10::SymInt& max_q, const c10::SymInt& max_k,
+                         const std::optional<double>& scale) {
+  check_float_dtype(q, op, "q");
+  check_same_dtype(k, q, op, "k", "q");
+  check_same_dtype(v, q, op, "v", "q");
+  check_same_device(k, q, op, "k", "q");
+  check_same_device(v, q, op, "v", "q");
+  TORCH_CHECK(q.dim() == 3, op, ": q must have 3 dimensions (total_q, heads, head_dim), got shape ", q.sym_sizes());
+  TORCH_CHECK(k.dim() == 3, op, ": k must have 3 dimensions (total_k, heads, head_dim), got shape ", k.sym_sizes());
+  TORCH_CHECK(v.dim() == 3, op, ": v must have 3 dimensions (total_k, heads, head_dim), got shape ", v.sym_sizes());
+  TORCH_CHECK(supported_head_dim(q.sym_size(2)), op, ": q head_dim ", q.sym_size(2),
+              " is not supported (supported: 32, 64, 80, 96, 128, 256)");
+  TORCH_CHECK(k.sym_size(2) == q.sym_size(2) && v.sym_size(2) == q.sym_size(2), op,
+              ": k and v head_dim must equal q head_dim (", q.sym_size(2), "), got ", k.sym_size(2), " and ",
+              v.sym_size(2));
+  TORCH_CHECK(v.sym_size(0) == k.sym_size(0) && v.sym_size(1) == k.sym_size(1), op,
+              ": v must have the shape of k ", k.sym_sizes(), ", got ", v.sym_sizes());
+  const bool heads_divide = k.sym_size(1) == 0 ? q.sym_size(1) == 0 : q.sym_size(1) % k.sym_size(1) == 0;
+  TORCH_CHECK(heads_divide, op,
+              ": the number of k/v heads must divide the number of q heads (grouped-query attention), got q heads ",
+              q.sym_size(1), " and k/v heads ", k.sym_size(1));
+  check_cu_seqlens(op, cu_q, q, "cu_seqlens_q");
+  check_cu_seqlens(op, cu_k, q, "cu_seqlens_k");
+  TORCH_CHECK(cu_q.sym_size(0) == cu_k.sym_size(0), op,
+              ": cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got ", cu_q.sym_size(0),
+              " and ", cu_k.sym_size(0));
+  TORCH_CHECK(max_q >= 0 && max_k >= 0, op, ": max_seqlen_q and max_seqlen_k must be >= 0, got ", max_q, " and ",
+              max_k);
+  if (scale.has_value()) {
+    TORCH_CHECK(std::isfinite(*scale), op, ": scale must be finite, got ", *scale);
+  }
+}
+
+// The offsets on the host (a device-to-host copy, and so a sync, on mps),
+// checked against the totals and the max lengths the kernels rely on.
+void check_cu_values(const char* op, const int32_t* c, int64_t n, int64_t total, int64_t max_len, const char* name,
+                     const char* max_name) {
+  TORCH_CHECK(c[0] == 0, op, ": ", name, "[0] must be 0, got ", c[0]);
+  for (int64_t b = 0; b + 1 < n; ++b) {
+    TORCH_CHECK(c[b + 1] >= c[b], op, ": ", name, " must be non-decreasing, got ", name, "[", b, "] = ", c[b],
+                " > ", name, "[", b + 1, "] = ", c[b + 1]);
+    TORCH_CHECK(c[b + 1] - c[b] <= max_len, op, ": sequence ", b, " has length ", c[b + 1] - c[b], " (", name,
+                ") but ", max_name, " is ", max_len);
+  }
+  TORCH_CHECK(c[n - 1] == total, op, ": the last entry of ", name, " must be the total number of rows ", total,
+              ", got ", c[n - 1]);
+}
+Tensor host_cu_seqlens(const char* op, const Tensor& cu, int64_t total, int64_t max_len, const char* name,
+                       const char* max_name) {
+  Tensor host = cu.to(at::kCPU).contiguous();
+  check_cu_values(op, host.const_data_ptr<int32_t>(), host.numel(), total, max_len, name, max_name);
+  return host;
+}
+
+AttentionWindow varlen_window(int64_t max_q, int64_t max_k, bool causal, int64_t window_left, int64_t window_right) {
+  const int64_t span = max_q + max_k;
+  const auto bound = [span](int64_t w) { return w > span ? -1 : w; };
+  return {bound(window_left), causal ? 0 : bound(window_right)};
+}
+
+// (total, heads, D) <-> contiguous (heads, total, D), converting in the same
+// pass (.to() of a transposed view keeps its strides: a second copy).
+Tensor swap_rows_and_heads(const Tensor& t, at::ScalarType dt) {
+  Tensor r = at::empty({t.size(1), t.size(0), t.size(2)}, t.options().dtype(dt));
+  r.copy_(t.transpose(0, 1));
+  return r;
+}
+Tensor rows_major(const Tensor& t, at::ScalarType dt) { return swap_rows_and_heads(t, dt); }
+
+cpu::FlashAttentionDims varlen_dims(const Tensor& q, const Tensor& k, const Tensor& cu_q, const Tensor& cu_k,
+                                    int64_t max_q, int64_t max_k, AttentionWindow w) {
+  cpu::FlashAttentionDims d;
+  d.batch = cu_q.numel() - 1;
+  d.q_heads = q.size(1);
+  d.kv_heads = k.size(1);
+  d.group = d.kv_heads > 0 ? d.q_heads / d.kv_heads : 1;
+  d.q_len = max_q;
+  d.kv_len = max_k;
+  d.head_dim = q.size(2);
+  d.window_left = w.left;
+  d.window_right = w.right;
+  d.cu_q = cu_q.const_data_ptr<int32_t>();
+  d.cu_k = cu_k.const_data_ptr<int32_t>();
+  d.q_head_stride = q.size(0);
+  d.kv_head_stride = k.size(0);
+  return d;
+}
+
+struct VarlenProblem {
+  Tensor cu_q, cu_k;  // host copies
+  int64_t max_q, max_k;
+  AttentionWindow w;
+  double scale;
+};
+
+VarlenProblem varlen_problem(const char* op, const Tensor& q, const Tensor& k, const Tensor& cu_q,
+                             const Tensor& cu_k, int64_t max_q, int64_t max_k, bool causal,
+                             std::optional<double> scale, int64_t window_left, int64_t window_right) {
+  return {host_cu_seqlens(op, cu_q, q.size(0), max_q, "cu_seqlens_q", "max_seqlen_q"),
+          host_cu_seqlens(op, cu_k, k.size(0), max_k, "cu_seqlens_k", "max_seqlen_k"),
+          max_q,
+          max_k,
+          varlen_window(max_q, max_k, causal, window_left, window_right),
+          resolve_scale(scale, q.size(2))};
+}
+
+// The CPU kernels read the packed (total, heads, D) layout in place (contiguous, accumulation dtype).
+std::tuple<Tensor, Tensor> varlen_forward_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                              const VarlenProblem& p, double softcap, const OptTensor& sinks) {
+  const Tensor qa = to_acc(q), ka = to_acc(k), va = to_acc(v);
+  const Tensor sa = sinks.has_value() ? to_acc(sinks->to(qa.scalar_type())) : Tensor();
+  Tensor out_acc = at::empty(qa.sizes(), qa.options());
+  Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(lse_dtype(q)));
+  if (out_acc.numel() > 0) {
+    cpu::flash_attention_forward_stub(
+        qa.scalar_type(),
+        cpu::FlashAttentionForwardArgs{qa.const_data_ptr(), ka.const_data_ptr(), va.const_data_ptr(),
+                                       sa.defined() ? sa.const_data_ptr() : nullptr, out_acc.mutable_data_ptr(),
+                                       lse.mutable_data_ptr(),
+                                       varlen_dims(q, k, p.cu_q, p.cu_k, p.max_q, p.max_k, p.w), p.scale, softcap});
+  }
+  return {out_acc.to(q.scalar_type()), lse};
+}
+
+AttentionGrads varlen_backward_cpu(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                                   const Tensor& out, const Tensor& lse, const VarlenProblem& p, double softcap,
+                                   const OptTensor& sinks) {
+  const Tensor ga = to_acc(grad_out), qa = to_acc(q), ka = to_acc(k), va = to_acc(v), oa = to_acc(out);
+  const Tensor lse_c = lse.contiguous();
+  Tensor dq = at::empty(qa.sizes(), qa.options());
+  Tensor dk = at::empty(ka.sizes(), ka.options());
+  Tensor dv = at::empty(va.sizes(), va.options());
+  Tensor delta = at::empty(lse.sizes(), lse_c.options());
+  if (q.numel() > 0 || k.numel() > 0) {
+    cpu::flash_attention_backward_stub(
+        qa.scalar_type(),
+        cpu::FlashAttentionBackwardArgs{ga.const_data_ptr(), qa.const_data_ptr(), ka.const_data_ptr(),
+                                        va.const_data_ptr(), oa.const_data_ptr(), lse_c.const_data_ptr(),
+                                        delta.mutable_data_ptr(), dq.mutable_data_ptr(), dk.mutable_data_ptr(),
+                                        dv.mutable_data_ptr(),
+                                        varlen_dims(q, k, p.cu_q, p.cu_k, p.max_q, p.max_k, p.w), p.scale, softcap});
+  }
+  const auto dt = q.scalar_type();
+  return {dq.to(dt), dk.to(dt), dv.to(dt), sinks_grad_or_empty(q, sinks, lse_c.unsqueeze(0), delta.unsqueeze(0))};
+}
+
+metal::FlashAttentionOptions varlen_metal_options(const VarlenProblem& p, double softcap, const OptTensor& sinks) {
+  metal::FlashAttentionOptions o = attention_metal_options(p.w, p.scale, softcap, sinks);
+  o.max_q = p.max_q;
+  o.max_k = p.max_k;
+  return o;
+}
+
+// The Metal kernels read (heads, total, D) copies and the offsets on q's device.
+Tensor heads_major(const Tensor& t) { return swap_rows_and_heads(t, t.scalar_type()); }
+
+std::tuple<Tensor, Tensor> varlen_forward_metal(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                const Tensor& cu_q, const Tensor& cu_k, const VarlenProblem& p,
+                                                double softcap, const OptTensor& sinks) {
+  const Tensor qh = heads_major(q), kh = heads_major(k), vh = heads_major(v);
+  Tensor out = at::empty(qh.sizes(), qh.options());
+  Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(lse_dtype(q)));
+  if (out.numel() == 0) return {rows_major(out, q.scalar_type()), lse};
+  if (k.numel() == 0) {  // no key in any sequence: zeros / -inf (the sink), nothing to launch
+    out.zero_();
+    if (sinks.has_value()) {
+      lse.copy_(sinks->to(at::kFloat).view({-1, 1}).expand(lse.sizes()));
+    } else {
+      lse.fill_(-std::numeric_limits<float>::infinity());
+    }
+    return {rows_major(out, q.scalar_type()), lse};
+  }
+  const Tensor sinks_f = sinks.has_value() ? sinks->to(at::kFloat).contiguous() : at::zeros({1}, lse.options());
+  metal::flash_attention_forward(kVarlenOp, {qh, kh, vh, sinks_f, out, lse, cu_q.contiguous(), cu_k.contiguous()},
+                                 varlen_metal_options(p, softcap, sinks));
+  return {rows_major(out, q.scalar_type()), lse};
+}
+
+AttentionGrads varlen_backward_metal(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                                     const Tensor& out, const Tensor& lse, const Tensor& cu_q, const Tensor& cu_k,
+                                     const VarlenProblem& p, double softcap, const OptTensor& sinks) {
+  const Tensor qh = heads_major(q), kh = heads_major(k), vh = heads_major(v);
+  Tensor dq = at::empty(qh.sizes(), qh.options());
+  Tensor dk = at::empty(kh.sizes(), kh.options());
+  Tensor dv = at::empty(vh.sizes(), vh.options());
+  const auto dt = q.scalar_type();
+  if (q.numel() == 0 || k.numel() == 0) {
+    const Tensor no_grad =
+        sinks.has_value() ? at::zeros(sinks->sizes(), sinks->options()) : at::empty({0}, q.options());
+    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options()),
+            no_grad};
+  }
+  const Tensor lse_c = lse.contiguous(), delta = at::empty(lse.sizes(), lse_c.options());
+  metal::flash_attention_backward(kVarlenBackwardOp,
+                                  {heads_major(grad_out), qh, kh, vh, heads_major(out), lse_c, delta, dq, dk, dv,
+                                   cu_q.contiguous(), cu_k.contiguous()},
+                                  varlen_metal_options(p, softcap, sinks));
+  return {rows_major(dq, dt), rows_major(dk, dt), rows_major(dv, dt),
+          sinks_grad_or_empty(q, sinks, lse_c.unsqueeze(0), delta.unsqueeze(0))};
+}
+
+std::tuple<Tensor, Tensor> flash_attention_varlen_impl(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                       const Tensor& cu_q, const Tensor& cu_k, c10::SymInt max_q,
+                                                       c10::SymInt max_k, bool causal, std::optional<double> scale,
+                                                       int64_t window_left, int64_t window_right, double softcap,
+                                                       const OptTensor& sinks) {
+  check_varlen_inputs(kVarlenOp, q, k, v, cu_q, cu_k, max_q, max_k, scale);
+  check_attention_options(kVarlenOp, q, window_left, window_right, softcap, sinks);
+  const VarlenProblem p = varlen_problem(kVarlenOp, q, k, cu_q, cu_k, max_q.expect_int(), max_k.expect_int(), causal,
+                                         scale, window_left, window_right);
+  if (use_metal_path(q)) return varlen_forward_metal(q, k, v, cu_q, cu_k, p, softcap, sinks);
+  return varlen_forward_cpu(q, k, v, p, softcap, sinks);
+}
+
+void check_varlen_backward_inputs(const Tensor& grad_out, const Tensor& q, const Tensor& out, const Tensor& lse) {
+  const char* op = kVarlenBackwardOp;
+  TORCH_CHECK(grad_out.sym_sizes() == q.sym_sizes(), op, ": grad_out must have the shape of q ", q.sym_sizes(),
+              ", got ", grad_out.sym_sizes());
+  TORCH_CHECK(out.sym_sizes() == q.sym_sizes(), op, ": out must have the shape of q ", q.sym_sizes(), ", got ",
+              out.sym_sizes());
+  check_same_dtype(grad_out, q, op, "grad_out", "q");
+  check_same_dtype(out, q, op, "out", "q");
+  check_same_device(grad_out, q, op, "grad_out", "q");
+  check_same_device(out, q, op, "out", "q");
+  check_same_device(lse, q, op, "lse", "q");
+  TORCH_CHECK(lse.dim() == 2 && lse.sym_size(0) == q.sym_size(1) && lse.sym_size(1) == q.sym_size(0), op,
+              ": lse must have shape (q heads, total_q) = [", q.sym_size(1), ", ", q.sym_size(0), "], got ",
+              lse.sym_sizes());
+  TORCH_CHECK(lse.scalar_type() == lse_dtype(q), op, ": lse must be ", lse_dtype(q), " for ", q.scalar_type(),
+              " inputs, got ", lse.scalar_type());
+}
+
+AttentionGrads flash_attention_varlen_backward_impl(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                                    const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                    const Tensor& cu_q, const Tensor& cu_k, c10::SymInt max_q,
+                                                    c10::SymInt max_k, bool causal, std::optional<double> scale,
+                                                    int64_t window_left, int64_t window_right, double softcap,
+                                                    const OptTensor& sinks) {
+  check_varlen_inputs(kVarlenBackwardOp, q, k, v, cu_q, cu_k, max_q, max_k, scale);
+  check_varlen_backward_inputs(grad_out, q, out, lse);
+  check_attention_options(kVarlenBackwardOp, q, window_left, window_right, softcap, sinks);
+  const VarlenProblem p = varlen_problem(kVarlenBackwardOp, q, k, cu_q, cu_k, max_q.expect_int(), max_k.expect_int(),
+                                         causal, scale, window_left, window_right);
+  if (use_metal_path(q)) return varlen_backward_metal(grad_out, q, k, v, out, lse, cu_q, cu_k, p, softcap, sinks);
+  return varlen_backward_cpu(grad_out, q, k, v, out, lse, p, softcap, sinks);
+}
+
+std::tuple<Tensor, Tensor> flash_attention_varlen_meta(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                       const Tensor& cu_q, const Tensor& cu_k, c10::SymInt max_q,
+                                                       c10::SymInt max_k, bool causal, std::optional<double> scale,
+                                                       int64_t window_left, int64_t window_right, double softcap,
+                                                       const OptTensor& sinks) {
+  check_varlen_inputs(kVarlenOp, q, k, v, cu_q, cu_k, max_q, max_k, scale);
+  check_attention_options(kVarlenOp, q, window_left, window_right, softcap, sinks);
+  return {at::empty_symint(q.sym_sizes(), q.options()),
+          at::empty_symint({q.sym_size(1), q.sym_size(0)}, q.options().dtype(lse_dtype(q)))};
+}
+
+AttentionGrads flash_attention_varlen_backward_meta(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                                    const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                    const Tensor& cu_q, const Tensor& cu_k, c10::SymInt max_q,
+                                                    c10::SymInt max_k, bool causal, std::optional<double> scale,
+                                                    int64_t window_left, int64_t window_right, double softcap,
+                                                    const OptTensor& sinks) {
+  check_varlen_inputs(kVarlenBackwardOp, q, k, v, cu_q, cu_k, max_q, max_k, scale);
+  check_varlen_backward_inputs(grad_out, q, out, lse);
+  check_attention_options(kVarlenBackwardOp, q, window_left, window_right, softcap, sinks);
+  return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
+          at::empty_symint(v.sym_sizes(), v.options()),
+          sinks.has_value() ? at::empty_symint(sinks->sym_sizes(), sinks->options()) : at::empty({0}, q.options())};
+}
+
+using VarlenForwardSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                           const Tensor&, c10::SymInt, c10::SymInt, bool,
+                                                           std::optional<double>, int64_t, int64_t, double,
+                                                           const OptTensor&);
+using VarlenBackwardSignature = AttentionGrads(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                               const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                               c10::SymInt, c10::SymInt, bool, std::optional<double>, int64_t,
+                                               int64_t, double, const OptTensor&);
+
+class FlashAttentionVarlenFunction : public torch::autograd::Function<FlashAttentionVarlenFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& q,
+                                                const Tensor& k, const Tensor& v, const Tensor& cu_q,
+                                                const Tensor& cu_k, c10::SymInt max_q, c10::SymInt max_k,
+                                                bool causal, std::optional<double> scale, int64_t window_left,
+                                                int64_t window_right, double softcap, const OptTensor& sinks) {
+    static auto op = typed_op<VarlenForwardSignature>("my_mps_ops::flash_attention_varlen");
+    Tensor out, lse;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(out, lse) =
+          op.call(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window_left, window_right, softcap, sinks);
+    }
+    save_metal_emulation(ctx);
+    ctx->save_for_backward({q, k, v, out, lse, cu_q, cu_k, sinks.value_or(Tensor())});
+    ctx->saved_data["max_q"] = max_q;
+    ctx->saved_data["max_k"] = max_k;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["scale"] = scale.has_value() ? c10::IValue(*scale) : c10::IValue();
+    ctx->saved_data["window_left"] = window_left;
+    ctx->saved_data["window_right"] = window_right;
+    ctx->saved_data["softcap"] = softcap;
+    ctx->mark_non_differentiable({lse});
+    return {out, lse};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const BackwardEmulationScope emulation(ctx);
+    static auto op = typed_op<VarlenBackwardSignature>("my_mps_ops::flash_attention_varlen_backward");
+    torch::autograd::variable_list grads(13);
+    const auto saved = ctx->get_saved_variables();
+    // needs_input_grad counts tensor arguments: q, k, v, cu_q, cu_k, sinks.
+    const bool want_sinks = saved[7].defined() && ctx->needs_input_grad(5);
+    const bool any = ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2) || want_sinks;
+    if (!grad_outputs[0].defined() || !any) return grads;
+    const c10::IValue& scale_value = ctx->saved_data["scale"];
+    const std::optional<double> scale =
+        scale_value.isNone() ? std::nullopt : std::optional<double>(scale_value.toDouble());
+    const OptTensor sinks = saved[7].defined() ? OptTensor(saved[7]) : std::nullopt;
+    auto [dq, dk, dv, dsinks] =
+        op.call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6],
+                ctx->saved_data["max_q"].toSymInt(), ctx->saved_data["max_k"].toSymInt(),
+                ctx->saved_data["causal"].toBool(), scale, ctx->saved_data["window_left"].toInt(),
+                ctx->saved_data["window_right"].toInt(), ctx->saved_data["softcap"].toDouble(), sinks);
+    if (ctx->needs_input_grad(0)) grads[0] = dq;
+    if (ctx->needs_input_grad(1)) grads[1] = dk;
+    if (ctx->needs_input_grad(2)) grads[2] = dv;
+    if (want_sinks) grads[12] = dsinks;
+    return grads;
+  }
+};
+
+// Under torch.func's differentiating transforms: the dense composite per
+// sequence (the offsets read on the host).
+std::tuple<Tensor, Tensor> flash_attention_varlen_composite(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                            const Tensor& cu_q, const Tensor& cu_k,
+                                                            const c10::SymInt& max_q, const c10::SymInt& max_k,
+                                                            bool causal, std::optional<double> scale,
+                                                            int64_t window_left, int64_t window_right, double softcap,
+                                                            const OptTensor& sinks) {
+  check_varlen_inputs(kVarlenOp, q, k, v, cu_q, cu_k, max_q, max_k, scale);
+  check_attention_options(kVarlenOp, q, window_left, window_right, softcap, sinks);
+  // Under the transform every tensor, new ones included, is wrapped (no
+  // storage to read): the offsets are read element by element.
+  const auto values = [](const Tensor& cu) {
+    std::vector<int32_t> host(cu.size(0));
+    for (int64_t i = 0; i < cu.size(0); ++i) host[i] = cu[i].item<int32_t>();
+    return host;
+  };
+  const std::vector<int32_t> cq = values(cu_q), ck = values(cu_k);
+  check_cu_values(kVarlenOp, cq.data(), cq.size(), q.size(0), max_q.expect_int(), "cu_seqlens_q", "max_seqlen_q");
+  check_cu_values(kVarlenOp, ck.data(), ck.size(), k.size(0), max_k.expect_int(), "cu_seqlens_k", "max_seqlen_k");
+  // Windows wider than the longest pair are unbounded for every sequence.
+  const AttentionWindow w = varlen_window(max_q.expect_int(), max_k.expect_int(), false, window_left, window_right);
+  std::vector<Tensor> outs, lses;
+  for (size_t b = 0; b + 1 < cq.size(); ++b) {
+    const auto dense = [](const Tensor& t, int64_t begin, int64_t end) {
+      return t.narrow(0, begin, end - begin).transpose(0, 1).unsqueeze(0);
+    };
+    auto [o, l] = flash_attention_composite(dense(q, cq[b], cq[b + 1]), dense(k, ck[b], ck[b + 1]),
+                                            dense(v, ck[b], ck[b + 1]), causal, scale, w.left, w.right, softcap,
+                                            sinks);
+    outs.push_back(o.squeeze(0).transpose(0, 1));
+    lses.push_back(l.squeeze(0));
+  }
+  if (outs.empty()) {
+    return {at::empty(q.sizes(), q.options()), at::empty({q.size(1), 0}, q.options().dtype(lse_dtype(q)))};
+  }
+  return {at::cat(outs, 0), at::cat(lses, 1)};
+}
+
+std::tuple<Tensor, Tensor> flash_attention_varlen_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                           const Tensor& cu_q, const Tensor& cu_k, c10::SymInt max_q,
+                                                           c10::SymInt max_k, bool causal,
+                                                           std::optional<double> scale, int64_t window_left,
+                                                           int64_t window_right, double softcap,
+                                                           const OptTensor& sinks) {
+  if (under_functorch_differentiation(q, k, v, sinks)) {
+    return flash_attention_varlen_composite(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window_left,
+                                            window_right, softcap, sinks);
+  }
+  auto outputs = FlashAttentionVarlenFunction::apply(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window_left,
+                                                     window_right, softcap, sinks);
+  return {outputs[0], outputs[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(my_mps_ops, CPU, m) {
   m.impl("flash_attention", &flash_attention_impl);
   m.impl("flash_attention_backward", &flash_attention_backward_impl);
+  m.impl("flash_attention_varlen", &flash_attention_varlen_impl);
+  m.impl("flash_attention_varlen_backward", &flash_attention_varlen_backward_impl);
 }
 
 TORCH_LIBRARY_IMPL(my_mps_ops, MPS, m) {
   m.impl("flash_attention", &flash_attention_impl);
   m.impl("flash_attention_backward", &flash_attention_backward_impl);
+  m.impl("flash_attention_varlen", &flash_attention_varlen_impl);
+  m.impl("flash_attention_varlen_backward", &flash_attention_varlen_backward_impl);
 }
 
 TORCH_LIBRARY_IMPL(my_mps_ops, Meta, m) {
   m.impl("flash_attention", &flash_attention_meta);
   m.impl("flash_attention_backward", &flash_attention_backward_meta);
+  m.impl("flash_attention_varlen", &flash_attention_varlen_meta);
+  m.impl("flash_attention_varlen_backward", &flash_attention_varlen_backward_meta);
 }
 
 TORCH_LIBRARY_IMPL(my_mps_ops, Autograd, m) {
   m.impl("flash_attention", &flash_attention_autograd);
   // The backward has no derivative of its own: double backward raises clearly.
   m.impl("flash_attention_backward", double_backward_unsupported_kernel());
+  m.impl("flash_attention_varlen", &flash_attention_varlen_autograd);
+  m.impl("flash_attention_varlen_backward", double_backward_unsupported_kernel());
 }
 
 }  // namespace my_mps_ops

@@ -75,6 +75,12 @@ TORCH_LIBRARY(my_mps_ops, m) {
   // Returns (grad_q, grad_k, grad_v, grad_sinks), recomputing probabilities
   // from lse; grad_sinks is empty (shape [0]) without sinks.
   m.def("flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float? scale, int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? sinks=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Packed variable-length sequences (FlashAttention's varlen): q (total_q,
+  // q_heads, D), k/v (total_k, kv_heads, D), sequence b at rows
+  // cu_seqlens[b] .. cu_seqlens[b + 1] (int32); per sequence as
+  // flash_attention. lse is (q_heads, total_q).
+  m.def("flash_attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal=False, float? scale=None, int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? sinks=None) -> (Tensor out, Tensor lse)");
+  m.def("flash_attention_varlen_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal, float? scale, int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? sinks=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // ---- flash_attention_decode: a few new tokens (q_len 1..16) per sequence

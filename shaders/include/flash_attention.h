@@ -44,12 +44,19 @@ constexpr uint32_t flash_backward_kv_stage_floats(uint32_t d) { return 2 * kFlas
 constexpr uint32_t flash_backward_q_stage_floats(uint32_t d) { return 2 * kFlashSimdRows * d; }
 MY_MPS_OPS_CONSTANT uint32_t kFlashBackwardScratchFloats = 2 * kFlashSimdRows * kFlashSimdRows;
 
-// The problem of the forward and of the dK/dV and dQ kernels: q is
-// (batch, q_heads, q_len, d), k and v (batch, q_heads / group, kv_len, d),
-// all contiguous; q head h reads k/v head h / group. Grids:
-// (ceil(q_len / flash_block_rows(s)), q_heads, batch) for the forward and dQ,
-// (ceil(kv_len / flash_block_rows(s)), q_heads / group, batch) for dK/dV,
-// for s simdgroups.
+// The problem of the forward and of the dK/dV and dQ kernels: contiguous
+// rows of d elements; q head h reads k/v head h / group. Dense (varlen 0): q is
+// (batch, q_heads, q_len, d), k and v (batch, q_heads / group, kv_len, d).
+// Packed sequences (varlen 1): q is (q_heads, q_head_stride = total_q, d), k
+// and v (kv_heads, kv_head_stride = total_k, d), and sequence b owns rows
+// cu_q[b] .. cu_q[b + 1] of each q head and cu_k[b] .. cu_k[b + 1] of each
+// k/v head; q_len and kv_len are then the longest lengths (they size the grid:
+// blocks past a sequence's end return at once). Either way row i of q head h
+// of sequence b is seq_start + h * q_head_stride + i (dense: seq_start =
+// b * q_heads * q_len, q_head_stride = q_len), and lse / delta follow q's
+// rows. Grids: (ceil(q_len / flash_block_rows(s)), q_heads, batch) for the
+// forward and dQ, (ceil(kv_len / flash_block_rows(s)), q_heads / group, batch)
+// for dK/dV, for s simdgroups.
 // Query i, aligned bottom-right at a = i + kv_len - q_len, sees keys
 // a - window_left .. a + window_right (-1: unbounded on that side; causal is
 // window_right 0). softcap > 0: scaled scores s -> softcap * tanh(s / softcap).
@@ -65,6 +72,9 @@ struct FlashAttentionShape {
   float scale;
   float softcap;
   uint32_t has_sinks;
+  uint32_t varlen;
+  uint32_t q_head_stride;
+  uint32_t kv_head_stride;
 };
 
 // delta[row] = sum of grad_out * out over a row of head_dim, for `rows` rows;

@@ -475,3 +475,49 @@ def test_moe_experts_with_3d_weights_are_fused_per_expert():
     ref.square().mean().backward()
     for (name, p_ref), p in zip(reference.named_parameters(), model.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_sequences_run_varlen_and_match_the_sequences_run_separately():
+    """Two sequences packed into one row with restarting position_ids (what
+    DataCollatorWithFlattening builds), or with its cu_seq_lens / max_length
+    keyword arguments: attention runs flash_attention_varlen, and logits and
+    every parameter gradient equal those of the sequences run one by one."""
+    transformers = pytest.importorskip("transformers")
+    from my_mps_ops import hf_attention
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = patch_model(transformers.LlamaForCausalLM(config), attention=True, **ATTENTION_ONLY)
+    lengths = (7, 12)
+    seqs = [torch.randint(0, 64, (1, n)) for n in lengths]
+    packed = torch.cat(seqs, 1)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+
+    def grads():
+        out = {name: p.grad.clone() for name, p in model.named_parameters()}
+        model.zero_grad()
+        return out
+
+    hf_attention.stats.reset()
+    separate = [model(s).logits for s in seqs]
+    sum(l.square().mean() for l in separate).backward()
+    expected_grads = grads()
+    assert hf_attention.stats.packed == 0 and not hf_attention.stats.fallbacks
+    cu = torch.tensor([0, 7, 19], dtype=torch.int32)
+    for kwargs in (dict(position_ids=position_ids),
+                   dict(position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=12,
+                        max_length_k=12)):
+        hf_attention.stats.reset()
+        logits = model(packed, **kwargs).logits
+        assert hf_attention.stats.packed == hf_attention.stats.fused == 2 and not hf_attention.stats.fallbacks
+        torch.testing.assert_close(logits, torch.cat(separate, 1), atol=1e-5, rtol=1e-5)
+        sum(l.square().mean() for l in logits.split(lengths, 1)).backward()
+        for name, g in grads().items():
+            torch.testing.assert_close(g, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    # a mask that is not the sequences' causal blocks (padding) is not packed attention
+    hf_attention.stats.reset()
+    with torch.no_grad():
+        model(packed, attention_mask=torch.ones_like(packed).index_fill_(1, torch.tensor([0]), 0),
+              position_ids=position_ids)
+    assert hf_attention.stats.packed == 0 and sum(hf_attention.stats.fallbacks.values()) == 2

@@ -18,7 +18,8 @@ from support import ROOT, env_importing_this_package
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OP_TESTS = ["test_glu.py", "test_cross_entropy.py", "test_layer_norm.py", "test_rms_norm.py", "test_rotary.py",
-            "test_flash_attention.py", "test_quantized_linear.py", "test_attention_decode.py"]
+            "test_flash_attention.py", "test_quantized_linear.py", "test_attention_decode.py",
+            "test_flash_attention_varlen.py"]
 # The CPU kernels' value tests; gradcheck (float64, scalar loops), opcheck and
 # torch.compile do not depend on which copy runs.
 CPU_CASES = "cpu and not compile and not gradcheck and not opcheck"
