@@ -38,7 +38,6 @@ struct AttentionDecodeArgs {
   AttentionDecodeDims dims;
   double scale;
   double softcap;
-  int64_t threads;  // at::get_num_threads(): how many key splits fill the CPU
 };
 
 using AttentionDecodeFn = void (*)(c10::ScalarType dtype, const AttentionDecodeArgs& args);

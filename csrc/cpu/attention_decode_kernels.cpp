@@ -30,6 +30,7 @@ constexpr int64_t kKeyBlock = 64;
 // A chunk shorter than this costs more in partials and combining than its
 // parallelism gains.
 constexpr int64_t kMinChunk = 256;
+constexpr int64_t kDecodeTasks = 32;
 
 template <typename A>
 using VecOf = std::conditional_t<std::is_same_v<A, double>, vec::DoubleLanes<Vec>::type, Vec>;
@@ -230,8 +231,10 @@ void decode(const AttentionDecodeArgs& args) {
     span[b] = {visible_keys(d, args.seqlens[b], 0).lo, visible_keys(d, args.seqlens[b], d.q_len - 1).hi};
     longest = std::max(longest, span[b].hi - span[b].lo);
   }
-  // Enough chunks for four tasks per thread, none shorter than kMinChunk.
-  const int64_t wanted = (4 * std::max<int64_t>(args.threads, 1) + heads - 1) / std::max<int64_t>(heads, 1);
+  // About kDecodeTasks tasks (four per thread of an 8-thread CPU), no chunk
+  // shorter than kMinChunk. Not from the thread count: the chunks decide the
+  // order of the sums, and results must not depend on how many threads run.
+  const int64_t wanted = (kDecodeTasks + heads - 1) / std::max<int64_t>(heads, 1);
   const int64_t splits = std::max<int64_t>(1, std::min(wanted, (longest + kMinChunk - 1) / kMinChunk));
 
   std::vector<A> part_max(heads * splits * R), part_sum(heads * splits * R), part_out(heads * splits * R * D);

@@ -136,7 +136,7 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& q, const Tensor& k, const T
                                                               va.const_data_ptr(), lens.const_data_ptr<int64_t>(),
                                                               sa.defined() ? sa.const_data_ptr() : nullptr,
                                                               out.mutable_data_ptr(), lse.mutable_data_ptr(), d,
-                                                              scale, softcap, at::get_num_threads()});
+                                                              scale, softcap});
   }
   return {out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type()), lse};
 }

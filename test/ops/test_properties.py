@@ -13,6 +13,7 @@ hypothesis/. The emulator runs without the race check here (the op tests run eve
 shader under it); a failure prints the `@reproduce_failure` blob.
 """
 
+import itertools
 import math
 import os
 from contextlib import nullcontext
@@ -343,6 +344,79 @@ def test_flash_attention(path, data):
                                                                     softcap=softcap, sinks=sinks),
           lambda q, k, v, sinks: ref_attention(q, k, v, causal, scale, w, softcap, sinks), [q, k, v, sinks],
           {0, 1, 2, 3}, dtype, gen, 4, 16)
+
+
+def _cumulative(lengths):
+    return torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@given(data=st.data())
+def test_flash_attention_varlen(path, data):
+    dtype, gen = common(data.draw, path)
+    batch = data.draw(st.integers(0, 3))
+    q_lens = [data.draw(st.integers(0, 9)) for _ in range(batch)]
+    k_lens = [data.draw(st.integers(0, 9)) for _ in range(batch)]
+    kv_heads = data.draw(st.integers(1, 2))
+    q_heads = kv_heads * data.draw(st.sampled_from([1, 2]))
+    head_dim = data.draw(st.sampled_from([32, 64, 80]))
+    causal = data.draw(st.booleans())
+    scale = data.draw(st.none() | st.floats(0.05, 1.0))
+    window = data.draw(st.none() | st.tuples(st.integers(-1, 6), st.integers(-1, 6)))
+    softcap = data.draw(st.sampled_from([0.0, 0.0, 2.0]))
+    q = make((sum(q_lens), q_heads, head_dim), data.draw(layouts(3)), dtype, gen)
+    k = make((sum(k_lens), kv_heads, head_dim), data.draw(layouts(3)), dtype, gen)
+    v = make((sum(k_lens), kv_heads, head_dim), data.draw(layouts(3)), dtype, gen)
+    sinks = make((q_heads,), data.draw(layouts(1)), dtype, gen, shift=1.0) if data.draw(st.booleans()) else None
+    cu_q, cu_k = _cumulative(q_lens), _cumulative(k_lens)
+    w = (-1, -1) if window is None else window
+
+    def ref(q, k, v, sinks):
+        # Each sequence alone, through the dense reference ((total, heads, dim) <-> (1, heads, len, dim)).
+        outs = [ref_attention(q[a:b].transpose(0, 1)[None], k[c:d].transpose(0, 1)[None],
+                              v[c:d].transpose(0, 1)[None], causal, scale, w, softcap, sinks)[0].transpose(0, 1)
+                for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist())]
+        return torch.cat(outs, 0) if outs else q.new_zeros(0, q_heads, head_dim) + q.sum() * 0  # keeps a grad_fn
+
+    check(path, lambda q, k, v, sinks: my_mps_ops.flash_attention_varlen(
+              q, k, v, cu_q, cu_k, max(q_lens, default=0), max(k_lens, default=0), causal, scale, window=window,
+              softcap=softcap, sinks=sinks),
+          ref, [q, k, v, sinks], {0, 1, 2, 3}, dtype, gen, 4, 16)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@given(data=st.data())
+def test_flash_attention_decode(path, data):
+    dtype, gen = common(data.draw, path)
+    batch = data.draw(st.integers(1, 3))
+    kv_heads = data.draw(st.integers(1, 2))
+    q_heads = kv_heads * data.draw(st.sampled_from([1, 2, 4]))
+    head_dim = data.draw(st.sampled_from([32, 64, 128]))
+    q_len = data.draw(st.integers(1, 4))
+    cache_len = data.draw(st.integers(q_len, 40))
+    lengths = [data.draw(st.integers(q_len, cache_len)) for _ in range(batch)]
+    causal = data.draw(st.booleans())
+    scale = data.draw(st.none() | st.floats(0.05, 1.0))
+    window_left = data.draw(st.sampled_from([-1, -1, 0, 5]))
+    softcap = data.draw(st.sampled_from([0.0, 0.0, 2.0]))
+    q = make((batch, q_heads, q_len, head_dim), data.draw(layouts(4)), dtype, gen)
+    # (no broadcast views for the caches: garbage is written into them below)
+    k = make((batch, kv_heads, cache_len, head_dim), data.draw(layouts(4, broadcast=False)), dtype, gen)
+    v = make((batch, kv_heads, cache_len, head_dim), data.draw(layouts(4, broadcast=False)), dtype, gen)
+    with torch.no_grad():  # past each sequence's length the cache holds garbage, never read
+        for b, n in enumerate(lengths):
+            k[b, :, n:] = float("nan")
+            v[b, :, n:] = float("nan")
+    sinks = make((q_heads,), data.draw(layouts(1)), dtype, gen, shift=1.0) if data.draw(st.booleans()) else None
+    seqlens = torch.tensor(lengths, dtype=data.draw(st.sampled_from([torch.int32, torch.int64])))
+
+    def ref(q, k, v, sinks):
+        return torch.cat([ref_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], causal, scale,
+                                        (window_left, -1), softcap, sinks) for b, n in enumerate(lengths)], 0)
+
+    check(path, lambda q, k, v, sinks: my_mps_ops.flash_attention_decode(
+              q, k, v, seqlens, causal, scale, window_left, softcap or None, sinks),
+          ref, [q, k, v, sinks], set(), dtype, gen, 4, 16)
 
 
 def ref_rotary(x, cos, sin, interleaved, seq_dim):

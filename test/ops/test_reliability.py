@@ -9,6 +9,7 @@ the CPU kernels and on the Metal path through the emulator:
   beyond a bound.
 """
 
+import itertools
 import threading
 from contextlib import nullcontext
 
@@ -96,6 +97,20 @@ def case_flash_attention(gen):
     return my_mps_ops.flash_attention(q, k, v, True, None), [q, k, v]
 
 
+def case_flash_attention_varlen(gen):
+    lens_q, lens_k = [37, 0, 64, 5], [50, 3, 64, 9]
+    q, k, v = _randn(gen, sum(lens_q), 4, 64), _randn(gen, sum(lens_k), 2, 64), _randn(gen, sum(lens_k), 2, 64)
+    cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32) for lens in (lens_q, lens_k))
+    return my_mps_ops.flash_attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), True), [q, k, v]
+
+
+def case_flash_attention_decode(gen):
+    # Forward only (the op has no backward): no input gradients.
+    q = torch.randn(2, 8, 3, 64, generator=gen)
+    k, v = torch.randn(2, 2, 300, 64, generator=gen), torch.randn(2, 2, 300, 64, generator=gen)
+    return my_mps_ops.flash_attention_decode(q, k, v, torch.tensor([300, 123])), []
+
+
 def case_rotary(gen):
     x = _randn(gen, 3, 50, 4, 64)
     angles = torch.rand(50, 24, generator=gen) * 6
@@ -112,7 +127,8 @@ def case_rotary_qk(gen):
 CASES = {f.__name__[len("case_"):]: f for f in (case_rms_norm, case_fused_add_rms_norm, case_layer_norm, case_swiglu,
                                                 case_geglu, case_cross_entropy, case_linear_cross_entropy,
                                                 case_quantized_linear, case_quantized_linear_nf4,
-                                                case_flash_attention, case_rotary, case_rotary_qk)}
+                                                case_flash_attention, case_flash_attention_varlen,
+                                                case_flash_attention_decode, case_rotary, case_rotary_qk)}
 
 
 def run(name, path, seed=0):
@@ -121,7 +137,7 @@ def run(name, path, seed=0):
     with path_context(path):
         out, inputs = CASES[name](gen)
         grad_out = torch.randn(out.shape, generator=gen)
-        grads = torch.autograd.grad(out, inputs, grad_out)
+        grads = torch.autograd.grad(out, inputs, grad_out) if inputs else ()
     return [out.detach()] + list(grads)
 
 
