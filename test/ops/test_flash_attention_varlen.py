@@ -124,6 +124,7 @@ SAMPLES = (
     + [varlen(*MIXED, 4, 1, 64, causal, sinks=True, dtypes=FLOAT64) for causal in (False, True)]
     + [varlen((12, 0, 20, 7), (30, 4, 9, 0), 6, 2, 80, True, window=(10, -1), softcap=3.0, sinks=True, seed=5,
               dtypes=FLOAT64)]
+    + [varlen(*MIXED, 4, 2, 96, causal, dtypes=FLOAT64) for causal in (False, True)]
     + [varlen((3, 1, 6), (5, 2, 4), 4, 2, 32, causal, window=(2, 1), softcap=1.5, sinks=True, scale=0.6,
               dtypes=FLOAT64, also=(GRADCHECK,)) for causal in (False, True)]
     # Emulator-sized: one mixed batch plain and with every option, one head dim
