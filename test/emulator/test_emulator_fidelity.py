@@ -280,6 +280,58 @@ def test_array_parameters_and_threadgroup_declaration_forms():
     assert lib.tg_forms_half.static_thread_group_memory_length >= 6 * 4
 
 
+# Threadgroup declarations with initializers and several declarators (PyTorch's SVD kernel has
+# `threadgroup uint32_t do_break = 0;` in a loop and `threadgroup uint32_t pbuf[48], qbuf[48];`).
+THREADGROUP_INITIALIZERS = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+template <typename T>
+kernel void tg_init(device float* out [[buffer(0)]], uint l [[thread_index_in_threadgroup]],
+                    uint g [[threadgroup_position_in_grid]]) {
+  using acc_t = T;
+  constexpr int n = 3;
+  threadgroup acc_t base[n] = {10, 20, 30}, twice[n], *unused_ptr_is_not_declared_here = nullptr;
+  threadgroup uint32_t pbuf[4], qbuf[4];
+  threadgroup int rounds = 0;
+  for (int it = 0; it < 8; ++it) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    threadgroup uint32_t stop = 0;  // stays set once a round sets it
+    if (l == 0) {
+      rounds += 1;
+      stop = it == 2 + g;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (stop) break;
+  }
+  if (l < 4) { pbuf[l] = l; qbuf[l] = 10 * l; }
+  if (l < n) twice[l] = 2 * base[l];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[g * 4 + l] = float(pbuf[3 - l] + qbuf[l]) + float(twice[l % n]) + 1000.0f * rounds;
+}
+template [[host_name("tg_init_float")]] kernel void tg_init<float>(device float*, uint, uint);
+"""
+
+
+def test_threadgroup_initializers_and_several_declarators():
+    from my_mps_ops.emulator import CompileError, race_check, schedule
+
+    with pytest.raises(CompileError, match="unsupported threadgroup declaration"):
+        # a pointer among the declarators: refused, not made per-thread
+        _compile(THREADGROUP_INITIALIZERS, strict=False)
+    lib = _compile(THREADGROUP_INITIALIZERS.replace(", *unused_ptr_is_not_declared_here = nullptr", ""))
+    expected = [float((3 - l) + 10 * l + 2 * [10, 20, 30][l % 3] + 1000 * (3 + g)) for g in range(2) for l in range(4)]
+    for order in ("in_order", "reverse"):
+        out = torch.zeros(8)
+        with schedule(order):
+            lib.tg_init_float(out, threads=8, group_size=4)
+        assert out.tolist() == expected
+    with race_check():  # the initial values are stored before the threads run: no thread's store
+        out = torch.zeros(8)
+        lib.tg_init_float(out, threads=8, group_size=4)
+    assert out.tolist() == expected
+
+
 MASK_TO_BFLOAT = r"""
 #include <metal_stdlib>
 using namespace metal;
