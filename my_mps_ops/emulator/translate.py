@@ -410,8 +410,8 @@ _TG_DECL_RE = re.compile(
 _TG_DECLARATOR_RE = re.compile(r"\s*(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]*\]\s*)*)(?:=\s*(?P<init>\S.*?))?\s*", re.S)
 
 
-def _split_top_level(text: str, sep: str = ",") -> List[str]:
-    """`text` split at the `sep`s outside brackets."""
+def _split_declarators(text: str, sep: str = ",") -> List[str]:
+    """`text` split at the `sep`s outside (), [] and {} (`<` may be less-than in an initializer)."""
     parts, depth, start = [], 0, 0
     for i, c in enumerate(text):
         if c in "([{":
@@ -460,7 +460,7 @@ def _rewrite_threadgroup_decls(body: str, kernel: str) -> Tuple[str, List[str], 
     inits: List[Tuple[int, str]] = []
 
     def repl(m):
-        parsed = [_TG_DECLARATOR_RE.fullmatch(d) for d in _split_top_level(m.group("decls"))]
+        parsed = [_TG_DECLARATOR_RE.fullmatch(d) for d in _split_declarators(m.group("decls"))]
         if not all(parsed):  # a pointer among them (`threadgroup T a[N], *p;`): erasing `threadgroup` would not do
             raise TranslationError(f"kernel {kernel}: unsupported threadgroup declaration "
                                    f"{' '.join(m.group(0).split())!r} (Metal allows `threadgroup T name[N];`)")
