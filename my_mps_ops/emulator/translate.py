@@ -34,6 +34,7 @@ at the .metal source):
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 import subprocess
@@ -113,6 +114,7 @@ class Kernel:
     threadgroup_names: List[str] = field(default_factory=list)  # `threadgroup T name[N];`, by site
     layout: str = ""  # the threadgroup layout function (qualified like `function`)
     initializer: str = ""  # the threadgroup initializer function (qualified alike), if any declaration has one
+    scope: str = ""  # the namespace the instantiation is in ("at_gemm"), where its template arguments are named
 
 
 @dataclass
@@ -240,6 +242,33 @@ _DEDUCED_INSTANTIATION_RE = re.compile(
     r"\btemplate\s*(?P<attrs>(?:\[\[[^\]]*\]\]\s*)*)(?:\bkernel\b\s*(?P<attrs2>(?:\[\[[^\]]*\]\]\s*)*)void|void\s+kernel)"
     r"\s+(?P<name>(?:::\s*)?(?:\w+\s*::\s*)*\w+)\s*\((?P<params>[^;{]*)\)\s*;")
 _HOST_NAME_RE = re.compile(r'host_name\s*\(\s*((?:"[^"]*"\s*)+)\)')
+
+
+_NAMESPACE_OR_BRACE_RE = re.compile(r"\bnamespace\s+(?P<name>\w+(?:\s*::\s*\w+)*)?\s*\{|[{}]")
+
+
+def _namespace_finder(s: str):
+    """A function: position in s -> the named namespaces enclosing it, outermost first (None inside an
+    anonymous namespace: no name reaches it from outside)."""
+    positions: List[int] = []
+    states: List[Optional[Tuple[str, ...]]] = []
+    stack: List[Optional[str]] = []  # a namespace's name, or None for other braces ("" for an anonymous one)
+    for m in _NAMESPACE_OR_BRACE_RE.finditer(s):
+        if m.group(0) == "}":
+            if stack:
+                stack.pop()
+        elif m.group(0) == "{":
+            stack.append(None)
+        else:
+            stack.append("::".join(m.group("name").split()) if m.group("name") else "")
+        positions.append(m.end())
+        names = [n for n in stack if n is not None]
+        states.append(None if "" in names else tuple(names))
+
+    def at(pos: int) -> Optional[Tuple[str, ...]]:
+        i = bisect.bisect_right(positions, pos) - 1
+        return () if i < 0 else states[i]
+    return at
 
 
 def _template_param_names(tparams: str) -> List[str]:
@@ -996,25 +1025,29 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
     # Explicit instantiations: record, then blank them (the table instantiates).
     instantiations = []
     for pattern in (_INSTANTIATION_RE, _DECLTYPE_INSTANTIATION_RE):
+        site_namespaces = _namespace_finder(s)
         for m in list(pattern.finditer(s)):
             attrs = _restore_strings(m.group("attrs") + m.group("attrs2"), saved)
             qualified = "".join(m.group("name").split())
             host = _host_name(attrs) or qualified.split("::")[-1] + m.group("targs")
             params = m.groupdict().get("params")
             instantiations.append((host, qualified, " ".join(m.group("targs").split()),
-                                   _restore_strings(params, saved) if params is not None else None))
+                                   _restore_strings(params, saved) if params is not None else None,
+                                   "::".join(site_namespaces(m.start()) or ())))
         s = pattern.sub(lambda m: _blank(m.group(0)), s)
+    site_namespaces = _namespace_finder(s)
     for m in list(_DEDUCED_INSTANTIATION_RE.finditer(s)):
         attrs = _restore_strings(m.group("attrs") + (m.group("attrs2") or ""), saved)
         qualified = "".join(m.group("name").split())
         host = _host_name(attrs) or qualified.split("::")[-1]
         params = _restore_strings(m.group("params"), saved)
-        instantiations.append((host, qualified, params, params))
+        instantiations.append((host, qualified, params, params, "::".join(site_namespaces(m.start()) or ())))
     s = _DEDUCED_INSTANTIATION_RE.sub(lambda m: _blank(m.group(0)), s)
 
     # Kernel definitions: parse the parameters, strip `kernel`, rewrite the
     # body's threadgroup declarations, append a layout function.
     definitions: Dict[str, dict] = {}
+    namespaces_at = _namespace_finder(s)
     out, last = [], 0
     for m in _KERNEL_DEF_RE.finditer(s):
         if m.start() < last:
@@ -1051,7 +1084,11 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
         base, fname = fname, fname
         while fname in definitions:
             fname = f"{base}__mtl_overload{sum(d['base'] == base for d in definitions.values())}"
+        # The namespace the kernel is defined in: the kernel table, at global scope, names it from there
+        # (an instantiation inside the namespace may name it unqualified, as PyTorch's Gemm.metal does).
+        ns = namespaces_at(m.start())
         definitions[fname] = dict(base=base, params=params, uses_sync=uses_sync, template=bool(template),
+                                  namespace="".join(f"::{n}" for n in ns) if ns else "",
                                   template_params=_template_param_names(m.group("tparams") or ""),
                                   max_threads=int(mt.group(1)) if mt else 1024,
                                   host_name=_host_name(attrs) or base, threadgroup_names=tg_names,
@@ -1086,13 +1123,13 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
     s = "".join(out)
 
     kernels: List[Kernel] = []
-    for host, qualified, targs, inst_params in instantiations:
+    for host, qualified, targs, inst_params, site_scope in instantiations:
         fname = qualified.split("::")[-1]  # `kernel void ::c10::metal::f<T>(...)`: defined as f
         if fname not in definitions:
             raise TranslationError(f"host_name {host!r} instantiates {fname}, which is not a kernel defined in {name}.metal")
         fname = _pick_overload(definitions, fname, targs, inst_params)
-        qualified = "::".join(qualified.split("::")[:-1] + [fname])
         d = definitions[fname]
+        qualified = f"{d['namespace']}::{fname}" if d["namespace"] else "::".join(qualified.split("::")[:-1] + [fname])
         if not targs.startswith("<"):  # deduced from the instantiation's parameters
             inst = _parse_params(targs, fname)
             deduced = _deduce_template_args(d["template_params"], [p.type for p in d["params"]],
@@ -1104,11 +1141,13 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
         scope = qualified.split("::")[:-1]
         kernels.append(Kernel(host, qualified, targs, d["params"], d["uses_sync"], d["max_threads"],
                               d["threadgroup_names"], "::".join(scope + [d["layout"]]),
-                              "::".join(scope + [d["initializer"]]) if d["initializer"] else ""))
+                              "::".join(scope + [d["initializer"]]) if d["initializer"] else "", site_scope))
     for fname, d in definitions.items():
         if not d["template"]:
-            kernels.append(Kernel(d["host_name"], fname, "", d["params"], d["uses_sync"], d["max_threads"],
-                                  d["threadgroup_names"], d["layout"], d["initializer"]))
+            scope = [d["namespace"]] if d["namespace"] else []
+            kernels.append(Kernel(d["host_name"], "::".join(scope + [fname]), "", d["params"], d["uses_sync"],
+                                  d["max_threads"], d["threadgroup_names"], "::".join(scope + [d["layout"]]),
+                                  "::".join(scope + [d["initializer"]]) if d["initializer"] else ""))
     if not kernels:
         raise TranslationError(f"{name}.metal defines no kernel")
 
@@ -1134,7 +1173,13 @@ def _c_string(text: str) -> str:
 def _kernel_table(kernels: List[Kernel]) -> str:
     lines = ["// ---- kernel table (generated by my_mps_ops.emulator.translate)", "using namespace metal;"]
     entries = []
+    scoped = {}  # kernel -> prefix naming its helpers from global scope
     for i, k in enumerate(kernels):
+        # An instantiation inside a namespace names its template arguments from there (`GemmEpilogue::ab`
+        # in namespace at_gemm): its helpers are declared in that namespace too.
+        scoped[i] = f"::{k.scope}::" if k.scope else ""
+        if k.scope:
+            lines.append(f"namespace {k.scope} {{")
         fn = f"&{k.function}{k.template_args}"
         lines.append(f"using __mtl_fn_{i} = decltype({fn});")
         params = []
@@ -1153,13 +1198,16 @@ def _kernel_table(kernels: List[Kernel]) -> str:
         if k.initializer:
             lines.append(f"static void __mtl_tg_init_{i}(unsigned char* b, const size_t* o) "
                          f"{{ {k.initializer}{k.template_args}(b, o); }}")
-        entries.append(f"{{{_c_string(k.host_name)}, {len(k.params)}, __mtl_params_{i}, {int(k.uses_sync)}, "
-                       f"__mtl_layout_{i}, __mtl_invoke_{i}}}")
+        if k.scope:
+            lines.append("}")
+        q = scoped[i]
+        entries.append(f"{{{_c_string(k.host_name)}, {len(k.params)}, {q}__mtl_params_{i}, {int(k.uses_sync)}, "
+                       f"{q}__mtl_layout_{i}, {q}__mtl_invoke_{i}}}")
     lines.append(f"static const mtl_emu_kernel __mtl_kernel_table[] = {{{', '.join(entries)}}};")
-    lines.append(f"static const char* const* const __mtl_tg_names[] = {{{', '.join(f'__mtl_tg_names_{i}' for i in range(len(kernels)))}}};")
+    lines.append(f"static const char* const* const __mtl_tg_names[] = {{{', '.join(f'{scoped[i]}__mtl_tg_names_{i}' for i in range(len(kernels)))}}};")
     lines.append("const char* const* __mtl::threadgroup_names(const mtl_emu_kernel* k) "
                  "{ return __mtl_tg_names[k - __mtl_kernel_table]; }")
-    inits = ", ".join(f"__mtl_tg_init_{i}" if k.initializer else "nullptr" for i, k in enumerate(kernels))
+    inits = ", ".join(f"{scoped[i]}__mtl_tg_init_{i}" if k.initializer else "nullptr" for i, k in enumerate(kernels))
     lines.append(f"static void (*const __mtl_tg_inits[])(unsigned char*, const size_t*) = {{{inits}}};")
     lines.append("void __mtl::threadgroup_initialize(const mtl_emu_kernel* k, unsigned char* base, const size_t* offsets) "
                  "{ if (auto f = __mtl_tg_inits[k - __mtl_kernel_table]) f(base, offsets); }")

@@ -246,6 +246,42 @@ def test_function_constants():
         _compile(FUNCTION_CONSTANTS, function_constants={"no_such": 1})
 
 
+# Kernels instantiated inside their namespace, by the unqualified name and with template arguments
+# named from there (PyTorch's Gemm.metal), and a plain kernel in a namespace.
+NAMESPACED_INSTANTIATIONS = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+namespace outer {
+enum class Mode { add, mul };
+namespace inner {
+template <typename T, Mode M>
+kernel void apply(device T* out [[buffer(0)]], constant T& k [[buffer(1)]], uint i [[thread_position_in_grid]]) {
+  threadgroup uint32_t seen = 7;
+  out[i] = (M == Mode::add ? out[i] + k : out[i] * k) + T(seen - 7);
+}
+kernel void fill(device float* out [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  out[i] = float(i);
+}
+}  // namespace inner
+template [[host_name("apply_add")]] kernel void inner::apply<float, Mode::add>(device float*, constant float&, uint);
+namespace inner {
+template [[host_name("apply_mul")]] kernel void apply<float, Mode::mul>(device float*, constant float&, uint);
+}
+}  // namespace outer
+"""
+
+
+def test_kernels_instantiated_inside_their_namespace():
+    lib = _compile(NAMESPACED_INSTANTIATIONS)
+    out = torch.empty(3)
+    lib.fill(out, threads=3)
+    assert out.tolist() == [0.0, 1.0, 2.0]
+    lib.apply_add(out, 2.0, threads=3)
+    lib.apply_mul(out, 10.0, threads=3)
+    assert out.tolist() == [20.0, 30.0, 40.0]
+
+
 PARAMETERS_AND_THREADGROUP = r"""
 #include <metal_stdlib>
 using namespace metal;
