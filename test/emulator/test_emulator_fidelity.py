@@ -282,6 +282,36 @@ def test_kernels_instantiated_inside_their_namespace():
     assert out.tolist() == [20.0, 30.0, 40.0]
 
 
+# A library's own SIMD-group reduction, called unqualified on a bfloat from inside its namespace (as
+# c10/metal/reduction_utils.h does): bfloat is a built-in type in Metal, so argument-dependent lookup
+# adds nothing, and metal::simd_max does not make the call ambiguous. Its operators still apply.
+BFLOAT_ADL = r"""
+#include <metal_stdlib>
+
+namespace lib {
+template <typename T, ::metal::enable_if_t<::metal::is_floating_point_v<T>, bool> = true>
+inline T simd_max(T val) {
+  return T(::metal::simd_max(float(val)));
+}
+template <typename T>
+T reduce(T x) {
+  return T(simd_max(x) + x * 2.0f);
+}
+}  // namespace lib
+
+kernel void bf_reduce(device bfloat* out [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  out[i] = lib::reduce(out[i]);
+}
+"""
+
+
+def test_bfloat_brings_no_metal_functions_by_argument_dependent_lookup():
+    lib = _compile(BFLOAT_ADL)
+    x = torch.arange(4, dtype=torch.bfloat16)
+    lib.bf_reduce(x, threads=4)
+    assert x.tolist() == [3.0, 5.0, 7.0, 9.0]
+
+
 PARAMETERS_AND_THREADGROUP = r"""
 #include <metal_stdlib>
 using namespace metal;
@@ -327,7 +357,7 @@ kernel void tg_init(device float* out [[buffer(0)]], uint l [[thread_index_in_th
                     uint g [[threadgroup_position_in_grid]]) {
   using acc_t = T;
   constexpr int n = 3;
-  threadgroup acc_t base[n] = {10, 20, 30}, twice[n], *unused_ptr_is_not_declared_here = nullptr;
+  threadgroup acc_t base[n] = {10, 20, 30}, twice[n];
   threadgroup uint32_t pbuf[4], qbuf[4];
   threadgroup int rounds = 0;
   for (int it = 0; it < 8; ++it) {
@@ -354,8 +384,8 @@ def test_threadgroup_initializers_and_several_declarators():
 
     with pytest.raises(CompileError, match="unsupported threadgroup declaration"):
         # a pointer among the declarators: refused, not made per-thread
-        _compile(THREADGROUP_INITIALIZERS, strict=False)
-    lib = _compile(THREADGROUP_INITIALIZERS.replace(", *unused_ptr_is_not_declared_here = nullptr", ""))
+        _compile(THREADGROUP_INITIALIZERS.replace("twice[n];", "twice[n], *p = nullptr;"), strict=False)
+    lib = _compile(THREADGROUP_INITIALIZERS)
     expected = [float((3 - l) + 10 * l + 2 * [10, 20, 30][l % 3] + 1000 * (3 + g)) for g in range(2) for l in range(4)]
     for order in ("in_order", "reverse"):
         out = torch.zeros(8)
