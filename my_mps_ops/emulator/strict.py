@@ -714,8 +714,10 @@ class _Rewriter:
             elif depth == 0 and tx == "=":
                 break
             elif depth == 0 and tx in ("struct", "class", "union", "enum", "namespace") and \
-                    not (j > 0 and toks[j - 1].text in ("<", ",") and tx in ("class", "struct")):
-                # (`class T` in a template parameter list is not a class head)
+                    not (j > 0 and toks[j - 1].text in ("<", ",") and tx in ("class", "struct")) and \
+                    not (tx == "class" and self._template_template_parameter(j)):
+                # (`class T` in a template parameter list is not a class head, nor is the `class` of a
+                # template template parameter, `template <template <typename> class Op, typename T>`)
                 if tx == "namespace":
                     return "ns", None
                 if tx == "enum" or (j > 0 and toks[j - 1].text == "enum"):  # `enum class E {` is no class
@@ -740,6 +742,26 @@ class _Rewriter:
             if pt == '"C"' or pt == '"C++"':
                 return "ns", None
         return "init", None
+
+    def _template_template_parameter(self, j: int) -> bool:
+        """Whether the `class` at j follows `template <...>` inside a template parameter list (an unclosed
+        `<` before that `template`)."""
+        toks = self.toks
+        if j < 1 or toks[j - 1].text not in (">", ">>"):
+            return False
+        angle, k = 0, j - 1
+        while k >= 0 and toks[k].text not in (";", "{", "}"):
+            tx = toks[k].text
+            if tx == ">":
+                angle += 1
+            elif tx == ">>":
+                angle += 2
+            elif tx == "<":
+                if angle == 0:
+                    return True
+                angle -= 1
+            k -= 1
+        return False
 
     # -- identifiers and literals
 
