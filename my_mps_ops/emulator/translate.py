@@ -502,7 +502,7 @@ def _rewrite_threadgroup_decls(body: str, kernel: str) -> Tuple[str, List[str], 
             if d.group("init") is not None:
                 inits.append((site, d.group("init")))
             out.append(f"auto& {d.group('name')} = *__mtl::threadgroup_static<{type_id}>({site});")
-        return " ".join(out)
+        return " ".join(out) + _blank(m.group(0))  # (keeps the line count)
 
     body = _TG_DECL_RE.sub(repl, body)
     for site, (name, type_id) in enumerate(zip(names, decls)):
