@@ -315,7 +315,7 @@ class _Rewriter:
         self.kernels: List[KernelInfo] = []
         self.attrs: Dict[int, str] = {}  # token index of `[[` -> attribute text
         self.attr_end: Dict[int, int] = {}  # token index of `[[` -> index after its `]]`
-        self.threadgroup_variables: List[Tuple[int, int, int, int]] = []
+        self.threadgroup_variables: List[Tuple[int, int, int, int, int]] = []
         self.functions: List[Tuple[str, int, int, int, int]] = []  # name, name tok, params (start, end), body start
         self.function_pointer_aliases: set = set()  # `using F = R (*)(A...);` names
         self.function_template_param_names: set = set()  # template parameters of those types (made `auto`)
@@ -714,8 +714,10 @@ class _Rewriter:
             elif depth == 0 and tx == "=":
                 break
             elif depth == 0 and tx in ("struct", "class", "union", "enum", "namespace") and \
-                    not (j > 0 and toks[j - 1].text in ("<", ",") and tx in ("class", "struct")):
-                # (`class T` in a template parameter list is not a class head)
+                    not (j > 0 and toks[j - 1].text in ("<", ",") and tx in ("class", "struct")) and \
+                    not (tx == "class" and self._template_template_parameter(j)):
+                # (`class T` in a template parameter list is not a class head, nor is the `class` of a
+                # template template parameter, `template <template <typename> class Op, typename T>`)
                 if tx == "namespace":
                     return "ns", None
                 if tx == "enum" or (j > 0 and toks[j - 1].text == "enum"):  # `enum class E {` is no class
@@ -740,6 +742,26 @@ class _Rewriter:
             if pt == '"C"' or pt == '"C++"':
                 return "ns", None
         return "init", None
+
+    def _template_template_parameter(self, j: int) -> bool:
+        """Whether the `class` at j follows `template <...>` inside a template parameter list (an unclosed
+        `<` before that `template`)."""
+        toks = self.toks
+        if j < 1 or toks[j - 1].text not in (">", ">>"):
+            return False
+        angle, k = 0, j - 1
+        while k >= 0 and toks[k].text not in (";", "{", "}"):
+            tx = toks[k].text
+            if tx == ">":
+                angle += 1
+            elif tx == ">>":
+                angle += 2
+            elif tx == "<":
+                if angle == 0:
+                    return True
+                angle -= 1
+            k -= 1
+        return False
 
     # -- identifiers and literals
 
@@ -1217,54 +1239,62 @@ class _Rewriter:
         p = self._prev(i)
         if p >= 0 and toks[p].text not in (";", "{", "}", ":"):
             return
-        # `__local TYPE NAME [dims] ;` -> `__local TYPE (&NAME)[dims] = *__threadgroup_storage<TYPE[dims]>();`
-        j, depth, first_bracket = i + 1, 0, None
+        # `__local TYPE NAME [dims] ;` -> `__local TYPE (&NAME)[dims] = *__threadgroup_storage<TYPE[dims]>();`,
+        # each declarator of `__local TYPE A[n], B[m];` alike. An initializer (`= 0`, `= {0}`; Apple's
+        # compiler accepts them) is set aside.
+        declarators: List[Tuple[int, int, Optional[int], int]] = []  # (name, end of dims, `=`, `,` or `;`)
+        j, depth, first_bracket, init = i + 1, 0, None, None
         while j < len(toks):
             tx = toks[j].text
-            if tx == "<" and depth == 0 and first_bracket is None and toks[j - 1].kind == "id":
+            if tx == "<" and depth == 0 and first_bracket is None and init is None and toks[j - 1].kind == "id":
                 close = self._angle_close(j)  # template arguments (`vec<T, 2>`): their commas separate nothing
                 if toks[close].text in (">", ">>"):
                     j = close + 1
                     continue
             if tx in ("(", "[", "{"):
-                if tx == "[" and depth == 0 and first_bracket is None:
+                if tx == "[" and depth == 0 and first_bracket is None and init is None:
                     first_bracket = j
                 depth += 1
             elif tx in (")", "]", "}"):
                 depth -= 1
-            elif depth == 0 and (tx in (";", "=", ",") or tx in ("*", "&", "&&") and first_bracket is None):
-                break
+            elif depth == 0 and tx == "=" and init is None:
+                init = j
+            elif depth == 0 and tx in (";", ","):
+                end = init if init is not None else j
+                declarators.append(((first_bracket if first_bracket is not None else end) - 1, end, init, j))
+                if tx == ";":
+                    break
+                first_bracket, init = None, None
+            elif depth == 0 and init is None and tx in ("*", "&", "&&") and first_bracket is None:
+                return  # a pointer or reference: left to clang
             if depth < 0:
                 return
             j += 1
-        init = None
-        if j < len(toks) and toks[j].text == "=":
-            # An initializer (Apple's compiler accepts and ignores `= {0}`): set aside.
-            init = j
-            while j < len(toks) and toks[j].text != ";":
-                j += 1
-        if j >= len(toks) or toks[j].text != ";":
-            return  # several declarators or a pointer: left to clang
-        end = init if init is not None else j
-        if init is not None:
-            for m in range(init, j):
-                self.edit(m, "")
-        k = (first_bracket if first_bracket is not None else end) - 1
-        if k <= i + 1 or toks[k].kind != "id":
+        if not declarators or toks[declarators[-1][3]].text != ";":
             return
-        self.threadgroup_variables.append((i, k, end, j))
+        type_end = declarators[0][0]
+        if type_end <= i + 1 or toks[type_end].kind != "id":
+            return
+        for (k, _, _, _), (_, _, _, sep) in zip(declarators[1:], declarators):
+            if k != sep + 1 or toks[k].kind != "id":
+                return  # not `, NAME [dims]`: left to clang
+        for k, end, init, sep in declarators:
+            if init is not None:
+                for m in range(init, sep):
+                    self.edit(m, "")
+            self.threadgroup_variables.append((i, type_end, k, end, sep))
 
     def _finish_threadgroup_variables(self) -> None:
         toks = self.toks
-        for i, k, end, j in self.threadgroup_variables:
+        for i, type_end, k, end, j in self.threadgroup_variables:
             # (the type's own tokens are rewritten by now)
             text = lambda m: (self.edits[m].before + self.edits[m].text + self.edits[m].after) if m in self.edits \
                 else toks[m].text
-            type_text = " ".join(text(m) for m in range(i + 1, k))
+            type_text = " ".join(text(m) for m in range(i + 1, type_end))
             dims = "".join(toks[m].text for m in range(k + 1, end))
             name = toks[k].text
             self.edit(k, f"(&{name})" if dims else f"&{name}")
-            self.edit(j, f" = *::metal::__threadgroup_storage<{type_text}{dims}>();")
+            self.edit(j, f" = *::metal::__threadgroup_storage<{type_text}{dims}>(){toks[j].text}")
 
     def _function_constant(self, j: int) -> None:
         """`constant T name [[function_constant(n)]];`: its value comes at pipeline creation."""

@@ -15,8 +15,10 @@ at the .metal source):
   is kept (they would collide);
 - ``[[function_constant(i)]]`` declarations become compile-time constants
   with the values given to translate();
-- ``threadgroup T x[N];`` declarations in kernels become per-threadgroup
-  storage with a layout known before any run;
+- ``threadgroup T x[N];`` declarations in kernels (``threadgroup T a, b[N];``
+  alike) become per-threadgroup storage with a layout known before any run;
+  one with an initializer (``= 0``, ``= {0}``) gets its value once per
+  threadgroup, before any of its threads runs;
 - literal suffixes (``1.0h``, ``1.0bf``) and unsuffixed floating literals
   (float in MSL, double in C++) are rewritten;
 - multi-letter swizzles (``v.xy``, ``v.bgr``) become ``__mtl::swizzle<...>``
@@ -32,6 +34,7 @@ at the .metal source):
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 import subprocess
@@ -110,6 +113,8 @@ class Kernel:
     max_threads: int = 1024
     threadgroup_names: List[str] = field(default_factory=list)  # `threadgroup T name[N];`, by site
     layout: str = ""  # the threadgroup layout function (qualified like `function`)
+    initializer: str = ""  # the threadgroup initializer function (qualified alike), if any declaration has one
+    scope: str = ""  # the namespace the instantiation is in ("at_gemm"), where its template arguments are named
 
 
 @dataclass
@@ -237,6 +242,33 @@ _DEDUCED_INSTANTIATION_RE = re.compile(
     r"\btemplate\s*(?P<attrs>(?:\[\[[^\]]*\]\]\s*)*)(?:\bkernel\b\s*(?P<attrs2>(?:\[\[[^\]]*\]\]\s*)*)void|void\s+kernel)"
     r"\s+(?P<name>(?:::\s*)?(?:\w+\s*::\s*)*\w+)\s*\((?P<params>[^;{]*)\)\s*;")
 _HOST_NAME_RE = re.compile(r'host_name\s*\(\s*((?:"[^"]*"\s*)+)\)')
+
+
+_NAMESPACE_OR_BRACE_RE = re.compile(r"\bnamespace\s+(?P<name>\w+(?:\s*::\s*\w+)*)?\s*\{|[{}]")
+
+
+def _namespace_finder(s: str):
+    """A function: position in s -> the named namespaces enclosing it, outermost first (None inside an
+    anonymous namespace: no name reaches it from outside)."""
+    positions: List[int] = []
+    states: List[Optional[Tuple[str, ...]]] = []
+    stack: List[Optional[str]] = []  # a namespace's name, or None for other braces ("" for an anonymous one)
+    for m in _NAMESPACE_OR_BRACE_RE.finditer(s):
+        if m.group(0) == "}":
+            if stack:
+                stack.pop()
+        elif m.group(0) == "{":
+            stack.append(None)
+        else:
+            stack.append("::".join(m.group("name").split()) if m.group("name") else "")
+        positions.append(m.end())
+        names = [n for n in stack if n is not None]
+        states.append(None if "" in names else tuple(names))
+
+    def at(pos: int) -> Optional[Tuple[str, ...]]:
+        i = bisect.bisect_right(positions, pos) - 1
+        return () if i < 0 else states[i]
+    return at
 
 
 def _template_param_names(tparams: str) -> List[str]:
@@ -399,11 +431,27 @@ def _sync_functions(bodies: Dict[str, List[str]]) -> set:
 
 # ----------------------------------------------------------- rewrite passes
 
+# `threadgroup T name[N]...;`, or several declarators (`threadgroup T a[N], b[M];`), each with an
+# initializer or not (`= 0`, `= {0}`: Apple's compiler accepts them).
 _TG_DECL_RE = re.compile(
-    r"\bthreadgroup\s+(?P<type>[A-Za-z_](?:[\w:\s<>,]*?[\w>])?)\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\];]*\]\s*)*)"
-    # Apple's compiler accepts an initializer (`= {0}`); it is not applied: Metal gives threadgroup
-    # memory no initial value, and the poison fill keeps flagging reads before writes.
-    r"(?:=\s*\{[^;{}]*\}\s*)?;")
+    r"\bthreadgroup\s+(?P<type>[A-Za-z_](?:[\w:\s<>,]*?[\w>])?)\s+"
+    r"(?P<decls>\w+\s*(?:\[[^\];]*\]\s*)*(?:[=,][^;{}]*(?:\{[^;{}]*\}[^;{}]*)*)?);")
+_TG_DECLARATOR_RE = re.compile(r"\s*(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]*\]\s*)*)(?:=\s*(?P<init>\S.*?))?\s*", re.S)
+
+
+def _split_declarators(text: str, sep: str = ",") -> List[str]:
+    """`text` split at the `sep`s outside (), [] and {} (`<` may be less-than in an initializer)."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
 
 
 _LOCAL_CONSTANT_RE = re.compile(
@@ -433,18 +481,28 @@ def _local_constants_for(body: str, type_ids: List[str]) -> List[str]:
     return [text for _, text, _ in sorted(decls[n] for n in needed)]
 
 
-def _rewrite_threadgroup_decls(body: str, kernel: str) -> Tuple[str, List[str], List[str]]:
+def _rewrite_threadgroup_decls(body: str, kernel: str) -> Tuple[str, List[str], List[str], List[Tuple[int, str]]]:
+    """The kernel body with its threadgroup declarations rewritten; their types and names by site, and the
+    initializers, as (site, expression)."""
     decls: List[str] = []
     names: List[str] = []
+    inits: List[Tuple[int, str]] = []
 
     def repl(m):
-        if "," in m.group(0) and "<" not in m.group("type"):
-            raise TranslationError(f"kernel {kernel}: declare one threadgroup variable per statement")
-        type_id = m.group("type").strip() + " " + "".join(m.group("dims").split())
-        site = len(decls)
-        decls.append(type_id)
-        names.append(m.group("name"))
-        return f"auto& {m.group('name')} = *__mtl::threadgroup_static<{type_id}>({site});"
+        parsed = [_TG_DECLARATOR_RE.fullmatch(d) for d in _split_declarators(m.group("decls"))]
+        if not all(parsed):  # a pointer among them (`threadgroup T a[N], *p;`): erasing `threadgroup` would not do
+            raise TranslationError(f"kernel {kernel}: unsupported threadgroup declaration "
+                                   f"{' '.join(m.group(0).split())!r} (Metal allows `threadgroup T name[N];`)")
+        out = []
+        for d in parsed:
+            type_id = m.group("type").strip() + " " + "".join(d.group("dims").split())
+            site = len(decls)
+            decls.append(type_id)
+            names.append(d.group("name"))
+            if d.group("init") is not None:
+                inits.append((site, d.group("init")))
+            out.append(f"auto& {d.group('name')} = *__mtl::threadgroup_static<{type_id}>({site});")
+        return " ".join(out) + _blank(m.group(0))  # (keeps the line count)
 
     body = _TG_DECL_RE.sub(repl, body)
     for site, (name, type_id) in enumerate(zip(names, decls)):
@@ -452,7 +510,7 @@ def _rewrite_threadgroup_decls(body: str, kernel: str) -> Tuple[str, List[str], 
             continue  # the same name in another scope: its uses are rewritten already
         body = _check_subscripts(body, name, type_id.count("["),
                                  lambda dim, n=name, site=site: f"__mtl::tg_index<decltype({n}), {dim}>", f"{site}")
-    return body, decls, names
+    return body, decls, names, inits
 
 
 def _check_pointer_params(body: str, params: List[Param]) -> str:
@@ -967,25 +1025,29 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
     # Explicit instantiations: record, then blank them (the table instantiates).
     instantiations = []
     for pattern in (_INSTANTIATION_RE, _DECLTYPE_INSTANTIATION_RE):
+        site_namespaces = _namespace_finder(s)
         for m in list(pattern.finditer(s)):
             attrs = _restore_strings(m.group("attrs") + m.group("attrs2"), saved)
             qualified = "".join(m.group("name").split())
             host = _host_name(attrs) or qualified.split("::")[-1] + m.group("targs")
             params = m.groupdict().get("params")
             instantiations.append((host, qualified, " ".join(m.group("targs").split()),
-                                   _restore_strings(params, saved) if params is not None else None))
+                                   _restore_strings(params, saved) if params is not None else None,
+                                   "::".join(site_namespaces(m.start()) or ())))
         s = pattern.sub(lambda m: _blank(m.group(0)), s)
+    site_namespaces = _namespace_finder(s)
     for m in list(_DEDUCED_INSTANTIATION_RE.finditer(s)):
         attrs = _restore_strings(m.group("attrs") + (m.group("attrs2") or ""), saved)
         qualified = "".join(m.group("name").split())
         host = _host_name(attrs) or qualified.split("::")[-1]
         params = _restore_strings(m.group("params"), saved)
-        instantiations.append((host, qualified, params, params))
+        instantiations.append((host, qualified, params, params, "::".join(site_namespaces(m.start()) or ())))
     s = _DEDUCED_INSTANTIATION_RE.sub(lambda m: _blank(m.group(0)), s)
 
     # Kernel definitions: parse the parameters, strip `kernel`, rewrite the
     # body's threadgroup declarations, append a layout function.
     definitions: Dict[str, dict] = {}
+    namespaces_at = _namespace_finder(s)
     out, last = [], 0
     for m in _KERNEL_DEF_RE.finditer(s):
         if m.start() < last:
@@ -1005,7 +1067,7 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
         params_text = s[open_paren + 1:close_paren]
         params = _parse_params(_restore_strings(params_text, saved), fname)
         body = s[open_brace:close_brace + 1]
-        body, tg_decls, tg_names = _rewrite_threadgroup_decls(body, fname)
+        body, tg_decls, tg_names, tg_inits = _rewrite_threadgroup_decls(body, fname)
         body = _check_pointer_params(body, params)
         leftover = re.search(r"\bthreadgroup\s+[^;*&]*;", body)
         if leftover:  # erasing `threadgroup` here would make a per-thread variable: refuse
@@ -1022,17 +1084,37 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
         base, fname = fname, fname
         while fname in definitions:
             fname = f"{base}__mtl_overload{sum(d['base'] == base for d in definitions.values())}"
+        # The namespace the kernel is defined in: the kernel table, at global scope, names it from there
+        # (an instantiation inside the namespace may name it unqualified, as PyTorch's Gemm.metal does).
+        ns = namespaces_at(m.start())
         definitions[fname] = dict(base=base, params=params, uses_sync=uses_sync, template=bool(template),
+                                  namespace="".join(f"::{n}" for n in ns) if ns else "",
                                   template_params=_template_param_names(m.group("tparams") or ""),
                                   max_threads=int(mt.group(1)) if mt else 1024,
                                   host_name=_host_name(attrs) or base, threadgroup_names=tg_names,
-                                  layout=f"__mtl_tg_layout_{fname}")
+                                  layout=f"__mtl_tg_layout_{fname}",
+                                  initializer=f"__mtl_tg_init_{fname}" if tg_inits else "")
         header = s[m.start():kw_start] + " " + s[kw_end:m.start("name")] + fname + s[m.end("name"):open_paren]
         layout_lines = [f"{' '.join(template.split())} inline size_t __mtl_tg_layout_{fname}(size_t* offsets) {{", "  size_t total = 0;"]
         layout_lines += ["  " + " ".join(decl.split()) for decl in _local_constants_for(body, tg_decls)]
         for site, type_id in enumerate(tg_decls):
             layout_lines.append(f"  total = __mtl::threadgroup_place<{type_id}>(total, offsets, {site});")
         layout_lines += ["  return total;", "}"]
+        if tg_inits:
+            # Initialized threadgroup variables (`threadgroup uint32_t flag = 0;`, `threadgroup float
+            # buf[32] = {0};`). On Apple's GPUs every thread stores the value when it reaches the
+            # declaration, so a thread's store made before another thread gets there may be overwritten;
+            # here the value is stored once per threadgroup before any of its threads runs, which is what a
+            # program relying on it expects, deterministically (the scheduler calls this after filling
+            # threadgroup memory with poison).
+            layout_lines += [f"{' '.join(template.split())} inline void __mtl_tg_init_{fname}(unsigned char* base, "
+                             "const size_t* offsets) {"]
+            layout_lines += ["  " + " ".join(decl.split()) for decl in
+                             _local_constants_for(body, tg_decls + [init for _, init in tg_inits])]
+            for site, init in tg_inits:
+                layout_lines.append(f"  {{ using __mtl_t = {tg_decls[site]}; __mtl_t __mtl_v = {' '.join(init.split())}; "
+                                    f"__builtin_memcpy(base + offsets[{site}], (const void*)&__mtl_v, sizeof(__mtl_t)); }}")
+            layout_lines.append("}")
         out.append(s[last:m.start()])
         out.append(header + s[open_paren:open_brace] + body)
         out.append(" " + " ".join(layout_lines))  # one line: keeps line numbers
@@ -1041,13 +1123,13 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
     s = "".join(out)
 
     kernels: List[Kernel] = []
-    for host, qualified, targs, inst_params in instantiations:
+    for host, qualified, targs, inst_params, site_scope in instantiations:
         fname = qualified.split("::")[-1]  # `kernel void ::c10::metal::f<T>(...)`: defined as f
         if fname not in definitions:
             raise TranslationError(f"host_name {host!r} instantiates {fname}, which is not a kernel defined in {name}.metal")
         fname = _pick_overload(definitions, fname, targs, inst_params)
-        qualified = "::".join(qualified.split("::")[:-1] + [fname])
         d = definitions[fname]
+        qualified = f"{d['namespace']}::{fname}" if d["namespace"] else "::".join(qualified.split("::")[:-1] + [fname])
         if not targs.startswith("<"):  # deduced from the instantiation's parameters
             inst = _parse_params(targs, fname)
             deduced = _deduce_template_args(d["template_params"], [p.type for p in d["params"]],
@@ -1056,13 +1138,16 @@ def translate(source: str, name: str = "shader", include_dirs: Sequence[str] = (
                 raise TranslationError(f"host_name {host!r}: cannot deduce the template arguments of {fname} from "
                                        f"its parameters ({', '.join(p.type for p in inst)})")
             targs = deduced
+        scope = qualified.split("::")[:-1]
         kernels.append(Kernel(host, qualified, targs, d["params"], d["uses_sync"], d["max_threads"],
-                              d["threadgroup_names"], d["layout"] if "::" not in qualified else
-                              "::".join(qualified.split("::")[:-1] + [d["layout"]])))
+                              d["threadgroup_names"], "::".join(scope + [d["layout"]]),
+                              "::".join(scope + [d["initializer"]]) if d["initializer"] else "", site_scope))
     for fname, d in definitions.items():
         if not d["template"]:
-            kernels.append(Kernel(d["host_name"], fname, "", d["params"], d["uses_sync"], d["max_threads"],
-                                  d["threadgroup_names"], d["layout"]))
+            scope = [d["namespace"]] if d["namespace"] else []
+            kernels.append(Kernel(d["host_name"], "::".join(scope + [fname]), "", d["params"], d["uses_sync"],
+                                  d["max_threads"], d["threadgroup_names"], "::".join(scope + [d["layout"]]),
+                                  "::".join(scope + [d["initializer"]]) if d["initializer"] else ""))
     if not kernels:
         raise TranslationError(f"{name}.metal defines no kernel")
 
@@ -1088,7 +1173,13 @@ def _c_string(text: str) -> str:
 def _kernel_table(kernels: List[Kernel]) -> str:
     lines = ["// ---- kernel table (generated by my_mps_ops.emulator.translate)", "using namespace metal;"]
     entries = []
+    scoped = {}  # kernel -> prefix naming its helpers from global scope
     for i, k in enumerate(kernels):
+        # An instantiation inside a namespace names its template arguments from there (`GemmEpilogue::ab`
+        # in namespace at_gemm): its helpers are declared in that namespace too.
+        scoped[i] = f"::{k.scope}::" if k.scope else ""
+        if k.scope:
+            lines.append(f"namespace {k.scope} {{")
         fn = f"&{k.function}{k.template_args}"
         lines.append(f"using __mtl_fn_{i} = decltype({fn});")
         params = []
@@ -1104,12 +1195,22 @@ def _kernel_table(kernels: List[Kernel]) -> str:
         lines.append(f"static size_t __mtl_layout_{i}(size_t* o) {{ return {k.layout}{k.template_args}(o); }}")
         names = "".join(f"{_c_string(n)}, " for n in k.threadgroup_names)
         lines.append(f"static const char* const __mtl_tg_names_{i}[] = {{{names}nullptr}};")
-        entries.append(f"{{{_c_string(k.host_name)}, {len(k.params)}, __mtl_params_{i}, {int(k.uses_sync)}, "
-                       f"__mtl_layout_{i}, __mtl_invoke_{i}}}")
+        if k.initializer:
+            lines.append(f"static void __mtl_tg_init_{i}(unsigned char* b, const size_t* o) "
+                         f"{{ {k.initializer}{k.template_args}(b, o); }}")
+        if k.scope:
+            lines.append("}")
+        q = scoped[i]
+        entries.append(f"{{{_c_string(k.host_name)}, {len(k.params)}, {q}__mtl_params_{i}, {int(k.uses_sync)}, "
+                       f"{q}__mtl_layout_{i}, {q}__mtl_invoke_{i}}}")
     lines.append(f"static const mtl_emu_kernel __mtl_kernel_table[] = {{{', '.join(entries)}}};")
-    lines.append(f"static const char* const* const __mtl_tg_names[] = {{{', '.join(f'__mtl_tg_names_{i}' for i in range(len(kernels)))}}};")
+    lines.append(f"static const char* const* const __mtl_tg_names[] = {{{', '.join(f'{scoped[i]}__mtl_tg_names_{i}' for i in range(len(kernels)))}}};")
     lines.append("const char* const* __mtl::threadgroup_names(const mtl_emu_kernel* k) "
                  "{ return __mtl_tg_names[k - __mtl_kernel_table]; }")
+    inits = ", ".join(f"{scoped[i]}__mtl_tg_init_{i}" if k.initializer else "nullptr" for i, k in enumerate(kernels))
+    lines.append(f"static void (*const __mtl_tg_inits[])(unsigned char*, const size_t*) = {{{inits}}};")
+    lines.append("void __mtl::threadgroup_initialize(const mtl_emu_kernel* k, unsigned char* base, const size_t* offsets) "
+                 "{ if (auto f = __mtl_tg_inits[k - __mtl_kernel_table]) f(base, offsets); }")
     lines.append('extern "C" __attribute__((visibility("default"))) const mtl_emu_kernel* '
                  "mtl_emu_kernels(int32_t* count, int32_t* abi) "
                  f"{{ *count = {len(kernels)}; *abi = MTL_EMU_ABI_VERSION; return __mtl_kernel_table; }}")

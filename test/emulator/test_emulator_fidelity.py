@@ -246,6 +246,72 @@ def test_function_constants():
         _compile(FUNCTION_CONSTANTS, function_constants={"no_such": 1})
 
 
+# Kernels instantiated inside their namespace, by the unqualified name and with template arguments
+# named from there (PyTorch's Gemm.metal), and a plain kernel in a namespace.
+NAMESPACED_INSTANTIATIONS = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+namespace outer {
+enum class Mode { add, mul };
+namespace inner {
+template <typename T, Mode M>
+kernel void apply(device T* out [[buffer(0)]], constant T& k [[buffer(1)]], uint i [[thread_position_in_grid]]) {
+  threadgroup uint32_t seen = 7;
+  out[i] = (M == Mode::add ? out[i] + k : out[i] * k) + T(seen - 7);
+}
+kernel void fill(device float* out [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  out[i] = float(i);
+}
+}  // namespace inner
+template [[host_name("apply_add")]] kernel void inner::apply<float, Mode::add>(device float*, constant float&, uint);
+namespace inner {
+template [[host_name("apply_mul")]] kernel void apply<float, Mode::mul>(device float*, constant float&, uint);
+}
+}  // namespace outer
+"""
+
+
+def test_kernels_instantiated_inside_their_namespace():
+    lib = _compile(NAMESPACED_INSTANTIATIONS)
+    out = torch.empty(3)
+    lib.fill(out, threads=3)
+    assert out.tolist() == [0.0, 1.0, 2.0]
+    lib.apply_add(out, 2.0, threads=3)
+    lib.apply_mul(out, 10.0, threads=3)
+    assert out.tolist() == [20.0, 30.0, 40.0]
+
+
+# A library's own SIMD-group reduction, called unqualified on a bfloat from inside its namespace (as
+# c10/metal/reduction_utils.h does): bfloat is a built-in type in Metal, so argument-dependent lookup
+# adds nothing, and metal::simd_max does not make the call ambiguous. Its operators still apply.
+BFLOAT_ADL = r"""
+#include <metal_stdlib>
+
+namespace lib {
+template <typename T, ::metal::enable_if_t<::metal::is_floating_point_v<T>, bool> = true>
+inline T simd_max(T val) {
+  return T(::metal::simd_max(float(val)));
+}
+template <typename T>
+T reduce(T x) {
+  return T(simd_max(x) + x * 2.0f);
+}
+}  // namespace lib
+
+kernel void bf_reduce(device bfloat* out [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  out[i] = lib::reduce(out[i]);
+}
+"""
+
+
+def test_bfloat_brings_no_metal_functions_by_argument_dependent_lookup():
+    lib = _compile(BFLOAT_ADL)
+    x = torch.arange(4, dtype=torch.bfloat16)
+    lib.bf_reduce(x, threads=4)
+    assert x.tolist() == [3.0, 5.0, 7.0, 9.0]
+
+
 PARAMETERS_AND_THREADGROUP = r"""
 #include <metal_stdlib>
 using namespace metal;
@@ -278,6 +344,58 @@ def test_array_parameters_and_threadgroup_declaration_forms():
     lib.tg_forms_half(out, torch.tensor([10, 1]), threads=8, group_size=8)
     assert out.tolist() == [float(10 * (l % 4) + 1 + 1) for l in range(8)]
     assert lib.tg_forms_half.static_thread_group_memory_length >= 6 * 4
+
+
+# Threadgroup declarations with initializers and several declarators (PyTorch's SVD kernel has
+# `threadgroup uint32_t do_break = 0;` in a loop and `threadgroup uint32_t pbuf[48], qbuf[48];`).
+THREADGROUP_INITIALIZERS = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+template <typename T>
+kernel void tg_init(device float* out [[buffer(0)]], uint l [[thread_index_in_threadgroup]],
+                    uint g [[threadgroup_position_in_grid]]) {
+  using acc_t = T;
+  constexpr int n = 3;
+  threadgroup acc_t base[n] = {10, 20, 30}, twice[n];
+  threadgroup uint32_t pbuf[4], qbuf[4];
+  threadgroup int rounds = 0;
+  for (int it = 0; it < 8; ++it) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    threadgroup uint32_t stop = 0;  // stays set once a round sets it
+    if (l == 0) {
+      rounds += 1;
+      stop = it == 2 + g;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (stop) break;
+  }
+  if (l < 4) { pbuf[l] = l; qbuf[l] = 10 * l; }
+  if (l < n) twice[l] = 2 * base[l];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[g * 4 + l] = float(pbuf[3 - l] + qbuf[l]) + float(twice[l % n]) + 1000.0f * rounds;
+}
+template [[host_name("tg_init_float")]] kernel void tg_init<float>(device float*, uint, uint);
+"""
+
+
+def test_threadgroup_initializers_and_several_declarators():
+    from my_mps_ops.emulator import CompileError, race_check, schedule
+
+    with pytest.raises(CompileError, match="unsupported threadgroup declaration"):
+        # a pointer among the declarators: refused, not made per-thread
+        _compile(THREADGROUP_INITIALIZERS.replace("twice[n];", "twice[n], *p = nullptr;"), strict=False)
+    lib = _compile(THREADGROUP_INITIALIZERS)
+    expected = [float((3 - l) + 10 * l + 2 * [10, 20, 30][l % 3] + 1000 * (3 + g)) for g in range(2) for l in range(4)]
+    for order in ("in_order", "reverse"):
+        out = torch.zeros(8)
+        with schedule(order):
+            lib.tg_init_float(out, threads=8, group_size=4)
+        assert out.tolist() == expected
+    with race_check():  # the initial values are stored before the threads run: no thread's store
+        out = torch.zeros(8)
+        lib.tg_init_float(out, threads=8, group_size=4)
+    assert out.tolist() == expected
 
 
 MASK_TO_BFLOAT = r"""

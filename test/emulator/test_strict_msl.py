@@ -556,6 +556,35 @@ def test_pytorch_forms_2_accepted():
     strict.check_msl(PRELUDE + PYTORCH_FORMS_2, "pytorch_forms_2.metal")
 
 
+
+# PyTorch's ReduceOps.metal and LinearAlgebra.metal: kernels taking a template template parameter
+# (`template <typename> class OpFn`: its `class` heads no class body), threadgroup variables with an
+# initializer and several threadgroup declarators in one statement.
+PYTORCH_FORMS_3 = r"""
+template <typename T> struct MaxOp { T operator()(T a, T b) const { return max(a, b); } };
+template <template <typename> class OpFn, typename TA>
+struct Ops { static TA apply(TA a, TA b) { return OpFn<TA>()(a, b); } };
+template <template <typename> class OpFn, typename TI, typename TO>
+kernel void reduce_pairs(constant TI* in [[buffer(0)]], device TO* out [[buffer(1)]],
+                         uint i [[thread_position_in_grid]], uint l [[thread_index_in_threadgroup]]) {
+  threadgroup uint32_t flag = 0;
+  threadgroup float a[4] = {0}, b[4];
+  threadgroup TO c[2], d[2] = {};
+  if (l == 0) flag = 1;
+  a[l % 4] = b[l % 4] = float(in[i]);
+  c[l % 2] = d[l % 2] = TO(flag);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[i] = Ops<OpFn, TO>::apply(TO(a[l % 4] + b[l % 4]), c[0] + d[1]);
+}
+template [[host_name("reduce_pairs_float")]] kernel void reduce_pairs<MaxOp, float, float>(
+    constant float*, device float*, uint, uint);
+"""
+
+
+def test_pytorch_forms_3_accepted():
+    strict.check_msl(PRELUDE + PYTORCH_FORMS_3, "pytorch_forms_3.metal")
+
+
 def test_static_cast_between_vector_lengths_rejected():
     # static_cast converts a vector to another of its length (element-wise), not of another length.
     src = PRELUDE + """

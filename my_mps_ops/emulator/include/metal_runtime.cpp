@@ -598,6 +598,8 @@ extern "C" __attribute__((visibility("default"))) void mtl_emu_run(const mtl_emu
     std::memset(w.tg_static.data(), 0xFF, w.tg_static.size());
     for (int i = 0; i < MTL_EMU_MAX_BINDINGS; ++i)
       if (!w.tg_dynamic[i].empty()) std::memset(w.tg_dynamic[i].data(), 0xFF, w.tg_dynamic[i].size());
+    tls_lane = nullptr;  // (the initial values are no thread's stores)
+    threadgroup_initialize(L->kernel, w.tg_static.data(), w.tg_offsets.data());
     for (uint32_t i = 0; i < count; ++i) setup_lane(w.lanes[i], L, pos, size, groups, grid_threads, i);
     w.group = g;
 #ifdef MTL_EMU_RACE_CHECK

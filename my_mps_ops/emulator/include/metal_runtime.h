@@ -53,6 +53,10 @@ constexpr inline bool poll(unsigned line = __builtin_LINE(), const char* file = 
 // Names of a kernel's `threadgroup T name[N];` declarations by site, null-terminated
 // (defined in every translated shader, next to its kernel table).
 const char* const* threadgroup_names(const mtl_emu_kernel* kernel);
+// Stores the initial values of a kernel's initialized threadgroup variables
+// (`threadgroup uint32_t flag = 0;`) at `base` (laid out by `offsets`); defined
+// in every translated shader, called once per threadgroup before its threads run.
+void threadgroup_initialize(const mtl_emu_kernel* kernel, unsigned char* base, const size_t* offsets);
 
 // `threadgroup T x[N];` in a kernel becomes `auto& x = *threadgroup_static<T[N]>(site)`.
 template <class T>

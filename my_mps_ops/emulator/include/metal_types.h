@@ -37,6 +37,11 @@ using std::size_t;
 // arithmetic __bf16, so this is a class: conversion from float rounds to nearest even, conversion
 // to float is exact, arithmetic is done in float and rounded back (as a bfloat ALU would round
 // each result).
+// The class lives in a namespace of its own, with only its operators: in Metal bfloat is a built-in
+// type, which has no associated namespace, so argument-dependent lookup must not bring metal's
+// functions into an unqualified call (c10::metal's `simd_max(x)` inside namespace c10::metal, with
+// c10::metal::simd_max and metal::simd_max both viable, would be ambiguous).
+namespace __mtl_bfloat {
 struct bfloat {
   uint16_t bits;
 
@@ -74,6 +79,8 @@ struct bfloat {
   template <class U> bfloat& operator*=(const U& o) { return *this = bfloat(*this * o); }
   template <class U> bfloat& operator/=(const U& o) { return *this = bfloat(*this / o); }
 };
+}  // namespace __mtl_bfloat
+using __mtl_bfloat::bfloat;
 typedef bfloat bfloat16_t;
 
 template <class T, int N, bool Packed = false> struct vec;
@@ -411,6 +418,7 @@ template <class A, class B>
 using enable_bf = std::enable_if_t<(std::is_same<A, bfloat>::value || std::is_same<B, bfloat>::value) &&
                                    __mtl::is_scalar_v<A> && __mtl::is_scalar_v<B>>;
 }
+namespace __mtl_bfloat {  // (found by argument-dependent lookup, as built-in operators would be)
 #define MTL_BFLOAT_ARITH(OP)                                                                        \
   template <class A, class B, class = bfloat_detail::enable_bf<A, B>,                              \
             class R = __mtl::scalar_common_t<A, B>>                                                 \
@@ -436,6 +444,7 @@ MTL_BFLOAT_COMPARE(>)
 MTL_BFLOAT_COMPARE(<=)
 MTL_BFLOAT_COMPARE(>=)
 #undef MTL_BFLOAT_COMPARE
+}  // namespace __mtl_bfloat
 
 // ---------------------------------------------------------------------------------------------
 // Type traits (<metal_type_traits>): the std ones, with half and bfloat counted as floating point
