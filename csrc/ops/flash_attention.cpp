@@ -344,6 +344,22 @@ using AttentionBackwardSignature = AttentionGrads(const Tensor&, const Tensor&, 
                                                   const Tensor&, const Tensor&, bool, std::optional<double>, int64_t,
                                                   int64_t, double, const OptTensor&);
 
+// The mask and score options the dense and packed attention Functions keep
+// for their backward.
+void save_attention_options(torch::autograd::AutogradContext* ctx, bool causal, const std::optional<double>& scale,
+                            int64_t window_left, int64_t window_right, double softcap) {
+  ctx->saved_data["causal"] = causal;
+  ctx->saved_data["scale"] = scale.has_value() ? c10::IValue(*scale) : c10::IValue();
+  ctx->saved_data["window_left"] = window_left;
+  ctx->saved_data["window_right"] = window_right;
+  ctx->saved_data["softcap"] = softcap;
+}
+
+std::optional<double> saved_scale(torch::autograd::AutogradContext* ctx) {
+  const c10::IValue& scale = ctx->saved_data["scale"];
+  return scale.isNone() ? std::nullopt : std::optional<double>(scale.toDouble());
+}
+
 class FlashAttentionFunction : public torch::autograd::Function<FlashAttentionFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& q,
@@ -358,11 +374,7 @@ class FlashAttentionFunction : public torch::autograd::Function<FlashAttentionFu
     }
     save_metal_emulation(ctx);
     ctx->save_for_backward({q, k, v, out, lse, sinks.value_or(Tensor())});
-    ctx->saved_data["causal"] = causal;
-    ctx->saved_data["scale"] = scale.has_value() ? c10::IValue(*scale) : c10::IValue();
-    ctx->saved_data["window_left"] = window_left;
-    ctx->saved_data["window_right"] = window_right;
-    ctx->saved_data["softcap"] = softcap;
+    save_attention_options(ctx, causal, scale, window_left, window_right, softcap);
     ctx->mark_non_differentiable({lse});
     return {out, lse};
   }
@@ -378,9 +390,7 @@ class FlashAttentionFunction : public torch::autograd::Function<FlashAttentionFu
     const bool want_sinks = saved[5].defined() && ctx->needs_input_grad(3);
     const bool any = ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2) || want_sinks;
     if (!grad_outputs[0].defined() || !any) return grads;
-    const c10::IValue& scale_value = ctx->saved_data["scale"];
-    const std::optional<double> scale =
-        scale_value.isNone() ? std::nullopt : std::optional<double>(scale_value.toDouble());
+    const std::optional<double> scale = saved_scale(ctx);
     const OptTensor sinks = saved[5].defined() ? OptTensor(saved[5]) : std::nullopt;
     auto [dq, dk, dv, dsinks] =
         op.call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], ctx->saved_data["causal"].toBool(),
@@ -765,11 +775,7 @@ class FlashAttentionVarlenFunction : public torch::autograd::Function<FlashAtten
     ctx->save_for_backward({q, k, v, out, lse, cu_q, cu_k, sinks.value_or(Tensor())});
     ctx->saved_data["max_q"] = max_q;
     ctx->saved_data["max_k"] = max_k;
-    ctx->saved_data["causal"] = causal;
-    ctx->saved_data["scale"] = scale.has_value() ? c10::IValue(*scale) : c10::IValue();
-    ctx->saved_data["window_left"] = window_left;
-    ctx->saved_data["window_right"] = window_right;
-    ctx->saved_data["softcap"] = softcap;
+    save_attention_options(ctx, causal, scale, window_left, window_right, softcap);
     ctx->mark_non_differentiable({lse});
     return {out, lse};
   }
@@ -784,9 +790,7 @@ class FlashAttentionVarlenFunction : public torch::autograd::Function<FlashAtten
     const bool want_sinks = saved[7].defined() && ctx->needs_input_grad(5);
     const bool any = ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2) || want_sinks;
     if (!grad_outputs[0].defined() || !any) return grads;
-    const c10::IValue& scale_value = ctx->saved_data["scale"];
-    const std::optional<double> scale =
-        scale_value.isNone() ? std::nullopt : std::optional<double>(scale_value.toDouble());
+    const std::optional<double> scale = saved_scale(ctx);
     const OptTensor sinks = saved[7].defined() ? OptTensor(saved[7]) : std::nullopt;
     auto [dq, dk, dv, dsinks] =
         op.call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6],
